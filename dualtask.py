@@ -1,0 +1,581 @@
+"""The dual-task network, its training, checkpoints and the pipeline every backbone script runs.
+
+A backbone script (vgg16.py, vgg19.py, ResNet.py, ResNeXt.py) lists its hyperparameters and calls
+`main(globals())`. Every hyperparameter named `<task>_data` defines one task (face_data, object_data by
+default): task names, class counts and chance levels come from the data, never from code.
+
+In a notebook:
+
+    from dualtask import load_run
+    model, config = load_run("runs/vgg16")
+    logits = model(images)          # {task_name: logits}
+"""
+from __future__ import annotations
+
+import ast
+import contextlib
+import csv
+import json
+import math
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import vggface2
+from vggface2 import DataError, TaskData
+
+BACKBONES = ("vgg16", "vgg19", "resnet50", "resnext50")
+STAGES = ("train", "lesion", "figures")
+TRAIN_LOG_COLUMNS = ("epoch", "task", "split", "loss", "accuracy", "images_per_s")
+# settings that make a checkpoint belong to a run: changing one needs --retrain=True or another out_dir
+RUN_IDENTITY = ("backbone", "batch_norm", "fc_width", "image_size", "max_per_class", "max_classes", "seed",
+                "batch_size")
+
+
+class UsageError(ValueError):
+    """Bad input from the user: reported as one line on stderr, exit status 2, no traceback."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# hyperparameters
+
+
+def hyperparameters(script_globals: dict) -> dict:
+    """The plain module-level assignments of a backbone script, in their order."""
+    plain = (bool, int, float, str, list, tuple, dict, type(None))
+    return {k: v for k, v in script_globals.items()
+            if not k.startswith("_") and isinstance(v, plain) and not isinstance(v, type)}
+
+
+def _fits(value, default) -> bool:
+    if default is None:
+        return True
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool) or value is None
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, (list, tuple)):
+        return isinstance(value, (list, tuple))
+    return isinstance(value, type(default))
+
+
+def parse_overrides(defaults: dict, argv: list) -> dict:
+    """Apply `--name=value` overrides to `defaults` (nanoGPT style, without exec).
+
+    A value is read as a Python literal when it parses as one, else as a string, and must fit the default's
+    type (an int may replace a float; any value may replace None; a string setting takes the text as given).
+    """
+    config = dict(defaults)
+    names = ", ".join(defaults)
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise UsageError(f"cannot read argument {arg!r}; expected --name=value; valid names: {names}")
+        name, text = arg[2:].split("=", 1)
+        if name not in defaults:
+            raise UsageError(f"unknown hyperparameter {name!r}; valid names: {names}")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            value = text
+        default = defaults[name]
+        if isinstance(default, str) and not isinstance(value, str):
+            value = text
+        if not _fits(value, default):
+            raise UsageError(f"--{name}={text}: expected a value of type {type(default).__name__} "
+                             f"like the default {default!r}; valid names: {names}")
+        if isinstance(default, float) and isinstance(value, int):
+            value = float(value)
+        config[name] = list(value) if isinstance(value, tuple) else value
+    return config
+
+
+def task_specs(config: dict) -> dict:
+    """{task_name: data spec} from every `<task>_data` setting, in the script's order."""
+    return {k[: -len("_data")]: v for k, v in config.items() if k.endswith("_data") and isinstance(v, str)}
+
+
+def check_config(config: dict) -> None:
+    """Values that parse but make no sense get a clear error before anything is written."""
+    if config.get("backbone") not in BACKBONES:
+        raise UsageError(f"backbone={config.get('backbone')!r}; expected one of {', '.join(BACKBONES)}")
+    tasks = task_specs(config)
+    if len(tasks) < 2:
+        raise UsageError(f"found {len(tasks)} task(s) ({', '.join(tasks) or 'none'}); expected at least two "
+                         f"settings named <task>_data, e.g. face_data and object_data")
+    for name, low in (("image_size", 16), ("batch_size", len(tasks)), ("epochs", 0)):
+        if not isinstance(config.get(name), int) or config[name] < low:
+            raise UsageError(f"{name}={config.get(name)!r}; expected an integer of at least {low}")
+    for name in ("max_per_class", "max_classes"):
+        v = config.get(name)
+        if v is not None and (not isinstance(v, int) or v < (2 if name == "max_classes" else 1)):
+            raise UsageError(f"{name}={v!r}; expected None or a positive integer (max_classes at least 2)")
+    if not (isinstance(config.get("lr"), float) and config["lr"] > 0):
+        raise UsageError(f"lr={config.get('lr')!r}; expected a positive number")
+    fractions = config.get("lesion_fractions", [])
+    if not all(isinstance(f, (int, float)) and not isinstance(f, bool) and 0 <= f <= 1 for f in fractions):
+        raise UsageError(f"lesion_fractions={fractions!r}; expected a list of numbers in [0, 1], e.g. [0.0, 0.2]")
+    stages = config.get("stages", list(STAGES))
+    bad = [s for s in stages if s not in STAGES]
+    if bad or not stages:
+        raise UsageError(f"stages={stages!r}; expected a non-empty list from {list(STAGES)}")
+    device = config.get("device", "auto")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", device):
+        raise UsageError(f"device={device!r}; expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"device={device!r} but no CUDA device is available; use device='auto' or 'cpu'")
+
+
+def _script_comments(path: str) -> dict:
+    comments = {}
+    with contextlib.suppress(OSError):
+        for line in Path(path).read_text().splitlines():
+            m = re.match(r"^(\w+)\s*=.*?#\s*(.*)$", line)
+            if m:
+                comments[m.group(1)] = m.group(2)
+    return comments
+
+
+def print_help(defaults: dict, script: str) -> None:
+    comments = _script_comments(script)
+    print(f"usage: python {Path(script).name} [--name=value ...]\n\nhyperparameters (defaults from the script):")
+    for k, v in defaults.items():
+        print(f"  --{k}={v!r}".ljust(44) + f"  {comments.get(k, '')}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the model
+
+
+class DualTaskNet(nn.Module):
+    """A torchvision trunk shared by all tasks, one linear head per task. `model(x)` -> {task: logits}."""
+
+    def __init__(self, backbone: str, num_classes: dict, batch_norm: bool = True, fc_width: int = 4096):
+        super().__init__()
+        import torchvision.models as tvm
+
+        if backbone in ("vgg16", "vgg19"):
+            name = backbone + ("_bn" if batch_norm else "")
+            trunk = getattr(tvm, name)(weights=None)
+            if fc_width != 4096:  # the fully connected layers of VGG, narrower for small experiments
+                trunk.classifier[0] = nn.Linear(512 * 7 * 7, fc_width)
+                trunk.classifier[3] = nn.Linear(fc_width, fc_width)
+            width = trunk.classifier[3].out_features
+            trunk.classifier[-1] = nn.Identity()
+        elif backbone in ("resnet50", "resnext50"):
+            trunk = tvm.resnet50(weights=None) if backbone == "resnet50" else tvm.resnext50_32x4d(weights=None)
+            width = trunk.fc.in_features
+            trunk.fc = nn.Identity()
+        else:
+            raise UsageError(f"backbone={backbone!r}; expected one of {', '.join(BACKBONES)}")
+        self.backbone = backbone
+        self.trunk = trunk
+        self.heads = nn.ModuleDict({task: nn.Linear(width, n) for task, n in num_classes.items()})
+
+    @property
+    def tasks(self) -> list:
+        return list(self.heads)
+
+    def forward(self, x: torch.Tensor) -> dict:
+        features = self.trunk(x)
+        return {task: head(features) for task, head in self.heads.items()}
+
+
+def build_model(config: dict, num_classes: dict) -> DualTaskNet:
+    return DualTaskNet(config["backbone"], num_classes, config.get("batch_norm", True), config.get("fc_width", 4096))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# devices and processes
+
+
+class Dist:
+    """Rank and world size; torchrun sets RANK / WORLD_SIZE / LOCAL_RANK, a plain run is rank 0 of 1."""
+
+    def __init__(self, device_setting: str):
+        self.world = int(os.environ.get("WORLD_SIZE", 1))
+        self.rank = int(os.environ.get("RANK", 0))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if device_setting == "auto":
+            device_setting = "cuda" if torch.cuda.is_available() else "cpu"
+        if device_setting == "cuda" and self.world > 1:
+            device_setting = f"cuda:{self.local_rank}"
+        self.device = torch.device(device_setting)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        if self.world > 1 and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def all_sum(self, values: list) -> list:
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return t.tolist()
+
+    def barrier(self):
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def close(self):
+        if self.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; nothing elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class TaskImages:
+    """One task's uint8 images where batches are cut from them: on the GPU when they fit, else in host memory."""
+
+    def __init__(self, data: TaskData, device: torch.device):
+        self.data, self.device = data, device
+        self.labels = torch.from_numpy(np.asarray(data.labels, dtype=np.int64))
+        self.on_device = None
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            if data.images.nbytes < 0.25 * free:
+                self.on_device = torch.from_numpy(np.ascontiguousarray(data.images)).to(device)
+        self.labels = self.labels.to(device)
+
+    def batch(self, idx: np.ndarray, channels_last: bool = False):
+        """Images as normalised-ready float (B, 3, H, W) in [0, 1] and their labels, on the device."""
+        if self.on_device is not None:
+            i = torch.from_numpy(idx).to(self.device)
+            raw = self.on_device[i]
+        else:
+            order = np.argsort(idx)  # sorted reads are kinder to a memory-mapped cache
+            raw = np.empty((len(idx),) + self.data.images.shape[1:], np.uint8)
+            raw[order] = self.data.images[idx[order]]
+            raw = torch.from_numpy(raw)
+            if self.device.type == "cuda":
+                raw = raw.pin_memory().to(self.device, non_blocking=True)
+            i = torch.from_numpy(idx).to(self.device)
+        return vggface2.to_float(raw, channels_last), self.labels[i]
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, images: dict, split: str, dist: Dist | None = None, batch_size: int = 256,
+             channels_last: bool = False) -> dict:
+    """{task: {'loss', 'accuracy', 'n'}} of each task's head on that task's `split` images (eval mode)."""
+    was_training = model.training
+    model.eval()
+    results = {}
+    rank, world = (dist.rank, dist.world) if dist else (0, 1)
+    for task, ti in images.items():
+        idx = ti.data.indices(split)[rank::world]
+        loss_sum, correct = 0.0, 0
+        for start in range(0, len(idx), batch_size):
+            x, y = ti.batch(idx[start:start + batch_size], channels_last)
+            with autocast(x.device):
+                logits = model(vggface2.normalize(x))[task].float()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+            correct += (logits.argmax(1) == y).sum().item()
+        n = len(idx)
+        if dist:
+            loss_sum, correct, n = dist.all_sum([loss_sum, correct, n])
+        results[task] = {"loss": loss_sum / max(n, 1), "accuracy": correct / max(n, 1), "n": int(n)}
+    model.train(was_training)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------
+# files
+
+
+def atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same folder and rename it into place."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda p: p.write_text(text))
+
+
+def write_csv(path: Path, columns, rows: list) -> None:
+    def write(p):
+        with open(p, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+
+    atomic_write(path, write)
+
+
+def read_csv(path: Path) -> list:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    atomic_write(path, lambda p: torch.save(state, p))
+
+
+def load_checkpoint(path: Path, device="cpu", mmap: bool = False) -> dict:
+    """A checkpoint's state; `mmap=True` reads only what is touched (cheap for its config and epoch)."""
+    return torch.load(path, map_location=device, weights_only=True, mmap=mmap)
+
+
+def load_run(run_dir: str | os.PathLike, device: str = "cpu"):
+    """Load a trained run for a notebook: (model in eval mode, config dict)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "checkpoint.pt").exists():
+        raise UsageError(f"{run_dir}: no checkpoint.pt; expected a run folder written by a backbone script")
+    state = load_checkpoint(run_dir / "checkpoint.pt", device)
+    config = state["config"]
+    model = build_model(config, {t: len(c) for t, c in state["classes"].items()})
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), config
+
+
+# ----------------------------------------------------------------------------------------------------------
+# training
+
+
+def _lr_lambda(total_steps: int, warmup_steps: int):
+    def f(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def _epoch_order(n_train: np.ndarray, seed: int, epoch: int, task_index: int, length: int, rank: int, world: int):
+    """This rank's shard of a seeded permutation of the training indices, repeated to `length` per rank."""
+    rng = np.random.default_rng([seed, epoch, task_index])
+    perms = []
+    while sum(len(p) for p in perms) < length * world:
+        perms.append(rng.permutation(n_train))
+    return np.concatenate(perms)[rank::world][:length]
+
+
+def train(model: DualTaskNet, images: dict, config: dict, out_dir: Path, dist: Dist) -> None:
+    """Train all heads together; resume from out_dir/checkpoint.pt; skip when the run is finished."""
+    from tqdm import tqdm
+
+    device = dist.device
+    ckpt_path, log_path = out_dir / "checkpoint.pt", out_dir / "train_log.csv"
+    tasks = list(images)
+    per_task = config["batch_size"] // len(tasks)
+    train_idx = {t: images[t].data.indices("train") for t in tasks}
+    steps = max(1, math.ceil(max(len(i) for i in train_idx.values()) / (per_task * dist.world)))
+    total_steps = steps * config["epochs"]
+    channels_last = device.type == "cuda"
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": config["weight_decay"]},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=config["lr"], momentum=0.9,
+                                nesterov=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total_steps, max(1, total_steps // 20)))
+    start_epoch, log_rows = 0, []
+    if ckpt_path.exists() and not config.get("retrain", False):
+        state = load_checkpoint(ckpt_path, device)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch = int(state["epoch"])
+        if log_path.exists():
+            log_rows = [r for r in read_csv(log_path) if int(r["epoch"]) <= start_epoch]
+        if start_epoch >= config["epochs"]:
+            if dist.main:
+                print(f"training finished earlier ({start_epoch} epochs in {ckpt_path}); skipping "
+                      f"(--retrain=True trains again)")
+            return
+        if dist.main:
+            print(f"resuming from epoch {start_epoch} of {config['epochs']} ({ckpt_path})")
+    net = model
+    if dist.world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if config.get("compile", False):
+        net = torch.compile(net)
+    classes = {t: list(images[t].data.classes) for t in tasks}
+    for epoch in range(start_epoch, config["epochs"]):
+        torch.manual_seed(config["seed"] * 100_003 + epoch * 101 + dist.rank)  # dropout, reproducible on resume
+        gen = torch.Generator().manual_seed(config["seed"] * 1_000_003 + epoch * 1009 + dist.rank)
+        order = {t: _epoch_order(train_idx[t], config["seed"], epoch, k, steps * per_task, dist.rank, dist.world)
+                 for k, t in enumerate(tasks)}
+        sums = {t: torch.zeros(3, dtype=torch.float64, device=device) for t in tasks}  # loss, correct, n
+        net.train()
+        t0 = time.perf_counter()
+        bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{config['epochs']}", disable=None if dist.main else True, leave=False,
+                   mininterval=2.0)
+        for step in bar:
+            xs, ys = zip(*(images[t].batch(order[t][step * per_task:(step + 1) * per_task]) for t in tasks))
+            x = vggface2.normalize(vggface2.augment(torch.cat(xs), gen))
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(device):
+                out = net(x)
+            loss = 0.0
+            for k, t in enumerate(tasks):
+                logits = out[t][k * per_task:(k + 1) * per_task].float()
+                task_loss = F.cross_entropy(logits, ys[k])
+                loss = loss + task_loss
+                with torch.no_grad():
+                    sums[t] += torch.stack([task_loss.detach().double() * len(ys[k]),
+                                            (logits.argmax(1) == ys[k]).sum().double(),
+                                            torch.tensor(float(len(ys[k])), dtype=torch.float64, device=device)])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            if dist.main and step % 20 == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        train_stats = {t: dist.all_sum(sums[t].tolist()) for t in tasks}
+        n_images = sum(s[2] for s in train_stats.values())
+        t1 = time.perf_counter()
+        val = evaluate(model, images, "val", dist, channels_last=channels_last)
+        val_speed = sum(v["n"] for v in val.values()) / max(time.perf_counter() - t1, 1e-9)
+        for t in tasks:
+            loss_sum, correct, n = train_stats[t]
+            log_rows.append({"epoch": epoch + 1, "task": t, "split": "train", "loss": f"{loss_sum / n:.4f}",
+                             "accuracy": f"{correct / n:.4f}", "images_per_s": f"{n_images / seconds:.1f}"})
+            log_rows.append({"epoch": epoch + 1, "task": t, "split": "val", "loss": f"{val[t]['loss']:.4f}",
+                             "accuracy": f"{val[t]['accuracy']:.4f}", "images_per_s": f"{val_speed:.1f}"})
+        if dist.main:
+            parts = [f"{t} train {train_stats[t][1] / train_stats[t][2]:.3f} val {val[t]['accuracy']:.3f} "
+                     f"(loss {val[t]['loss']:.3f})" for t in tasks]
+            print(f"epoch {epoch + 1}/{config['epochs']}  " + "  |  ".join(parts) +
+                  f"  |  {n_images / seconds:.0f} img/s  lr {scheduler.get_last_lr()[0]:.2e}", flush=True)
+            save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                        "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "config": config,
+                                        "classes": classes})
+            write_csv(log_path, TRAIN_LOG_COLUMNS, log_rows)
+        dist.barrier()
+    if channels_last:
+        model.to(memory_format=torch.contiguous_format)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the pipeline
+
+
+def _check_out_dir(out_dir: Path, config: dict) -> None:
+    """Refuse to mix a new run's settings into an existing run's checkpoint (nothing there is touched)."""
+    ckpt = out_dir / "checkpoint.pt"
+    if not ckpt.exists() or config.get("retrain", False):
+        return
+    try:
+        old = load_checkpoint(ckpt, mmap=True)["config"]
+    except Exception as e:  # a damaged checkpoint is the user's to remove, not ours
+        raise UsageError(f"{ckpt}: cannot be read ({type(e).__name__}: {e}); remove it or pass --retrain=True")
+    keys = list(RUN_IDENTITY) + [k for k in config if k.endswith("_data")]
+    changed = [f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in keys if old.get(k) != config.get(k)]
+    if changed:
+        raise UsageError(f"{out_dir} holds a run with other settings ({'; '.join(changed)}); pass --retrain=True "
+                         f"to replace it or choose another --out_dir")
+
+
+def load_datasets(config: dict) -> dict:
+    """{task: TaskData} for every `<task>_data` setting, all at `image_size`."""
+    datasets = {}
+    for task, spec in task_specs(config).items():
+        datasets[task] = vggface2.load_task(spec, task, config["image_size"], config.get("max_per_class"),
+                                            config.get("max_classes"), config["seed"], config.get("download", False),
+                                            config.get("demo_per_class", 100))
+        counts = datasets[task].counts()
+        if min(counts.values()) == 0:
+            raise DataError(f"{task}_data: {spec} gives {counts}; every split needs images (raise max_per_class)")
+    return datasets
+
+
+def run(config: dict) -> None:
+    """The whole pipeline: data, training, lesion sweep, figures (the stages named in config['stages'])."""
+    check_config(config)
+    dist = Dist(config.get("device", "auto"))
+    try:
+        torch.manual_seed(config["seed"])
+        out_dir = Path(config["out_dir"])
+        _check_out_dir(out_dir, config)
+        datasets = load_datasets(config)
+        resolved = dict(config, tasks={t: {"classes": len(d.classes), "chance": d.chance, "source": d.source,
+                                           "counts": d.counts()} for t, d in datasets.items()},
+                        resolved_device=str(dist.device), world_size=dist.world, torch=torch.__version__)
+        if dist.main:
+            try:
+                out_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise UsageError(f"out_dir={str(out_dir)!r} cannot be created ({e.strerror}); expected a writable "
+                                 f"folder path")
+            write_text(out_dir / "config.json", json.dumps(resolved, indent=1))
+            summary = ", ".join(f"{t}: {len(d.classes)} classes, {d.counts()['train']} train / "
+                                f"{d.counts()['test']} test" for t, d in datasets.items())
+            print(f"{config['backbone']} on {dist.device} (x{dist.world}), {config['image_size']} px; {summary}")
+        dist.barrier()
+        model = build_model(config, {t: len(d.classes) for t, d in datasets.items()}).to(dist.device)
+        images = {t: TaskImages(d, dist.device) for t, d in datasets.items()}
+        if "train" in config["stages"]:
+            if dist.main and config["epochs"] > 0 and (config.get("retrain") or not _finished(out_dir, config)):
+                for stale in ("lesion_results.csv",):  # results of an older model no longer hold
+                    (out_dir / stale).unlink(missing_ok=True)
+            train(model, images, config, out_dir, dist)
+        if not dist.main:
+            return
+        if "train" not in config["stages"] and "lesion" in config["stages"]:
+            if not (out_dir / "checkpoint.pt").exists():
+                raise UsageError(f"{out_dir}: no checkpoint.pt to lesion; run the 'train' stage first")
+            model.load_state_dict(load_checkpoint(out_dir / "checkpoint.pt", dist.device)["model"])
+        if "lesion" in config["stages"]:
+            import lesion_utils
+
+            lesion_utils.lesion_stage(model, images, config, out_dir)
+        if "figures" in config["stages"]:
+            import figures
+
+            for path in figures.make_figures(out_dir):
+                print(f"wrote {path}")
+    finally:
+        dist.close()
+
+
+def _finished(out_dir: Path, config: dict) -> bool:
+    ckpt = out_dir / "checkpoint.pt"
+    return ckpt.exists() and int(load_checkpoint(ckpt, mmap=True)["epoch"]) >= config["epochs"]
+
+
+def main(script_globals: dict, argv: list | None = None) -> None:
+    """Entry point of the backbone scripts: overrides from the command line, then the pipeline.
+
+    Bad input exits with status 2 and one line naming the culprit; nothing already in out_dir is lost.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    defaults = hyperparameters(script_globals)
+    if any(a in ("-h", "--help") for a in argv):
+        print_help(defaults, script_globals.get("__file__", "script.py"))
+        return
+    try:
+        config = parse_overrides(defaults, argv)
+        run(config)
+    except (UsageError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,35 @@
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long-running (minutes); run with -m slow")
+
+
+def write_jpeg(path: Path, array: np.ndarray) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array.astype(np.uint8)).save(path, quality=95)
+
+
+def run_script(script: str, *args, cwd=ROOT, timeout=600, env=None):
+    """Run a backbone script as a user would; returns the CompletedProcess."""
+    import subprocess
+
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=full_env)
+
+
+TINY = ["--face_data=demo", "--object_data=demo", "--image_size=32", "--epochs=1", "--max_per_class=16",
+        "--lesion_fractions=[0.0, 0.2]", "--device=cpu", "--batch_size=32"]

@@ -1,0 +1,71 @@
+import pytest
+
+import dualtask
+from conftest import run_script
+from dualtask import UsageError, check_config, parse_overrides, task_specs
+
+DEFAULTS = {"backbone": "vgg16", "epochs": 30, "lr": 0.02, "face_data": "demo", "object_data": "demo",
+            "max_per_class": None, "lesion_fractions": [0.0, 0.2], "compile": False, "device": "auto"}
+
+
+def test_literals_strings_and_lists():
+    c = parse_overrides(DEFAULTS, ["--epochs=3", "--lr=1", "--face_data=/data/vggface2", "--max_per_class=16",
+                                   "--lesion_fractions=[0.0, 0.1, 0.5]", "--compile=True", "--device=cpu"])
+    assert c["epochs"] == 3 and c["lr"] == 1.0 and isinstance(c["lr"], float)
+    assert c["face_data"] == "/data/vggface2" and c["max_per_class"] == 16
+    assert c["lesion_fractions"] == [0.0, 0.1, 0.5] and c["compile"] is True and c["device"] == "cpu"
+    assert DEFAULTS["epochs"] == 30  # defaults untouched
+
+
+def test_string_setting_keeps_text_that_looks_like_a_number():
+    assert parse_overrides(DEFAULTS, ["--face_data=2024"])["face_data"] == "2024"
+    assert parse_overrides(DEFAULTS, ["--face_data='demo'"])["face_data"] == "demo"
+
+
+@pytest.mark.parametrize("arg, culprit", [("--epoch=3", "epoch"), ("--epochs=3.5", "epochs"),
+                                          ("--epochs=three", "epochs"), ("--compile=1", "compile"),
+                                          ("--lesion_fractions=0.2", "lesion_fractions"), ("epochs=3", "epochs=3")])
+def test_bad_overrides_name_the_culprit_and_valid_names(arg, culprit):
+    with pytest.raises(UsageError) as e:
+        parse_overrides(DEFAULTS, [arg])
+    assert culprit in str(e.value) and "valid names" in str(e.value) and "backbone" in str(e.value)
+
+
+def test_tasks_come_from_data_settings():
+    assert task_specs({"identity_data": "a", "expression_data": "b", "epochs": 1}) == \
+        {"identity": "a", "expression": "b"}
+
+
+@pytest.mark.parametrize("key, value", [("lesion_fractions", [0.2, 1.5]), ("stages", ["train", "plot"]),
+                                        ("device", "gpu"), ("image_size", 8), ("backbone", "alexnet")])
+def test_values_that_make_no_sense_are_refused(key, value):
+    import vgg16
+
+    config = dict(dualtask.hyperparameters(vars(vgg16)), **{key: value})
+    with pytest.raises(UsageError, match=key if key != "backbone" else "backbone"):
+        check_config(config)
+
+
+def test_importing_a_script_runs_nothing(capsys):
+    import importlib
+
+    for name in ("vgg16", "vgg19", "ResNet", "ResNeXt"):
+        module = importlib.import_module(name)
+        assert "face_data" in vars(module) and "lesion_fractions" in vars(module)
+    assert capsys.readouterr().out == ""
+
+
+def test_shell_error_exits_2_without_traceback(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("earlier work")
+    for args in (["--epoch=3"], ["--epochs=three"]):
+        p = run_script("vgg16.py", *args, f"--out_dir={out}")
+        assert p.returncode == 2, p.stderr
+        assert "Traceback" not in p.stderr and "epoch" in p.stderr and "valid names" in p.stderr
+    assert (out / "keep.txt").read_text() == "earlier work" and sorted(x.name for x in out.iterdir()) == ["keep.txt"]
+
+
+def test_help_lists_hyperparameters_with_comments():
+    p = run_script("ResNet.py", "--help")
+    assert p.returncode == 0 and "--face_data='demo'" in p.stdout and "cap on images per class" in p.stdout

@@ -1,0 +1,33 @@
+"""Dual-task VGG16: face identity and object category on one shared trunk, then a lesion sweep.
+
+    python vgg16.py --face_data=demo --object_data=demo --image_size=32 --epochs=3 --device=cpu
+
+Every setting below can be changed here or from the shell (`--name=value`); `--help` lists them.
+"""
+backbone = "vgg16"  # torchvision architecture: vgg16, vgg19, resnet50 or resnext50
+batch_norm = True  # VGG16-BN; False gives the reference study's plain VGG16 (then lower lr to about 0.01)
+fc_width = 4096  # width of VGG's two fully connected layers (4096 in the original network)
+face_data = "demo"  # VGGFace2 root or cache, a folder of identity folders, or 'demo'
+object_data = "demo"  # CIFAR-10 root (with cifar-10-batches-py/), a folder of class folders, or 'demo'
+download = False  # fetch CIFAR-10 into object_data when it is missing there
+image_size = 112  # both tasks are resized to image_size x image_size pixels (the reference study used 224)
+max_per_class = None  # cap on images per class (identity or category); None = all
+max_classes = None  # cap on classes per task (the first N by name); None = all
+demo_per_class = 100  # images per class of the procedural demo set
+batch_size = 128  # images per step, split evenly between the tasks
+epochs = 30  # passes over the larger task's training images
+lr = 0.02  # peak learning rate of SGD with Nesterov momentum 0.9 (warm-up, then cosine decay)
+weight_decay = 5e-4  # L2 penalty on weights (not on biases and BN parameters)
+seed = 0  # seeds data sampling, splits, initialisation, augmentation and lesion controls
+device = "auto"  # 'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'
+compile = False  # torch.compile the model for training (CUDA, PyTorch 2)
+retrain = False  # train again even when out_dir holds a finished run
+out_dir = "runs/vgg16"  # where config.json, train_log.csv, checkpoint.pt, lesion_results.csv and figures/ go
+lesion_fractions = [0.0, 0.1, 0.2, 0.3]  # fractions of a layer's filters silenced in the lesion sweep
+rank_images = 256  # training images per task used to rank filters (never the test images)
+stages = ["train", "lesion", "figures"]  # which parts of the pipeline to run
+
+if __name__ == "__main__":
+    from dualtask import main
+
+    main(globals())

@@ -1,0 +1,693 @@
+"""All data for the dual-task experiments, in one format.
+
+Every source (VGGFace2, CIFAR-10, a folder of class folders, the offline demo set) becomes a `TaskData`:
+uint8 images (N, H, W, 3), int64 labels, class names and a split per image (0 train, 1 val, 2 test).
+Training, lesions and figures all read that one format. A preprocessed copy lives in a folder holding
+`images.npy`, `labels.npy`, `split.npy` and `meta.json`, loaded memory-mapped.
+
+Preprocess VGGFace2 once (crop around the loose box enlarged by 30%, resize, cache):
+
+    python vggface2.py --root=/data/vggface2 --out=/data/vggface2_112 --image_size=112 --identities=1700
+
+Augmentation and normalisation (`augment`, `normalize`) work on whole uint8 batches on the device.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import pickle
+import re
+import shutil
+import sys
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+SPLITS = ("train", "val", "test")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+VAL_FRACTION = 0.1  # of each class's images, for sources that come without a validation split
+TEST_FRACTION = 0.2  # of each class's images, for sources that come without a test split
+VGGFACE2_BOX_MARGIN = 0.3  # the dataset authors enlarge the loose box by 30% before cropping
+CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+NORM_MEAN = NORM_STD = 0.5  # the reference study's normalisation
+
+
+class DataError(ValueError):
+    """Bad data input: the message names the path or value and the expected form."""
+
+
+@dataclass
+class TaskData:
+    """One task's images in the project's single format."""
+
+    name: str
+    classes: list
+    images: np.ndarray  # (N, H, W, 3) uint8, possibly memory-mapped
+    labels: np.ndarray  # (N,) int64
+    split: np.ndarray  # (N,) int8: 0 train, 1 val, 2 test
+    source: str = ""
+    extra: dict = field(default_factory=dict)  # further per-image arrays, e.g. the demo's expression
+
+    @property
+    def chance(self) -> float:
+        return 1.0 / len(self.classes)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.images.shape[1])
+
+    def indices(self, split: str) -> np.ndarray:
+        return np.flatnonzero(self.split == SPLITS.index(split))
+
+    def counts(self) -> dict:
+        return {s: int((self.split == i).sum()) for i, s in enumerate(SPLITS)}
+
+    def save(self, out: str | os.PathLike) -> None:
+        """Write the cache folder atomically (a temporary folder renamed into place)."""
+        out = Path(out)
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        np.save(tmp / "images.npy", np.ascontiguousarray(self.images))
+        np.save(tmp / "labels.npy", self.labels.astype(np.int64))
+        np.save(tmp / "split.npy", self.split.astype(np.int8))
+        for key, values in self.extra.items():
+            np.save(tmp / f"extra_{key}.npy", values)
+        meta = {"name": self.name, "classes": list(self.classes), "source": self.source,
+                "image_size": self.image_size, "counts": self.counts(), "extra": sorted(self.extra)}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        if out.exists():
+            old = out.with_name(out.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# entry point
+
+
+def load_task(spec: str, task: str, image_size: int, max_per_class=None, max_classes=None, seed: int = 0,
+              download: bool = False, demo_per_class: int = 100) -> TaskData:
+    """Load one task's data from `spec` and bring it to `image_size` pixels.
+
+    spec: 'demo' (the procedural set matching the task name: faces for 'face'/'identity', expressions for
+    'expression', objects otherwise), 'demo:faces' / 'demo:objects' / 'demo:expression', a VGGFace2 root,
+    a CIFAR-10 root (holding cifar-10-batches-py/), a cache folder written by this module, or a folder with
+    one subfolder per class (train/ and test/ subfolders are used when present).
+    """
+    if spec.startswith("demo"):
+        kind = spec.split(":", 1)[1] if ":" in spec else _demo_kind_for(task)
+        per_class = demo_per_class if max_per_class is None else min(demo_per_class, max_per_class)
+        n_classes = 10 if max_classes is None else max_classes
+        data = make_demo(kind, n_classes=n_classes, per_class=per_class, image_size=image_size, seed=seed)
+        data.name = task
+        return data
+    root = Path(spec).expanduser()
+    if not root.exists():
+        raise DataError(f"{task}_data: {spec} does not exist; expected 'demo', a VGGFace2 root, a CIFAR-10 root, "
+                        f"a cache folder made by vggface2.py, or a folder with one subfolder per class")
+    if not root.is_dir() or not os.access(root, os.R_OK | os.X_OK):
+        raise DataError(f"{task}_data: {spec} is not a readable folder")
+    if (root / "meta.json").exists() and (root / "images.npy").exists():
+        data = load_cache(root)
+        data = _cap(data, max_per_class, max_classes, seed)
+    elif (root / "cifar-10-batches-py").is_dir() or (download and _looks_like_cifar_request(root)):
+        data = load_cifar10(root, max_per_class=max_per_class, max_classes=max_classes, seed=seed,
+                            download=download)
+    elif is_vggface2_root(root):
+        data = load_vggface2(root, image_size, identities=max_classes, per_identity=max_per_class, seed=seed)
+    else:
+        data = load_folder(root, image_size, max_per_class=max_per_class, max_classes=max_classes, seed=seed)
+    data.name = task
+    if data.image_size != image_size:
+        data.images = resize_images(data.images, image_size)
+    return data
+
+
+def _demo_kind_for(task: str) -> str:
+    if task in ("face", "faces", "identity"):
+        return "faces"
+    if task in ("expression", "expressions"):
+        return "expression"
+    return "objects"
+
+
+def _looks_like_cifar_request(root: Path) -> bool:
+    return "cifar" in root.name.lower() and not any(root.iterdir())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# splitting and capping
+
+
+def stratified_split(labels: np.ndarray, seed: int, val_fraction=VAL_FRACTION,
+                     test_fraction=TEST_FRACTION) -> np.ndarray:
+    """Deterministic split per class into train / val / test; each class keeps at least one training image."""
+    rng = np.random.default_rng(seed)
+    split = np.zeros(len(labels), dtype=np.int8)
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        n = len(idx)
+        n_test = max(int(round(n * test_fraction)), 1) if test_fraction > 0 and n >= 3 else 0
+        n_val = max(int(round(n * val_fraction)), 1) if val_fraction > 0 and n >= 3 else 0
+        split[idx[:n_test]] = 2
+        split[idx[n_test:n_test + n_val]] = 1
+    return split
+
+
+def _choose(labels: np.ndarray, max_per_class, max_classes, seed: int):
+    """Indices kept under the caps (first `max_classes` classes; a seeded sample of `max_per_class` each)."""
+    keep_classes = np.unique(labels)
+    if max_classes is not None:
+        keep_classes = keep_classes[:max_classes]
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for c in keep_classes:
+        idx = np.flatnonzero(labels == c)
+        if max_per_class is not None and len(idx) > max_per_class:
+            idx = np.sort(rng.choice(idx, max_per_class, replace=False))
+        chosen.append(idx)
+    return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64), keep_classes
+
+
+def _cap(data: TaskData, max_per_class, max_classes, seed: int) -> TaskData:
+    if max_per_class is None and max_classes is None:
+        return data
+    idx, kept = _choose(data.labels, max_per_class, max_classes, seed)
+    remap = np.full(len(data.classes), -1, dtype=np.int64)
+    remap[kept] = np.arange(len(kept))
+    return TaskData(data.name, [data.classes[k] for k in kept], data.images[idx], remap[data.labels[idx]],
+                    data.split[idx], data.source, {k: v[idx] for k, v in data.extra.items()})
+
+
+def _presplit_caps(max_per_class):
+    """A cap on a class's images, divided between a source's own train and test pools (80 / 20)."""
+    if max_per_class is None:
+        return None, None
+    n_train = max(1, int(round(max_per_class * (1 - TEST_FRACTION))))
+    return n_train, max(1, max_per_class - n_train)
+
+
+def _split_off_val(labels: np.ndarray, seed: int) -> np.ndarray:
+    """For sources with their own train/test: split validation images off the training pool."""
+    return stratified_split(labels, seed, val_fraction=VAL_FRACTION / (1 - TEST_FRACTION), test_fraction=0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# images
+
+
+def resize_images(images: np.ndarray, size: int, chunk: int = 512) -> np.ndarray:
+    """Resize (N, H, W, 3) uint8 images to size x size (bilinear, antialiased), in chunks."""
+    out = np.empty((len(images), size, size, 3), dtype=np.uint8)
+    for start in range(0, len(images), chunk):
+        x = torch.from_numpy(np.array(images[start:start + chunk])).permute(0, 3, 1, 2).float()
+        y = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out[start:start + chunk] = y.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return out
+
+
+def _square_resize(img, size: int):
+    """Resize the shorter side to `size` and crop the centre square (PIL image in, PIL image out)."""
+    from PIL import Image
+
+    w, h = img.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    img = img.resize((nw, nh), Image.BILINEAR, reducing_gap=3.0)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def _read_image(path: Path, size: int, box=None):
+    """Decode one image to a (size, size, 3) uint8 array, or None when it cannot be read."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            img = im.convert("RGB")
+            if box is not None:
+                x, y, w, h = box
+                cx, cy = x + w / 2, y + h / 2
+                w, h = w * (1 + VGGFACE2_BOX_MARGIN), h * (1 + VGGFACE2_BOX_MARGIN)
+                left, top = max(0, int(round(cx - w / 2))), max(0, int(round(cy - h / 2)))
+                right, bottom = min(img.width, int(round(cx + w / 2))), min(img.height, int(round(cy + h / 2)))
+                if right - left >= 2 and bottom - top >= 2:
+                    img = img.crop((left, top, right, bottom))
+            return np.asarray(_square_resize(img, size), dtype=np.uint8)
+    except Exception:  # PIL raises many types for damaged files; any of them means "skip this image"
+        return None
+
+
+def _read_many(paths, size: int, boxes=None, what: str = "images"):
+    """Decode images in threads (PIL releases the GIL while decoding); skip unreadable ones with a warning."""
+    from tqdm import tqdm
+
+    boxes = boxes if boxes is not None else [None] * len(paths)
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) + 2)) as pool:
+        arrays = list(tqdm(pool.map(lambda pb: _read_image(pb[0], size, pb[1]), zip(paths, boxes)),
+                           total=len(paths), desc=f"reading {what}", leave=False, disable=len(paths) < 500))
+    ok = np.array([a is not None for a in arrays], dtype=bool)
+    bad = [str(p) for p, a in zip(paths, arrays) if a is None]
+    if bad:
+        warnings.warn(f"skipped {len(bad)} unreadable image(s) in {what}, e.g. {bad[0]}", stacklevel=2)
+        print(f"warning: skipped {len(bad)} unreadable image(s) in {what} (first: {bad[0]})", file=sys.stderr)
+    images = np.stack([a for a in arrays if a is not None]) if ok.any() else np.zeros((0, size, size, 3), np.uint8)
+    return images, ok
+
+
+def _list_images(folder: Path):
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# class folders
+
+
+def _class_folders(root: Path, what: str):
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    files = {c: _list_images(root / c) for c in classes}
+    classes = [c for c in classes if files[c]]
+    if not classes:
+        raise DataError(f"{what}: {root} holds no class folders with images; expected one subfolder per class, "
+                        f"each with image files ({', '.join(IMAGE_EXTENSIONS[:3])}, ...)")
+    return classes, files
+
+
+def load_folder(root, image_size: int, max_per_class=None, max_classes=None, seed: int = 0) -> TaskData:
+    """A folder with one subfolder per class, or with train/ and test/ each holding the class subfolders."""
+    root = Path(root)
+    presplit = (root / "train").is_dir() and (root / "test").is_dir()
+    pools = {"train": root / "train", "test": root / "test"} if presplit else {"all": root}
+    listed = {name: _class_folders(folder, str(folder)) for name, folder in pools.items()}
+    classes = sorted(set().union(*(set(c) for c, _ in listed.values())))
+    if max_classes is not None:
+        classes = classes[:max_classes]
+    if len(classes) < 2:
+        raise DataError(f"{root}: found {len(classes)} class folder(s) with images; a classification task needs "
+                        f"at least 2 (one subfolder per class)")
+    cap_train, cap_test = _presplit_caps(max_per_class) if presplit else (max_per_class, None)
+    parts = []
+    for pool, (_, files) in listed.items():
+        paths, labels = [], []
+        for ci, c in enumerate(classes):
+            paths += files.get(c, [])
+            labels += [ci] * len(files.get(c, []))
+        labels = np.array(labels, dtype=np.int64)
+        idx, _ = _choose(labels, cap_test if pool == "test" else cap_train, None, seed)
+        images, ok = _read_many([paths[i] for i in idx], image_size, what=str(pools[pool]))
+        labels = labels[idx][ok]
+        if pool == "all":
+            split = stratified_split(labels, seed)
+        elif pool == "train":
+            split = _split_off_val(labels, seed)
+        else:
+            split = np.full(len(labels), 2, dtype=np.int8)
+        parts.append((images, labels, split))
+    images, labels, split = (np.concatenate(p) for p in zip(*parts))
+    if len(images) == 0:
+        raise DataError(f"{root}: no readable images")
+    return TaskData("", classes, images, labels, split, source=f"folder:{root}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CIFAR-10 in torchvision's layout
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Admits only the plain types CIFAR-10's batches hold (dict, list, str, bytes, int, numpy arrays)."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("builtins", "bytes"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            if module.startswith("numpy.core.") and hasattr(np, "_core"):  # numpy 2 moved numpy.core
+                module = module.replace("numpy.core.", "numpy._core.", 1)
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR batch file")
+
+
+def _read_cifar_batch(path: Path):
+    try:
+        with open(path, "rb") as f:
+            batch = _PlainUnpickler(f, encoding="latin1").load()
+        data = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        return np.ascontiguousarray(data), np.asarray(batch["labels"], dtype=np.int64)
+    except (OSError, KeyError, ValueError, pickle.UnpicklingError, EOFError) as e:
+        raise DataError(f"{path}: not a CIFAR-10 batch in the python format ({e})") from None
+
+
+def load_cifar10(root, max_per_class=None, max_classes=None, seed: int = 0, download: bool = False) -> TaskData:
+    """CIFAR-10 from torchvision's layout (root/cifar-10-batches-py/data_batch_1..5, test_batch).
+
+    Downloads through torchvision only when `download` is true and the files are missing.
+    """
+    root = Path(root)
+    folder = root / "cifar-10-batches-py"
+    if download and not (folder / "test_batch").exists():
+        import torchvision
+
+        torchvision.datasets.CIFAR10(str(root), train=True, download=True)
+    names = [f"data_batch_{i}" for i in range(1, 6)]
+    missing = [n for n in names + ["test_batch"] if not (folder / n).exists()]
+    if missing:
+        raise DataError(f"{folder}: missing {', '.join(missing)}; expected CIFAR-10's python batches "
+                        f"(set download=True to fetch them)")
+    classes = list(CIFAR_CLASSES)
+    meta = folder / "batches.meta"
+    if meta.exists():
+        with open(meta, "rb") as f:
+            classes = list(_PlainUnpickler(f, encoding="latin1").load().get("label_names", classes))
+    train = [_read_cifar_batch(folder / n) for n in names]
+    train_x, train_y = np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train])
+    test_x, test_y = _read_cifar_batch(folder / "test_batch")
+    cap_train, cap_test = _presplit_caps(max_per_class)
+    i_train, kept = _choose(train_y, cap_train, max_classes, seed)
+    i_test, _ = _choose(test_y, cap_test, max_classes, seed)
+    remap = np.full(len(classes), -1, dtype=np.int64)
+    remap[kept] = np.arange(len(kept))
+    train_y, test_y = remap[train_y[i_train]], remap[test_y[i_test]]
+    split = np.concatenate([_split_off_val(train_y, seed), np.full(len(test_y), 2, dtype=np.int8)])
+    return TaskData("", [classes[k] for k in kept], np.concatenate([train_x[i_train], test_x[i_test]]),
+                    np.concatenate([train_y, test_y]), split, source=f"cifar10:{root}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# VGGFace2
+
+
+_IDENTITY = re.compile(r"^n\d{6}$")
+
+
+def is_vggface2_root(root: Path) -> bool:
+    train = root / "train"
+    if (root / "bb_landmark").is_dir():
+        return True
+    return train.is_dir() and any(_IDENTITY.match(d.name) for d in train.iterdir() if d.is_dir())
+
+
+def _read_boxes(csv_path: Path) -> dict:
+    try:
+        with open(csv_path, newline="") as f:
+            reader = csv.reader(f)
+            header = [h.strip() for h in next(reader)]
+            if header[:5] != ["NAME_ID", "X", "Y", "W", "H"]:
+                raise DataError(f"{csv_path}: header is {','.join(header)}; expected NAME_ID,X,Y,W,H")
+            return {row[0].strip(): tuple(float(v) for v in row[1:5]) for row in reader if len(row) >= 5}
+    except (OSError, ValueError, StopIteration) as e:
+        raise DataError(f"{csv_path}: cannot read the bounding boxes ({e}); expected a CSV with header "
+                        f"NAME_ID,X,Y,W,H and rows like n000002/0001_01,60,60,79,109") from None
+
+
+def load_vggface2(root, image_size: int, identities=None, per_identity=None, seed: int = 0) -> TaskData:
+    """VGGFace2's train/ identities, each identity's images split into train / val / test.
+
+    Faces are cropped around `bb_landmark/loose_bb_train.csv`'s box enlarged by 30% (clipped to the image),
+    then resized. VGGFace2's test/ holds other people, so it cannot serve identity classification.
+    """
+    root = Path(root)
+    boxes_csv = root / "bb_landmark" / "loose_bb_train.csv"
+    if not boxes_csv.exists():
+        raise DataError(f"{root}: no bounding-box file {boxes_csv.relative_to(root)}; expected VGGFace2's layout "
+                        f"train/nXXXXXX/NNNN_NN.jpg with bb_landmark/loose_bb_train.csv (NAME_ID,X,Y,W,H)")
+    boxes = _read_boxes(boxes_csv)
+    folders = sorted(d for d in (root / "train").iterdir() if d.is_dir() and _IDENTITY.match(d.name))
+    files = {d.name: _list_images(d) for d in folders}
+    names = [n for n in files if files[n]]
+    if identities is not None:
+        names = names[:identities]
+    if len(names) < 2:
+        raise DataError(f"{root / 'train'}: found {len(names)} identity folder(s) with images; need at least 2")
+    paths, labels, crops = [], [], []
+    rng = np.random.default_rng(seed)
+    for ci, name in enumerate(names):
+        chosen = files[name]
+        if per_identity is not None and len(chosen) > per_identity:
+            chosen = [chosen[i] for i in sorted(rng.choice(len(chosen), per_identity, replace=False))]
+        for p in chosen:
+            paths.append(p)
+            labels.append(ci)
+            crops.append(boxes.get(f"{name}/{p.stem}"))
+    n_nobox = sum(b is None for b in crops)
+    if n_nobox:
+        print(f"warning: {n_nobox} image(s) have no row in {boxes_csv.name}; used uncropped", file=sys.stderr)
+    images, ok = _read_many(paths, image_size, crops, what=str(root / "train"))
+    labels = np.asarray(labels, dtype=np.int64)[ok]
+    return TaskData("", names, images, labels, stratified_split(labels, seed), source=f"vggface2:{root}")
+
+
+def load_cache(folder) -> TaskData:
+    """A folder written by `TaskData.save` (memory-mapped, so data larger than memory works)."""
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        extra = {k: np.load(folder / f"extra_{k}.npy") for k in meta.get("extra", [])}
+        return TaskData(meta.get("name", ""), meta["classes"], np.load(folder / "images.npy", mmap_mode="r"),
+                        np.load(folder / "labels.npy"), np.load(folder / "split.npy"), meta.get("source", ""), extra)
+    except (OSError, ValueError, KeyError) as e:
+        raise DataError(f"{folder}: not a readable cache folder ({e}); expected images.npy, labels.npy, "
+                        f"split.npy and meta.json as written by vggface2.py") from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the offline demo set
+
+
+DEMO_OBJECTS = ("disc", "square", "triangle", "cross", "ring", "star", "stripes", "checker", "dots", "bar")
+DEMO_EXPRESSIONS = ("neutral", "happy", "sad", "surprised")
+
+
+def _ellipse(u, v, cx, cy, rx, ry):
+    return ((u - cx) / rx) ** 2 + ((v - cy) / ry) ** 2 <= 1.0
+
+
+def _paint(img, mask, colour):
+    img[mask] = colour
+
+
+def _demo_face(u, v, ident, expression, rng):
+    """Paint one face in face coordinates (u, v in about [-1, 1]); identity fixes geometry and colours."""
+    h, w = u.shape
+    img = np.empty((h, w, 3), np.float32)
+    img[:] = rng.uniform(0.1, 0.9, 3)  # background colour varies per image
+    p = ident
+    _paint(img, _ellipse(u, v, 0, -0.25, p["face_w"] * 1.08, p["face_h"] * 0.75) & (v < -0.1), p["hair"])
+    _paint(img, _ellipse(u, v, 0, 0, p["face_w"], p["face_h"]), p["skin"])
+    if p["fringe"]:
+        _paint(img, _ellipse(u, v, 0, -p["face_h"] * 0.85, p["face_w"] * 0.8, 0.18), p["hair"])
+    raise_brow = 0.06 * expression["brow"]
+    for side in (-1, 1):
+        ex = side * p["eye_dx"]
+        _paint(img, _ellipse(u, v, ex, p["eye_y"], p["eye_r"] * 1.4, p["eye_r"] * (1.0 + 0.4 * expression["eyes"])),
+               (0.95, 0.95, 0.95))
+        _paint(img, _ellipse(u, v, ex, p["eye_y"], p["eye_r"] * 0.7, p["eye_r"] * 0.7), p["iris"])
+        by = p["eye_y"] - p["eye_r"] * 2.2 - raise_brow
+        tilt = (u - ex) * side * (p["brow_tilt"] - 0.3 * expression["brow"])
+        _paint(img, (np.abs(u - ex) < p["eye_r"] * 1.8) & (np.abs(v - by - tilt) < p["brow_t"]), p["hair"] * 0.6)
+    nose = (v > p["eye_y"]) & (v < p["eye_y"] + p["nose_len"]) & \
+           (np.abs(u) < p["nose_w"] * (v - p["eye_y"]) / p["nose_len"])
+    _paint(img, nose, p["skin"] * 0.75)
+    my = p["eye_y"] + p["nose_len"] + 0.15
+    curve = expression["smile"] * 0.5 * (u / p["mouth_w"]) ** 2
+    mouth = (np.abs(u) < p["mouth_w"]) & (np.abs(v - my + expression["smile"] * 0.08 - curve)
+                                          < 0.03 + 0.09 * expression["open"])
+    _paint(img, mouth, (0.55, 0.12, 0.15))
+    return img
+
+
+def _face_identity(rng):
+    skin_base = rng.uniform(0.3, 0.95)
+    return {
+        "face_w": rng.uniform(0.48, 0.62), "face_h": rng.uniform(0.62, 0.78),
+        "skin": np.array([skin_base, skin_base * rng.uniform(0.7, 0.85), skin_base * rng.uniform(0.55, 0.75)]),
+        "hair": rng.uniform(0.0, 0.7, 3), "fringe": bool(rng.random() < 0.5),
+        "eye_dx": rng.uniform(0.17, 0.27), "eye_y": rng.uniform(-0.22, -0.08), "eye_r": rng.uniform(0.045, 0.075),
+        "iris": rng.uniform(0.0, 0.6, 3), "brow_tilt": rng.uniform(-0.3, 0.3), "brow_t": rng.uniform(0.015, 0.035),
+        "nose_len": rng.uniform(0.15, 0.3), "nose_w": rng.uniform(0.05, 0.11), "mouth_w": rng.uniform(0.1, 0.22),
+    }
+
+
+_EXPRESSION_SHAPES = {  # smile: mouth curvature, open: mouth opening, brow: raised brows, eyes: widened eyes
+    "neutral": dict(smile=0.0, open=0.0, brow=0.0, eyes=0.0),
+    "happy": dict(smile=1.0, open=0.3, brow=0.2, eyes=-0.2),
+    "sad": dict(smile=-0.8, open=0.0, brow=-0.8, eyes=-0.1),
+    "surprised": dict(smile=0.0, open=1.0, brow=1.0, eyes=0.6),
+}
+
+
+def _demo_object(u, v, kind, rng):
+    h, w = u.shape
+    img = np.empty((h, w, 3), np.float32)
+    bg = rng.uniform(0.0, 1.0, 3)
+    img[:] = bg
+    fg = rng.uniform(0.0, 1.0, 3)
+    while np.abs(fg - bg).sum() < 0.6:  # keep the object visible against its background
+        fg = rng.uniform(0.0, 1.0, 3)
+    r = np.hypot(u, v)
+    theta = np.arctan2(v, u)
+    inside = r < 0.8  # textures fill a disc-shaped patch
+    if kind == "disc":
+        m = r < 0.6
+    elif kind == "square":
+        m = np.maximum(np.abs(u), np.abs(v)) < 0.5
+    elif kind == "triangle":
+        m = (v < 0.45) & (v > -0.6 + 1.8 * np.abs(u))
+    elif kind == "cross":
+        m = ((np.abs(u) < 0.17) & (np.abs(v) < 0.65)) | ((np.abs(v) < 0.17) & (np.abs(u) < 0.65))
+    elif kind == "ring":
+        m = (r > 0.35) & (r < 0.62)
+    elif kind == "star":
+        m = r < 0.3 + 0.32 * np.maximum(0, np.cos(5 * theta))
+    elif kind == "stripes":
+        m = inside & (np.sin(u * rng.uniform(12, 18)) > 0)
+    elif kind == "checker":
+        f = rng.uniform(8, 12)
+        m = inside & ((np.sin(u * f) > 0) ^ (np.sin(v * f) > 0))
+    elif kind == "dots":
+        f = rng.uniform(12, 16)
+        m = inside & (np.sin(u * f) * np.sin(v * f) > 0.5)
+    elif kind == "bar":
+        m = (np.abs(u) < 0.75) & (np.abs(v) < 0.14)
+    else:
+        raise ValueError(kind)
+    img[m] = fg
+    return img
+
+
+def make_demo(kind: str, n_classes: int = 10, per_class: int = 100, image_size: int = 64, seed: int = 0) -> TaskData:
+    """The procedural offline set: 'faces' (identities), 'expression' (the same faces labelled by expression)
+    or 'objects' (10 shape and texture classes). Deterministic for a seed.
+
+    Each face identity is fixed geometry and colour (outline, eye spacing and size, nose, mouth, brows, skin,
+    hair); every image adds position, scale, rotation, lighting, noise and one of four expressions, which is
+    stored per image in `extra['expression']` either way.
+    """
+    if kind not in ("faces", "objects", "expression"):
+        raise DataError(f"demo:{kind}: unknown demo set; expected demo:faces, demo:objects or demo:expression")
+    if kind == "objects":
+        n_classes = min(n_classes, len(DEMO_OBJECTS))
+        classes = list(DEMO_OBJECTS[:n_classes])
+    elif kind == "expression":
+        n_classes = min(n_classes, len(DEMO_EXPRESSIONS))
+        classes = list(DEMO_EXPRESSIONS[:n_classes])
+    else:
+        classes = [f"id{i:03d}" for i in range(n_classes)]
+    if n_classes < 2 or per_class < 1:
+        raise DataError(f"demo:{kind}: needs at least 2 classes and 1 image per class")
+    # draw at a fixed working resolution, then resize, so a demo set looks the same at any image_size
+    draw = 64 if image_size <= 64 else image_size
+    grid = (np.arange(draw, dtype=np.float32) + 0.5) / draw * 2 - 1
+    gy, gx = np.meshgrid(grid, grid, indexing="ij")
+    identities = [_face_identity(np.random.default_rng([seed, 7, i])) for i in range(n_classes)]
+    n_ident_faces = n_classes if kind == "faces" else 12
+    if kind == "expression":  # expression sets show many people, each with every expression
+        identities = [_face_identity(np.random.default_rng([seed, 7, i])) for i in range(n_ident_faces)]
+    images = np.empty((n_classes * per_class, draw, draw, 3), np.uint8)
+    labels = np.repeat(np.arange(n_classes), per_class)
+    expressions = np.zeros(len(labels), np.int64)
+    rng = np.random.default_rng([seed, 11, {"faces": 0, "objects": 1, "expression": 2}[kind]])
+    for i, label in enumerate(labels):
+        angle = rng.uniform(-0.35, 0.35) if kind != "objects" else rng.uniform(-np.pi, np.pi)
+        scale = rng.uniform(0.8, 1.1) if kind != "objects" else rng.uniform(0.55, 1.0)
+        dx, dy = rng.uniform(-0.15, 0.15, 2)
+        c, s = np.cos(angle), np.sin(angle)
+        u = (c * (gx - dx) + s * (gy - dy)) / scale
+        v = (-s * (gx - dx) + c * (gy - dy)) / scale
+        if kind == "objects":
+            img = _demo_object(u, v, classes[label], rng)
+        else:
+            expr = int(label) if kind == "expression" else int(rng.integers(len(DEMO_EXPRESSIONS)))
+            who = identities[int(rng.integers(len(identities)))] if kind == "expression" else identities[label]
+            expressions[i] = expr
+            jitter = {k: val * rng.uniform(0.7, 1.0) for k, val in _EXPRESSION_SHAPES[DEMO_EXPRESSIONS[expr]].items()}
+            img = _demo_face(u, v, who, jitter, rng)
+        # lighting: a random linear gradient and overall gain, then sensor noise
+        light = rng.uniform(0.7, 1.2) + rng.uniform(-0.25, 0.25) * gx + rng.uniform(-0.25, 0.25) * gy
+        img = img * light[..., None] + rng.normal(0, 0.04, img.shape)
+        images[i] = np.clip(img * 255, 0, 255).astype(np.uint8)
+    if draw != image_size:
+        images = resize_images(images, image_size)
+    split = stratified_split(labels, seed)
+    extra = {} if kind == "objects" else {"expression": expressions}
+    return TaskData("", classes, images, labels.astype(np.int64), split, source=f"demo:{kind}", extra=extra)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# batches on the device
+
+
+def to_float(batch_uint8: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [0, 1]."""
+    x = batch_uint8.permute(0, 3, 1, 2).float().div_(255)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
+
+
+def augment(x: torch.Tensor, generator: torch.Generator | None = None, pad_fraction: float = 0.125,
+            grayscale_p: float = 0.2) -> torch.Tensor:
+    """Random crop (reflect-padded), horizontal flip and random grayscale on a whole float batch (B, 3, H, W)."""
+    b, _, h, w = x.shape
+    dev = x.device
+    pad = max(1, int(round(h * pad_fraction)))
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    oy = torch.randint(0, 2 * pad + 1, (b,), generator=generator, device="cpu").to(dev)
+    ox = torch.randint(0, 2 * pad + 1, (b,), generator=generator, device="cpu").to(dev)
+    iy = (oy[:, None] + torch.arange(h, device=dev))[:, None, :, None].expand(b, 3, h, w)
+    ix = (ox[:, None] + torch.arange(w, device=dev))[:, None, None, :].expand(b, 3, h, w)
+    rows = torch.gather(padded, 2, iy[..., :1].expand(b, 3, h, padded.shape[3]))
+    out = torch.gather(rows, 3, ix)
+    flip = (torch.rand(b, generator=generator) < 0.5).to(dev)
+    out = torch.where(flip[:, None, None, None], out.flip(3), out)
+    gray = (torch.rand(b, generator=generator) < grayscale_p).to(dev)
+    lum = (out * torch.tensor([0.299, 0.587, 0.114], device=dev, dtype=out.dtype)[None, :, None, None]).sum(1, keepdim=True)
+    return torch.where(gray[:, None, None, None], lum.expand_as(out), out)
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    return (x - NORM_MEAN) / NORM_STD
+
+
+# ----------------------------------------------------------------------------------------------------------
+# command line: preprocess VGGFace2 (or any source) into a cache folder
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Preprocess VGGFace2 (or any source) into a cache folder.")
+    parser.add_argument("--root", required=True, help="VGGFace2 root (train/, bb_landmark/), a CIFAR-10 root, "
+                        "a class-folder tree, or 'demo'")
+    parser.add_argument("--out", required=True, help="cache folder to write")
+    parser.add_argument("--image_size", type=int, default=112, help="side of the square images in pixels")
+    parser.add_argument("--identities", type=int, default=None, help="number of identities (classes); all if unset")
+    parser.add_argument("--per_identity", type=int, default=None, help="images per identity; all if unset")
+    parser.add_argument("--task", default="face", help="task name stored with the data")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling and the train/val/test split")
+    args = parser.parse_args(argv)
+    try:
+        data = load_task(args.root, args.task, args.image_size, max_per_class=args.per_identity,
+                         max_classes=args.identities, seed=args.seed)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    data.save(args.out)
+    c = data.counts()
+    print(f"wrote {args.out}: {len(data.classes)} classes, {c['train']} train / {c['val']} val / {c['test']} test "
+          f"images at {data.image_size} px")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
