@@ -14,7 +14,8 @@ max_classes = None  # cap on classes per task (the first N by name); None = all
 demo_per_class = 100  # images per class of the procedural demo set
 batch_size = 128  # images per step, split evenly between the tasks
 epochs = 30  # passes over the larger task's training images
-lr = 0.05  # peak learning rate of SGD with Nesterov momentum 0.9 (warm-up, then cosine decay)
+lr = 0.1  # peak learning rate of SGD with Nesterov momentum 0.9 (warm-up, then cosine decay)
+grad_clip = 2.0  # largest gradient norm per step (0 = no clipping)
 weight_decay = 5e-4  # L2 penalty on weights (not on biases and BN parameters)
 seed = 0  # seeds data sampling, splits, initialisation, augmentation and lesion controls
 device = "auto"  # 'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'

@@ -60,7 +60,7 @@ def _fits(value, default) -> bool:
     if isinstance(default, bool):
         return isinstance(value, bool)
     if isinstance(default, int):
-        return isinstance(value, int) and not isinstance(value, bool) or value is None
+        return isinstance(value, int) and not isinstance(value, bool)
     if isinstance(default, float):
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if isinstance(default, (list, tuple)):
@@ -210,6 +210,8 @@ class Dist:
             device_setting = f"cuda:{self.local_rank}"
         self.device = torch.device(device_setting)
         if self.device.type == "cuda":
+            if self.device.index is None:
+                self.device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(self.device)
         if self.world > 1 and not torch.distributed.is_initialized():
             torch.distributed.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
@@ -444,6 +446,8 @@ def train(model: DualTaskNet, images: dict, config: dict, out_dir: Path, dist: D
                                             torch.tensor(float(len(ys[k])), dtype=torch.float64, device=device)])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if config.get("grad_clip", 0) > 0:  # deep nets from scratch on small data can diverge early
+                nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
             optimizer.step()
             scheduler.step()
             if dist.main and step % 20 == 0:

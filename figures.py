@@ -75,9 +75,10 @@ def lesion_effects(run_dir: Path) -> Path | None:
         ax.set_title(f"lesion: {title}")
         ax.set_xlabel("lesion site (depth, first conv = 0)")
         ax.set_ylabel("chance-corrected drop\n(intact - lesioned) / (intact - chance)")
-        ax.set_xticks(layers["depth"])
-        if len(layers) > 20:
-            ax.set_xticks(layers["depth"][:: max(1, len(layers) // 10)])
+        ax.set_xticks(layers["depth"][:: max(1, -(-len(layers) // 9))])
+        if ax is not axes[0][-1]:
+            ax.get_legend().remove()
+    sns.move_legend(axes[0][-1], "upper left", bbox_to_anchor=(1.02, 1), frameon=False)
     fig.suptitle(f"Lesion effects by depth: {run_dir.name}")
     return _save(fig, run_dir / "figures" / "lesion_effects.png")
 

@@ -114,6 +114,8 @@ def load_task(spec: str, task: str, image_size: int, max_per_class=None, max_cla
         data.name = task
         return data
     root = Path(spec).expanduser()
+    if download and (not root.exists() or (root.is_dir() and not any(root.iterdir()))):
+        root.mkdir(parents=True, exist_ok=True)  # an empty or new folder asked to download: CIFAR-10
     if not root.exists():
         raise DataError(f"{task}_data: {spec} does not exist; expected 'demo', a VGGFace2 root, a CIFAR-10 root, "
                         f"a cache folder made by vggface2.py, or a folder with one subfolder per class")
@@ -122,7 +124,7 @@ def load_task(spec: str, task: str, image_size: int, max_per_class=None, max_cla
     if (root / "meta.json").exists() and (root / "images.npy").exists():
         data = load_cache(root)
         data = _cap(data, max_per_class, max_classes, seed)
-    elif (root / "cifar-10-batches-py").is_dir() or (download and _looks_like_cifar_request(root)):
+    elif (root / "cifar-10-batches-py").is_dir() or (download and not any(root.iterdir())):
         data = load_cifar10(root, max_per_class=max_per_class, max_classes=max_classes, seed=seed,
                             download=download)
     elif is_vggface2_root(root):
@@ -141,10 +143,6 @@ def _demo_kind_for(task: str) -> str:
     if task in ("expression", "expressions"):
         return "expression"
     return "objects"
-
-
-def _looks_like_cifar_request(root: Path) -> bool:
-    return "cifar" in root.name.lower() and not any(root.iterdir())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -528,13 +526,16 @@ _EXPRESSION_SHAPES = {  # smile: mouth curvature, open: mouth opening, brow: rai
 }
 
 
+_LUMA = np.array([0.299, 0.587, 0.114])
+
+
 def _demo_object(u, v, kind, rng):
     h, w = u.shape
     img = np.empty((h, w, 3), np.float32)
     bg = rng.uniform(0.0, 1.0, 3)
     img[:] = bg
     fg = rng.uniform(0.0, 1.0, 3)
-    while np.abs(fg - bg).sum() < 0.6:  # keep the object visible against its background
+    while abs(_LUMA @ (fg - bg)) < 0.3:  # visible against its background, in grey too
         fg = rng.uniform(0.0, 1.0, 3)
     r = np.hypot(u, v)
     theta = np.arctan2(v, u)
@@ -601,7 +602,7 @@ def make_demo(kind: str, n_classes: int = 10, per_class: int = 100, image_size: 
     rng = np.random.default_rng([seed, 11, {"faces": 0, "objects": 1, "expression": 2}[kind]])
     for i, label in enumerate(labels):
         angle = rng.uniform(-0.35, 0.35) if kind != "objects" else rng.uniform(-np.pi, np.pi)
-        scale = rng.uniform(0.8, 1.1) if kind != "objects" else rng.uniform(0.55, 1.0)
+        scale = rng.uniform(0.8, 1.1) if kind != "objects" else rng.uniform(0.7, 1.05)
         dx, dy = rng.uniform(-0.15, 0.15, 2)
         c, s = np.cos(angle), np.sin(angle)
         u = (c * (gx - dx) + s * (gy - dy)) / scale

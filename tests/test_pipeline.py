@@ -1,0 +1,154 @@
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import dualtask
+import vgg16
+from conftest import ROOT, SHARED_DATA, TINY, run_script
+
+LESION_COLUMNS = ["layer", "depth", "n_filters", "target", "method", "fraction", "n_lesioned", "repeat",
+                  "eval_task", "accuracy", "loss", "intact_accuracy", "chance"]
+
+
+def read_rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("script", ["vgg16.py", "ResNet.py"])
+def test_demo_end_to_end_writes_every_output(tmp_path, script):
+    out = tmp_path / "run"
+    p = run_script(script, *TINY, "--fc_width=64", f"--out_dir={out}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    config = json.loads((out / "config.json").read_text())
+    assert config["image_size"] == 32 and config["tasks"]["face"]["classes"] == 10
+    assert config["tasks"]["object"]["chance"] == pytest.approx(0.1)
+    log = read_rows(out / "train_log.csv")
+    assert {(r["task"], r["split"]) for r in log} == {("face", "train"), ("face", "val"), ("object", "train"),
+                                                      ("object", "val")}
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 1 and set(state["classes"]) == {"face", "object"}
+    with open(out / "lesion_results.csv", newline="") as f:
+        header = next(csv.reader(f))
+    assert header[:len(LESION_COLUMNS)] == LESION_COLUMNS
+    rows = read_rows(out / "lesion_results.csv")
+    n_sites = 13 if script == "vgg16.py" else 17
+    assert len({r["layer"] for r in rows}) == n_sites
+    assert {r["target"] for r in rows} == {"face", "object", "random"}
+    assert len(rows) == n_sites * 3 * 2 * 2  # targets x fractions x evaluated tasks
+    lesioned = [r for r in rows if r["fraction"] == "0.2000"]
+    assert all(int(r["n_lesioned"]) == round(0.2 * int(r["n_filters"])) for r in lesioned)
+    assert all(r["accuracy"] == r["intact_accuracy"] for r in rows if r["fraction"] == "0.0000")
+    assert all(0 <= float(r["accuracy"]) <= 1 and float(r["loss"]) > 0 for r in lesioned)
+    assert (out / "figures" / "lesion_effects.png").stat().st_size > 10_000
+    assert (out / "figures" / "training_curves.png").exists()
+
+    # a finished run skips training on rerun, and the lesion sweep skips finished sites
+    again = run_script(script, *TINY, "--fc_width=64", f"--out_dir={out}")
+    assert again.returncode == 0 and "skipping" in again.stdout and "sites finished earlier" in again.stdout
+    model, cfg = dualtask.load_run(out)
+    assert cfg["backbone"] == config["backbone"] and not model.training
+    with torch.no_grad():
+        assert model(torch.zeros(1, 3, 32, 32))["object"].shape == (1, 10)
+
+
+def tiny_config(out_dir, **changes):
+    config = dualtask.hyperparameters(vars(vgg16))
+    config.update(face_data="demo", object_data="demo", image_size=32, epochs=2, max_per_class=12, fc_width=32,
+                  device="cpu", batch_size=16, out_dir=str(out_dir), stages=["train"], **changes)
+    return config
+
+
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch, capsys):
+    dualtask.run(tiny_config(tmp_path / "straight"))
+    real_evaluate, calls = dualtask.evaluate, []
+
+    def interrupt_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(dualtask, "evaluate", interrupt_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        dualtask.run(tiny_config(tmp_path / "resumed"))
+    assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    monkeypatch.setattr(dualtask, "evaluate", real_evaluate)
+    capsys.readouterr()
+    dualtask.run(tiny_config(tmp_path / "resumed"))
+    assert "resuming from epoch 1" in capsys.readouterr().out
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    epochs = [r["epoch"] for r in read_rows(tmp_path / "resumed" / "train_log.csv")]
+    assert epochs == ["1"] * 4 + ["2"] * 4
+
+
+def test_changed_settings_do_not_overwrite_a_run(tmp_path):
+    out = tmp_path / "run"
+    dualtask.run(tiny_config(out, epochs=1))
+    before = (out / "checkpoint.pt").read_bytes()
+    with pytest.raises(dualtask.UsageError, match="image_size"):
+        dualtask.run(tiny_config(out, epochs=1, image_size=48))
+    assert (out / "checkpoint.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("make_bad, culprit", [
+    (lambda d: [f"--face_data={d / 'nowhere'}"], "nowhere"),
+    (lambda d: [f"--object_data={(d / 'empty').mkdir() or d / 'empty'}"], "empty"),
+    (lambda d: [f"--face_data={d / 'vgf2'}"], "loose_bb_train.csv"),
+    (lambda d: ["--lesion_fractions=[0.2, 2]"], "lesion_fractions"),
+])
+def test_bad_input_exits_2_and_keeps_earlier_files(tmp_path, make_bad, culprit):
+    from test_data import make_vggface2_tree
+
+    make_vggface2_tree(tmp_path / "vgf2", with_boxes=False)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text('{"earlier": true}')
+    p = run_script("vgg16.py", *TINY, *make_bad(tmp_path), f"--out_dir={out}")
+    assert p.returncode == 2, p.stderr
+    assert culprit in p.stderr and "Traceback" not in p.stderr
+    assert (out / "config.json").read_text() == '{"earlier": true}'
+
+
+def test_torchrun_two_cpu_processes(tmp_path):
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+                        str(ROOT / "ResNeXt.py"), *TINY, f"--out_dir={out}", "--stages=['train']"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    config = json.loads((out / "config.json").read_text())
+    assert config["world_size"] == 2
+    log = read_rows(out / "train_log.csv")
+    assert len(log) == 4  # one epoch, two tasks, train and val, written once (by rank 0)
+    n_train = config["tasks"]["face"]["counts"]["train"]
+    assert sum(1 for r in log if r["split"] == "val") == 2
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1 and n_train > 0
+
+
+@pytest.mark.slow
+def test_real_photographs_both_heads_beat_chance(tmp_path):
+    faces, objects = SHARED_DATA / "lfw_min20", SHARED_DATA / "cifar10"
+    if not (faces.exists() and objects.exists()):
+        pytest.skip("../shared/data is absent")
+    out = tmp_path / "real"
+    p = run_script("ResNet.py", f"--face_data={faces}", f"--object_data={objects}", "--image_size=32",
+                   "--max_per_class=100", "--max_classes=10", "--epochs=12", "--batch_size=32", "--device=cpu",
+                   "--stages=['train']", f"--out_dir={out}", timeout=3000)
+    assert p.returncode == 0, p.stderr[-3000:]
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    model, config = dualtask.load_run(out)
+    datasets = dualtask.load_datasets(config)
+    images = {t: dualtask.TaskImages(d, torch.device("cpu")) for t, d in datasets.items()}
+    test = dualtask.evaluate(model, images, "test")
+    print({t: round(r["accuracy"], 3) for t, r in test.items()})
+    for task, data in datasets.items():
+        assert test[task]["accuracy"] > data.chance + 0.1, (task, test[task], state["epoch"])
