@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -46,7 +47,9 @@ def training_curves(run_dir: Path) -> Path | None:
         sns.lineplot(df, x="epoch", y=metric, hue="task", style="split", markers=True, ax=ax)
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     axes[0].set_ylim(0, 1)
+    axes[1].set_yscale("log")
     fig.suptitle(f"Training: {run_dir.name}")
     return _save(fig, run_dir / "figures" / "training_curves.png")
 
