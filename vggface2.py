@@ -255,7 +255,7 @@ def _read_many(paths, size: int, boxes=None, what: str = "images"):
     boxes = boxes if boxes is not None else [None] * len(paths)
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) + 2)) as pool:
         arrays = list(tqdm(pool.map(lambda pb: _read_image(pb[0], size, pb[1]), zip(paths, boxes)),
-                           total=len(paths), desc=f"reading {what}", leave=False, disable=len(paths) < 500))
+                           total=len(paths), desc=f"reading {what}", leave=False, disable=True if len(paths) < 500 else None))
     ok = np.array([a is not None for a in arrays], dtype=bool)
     bad = [str(p) for p, a in zip(paths, arrays) if a is None]
     if bad:
