@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 import vggface2
-from dualtask import UsageError, autocast, evaluate, read_csv, write_csv
+from dualtask import UsageError, autocast, read_csv, write_csv
 
 LESION_COLUMNS = ("layer", "depth", "n_filters", "target", "method", "fraction", "n_lesioned", "repeat",
                   "eval_task", "accuracy", "loss", "intact_accuracy", "chance", "intact_loss", "n_images",
@@ -31,8 +31,10 @@ class Site:
     depth: int  # 0 = first site
 
 
-def lesion_sites(model: nn.Module) -> list:
-    """Lesion sites in depth order: VGG conv outputs after BN and ReLU; ResNet stem and bottleneck outputs."""
+def lesion_sites(model: nn.Module, inner: bool = False) -> list:
+    """Lesion sites in depth order: VGG conv outputs after BN and ReLU; ResNet stem and bottleneck outputs
+    (after the residual add and ReLU). `inner=True` adds each bottleneck's first two conv outputs (at their
+    BN, before the shared ReLU: a channel silenced there is silenced after the ReLU too)."""
     from torchvision.models.resnet import Bottleneck
 
     modules = dict(model.named_modules())
@@ -41,6 +43,9 @@ def lesion_sites(model: nn.Module) -> list:
     last_conv = None
     for name, module in modules.items():
         if isinstance(module, Bottleneck):
+            if inner:
+                sites += [(f"{name}.bn1", module.bn1, module.bn1.num_features),
+                          (f"{name}.bn2", module.bn2, module.bn2.num_features)]
             sites.append((name, module, module.conv3.out_channels))
         elif residual:
             if name.endswith("trunk.relu"):  # the stem's only ReLU (each bottleneck has its own)
@@ -54,7 +59,7 @@ def lesion_sites(model: nn.Module) -> list:
 
 
 def get_site(model: nn.Module, name: str) -> Site:
-    sites = {s.name: s for s in lesion_sites(model)}
+    sites = {s.name: s for s in lesion_sites(model, inner=True)}
     if name not in sites:
         raise UsageError(f"unknown lesion site {name!r}; valid sites: {', '.join(sites)}")
     return sites[name]
@@ -69,32 +74,168 @@ def ablate(model: nn.Module, lesions: dict, mode: str = "zero", means: dict | No
     """
     if mode not in ("zero", "mean"):
         raise UsageError(f"ablation mode {mode!r}; expected 'zero' or 'mean'")
-    modules = dict(model.named_modules())
+    sites = {s.name: s for s in lesion_sites(model, inner=True)}
     handles = []
     try:
         for name, channels in lesions.items():
-            if name not in modules:
-                raise UsageError(f"unknown lesion site {name!r}")
-            channels = torch.as_tensor(np.asarray(channels, dtype=np.int64))
+            if name not in sites:
+                raise UsageError(f"unknown lesion site {name!r}; valid sites: {', '.join(sites)}")
             if len(channels) == 0:
                 continue
-            fill = None if mode == "zero" else torch.as_tensor(means[name], dtype=torch.float32)
-
-            def hook(module, inputs, output, channels=channels, fill=fill):
-                keep = torch.ones(output.shape[1], device=output.device, dtype=output.dtype)
-                keep[channels.to(output.device)] = 0
-                out = output * keep.view(1, -1, *([1] * (output.ndim - 2)))
-                if fill is not None:
-                    add = torch.zeros_like(keep)
-                    add[channels.to(output.device)] = fill.to(output.device, output.dtype)[channels.to(output.device)]
-                    out = out + add.view(1, -1, *([1] * (output.ndim - 2)))
-                return out
-
-            handles.append(modules[name].register_forward_hook(hook))
+            fill = None if mode == "zero" else means[name]
+            keep, add = lesion_mask(channels, sites[name].n_filters, fill)
+            handles.append(sites[name].module.register_forward_hook(
+                lambda module, inputs, output, keep=keep, add=add: apply_mask(output, keep[None], add[None], 1)))
         yield model
     finally:
         for h in handles:
             h.remove()
+
+
+def lesion_mask(channels, n_channels: int, fill=None):
+    """(keep, add) vectors: the output becomes output * keep + add (add = the fill values on lesioned channels)."""
+    keep = torch.ones(n_channels)
+    idx = torch.as_tensor(np.asarray(channels, dtype=np.int64))
+    keep[idx] = 0
+    add = torch.zeros(n_channels)
+    if fill is not None:
+        add[idx] = torch.as_tensor(fill, dtype=torch.float32)[idx]
+    return keep, add
+
+
+def apply_mask(output: torch.Tensor, keep: torch.Tensor, add: torch.Tensor, n_masks: int) -> torch.Tensor:
+    """Apply M masks to an output whose batch holds M stacked copies: keep and add are (M, C)."""
+    shape = output.shape
+    view = (n_masks, shape[0] // n_masks, shape[1]) + (1,) * (output.ndim - 2)
+    keep = keep.to(output.device, output.dtype).view(n_masks, 1, shape[1], *view[3:])
+    add = add.to(output.device, output.dtype).view(n_masks, 1, shape[1], *view[3:])
+    return (output.view(n_masks, shape[0] // n_masks, *shape[1:]) * keep + add).view(shape)
+
+
+def forward_chain(model: nn.Module) -> list:
+    """The trunk's forward pass as named steps: running them in order equals `model.trunk(x)`.
+
+    Each step's name is its module path, so a lesion site is either a step (the site's output is that
+    step's output) or lies inside one (an inner bottleneck site)."""
+    import torchvision
+
+    trunk = model.trunk
+    flatten = ("flatten", nn.Flatten(1))
+    if isinstance(trunk, torchvision.models.VGG):
+        return ([(f"trunk.features.{i}", m) for i, m in enumerate(trunk.features)] +
+                [("trunk.avgpool", trunk.avgpool), flatten, ("trunk.classifier", trunk.classifier)])
+    if isinstance(trunk, torchvision.models.ResNet):
+        steps = [(f"trunk.{n}", getattr(trunk, n)) for n in ("conv1", "bn1", "relu", "maxpool")]
+        for layer in ("layer1", "layer2", "layer3", "layer4"):
+            steps += [(f"trunk.{layer}.{i}", block) for i, block in enumerate(getattr(trunk, layer))]
+        return steps + [("trunk.avgpool", trunk.avgpool), flatten, ("trunk.fc", trunk.fc)]
+    raise UsageError(f"no forward chain for a trunk of type {type(trunk).__name__}")
+
+
+class SiteRunner:
+    """Runs the network in two parts around one lesion site: the prefix once per image batch, then only the
+    suffix for each lesion, several lesions per pass (their masks stacked along the batch)."""
+
+    def __init__(self, model: nn.Module, site: Site):
+        steps = forward_chain(model)
+        names = [n for n, _ in steps]
+        self.model, self.site = model, site
+        if site.name in names:  # the site is a step's output: cache that output
+            j = names.index(site.name) + 1
+            self.inner = False
+        else:  # the site lies inside a step (an inner bottleneck site): cache that step's input
+            j = next(i for i, n in enumerate(names) if site.name.startswith(n + "."))
+            self.inner = True
+        self.prefix_steps, self.suffix_steps = steps[:j], steps[j:]
+
+    def prefix(self, x: torch.Tensor) -> torch.Tensor:
+        for _, step in self.prefix_steps:
+            x = step(x)
+        return x
+
+    def suffix(self, cached: torch.Tensor, keep: torch.Tensor, add: torch.Tensor) -> dict:
+        """{task: logits (M, B, classes)} for M masks (keep, add: (M, C)) applied to a cached batch."""
+        m, b = keep.shape[0], cached.shape[0]
+        if self.inner:
+            x = cached.repeat(m, *([1] * (cached.ndim - 1)))
+            handle = self.site.module.register_forward_hook(lambda mod, i, out: apply_mask(out, keep, add, m))
+        else:
+            x = apply_mask(cached.repeat(m, *([1] * (cached.ndim - 1))), keep, add, m)
+            handle = None
+        try:
+            for _, step in self.suffix_steps:
+                x = step(x)
+        finally:
+            if handle is not None:
+                handle.remove()
+        return {t: head(x).view(m, b, -1) for t, head in self.model.heads.items()}
+
+
+def test_batches(images: dict, split: str = "test", batch_size: int = 200) -> list:
+    """[(task, normalised images, labels)] of every task's split, cut into batches, on the images' device."""
+    batches = []
+    for task, ti in images.items():
+        idx = ti.data.indices(split)
+        for start in range(0, len(idx), batch_size):
+            x, y = ti.batch(idx[start:start + batch_size])
+            batches.append((task, vggface2.normalize(x), y))
+    return batches
+
+
+@torch.inference_mode()
+def evaluate_lesions(model: nn.Module, site: Site, lesions: list, batches: list, mode: str = "zero",
+                     means=None, masks_per_pass: int = 1) -> list:
+    """Evaluate many lesions of one site on the same images, computing the prefix once per batch.
+
+    lesions: a list of channel-index arrays. Returns, per lesion, {task: {'correct': bool array, 'loss':
+    float array}} for every image of every task (each image scored by its own task's head). Equal to
+    running the whole network once per lesion with `ablate` (exactly so with masks_per_pass=1 on the CPU).
+    """
+    model.eval()
+    runner = SiteRunner(model, site)
+    masks = [lesion_mask(ch, site.n_filters, None if mode == "zero" else means) for ch in lesions]
+    results = [{} for _ in lesions]
+    for task, x, y in batches:
+        with autocast(x.device):
+            cached = runner.prefix(x)
+            for start in range(0, len(masks), masks_per_pass):
+                group = masks[start:start + masks_per_pass]
+                keep = torch.stack([k for k, _ in group])
+                add = torch.stack([a for _, a in group])
+                logits = runner.suffix(cached, keep, add)[task].float()
+                for k in range(len(group)):
+                    loss = nn.functional.cross_entropy(logits[k], y, reduction="none")
+                    correct = logits[k].argmax(1) == y
+                    entry = results[start + k].setdefault(task, {"correct": [], "loss": []})
+                    entry["correct"].append(correct.cpu())
+                    entry["loss"].append(loss.cpu())
+    return [{t: {"correct": torch.cat(v["correct"]).numpy(), "loss": torch.cat(v["loss"]).numpy()}
+             for t, v in r.items()} for r in results]
+
+
+@torch.inference_mode()
+def evaluate_lesions_naive(model: nn.Module, site: Site, lesions: list, batches: list, mode: str = "zero",
+                           means=None) -> list:
+    """The reference: the whole network once per lesion, a forward hook silencing the channels."""
+    model.eval()
+    results = []
+    for channels in lesions:
+        result = {}
+        with ablate(model, {site.name: channels}, mode, {site.name: means} if means is not None else None):
+            for task, x, y in batches:
+                with autocast(x.device):
+                    logits = model(x)[task].float()
+                entry = result.setdefault(task, {"correct": [], "loss": []})
+                entry["correct"].append((logits.argmax(1) == y).cpu())
+                entry["loss"].append(nn.functional.cross_entropy(logits, y, reduction="none").cpu())
+        results.append({t: {"correct": torch.cat(v["correct"]).numpy(), "loss": torch.cat(v["loss"]).numpy()}
+                        for t, v in result.items()})
+    return results
+
+
+def default_masks_per_pass(device: torch.device) -> int:
+    """Several masks per pass keep a GPU busy; on the CPU one mask per pass is as fast and exactly reproducible."""
+    return 8 if device.type == "cuda" else 1
 
 
 @torch.inference_mode()
@@ -171,7 +312,9 @@ def lesion_stage(model: nn.Module, images: dict, config: dict, out_dir: Path) ->
     todo = [s for s in sites if s.name not in done]
     if not todo:
         return out_path
-    intact = evaluate(model, images, "test")
+    device = next(model.parameters()).device
+    batches = test_batches(images, "test")
+    intact = {t: _summary(r) for t, r in evaluate_lesions(model, sites[-1], [[]], batches)[0].items()}
     chance = {t: images[t].data.chance for t in tasks}
     print("intact test accuracy: " + ", ".join(f"{t} {intact[t]['accuracy']:.3f} (chance {chance[t]:.3f})"
                                                for t in tasks))
@@ -179,14 +322,16 @@ def lesion_stage(model: nn.Module, images: dict, config: dict, out_dir: Path) ->
     for site in tqdm(todo, desc="lesion sweep", leave=False, disable=None):
         order = {t: rank_by_activation(acts[site.name], t) for t in tasks}
         order["random"] = np.random.default_rng([config["seed"], site.depth, 0]).permutation(site.n_filters)
+        conditions = [(f, target, order[target][:int(round(f * site.n_filters))])
+                      for f in fractions if f > 0 for target in targets]
+        lesioned = evaluate_lesions(model, site, [c for _, _, c in conditions], batches,
+                                    masks_per_pass=default_masks_per_pass(device))
+        results = {(_fraction_key(f), target): {t: _summary(r) for t, r in res.items()}
+                   for (f, target, _), res in zip(conditions, lesioned)}
         for f in fractions:
-            n = int(round(f * site.n_filters))
+            n = int(round(f * site.n_filters)) if f > 0 else 0
             for target in targets:
-                if n == 0:
-                    result = intact
-                else:
-                    with ablate(model, {site.name: order[target][:n]}):
-                        result = evaluate(model, images, "test")
+                result = results[(_fraction_key(f), target)] if f > 0 else intact
                 for e in tasks:
                     rows.append({
                         "layer": site.name, "depth": site.depth, "n_filters": site.n_filters, "target": target,
@@ -200,3 +345,8 @@ def lesion_stage(model: nn.Module, images: dict, config: dict, out_dir: Path) ->
         write_csv(out_path, LESION_COLUMNS, rows)
     print(f"wrote {out_path} ({len(rows)} rows, {len(sites)} sites)")
     return out_path
+
+
+def _summary(per_image: dict) -> dict:
+    return {"accuracy": float(per_image["correct"].mean()), "loss": float(per_image["loss"].mean()),
+            "n": int(len(per_image["correct"]))}

@@ -1,0 +1,115 @@
+"""The lesion sweep's speed: the suffix-only engine against a naive sweep, on the same conditions.
+
+    python benchmarks/lesion_speed.py
+
+Trains (once, then loads) a small demo VGG16 on the CPU, ranks each site's filters by activation
+selectivity, and evaluates every site x target (face, object, random) x fraction lesion twice in one process:
+with `lesion_utils.evaluate_lesions` (the prefix once per image batch, then only the rest of the network per
+lesion) and with a naive sweep (the whole network per lesion, a forward hook silencing the channels), on the
+same preloaded tensors. It checks that both give the same correct counts and losses, and prints last:
+`ideal: X` (the naive sweep's multiply-adds over those the suffix-only sweep cannot avoid, counted from the
+layer shapes) and `speedup: Y` (the measured ratio of wall times).
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import dualtask  # noqa: E402
+import lesion_utils as L  # noqa: E402
+import vgg16  # noqa: E402
+
+
+def multiply_adds(model, image_size, device):
+    """{module path: multiply-adds per image} of every conv and linear layer, from one forward pass."""
+    counts, handles = {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            per_out = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+            handles.append(module.register_forward_hook(
+                lambda m, i, o, name=name, k=per_out: counts.__setitem__(name, o[0].numel() * k)))
+        elif isinstance(module, nn.Linear):
+            handles.append(module.register_forward_hook(
+                lambda m, i, o, name=name: counts.__setitem__(name, m.in_features * m.out_features)))
+    with torch.inference_mode():
+        model(torch.zeros(1, 3, image_size, image_size, device=device))
+    for h in handles:
+        h.remove()
+    return counts
+
+
+def split_macs(model, site, counts):
+    """(prefix, suffix) multiply-adds per image around a site; the heads count to the suffix."""
+    runner = L.SiteRunner(model, site)
+    prefix_names = [n for n, _ in runner.prefix_steps]
+    prefix = sum(c for name, c in counts.items() if any(name == p or name.startswith(p + ".") for p in prefix_names))
+    return prefix, sum(counts.values()) - prefix
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--run_dir", default=str(ROOT / "runs" / "bench_lesion_vgg16"))
+    p.add_argument("--fractions", default="0.1,0.2,0.3,0.5")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args()
+    config = dualtask.hyperparameters(vars(vgg16))
+    config.update(image_size=32, fc_width=256, epochs=2, max_per_class=60, batch_size=32, lr=0.01,
+                  device=args.device, out_dir=args.run_dir, stages=["train"])
+    if not (Path(args.run_dir) / "checkpoint.pt").exists():
+        dualtask.run(config)
+    model, config = dualtask.load_run(args.run_dir, args.device)
+    device = torch.device(args.device)
+    datasets = dualtask.load_datasets(config)
+    images = {t: dualtask.TaskImages(d, device) for t, d in datasets.items()}
+    batches = L.test_batches(images, "test")
+    n_images = sum(len(y) for _, _, y in batches)
+    sites = L.lesion_sites(model)
+    acts = L.site_activations(model, images, sites, "train", 128, 0)
+    fractions = [float(f) for f in args.fractions.split(",")]
+    conditions = {}
+    for site in sites:
+        order = {t: L.rank_by_activation(acts[site.name], t) for t in images}
+        order["random"] = np.random.default_rng(site.depth).permutation(site.n_filters)
+        conditions[site.name] = [order[t][:max(1, int(round(f * site.n_filters)))] for f in fractions for t in order]
+    n_conditions = sum(len(c) for c in conditions.values())
+    print(f"{len(sites)} sites, {n_conditions} lesions, {n_images} test images, device {device}")
+
+    masks_per_pass = L.default_masks_per_pass(device)
+    fast_results, naive_results = {}, {}
+    t0 = time.perf_counter()
+    for site in sites:
+        fast_results[site.name] = L.evaluate_lesions(model, site, conditions[site.name], batches,
+                                                     masks_per_pass=masks_per_pass)
+    t_fast = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for site in sites:
+        naive_results[site.name] = L.evaluate_lesions_naive(model, site, conditions[site.name], batches)
+    t_naive = time.perf_counter() - t0
+
+    equal = all(np.array_equal(a[t]["correct"], b[t]["correct"]) and np.allclose(a[t]["loss"], b[t]["loss"],
+                                                                                  rtol=0, atol=0 if device.type == "cpu" else 1e-2)
+                for s in sites for a, b in zip(fast_results[s.name], naive_results[s.name]) for t in a)
+    counts = multiply_adds(model, config["image_size"], device)
+    full = sum(counts.values())
+    naive_macs = n_conditions * full
+    unavoidable = 0
+    for site in sites:
+        prefix, suffix = split_macs(model, site, counts)
+        unavoidable += prefix + len(conditions[site.name]) * suffix
+    cache_mb = max(L.SiteRunner(model, s).prefix(x).numel() * 4 for s in sites[:1] for _, x, _ in batches[:1]) / 2**20
+    print(f"results equal: {equal} (correct counts and losses of every lesion, every image)")
+    print(f"naive sweep {t_naive:.2f} s, suffix-only sweep {t_fast:.2f} s; largest cached batch {cache_mb:.1f} MiB")
+    print(f"ideal: {naive_macs / unavoidable:.2f}")
+    print(f"speedup: {t_naive / t_fast:.2f}")
+    if not equal:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+import numpy as np
+import pytest
+import torch
+
+import lesion_utils as L
+import vggface2
+from dualtask import DualTaskNet, TaskImages
+
+
+@pytest.fixture(scope="module")
+def demo_images():
+    data = {t: vggface2.load_task("demo", t, 32, max_per_class=8) for t in ("face", "object")}
+    return {t: TaskImages(d, torch.device("cpu")) for t, d in data.items()}
+
+
+@pytest.mark.parametrize("backbone", ["vgg16", "resnet50"])
+def test_suffix_only_sweep_equals_the_naive_sweep_exactly(backbone, demo_images):
+    torch.manual_seed(1)
+    model = DualTaskNet(backbone, {"face": 10, "object": 10}, fc_width=32).eval()
+    batches = L.test_batches(demo_images, batch_size=16)
+    sites = L.lesion_sites(model, inner=True)
+    rng = np.random.default_rng(0)
+    for site in sites[:: max(1, len(sites) // 6)]:
+        lesions = [rng.permutation(site.n_filters)[:k] for k in (1, site.n_filters // 4, site.n_filters - 1)]
+        naive = L.evaluate_lesions_naive(model, site, lesions, batches)
+        for masks_per_pass in (1, 3):
+            fast = L.evaluate_lesions(model, site, lesions, batches, masks_per_pass=masks_per_pass)
+            for a, b in zip(fast, naive):
+                for task in ("face", "object"):
+                    assert np.array_equal(a[task]["correct"], b[task]["correct"]), site.name
+                    assert np.array_equal(a[task]["loss"], b[task]["loss"]), site.name
+        assert any(not np.array_equal(naive[0]["face"]["loss"], n["face"]["loss"]) for n in naive[1:])
+
+
+def test_inner_sites_and_mean_ablation():
+    torch.manual_seed(0)
+    model = DualTaskNet("resnet50", {"a": 2, "b": 3}).eval()
+    plain, inner = L.lesion_sites(model), L.lesion_sites(model, inner=True)
+    assert len(plain) == 17 and len(inner) == 17 + 2 * 16
+    site = L.get_site(model, "trunk.layer2.1.bn2")
+    x = torch.randn(2, 3, 32, 32)
+    means = torch.arange(site.n_filters, dtype=torch.float32)
+    seen = {}
+    with L.ablate(model, {site.name: [3, 7]}, mode="mean", means={site.name: means}):
+        h = model.trunk.layer2[1].conv3.register_forward_pre_hook(lambda m, i: seen.__setitem__("in", i[0]))
+        with torch.no_grad():
+            model(x)
+        h.remove()
+    # after the shared ReLU, the lesioned channels hold their mean everywhere
+    assert torch.all(seen["in"][:, 3] == 3.0) and torch.all(seen["in"][:, 7] == 7.0)
+    with pytest.raises(L.UsageError, match="unknown lesion site"):
+        with L.ablate(model, {"trunk.layer9": [0]}):
+            pass
+
+
+def test_forward_chain_reproduces_the_trunk():
+    torch.manual_seed(0)
+    for backbone in ("vgg19", "resnext50"):
+        model = DualTaskNet(backbone, {"a": 2, "b": 2}, fc_width=16).eval()
+        x = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            y = x
+            for _, step in L.forward_chain(model):
+                y = step(y)
+            assert torch.equal(y, model.trunk(x))
+
+
+def test_chance_corrected_drop():
+    assert L.corrected_drop(0.9, 0.5, 0.1) == pytest.approx(0.5)
+    assert L.corrected_drop(0.9, 0.9, 0.1) == 0 and L.corrected_drop(0.6, 0.1, 0.1) == pytest.approx(1.0)
+    assert np.isnan(L.corrected_drop(0.1, 0.1, 0.1))
