@@ -127,6 +127,14 @@ def check_config(config: dict) -> None:
     bad = [s for s in stages if s not in STAGES]
     if bad or not stages:
         raise UsageError(f"stages={stages!r}; expected a non-empty list from {list(STAGES)}")
+    methods = config.get("lesion_methods", [])
+    known = ("activation", "loss", "greedy", "taylor", "random")
+    if not isinstance(methods, list) or not methods or any(m not in known for m in methods):
+        raise UsageError(f"lesion_methods={methods!r}; expected a non-empty list from {list(known)}")
+    if not isinstance(config.get("random_repeats", 1), int) or config.get("random_repeats", 1) < 1:
+        raise UsageError(f"random_repeats={config.get('random_repeats')!r}; expected a positive integer")
+    if config.get("lesion_mode", "zero") not in ("zero", "mean"):
+        raise UsageError(f"lesion_mode={config.get('lesion_mode')!r}; expected 'zero' or 'mean'")
     device = config.get("device", "auto")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", device):
         raise UsageError(f"device={device!r}; expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
@@ -522,6 +530,13 @@ def run(config: dict) -> None:
         out_dir = Path(config["out_dir"])
         _check_out_dir(out_dir, config)
         datasets = load_datasets(config)
+        model = build_model(config, {t: len(d.classes) for t, d in datasets.items()}).to(dist.device)
+        if "lesion" in config["stages"]:
+            import lesion_utils
+
+            lesion_utils.select_sites(model, config)  # an unknown lesion site stops the run before training
+            if "train" not in config["stages"] and not (out_dir / "checkpoint.pt").exists():
+                raise UsageError(f"{out_dir}: no checkpoint.pt to lesion; run the 'train' stage first")
         resolved = dict(config, tasks={t: {"classes": len(d.classes), "chance": d.chance, "source": d.source,
                                            "counts": d.counts()} for t, d in datasets.items()},
                         resolved_device=str(dist.device), world_size=dist.world, torch=torch.__version__)
@@ -536,22 +551,18 @@ def run(config: dict) -> None:
                                 f"{d.counts()['test']} test" for t, d in datasets.items())
             print(f"{config['backbone']} on {dist.device} (x{dist.world}), {config['image_size']} px; {summary}")
         dist.barrier()
-        model = build_model(config, {t: len(d.classes) for t, d in datasets.items()}).to(dist.device)
         images = {t: TaskImages(d, dist.device) for t, d in datasets.items()}
         if "train" in config["stages"]:
             if dist.main and config["epochs"] > 0 and (config.get("retrain") or not _finished(out_dir, config)):
-                for stale in ("lesion_results.csv",):  # results of an older model no longer hold
+                for stale in ("lesion_results.csv", "lesion_progress.json", "rankings.json", "dissociation.csv",
+                              "lesion_per_class.csv"):  # results of an older model no longer hold
                     (out_dir / stale).unlink(missing_ok=True)
             train(model, images, config, out_dir, dist)
         if not dist.main:
             return
         if "train" not in config["stages"] and "lesion" in config["stages"]:
-            if not (out_dir / "checkpoint.pt").exists():
-                raise UsageError(f"{out_dir}: no checkpoint.pt to lesion; run the 'train' stage first")
             model.load_state_dict(load_checkpoint(out_dir / "checkpoint.pt", dist.device)["model"])
         if "lesion" in config["stages"]:
-            import lesion_utils
-
             lesion_utils.lesion_stage(model, images, config, out_dir)
         if "figures" in config["stages"]:
             import figures

@@ -13,6 +13,7 @@ import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
@@ -54,42 +55,90 @@ def training_curves(run_dir: Path) -> Path | None:
     return _save(fig, run_dir / "figures" / "training_curves.png")
 
 
+def _headline_fraction(fractions) -> float:
+    """The reference study's headline is the 20% lesion; else the nearest fraction swept."""
+    fractions = sorted(f for f in set(fractions) if f > 0)
+    return min(fractions, key=lambda f: abs(f - 0.2))
+
+
 def lesion_effects(run_dir: Path) -> Path | None:
-    """Chance-corrected drop of each task per site, one panel per lesion target, one line style per fraction."""
+    """The headline figure: chance-corrected drops of both tasks after lesioning the 20% most task-ranked
+    filters of each site, across depth, one row per ranking method and one column per target, with the range
+    of the random lesions of the same size shaded."""
     path = run_dir / "lesion_results.csv"
     if not path.exists():
         return None
     df = pd.read_csv(path)
-    df = df[df["fraction"] > 0]
+    if df.empty or not (df["fraction"] > 0).any():
+        return None
+    f = _headline_fraction(df["fraction"])
+    df = df[np.isclose(df["fraction"], f)]
+    tasks = list(dict.fromkeys(df["eval_task"]))
+    methods = [m for m in dict.fromkeys(df["method"]) if m != "random"] or ["random"]
+    targets = [t for t in tasks if (df["target"] == t).any()] or ["random"]
+    colours = dict(zip(tasks, sns.color_palette(PALETTE, len(tasks))))
+    random = df[df["target"] == "random"]
+    _style()
+    fig, axes = plt.subplots(len(methods), len(targets), figsize=(4.8 * len(targets), 3.4 * len(methods)),
+                             sharex=True, sharey=True, squeeze=False)
+    for row, method in enumerate(methods):
+        for col, target in enumerate(targets):
+            ax = axes[row][col]
+            for task in tasks:
+                band = random[random["eval_task"] == task].groupby("depth")["corrected_drop"]
+                if len(band):
+                    lo, hi = band.min(), band.max()
+                    ax.fill_between(lo.index, lo.values, hi.values, color=colours[task], alpha=0.18, lw=0,
+                                    label=f"{task} task, random lesions (range)")
+                sub = df[(df["method"] == method) & (df["target"] == target) & (df["eval_task"] == task)]
+                sub = sub.sort_values("depth")
+                ax.plot(sub["depth"], sub["corrected_drop"], marker="o", ms=4, color=colours[task],
+                        label=f"{task} task")
+            ax.axhline(0, color="0.3", lw=0.8)
+            ax.set_title(f"{method} ranking: most {target}-important {f:.0%} silenced", fontsize=10)
+            ax.set_xlabel("lesion site (depth, 0 = first)")
+            ax.set_ylabel("chance-corrected drop\n(intact - lesioned) / (intact - chance)", fontsize=9)
+            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.0, 0.95), frameon=False)
+    fig.suptitle(f"Lesion effects by depth ({f:.0%} of each site's filters): {run_dir.name}")
+    fig.tight_layout()
+    return _save(fig, run_dir / "figures" / "lesion_effects.png")
+
+
+def dissociation_by_depth(run_dir: Path) -> Path | None:
+    """The double-dissociation index per site at the headline fraction, with its 95% bootstrap interval,
+    one line per ranking method."""
+    path = run_dir / "dissociation.csv"
+    if not path.exists():
+        return None
+    df = pd.read_csv(path)
     if df.empty:
         return None
+    f = _headline_fraction(df["fraction"])
+    df = df[np.isclose(df["fraction"], f)].sort_values("depth")
+    a, b = df["task_a"].iloc[0], df["task_b"].iloc[0]
     _style()
-    targets = list(dict.fromkeys(df["target"]))
-    tasks = list(dict.fromkeys(df["eval_task"]))
-    df = df.assign(evaluated=df["eval_task"] + " task", lesioned=df["fraction"].map(lambda f: f"{f:.0%} lesioned"))
-    fig, axes = plt.subplots(1, len(targets), figsize=(4.6 * len(targets), 4.2), sharey=True, squeeze=False)
-    layers = df.drop_duplicates("depth").sort_values("depth")
-    for ax, target in zip(axes[0], targets):
-        sub = df[df["target"] == target]
-        sns.lineplot(sub, x="depth", y="corrected_drop", hue="evaluated", hue_order=[f"{t} task" for t in tasks],
-                     style="lesioned", markers=True, ax=ax, errorbar=None)
-        ax.axhline(0, color="0.3", lw=0.8)
-        title = "random filters" if target == "random" else f"most {target}-selective filters"
-        ax.set_title(f"lesion: {title}")
-        ax.set_xlabel("lesion site (depth, first conv = 0)")
-        ax.set_ylabel("chance-corrected drop\n(intact - lesioned) / (intact - chance)")
-        ax.set_xticks(layers["depth"][:: max(1, -(-len(layers) // 9))])
-        if ax is not axes[0][-1]:
-            ax.get_legend().remove()
-    sns.move_legend(axes[0][-1], "upper left", bbox_to_anchor=(1.02, 1), frameon=False)
-    fig.suptitle(f"Lesion effects by depth: {run_dir.name}")
-    return _save(fig, run_dir / "figures" / "lesion_effects.png")
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    for method, colour in zip(dict.fromkeys(df["method"]), sns.color_palette(PALETTE)):
+        sub = df[df["method"] == method]
+        ax.fill_between(sub["depth"], sub["ci_low"], sub["ci_high"], color=colour, alpha=0.2, lw=0)
+        ax.plot(sub["depth"], sub["index"], marker="o", ms=4, color=colour, label=f"{method} ranking")
+    ax.axhline(0, color="0.3", lw=0.8)
+    ax.set_xlabel("lesion site (depth, 0 = first)")
+    ax.set_ylabel("double-dissociation index\n(sum of chance-corrected drop differences)")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.legend(frameon=False, title=f"{f:.0%} lesions, 95% bootstrap CI")
+    ax.set_title(f"[drop {a}({a} filters) - drop {a}({b} filters)] + [drop {b}({b}) - drop {b}({a})]", fontsize=9)
+    fig.suptitle(f"Task dissociation by depth: {run_dir.name}")
+    return _save(fig, run_dir / "figures" / "dissociation_by_depth.png")
 
 
 def make_figures(run_dir) -> list:
     """Every figure the run's files allow; returns the paths written."""
     run_dir = Path(run_dir)
-    return [p for p in (training_curves(run_dir), lesion_effects(run_dir)) if p is not None]
+    return [p for p in (training_curves(run_dir), lesion_effects(run_dir), dissociation_by_depth(run_dir))
+            if p is not None]
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ add and ReLU) for ResNet/ResNeXt, named by their module path in `model.named_mod
 from __future__ import annotations
 
 import contextlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,11 +17,7 @@ import torch
 import torch.nn as nn
 
 import vggface2
-from dualtask import UsageError, autocast, read_csv, write_csv
-
-LESION_COLUMNS = ("layer", "depth", "n_filters", "target", "method", "fraction", "n_lesioned", "repeat",
-                  "eval_task", "accuracy", "loss", "intact_accuracy", "chance", "intact_loss", "n_images",
-                  "corrected_drop")
+from dualtask import UsageError, autocast, read_csv, write_csv, write_text
 
 
 @dataclass
@@ -129,6 +126,8 @@ def forward_chain(model: nn.Module) -> list:
         for layer in ("layer1", "layer2", "layer3", "layer4"):
             steps += [(f"trunk.{layer}.{i}", block) for i, block in enumerate(getattr(trunk, layer))]
         return steps + [("trunk.avgpool", trunk.avgpool), flatten, ("trunk.fc", trunk.fc)]
+    if isinstance(trunk, nn.Sequential):
+        return [(f"trunk.{i}", m) for i, m in enumerate(trunk)]
     raise UsageError(f"no forward chain for a trunk of type {type(trunk).__name__}")
 
 
@@ -171,11 +170,15 @@ class SiteRunner:
         return {t: head(x).view(m, b, -1) for t, head in self.model.heads.items()}
 
 
-def test_batches(images: dict, split: str = "test", batch_size: int = 200) -> list:
-    """[(task, normalised images, labels)] of every task's split, cut into batches, on the images' device."""
+def image_batches(images: dict, split: str = "test", batch_size: int = 200, n_per_task=None, seed: int = 0) -> list:
+    """[(task, normalised images, labels)] of every task's split (or a seeded sample of n_per_task of it), cut
+    into batches, on the images' device. Loaded once and reused for every lesion."""
     batches = []
+    rng = np.random.default_rng(seed)
     for task, ti in images.items():
         idx = ti.data.indices(split)
+        if n_per_task is not None and n_per_task < len(idx):
+            idx = np.sort(rng.choice(idx, n_per_task, replace=False))
         for start in range(0, len(idx), batch_size):
             x, y = ti.batch(idx[start:start + batch_size])
             batches.append((task, vggface2.normalize(x), y))
@@ -239,32 +242,29 @@ def default_masks_per_pass(device: torch.device) -> int:
 
 
 @torch.inference_mode()
-def site_activations(model: nn.Module, images: dict, sites: list, split: str = "train", n_per_task: int = 256,
-                     seed: int = 0, batch_size: int = 128) -> dict:
-    """{site name: {task: (N, C) spatially averaged activations}} of a seeded sample of each task's images."""
+def site_activations(model: nn.Module, sites: list, batches: list) -> dict:
+    """{site name: {task: (N, C) spatially averaged activations}} over the batches' images."""
     model.eval()
     acts = {s.name: {} for s in sites}
     current = {}
     handles = [s.module.register_forward_hook(
-        lambda m, i, o, name=s.name: current.__setitem__(name, o.float().mean(dim=(2, 3)).cpu())) for s in sites]
+        lambda m, i, o, name=s.name: current.__setitem__(name, _pool(o).cpu())) for s in sites]
     try:
-        rng = np.random.default_rng(seed)
-        for task, ti in images.items():
-            idx = ti.data.indices(split)
-            idx = np.sort(rng.choice(idx, min(n_per_task, len(idx)), replace=False))
-            chunks = {s.name: [] for s in sites}
-            for start in range(0, len(idx), batch_size):
-                x, _ = ti.batch(idx[start:start + batch_size])
-                with autocast(x.device):
-                    model(vggface2.normalize(x))
-                for name in chunks:
-                    chunks[name].append(current[name])
-            for name, parts in chunks.items():
-                acts[name][task] = torch.cat(parts).numpy()
+        for task, x, _ in batches:
+            with autocast(x.device):
+                model(x)
+            for s in sites:
+                acts[s.name].setdefault(task, []).append(current[s.name])
     finally:
         for h in handles:
             h.remove()
-    return acts
+    return {site: {t: torch.cat(v).numpy() for t, v in per.items()} for site, per in acts.items()}
+
+
+def _pool(output: torch.Tensor) -> torch.Tensor:
+    """Spatial mean after ReLU (an inner BN site is read as its ReLU will see it; other sites are >= 0)."""
+    out = output.float().clamp(min=0)
+    return out.mean(dim=(2, 3)) if out.ndim == 4 else out
 
 
 def selectivity(acts: dict, task: str) -> np.ndarray:
@@ -275,9 +275,128 @@ def selectivity(acts: dict, task: str) -> np.ndarray:
     return (own.mean(0) - other.mean(0)) / pooled
 
 
+def _order(scores: np.ndarray) -> np.ndarray:
+    """Channels from highest to lowest score (ties broken by channel index)."""
+    return np.argsort(-np.asarray(scores), kind="stable")
+
+
 def rank_by_activation(acts: dict, task: str) -> np.ndarray:
     """Channels ordered from most to least selective for `task` (ties broken by channel index)."""
-    return np.argsort(-selectivity(acts, task), kind="stable")
+    return _order(selectivity(acts, task))
+
+
+def _task_loss(results: list, task: str) -> np.ndarray:
+    return np.array([r[task]["loss"].mean() for r in results])
+
+
+def loss_scores(model, site: Site, batches: list, task: str, masks_per_pass: int = 1) -> np.ndarray:
+    """Increase of `task`'s mean cross-entropy when each filter alone is silenced (batches: training images)."""
+    own = [b for b in batches if b[0] == task]
+    intact = _task_loss(evaluate_lesions(model, site, [[]], own), task)[0]
+    singles = [[c] for c in range(site.n_filters)]
+    return _task_loss(evaluate_lesions(model, site, singles, own, masks_per_pass=masks_per_pass), task) - intact
+
+
+def greedy_order(model, site: Site, batches: list, task: str, step_fraction: float = 0.016,
+                 stop_fraction: float = 0.2, masks_per_pass: int = 1):
+    """Grouped greedy forward selection (the reference study's): each step adds the `step_fraction` of the
+    site's filters whose removal together with those already chosen raises `task`'s loss most, until just past
+    `stop_fraction`. The filters never chosen follow, ordered by their effect at the last step.
+    Returns (order, scores): a chosen filter's score is the loss with it removed at the step it was chosen."""
+    own = [b for b in batches if b[0] == task]
+    step = max(1, int(round(step_fraction * site.n_filters)))
+    stop = max(1, int(np.ceil(stop_fraction * site.n_filters)))
+    chosen, scores = [], []
+    remaining = list(range(site.n_filters))
+    last = None
+    while len(chosen) < stop and remaining:
+        losses = _task_loss(evaluate_lesions(model, site, [chosen + [c] for c in remaining], own,
+                                             masks_per_pass=masks_per_pass), task)
+        best = _order(losses)[:step]
+        chosen += [remaining[i] for i in best]
+        scores += [float(losses[i]) for i in best]
+        last = {remaining[i]: float(losses[i]) for i in range(len(remaining))}
+        remaining = [c for i, c in enumerate(remaining) if i not in set(best.tolist())]
+    rest = sorted(remaining, key=lambda c: -last[c]) if last else remaining
+    return np.array(chosen + rest), np.array(scores + [last[c] if last else 0.0 for c in rest])
+
+
+def taylor_scores(model, site: Site, batches: list, task: str) -> np.ndarray:
+    """First-order estimate of each filter's importance: |activation x gradient of `task`'s loss|, summed
+    over positions and averaged over images (the gradient of the loss with respect to a per-image mask)."""
+    model.eval()
+    total = torch.zeros(site.n_filters, dtype=torch.float64)
+    n = 0
+    for t, x, y in batches:
+        if t != task:
+            continue
+        mask = torch.ones(len(x), site.n_filters, device=x.device, requires_grad=True)
+        handle = site.module.register_forward_hook(
+            lambda m, i, out: out * mask.view(*mask.shape, *([1] * (out.ndim - 2))).to(out.dtype))
+        try:
+            with torch.enable_grad(), autocast(x.device):
+                loss = nn.functional.cross_entropy(model(x)[task].float(), y, reduction="sum")
+                (grad,) = torch.autograd.grad(loss, mask)
+        finally:
+            handle.remove()
+        total += grad.abs().sum(0).double().cpu()
+        n += len(x)
+    return (total / max(n, 1)).numpy()
+
+
+def rank_correlation(a, b) -> float:
+    """Spearman's rank correlation (Pearson correlation of ranks; ties get their order's rank)."""
+    ra, rb = np.argsort(np.argsort(a)).astype(float), np.argsort(np.argsort(b)).astype(float)
+    if ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+METHODS = ("activation", "loss", "greedy", "taylor", "random")
+
+
+def rank_site(model, site: Site, rank_batches: list, tasks: list, methods, random_repeats: int = 10,
+              seed: int = 0, masks_per_pass: int = 1) -> dict:
+    """{method: {target: {'order': [...], 'scores': [...]}}} for one site; 'random' holds repeat_0..R-1, and
+    'agreement' the rank correlation of taylor with loss per task when both were computed."""
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise UsageError(f"unknown lesion method(s) {bad}; expected some of {list(METHODS)}")
+    out = {}
+    if "activation" in methods:
+        acts = site_activations(model, [site], rank_batches)[site.name]
+        out["activation"] = {t: _entry(_order(selectivity(acts, t)), selectivity(acts, t)) for t in tasks}
+    if "loss" in methods:
+        out["loss"] = {}
+        for t in tasks:
+            scores = loss_scores(model, site, rank_batches, t, masks_per_pass)
+            out["loss"][t] = _entry(_order(scores), scores)
+    if "greedy" in methods:
+        out["greedy"] = {t: _entry(*greedy_order(model, site, rank_batches, t, masks_per_pass=masks_per_pass),
+                                   ordered=True) for t in tasks}
+    if "taylor" in methods:
+        out["taylor"] = {}
+        for t in tasks:
+            scores = taylor_scores(model, site, rank_batches, t)
+            out["taylor"][t] = _entry(_order(scores), scores)
+    if "random" in methods:
+        out["random"] = {f"repeat_{r}": {"order": np.random.default_rng([seed, site.depth, r]).permutation(
+            site.n_filters).tolist()} for r in range(random_repeats)}
+    if "taylor" in out and "loss" in out:
+        out["agreement"] = {t: rank_correlation(out["taylor"][t]["by_channel"], out["loss"][t]["by_channel"])
+                            for t in tasks}
+    return out
+
+
+def _entry(order, scores, ordered: bool = False) -> dict:
+    """A ranking as saved: the order, the scores in that order, and (for correlations) the scores by channel."""
+    order = np.asarray(order)
+    scores = np.asarray(scores, dtype=float)
+    in_order = scores if ordered else scores[order]
+    by_channel = np.empty(len(order))
+    by_channel[order] = in_order
+    return {"order": order.tolist(), "scores": [round(float(v), 6) for v in in_order],
+            "by_channel": by_channel.tolist()}
 
 
 def corrected_drop(intact: float, lesioned: float, chance: float) -> float:
@@ -289,62 +408,217 @@ def _fraction_key(f) -> str:
     return f"{float(f):.4f}"
 
 
+LESION_COLUMNS = ("layer", "depth", "n_filters", "target", "method", "fraction", "n_lesioned", "repeat",
+                  "eval_task", "accuracy", "loss", "intact_accuracy", "chance", "intact_loss", "n_images",
+                  "corrected_drop")
+DISSOCIATION_COLUMNS = ("layer", "depth", "method", "fraction", "task_a", "task_b", "index", "ci_low", "ci_high",
+                        "p_index", "drop_a_by_a", "drop_a_by_b", "drop_b_by_b", "drop_b_by_a", "p_a_by_a",
+                        "p_b_by_b", "random_drop_a", "random_drop_b", "n_random")
+PER_CLASS_COLUMNS = ("layer", "method", "target", "repeat", "fraction", "eval_task", "class", "accuracy",
+                     "n_images")
+
+
+def lesion_conditions(site: Site, rankings: dict, fractions, keep_only: bool = False) -> list:
+    """[(method, target, repeat, fraction, silenced channels)] for every ranking and fraction > 0.
+    keep_only silences every filter except the selected ones."""
+    conditions = []
+    for method, per_target in rankings.items():
+        if method == "agreement":
+            continue
+        for target, entry in per_target.items():
+            repeat = int(target.split("_")[1]) if method == "random" else 0
+            name = "random" if method == "random" else target
+            for f in fractions:
+                if f <= 0:
+                    continue
+                chosen = np.asarray(entry["order"][:int(round(f * site.n_filters))], dtype=np.int64)
+                if keep_only:
+                    chosen = np.setdiff1d(np.arange(site.n_filters), chosen)
+                conditions.append((method, name, repeat, float(f), chosen))
+    return conditions
+
+
+def dissociation_rows(site: Site, conditions: list, results: list, intact: dict, chance: dict, tasks: list,
+                      n_boot: int = 1000, seed: int = 0) -> list:
+    """Per method and fraction: the double-dissociation index
+    [drop_a(a-filters) - drop_a(b-filters)] + [drop_b(b-filters) - drop_b(a-filters)] of chance-corrected
+    accuracy drops, its 95% bootstrap interval over test images, and where random lesions of the same size
+    place it (empirical p-values: the targeted lesion's own-task drop against the random lesions' drops, and
+    the index against indices made of two random lesions)."""
+    if len(tasks) < 2:
+        return []
+    a, b = tasks[:2]
+    rng = np.random.default_rng([seed, site.depth, 99])
+    samples = {t: rng.integers(0, len(intact[t]["correct"]), (n_boot, len(intact[t]["correct"]))) for t in (a, b)}
+    base = {t: intact[t]["correct"].mean() for t in (a, b)}
+    boot_base = {t: intact[t]["correct"][samples[t]].mean(1) for t in (a, b)}
+    by_key = {(m, tg, r, f): res for (m, tg, r, f, _), res in zip(conditions, results)}
+    fractions = sorted({f for _, _, _, f, _ in conditions})
+    repeats = sorted({r for m, _, r, _, _ in conditions if m == "random"})
+
+    def drop(correct, t):
+        return corrected_drop(base[t], correct.mean(), chance[t])
+
+    def boot_drop(correct, t):
+        return (boot_base[t] - correct[samples[t]].mean(1)) / np.maximum(boot_base[t] - chance[t], 1e-9)
+
+    def p_value(value, null):
+        null = np.asarray(null)
+        return (1 + int(np.sum(null >= value))) / (len(null) + 1) if len(null) else float("nan")
+
+    rows = []
+    for method in [m for m in dict.fromkeys(m for m, *_ in conditions) if m != "random"]:
+        for f in fractions:
+            res_a, res_b = by_key.get((method, a, 0, f)), by_key.get((method, b, 0, f))
+            if res_a is None or res_b is None:
+                continue
+            d = {(e, t): drop(r[e]["correct"], e) for t, r in ((a, res_a), (b, res_b)) for e in (a, b)}
+            index = d[a, a] - d[a, b] + d[b, b] - d[b, a]
+            boot = (boot_drop(res_a[a]["correct"], a) - boot_drop(res_b[a]["correct"], a) +
+                    boot_drop(res_b[b]["correct"], b) - boot_drop(res_a[b]["correct"], b))
+            rand = [by_key[("random", "random", r, f)] for r in repeats if ("random", "random", r, f) in by_key]
+            rand_drop = {e: np.array([drop(r[e]["correct"], e) for r in rand]) for e in (a, b)}
+            null = [rand_drop[a][i] - rand_drop[a][j] + rand_drop[b][j] - rand_drop[b][i]
+                    for i in range(len(rand)) for j in range(len(rand)) if i != j]
+            rows.append({
+                "layer": site.name, "depth": site.depth, "method": method, "fraction": _fraction_key(f),
+                "task_a": a, "task_b": b, "index": f"{index:.4f}",
+                "ci_low": f"{np.nanpercentile(boot, 2.5):.4f}", "ci_high": f"{np.nanpercentile(boot, 97.5):.4f}",
+                "p_index": f"{p_value(index, null):.4f}", "drop_a_by_a": f"{d[a, a]:.4f}",
+                "drop_a_by_b": f"{d[a, b]:.4f}", "drop_b_by_b": f"{d[b, b]:.4f}", "drop_b_by_a": f"{d[b, a]:.4f}",
+                "p_a_by_a": f"{p_value(d[a, a], rand_drop[a]):.4f}",
+                "p_b_by_b": f"{p_value(d[b, b], rand_drop[b]):.4f}",
+                "random_drop_a": f"{rand_drop[a].mean() if len(rand) else float('nan'):.4f}",
+                "random_drop_b": f"{rand_drop[b].mean() if len(rand) else float('nan'):.4f}", "n_random": len(rand),
+            })
+    return rows
+
+
+def select_sites(model: nn.Module, config: dict) -> list:
+    """The sites a run lesions: all of them (with the inner bottleneck sites when lesion_inner is set), or
+    those named or numbered in lesion_layers."""
+    sites = lesion_sites(model, inner=config.get("lesion_inner", False))
+    wanted = config.get("lesion_layers")
+    if wanted is None:
+        return sites
+    by_name, chosen = {s.name: s for s in sites}, []
+    for w in wanted:
+        if isinstance(w, int) and not isinstance(w, bool) and -len(sites) <= w < len(sites):
+            chosen.append(sites[w])
+        elif isinstance(w, str) and w in by_name:
+            chosen.append(by_name[w])
+        else:
+            raise UsageError(f"lesion_layers: unknown site {w!r}; expected depths 0..{len(sites) - 1} or names "
+                             f"from: {', '.join(by_name)}")
+    return sorted({s.name: s for s in chosen}.values(), key=lambda s: s.depth)
+
+
+def _result_rows(site, method, target, repeat, f, n_silenced, res, summary, chance, tasks):
+    rows = []
+    for e in tasks:
+        acc, loss = float(res[e]["correct"].mean()), float(res[e]["loss"].mean())
+        rows.append({
+            "layer": site.name, "depth": site.depth, "n_filters": site.n_filters, "target": target,
+            "method": method, "fraction": _fraction_key(f), "n_lesioned": n_silenced, "repeat": repeat,
+            "eval_task": e, "accuracy": f"{acc:.4f}", "loss": f"{loss:.4f}",
+            "intact_accuracy": f"{summary[e]['accuracy']:.4f}", "chance": f"{chance[e]:.4f}",
+            "intact_loss": f"{summary[e]['loss']:.4f}", "n_images": len(res[e]["correct"]),
+            "corrected_drop": f"{corrected_drop(summary[e]['accuracy'], acc, chance[e]):.4f}",
+        })
+    return rows
+
+
+def _per_class_rows(site, method, target, repeat, f, res, labels, classes):
+    rows = []
+    for e, names in classes.items():
+        for k, name in enumerate(names):
+            hit = res[e]["correct"][labels[e] == k]
+            rows.append({"layer": site.name, "method": method, "target": target, "repeat": repeat,
+                         "fraction": _fraction_key(f), "eval_task": e, "class": name,
+                         "accuracy": f"{hit.mean() if len(hit) else float('nan'):.4f}", "n_images": len(hit)})
+    return rows
+
+
 def lesion_stage(model: nn.Module, images: dict, config: dict, out_dir: Path) -> Path:
-    """Per site: rank filters by activation selectivity for each task, silence the top fraction for each task
-    and a random control, and evaluate every head on its task's test images. Writes lesion_results.csv after
-    each site; a rerun skips sites already finished with the same fractions."""
+    """The lesion sweep of a run: for each site, rank its filters for each task by every method in
+    config['lesion_methods'] on training images, silence the top fraction of each ranking (and of each random
+    order), evaluate both heads on the test images, and write lesion_results.csv, rankings.json and
+    dissociation.csv after every site. A killed sweep resumes at the first unfinished site."""
     from tqdm import tqdm
 
-    out_path = Path(out_dir) / "lesion_results.csv"
+    out_dir = Path(out_dir)
     tasks = list(images)
     fractions = sorted({float(f) for f in config["lesion_fractions"]} | {0.0})
-    targets = tasks + ["random"]
-    sites = lesion_sites(model)
-    model.eval()
-    rows = read_csv(out_path) if out_path.exists() else []
-    expected = {(t, _fraction_key(f), e) for t in targets for f in fractions for e in tasks}
-    done = {s.name for s in sites
-            if {(r["target"], _fraction_key(r["fraction"]), r["eval_task"]) for r in rows if r["layer"] == s.name}
-            == expected}
-    rows = [r for r in rows if r["layer"] in done]
+    methods = list(config.get("lesion_methods", ["activation", "random"]))
+    repeats = int(config.get("random_repeats", 1))
+    keep_only, mode = bool(config.get("lesion_keep_only", False)), config.get("lesion_mode", "zero")
+    if mode not in ("zero", "mean"):
+        raise UsageError(f"lesion_mode={mode!r}; expected 'zero' or 'mean'")
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise UsageError(f"lesion_methods: unknown method(s) {bad}; expected some of {list(METHODS)}")
+    sites = select_sites(model, config)
+    per_class_wanted = bool(config.get("lesion_per_class", False))
+    settings = {"fractions": fractions, "methods": methods, "random_repeats": repeats, "keep_only": keep_only,
+                "mode": mode, "rank_images": config.get("rank_images"), "sites": [s.name for s in sites],
+                "seed": config["seed"], "per_class": per_class_wanted}
+    paths = {k: out_dir / f for k, f in (("results", "lesion_results.csv"), ("rankings", "rankings.json"),
+                                         ("dissociation", "dissociation.csv"), ("progress", "lesion_progress.json"),
+                                         ("per_class", "lesion_per_class.csv"))}
+    progress = json.loads(paths["progress"].read_text()) if paths["progress"].exists() else {}
+    if progress.get("settings") != settings or not paths["results"].exists():
+        progress = {"settings": settings, "done": []}
+    done = set(progress["done"])
+
+    def earlier(key):
+        return [r for r in read_csv(paths[key]) if r["layer"] in done] if done and paths[key].exists() else []
+
+    rows, diss, per_class = earlier("results"), earlier("dissociation"), earlier("per_class")
+    rankings = json.loads(paths["rankings"].read_text()) if done and paths["rankings"].exists() else {}
+    rankings = {k: v for k, v in rankings.items() if k in done}
     if done:
         print(f"lesion sweep: {len(done)} of {len(sites)} sites finished earlier; continuing")
     todo = [s for s in sites if s.name not in done]
     if not todo:
-        return out_path
-    device = next(model.parameters()).device
-    batches = test_batches(images, "test")
-    intact = {t: _summary(r) for t, r in evaluate_lesions(model, sites[-1], [[]], batches)[0].items()}
+        return paths["results"]
+    model.eval()
+    masks_per_pass = default_masks_per_pass(next(model.parameters()).device)
+    test = image_batches(images, "test")
+    train_sample = image_batches(images, "train", n_per_task=config.get("rank_images", 256), seed=config["seed"])
+    intact = evaluate_lesions(model, sites[0], [[]], test)[0]
     chance = {t: images[t].data.chance for t in tasks}
-    print("intact test accuracy: " + ", ".join(f"{t} {intact[t]['accuracy']:.3f} (chance {chance[t]:.3f})"
+    summary = {t: _summary(intact[t]) for t in tasks}
+    print("intact test accuracy: " + ", ".join(f"{t} {summary[t]['accuracy']:.3f} (chance {chance[t]:.3f})"
                                                for t in tasks))
-    acts = site_activations(model, images, todo, "train", config.get("rank_images", 256), config["seed"])
+    labels = {t: torch.cat([y for tb, _, y in test if tb == t]).cpu().numpy() for t in tasks}
+    classes = {t: list(images[t].data.classes) for t in tasks}
     for site in tqdm(todo, desc="lesion sweep", leave=False, disable=None):
-        order = {t: rank_by_activation(acts[site.name], t) for t in tasks}
-        order["random"] = np.random.default_rng([config["seed"], site.depth, 0]).permutation(site.n_filters)
-        conditions = [(f, target, order[target][:int(round(f * site.n_filters))])
-                      for f in fractions if f > 0 for target in targets]
-        lesioned = evaluate_lesions(model, site, [c for _, _, c in conditions], batches,
-                                    masks_per_pass=default_masks_per_pass(device))
-        results = {(_fraction_key(f), target): {t: _summary(r) for t, r in res.items()}
-                   for (f, target, _), res in zip(conditions, lesioned)}
-        for f in fractions:
-            n = int(round(f * site.n_filters)) if f > 0 else 0
-            for target in targets:
-                result = results[(_fraction_key(f), target)] if f > 0 else intact
-                for e in tasks:
-                    rows.append({
-                        "layer": site.name, "depth": site.depth, "n_filters": site.n_filters, "target": target,
-                        "method": "random" if target == "random" else "activation", "fraction": _fraction_key(f),
-                        "n_lesioned": n, "repeat": 0, "eval_task": e, "accuracy": f"{result[e]['accuracy']:.4f}",
-                        "loss": f"{result[e]['loss']:.4f}", "intact_accuracy": f"{intact[e]['accuracy']:.4f}",
-                        "chance": f"{chance[e]:.4f}", "intact_loss": f"{intact[e]['loss']:.4f}",
-                        "n_images": result[e]["n"],
-                        "corrected_drop": f"{corrected_drop(intact[e]['accuracy'], result[e]['accuracy'], chance[e]):.4f}",
-                    })
-        write_csv(out_path, LESION_COLUMNS, rows)
-    print(f"wrote {out_path} ({len(rows)} rows, {len(sites)} sites)")
-    return out_path
+        ranking = rank_site(model, site, train_sample, tasks, methods, repeats, config["seed"], masks_per_pass)
+        means = None
+        if mode == "mean":
+            acts = site_activations(model, [site], train_sample)[site.name]
+            means = np.concatenate(list(acts.values())).mean(0)
+        conditions = lesion_conditions(site, ranking, fractions, keep_only)
+        results = evaluate_lesions(model, site, [c for *_, c in conditions], test, mode, means, masks_per_pass)
+        keyed = {(m, t, r, f): (len(c), res) for (m, t, r, f, c), res in zip(conditions, results)}
+        for method, target, repeat in dict.fromkeys((m, t, r) for m, t, r, *_ in conditions):
+            for f in fractions:
+                n_silenced, res = (0, intact) if f == 0 else keyed[(method, target, repeat, f)]
+                rows += _result_rows(site, method, target, repeat, f, n_silenced, res, summary, chance, tasks)
+                if per_class_wanted:
+                    per_class += _per_class_rows(site, method, target, repeat, f, res, labels, classes)
+        diss += dissociation_rows(site, conditions, results, intact, chance, tasks, seed=config["seed"])
+        rankings[site.name] = ranking
+        write_csv(paths["results"], LESION_COLUMNS, rows)
+        write_csv(paths["dissociation"], DISSOCIATION_COLUMNS, diss)
+        if per_class_wanted:
+            write_csv(paths["per_class"], PER_CLASS_COLUMNS, per_class)
+        write_text(paths["rankings"], json.dumps(rankings))
+        progress["done"].append(site.name)
+        write_text(paths["progress"], json.dumps(progress, indent=1))
+    print(f"wrote {paths['results']} ({len(rows)} rows, {len(sites)} sites), {paths['dissociation'].name}, "
+          f"{paths['rankings'].name}")
+    return paths["results"]
 
 
 def _summary(per_image: dict) -> dict:

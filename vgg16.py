@@ -24,8 +24,14 @@ device = "auto"  # 'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'
 compile = False  # torch.compile the model for training (CUDA, PyTorch 2)
 retrain = False  # train again even when out_dir holds a finished run
 out_dir = "runs/vgg16"  # where config.json, train_log.csv, checkpoint.pt, lesion_results.csv and figures/ go
-lesion_fractions = [0.0, 0.1, 0.2, 0.3]  # fractions of a layer's filters silenced in the lesion sweep
+lesion_fractions = [0.0, 0.05, 0.1, 0.2, 0.3, 0.5]  # fractions of a layer's filters silenced in the lesion sweep
+lesion_methods = ["activation", "random"]  # rankings: activation, loss, greedy, taylor, random (loss and greedy are the reference study's; costly on a CPU)
+random_repeats = 10  # independent random filter orders (the control lesions)
 rank_images = 256  # training images per task used to rank filters (never the test images)
+lesion_layers = None  # sites to lesion, as depths or module paths; None = every site
+lesion_mode = "zero"  # "zero" silences filters; "mean" holds them at their mean activation
+lesion_keep_only = False  # silence every filter except the selected ones instead
+lesion_per_class = False  # also write per-class accuracy of every lesion (lesion_per_class.csv)
 stages = ["train", "lesion", "figures"]  # which parts of the pipeline to run
 
 if __name__ == "__main__":

@@ -33,3 +33,6 @@ def run_script(script: str, *args, cwd=ROOT, timeout=600, env=None):
 
 TINY = ["--face_data=demo", "--object_data=demo", "--image_size=32", "--epochs=1", "--max_per_class=16",
         "--lesion_fractions=[0.0, 0.2]", "--device=cpu", "--batch_size=32"]
+# the lesion methods of the README demo, on two sites and few images so that a test stays quick
+TINY_LESION = ["--lesion_methods=['activation', 'loss', 'random']", "--lesion_layers=[0, -1]", "--random_repeats=3",
+               "--rank_images=8"]

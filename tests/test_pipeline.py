@@ -10,7 +10,7 @@ import torch
 
 import dualtask
 import vgg16
-from conftest import ROOT, SHARED_DATA, TINY, run_script
+from conftest import ROOT, SHARED_DATA, TINY, TINY_LESION, run_script
 
 LESION_COLUMNS = ["layer", "depth", "n_filters", "target", "method", "fraction", "n_lesioned", "repeat",
                   "eval_task", "accuracy", "loss", "intact_accuracy", "chance"]
@@ -25,7 +25,7 @@ def read_rows(path):
 def test_demo_end_to_end_writes_every_output(tmp_path, script):
     out = tmp_path / "run"
     narrow = ["--fc_width=64"] if script.startswith("vgg") else []
-    p = run_script(script, *TINY, *narrow, f"--out_dir={out}")
+    p = run_script(script, *TINY, *TINY_LESION, *narrow, f"--out_dir={out}")
     assert p.returncode == 0, p.stderr[-3000:]
     config = json.loads((out / "config.json").read_text())
     assert config["image_size"] == 32 and config["tasks"]["face"]["classes"] == 10
@@ -39,19 +39,25 @@ def test_demo_end_to_end_writes_every_output(tmp_path, script):
         header = next(csv.reader(f))
     assert header[:len(LESION_COLUMNS)] == LESION_COLUMNS
     rows = read_rows(out / "lesion_results.csv")
-    n_sites = 13 if script == "vgg16.py" else 17
-    assert len({r["layer"] for r in rows}) == n_sites
+    sites = sorted({r["layer"] for r in rows})
+    assert len(sites) == 2 and ("trunk.features.2" in sites if script == "vgg16.py" else "trunk.relu" in sites)
     assert {r["target"] for r in rows} == {"face", "object", "random"}
-    assert len(rows) == n_sites * 3 * 2 * 2  # targets x fractions x evaluated tasks
+    assert {r["method"] for r in rows} == {"activation", "loss", "random"}
+    assert len(rows) == 2 * (2 * 2 + 3) * 2 * 2  # sites x (methods x targets + random repeats) x fractions x tasks
     lesioned = [r for r in rows if r["fraction"] == "0.2000"]
     assert all(int(r["n_lesioned"]) == round(0.2 * int(r["n_filters"])) for r in lesioned)
     assert all(r["accuracy"] == r["intact_accuracy"] for r in rows if r["fraction"] == "0.0000")
     assert all(0 <= float(r["accuracy"]) <= 1 and float(r["loss"]) > 0 for r in lesioned)
-    assert (out / "figures" / "lesion_effects.png").stat().st_size > 10_000
-    assert (out / "figures" / "training_curves.png").exists()
+    dissociation = read_rows(out / "dissociation.csv")
+    assert len(dissociation) == 2 * 2 and all(float(r["ci_low"]) <= float(r["ci_high"]) for r in dissociation)
+    rankings = json.loads((out / "rankings.json").read_text())
+    assert set(rankings) == set(sites)
+    assert len(rankings[sites[0]]["random"]) == 3 and set(rankings[sites[0]]["loss"]) == {"face", "object"}
+    for name in ("lesion_effects.png", "dissociation_by_depth.png", "training_curves.png"):
+        assert (out / "figures" / name).stat().st_size > 10_000
 
     # a finished run skips training on rerun, and the lesion sweep skips finished sites
-    again = run_script(script, *TINY, *narrow, f"--out_dir={out}")
+    again = run_script(script, *TINY, *TINY_LESION, *narrow, f"--out_dir={out}")
     assert again.returncode == 0 and "skipping" in again.stdout and "sites finished earlier" in again.stdout
     model, cfg = dualtask.load_run(out)
     assert cfg["backbone"] == config["backbone"] and not model.training
@@ -106,6 +112,9 @@ def test_changed_settings_do_not_overwrite_a_run(tmp_path):
     (lambda d: [f"--object_data={(d / 'empty').mkdir() or d / 'empty'}"], "empty"),
     (lambda d: [f"--face_data={d / 'vgf2'}"], "loose_bb_train.csv"),
     (lambda d: ["--lesion_fractions=[0.2, 2]"], "lesion_fractions"),
+    (lambda d: ["--lesion_methods=['activation', 'gradcam']"], "lesion_methods"),
+    (lambda d: ["--lesion_layers=['trunk.features.99']"], "trunk.features.99"),
+    (lambda d: ["--stages=['lesion']"], "no checkpoint.pt"),
 ])
 def test_bad_input_exits_2_and_keeps_earlier_files(tmp_path, make_bad, culprit):
     from test_data import make_vggface2_tree
@@ -118,6 +127,33 @@ def test_bad_input_exits_2_and_keeps_earlier_files(tmp_path, make_bad, culprit):
     assert p.returncode == 2, p.stderr
     assert culprit in p.stderr and "Traceback" not in p.stderr
     assert (out / "config.json").read_text() == '{"earlier": true}'
+
+
+def test_killed_lesion_sweep_resumes_at_the_unfinished_site(tmp_path, monkeypatch, capsys):
+    import lesion_utils
+
+    lesion = dict(stages=["train", "lesion"], epochs=1, lesion_fractions=[0.0, 0.2], lesion_layers=[0, 5, -1],
+                  lesion_methods=["activation", "loss", "random"], random_repeats=2, rank_images=6)
+    dualtask.run(tiny_config(tmp_path / "straight", **lesion))
+    real, calls = lesion_utils.rank_site, []
+
+    def killed_at_second_site(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lesion_utils, "rank_site", killed_at_second_site)
+    with pytest.raises(KeyboardInterrupt):
+        dualtask.run(tiny_config(tmp_path / "killed", **lesion))
+    partial = read_rows(tmp_path / "killed" / "lesion_results.csv")
+    assert {r["layer"] for r in partial} == {"trunk.features.2"}
+    monkeypatch.setattr(lesion_utils, "rank_site", real)
+    capsys.readouterr()
+    dualtask.run(tiny_config(tmp_path / "killed", **lesion))
+    assert "1 of 3 sites finished earlier" in capsys.readouterr().out
+    for name in ("lesion_results.csv", "dissociation.csv"):
+        assert read_rows(tmp_path / "killed" / name) == read_rows(tmp_path / "straight" / name)
 
 
 def test_torchrun_two_cpu_processes(tmp_path):

@@ -1,0 +1,106 @@
+"""Ground truth for the lesion engine: a network whose chosen channels carry one task's information only."""
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import lesion_utils as L
+
+N_CLASSES = 4  # per task; a class is which of four positions lights up
+
+
+class PlantedNet(nn.Module):
+    """Faces light one pixel of the left column, objects one of the right column (one input channel).
+
+    trunk.1 (8 channels): every channel is a copy of the image, so every channel carries both tasks and
+    losing a few copies changes nothing (no planted structure).
+    trunk.3 (16 channels): channels 0-3 detect the face positions only, 4-7 the object positions only,
+    8-15 are constant (they carry nothing). Detectors have a threshold, so noise alone rarely lights one. The face head reads 0-3, the object head reads 4-7.
+    """
+
+    def __init__(self):
+        super().__init__()
+        copies = nn.Conv2d(1, 8, 1)
+        detect = nn.Conv2d(8, 16, (4, 2))
+        with torch.no_grad():
+            copies.weight.fill_(1.0)
+            copies.bias.zero_()
+            detect.weight.zero_()
+            detect.bias.zero_()
+            for k in range(N_CLASSES):
+                detect.weight[k, :, k, 0] = 1.0 / 8  # face position k (left column), summed over the copies
+                detect.weight[4 + k, :, k, 1] = 1.0 / 8  # object position k (right column)
+            detect.bias[:8] = -0.4  # a threshold: noise alone rarely lights a detector
+            detect.bias[8:] = 0.5
+        self.trunk = nn.Sequential(copies, nn.ReLU(), detect, nn.ReLU(), nn.Flatten(1))
+        self.heads = nn.ModuleDict({"face": nn.Linear(16, N_CLASSES), "object": nn.Linear(16, N_CLASSES)})
+        with torch.no_grad():
+            for head, first in ((self.heads["face"], 0), (self.heads["object"], 4)):
+                head.weight.zero_()
+                head.bias.zero_()
+                for k in range(N_CLASSES):
+                    head.weight[k, first + k] = 8.0
+
+    def forward(self, x):
+        features = self.trunk(x)
+        return {t: h(features) for t, h in self.heads.items()}
+
+
+def planted_batches(n_per_class, seed, noise=0.3):
+    rng = np.random.default_rng(seed)
+    batches = []
+    for task, column in (("face", 0), ("object", 1)):
+        labels = np.repeat(np.arange(N_CLASSES), n_per_class)
+        x = rng.normal(0, noise, (len(labels), 1, 4, 2)).astype(np.float32)
+        x[np.arange(len(labels)), 0, labels, column] += 1.0
+        batches.append((task, torch.from_numpy(x), torch.from_numpy(labels)))
+    return batches
+
+
+@pytest.fixture(scope="module")
+def planted():
+    model = PlantedNet().eval()
+    sites = L.lesion_sites(model)
+    assert [s.name for s in sites] == ["trunk.1", "trunk.3"] and [s.n_filters for s in sites] == [8, 16]
+    return model, sites, planted_batches(40, seed=0), planted_batches(60, seed=1)
+
+
+@pytest.mark.parametrize("method", ["loss", "greedy", "activation"])
+def test_planted_channels_rank_first(planted, method):
+    model, sites, train, _ = planted
+    ranking = L.rank_site(model, sites[1], train, ["face", "object"], [method], seed=0)[method]
+    for task, planted_channels in (("face", {0, 1, 2, 3}), ("object", {4, 5, 6, 7})):
+        top = set(ranking[task]["order"][:4])
+        assert len(top & planted_channels) / 4 >= 0.9, (method, task, ranking[task]["order"])
+
+
+def test_planted_taylor_agrees_with_loss(planted):
+    model, sites, train, _ = planted
+    ranking = L.rank_site(model, sites[1], train, ["face", "object"], ["loss", "taylor"], seed=0)
+    assert set(ranking["taylor"]["face"]["order"][:4]) == {0, 1, 2, 3}
+    assert ranking["agreement"]["face"] > 0.5
+
+
+def test_planted_lesion_dissociates_only_where_planted(planted):
+    model, sites, train, test = planted
+    intact = L.evaluate_lesions(model, sites[1], [[]], test)[0]
+    chance = {"face": 1 / N_CLASSES, "object": 1 / N_CLASSES}
+    assert intact["face"]["correct"].mean() > 0.8 and intact["object"]["correct"].mean() > 0.8
+    index = {}
+    for site in sites:
+        ranking = L.rank_site(model, site, train, ["face", "object"], ["loss", "random"], random_repeats=6, seed=0)
+        conditions = L.lesion_conditions(site, ranking, [0.25])
+        results = L.evaluate_lesions(model, site, [c for *_, c in conditions], test)
+        by = {(m, t, r): res for (m, t, r, _, _), res in zip(conditions, results)}
+        if site.name == "trunk.3":
+            face_lesion = by[("loss", "face", 0)]
+            assert face_lesion["face"]["correct"].mean() < 0.5  # face filters silenced: faces fail
+            drop_object = intact["object"]["correct"].mean() - face_lesion["object"]["correct"].mean()
+            assert abs(drop_object) <= 0.03  # objects within a few points
+        rows = L.dissociation_rows(site, conditions, results, intact, chance, ["face", "object"], n_boot=300)
+        (row,) = rows
+        index[site.name] = row
+    planted_row, plain_row = index["trunk.3"], index["trunk.1"]
+    assert float(planted_row["index"]) > 1.0 and float(planted_row["ci_low"]) > 0.5
+    assert float(planted_row["p_a_by_a"]) == pytest.approx(1 / 7, abs=1e-3)  # beyond every random lesion
+    assert abs(float(plain_row["index"])) < 0.1 and float(plain_row["ci_low"]) <= 0.05
