@@ -67,10 +67,10 @@ def main():
     device = torch.device(args.device)
     datasets = dualtask.load_datasets(config)
     images = {t: dualtask.TaskImages(d, device) for t, d in datasets.items()}
-    batches = L.test_batches(images, "test")
+    batches = L.image_batches(images, "test")
     n_images = sum(len(y) for _, _, y in batches)
     sites = L.lesion_sites(model)
-    acts = L.site_activations(model, images, sites, "train", 128, 0)
+    acts = L.site_activations(model, sites, L.image_batches(images, "train", n_per_task=128))
     fractions = [float(f) for f in args.fractions.split(",")]
     conditions = {}
     for site in sites:

@@ -17,7 +17,7 @@ def demo_images():
 def test_suffix_only_sweep_equals_the_naive_sweep_exactly(backbone, demo_images):
     torch.manual_seed(1)
     model = DualTaskNet(backbone, {"face": 10, "object": 10}, fc_width=32).eval()
-    batches = L.test_batches(demo_images, batch_size=16)
+    batches = L.image_batches(demo_images, batch_size=16)
     sites = L.lesion_sites(model, inner=True)
     rng = np.random.default_rng(0)
     for site in sites[:: max(1, len(sites) // 6)]:
