@@ -236,9 +236,21 @@ def evaluate_lesions_naive(model: nn.Module, site: Site, lesions: list, batches:
     return results
 
 
-def default_masks_per_pass(device: torch.device) -> int:
-    """Several masks per pass keep a GPU busy; on the CPU one mask per pass is as fast and exactly reproducible."""
-    return 8 if device.type == "cuda" else 1
+@torch.inference_mode()
+def cache_bytes(model: nn.Module, sites: list, image_shape, batch_size: int) -> dict:
+    """{site name: bytes} of the cached activations of one image batch at each site (float32)."""
+    x = torch.zeros((1,) + tuple(image_shape), device=next(model.parameters()).device)
+    return {s.name: SiteRunner(model, s).prefix(x).numel() * 4 * batch_size for s in sites}
+
+
+def default_masks_per_pass(device: torch.device, batch_bytes: int = 0) -> int:
+    """Lesions evaluated per pass. On a GPU, as many stacked copies of a cached batch as fit a quarter of the
+    free memory (the part after the site needs a few times its input), at most 32; on the CPU one, which is as
+    fast there and bit-for-bit reproducible."""
+    if device.type != "cuda":
+        return 1
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(max(1, min(32, 0.25 * free // max(1, 4 * batch_bytes))))
 
 
 @torch.inference_mode()
@@ -362,6 +374,9 @@ def rank_site(model, site: Site, rank_batches: list, tasks: list, methods, rando
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise UsageError(f"unknown lesion method(s) {bad}; expected some of {list(METHODS)}")
+    unknown = [t for t in tasks if t not in model.heads]
+    if unknown:
+        raise UsageError(f"unknown task(s) {unknown}; the model's tasks are {list(model.heads)}")
     out = {}
     if "activation" in methods:
         acts = site_activations(model, [site], rank_batches)[site.name]
@@ -582,7 +597,7 @@ def lesion_stage(model: nn.Module, images: dict, config: dict, out_dir: Path) ->
     if not todo:
         return paths["results"]
     model.eval()
-    masks_per_pass = default_masks_per_pass(next(model.parameters()).device)
+    device = next(model.parameters()).device
     test = image_batches(images, "test")
     train_sample = image_batches(images, "train", n_per_task=config.get("rank_images", 256), seed=config["seed"])
     intact = evaluate_lesions(model, sites[0], [[]], test)[0]
@@ -590,6 +605,10 @@ def lesion_stage(model: nn.Module, images: dict, config: dict, out_dir: Path) ->
     summary = {t: _summary(intact[t]) for t in tasks}
     print("intact test accuracy: " + ", ".join(f"{t} {summary[t]['accuracy']:.3f} (chance {chance[t]:.3f})"
                                                for t in tasks))
+    caches = cache_bytes(model, todo, test[0][1].shape[1:], max(len(x) for _, x, _ in test))
+    masks_per_pass = default_masks_per_pass(device, max(caches.values()))
+    print(f"activation cache: at most {max(caches.values()) / 2**20:.1f} MiB per image batch "
+          f"({max(len(x) for _, x, _ in test)} images), {masks_per_pass} lesion(s) per pass")
     labels = {t: torch.cat([y for tb, _, y in test if tb == t]).cpu().numpy() for t in tasks}
     classes = {t: list(images[t].data.classes) for t in tasks}
     for site in tqdm(todo, desc="lesion sweep", leave=False, disable=None):

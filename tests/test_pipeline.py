@@ -10,6 +10,7 @@ import torch
 
 import dualtask
 import vgg16
+import vggface2
 from conftest import ROOT, SHARED_DATA, TINY, TINY_LESION, run_script
 
 LESION_COLUMNS = ["layer", "depth", "n_filters", "target", "method", "fraction", "n_lesioned", "repeat",
@@ -65,6 +66,19 @@ def test_demo_end_to_end_writes_every_output(tmp_path, script):
         assert model(torch.zeros(1, 3, 32, 32))["object"].shape == (1, 10)
 
 
+def interrupted_at_call(n, function):
+    """`function`, except that its n-th call raises KeyboardInterrupt (a run killed at that moment)."""
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return function(*args, **kwargs)
+
+    return wrapped
+
+
 def tiny_config(out_dir, **changes):
     config = dualtask.hyperparameters(vars(vgg16))
     config.update(face_data="demo", object_data="demo", image_size=32, epochs=2, max_per_class=12, fc_width=32,
@@ -75,15 +89,8 @@ def tiny_config(out_dir, **changes):
 
 def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch, capsys):
     dualtask.run(tiny_config(tmp_path / "straight"))
-    real_evaluate, calls = dualtask.evaluate, []
-
-    def interrupt_in_epoch_2(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_evaluate(*args, **kwargs)
-
-    monkeypatch.setattr(dualtask, "evaluate", interrupt_in_epoch_2)
+    real_evaluate = dualtask.evaluate
+    monkeypatch.setattr(dualtask, "evaluate", interrupted_at_call(2, real_evaluate))  # in epoch 2
     with pytest.raises(KeyboardInterrupt):
         dualtask.run(tiny_config(tmp_path / "resumed"))
     assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["epoch"] == 1
@@ -135,15 +142,8 @@ def test_killed_lesion_sweep_resumes_at_the_unfinished_site(tmp_path, monkeypatc
     lesion = dict(stages=["train", "lesion"], epochs=1, lesion_fractions=[0.0, 0.2], lesion_layers=[0, 5, -1],
                   lesion_methods=["activation", "loss", "random"], random_repeats=2, rank_images=6)
     dualtask.run(tiny_config(tmp_path / "straight", **lesion))
-    real, calls = lesion_utils.rank_site, []
-
-    def killed_at_second_site(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(lesion_utils, "rank_site", killed_at_second_site)
+    real = lesion_utils.rank_site
+    monkeypatch.setattr(lesion_utils, "rank_site", interrupted_at_call(2, real))  # at the second site
     with pytest.raises(KeyboardInterrupt):
         dualtask.run(tiny_config(tmp_path / "killed", **lesion))
     partial = read_rows(tmp_path / "killed" / "lesion_results.csv")
@@ -154,6 +154,21 @@ def test_killed_lesion_sweep_resumes_at_the_unfinished_site(tmp_path, monkeypatc
     assert "1 of 3 sites finished earlier" in capsys.readouterr().out
     for name in ("lesion_results.csv", "dissociation.csv"):
         assert read_rows(tmp_path / "killed" / name) == read_rows(tmp_path / "straight" / name)
+
+
+def test_keep_only_and_per_class_outputs(tmp_path):
+    out = tmp_path / "keep"
+    dualtask.run(tiny_config(out, stages=["train", "lesion"], epochs=1, lesion_fractions=[0.0, 0.25],
+                             lesion_layers=[-1], random_repeats=1, lesion_keep_only=True, lesion_per_class=True))
+    rows = read_rows(out / "lesion_results.csv")
+    kept = [r for r in rows if r["fraction"] == "0.2500"]
+    assert kept and all(int(r["n_lesioned"]) == int(r["n_filters"]) - round(0.25 * int(r["n_filters"])) for r in kept)
+    per_class = read_rows(out / "lesion_per_class.csv")
+    assert {r["class"] for r in per_class if r["eval_task"] == "object"} == set(vggface2.DEMO_OBJECTS)
+    assert len(per_class) == len(rows) // 2 * 10 + len(rows) // 2 * 10  # every row of both tasks x 10 classes
+    counted = sum(int(r["n_images"]) for r in per_class if r["eval_task"] == "face" and r["target"] == "random"
+                  and r["fraction"] == "0.0000")
+    assert counted == int(rows[0]["n_images"])
 
 
 def test_torchrun_two_cpu_processes(tmp_path):
