@@ -535,8 +535,12 @@ def run(config: dict) -> None:
             import lesion_utils
 
             lesion_utils.select_sites(model, config)  # an unknown lesion site stops the run before training
-            if "train" not in config["stages"] and not (out_dir / "checkpoint.pt").exists():
-                raise UsageError(f"{out_dir}: no checkpoint.pt to lesion; run the 'train' stage first")
+        if "figures" in config["stages"] and config.get("gradcam_site"):
+            import lesion_utils
+
+            lesion_utils.get_site(model, config["gradcam_site"])
+        if "train" not in config["stages"] and not (out_dir / "checkpoint.pt").exists():
+            raise UsageError(f"{out_dir}: no checkpoint.pt to lesion or draw; run the 'train' stage first")
         resolved = dict(config, tasks={t: {"classes": len(d.classes), "chance": d.chance, "source": d.source,
                                            "counts": d.counts()} for t, d in datasets.items()},
                         resolved_device=str(dist.device), world_size=dist.world, torch=torch.__version__)
@@ -560,14 +564,18 @@ def run(config: dict) -> None:
             train(model, images, config, out_dir, dist)
         if not dist.main:
             return
-        if "train" not in config["stages"] and "lesion" in config["stages"]:
+        if "train" not in config["stages"]:
             model.load_state_dict(load_checkpoint(out_dir / "checkpoint.pt", dist.device)["model"])
         if "lesion" in config["stages"]:
             lesion_utils.lesion_stage(model, images, config, out_dir)
         if "figures" in config["stages"]:
             import figures
+            import inspection
+            import report
 
-            for path in figures.make_figures(out_dir):
+            written = inspection.inspect_run(model, images, config, out_dir) + figures.make_figures(out_dir)
+            written.append(report.build_report(out_dir))
+            for path in written:
                 print(f"wrote {path}")
     finally:
         dist.close()

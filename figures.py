@@ -134,11 +134,126 @@ def dissociation_by_depth(run_dir: Path) -> Path | None:
     return _save(fig, run_dir / "figures" / "dissociation_by_depth.png")
 
 
+def gradcam_figures(run_dir: Path, examples: dict, mean_maps: dict, tasks: list, site: str) -> list:
+    """Grad-CAM overlays: example test images of each task with each head's map, and each head's mean map
+    over each task's images drawn on that task's mean image."""
+    _style()
+    run_dir = Path(run_dir)
+    written = []
+    for task, (imgs, maps) in examples.items():
+        n = len(imgs)
+        fig, axes = plt.subplots(len(tasks) + 1, n, figsize=(1.6 * n, 1.7 * (len(tasks) + 1)), squeeze=False)
+        for j in range(n):
+            axes[0][j].imshow(imgs[j])
+            for i, head in enumerate(tasks):
+                axes[i + 1][j].imshow(imgs[j])
+                axes[i + 1][j].imshow(maps[head][j], cmap="inferno", alpha=0.55, vmin=0, vmax=1)
+        for i, label in enumerate(["image"] + [f"{h} head" for h in tasks]):
+            axes[i][0].set_ylabel(label, fontsize=9)
+        for ax in axes.flat:
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.grid(False)
+        fig.suptitle(f"Grad-CAM at {site} on {task} test images (bright = where the head looks)", fontsize=10)
+        written.append(_save(fig, run_dir / "figures" / f"gradcam_{task}_images.png"))
+    fig, axes = plt.subplots(len(tasks), len(tasks), figsize=(2.6 * len(tasks), 2.6 * len(tasks)), squeeze=False)
+    for i, task in enumerate(tasks):
+        mean_image = mean_maps[f"{task}_images__mean_image"]
+        for j, head in enumerate(tasks):
+            ax = axes[i][j]
+            ax.imshow(mean_image)
+            ax.imshow(mean_maps[f"{task}_images__{head}_head"], cmap="inferno", alpha=0.55)
+            ax.set_title(f"{head} head, {task} images", fontsize=9)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.grid(False)
+    fig.suptitle(f"Mean Grad-CAM per head over each task's test images ({site})", fontsize=10)
+    written.append(_save(fig, run_dir / "figures" / "gradcam_mean.png"))
+    return written
+
+
+def stimuli_figure(run_dir: Path, site: str, method: str, grids: list) -> Path:
+    """One row per filter: its top test images (labelled with task and class) and its synthetic image."""
+    _style()
+    n = max(len(g[2]) for g in grids) + 1
+    fig, axes = plt.subplots(len(grids), n, figsize=(1.35 * n, 1.45 * len(grids)), squeeze=False)
+    for row, (task, f, tops, synth) in enumerate(grids):
+        for j, (img, label) in enumerate(tops):
+            axes[row][j].imshow(img)
+            axes[row][j].set_title(label, fontsize=5)
+        axes[row][n - 1].imshow(synth)
+        axes[row][n - 1].set_title("synthetic", fontsize=6)
+        axes[row][0].set_ylabel(f"{task}-ranked\nfilter {f}", fontsize=7)
+        for ax in axes[row]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.grid(False)
+    fig.suptitle(f"Preferred stimuli at {site}: top test images and activation maximisation "
+                 f"(filters ranked by {method})", fontsize=9)
+    return _save(fig, Path(run_dir) / "figures" / f"stimuli_{site.replace('.', '_')}.png")
+
+
+def decoding_by_depth(run_dir: Path) -> Path | None:
+    """Cross-validated linear decoding accuracy of each task from each site's pooled activations."""
+    path = run_dir / "decoding.csv"
+    if not path.exists():
+        return None
+    df = pd.read_csv(path)
+    if df.empty:
+        return None
+    _style()
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    for (task, sub), colour in zip(df.groupby("task", sort=False), sns.color_palette(PALETTE)):
+        sub = sub.sort_values("depth")
+        ax.errorbar(sub["depth"], sub["accuracy"], yerr=sub["sd"], marker="o", ms=4, color=colour, capsize=2,
+                    label=f"{task} (chance {sub['chance'].iloc[0]:.2f})")
+        ax.axhline(sub["chance"].iloc[0], color=colour, lw=0.8, ls=":")
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("lesion site (depth, 0 = first)")
+    ax.set_ylabel("linear probe accuracy\n(cross-validated, fraction correct)")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.legend(frameon=False)
+    fig.suptitle(f"Layer-wise decoding: {run_dir.name}")
+    return _save(fig, run_dir / "figures" / "decoding_by_depth.png")
+
+
+def compare_figure(rows: list, path: Path) -> Path:
+    """Across runs: intact accuracy per task (left) and the dissociation index against relative depth (right;
+    the loss ranking where a run has it, else activation), with 95% bootstrap bands."""
+    _style()
+    df = pd.DataFrame(rows)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1, 1.6]})
+    intact = df[df["kind"] == "intact_accuracy"].astype({"value": float}) if len(df) else df
+    if len(intact):
+        sns.barplot(intact, x="run", y="value", hue="task_or_method", ax=axes[0])
+        axes[0].legend(title="task", frameon=False)
+    axes[0].set_ylim(0, 1)
+    axes[0].set_xlabel("run (backbone)")
+    axes[0].set_ylabel("intact test accuracy (fraction correct)")
+    diss = df[df["kind"] == "dissociation_index"] if len(df) else df
+    for (run, sub), colour in zip(diss.groupby("run", sort=False) if len(diss) else [], sns.color_palette(PALETTE)):
+        method = "loss" if (sub["task_or_method"] == "loss").any() else sub["task_or_method"].iloc[0]
+        sub = sub[sub["task_or_method"] == method].astype({"relative_depth": float, "value": float,
+                                                           "ci_low": float, "ci_high": float})
+        sub = sub.sort_values("relative_depth")
+        axes[1].fill_between(sub["relative_depth"], sub["ci_low"], sub["ci_high"], color=colour, alpha=0.15, lw=0)
+        axes[1].plot(sub["relative_depth"], sub["value"], marker="o", ms=4, color=colour,
+                     label=f"{run} ({sub['backbone'].iloc[0]}, {method} ranking)")
+    axes[1].axhline(0, color="0.3", lw=0.8)
+    axes[1].set_xlabel("relative depth (0 = first lesion site, 1 = last)")
+    axes[1].set_ylabel("double-dissociation index at 20% lesions")
+    if len(diss):
+        axes[1].legend(frameon=False, fontsize=8)
+    fig.suptitle("Comparison across backbones")
+    fig.tight_layout()
+    return _save(fig, Path(path))
+
+
 def make_figures(run_dir) -> list:
     """Every figure the run's files allow; returns the paths written."""
     run_dir = Path(run_dir)
-    return [p for p in (training_curves(run_dir), lesion_effects(run_dir), dissociation_by_depth(run_dir))
-            if p is not None]
+    return [p for p in (training_curves(run_dir), lesion_effects(run_dir), dissociation_by_depth(run_dir),
+                      decoding_by_depth(run_dir)) if p is not None]
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@ lesion_layers = None  # sites to lesion, as depths or module paths; None = every
 lesion_mode = "zero"  # "zero" silences filters; "mean" holds them at their mean activation
 lesion_keep_only = False  # silence every filter except the selected ones instead
 lesion_per_class = False  # also write per-class accuracy of every lesion (lesion_per_class.csv)
+gradcam_site = None  # site whose output Grad-CAM reads (a module path); None = the deepest with 4x4 positions
+stimulus_steps = 200  # gradient-ascent steps of each synthetic preferred stimulus
 stages = ["train", "lesion", "figures"]  # which parts of the pipeline to run
 
 if __name__ == "__main__":

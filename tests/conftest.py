@@ -35,4 +35,4 @@ TINY = ["--face_data=demo", "--object_data=demo", "--image_size=32", "--epochs=1
         "--lesion_fractions=[0.0, 0.2]", "--device=cpu", "--batch_size=32"]
 # the lesion methods of the README demo, on two sites and few images so that a test stays quick
 TINY_LESION = ["--lesion_methods=['activation', 'loss', 'random']", "--lesion_layers=[0, -1]", "--random_repeats=3",
-               "--rank_images=8"]
+               "--rank_images=8", "--stimulus_steps=10"]

@@ -1,0 +1,78 @@
+"""Compare runs across backbones: intact accuracies, and the dissociation index against relative depth.
+
+    python compare.py runs/vgg16 runs/vgg19 runs/resnet50 runs/resnext50 --out_dir=runs/compare
+
+Writes compare.csv and compare.png to --out_dir (default runs/compare). Relative depth is 0 at a run's first
+lesion site and 1 at its last.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+import figures
+from dualtask import write_csv
+
+COLUMNS = ("run", "backbone", "kind", "task_or_method", "layer", "relative_depth", "value", "ci_low", "ci_high",
+           "fraction")
+
+
+def _rows(path: Path) -> list:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def collect(run_dir: Path) -> list:
+    """The comparison rows of one run: intact accuracy per task, dissociation index per site and method."""
+    config = json.loads((run_dir / "config.json").read_text())
+    out = []
+    results = run_dir / "lesion_results.csv"
+    if results.exists():
+        seen = set()
+        for r in _rows(results):
+            if r["eval_task"] not in seen:
+                seen.add(r["eval_task"])
+                out.append({"run": run_dir.name, "backbone": config["backbone"], "kind": "intact_accuracy",
+                            "task_or_method": r["eval_task"], "value": r["intact_accuracy"]})
+    diss = run_dir / "dissociation.csv"
+    if diss.exists():
+        rows = _rows(diss)
+        if rows:
+            fractions = sorted({float(r["fraction"]) for r in rows})
+            headline = min(fractions, key=lambda f: abs(f - 0.2))
+            depths = sorted({int(r["depth"]) for r in rows})
+            span = max(1, depths[-1] - depths[0])
+            for r in rows:
+                if abs(float(r["fraction"]) - headline) < 1e-6:
+                    out.append({"run": run_dir.name, "backbone": config["backbone"], "kind": "dissociation_index",
+                                "task_or_method": r["method"], "layer": r["layer"],
+                                "relative_depth": f"{(int(r['depth']) - depths[0]) / span:.4f}", "value": r["index"],
+                                "ci_low": r["ci_low"], "ci_high": r["ci_high"], "fraction": r["fraction"]})
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", help="run folders written by the backbone scripts")
+    parser.add_argument("--out_dir", default="runs/compare", help="where compare.csv and compare.png go")
+    args = parser.parse_args(argv)
+    runs = [Path(r) for r in args.runs]
+    bad = [str(r) for r in runs if not (r / "config.json").exists()]
+    if bad:
+        print(f"error: not a run folder (no config.json): {', '.join(bad)}; expected folders written by a "
+              f"backbone script, e.g. runs/vgg16", file=sys.stderr)
+        return 2
+    rows = [row for r in runs for row in collect(r)]
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_csv(out_dir / "compare.csv", COLUMNS, rows)
+    figure = figures.compare_figure(rows, out_dir / "compare.png")
+    print(f"wrote {out_dir / 'compare.csv'} ({len(rows)} rows) and {figure}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
