@@ -8,21 +8,15 @@ lesion site and 1 at its last.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 from pathlib import Path
 
 import figures
-from dualtask import write_csv
+from dualtask import read_csv, write_csv
 
 COLUMNS = ("run", "backbone", "kind", "task_or_method", "layer", "relative_depth", "value", "ci_low", "ci_high",
            "fraction")
-
-
-def _rows(path: Path) -> list:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def collect(run_dir: Path) -> list:
@@ -32,14 +26,14 @@ def collect(run_dir: Path) -> list:
     results = run_dir / "lesion_results.csv"
     if results.exists():
         seen = set()
-        for r in _rows(results):
+        for r in read_csv(results):
             if r["eval_task"] not in seen:
                 seen.add(r["eval_task"])
                 out.append({"run": run_dir.name, "backbone": config["backbone"], "kind": "intact_accuracy",
                             "task_or_method": r["eval_task"], "value": r["intact_accuracy"]})
     diss = run_dir / "dissociation.csv"
     if diss.exists():
-        rows = _rows(diss)
+        rows = read_csv(diss)
         if rows:
             fractions = sorted({float(r["fraction"]) for r in rows})
             headline = min(fractions, key=lambda f: abs(f - 0.2))

@@ -108,16 +108,15 @@ def gradcam_analysis(model, images: dict, site: L.Site, out_dir: Path, n_images:
 # preferred stimuli
 
 
-def _ranked_filters(out_dir: Path, site: L.Site, tasks: list, n: int) -> dict:
-    """{task: top n filters of the site} from rankings.json (loss ranking when present, else activation)."""
+def _ranked_filters(out_dir: Path, site: L.Site, tasks: list, n: int):
+    """(method, {task: top n filters of the site}) from rankings.json: the loss ranking when there is one,
+    else activation; (None, {}) when the site was not ranked."""
     path = out_dir / "rankings.json"
-    if not path.exists():
-        return {}
-    ranking = json.loads(path.read_text()).get(site.name, {})
-    method = "loss" if "loss" in ranking else "activation" if "activation" in ranking else None
+    ranking = json.loads(path.read_text()).get(site.name, {}) if path.exists() else {}
+    method = next((m for m in ("loss", "greedy", "activation", "taylor") if m in ranking), None)
     if method is None:
-        return {}
-    return {t: ranking[method][t]["order"][:n] for t in tasks if t in ranking[method]} | {"_method": method}
+        return None, {}
+    return method, {t: ranking[method][t]["order"][:n] for t in tasks if t in ranking[method]}
 
 
 @torch.inference_mode()
@@ -175,8 +174,7 @@ def stimuli_analysis(model, images: dict, sites: list, out_dir: Path, n_filters:
     tasks = list(images)
     written, summary = [], {}
     for site in sites:
-        ranked = _ranked_filters(out_dir, site, tasks, n_filters)
-        method = ranked.pop("_method", None)
+        method, ranked = _ranked_filters(out_dir, site, tasks, n_filters)
         if not ranked:
             continue
         filters = [(t, f) for t in tasks if t in ranked for f in ranked[t]]

@@ -474,8 +474,15 @@ def dissociation_rows(site: Site, conditions: list, results: list, intact: dict,
     def drop(correct, t):
         return corrected_drop(base[t], correct.mean(), chance[t])
 
-    def boot_drop(correct, t):
-        return (boot_base[t] - correct[samples[t]].mean(1)) / np.maximum(boot_base[t] - chance[t], 1e-9)
+    def boot_drop(correct, t):  # undefined (NaN) in a resample whose intact accuracy is at or below chance
+        above = boot_base[t] - chance[t]
+        return np.where(above > 1e-9, (boot_base[t] - correct[samples[t]].mean(1)) / np.where(above > 1e-9, above, 1),
+                        np.nan)
+
+    def interval(boot, value):  # 95% bootstrap interval; none when the index itself or most resamples are undefined
+        if not np.isfinite(value) or np.isfinite(boot).mean() < 0.95:
+            return float("nan"), float("nan")
+        return float(np.nanpercentile(boot, 2.5)), float(np.nanpercentile(boot, 97.5))
 
     def p_value(value, null):
         null = np.asarray(null)
@@ -498,7 +505,7 @@ def dissociation_rows(site: Site, conditions: list, results: list, intact: dict,
             rows.append({
                 "layer": site.name, "depth": site.depth, "method": method, "fraction": _fraction_key(f),
                 "task_a": a, "task_b": b, "index": f"{index:.4f}",
-                "ci_low": f"{np.nanpercentile(boot, 2.5):.4f}", "ci_high": f"{np.nanpercentile(boot, 97.5):.4f}",
+                "ci_low": f"{interval(boot, index)[0]:.4f}", "ci_high": f"{interval(boot, index)[1]:.4f}",
                 "p_index": f"{p_value(index, null):.4f}", "drop_a_by_a": f"{d[a, a]:.4f}",
                 "drop_a_by_b": f"{d[a, b]:.4f}", "drop_b_by_b": f"{d[b, b]:.4f}", "drop_b_by_a": f"{d[b, a]:.4f}",
                 "p_a_by_a": f"{p_value(d[a, a], rand_drop[a]):.4f}",

@@ -7,13 +7,14 @@ Every figure is embedded; a section whose files are missing says so in one line 
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import json
 import math
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
+
+from dualtask import read_csv, write_text
 
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; line-height: 1.45; }
@@ -25,11 +26,6 @@ p.skip { color: #a33; font-style: italic; }
 p.what { color: #444; }
 details { margin: .5em 0; }
 """
-
-
-def _rows(path: Path) -> list:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def _image(path: Path, alt: str) -> str:
@@ -102,7 +98,7 @@ def build_report(run_dir) -> Path:
     r.section("Intact accuracy")
     results = run_dir / "lesion_results.csv"
     if results.exists():
-        rows = _rows(results)
+        rows = read_csv(results)
         intact = {}
         for row in rows:
             intact.setdefault(row["eval_task"], (float(row["intact_accuracy"]), int(row["n_images"]),
@@ -123,7 +119,7 @@ def build_report(run_dir) -> Path:
     r.section("Dissociation by depth")
     if r.figure("dissociation_by_depth.png", "The double-dissociation index per site (0 = no task split) with "
                 "its 95% bootstrap interval over test images."):
-        rows = _rows(run_dir / "dissociation.csv")
+        rows = read_csv(run_dir / "dissociation.csv")
         fractions = sorted({float(x["fraction"]) for x in rows})
         if fractions:
             headline = min(fractions, key=lambda f: abs(f - 0.2))
@@ -143,7 +139,7 @@ def build_report(run_dir) -> Path:
     if overlap.exists():
         r.what("Overlap (intersection over union) of the two heads' top-5% regions on the same images: 1 = they "
                "attend to the same pixels.")
-        r.raw(_table(_rows(overlap), ["images", "head_a", "head_b", "site", "mean_iou_top5", "sd", "n"]))
+        r.raw(_table(read_csv(overlap), ["images", "head_a", "head_b", "site", "mean_iou_top5", "sd", "n"]))
 
     r.section("Preferred stimuli")
     stimuli = sorted((run_dir / "figures").glob("stimuli_*.png")) if (run_dir / "figures").exists() else []
@@ -167,9 +163,7 @@ def build_report(run_dir) -> Path:
             f"<p>Built {stamp} from the files in {html.escape(str(run_dir))}.</p>" + "".join(r.parts) +
             "</body></html>")
     out = run_dir / "report.html"
-    tmp = run_dir / ".report.html.tmp"
-    tmp.write_text(page)
-    tmp.replace(out)
+    write_text(out, page)
     return out
 
 

@@ -69,3 +69,23 @@ def test_chance_corrected_drop():
     assert L.corrected_drop(0.9, 0.5, 0.1) == pytest.approx(0.5)
     assert L.corrected_drop(0.9, 0.9, 0.1) == 0 and L.corrected_drop(0.6, 0.1, 0.1) == pytest.approx(1.0)
     assert np.isnan(L.corrected_drop(0.1, 0.1, 0.1))
+
+
+def test_dissociation_is_undefined_for_a_head_at_chance():
+    site = L.Site("layer", None, 10, 0)
+    rng = np.random.default_rng(0)
+
+    def result(p_face, p_object):
+        return {"face": {"correct": rng.random(200) < p_face, "loss": np.ones(200)},
+                "object": {"correct": rng.random(200) < p_object, "loss": np.ones(200)}}
+
+    conditions = [("loss", "face", 0, 0.2, np.arange(2)), ("loss", "object", 0, 0.2, np.arange(2)),
+                  ("random", "random", 0, 0.2, np.arange(2)), ("random", "random", 1, 0.2, np.arange(2))]
+    chance = {"face": 0.25, "object": 0.25}
+    results = [result(0.3, 0.9), result(0.9, 0.3), result(0.85, 0.85), result(0.85, 0.85)]
+    (row,) = L.dissociation_rows(site, conditions, results, result(0.95, 0.95), chance, ["face", "object"])
+    assert float(row["index"]) > 1.5 and float(row["ci_low"]) > 1.0 and float(row["ci_high"]) < 2.5
+    at_chance = result(0.25, 0.95)
+    at_chance["face"]["correct"] = np.arange(200) % 4 == 0  # exactly a quarter right, as chance predicts
+    (row,) = L.dissociation_rows(site, conditions, results, at_chance, chance, ["face", "object"], n_boot=200)
+    assert np.isnan(float(row["index"])) and np.isnan(float(row["ci_low"])) and np.isnan(float(row["ci_high"]))

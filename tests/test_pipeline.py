@@ -1,5 +1,6 @@
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -50,7 +51,9 @@ def test_demo_end_to_end_writes_every_output(tmp_path, script):
     assert all(r["accuracy"] == r["intact_accuracy"] for r in rows if r["fraction"] == "0.0000")
     assert all(0 <= float(r["accuracy"]) <= 1 and float(r["loss"]) > 0 for r in lesioned)
     dissociation = read_rows(out / "dissociation.csv")
-    assert len(dissociation) == 2 * 2 and all(float(r["ci_low"]) <= float(r["ci_high"]) for r in dissociation)
+    assert len(dissociation) == 2 * 2
+    # an interval exists only where the index does (a head at chance has no chance-corrected drop)
+    assert all(float(r["ci_low"]) <= float(r["ci_high"]) or math.isnan(float(r["index"])) for r in dissociation)
     rankings = json.loads((out / "rankings.json").read_text())
     assert set(rankings) == set(sites)
     assert len(rankings[sites[0]]["random"]) == 3 and set(rankings[sites[0]]["loss"]) == {"face", "object"}
