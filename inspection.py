@@ -77,11 +77,12 @@ def default_gradcam_site(model, image_size: int, min_side: int = 4) -> L.Site:
 
 def gradcam_analysis(model, images: dict, site: L.Site, out_dir: Path, n_images: int = 64) -> dict:
     """Per task's test images: both heads' maps, their mean per head, and the overlap (intersection over union)
-    of the two heads' top-5% regions. Writes gradcam.npz, gradcam_overlap.csv and figures/gradcam_*.png."""
+    of the two heads' top-5% regions. Writes gradcam.npz (mean and per-image maps), gradcam_overlap.csv and
+    figures/gradcam_*.png."""
     import figures
 
     tasks = list(images)
-    mean_maps, rows, examples = {}, [], {}
+    mean_maps, per_image, rows, examples = {}, {}, [], {}
     for task in tasks:
         idx = images[task].data.indices("test")[:n_images]
         x, _ = images[task].batch(idx)
@@ -97,9 +98,10 @@ def gradcam_analysis(model, images: dict, site: L.Site, out_dir: Path, n_images:
                              "mean_iou_top5": f"{iou.mean():.4f}", "sd": f"{iou.std():.4f}", "n": len(iou)})
         for head in tasks:
             mean_maps[f"{task}_images__{head}_head"] = maps[head].mean(0).numpy()
+            per_image[f"{task}_images__{head}_head__per_image"] = maps[head].numpy().astype(np.float16)
         mean_maps[f"{task}_images__mean_image"] = x.mean(0).permute(1, 2, 0).cpu().numpy()
         examples[task] = (x[:6].permute(0, 2, 3, 1).cpu().numpy(), {h: maps[h][:6].numpy() for h in tasks})
-    np.savez_compressed(out_dir / "gradcam.npz", site=site.name, **mean_maps)
+    np.savez_compressed(out_dir / "gradcam.npz", site=site.name, **mean_maps, **per_image)
     write_csv(out_dir / "gradcam_overlap.csv", ("images", "head_a", "head_b", "site", "mean_iou_top5", "sd", "n"), rows)
     return {"figures": figures.gradcam_figures(out_dir, examples, mean_maps, tasks, site.name), "overlap": rows}
 

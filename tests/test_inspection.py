@@ -73,6 +73,9 @@ def test_figures_stage_writes_the_report_and_report_py_rebuilds_it(tmp_path):
     decoding = (out / "decoding.csv").read_text().splitlines()
     assert len(decoding) == 1 + 17 * 2
     assert json.loads((out / "stimuli.json").read_text())
+    maps = np.load(out / "gradcam.npz")
+    assert maps["face_images__object_head__per_image"].shape[1:] == (32, 32)
+    assert maps["object_images__face_head"].shape == (32, 32) and str(maps["site"]).startswith("trunk.")
 
     # rebuilt from the files alone, without the model; a missing file becomes a one-line reason
     (out / "report.html").unlink()
