@@ -33,13 +33,18 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _read(path: Path):
+    """A run's CSV as a DataFrame, or None when it is missing or empty (its figure is then skipped)."""
+    if not path.exists():
+        return None
+    df = pd.read_csv(path)
+    return None if df.empty else df
+
+
 def training_curves(run_dir: Path) -> Path | None:
     """Accuracy and loss per epoch, per task, training and validation."""
-    log = run_dir / "train_log.csv"
-    if not log.exists():
-        return None
-    df = pd.read_csv(log)
-    if df.empty:
+    df = _read(run_dir / "train_log.csv")
+    if df is None:
         return None
     _style()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -65,11 +70,8 @@ def lesion_effects(run_dir: Path) -> Path | None:
     """The headline figure: chance-corrected drops of both tasks after lesioning the 20% most task-ranked
     filters of each site, across depth, one row per ranking method and one column per target, with the range
     of the random lesions of the same size shaded."""
-    path = run_dir / "lesion_results.csv"
-    if not path.exists():
-        return None
-    df = pd.read_csv(path)
-    if df.empty or not (df["fraction"] > 0).any():
+    df = _read(run_dir / "lesion_results.csv")
+    if df is None or not (df["fraction"] > 0).any():
         return None
     f = _headline_fraction(df["fraction"])
     df = df[np.isclose(df["fraction"], f)]
@@ -109,11 +111,8 @@ def lesion_effects(run_dir: Path) -> Path | None:
 def dissociation_by_depth(run_dir: Path) -> Path | None:
     """The double-dissociation index per site at the headline fraction, with its 95% bootstrap interval,
     one line per ranking method."""
-    path = run_dir / "dissociation.csv"
-    if not path.exists():
-        return None
-    df = pd.read_csv(path)
-    if df.empty:
+    df = _read(run_dir / "dissociation.csv")
+    if df is None:
         return None
     f = _headline_fraction(df["fraction"])
     df = df[np.isclose(df["fraction"], f)].sort_values("depth")
@@ -195,11 +194,8 @@ def stimuli_figure(run_dir: Path, site: str, method: str, grids: list) -> Path:
 
 def decoding_by_depth(run_dir: Path) -> Path | None:
     """Cross-validated linear decoding accuracy of each task from each site's pooled activations."""
-    path = run_dir / "decoding.csv"
-    if not path.exists():
-        return None
-    df = pd.read_csv(path)
-    if df.empty:
+    df = _read(run_dir / "decoding.csv")
+    if df is None:
         return None
     _style()
     fig, ax = plt.subplots(figsize=(7, 3.8))
