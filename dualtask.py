@@ -531,13 +531,11 @@ def run(config: dict) -> None:
         _check_out_dir(out_dir, config)
         datasets = load_datasets(config)
         model = build_model(config, {t: len(d.classes) for t, d in datasets.items()}).to(dist.device)
-        if "lesion" in config["stages"]:
-            import lesion_utils
+        import lesion_utils  # here, not at the top: lesion_utils imports this module
 
+        if "lesion" in config["stages"]:
             lesion_utils.select_sites(model, config)  # an unknown lesion site stops the run before training
         if "figures" in config["stages"] and config.get("gradcam_site"):
-            import lesion_utils
-
             lesion_utils.get_site(model, config["gradcam_site"])
         if "train" not in config["stages"] and not (out_dir / "checkpoint.pt").exists():
             raise UsageError(f"{out_dir}: no checkpoint.pt to lesion or draw; run the 'train' stage first")

@@ -380,7 +380,8 @@ def rank_site(model, site: Site, rank_batches: list, tasks: list, methods, rando
     out = {}
     if "activation" in methods:
         acts = site_activations(model, [site], rank_batches)[site.name]
-        out["activation"] = {t: _entry(_order(selectivity(acts, t)), selectivity(acts, t)) for t in tasks}
+        scores = {t: selectivity(acts, t) for t in tasks}
+        out["activation"] = {t: _entry(_order(scores[t]), scores[t]) for t in tasks}
     if "loss" in methods:
         out["loss"] = {}
         for t in tasks:
