@@ -13,10 +13,11 @@ import sys
 from pathlib import Path
 
 import figures
-from dualtask import read_csv, write_csv
+import report
+from common import read_csv, write_csv
 
 COLUMNS = ("run", "backbone", "kind", "task_or_method", "layer", "relative_depth", "value", "ci_low", "ci_high",
-           "fraction")
+           "fraction", "n_images")
 
 
 def collect(run_dir: Path) -> list:
@@ -25,18 +26,16 @@ def collect(run_dir: Path) -> list:
     out = []
     results = run_dir / "lesion_results.csv"
     if results.exists():
-        seen = set()
-        for r in read_csv(results):
-            if r["eval_task"] not in seen:
-                seen.add(r["eval_task"])
-                out.append({"run": run_dir.name, "backbone": config["backbone"], "kind": "intact_accuracy",
-                            "task_or_method": r["eval_task"], "value": r["intact_accuracy"]})
+        for task, (accuracy, n, _) in report.intact_accuracies(read_csv(results)).items():
+            low, high = report.wilson(accuracy, n)
+            out.append({"run": run_dir.name, "backbone": config["backbone"], "kind": "intact_accuracy",
+                        "task_or_method": task, "value": f"{accuracy:.4f}", "ci_low": f"{low:.4f}",
+                        "ci_high": f"{high:.4f}", "n_images": n})
     diss = run_dir / "dissociation.csv"
     if diss.exists():
         rows = read_csv(diss)
         if rows:
-            fractions = sorted({float(r["fraction"]) for r in rows})
-            headline = min(fractions, key=lambda f: abs(f - 0.2))
+            headline = figures.headline_fraction(r["fraction"] for r in rows)
             depths = sorted({int(r["depth"]) for r in rows})
             span = max(1, depths[-1] - depths[0])
             for r in rows:

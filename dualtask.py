@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import csv
 import json
 import math
 import os
 import re
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import figures
+import inspection
+import lesion_utils
+import report
 import vggface2
+from common import (StageFailed, UsageError, autocast, format_seconds, load_checkpoint, read_csv,
+                    save_checkpoint, write_csv, write_text)
 from vggface2 import DataError, TaskData
 
 BACKBONES = ("vgg16", "vgg19", "resnet50", "resnext50")
@@ -37,10 +43,6 @@ TRAIN_LOG_COLUMNS = ("epoch", "task", "split", "loss", "accuracy", "images_per_s
 # settings that make a checkpoint belong to a run: changing one needs --retrain=True or another out_dir
 RUN_IDENTITY = ("backbone", "batch_norm", "fc_width", "image_size", "max_per_class", "max_classes", "seed",
                 "batch_size")
-
-
-class UsageError(ValueError):
-    """Bad input from the user: reported as one line on stderr, exit status 2, no traceback."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -244,13 +246,6 @@ class Dist:
             torch.distributed.destroy_process_group()
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; nothing elsewhere."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 class TaskImages:
     """One task's uint8 images where batches are cut from them: on the GPU when they fit, else in host memory."""
 
@@ -306,47 +301,7 @@ def evaluate(model: nn.Module, images: dict, split: str, dist: Dist | None = Non
 
 
 # ----------------------------------------------------------------------------------------------------------
-# files
-
-
-def atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder and rename it into place."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda p: p.write_text(text))
-
-
-def write_csv(path: Path, columns, rows: list) -> None:
-    def write(p):
-        with open(p, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows)
-
-    atomic_write(path, write)
-
-
-def read_csv(path: Path) -> list:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    atomic_write(path, lambda p: torch.save(state, p))
-
-
-def load_checkpoint(path: Path, device="cpu", mmap: bool = False) -> dict:
-    """A checkpoint's state; `mmap=True` reads only what is touched (cheap for its config and epoch)."""
-    return torch.load(path, map_location=device, weights_only=True, mmap=mmap)
+# runs on disk
 
 
 def load_run(run_dir: str | os.PathLike, device: str = "cpu"):
@@ -531,8 +486,6 @@ def run(config: dict) -> None:
         _check_out_dir(out_dir, config)
         datasets = load_datasets(config)
         model = build_model(config, {t: len(d.classes) for t, d in datasets.items()}).to(dist.device)
-        import lesion_utils  # here, not at the top: lesion_utils imports this module
-
         if "lesion" in config["stages"]:
             lesion_utils.select_sites(model, config)  # an unknown lesion site stops the run before training
         if "figures" in config["stages"] and config.get("gradcam_site"):
@@ -541,7 +494,7 @@ def run(config: dict) -> None:
             raise UsageError(f"{out_dir}: no checkpoint.pt to lesion or draw; run the 'train' stage first")
         resolved = dict(config, tasks={t: {"classes": len(d.classes), "chance": d.chance, "source": d.source,
                                            "counts": d.counts()} for t, d in datasets.items()},
-                        resolved_device=str(dist.device), world_size=dist.world, torch=torch.__version__)
+                        resolved_device=str(dist.device), world_size=dist.world, **provenance(dist.device))
         if dist.main:
             try:
                 out_dir.mkdir(parents=True, exist_ok=True)
@@ -567,16 +520,85 @@ def run(config: dict) -> None:
         if "lesion" in config["stages"]:
             lesion_utils.lesion_stage(model, images, config, out_dir)
         if "figures" in config["stages"]:
-            import figures
-            import inspection
-            import report
-
-            written = inspection.inspect_run(model, images, config, out_dir) + figures.make_figures(out_dir)
-            written.append(report.build_report(out_dir))
-            for path in written:
-                print(f"wrote {path}")
+            figures_stage(model, images, config, out_dir)
     finally:
         dist.close()
+
+
+def figures_stage(model: DualTaskNet, images: dict, config: dict, out_dir: Path) -> None:
+    """Figures, analyses and report.html. The figures drawn from the run's CSVs and the report come first, so
+    that nothing finished is lost; then Grad-CAM, preferred stimuli and decoding each run on their own. A part
+    that fails is named in one line on stderr, in figures_status.json and in the report ("Skipped: ..."); the
+    others still run, the report is rebuilt, and StageFailed names the failed parts at the end."""
+    out_dir = Path(out_dir)
+    status_path = out_dir / report.FIGURES_STATUS
+    status = {}
+
+    def attempt(name, make):
+        start = time.perf_counter()
+        try:
+            written = [p for p in make() if p is not None]
+        except Exception as e:  # one part's failure must not cost the others (KeyboardInterrupt still stops)
+            reason = f"{type(e).__name__}: {e}".splitlines()[0]
+            if isinstance(e, ImportError):
+                reason += " (a package is missing: pip install -r requirements.txt)"
+            status[name] = {"ok": False, "error": reason, "traceback": traceback.format_exc()}
+            print(f"error: {name} failed after {format_seconds(time.perf_counter() - start)}: {reason} "
+                  f"(traceback in {status_path})", file=sys.stderr, flush=True)
+        else:
+            status[name] = {"ok": True, "seconds": round(time.perf_counter() - start, 1),
+                            "files": [str(p) for p in written]}
+            for path in written:
+                print(f"wrote {path}")
+            print(f"{name}: {format_seconds(time.perf_counter() - start)}", flush=True)
+        write_text(status_path, json.dumps(status, indent=1))
+
+    for name, draw in figures.RUN_FIGURES:
+        attempt(name, lambda draw=draw: [draw(out_dir)])
+    attempt("report", lambda: [report.build_report(out_dir)])
+    for name, step in inspection.ANALYSES:
+        attempt(name, lambda step=step: step(model, images, config, out_dir))
+    attempt("report", lambda: [report.build_report(out_dir)])
+    failed = [f"{name} ({entry['error']})" for name, entry in status.items() if not entry["ok"]]
+    if failed:
+        raise StageFailed(f"figures stage: {'; '.join(failed)} failed; everything else was written "
+                          f"({out_dir / 'report.html'} names what is missing)")
+
+
+def provenance(device: torch.device) -> dict:
+    """What made the run, for config.json: package versions, the device, the command line and the git commit."""
+    import platform
+    import subprocess
+    from importlib import metadata
+
+    def version(dist):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
+
+    if device.type == "cuda":
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        cpu = platform.processor() or platform.machine()
+        with contextlib.suppress(OSError):  # Linux names the CPU model here; platform does not
+            cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                        if line.startswith("model name")), cpu)
+        device_name = f"{device.type}: {cpu}, {os.cpu_count()} cores"
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+        if commit:
+            dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=10).stdout.strip()
+            commit += " (with uncommitted changes)" if dirty else ""
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "torchvision": version("torchvision"), "numpy": np.__version__,
+                         "scikit-learn": version("scikit-learn")},
+            "device_name": device_name, "command": [Path(sys.executable).name] + sys.argv, "git_commit": commit}
 
 
 def _finished(out_dir: Path, config: dict) -> bool:
@@ -600,3 +622,6 @@ def main(script_globals: dict, argv: list | None = None) -> None:
     except (UsageError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except StageFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

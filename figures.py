@@ -54,15 +54,20 @@ def training_curves(run_dir: Path) -> Path | None:
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    handles, labels = axes[0].get_legend_handles_labels()
+    for ax in axes:
+        ax.get_legend().remove()
+    fig.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.0, 0.9), frameon=False)
     axes[0].set_ylim(0, 1)
     axes[1].set_yscale("log")
     fig.suptitle(f"Training: {run_dir.name}")
+    fig.tight_layout()
     return _save(fig, run_dir / "figures" / "training_curves.png")
 
 
-def _headline_fraction(fractions) -> float:
+def headline_fraction(fractions) -> float:
     """The reference study's headline is the 20% lesion; else the nearest fraction swept."""
-    fractions = sorted(f for f in set(fractions) if f > 0)
+    fractions = sorted(f for f in {float(f) for f in fractions} if f > 0)
     return min(fractions, key=lambda f: abs(f - 0.2))
 
 
@@ -73,7 +78,7 @@ def lesion_effects(run_dir: Path) -> Path | None:
     df = _read(run_dir / "lesion_results.csv")
     if df is None or not (df["fraction"] > 0).any():
         return None
-    f = _headline_fraction(df["fraction"])
+    f = headline_fraction(df["fraction"])
     df = df[np.isclose(df["fraction"], f)]
     tasks = list(dict.fromkeys(df["eval_task"]))
     methods = [m for m in dict.fromkeys(df["method"]) if m != "random"] or ["random"]
@@ -109,25 +114,31 @@ def lesion_effects(run_dir: Path) -> Path | None:
 
 
 def dissociation_by_depth(run_dir: Path) -> Path | None:
-    """The double-dissociation index per site at the headline fraction, with its 95% bootstrap interval,
-    one line per ranking method."""
+    """The double-dissociation index per site at the headline fraction, one line per ranking method with its
+    95% bootstrap band, beside the grey band of indices built from pairs of random lesions (the null)."""
     df = _read(run_dir / "dissociation.csv")
     if df is None:
         return None
-    f = _headline_fraction(df["fraction"])
+    f = headline_fraction(df["fraction"])
     df = df[np.isclose(df["fraction"], f)].sort_values("depth")
     a, b = df["task_a"].iloc[0], df["task_b"].iloc[0]
     _style()
-    fig, ax = plt.subplots(figsize=(7.5, 4))
+    fig, ax = plt.subplots(figsize=(8.5, 4))
+    if {"null_low", "null_high"} <= set(df.columns):
+        null = df.drop_duplicates("depth")
+        n_random = int(null["n_random"].max())
+        ax.fill_between(null["depth"], null["null_low"], null["null_high"], color="0.55", alpha=0.3, lw=0,
+                        label=f"random-lesion pairs (range of {n_random})")
     for method, colour in zip(dict.fromkeys(df["method"]), sns.color_palette(PALETTE)):
         sub = df[df["method"] == method]
-        ax.fill_between(sub["depth"], sub["ci_low"], sub["ci_high"], color=colour, alpha=0.2, lw=0)
+        ax.fill_between(sub["depth"], sub["ci_low"], sub["ci_high"], color=colour, alpha=0.2, lw=0,
+                        label=f"{method}: 95% bootstrap CI")
         ax.plot(sub["depth"], sub["index"], marker="o", ms=4, color=colour, label=f"{method} ranking")
     ax.axhline(0, color="0.3", lw=0.8)
     ax.set_xlabel("lesion site (depth, 0 = first)")
     ax.set_ylabel("double-dissociation index\n(sum of chance-corrected drop differences)")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    ax.legend(frameon=False, title=f"{f:.0%} lesions, 95% bootstrap CI")
+    ax.legend(frameon=False, title=f"{f:.0%} lesions", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title(f"[drop {a}({a} filters) - drop {a}({b} filters)] + [drop {b}({b}) - drop {b}({a})]", fontsize=9)
     fig.suptitle(f"Task dissociation by depth: {run_dir.name}")
     return _save(fig, run_dir / "figures" / "dissociation_by_depth.png")
@@ -214,21 +225,32 @@ def decoding_by_depth(run_dir: Path) -> Path | None:
 
 
 def compare_figure(rows: list, path: Path) -> Path:
-    """Across runs: intact accuracy per task (left) and the dissociation index against relative depth (right;
-    the loss ranking where a run has it, else activation), with 95% bootstrap bands."""
+    """Across runs: intact accuracy per task with its 95% Wilson interval (left), and the dissociation index
+    against relative depth (right; the loss ranking where a run has it, else activation) with 95% bootstrap
+    bands."""
     _style()
     df = pd.DataFrame(rows)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1, 1.6]})
-    intact = df[df["kind"] == "intact_accuracy"].astype({"value": float}) if len(df) else df
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.4), gridspec_kw={"width_ratios": [1, 1.6]})
+    intact = df[df["kind"] == "intact_accuracy"].astype({"value": float, "ci_low": float, "ci_high": float}) \
+        if len(df) else df
     if len(intact):
-        sns.barplot(intact, x="run", y="value", hue="task_or_method", ax=axes[0])
-        axes[0].legend(title="task", frameon=False)
+        runs, tasks = list(dict.fromkeys(intact["run"])), list(dict.fromkeys(intact["task_or_method"]))
+        width = 0.8 / len(tasks)
+        for k, (task, colour) in enumerate(zip(tasks, sns.color_palette(PALETTE))):
+            sub = intact[intact["task_or_method"] == task].set_index("run").reindex(runs)
+            x = np.arange(len(runs)) - 0.4 + width * (k + 0.5)
+            axes[0].bar(x, sub["value"], width, color=colour, label=task,
+                        yerr=[sub["value"] - sub["ci_low"], sub["ci_high"] - sub["value"]], capsize=3)
+        axes[0].set_xticks(np.arange(len(runs)), runs)
+        axes[0].legend(title="task (95% Wilson CI)", frameon=False)
     axes[0].set_ylim(0, 1)
     axes[0].set_xlabel("run (backbone)")
     axes[0].set_ylabel("intact test accuracy (fraction correct)")
     diss = df[df["kind"] == "dissociation_index"] if len(df) else df
+    shown = set()
     for (run, sub), colour in zip(diss.groupby("run", sort=False) if len(diss) else [], sns.color_palette(PALETTE)):
         method = "loss" if (sub["task_or_method"] == "loss").any() else sub["task_or_method"].iloc[0]
+        shown.add(method)
         sub = sub[sub["task_or_method"] == method].astype({"relative_depth": float, "value": float,
                                                            "ci_low": float, "ci_high": float})
         sub = sub.sort_values("relative_depth")
@@ -237,19 +259,28 @@ def compare_figure(rows: list, path: Path) -> Path:
                      label=f"{run} ({sub['backbone'].iloc[0]}, {method} ranking)")
     axes[1].axhline(0, color="0.3", lw=0.8)
     axes[1].set_xlabel("relative depth (0 = first lesion site, 1 = last)")
-    axes[1].set_ylabel("double-dissociation index at 20% lesions")
+    fraction = f"{float(diss['fraction'].iloc[0]):.0%}" if len(diss) else "20%"
+    axes[1].set_ylabel(f"double-dissociation index at {fraction} lesions")
+    axes[1].set_title(f"{' / '.join(sorted(shown)) or 'no'} ranking (loss where a run has it, else activation); "
+                      f"bands: 95% bootstrap CI", fontsize=9)
     if len(diss):
-        axes[1].legend(frameon=False, fontsize=8)
+        axes[1].legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.suptitle("Comparison across backbones")
     fig.tight_layout()
     return _save(fig, Path(path))
 
 
+# the figures drawn from a run's CSVs alone, in the order the figures stage draws them: (name, function)
+# (decoding_by_depth follows the decoding analysis, which writes its CSV)
+RUN_FIGURES = (("training curves", training_curves), ("lesion effects", lesion_effects),
+               ("dissociation by depth", dissociation_by_depth))
+
+
 def make_figures(run_dir) -> list:
     """Every figure the run's files allow; returns the paths written."""
     run_dir = Path(run_dir)
-    return [p for p in (training_curves(run_dir), lesion_effects(run_dir), dissociation_by_depth(run_dir),
-                      decoding_by_depth(run_dir)) if p is not None]
+    drawn = [draw(run_dir) for _, draw in RUN_FIGURES] + [decoding_by_depth(run_dir)]
+    return [p for p in drawn if p is not None]
 
 
 if __name__ == "__main__":

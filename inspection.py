@@ -12,9 +12,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import figures
 import lesion_utils as L
 import vggface2
-from dualtask import autocast, write_csv
+from common import write_csv, write_text
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -79,8 +80,6 @@ def gradcam_analysis(model, images: dict, site: L.Site, out_dir: Path, n_images:
     """Per task's test images: both heads' maps, their mean per head, and the overlap (intersection over union)
     of the two heads' top-5% regions. Writes gradcam.npz (mean and per-image maps), gradcam_overlap.csv and
     figures/gradcam_*.png."""
-    import figures
-
     tasks = list(images)
     mean_maps, per_image, rows, examples = {}, {}, [], {}
     for task in tasks:
@@ -171,8 +170,6 @@ def stimuli_analysis(model, images: dict, sites: list, out_dir: Path, n_filters:
                      steps: int = 200, seed: int = 0) -> list:
     """For each chosen site: top test images and an activation-maximisation image of its most face- and most
     object-ranked filters (rankings.json). Writes figures/stimuli_<site>.png and stimuli.json."""
-    import figures
-
     tasks = list(images)
     written, summary = [], {}
     for site in sites:
@@ -187,7 +184,7 @@ def stimuli_analysis(model, images: dict, sites: list, out_dir: Path, n_filters:
         written.append(figures.stimuli_figure(out_dir, site.name, method, grids))
         summary[site.name] = {"method": method, "filters": {t: ranked[t] for t in ranked},
                               "top_images": {f"{t}:{f}": [src for src, _, _ in top] for (t, f), top in zip(filters, tops)}}
-    (out_dir / "stimuli.json").write_text(json.dumps(summary, indent=1))
+    write_text(out_dir / "stimuli.json", json.dumps(summary, indent=1))
     return written
 
 
@@ -226,18 +223,37 @@ def decoding_analysis(model, images: dict, sites: list, out_dir: Path, n_per_tas
     return out_dir / "decoding.csv"
 
 
-def inspect_run(model, images: dict, config: dict, out_dir: Path) -> list:
-    """All analyses of the figures stage that need the model; returns the files written."""
-    out_dir = Path(out_dir)
-    (out_dir / "figures").mkdir(parents=True, exist_ok=True)
-    model.eval()
+def _site_for_gradcam(model, images: dict, config: dict) -> L.Site:
+    if config.get("gradcam_site"):
+        return L.get_site(model, config["gradcam_site"])
+    return default_gradcam_site(model, images[next(iter(images))].data.image_size)
+
+
+def gradcam_step(model, images: dict, config: dict, out_dir: Path) -> list:
+    """The figures stage's Grad-CAM: every head on every task's first 64 test images."""
+    site = _site_for_gradcam(model, images, config)
+    print(f"Grad-CAM: {len(images)} heads at {site.name} on up to 64 test images per task", flush=True)
+    return gradcam_analysis(model.eval(), images, site, Path(out_dir))["figures"]
+
+
+def stimuli_step(model, images: dict, config: dict, out_dir: Path) -> list:
+    """The figures stage's preferred stimuli: a middle and the last site, the filters ranked first for each task."""
     sites = L.lesion_sites(model)
-    image_size = images[next(iter(images))].data.image_size
-    site = (L.get_site(model, config["gradcam_site"]) if config.get("gradcam_site")
-            else default_gradcam_site(model, image_size))
-    written = gradcam_analysis(model, images, site, out_dir)["figures"]
     chosen = [sites[len(sites) // 2], sites[-1]]
-    written += stimuli_analysis(model, images, chosen, out_dir, steps=config.get("stimulus_steps", 200),
-                                seed=config["seed"])
-    written.append(decoding_analysis(model, images, sites, out_dir, seed=config["seed"]))
-    return written
+    steps = config.get("stimulus_steps", 200)
+    print(f"preferred stimuli: top test images and {steps}-step activation maximisation of the 4 filters ranked "
+          f"first for each task at {', '.join(s.name for s in chosen)}", flush=True)
+    return stimuli_analysis(model.eval(), images, chosen, Path(out_dir), steps=steps, seed=config["seed"])
+
+
+def decoding_step(model, images: dict, config: dict, out_dir: Path) -> list:
+    """The figures stage's layer-wise decoding: every site, then its figure."""
+    sites = L.lesion_sites(model)
+    print(f"layer-wise decoding: cross-validated ridge probes of each task at {len(sites)} sites on up to 400 "
+          f"test images per task", flush=True)
+    return [decoding_analysis(model.eval(), images, sites, Path(out_dir), seed=config["seed"]),
+            figures.decoding_by_depth(Path(out_dir))]
+
+
+# the analyses of the figures stage that need the model, in the order they run: (name, step)
+ANALYSES = (("Grad-CAM", gradcam_step), ("preferred stimuli", stimuli_step), ("decoding", decoding_step))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import torch
 import torch.nn as nn
 
 import vggface2
-from dualtask import UsageError, autocast, read_csv, write_csv, write_text
+from common import UsageError, autocast, format_seconds, read_csv, write_csv, write_text
 
 
 @dataclass
@@ -429,7 +430,7 @@ LESION_COLUMNS = ("layer", "depth", "n_filters", "target", "method", "fraction",
                   "corrected_drop")
 DISSOCIATION_COLUMNS = ("layer", "depth", "method", "fraction", "task_a", "task_b", "index", "ci_low", "ci_high",
                         "p_index", "drop_a_by_a", "drop_a_by_b", "drop_b_by_b", "drop_b_by_a", "p_a_by_a",
-                        "p_b_by_b", "random_drop_a", "random_drop_b", "n_random")
+                        "p_b_by_b", "random_drop_a", "random_drop_b", "n_random", "null_low", "null_high")
 PER_CLASS_COLUMNS = ("layer", "method", "target", "repeat", "fraction", "eval_task", "class", "accuracy",
                      "n_images")
 
@@ -454,13 +455,26 @@ def lesion_conditions(site: Site, rankings: dict, fractions, keep_only: bool = F
     return conditions
 
 
+def random_pair_indices(drop_a: np.ndarray, drop_b: np.ndarray) -> np.ndarray:
+    """The dissociation index's null: indices built from two random lesions, random order r standing for the
+    task-a filters and order r+1 (cyclically) for the task-b filters. One null value per random order, so that
+    the smallest p-value, 1/(R+1) for R orders, is what R independent draws allow (all R(R-1) ordered pairs
+    would reuse each order many times and promise a precision the R draws do not have)."""
+    drop_a, drop_b = np.asarray(drop_a, dtype=float), np.asarray(drop_b, dtype=float)
+    if len(drop_a) < 2:
+        return np.array([])
+    nxt = np.roll(np.arange(len(drop_a)), -1)
+    return drop_a - drop_a[nxt] + drop_b[nxt] - drop_b
+
+
 def dissociation_rows(site: Site, conditions: list, results: list, intact: dict, chance: dict, tasks: list,
                       n_boot: int = 1000, seed: int = 0) -> list:
     """Per method and fraction: the double-dissociation index
     [drop_a(a-filters) - drop_a(b-filters)] + [drop_b(b-filters) - drop_b(a-filters)] of chance-corrected
     accuracy drops, its 95% bootstrap interval over test images, and where random lesions of the same size
     place it (empirical p-values: the targeted lesion's own-task drop against the random lesions' drops, and
-    the index against indices made of two random lesions)."""
+    the index against indices made of two random lesions, `random_pair_indices`, whose range is null_low to
+    null_high)."""
     if len(tasks) < 2:
         return []
     a, b = tasks[:2]
@@ -485,9 +499,11 @@ def dissociation_rows(site: Site, conditions: list, results: list, intact: dict,
             return float("nan"), float("nan")
         return float(np.nanpercentile(boot, 2.5)), float(np.nanpercentile(boot, 97.5))
 
-    def p_value(value, null):
-        null = np.asarray(null)
-        return (1 + int(np.sum(null >= value))) / (len(null) + 1) if len(null) else float("nan")
+    def p_value(value, null):  # undefined where the value or a null draw is (a head at chance)
+        null = np.asarray(null, dtype=float)
+        if not len(null) or not np.isfinite(value) or not np.isfinite(null).all():
+            return float("nan")
+        return (1 + int(np.sum(null >= value))) / (len(null) + 1)
 
     rows = []
     for method in [m for m in dict.fromkeys(m for m, *_ in conditions) if m != "random"]:
@@ -501,8 +517,7 @@ def dissociation_rows(site: Site, conditions: list, results: list, intact: dict,
                     boot_drop(res_b[b]["correct"], b) - boot_drop(res_a[b]["correct"], b))
             rand = [by_key[("random", "random", r, f)] for r in repeats if ("random", "random", r, f) in by_key]
             rand_drop = {e: np.array([drop(r[e]["correct"], e) for r in rand]) for e in (a, b)}
-            null = [rand_drop[a][i] - rand_drop[a][j] + rand_drop[b][j] - rand_drop[b][i]
-                    for i in range(len(rand)) for j in range(len(rand)) if i != j]
+            null = random_pair_indices(rand_drop[a], rand_drop[b])
             rows.append({
                 "layer": site.name, "depth": site.depth, "method": method, "fraction": _fraction_key(f),
                 "task_a": a, "task_b": b, "index": f"{index:.4f}",
@@ -513,6 +528,8 @@ def dissociation_rows(site: Site, conditions: list, results: list, intact: dict,
                 "p_b_by_b": f"{p_value(d[b, b], rand_drop[b]):.4f}",
                 "random_drop_a": f"{rand_drop[a].mean() if len(rand) else float('nan'):.4f}",
                 "random_drop_b": f"{rand_drop[b].mean() if len(rand) else float('nan'):.4f}", "n_random": len(rand),
+                "null_low": f"{np.min(null) if len(null) else float('nan'):.4f}",
+                "null_high": f"{np.max(null) if len(null) else float('nan'):.4f}",
             })
     return rows
 
@@ -619,7 +636,10 @@ def lesion_stage(model: nn.Module, images: dict, config: dict, out_dir: Path) ->
           f"({max(len(x) for _, x, _ in test)} images), {masks_per_pass} lesion(s) per pass")
     labels = {t: torch.cat([y for tb, _, y in test if tb == t]).cpu().numpy() for t in tasks}
     classes = {t: list(images[t].data.classes) for t in tasks}
-    for site in tqdm(todo, desc="lesion sweep", leave=False, disable=None):
+    n_test = sum(len(y) for _, _, y in test)
+    started = time.perf_counter()
+    for k, site in enumerate(tqdm(todo, desc="lesion sweep", leave=False, disable=None)):
+        site_start = time.perf_counter()
         ranking = rank_site(model, site, train_sample, tasks, methods, repeats, config["seed"], masks_per_pass)
         means = None
         if mode == "mean":
@@ -643,6 +663,11 @@ def lesion_stage(model: nn.Module, images: dict, config: dict, out_dir: Path) ->
         write_text(paths["rankings"], json.dumps(rankings))
         progress["done"].append(site.name)
         write_text(paths["progress"], json.dumps(progress, indent=1))
+        now = time.perf_counter()
+        left = (now - started) / (k + 1) * (len(todo) - k - 1)
+        print(f"lesion site {len(done) + k + 1}/{len(sites)} {site.name} ({site.n_filters} filters): ranked by "
+              f"{', '.join(methods)}; {len(conditions)} lesions x {n_test} test images; "
+              f"{now - site_start:.1f} s; about {format_seconds(left)} left", flush=True)
     print(f"wrote {paths['results']} ({len(rows)} rows, {len(sites)} sites), {paths['dissociation'].name}, "
           f"{paths['rankings'].name}")
     return paths["results"]

@@ -14,15 +14,29 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from dualtask import read_csv, write_text
+import numpy as np
+
+from common import read_csv, write_text
+from figures import headline_fraction
+
+FIGURES_STATUS = "figures_status.json"  # what each part of the figures stage wrote, or why it failed
+ALPHA = 0.05  # the level of the summary's test against random lesions
+NEAR_CHANCE = 0.05  # a head whose intact accuracy is less than this above chance has learned too little
 
 STYLE = """
-body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; line-height: 1.45; }
+body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222;
+       line-height: 1.45; }
 h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 2em; }
 img { max-width: 100%; display: block; margin: .8em 0; }
 table { border-collapse: collapse; font-size: .9em; margin: .6em 0; }
 td, th { border: 1px solid #ddd; padding: .25em .6em; text-align: left; }
 p.skip { color: #a33; font-style: italic; }
+div.answer { background: #f4f7fb; border-left: 4px solid #3a6ea5; padding: .4em 1em .6em; }
+div.answer p.verdict { font-size: 1.1em; }
+ul.caveats li { margin: .25em 0; }
+table.wide { font-size: .78em; } table.wide td { padding: .2em .4em; white-space: nowrap; }
+table.wide th { padding: .2em .4em; vertical-align: bottom; }
+div.scroll { overflow-x: auto; }
 p.what { color: #444; }
 details { margin: .5em 0; }
 """
@@ -33,10 +47,12 @@ def _image(path: Path, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
-def _table(rows: list, columns: list) -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+def _table(rows: list, columns: list, wide: bool = False) -> str:
+    head = "".join(f"<th>{html.escape(c).replace('_', '_<wbr>')}</th>" for c in columns)  # long names may wrap
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(r.get(c, '')))}</td>" for c in columns) + "</tr>"
                    for r in rows)
+    if wide:
+        return f'<div class="scroll"><table class="wide"><tr>{head}</tr>{body}</table></div>'
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
@@ -50,9 +66,18 @@ def wilson(p: float, n: int, z: float = 1.96):
 
 
 class Report:
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, status: dict):
         self.run_dir = run_dir
+        self.status = status  # figures_status.json: the parts of the figures stage that ran, or failed
         self.parts = []
+
+    def failed(self, part: str) -> bool:
+        """Say so and return True when a part of the figures stage failed."""
+        entry = self.status.get(part)
+        if entry and not entry.get("ok", True):
+            self.skip(f"{part} failed: {entry.get('error', 'unknown error')} (traceback in {FIGURES_STATUS})")
+            return True
+        return False
 
     def section(self, title: str):
         self.parts.append(f"<h2>{html.escape(title)}</h2>")
@@ -63,8 +88,10 @@ class Report:
     def skip(self, reason: str):
         self.parts.append(f'<p class="skip">Skipped: {html.escape(reason)}</p>')
 
-    def figure(self, name: str, text: str) -> bool:
+    def figure(self, name: str, text: str, part: str | None = None) -> bool:
         path = self.run_dir / "figures" / name
+        if part and self.failed(part):
+            return False
         if not path.exists():
             self.skip(f"figures/{name} is missing (its stage has not run, or its inputs were missing)")
             return False
@@ -76,85 +103,299 @@ class Report:
         self.parts.append(markup)
 
 
+def intact_accuracies(lesion_rows: list) -> dict:
+    """{task: (intact test accuracy, test images, chance)} from lesion_results.csv's rows."""
+    intact = {}
+    for row in lesion_rows:
+        intact.setdefault(row["eval_task"], (float(row["intact_accuracy"]), int(row["n_images"]),
+                                             float(row["chance"])))
+    return intact
+
+
+def _num(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _ci(row: dict) -> str:
+    index, low, high = _num(row["index"]), _num(row["ci_low"]), _num(row["ci_high"])
+    if not math.isfinite(index):
+        return "undefined"
+    return f"{index:.3f} [{low:.3f}, {high:.3f}]" if math.isfinite(low) else f"{index:.3f} [no interval]"
+
+
+def _p(value) -> str:
+    """A number as shown in a table: 3 decimals, or n/a where it is undefined."""
+    p = _num(value)
+    return f"{p:.3f}" if math.isfinite(p) else "n/a"
+
+
+def verdict(row: dict) -> str:
+    """A dissociation.csv row judged: 'dissociates' when its 95% interval lies above 0 and the index beats the
+    random-lesion pairs (p < ALPHA); else what holds of it."""
+    low, high, p = _num(row["ci_low"]), _num(row["ci_high"]), _num(row.get("p_index"))
+    if not math.isfinite(_num(row["index"])):
+        return "undefined (a head at chance)"
+    if low > 0 and p < ALPHA:
+        return "dissociates"
+    if low > 0:
+        return "interval above 0, not beyond random lesions" if math.isfinite(p) else \
+            "interval above 0, no random lesions to test against"
+    if high < 0:
+        return "reversed (each ranking hurts the other task more)"
+    return "no dissociation (interval includes 0)"
+
+
+def repeats_needed(alpha: float = ALPHA) -> int:
+    """The fewest random repeats R whose smallest p-value, 1/(R+1), is below alpha."""
+    r = 1
+    while 1 / (r + 1) >= alpha:
+        r += 1
+    return r
+
+
+def _names(sites: list) -> str:
+    return ", ".join(sites[:6]) + (f" and {len(sites) - 6} more" if len(sites) > 6 else "")
+
+
+def _top_overlap(rankings: dict, site: str, methods: list, task: str, fraction: float):
+    """(shared, k, expected by chance) of two methods' top-`fraction` filters for `task` at a site."""
+    try:
+        orders = [rankings[site][m][task]["order"] for m in methods]
+    except KeyError:
+        return None
+    n = len(orders[0])
+    k = int(round(fraction * n))
+    if k == 0:
+        return None
+    return len(set(orders[0][:k]) & set(orders[1][:k])), k, k * k / n
+
+
+def summary(run_dir: Path, config: dict, status: dict) -> str:
+    """The report's first screen: the answer (per ranking, the sites where the dissociation index's 95%
+    interval excludes 0 and the index beats the random-lesion null), a compact table, and the caveats this
+    run's own numbers call for."""
+    results_path, diss_path = run_dir / "lesion_results.csv", run_dir / "dissociation.csv"
+    results = read_csv(results_path) if results_path.exists() else []
+    diss = read_csv(diss_path) if diss_path.exists() else []
+    rankings_path = run_dir / "rankings.json"
+    rankings = json.loads(rankings_path.read_text()) if rankings_path.exists() else {}
+    tasks = list(config.get("tasks", {}))
+    caveats, table = [], ""
+    methods = [m for m in dict.fromkeys(r["method"] for r in diss)]
+    if not results:
+        answer = ("No lesion results yet (the lesion stage has not run): this run cannot say whether "
+                  "task-specialised filters emerged.")
+    elif not diss:
+        answer = ("No dissociation index: it needs a targeted ranking (activation, loss, greedy or taylor) and "
+                  "two tasks; this run's lesions give only the per-task drops shown below.")
+    else:
+        f = headline_fraction(r["fraction"] for r in diss)
+        rows = [r for r in diss if abs(_num(r["fraction"]) - f) < 1e-6]
+        a, b = rows[0]["task_a"], rows[0]["task_b"]
+        n_sites = len({r["layer"] for r in rows})
+        passing = {m: [r["layer"] for r in rows if r["method"] == m and verdict(r) == "dissociates"]
+                   for m in methods}
+        criterion = (f"the index's 95% bootstrap interval above 0 and the index beyond the random-lesion pairs, "
+                     f"p < {ALPHA}")
+        n_pass = len({s for sites in passing.values() for s in sites})
+        if n_pass:
+            answer = (f"Task-specialised filters: yes, at {n_pass} of {n_sites} sites. At {f:.0%} lesions, {a} and "
+                      f"{b} filters dissociate ({criterion}) " + "; ".join(
+                          f"with the {m} ranking at " + (f"{len(s)} site(s): {_names(s)}" if s else "no site")
+                          for m, s in passing.items()) + ".")
+        else:
+            answer = (f"Task-specialised filters: not shown. At {f:.0%} lesions, no site dissociates {a} from {b} "
+                      f"filters ({criterion}) with the {' or the '.join(methods)} ranking "
+                      f"({n_sites} sites lesioned).")
+        shown = [r for r in rows if verdict(r) not in ("no dissociation (interval includes 0)",
+                                                           "undefined (a head at chance)")]
+        if shown:
+            table = _table([{"ranking": r["method"], "site": f"{r['layer']} (depth {r['depth']})",
+                             "index [95% CI]": _ci(r), "p vs random pairs": _p(r.get("p_index")),
+                             "verdict": verdict(r)} for r in shown],
+                           ["ranking", "site", "index [95% CI]", "p vs random pairs", "verdict"])
+        else:
+            answer += " At no site does any ranking's interval exclude 0."
+        caveats += _dissociation_caveats(rows, rankings, methods, f, config)
+    near_chance = []
+    for task, (accuracy, n, chance) in intact_accuracies(results).items():
+        low, high = wilson(accuracy, n)
+        if accuracy - chance < NEAR_CHANCE or low <= chance:
+            near_chance.append(f"The {task} head is near chance: intact test accuracy {accuracy:.3f} (95% CI "
+                              f"{low:.3f} to {high:.3f}, {n} images) against chance {chance:.3f}. Its "
+                              f"chance-corrected drops, and every index that uses them, mean little; train it "
+                              f"further before reading its lesions.")
+    caveats = near_chance + caveats
+    weak = [t for t, (acc, n, chance) in intact_accuracies(results).items()
+            if acc - chance < NEAR_CHANCE or wilson(acc, n)[0] <= chance]
+    if weak and diss:
+        answer += (f" But the {' and '.join(weak)} head{'s are' if len(weak) > 1 else ' is'} near chance, so "
+                   f"this answer means little (see the caveats).")
+    if results:
+        caveats += _random_caveats(diss, config)
+    if config.get("lesion_keep_only"):
+        caveats.append("Keep-only lesions: a ranking's selected filters are the ones kept and every other filter of "
+                       "the site is silenced, so a drop measures what the selected filters cannot do alone.")
+    failed = [f"{part} ({entry.get('error')})" for part, entry in status.items() if not entry.get("ok", True)]
+    if failed:
+        caveats.append(f"Not written, because they failed: {'; '.join(failed)}.")
+    caveats.append(f"One network, trained from seed {config.get('seed')}, and no controls: without networks from "
+                   f"other seeds, a resolution-matched control, a pseudo-task control or single-task networks, "
+                   f"this run cannot show that a split holds across networks or comes from the tasks rather than "
+                   f"from their images.")
+    parts = [f'<div class="answer"><p class="verdict">{html.escape(answer)}</p>{table}']
+    if tasks and results:
+        parts.append("<p>Intact test accuracy: " + "; ".join(
+            f"{t} {acc:.3f} (chance {chance:.3f})" for t, (acc, _, chance) in intact_accuracies(results).items())
+            + ".</p>")
+    parts.append("<p><b>Caveats</b></p><ul class='caveats'>" +
+                 "".join(f"<li>{html.escape(c)}</li>" for c in caveats) + "</ul></div>")
+    return "".join(parts)
+
+
+def _dissociation_caveats(rows: list, rankings: dict, methods: list, fraction: float, config: dict) -> list:
+    caveats = []
+    above = {(r["layer"], r["method"]): _num(r["ci_low"]) > 0 for r in rows}
+    by_site = {}
+    for r in rows:
+        by_site.setdefault(r["layer"], {})[r["method"]] = r
+    disagree = []
+    for site, per in by_site.items():
+        found = [m for m in per if above[site, m]]
+        if found and len(found) < len(per):
+            others = [m for m in per if m not in found]
+            text = (f"{site}: {', '.join(f'{m} {_ci(per[m])}' for m in found)} finds a split, "
+                    f"{', '.join(f'{m} {_ci(per[m])}' for m in others)} does not")
+            overlap = _top_overlap(rankings, site, [found[0], others[0]], rows[0]["task_a"], fraction)
+            if overlap:
+                shared, k, expected = overlap
+                text += (f" (their top-{fraction:.0%} {rows[0]['task_a']} filters share {shared} of {k}; "
+                         f"random sets would share about {expected:.1f})")
+            disagree.append(text)
+    if disagree:
+        caveats.append(f"The rankings disagree at {len(disagree)} site(s) (interval above 0 for one, not for "
+                       f"another): " + "; ".join(disagree[:4]) + ("; ..." if len(disagree) > 4 else "") +
+                       ". Selectivity (activation) often predicts importance (loss) poorly; trust the loss-based "
+                       "rankings where they differ.")
+    first_depth = min(int(r["depth"]) for r in rows)
+    early = [r for r in rows if int(r["depth"]) == first_depth and _num(r["ci_low"]) > 0]
+    if early:
+        where = "the network's first site" if first_depth == 0 else "the first lesioned site"
+        caveats.append(f"The index is already above 0 at {where}, {early[0]['layer']} (" +
+                       ", ".join(f"{r['method']} {_ci(r)}" for r in early) + "): a split this early more likely "
+                       "reflects low-level image statistics (sharpness, colour, size) than task specialisation. "
+                       "A resolution-matched control (both tasks' images at the same native resolution) has to "
+                       "come before a claim; this run has none.")
+    n_tests = sum(1 for r in rows if math.isfinite(_num(r.get("p_index"))))
+    n_pass = sum(1 for r in rows if verdict(r) == "dissociates")
+    if n_pass and n_tests > 1:
+        caveats.append(f"The p-values are per site and ranking, not corrected for the {n_tests} tests: about "
+                       f"{n_tests * ALPHA:.1f} of them would pass p < {ALPHA} by chance alone.")
+    return caveats
+
+
+def _random_caveats(diss: list, config: dict) -> list:
+    methods = config.get("lesion_methods", [])
+    if "random" not in methods:
+        return ["No random lesions were run, so no lesion can be compared with random filters of the same size "
+                "and no p-value exists; add 'random' to lesion_methods."]
+    repeats = max((int(_num(r["n_random"])) for r in diss if math.isfinite(_num(r.get("n_random")))),
+                  default=int(config.get("random_repeats", 0)))
+    if repeats < 2:
+        return [f"{repeats} random repeat: the index's null needs at least two random lesions; no p-value for "
+                f"the index exists. p < {ALPHA} needs random_repeats={repeats_needed()}."]
+    floor = 1 / (repeats + 1)
+    if floor >= ALPHA:
+        return [f"With {repeats} random repeats no p-value can go below 1/({repeats}+1) = {floor:.3f}, so no site "
+                f"can pass p < {ALPHA} however strong its split; p < {ALPHA} needs at least {repeats_needed()} "
+                f"repeats (random_repeats={repeats_needed()})."]
+    return []
+
+
 def build_report(run_dir) -> Path:
-    """Write run_dir/report.html from the run's files and return its path."""
+    """Write run_dir/report.html from the run's files and return its path. It opens on the answer and its
+    caveats; the figures, tables and settings follow."""
     run_dir = Path(run_dir)
     config = json.loads((run_dir / "config.json").read_text())
+    status_path = run_dir / FIGURES_STATUS
+    status = json.loads(status_path.read_text()) if status_path.exists() else {}
     tasks = list(config.get("tasks", {}))
-    r = Report(run_dir)
-    r.section("Settings")
-    r.what("The resolved settings of this run (config.json): backbone, data, training and lesion parameters.")
-    shown = {k: v for k, v in config.items() if k != "tasks"}
-    r.raw(_table([{"setting": k, "value": json.dumps(v)} for k, v in shown.items()], ["setting", "value"]))
-    if tasks:
-        r.raw(_table([{"task": t, "classes": v["classes"], "chance": f"{v['chance']:.3f}", "source": v["source"],
-                       **v["counts"]} for t, v in config["tasks"].items()],
-                     ["task", "classes", "chance", "source", "train", "val", "test"]))
-
-    r.section("Training")
-    r.figure("training_curves.png", "Accuracy and loss of each head on its own task, per epoch, on training "
-             "batches (augmented) and on the validation images.")
+    r = Report(run_dir, status)
+    r.section("Summary")
+    r.raw(summary(run_dir, config, status))
 
     r.section("Intact accuracy")
     results = run_dir / "lesion_results.csv"
-    if results.exists():
-        rows = read_csv(results)
-        intact = {}
-        for row in rows:
-            intact.setdefault(row["eval_task"], (float(row["intact_accuracy"]), int(row["n_images"]),
-                                                 float(row["chance"])))
-        r.what("Test accuracy of each head on its own task before any lesion, with its 95% Wilson interval.")
-        r.raw(_table([{"task": t, "accuracy": f"{a:.3f}", "95% interval": "{:.3f} to {:.3f}".format(*wilson(a, n)),
-                       "test images": n, "chance": f"{c:.3f}"} for t, (a, n, c) in intact.items()],
-                     ["task", "accuracy", "95% interval", "test images", "chance"]))
-    else:
+    intact = intact_accuracies(read_csv(results)) if results.exists() else {}
+    if not intact:
         r.skip("lesion_results.csv is missing: the lesion stage has not run")
+    r.what("Each head's test accuracy on its own task before any lesion, with its 95% Wilson interval, and each "
+           "task's data.")
+    rows = []
+    for t, v in config.get("tasks", {}).items():
+        row = {"task": t, "classes": v["classes"], "chance": f"{v['chance']:.3f}", "source": v["source"],
+               **v["counts"]}
+        if t in intact:
+            a, n, _ = intact[t]
+            row.update({"accuracy": f"{a:.3f}", "95% interval": "{:.3f} to {:.3f}".format(*wilson(a, n))})
+        rows.append(row)
+    r.raw(_table(rows, ["task", "accuracy", "95% interval", "chance", "classes", "train", "val", "test", "source"]))
 
     r.section("Lesions by depth")
     r.figure("lesion_effects.png", "Chance-corrected drop of each task's accuracy when the most task-important "
              "20% of a site's filters are silenced, per site and ranking method; shading is the range over random "
              "lesions of the same size. A task-specific site hurts the targeted task above the random band and "
-             "spares the other.")
+             "spares the other.", "lesion effects")
 
     r.section("Dissociation by depth")
-    if r.figure("dissociation_by_depth.png", "The double-dissociation index per site (0 = no task split) with "
-                "its 95% bootstrap interval over test images."):
-        rows = read_csv(run_dir / "dissociation.csv")
-        fractions = sorted({float(x["fraction"]) for x in rows})
-        if fractions:
-            headline = min(fractions, key=lambda f: abs(f - 0.2))
-            keep = [x for x in rows if abs(float(x["fraction"]) - headline) < 1e-6]
-            r.raw(f"<details><summary>Table at {headline:.0%} lesions (p-values against random lesions)"
-                  f"</summary>" + _table(keep, ["layer", "method", "index", "ci_low", "ci_high", "p_index",
-                                                "drop_a_by_a", "drop_a_by_b", "drop_b_by_b", "drop_b_by_a",
-                                                "p_a_by_a", "p_b_by_b"]) + "</details>")
+    r.figure("dissociation_by_depth.png", "The double-dissociation index per site (0 = no task split) with its "
+             "95% bootstrap interval over test images, beside the range of indices built from pairs of random "
+             "lesions (grey).", "dissociation by depth")
+    if (run_dir / "dissociation.csv").exists():
+        r.raw(_dissociation_table(read_csv(run_dir / "dissociation.csv")))
+
+    r.section("Training")
+    r.figure("training_curves.png", "Accuracy and loss of each head on its own task, per epoch, on training "
+             "batches (augmented) and on the validation images.", "training curves")
 
     r.section("Where each head looks (Grad-CAM)")
-    for t in tasks:
-        r.figure(f"gradcam_{t}_images.png", f"{t} test images and, below them, each head's Grad-CAM map: the "
-                 f"regions whose activation raises that head's predicted score.")
-    r.figure("gradcam_mean.png", "Each head's mean map over each task's test images, drawn on that task's mean "
-             "image.")
-    overlap = run_dir / "gradcam_overlap.csv"
-    if overlap.exists():
-        r.what("Overlap (intersection over union) of the two heads' top-5% regions on the same images: 1 = they "
-               "attend to the same pixels.")
-        r.raw(_table(read_csv(overlap), ["images", "head_a", "head_b", "site", "mean_iou_top5", "sd", "n"]))
+    if not r.failed("Grad-CAM"):
+        for t in tasks:
+            r.figure(f"gradcam_{t}_images.png", f"{t} test images and, below them, each head's Grad-CAM map: the "
+                     f"regions whose activation raises that head's predicted score.")
+        r.figure("gradcam_mean.png", "Each head's mean map over each task's test images, drawn on that task's "
+                 "mean image.")
+        overlap = run_dir / "gradcam_overlap.csv"
+        if overlap.exists():
+            r.what("Overlap (intersection over union) of the two heads' top-5% regions on the same images: 1 = "
+                   "they attend to the same pixels.")
+            r.raw(_table(read_csv(overlap), ["images", "head_a", "head_b", "site", "mean_iou_top5", "sd", "n"]))
 
     r.section("Preferred stimuli")
-    stimuli = sorted((run_dir / "figures").glob("stimuli_*.png")) if (run_dir / "figures").exists() else []
-    if stimuli:
+    if not r.failed("preferred stimuli"):
+        stimuli = sorted((run_dir / "figures").glob("stimuli_*.png")) if (run_dir / "figures").exists() else []
         for path in stimuli:
             r.figure(path.name, "For the most task-ranked filters of this site: the test images that activate "
                      "each most (labelled with their task and class) and a synthetic image grown by gradient "
                      "ascent from noise.")
-    else:
-        r.skip("no figures/stimuli_*.png: they need rankings.json from the lesion stage and the figures stage")
+        if not stimuli:
+            r.skip("no figures/stimuli_*.png: they need rankings.json from the lesion stage and the figures stage")
 
     r.section("Layer-wise decoding")
     r.figure("decoding_by_depth.png", "Cross-validated accuracy of a linear probe reading each task's labels "
              "from each site's spatially pooled activations: where task information becomes linearly "
-             "separable, to set beside where lesions dissociate.")
+             "separable, to set beside where lesions dissociate.", "decoding")
+
+    r.section("Settings and provenance")
+    r.what("The resolved settings of this run (config.json): backbone, data, training and lesion parameters, "
+           "package versions, device, command line and git commit.")
+    shown = {k: v for k, v in config.items() if k != "tasks"}
+    r.raw("<details><summary>All settings</summary>" +
+          _table([{"setting": k, "value": json.dumps(v)} for k, v in shown.items()], ["setting", "value"]) +
+          "</details>")
 
     title = f"Dual-task lesion report: {run_dir.name} ({config.get('backbone', '?')})"
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -165,6 +406,32 @@ def build_report(run_dir) -> Path:
     out = run_dir / "report.html"
     write_text(out, page)
     return out
+
+
+def _dissociation_table(rows: list) -> str:
+    """The dissociation table at the headline fraction, with the tasks' names in its columns."""
+    if not rows:
+        return ""
+    f = headline_fraction(r["fraction"] for r in rows)
+    keep = [x for x in rows if abs(_num(x["fraction"]) - f) < 1e-6]
+    a, b = keep[0]["task_a"], keep[0]["task_b"]
+    names = {"drop_a_by_a": f"drop_{a}_by_{a}", "drop_a_by_b": f"drop_{a}_by_{b}",
+             "drop_b_by_b": f"drop_{b}_by_{b}", "drop_b_by_a": f"drop_{b}_by_{a}",
+             "p_a_by_a": f"p_{a}_by_{a}", "p_b_by_b": f"p_{b}_by_{b}"}
+    table = []
+    for x in keep:
+        null = (f"{_num(x.get('null_low')):.3f} to {_num(x.get('null_high')):.3f}"
+                if math.isfinite(_num(x.get("null_low"))) else "n/a")
+        row = {"site": x["layer"], "depth": x["depth"], "ranking": x["method"], "index [95% CI]": _ci(x),
+               "random pairs": null, "p_index": _p(x.get("p_index"))}
+        row.update({new: _p(x[old]) for old, new in names.items()})  # drops and p-values: 3 decimals or n/a
+        table.append(row)
+    text = (f"<p class='what'>At {f:.0%} lesions. drop_X_by_Y: the chance-corrected drop of task X when the "
+            f"filters ranked most important for task Y are silenced. p_index: the share of random-lesion pairs "
+            f"whose index is at least as large (one-sided, with R random orders the smallest is 1/(R+1)); "
+            f"p_X_by_X: the same for the targeted task's own drop among random lesions.</p>")
+    return text + _table(table, ["site", "depth", "ranking", "index [95% CI]", "random pairs", "p_index",
+                                 *names.values()], wide=True)
 
 
 def main(argv=None) -> int:

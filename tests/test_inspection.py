@@ -106,3 +106,32 @@ def test_not_a_run_folder_exits_2(tmp_path):
     for script, args in (("report.py", [str(tmp_path)]), ("compare.py", [str(tmp_path), "--out_dir=" + str(tmp_path / "c")])):
         p = subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True)
         assert p.returncode == 2 and "not a run folder" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_a_failing_analysis_costs_nothing_else(tmp_path, monkeypatch, capsys):
+    """scikit-learn missing (the decoding's import fails): everything else and report.html are still written,
+    the failure is named on stderr and in the report, and the run exits non-zero."""
+    import dualtask
+    import vgg16
+    from conftest import TINY, TINY_LESION
+
+    for name in [m for m in sys.modules if m == "sklearn" or m.startswith("sklearn.")] + ["sklearn"]:
+        monkeypatch.setitem(sys.modules, name, None)  # `import sklearn...` now raises ImportError
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        dualtask.main(vars(vgg16), [*TINY, *TINY_LESION, "--fc_width=32", f"--out_dir={out}"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    failure_lines = [line for line in err.splitlines() if "decoding failed" in line]
+    assert len(failure_lines) == 1 and "sklearn" in failure_lines[0]  # one line when it happens
+    assert "figures stage: decoding" in err.splitlines()[-1]  # and named again at the end
+    assert "Traceback" not in err
+    page = (out / "report.html").read_text()
+    assert "Skipped: decoding failed:" in page and "sklearn" in page and "requirements.txt" in page
+    for name in ("training_curves.png", "lesion_effects.png", "dissociation_by_depth.png", "gradcam_mean.png"):
+        assert (out / "figures" / name).stat().st_size > 5_000
+    assert list((out / "figures").glob("stimuli_*.png")) and not (out / "decoding.csv").exists()
+    status = json.loads((out / "figures_status.json").read_text())
+    assert status["decoding"]["ok"] is False and status["Grad-CAM"]["ok"] is True
+    assert "Traceback" in status["decoding"]["traceback"]
+    assert page.index("Summary") < page.index("Settings")

@@ -31,6 +31,17 @@ def test_demo_end_to_end_writes_every_output(tmp_path, script):
     assert p.returncode == 0, p.stderr[-3000:]
     config = json.loads((out / "config.json").read_text())
     assert config["image_size"] == 32 and config["tasks"]["face"]["classes"] == 10
+    # provenance: what made the run
+    assert config["versions"]["torch"] == torch.__version__ and config["versions"]["scikit-learn"]
+    assert set(config["versions"]) == {"python", "torch", "torchvision", "numpy", "scikit-learn"}
+    assert config["device_name"].startswith("cpu") and config["command"][1].endswith(script)
+    if (ROOT / ".git").exists():
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+        assert config["git_commit"].startswith(head.strip())
+    # progress in the log, one line per lesion site and per analysis
+    assert "lesion site 1/2 " in p.stdout and "lesion site 2/2 " in p.stdout and "s left" in p.stdout
+    for part in ("Grad-CAM", "preferred stimuli", "layer-wise decoding"):
+        assert part in p.stdout
     assert config["tasks"]["object"]["chance"] == pytest.approx(0.1)
     log = read_rows(out / "train_log.csv")
     assert {(r["task"], r["split"]) for r in log} == {("face", "train"), ("face", "val"), ("object", "train"),
