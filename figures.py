@@ -241,7 +241,8 @@ def compare_figure(rows: list, path: Path) -> Path:
             x = np.arange(len(runs)) - 0.4 + width * (k + 0.5)
             axes[0].bar(x, sub["value"], width, color=colour, label=task,
                         yerr=[sub["value"] - sub["ci_low"], sub["ci_high"] - sub["value"]], capsize=3)
-        axes[0].set_xticks(np.arange(len(runs)), runs)
+        backbone = dict(zip(intact["run"], intact["backbone"]))
+        axes[0].set_xticks(np.arange(len(runs)), [f"{r}\n({backbone[r]})" for r in runs])
         axes[0].legend(title="task (95% Wilson CI)", frameon=False)
     axes[0].set_ylim(0, 1)
     axes[0].set_xlabel("run (backbone)")
