@@ -14,8 +14,6 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
-
 from common import read_csv, write_text
 from figures import headline_fraction
 
@@ -182,9 +180,9 @@ def summary(run_dir: Path, config: dict, status: dict) -> str:
     diss = read_csv(diss_path) if diss_path.exists() else []
     rankings_path = run_dir / "rankings.json"
     rankings = json.loads(rankings_path.read_text()) if rankings_path.exists() else {}
-    tasks = list(config.get("tasks", {}))
+    intact = intact_accuracies(results)
     caveats, table = [], ""
-    methods = [m for m in dict.fromkeys(r["method"] for r in diss)]
+    methods = list(dict.fromkeys(r["method"] for r in diss))
     if not results:
         answer = ("No lesion results yet (the lesion stage has not run): this run cannot say whether "
                   "task-specialised filters emerged.")
@@ -219,18 +217,19 @@ def summary(run_dir: Path, config: dict, status: dict) -> str:
                            ["ranking", "site", "index [95% CI]", "p vs random pairs", "verdict"])
         else:
             answer += " At no site does any ranking's interval exclude 0."
-        caveats += _dissociation_caveats(rows, rankings, methods, f, config)
-    near_chance = []
-    for task, (accuracy, n, chance) in intact_accuracies(results).items():
+        caveats += _dissociation_caveats(rows, rankings, f)
+    weak, near_chance = [], []
+    for task, (accuracy, n, chance) in intact.items():
         low, high = wilson(accuracy, n)
         if accuracy - chance < NEAR_CHANCE or low <= chance:
+            weak.append(task)
             near_chance.append(f"The {task} head is near chance: intact test accuracy {accuracy:.3f} (95% CI "
-                              f"{low:.3f} to {high:.3f}, {n} images) against chance {chance:.3f}. Its "
-                              f"chance-corrected drops, and every index that uses them, mean little; train it "
-                              f"further before reading its lesions.")
+                               f"{low:.3f} to {high:.3f}, {n} images) against chance {chance:.3f}. Its "
+                               f"chance-corrected drops, and every index that uses them, mean little; train it "
+                               f"further before reading its lesions.")
     caveats = near_chance + caveats
-    weak = [t for t, (acc, n, chance) in intact_accuracies(results).items()
-            if acc - chance < NEAR_CHANCE or wilson(acc, n)[0] <= chance]
+    if config.get("lesion_keep_only") and diss:
+        answer = "Keep-only lesions: read every index with its sign reversed (see the caveats). " + answer
     if weak and diss:
         answer += (f" But the {' and '.join(weak)} head{'s are' if len(weak) > 1 else ' is'} near chance, so "
                    f"this answer means little (see the caveats).")
@@ -238,7 +237,8 @@ def summary(run_dir: Path, config: dict, status: dict) -> str:
         caveats += _random_caveats(diss, config)
     if config.get("lesion_keep_only"):
         caveats.append("Keep-only lesions: a ranking's selected filters are the ones kept and every other filter of "
-                       "the site is silenced, so a drop measures what the selected filters cannot do alone.")
+                       "the site is silenced, so keeping a task's filters should spare that task and a split shows "
+                       "as a negative index ('reversed' above), not a positive one.")
     failed = [f"{part} ({entry.get('error')})" for part, entry in status.items() if not entry.get("ok", True)]
     if failed:
         caveats.append(f"Not written, because they failed: {'; '.join(failed)}.")
@@ -247,16 +247,15 @@ def summary(run_dir: Path, config: dict, status: dict) -> str:
                    f"this run cannot show that a split holds across networks or comes from the tasks rather than "
                    f"from their images.")
     parts = [f'<div class="answer"><p class="verdict">{html.escape(answer)}</p>{table}']
-    if tasks and results:
+    if intact:
         parts.append("<p>Intact test accuracy: " + "; ".join(
-            f"{t} {acc:.3f} (chance {chance:.3f})" for t, (acc, _, chance) in intact_accuracies(results).items())
-            + ".</p>")
+            f"{t} {acc:.3f} (chance {chance:.3f})" for t, (acc, _, chance) in intact.items()) + ".</p>")
     parts.append("<p><b>Caveats</b></p><ul class='caveats'>" +
                  "".join(f"<li>{html.escape(c)}</li>" for c in caveats) + "</ul></div>")
     return "".join(parts)
 
 
-def _dissociation_caveats(rows: list, rankings: dict, methods: list, fraction: float, config: dict) -> list:
+def _dissociation_caveats(rows: list, rankings: dict, fraction: float) -> list:
     caveats = []
     above = {(r["layer"], r["method"]): _num(r["ci_low"]) > 0 for r in rows}
     by_site = {}
