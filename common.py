@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import os
+import pickle
+import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -23,16 +27,54 @@ class StageFailed(RuntimeError):
 # files
 
 
+TEMPORARY = re.compile(r"^\..+\.tmp(\d+)$")  # what atomic_write leaves behind when it is killed
+
+
 def atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder and rename it into place."""
+    """Write through a temporary file in the same folder and rename it into place: a reader sees the old file
+    or the new one, never a part. A write that fails (a full disk) leaves the old file as it was."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(tmp)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        try:
+            free = f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free there"
+        except OSError:
+            free = "free space unknown"
+        raise UsageError(f"cannot write {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__}; "
+                         f"{free}): is the disk full or the folder read-only? The previous {path.name}, if any, "
+                         f"is unchanged") from None
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def remove_stale_temporaries(folder: Path) -> list:
+    """Delete the temporary files that killed atomic writes left in `folder` (those of processes that no longer
+    run); returns their names."""
+    removed = []
+    if not Path(folder).is_dir():
+        return removed
+    for p in Path(folder).iterdir():
+        m = TEMPORARY.match(p.name)
+        if m and p.is_file() and not _running(int(m.group(1))):
+            p.unlink(missing_ok=True)
+            removed.append(p.name)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # our own leftovers cannot be in use: we are not writing them now
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
 
 
 def write_text(path: Path, text: str) -> None:
@@ -49,18 +91,62 @@ def write_csv(path: Path, columns, rows: list) -> None:
     atomic_write(path, write)
 
 
-def read_csv(path: Path) -> list:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+def read_csv(path: Path, columns=()) -> list:
+    """A CSV this tool wrote, as a list of dicts; a damaged one (unreadable, or lacking one of `columns`) is a
+    UsageError naming the file."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            header = reader.fieldnames or []
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise UsageError(f"{path}: cannot be read as the CSV this tool writes ({e}); move it away and run "
+                         f"again to write it anew") from None
+    lacking = [c for c in columns if c not in header]
+    ragged = any(None in row or any(row.get(c) is None for c in columns) for row in rows)
+    if lacking or ragged:
+        problem = f"lacks the column(s) {', '.join(lacking)}" if lacking else "rows with missing or extra fields"
+        raise UsageError(f"{path}: damaged ({problem}); expected the CSV this tool writes; move it away and run "
+                         f"again to write it anew")
+    return rows
+
+
+def read_json(path: Path, check=lambda value: True, expected: str = "the JSON this tool writes"):
+    """A JSON file this tool wrote; damaged (not JSON, or failing `check`) is a UsageError naming the file."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UsageError(f"{path}: cannot be read ({e}); expected {expected}; move it away and run again") from None
+    if not check(value):
+        raise UsageError(f"{path}: damaged (not {expected}); move it away and run again")
+    return value
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
     atomic_write(path, lambda p: torch.save(state, p))
 
 
+CHECKPOINT_KEYS = ("model", "epoch", "config", "classes")
+
+
 def load_checkpoint(path: Path, device="cpu", mmap: bool = False) -> dict:
-    """A checkpoint's state; `mmap=True` reads only what is touched (cheap for its config and epoch)."""
-    return torch.load(path, map_location=device, weights_only=True, mmap=mmap)
+    """A checkpoint's state, loaded weights-only (never unpickling code); `mmap=True` reads only what is
+    touched (cheap for its config and epoch). A refused, damaged or foreign file is a UsageError naming it."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError:
+        raise UsageError(f"{path}: refused: it holds Python objects other than tensors and plain values, so this "
+                         f"tool did not write it and will not run what is inside; move it away or choose another "
+                         f"out_dir") from None
+    except Exception as e:  # a damaged zip or pickle raises many types; all mean "not a readable checkpoint"
+        raise UsageError(f"{path}: cannot be read, damaged or not a checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); move it away, or pass --retrain=True to "
+                         f"train anew") from None
+    lacking = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+    if lacking:
+        raise UsageError(f"{path}: not a checkpoint of this tool (lacks {', '.join(lacking)}); move it away, or "
+                         f"pass --retrain=True to train anew")
+    return state
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -8,13 +8,12 @@ lesion site and 1 at its last.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import figures
 import report
-from common import read_csv, write_csv
+from common import UsageError, read_csv, read_json, write_csv
 
 COLUMNS = ("run", "backbone", "kind", "task_or_method", "layer", "relative_depth", "value", "ci_low", "ci_high",
            "fraction", "n_images")
@@ -22,18 +21,18 @@ COLUMNS = ("run", "backbone", "kind", "task_or_method", "layer", "relative_depth
 
 def collect(run_dir: Path) -> list:
     """The comparison rows of one run: intact accuracy per task, dissociation index per site and method."""
-    config = json.loads((run_dir / "config.json").read_text())
+    config = read_json(run_dir / "config.json", lambda v: isinstance(v, dict) and "backbone" in v, "a run's settings")
     out = []
     results = run_dir / "lesion_results.csv"
     if results.exists():
-        for task, (accuracy, n, _) in report.intact_accuracies(read_csv(results)).items():
+        for task, (accuracy, n, _) in report.intact_accuracies(read_csv(results, report.INTACT_COLUMNS)).items():
             low, high = report.wilson(accuracy, n)
             out.append({"run": run_dir.name, "backbone": config["backbone"], "kind": "intact_accuracy",
                         "task_or_method": task, "value": f"{accuracy:.4f}", "ci_low": f"{low:.4f}",
                         "ci_high": f"{high:.4f}", "n_images": n})
     diss = run_dir / "dissociation.csv"
     if diss.exists():
-        rows = read_csv(diss)
+        rows = read_csv(diss, report.DISSOCIATION_COLUMNS)
         if rows:
             headline = figures.headline_fraction(r["fraction"] for r in rows)
             depths = sorted({int(r["depth"]) for r in rows})
@@ -58,7 +57,15 @@ def main(argv=None) -> int:
         print(f"error: not a run folder (no config.json): {', '.join(bad)}; expected folders written by a "
               f"backbone script, e.g. runs/vgg16", file=sys.stderr)
         return 2
-    rows = [row for r in runs for row in collect(r)]
+    try:
+        rows = [row for r in runs for row in collect(r)]
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, KeyError, TypeError) as e:  # a value in a run's file that does not parse
+        print(f"error: a run's files hold a damaged value ({type(e).__name__}: {e}); rerun the stage that "
+              f"writes it", file=sys.stderr)
+        return 2
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(out_dir / "compare.csv", COLUMNS, rows)

@@ -33,7 +33,7 @@ import inspection
 import lesion_utils
 import report
 import vggface2
-from common import (StageFailed, UsageError, autocast, format_seconds, load_checkpoint, read_csv,
+from common import (StageFailed, UsageError, autocast, format_seconds, load_checkpoint, remove_stale_temporaries,
                     save_checkpoint, write_csv, write_text)
 from vggface2 import DataError, TaskData
 
@@ -42,7 +42,7 @@ STAGES = ("train", "lesion", "figures")
 TRAIN_LOG_COLUMNS = ("epoch", "task", "split", "loss", "accuracy", "images_per_s")
 # settings that make a checkpoint belong to a run: changing one needs --retrain=True or another out_dir
 RUN_IDENTITY = ("backbone", "batch_norm", "fc_width", "image_size", "max_per_class", "max_classes", "seed",
-                "batch_size")
+                "batch_size", "epochs", "lr", "weight_decay", "grad_clip", "demo_per_class")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -105,43 +105,104 @@ def task_specs(config: dict) -> dict:
     return {k[: -len("_data")]: v for k, v in config.items() if k.endswith("_data") and isinstance(v, str)}
 
 
+def _integer(low):
+    return (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low), f"an integer of at least {low}"
+
+
+def _number(low, strict):
+    def ok(v):
+        return (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                and (v > low if strict else v >= low))
+
+    return ok, f"a finite number {'above' if strict else 'of at least'} {low}"
+
+
+def _optional(rule):
+    ok, text = rule
+    return (lambda v: v is None or ok(v)), f"None or {text}"
+
+
+def _choice(options):
+    return (lambda v: v in options), f"one of {', '.join(repr(o) for o in options)}"
+
+
+def _list_of(item_ok, text, non_empty=True):
+    return ((lambda v: isinstance(v, list) and (len(v) > 0 or not non_empty) and all(item_ok(x) for x in v)),
+            f"a {'non-empty ' if non_empty else ''}list of {text}")
+
+
+def _fraction(f) -> bool:
+    return isinstance(f, (int, float)) and not isinstance(f, bool) and 0 <= f <= 1
+
+
+def _site_name(s) -> bool:
+    return (isinstance(s, int) and not isinstance(s, bool)) or (isinstance(s, str) and bool(s))
+
+
+# every setting's rule and its expected form, checked before anything is read or written
+SETTINGS = {
+    "backbone": _choice(BACKBONES),
+    "batch_norm": ((lambda v: isinstance(v, bool)), "True or False"),
+    "fc_width": _integer(8),
+    "download": ((lambda v: isinstance(v, bool)), "True or False"),
+    "image_size": _integer(16),
+    "max_per_class": _optional(_integer(1)),
+    "max_classes": _optional(_integer(2)),
+    "demo_per_class": _integer(3),
+    "epochs": _integer(0),
+    "lr": _number(0, strict=True),
+    "grad_clip": _number(0, strict=False),
+    "weight_decay": _number(0, strict=False),
+    "seed": _integer(0),
+    "compile": ((lambda v: isinstance(v, bool)), "True or False"),
+    "retrain": ((lambda v: isinstance(v, bool)), "True or False"),
+    "out_dir": ((lambda v: isinstance(v, str) and v.strip() != ""), "a folder path"),
+    "lesion_fractions": ((lambda v: isinstance(v, list) and all(_fraction(f) for f in v) and any(f > 0 for f in v)),
+                         "a list of fractions in [0, 1] with at least one above 0, e.g. [0.0, 0.2]"),
+    "lesion_methods": _list_of(lambda m: m in lesion_utils.METHODS, f"names from {list(lesion_utils.METHODS)}"),
+    "random_repeats": _integer(1),
+    "rank_images": _integer(1),
+    "lesion_layers": ((lambda v: v is None or (isinstance(v, list) and v and all(_site_name(s) for s in v))),
+                      "None or a non-empty list of site depths or module paths, e.g. [0, 4, 'trunk.layer4.2']"),
+    "lesion_mode": _choice(("zero", "mean")),
+    "lesion_keep_only": ((lambda v: isinstance(v, bool)), "True or False"),
+    "lesion_per_class": ((lambda v: isinstance(v, bool)), "True or False"),
+    "lesion_inner": ((lambda v: isinstance(v, bool)), "True or False"),
+    "gradcam_site": ((lambda v: v is None or (isinstance(v, str) and v != "")), "None or a module path"),
+    "stimulus_steps": _integer(1),
+    "stages": _list_of(lambda s: s in STAGES, f"stages from {list(STAGES)}"),
+}
+
+
 def check_config(config: dict) -> None:
-    """Values that parse but make no sense get a clear error before anything is written."""
-    if config.get("backbone") not in BACKBONES:
-        raise UsageError(f"backbone={config.get('backbone')!r}; expected one of {', '.join(BACKBONES)}")
+    """Values that parse but make no sense get a clear error before anything is read or written."""
+    for name, value in config.items():
+        if name.endswith("_data"):
+            if not isinstance(value, str) or not value.strip():
+                raise UsageError(f"{name}={value!r}; expected 'demo' or a data folder path")
+        elif name in SETTINGS and not SETTINGS[name][0](value):
+            raise UsageError(f"{name}={value!r}; expected {SETTINGS[name][1]}")
     tasks = task_specs(config)
     if len(tasks) < 2:
         raise UsageError(f"found {len(tasks)} task(s) ({', '.join(tasks) or 'none'}); expected at least two "
                          f"settings named <task>_data, e.g. face_data and object_data")
-    for name, low in (("image_size", 16), ("batch_size", len(tasks)), ("epochs", 0)):
-        if not isinstance(config.get(name), int) or config[name] < low:
-            raise UsageError(f"{name}={config.get(name)!r}; expected an integer of at least {low}")
-    for name in ("max_per_class", "max_classes"):
-        v = config.get(name)
-        if v is not None and (not isinstance(v, int) or v < (2 if name == "max_classes" else 1)):
-            raise UsageError(f"{name}={v!r}; expected None or a positive integer (max_classes at least 2)")
-    if not (isinstance(config.get("lr"), float) and config["lr"] > 0):
-        raise UsageError(f"lr={config.get('lr')!r}; expected a positive number")
-    fractions = config.get("lesion_fractions", [])
-    if not all(isinstance(f, (int, float)) and not isinstance(f, bool) and 0 <= f <= 1 for f in fractions):
-        raise UsageError(f"lesion_fractions={fractions!r}; expected a list of numbers in [0, 1], e.g. [0.0, 0.2]")
-    stages = config.get("stages", list(STAGES))
-    bad = [s for s in stages if s not in STAGES]
-    if bad or not stages:
-        raise UsageError(f"stages={stages!r}; expected a non-empty list from {list(STAGES)}")
-    methods = config.get("lesion_methods", [])
-    known = ("activation", "loss", "greedy", "taylor", "random")
-    if not isinstance(methods, list) or not methods or any(m not in known for m in methods):
-        raise UsageError(f"lesion_methods={methods!r}; expected a non-empty list from {list(known)}")
-    if not isinstance(config.get("random_repeats", 1), int) or config.get("random_repeats", 1) < 1:
-        raise UsageError(f"random_repeats={config.get('random_repeats')!r}; expected a positive integer")
-    if config.get("lesion_mode", "zero") not in ("zero", "mean"):
-        raise UsageError(f"lesion_mode={config.get('lesion_mode')!r}; expected 'zero' or 'mean'")
+    if not (isinstance(config.get("batch_size"), int) and config["batch_size"] >= len(tasks)):
+        raise UsageError(f"batch_size={config.get('batch_size')!r}; expected an integer of at least {len(tasks)} "
+                         f"(every step holds images of each of the {len(tasks)} tasks)")
     device = config.get("device", "auto")
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", device):
+    if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", device):
         raise UsageError(f"device={device!r}; expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"device={device!r} but no CUDA device is available; use device='auto' or 'cpu'")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"device={device!r} but this PyTorch build sees no CUDA device; use device='auto' "
+                             f"or 'cpu'")
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise UsageError(f"device={device!r} but only {torch.cuda.device_count()} CUDA device(s) exist; "
+                             f"expected cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if device == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise UsageError("device='mps' but this PyTorch build or machine has no Apple MPS device; use "
+                         "device='auto' or 'cpu'")
 
 
 def _script_comments(path: str) -> dict:
@@ -366,8 +427,9 @@ def train(model: DualTaskNet, images: dict, config: dict, out_dir: Path, dist: D
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch = int(state["epoch"])
-        if log_path.exists():
-            log_rows = [r for r in read_csv(log_path) if int(r["epoch"]) <= start_epoch]
+        log_rows = list(state.get("log", []))
+        if dist.main:  # the log rides inside the checkpoint: after a kill between the two writes, the CSV catches up
+            write_csv(log_path, TRAIN_LOG_COLUMNS, log_rows)
         if start_epoch >= config["epochs"]:
             if dist.main:
                 print(f"training finished earlier ({start_epoch} epochs in {ckpt_path}); skipping "
@@ -436,7 +498,7 @@ def train(model: DualTaskNet, images: dict, config: dict, out_dir: Path, dist: D
                   f"  |  {n_images / seconds:.0f} img/s  lr {scheduler.get_last_lr()[0]:.2e}", flush=True)
             save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                         "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "config": config,
-                                        "classes": classes})
+                                        "classes": classes, "log": log_rows})
             write_csv(log_path, TRAIN_LOG_COLUMNS, log_rows)
         dist.barrier()
     if channels_last:
@@ -452,15 +514,12 @@ def _check_out_dir(out_dir: Path, config: dict) -> None:
     ckpt = out_dir / "checkpoint.pt"
     if not ckpt.exists() or config.get("retrain", False):
         return
-    try:
-        old = load_checkpoint(ckpt, mmap=True)["config"]
-    except Exception as e:  # a damaged checkpoint is the user's to remove, not ours
-        raise UsageError(f"{ckpt}: cannot be read ({type(e).__name__}: {e}); remove it or pass --retrain=True")
+    old = load_checkpoint(ckpt, mmap=True)["config"]
     keys = list(RUN_IDENTITY) + [k for k in config if k.endswith("_data")]
     changed = [f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in keys if old.get(k) != config.get(k)]
     if changed:
-        raise UsageError(f"{out_dir} holds a run with other settings ({'; '.join(changed)}); pass --retrain=True "
-                         f"to replace it or choose another --out_dir")
+        raise UsageError(f"{out_dir} holds a run trained with other settings ({'; '.join(changed)}); pass "
+                         f"--retrain=True to replace it or choose another --out_dir")
 
 
 def load_datasets(config: dict) -> dict:
@@ -488,6 +547,8 @@ def run(config: dict) -> None:
         model = build_model(config, {t: len(d.classes) for t, d in datasets.items()}).to(dist.device)
         if "lesion" in config["stages"]:
             lesion_utils.select_sites(model, config)  # an unknown lesion site stops the run before training
+            if not config.get("retrain"):  # a damaged file of an earlier sweep stops it too (retrain replaces them)
+                lesion_utils.earlier_sweep(model, config, out_dir)
         if "figures" in config["stages"] and config.get("gradcam_site"):
             lesion_utils.get_site(model, config["gradcam_site"])
         if "train" not in config["stages"] and not (out_dir / "checkpoint.pt").exists():
@@ -501,6 +562,9 @@ def run(config: dict) -> None:
             except OSError as e:
                 raise UsageError(f"out_dir={str(out_dir)!r} cannot be created ({e.strerror}); expected a writable "
                                  f"folder path")
+            for folder in (out_dir, out_dir / "figures"):
+                for name in remove_stale_temporaries(folder):
+                    print(f"removed {folder / name}, left by an interrupted write")
             write_text(out_dir / "config.json", json.dumps(resolved, indent=1))
             summary = ", ".join(f"{t}: {len(d.classes)} classes, {d.counts()['train']} train / "
                                 f"{d.counts()['test']} test" for t, d in datasets.items())

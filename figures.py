@@ -4,7 +4,6 @@
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -17,6 +16,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+from common import UsageError, atomic_write, read_json  # noqa: E402
+
 PALETTE = "colorblind"
 
 
@@ -26,10 +27,10 @@ def _style():
 
 def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=130, bbox_inches="tight")
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=130, bbox_inches="tight"))
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -288,6 +289,11 @@ if __name__ == "__main__":
     if len(sys.argv) != 2 or not (Path(sys.argv[1]) / "config.json").exists():
         print("usage: python figures.py RUN_DIR (a folder holding config.json)", file=sys.stderr)
         sys.exit(2)
-    json.loads((Path(sys.argv[1]) / "config.json").read_text())
-    for p in make_figures(sys.argv[1]):
+    try:
+        read_json(Path(sys.argv[1]) / "config.json", lambda v: isinstance(v, dict), "a run's settings")
+        written = make_figures(sys.argv[1])
+    except (UsageError, ValueError, KeyError, TypeError) as e:  # damaged files: name them, no traceback
+        print(f"error: cannot draw the figures of {sys.argv[1]}: {e}", file=sys.stderr)
+        sys.exit(2)
+    for p in written:
         print(f"wrote {p}")

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 import vggface2
-from common import UsageError, autocast, format_seconds, read_csv, write_csv, write_text
+from common import UsageError, autocast, format_seconds, read_csv, read_json, write_csv, write_text
 
 
 @dataclass
@@ -579,6 +579,57 @@ def _per_class_rows(site, method, target, repeat, f, res, labels, classes):
     return rows
 
 
+SWEEP_FILES = {"results": "lesion_results.csv", "rankings": "rankings.json", "dissociation": "dissociation.csv",
+               "progress": "lesion_progress.json", "per_class": "lesion_per_class.csv"}
+
+
+def sweep_settings(model: nn.Module, config: dict) -> dict:
+    """What a sweep's results depend on: a sweep under other settings starts over."""
+    return {"fractions": sorted({float(f) for f in config["lesion_fractions"]} | {0.0}),
+            "methods": list(config.get("lesion_methods", ["activation", "random"])),
+            "random_repeats": int(config.get("random_repeats", 1)),
+            "keep_only": bool(config.get("lesion_keep_only", False)), "mode": config.get("lesion_mode", "zero"),
+            "rank_images": config.get("rank_images"), "sites": [s.name for s in select_sites(model, config)],
+            "seed": config["seed"], "per_class": bool(config.get("lesion_per_class", False))}
+
+
+def earlier_sweep(model: nn.Module, config: dict, out_dir: Path) -> dict:
+    """What an earlier sweep in out_dir finished under the same settings: {'done': site names, 'rows',
+    'dissociation', 'per_class': their CSV rows, 'rankings': by site, 'restart': why an earlier sweep is not
+    continued, or None}; nothing when there is none or its settings differ. Its files may be damaged or foreign: each is checked, and a bad one is a UsageError naming
+    it. Reads only, so the pipeline calls it before it writes anything."""
+    paths = {k: Path(out_dir) / f for k, f in SWEEP_FILES.items()}
+    settings = sweep_settings(model, config)
+    nothing = {"done": [], "rows": [], "dissociation": [], "per_class": [], "rankings": {}, "restart": None}
+    if not paths["progress"].exists():
+        return nothing
+    progress = read_json(paths["progress"], lambda p: isinstance(p, dict) and isinstance(p.get("settings"), dict)
+                         and isinstance(p.get("done"), list) and all(isinstance(s, str) for s in p["done"]),
+                         "the sweep's progress ({'settings': {...}, 'done': [site names]})")
+    if progress["settings"] != settings or not paths["results"].exists():
+        return dict(nothing, restart=f"lesion settings differ from the earlier sweep's "
+                                     f"({paths['progress'].name}): the sweep starts over and replaces its files"
+                    if progress["done"] else None)
+    done = set(progress["done"])
+    columns = {"results": LESION_COLUMNS, "dissociation": ("layer", "method", "fraction", "index"),
+               "per_class": PER_CLASS_COLUMNS}
+
+    def rows_of(key):  # the rows of finished sites, from a file that must be as this tool wrote it
+        if not done or not paths[key].exists():
+            return []
+        return [r for r in read_csv(paths[key], columns[key]) if r["layer"] in done]
+
+    rankings = read_json(paths["rankings"], lambda r: isinstance(r, dict) and all(
+        isinstance(v, dict) for v in r.values()), "rankings by site") if done and paths["rankings"].exists() else {}
+    earlier = {"done": [s for s in settings["sites"] if s in done], "rows": rows_of("results"),
+               "dissociation": rows_of("dissociation"), "per_class": rows_of("per_class"),
+               "rankings": {k: v for k, v in rankings.items() if k in done}, "restart": None}
+    if done - set(earlier["rankings"]) or done - {r["layer"] for r in earlier["rows"]}:
+        return dict(nothing, restart=f"{paths['progress'].name} lists sites whose results or rankings are "
+                                     f"missing: the sweep starts over")
+    return earlier
+
+
 def lesion_stage(model: nn.Module, images: dict, config: dict, out_dir: Path) -> Path:
     """The lesion sweep of a run: for each site, rank its filters for each task by every method in
     config['lesion_methods'] on training images, silence the top fraction of each ranking (and of each random
@@ -588,34 +639,18 @@ def lesion_stage(model: nn.Module, images: dict, config: dict, out_dir: Path) ->
 
     out_dir = Path(out_dir)
     tasks = list(images)
-    fractions = sorted({float(f) for f in config["lesion_fractions"]} | {0.0})
-    methods = list(config.get("lesion_methods", ["activation", "random"]))
-    repeats = int(config.get("random_repeats", 1))
-    keep_only, mode = bool(config.get("lesion_keep_only", False)), config.get("lesion_mode", "zero")
-    if mode not in ("zero", "mean"):
-        raise UsageError(f"lesion_mode={mode!r}; expected 'zero' or 'mean'")
-    bad = [m for m in methods if m not in METHODS]
-    if bad:
-        raise UsageError(f"lesion_methods: unknown method(s) {bad}; expected some of {list(METHODS)}")
+    settings = sweep_settings(model, config)
+    fractions, methods, repeats = settings["fractions"], settings["methods"], settings["random_repeats"]
+    keep_only, mode, per_class_wanted = settings["keep_only"], settings["mode"], settings["per_class"]
     sites = select_sites(model, config)
-    per_class_wanted = bool(config.get("lesion_per_class", False))
-    settings = {"fractions": fractions, "methods": methods, "random_repeats": repeats, "keep_only": keep_only,
-                "mode": mode, "rank_images": config.get("rank_images"), "sites": [s.name for s in sites],
-                "seed": config["seed"], "per_class": per_class_wanted}
-    paths = {k: out_dir / f for k, f in (("results", "lesion_results.csv"), ("rankings", "rankings.json"),
-                                         ("dissociation", "dissociation.csv"), ("progress", "lesion_progress.json"),
-                                         ("per_class", "lesion_per_class.csv"))}
-    progress = json.loads(paths["progress"].read_text()) if paths["progress"].exists() else {}
-    if progress.get("settings") != settings or not paths["results"].exists():
-        progress = {"settings": settings, "done": []}
-    done = set(progress["done"])
-
-    def earlier(key):
-        return [r for r in read_csv(paths[key]) if r["layer"] in done] if done and paths[key].exists() else []
-
-    rows, diss, per_class = earlier("results"), earlier("dissociation"), earlier("per_class")
-    rankings = json.loads(paths["rankings"].read_text()) if done and paths["rankings"].exists() else {}
-    rankings = {k: v for k, v in rankings.items() if k in done}
+    paths = {k: out_dir / f for k, f in SWEEP_FILES.items()}
+    earlier = earlier_sweep(model, config, out_dir)
+    if earlier["restart"]:
+        print(f"lesion sweep: {earlier['restart']}")
+    progress = {"settings": settings, "done": list(earlier["done"])}
+    done = set(earlier["done"])
+    rows, diss, per_class, rankings = earlier["rows"], earlier["dissociation"], earlier["per_class"], \
+        earlier["rankings"]
     if done:
         print(f"lesion sweep: {len(done)} of {len(sites)} sites finished earlier; continuing")
     todo = [s for s in sites if s.name not in done]

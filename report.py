@@ -14,12 +14,17 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from common import read_csv, write_text
+from common import UsageError, read_csv, read_json, write_text
 from figures import headline_fraction
 
 FIGURES_STATUS = "figures_status.json"  # what each part of the figures stage wrote, or why it failed
 ALPHA = 0.05  # the level of the summary's test against random lesions
 NEAR_CHANCE = 0.05  # a head whose intact accuracy is less than this above chance has learned too little
+INTACT_COLUMNS = ("eval_task", "intact_accuracy", "n_images", "chance")  # what the report reads of the results
+# what it reads of dissociation.csv
+DISSOCIATION_COLUMNS = ("layer", "depth", "method", "fraction", "task_a", "task_b", "index", "ci_low", "ci_high",
+                        "p_index", "drop_a_by_a", "drop_a_by_b", "drop_b_by_b", "drop_b_by_a", "p_a_by_a",
+                        "p_b_by_b", "n_random")
 
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222;
@@ -171,15 +176,11 @@ def _top_overlap(rankings: dict, site: str, methods: list, task: str, fraction: 
     return len(set(orders[0][:k]) & set(orders[1][:k])), k, k * k / n
 
 
-def summary(run_dir: Path, config: dict, status: dict) -> str:
+def summary(config: dict, status: dict, results: list, diss: list, rankings: dict) -> str:
     """The report's first screen: the answer (per ranking, the sites where the dissociation index's 95%
     interval excludes 0 and the index beats the random-lesion null), a compact table, and the caveats this
-    run's own numbers call for."""
-    results_path, diss_path = run_dir / "lesion_results.csv", run_dir / "dissociation.csv"
-    results = read_csv(results_path) if results_path.exists() else []
-    diss = read_csv(diss_path) if diss_path.exists() else []
-    rankings_path = run_dir / "rankings.json"
-    rankings = json.loads(rankings_path.read_text()) if rankings_path.exists() else {}
+    run's own numbers call for. results, diss, rankings: the rows of lesion_results.csv and dissociation.csv
+    and rankings.json (empty when missing)."""
     intact = intact_accuracies(results)
     caveats, table = [], ""
     methods = list(dict.fromkeys(r["method"] for r in diss))
@@ -318,17 +319,24 @@ def build_report(run_dir) -> Path:
     """Write run_dir/report.html from the run's files and return its path. It opens on the answer and its
     caveats; the figures, tables and settings follow."""
     run_dir = Path(run_dir)
-    config = json.loads((run_dir / "config.json").read_text())
+    config = read_json(run_dir / "config.json", lambda v: isinstance(v, dict) and isinstance(v.get("tasks", {}), dict),
+                       "a run's settings")
     status_path = run_dir / FIGURES_STATUS
-    status = json.loads(status_path.read_text()) if status_path.exists() else {}
+    status = read_json(status_path, lambda v: isinstance(v, dict) and all(isinstance(e, dict) for e in v.values()),
+                       "the figures stage's status") if status_path.exists() else {}
     tasks = list(config.get("tasks", {}))
+    results_path, diss_path, rankings_path = (run_dir / n for n in ("lesion_results.csv", "dissociation.csv",
+                                                                     "rankings.json"))
+    results = read_csv(results_path, INTACT_COLUMNS) if results_path.exists() else []
+    diss = read_csv(diss_path, DISSOCIATION_COLUMNS) if diss_path.exists() else []
+    rankings = read_json(rankings_path, lambda v: isinstance(v, dict), "rankings by site") \
+        if rankings_path.exists() else {}
     r = Report(run_dir, status)
     r.section("Summary")
-    r.raw(summary(run_dir, config, status))
+    r.raw(summary(config, status, results, diss, rankings))
 
     r.section("Intact accuracy")
-    results = run_dir / "lesion_results.csv"
-    intact = intact_accuracies(read_csv(results)) if results.exists() else {}
+    intact = intact_accuracies(results)
     if not intact:
         r.skip("lesion_results.csv is missing: the lesion stage has not run")
     r.what("Each head's test accuracy on its own task before any lesion, with its 95% Wilson interval, and each "
@@ -353,8 +361,7 @@ def build_report(run_dir) -> Path:
     r.figure("dissociation_by_depth.png", "The double-dissociation index per site (0 = no task split) with its "
              "95% bootstrap interval over test images, beside the range of indices built from pairs of random "
              "lesions (grey).", "dissociation by depth")
-    if (run_dir / "dissociation.csv").exists():
-        r.raw(_dissociation_table(read_csv(run_dir / "dissociation.csv")))
+    r.raw(_dissociation_table(diss))
 
     r.section("Training")
     r.figure("training_curves.png", "Accuracy and loss of each head on its own task, per epoch, on training "
@@ -443,7 +450,15 @@ def main(argv=None) -> int:
         print(f"error: {run_dir} is not a run folder (no config.json); expected a folder written by a backbone "
               f"script, e.g. runs/vgg16", file=sys.stderr)
         return 2
-    print(f"wrote {build_report(run_dir)}")
+    try:
+        print(f"wrote {build_report(run_dir)}")
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, KeyError, TypeError) as e:  # a value in a file that does not parse
+        print(f"error: cannot build the report from {run_dir}: one of its files holds a damaged value "
+              f"({type(e).__name__}: {e}); rerun the stage that writes it", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -69,3 +69,61 @@ def test_shell_error_exits_2_without_traceback(tmp_path):
 def test_help_lists_hyperparameters_with_comments():
     p = run_script("ResNet.py", "--help")
     assert p.returncode == 0 and "--face_data='demo'" in p.stdout and "cap on images per class" in p.stdout
+
+
+# -- properties of the override parser -------------------------------------------------------------------
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+TYPED = {"epochs": st.integers(-10**9, 10**9), "lr": st.floats(allow_nan=False, allow_infinity=False),
+         "compile": st.booleans(), "lesion_fractions": st.lists(st.floats(0, 1), max_size=5),
+         "max_per_class": st.one_of(st.none(), st.integers(0, 10**6))}
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.sampled_from(sorted(TYPED)).flatmap(lambda name: st.tuples(st.just(name), TYPED[name])))
+def test_a_value_of_the_right_type_round_trips(pair):
+    name, value = pair
+    assert parse_overrides(DEFAULTS, [f"--{name}={value!r}"])[name] == value
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.text(max_size=20))
+def test_any_text_is_kept_for_a_string_setting(text):
+    assert parse_overrides(DEFAULTS, [f"--face_data={text}"])["face_data"] == _literal(text)
+
+
+def _literal(text):
+    """What a string setting holds for a text: the string a quoted literal spells, else the text itself."""
+    import ast
+
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return text
+    return value if isinstance(value, str) else text
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(sorted(DEFAULTS)), st.text(max_size=20))
+def test_any_text_either_parses_to_the_right_type_or_is_a_usage_error(name, text):
+    try:
+        value = parse_overrides(DEFAULTS, [f"--{name}={text}"])[name]
+    except UsageError as e:
+        assert name in str(e)
+        return
+    default = DEFAULTS[name]
+    if default is not None:
+        assert isinstance(value, type(default)) or (isinstance(default, list) and isinstance(value, list))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.text(max_size=30))
+def test_a_malformed_argument_is_a_usage_error(arg):
+    if arg.startswith("--") and "=" in arg:
+        return
+    try:
+        parse_overrides(DEFAULTS, [arg])
+    except UsageError:
+        return
+    raise AssertionError(f"{arg!r} was accepted")
