@@ -9,10 +9,15 @@ Preprocess VGGFace2 once (crop around the loose box enlarged by 30%, resize, cac
 
     python vggface2.py --root=/data/vggface2 --out=/data/vggface2_112 --image_size=112 --identities=1700
 
+An earlier cache in --out is replaced only with --overwrite; a folder that is not a cache, and any --out
+inside, containing or equal to --root, is refused. Data loaded differently from how it was given (unreadable
+images, classes left without images, unusable boxes) is counted in a "warning: ..." line on stderr.
+
 Augmentation and normalisation (`augment`, `normalize`) work on whole uint8 batches on the device.
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import math
@@ -69,28 +74,77 @@ class TaskData:
     def counts(self) -> dict:
         return {s: int((self.split == i).sum()) for i, s in enumerate(SPLITS)}
 
-    def save(self, out: str | os.PathLike) -> None:
-        """Write the cache folder atomically (a temporary folder renamed into place)."""
+    def save(self, out: str | os.PathLike, overwrite: bool = False) -> None:
+        """Write the cache folder atomically (written as <out>.tmp, then renamed into place).
+
+        A non-empty `out` is replaced only with overwrite=True and only when it is a cache written by this
+        module; anything else there is refused (DataError). Leftovers of a killed earlier save (<out>.tmp,
+        <out>.old) are removed.
+        """
         out = Path(out)
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
+        _check_out(out, overwrite)
+        tmp, old = _beside(out)
+        for leftover in (tmp, old):  # check_out made sure these are ours
+            if leftover.exists():
+                shutil.rmtree(leftover)
         tmp.mkdir(parents=True)
+        # meta.json first: it marks a half-written <out>.tmp as this module's, so a later save may remove it
+        meta = {"name": self.name, "classes": list(self.classes), "source": self.source,
+                "image_size": self.image_size, "counts": self.counts(), "extra": sorted(self.extra)}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         np.save(tmp / "images.npy", np.ascontiguousarray(self.images))
         np.save(tmp / "labels.npy", self.labels.astype(np.int64))
         np.save(tmp / "split.npy", self.split.astype(np.int8))
         for key, values in self.extra.items():
             np.save(tmp / f"extra_{key}.npy", values)
-        meta = {"name": self.name, "classes": list(self.classes), "source": self.source,
-                "image_size": self.image_size, "counts": self.counts(), "extra": sorted(self.extra)}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         if out.exists():
-            old = out.with_name(out.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
             out.rename(old)
             tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(old)
         else:
             tmp.rename(out)
+
+
+_CACHE_FILE = re.compile(r"^(images|labels|split|extra_\w+)\.npy$|^meta\.json$")
+
+
+def _beside(out: Path):
+    """The temporary and the replaced folder of a save into `out`."""
+    return out.with_name(out.name + ".tmp"), out.with_name(out.name + ".old")
+
+
+def _is_own_cache(folder: Path) -> bool:
+    """True for an empty folder or one holding only this module's cache files, meta.json among them."""
+    entries = list(folder.iterdir())
+    if not entries:
+        return True
+    if any(e.is_symlink() or not e.is_file() or not _CACHE_FILE.match(e.name) for e in entries):
+        return False
+    try:
+        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and "classes" in meta and "counts" in meta
+
+
+def _check_out(out: Path, overwrite: bool = False) -> None:
+    """Refuse (DataError) a cache folder whose writing would replace anything but an earlier cache of this
+    module, and an earlier cache unless `overwrite`. Never deletes: it only looks."""
+    out = Path(out)
+    for p in (out, *_beside(out)):
+        if p.is_symlink() or (p.exists() and not p.is_dir()):
+            raise DataError(f"--out: {p} exists and is not a folder; choose another --out")
+    if out.exists() and any(out.iterdir()):
+        if not _is_own_cache(out):
+            raise DataError(f"--out: {out} is not empty and is not a cache written by vggface2.py, so it is never "
+                            f"replaced, even with --overwrite; choose another --out (a new or empty folder)")
+        if not overwrite:
+            raise DataError(f"--out: {out} already holds a cache; pass --overwrite to replace it or choose another "
+                            f"--out")
+    for p in _beside(out):
+        if p.exists() and not _is_own_cache(p):
+            raise DataError(f"--out: {p} is in the way (a save writes there) and is not a cache written by "
+                            f"vggface2.py; move it away or choose another --out")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -121,16 +175,21 @@ def load_task(spec: str, task: str, image_size: int, max_per_class=None, max_cla
                         f"a cache folder made by vggface2.py, or a folder with one subfolder per class")
     if not root.is_dir() or not os.access(root, os.R_OK | os.X_OK):
         raise DataError(f"{task}_data: {spec} is not a readable folder")
-    if (root / "meta.json").exists() and (root / "images.npy").exists():
-        data = load_cache(root)
-        data = _cap(data, max_per_class, max_classes, seed)
-    elif (root / "cifar-10-batches-py").is_dir() or (download and not any(root.iterdir())):
-        data = load_cifar10(root, max_per_class=max_per_class, max_classes=max_classes, seed=seed,
-                            download=download)
-    elif is_vggface2_root(root):
-        data = load_vggface2(root, image_size, identities=max_classes, per_identity=max_per_class, seed=seed)
-    else:
-        data = load_folder(root, image_size, max_per_class=max_per_class, max_classes=max_classes, seed=seed)
+    try:
+        if (root / "meta.json").exists() and (root / "images.npy").exists():
+            data = load_cache(root)
+            if max_per_class is not None or max_classes is not None:  # a cap may take a class's training images
+                data = _drop_untrainable(_cap(data, max_per_class, max_classes, seed), str(root))
+        elif (root / "cifar-10-batches-py").is_dir() or (download and not any(root.iterdir())):
+            data = load_cifar10(root, max_per_class=max_per_class, max_classes=max_classes, seed=seed,
+                                download=download)
+        elif is_vggface2_root(root):
+            data = load_vggface2(root, image_size, identities=max_classes, per_identity=max_per_class, seed=seed)
+        else:
+            data = load_folder(root, image_size, max_per_class=max_per_class, max_classes=max_classes, seed=seed)
+    except OSError as e:  # a folder inside the data that cannot be listed (images themselves are skipped)
+        raise DataError(f"{task}_data: cannot read {e.filename or spec} ({e.strerror or e}); make it "
+                        f"readable") from None
     data.name = task
     if data.image_size != image_size:
         data.images = resize_images(data.images, image_size)
@@ -149,18 +208,35 @@ def _demo_kind_for(task: str) -> str:
 # splitting and capping
 
 
-def stratified_split(labels: np.ndarray, seed: int, val_fraction=VAL_FRACTION,
-                     test_fraction=TEST_FRACTION) -> np.ndarray:
-    """Deterministic split per class into train / val / test; each class keeps at least one training image."""
+def stratified_split(labels: np.ndarray, seed: int, val_fraction=VAL_FRACTION, test_fraction=TEST_FRACTION,
+                     classes=None) -> np.ndarray:
+    """Deterministic split per class into train / val / test (0 / 1 / 2).
+
+    A class of n >= 3 images gets n_test = max(1, round(n * test_fraction)) test images, then
+    n_val = max(1, round(n * val_fraction)) validation images (0 where the fraction is 0), capped so that one
+    training image (and one validation image when val_fraction > 0) remains. A class of 1 or 2 images stays
+    all training, and a warning names such classes (`classes`: the names by label, for that warning).
+    """
     rng = np.random.default_rng(seed)
     split = np.zeros(len(labels), dtype=np.int8)
+    small = []
     for c in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == c))
         n = len(idx)
-        n_test = max(int(round(n * test_fraction)), 1) if test_fraction > 0 and n >= 3 else 0
-        n_val = max(int(round(n * val_fraction)), 1) if val_fraction > 0 and n >= 3 else 0
+        if n < 3:
+            small.append(classes[c] if classes is not None else f"label {c}")
+            continue
+        n_test = max(int(round(n * test_fraction)), 1) if test_fraction > 0 else 0
+        n_val = max(int(round(n * val_fraction)), 1) if val_fraction > 0 else 0
+        n_test = min(n_test, n - 1 - (n_val > 0))  # only fractions summing near 1 reach these caps
+        n_val = min(n_val, n - 1 - n_test)
         split[idx[:n_test]] = 2
         split[idx[n_test:n_test + n_val]] = 1
+    held_out = " or ".join(name for name, f in (("validation", val_fraction), ("test", test_fraction)) if f > 0)
+    if small and held_out:
+        unmeasured = " (their accuracy goes unmeasured)" if test_fraction > 0 else ""
+        _warn(f"{len(small)} class(es) have fewer than 3 images, so no {held_out} images{unmeasured}: "
+              f"{_few(small)}; raise max_per_class or collect more images for them")
     return split
 
 
@@ -197,9 +273,43 @@ def _presplit_caps(max_per_class):
     return n_train, max(1, max_per_class - n_train)
 
 
-def _split_off_val(labels: np.ndarray, seed: int) -> np.ndarray:
+def _split_off_val(labels: np.ndarray, seed: int, classes=None) -> np.ndarray:
     """For sources with their own train/test: split validation images off the training pool."""
-    return stratified_split(labels, seed, val_fraction=VAL_FRACTION / (1 - TEST_FRACTION), test_fraction=0.0)
+    return stratified_split(labels, seed, val_fraction=VAL_FRACTION / (1 - TEST_FRACTION), test_fraction=0.0,
+                            classes=classes)
+
+
+def _drop_untrainable(data: TaskData, what: str) -> TaskData:
+    """Leave out classes without training images (all unreadable, or only in test/), with a warning, so that
+    the class count and chance describe what was loaded; refuse when fewer than 2 classes remain."""
+    has_train = np.bincount(data.labels[data.split == 0], minlength=len(data.classes)) > 0
+    kept = np.flatnonzero(has_train)
+    gone = [data.classes[k] for k in np.flatnonzero(~has_train)]
+    if len(kept) < 2:
+        lacking = f" ({len(gone)} class(es) have none: {_few(gone)})" if gone else ""
+        raise DataError(f"{what}: {len(kept)} class(es) with readable training images{lacking}; a classification "
+                        f"task needs at least 2")
+    if not gone:
+        return data
+    _warn(f"{what}: left out {len(gone)} class(es) with no readable training images: {_few(gone)}; the task has "
+          f"{len(kept)} classes (chance {1 / len(kept):.3f})")
+    idx = np.flatnonzero(has_train[data.labels])
+    remap = np.full(len(data.classes), -1, dtype=np.int64)
+    remap[kept] = np.arange(len(kept))
+    images = data.images if len(idx) == len(data.labels) else data.images[idx]  # no copy of a memmap unless needed
+    return TaskData(data.name, [data.classes[k] for k in kept], images, remap[data.labels[idx]], data.split[idx],
+                    data.source, {k: v[idx] for k, v in data.extra.items()})
+
+
+def _warn(message: str) -> None:
+    """One 'warning: ...' line on stderr: data loaded, but not quite as given."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _few(names, k: int = 5) -> str:
+    """The first k names, and how many more."""
+    names = [str(n) for n in names]
+    return ", ".join(names[:k]) + (f" and {len(names) - k} more" if len(names) > k else "")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -228,24 +338,61 @@ def _square_resize(img, size: int):
     return img.crop((left, top, left + size, top + size))
 
 
+def _to_rgb(im):
+    """Any PIL image as 8-bit RGB, scaled by its format's range (PIL's own convert clips deeper images)."""
+    from PIL import Image
+
+    if im.mode == "I" or im.mode.startswith("I;16"):
+        a = np.asarray(im).astype(np.float64)
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            # 32-bit values proper: scaled by their own range, since the format's 2^32 levels would leave
+            # any real image black; "I" usually holds 16-bit data (how PIL opens many 16-bit files)
+            a = (a - a.min()) / max(a.max() - a.min(), 1) * 255
+        else:
+            a = a / 257  # 16 bit: 65535 -> 255, so a 16-bit gradient becomes the same 8-bit gradient
+        return Image.fromarray(np.round(a).astype(np.uint8), "L").convert("RGB")
+    if im.mode == "F":
+        # float images have no fixed range: [0, 1] (the usual convention) and [0, 255] are taken as they
+        # stand, anything else is stretched from its min..max; NaN becomes 0
+        a = np.nan_to_num(np.asarray(im, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        lo, hi = (a.min(), a.max()) if a.size else (0.0, 1.0)
+        if lo >= 0 and hi <= 1:
+            a = a * 255
+        elif lo < 0 or hi > 255:
+            a = (a - lo) / max(hi - lo, 1e-12) * 255
+        return Image.fromarray(np.round(a).clip(0, 255).astype(np.uint8), "L").convert("RGB")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+        # transparent pixels are shown on white, as a viewer shows them, not as the hidden colour under them
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, im.convert("RGBA")).convert("RGB")
+    return im.convert("RGB")  # L, 1, P, CMYK, YCbCr, RGB: PIL converts these correctly
+
+
+def _crop_box(box, width: int, height: int):
+    """The box enlarged by the margin and clipped to the image as (left, top, right, bottom), or None when
+    less than 2 x 2 pixels of it lie inside the image."""
+    x, y, w, h = box
+    cx, cy = x + w / 2, y + h / 2
+    w, h = w * (1 + VGGFACE2_BOX_MARGIN), h * (1 + VGGFACE2_BOX_MARGIN)
+    left, top = max(0, int(round(cx - w / 2))), max(0, int(round(cy - h / 2)))
+    right, bottom = min(width, int(round(cx + w / 2))), min(height, int(round(cy + h / 2)))
+    return (left, top, right, bottom) if right - left >= 2 and bottom - top >= 2 else None
+
+
 def _read_image(path: Path, size: int, box=None):
-    """Decode one image to a (size, size, 3) uint8 array, or None when it cannot be read."""
+    """Decode one image to a (size, size, 3) uint8 array (None when it cannot be read), and whether its box
+    lay outside it (the image is then used uncropped)."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
-            img = im.convert("RGB")
-            if box is not None:
-                x, y, w, h = box
-                cx, cy = x + w / 2, y + h / 2
-                w, h = w * (1 + VGGFACE2_BOX_MARGIN), h * (1 + VGGFACE2_BOX_MARGIN)
-                left, top = max(0, int(round(cx - w / 2))), max(0, int(round(cy - h / 2)))
-                right, bottom = min(img.width, int(round(cx + w / 2))), min(img.height, int(round(cy + h / 2)))
-                if right - left >= 2 and bottom - top >= 2:
-                    img = img.crop((left, top, right, bottom))
-            return np.asarray(_square_resize(img, size), dtype=np.uint8)
+            img = _to_rgb(im)
+            rect = _crop_box(box, img.width, img.height) if box is not None else None
+            if rect is not None:
+                img = img.crop(rect)
+            return np.asarray(_square_resize(img, size), dtype=np.uint8), box is not None and rect is None
     except Exception:  # PIL raises many types for damaged files; any of them means "skip this image"
-        return None
+        return None, False
 
 
 def _read_many(paths, size: int, boxes=None, what: str = "images"):
@@ -254,13 +401,18 @@ def _read_many(paths, size: int, boxes=None, what: str = "images"):
 
     boxes = boxes if boxes is not None else [None] * len(paths)
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) + 2)) as pool:
-        arrays = list(tqdm(pool.map(lambda pb: _read_image(pb[0], size, pb[1]), zip(paths, boxes)),
-                           total=len(paths), desc=f"reading {what}", leave=False, disable=True if len(paths) < 500 else None))
+        results = list(tqdm(pool.map(lambda pb: _read_image(pb[0], size, pb[1]), zip(paths, boxes)), total=len(paths),
+                            desc=f"reading {what}", leave=False, disable=True if len(paths) < 500 else None))
+    arrays = [a for a, _ in results]
     ok = np.array([a is not None for a in arrays], dtype=bool)
     bad = [str(p) for p, a in zip(paths, arrays) if a is None]
     if bad:
         warnings.warn(f"skipped {len(bad)} unreadable image(s) in {what}, e.g. {bad[0]}", stacklevel=2)
         print(f"warning: skipped {len(bad)} unreadable image(s) in {what} (first: {bad[0]})", file=sys.stderr)
+    outside = [str(p) for p, (_, out) in zip(paths, results) if out]
+    if outside:
+        _warn(f"{len(outside)} face box(es) lie outside their image in {what}; those images are used uncropped "
+              f"(first: {outside[0]})")
     images = np.stack([a for a in arrays if a is not None]) if ok.any() else np.zeros((0, size, size, 3), np.uint8)
     return images, ok
 
@@ -273,10 +425,24 @@ def _list_images(folder: Path):
 # class folders
 
 
+def _printable(name: str) -> str:
+    """A file name as text any writer accepts: bytes that are not UTF-8 (kept by os.fsdecode as surrogates,
+    which JSON, CSV and HTML writers reject) are shown as \\xNN, so b"caf\\xe9" becomes "caf\\xe9"."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
 def _class_folders(root: Path, what: str):
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    files = {c: _list_images(root / c) for c in classes}
-    classes = [c for c in classes if files[c]]
+    """({class name: folder}, {class name: image files}) of the class folders holding images."""
+    dirs = [d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")]
+    folders = {_printable(d.name): d for d in dirs}
+    if len(folders) < len(dirs):
+        raise DataError(f"{what}: two class folders in {root} read as the same name once their non-UTF-8 bytes are "
+                        f"written as \\xNN; rename one of them")
+    renamed = [name for name, d in folders.items() if name != d.name]
+    if renamed:
+        _warn(f"{what}: {len(renamed)} class folder name(s) are not UTF-8 and are shown as {_few(renamed)}")
+    files = {c: _list_images(d) for c, d in folders.items()}
+    classes = sorted(c for c in folders if files[c])
     if not classes:
         raise DataError(f"{what}: {root} holds no class folders with images; expected one subfolder per class, "
                         f"each with image files ({', '.join(IMAGE_EXTENSIONS[:3])}, ...)")
@@ -307,16 +473,16 @@ def load_folder(root, image_size: int, max_per_class=None, max_classes=None, see
         images, ok = _read_many([paths[i] for i in idx], image_size, what=str(pools[pool]))
         labels = labels[idx][ok]
         if pool == "all":
-            split = stratified_split(labels, seed)
+            split = stratified_split(labels, seed, classes=classes)
         elif pool == "train":
-            split = _split_off_val(labels, seed)
+            split = _split_off_val(labels, seed, classes=classes)
         else:
             split = np.full(len(labels), 2, dtype=np.int8)
         parts.append((images, labels, split))
     images, labels, split = (np.concatenate(p) for p in zip(*parts))
     if len(images) == 0:
         raise DataError(f"{root}: no readable images")
-    return TaskData("", classes, images, labels, split, source=f"folder:{root}")
+    return _drop_untrainable(TaskData("", classes, images, labels, split, source=f"folder:{root}"), str(root))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -338,14 +504,52 @@ class _PlainUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR batch file")
 
 
-def _read_cifar_batch(path: Path):
+def _unpickle(path: Path, what: str):
     try:
         with open(path, "rb") as f:
-            batch = _PlainUnpickler(f, encoding="latin1").load()
-        data = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-        return np.ascontiguousarray(data), np.asarray(batch["labels"], dtype=np.int64)
-    except (OSError, KeyError, ValueError, pickle.UnpicklingError, EOFError) as e:
-        raise DataError(f"{path}: not a CIFAR-10 batch in the python format ({e})") from None
+            return _PlainUnpickler(f, encoding="latin1").load()
+    except Exception as e:  # a damaged pickle raises many types; each means "not this file's format"
+        raise DataError(f"{path}: not {what} in the python pickle format ({e}); replace it with a fresh copy "
+                        f"of CIFAR-10") from None
+
+
+def _read_cifar_meta(path: Path) -> list:
+    """The class names of batches.meta."""
+    meta = _unpickle(path, "CIFAR-10's batches.meta")
+    names = meta.get("label_names") if isinstance(meta, dict) else None
+    if not (isinstance(names, list) and len(names) == len(CIFAR_CLASSES)
+            and all(isinstance(n, str) and n for n in names) and len(set(names)) == len(names)):
+        got = f"label_names = {names!r:.80}" if isinstance(meta, dict) else f"a {type(meta).__name__}"
+        raise DataError(f"{path}: got {got}; expected a dict whose label_names lists CIFAR-10's "
+                        f"{len(CIFAR_CLASSES)} distinct class names; replace it with CIFAR-10's own batches.meta, "
+                        f"or remove it to use the standard names")
+    return names
+
+
+def _read_cifar_batch(path: Path, n_classes: int):
+    batch = _unpickle(path, "a CIFAR-10 batch")
+    try:
+        data, labels = np.asarray(batch["data"]), np.asarray(batch["labels"])
+        if data.dtype.kind not in "iu" or labels.dtype.kind not in "iu" or labels.ndim != 1:
+            raise ValueError(f"data is {data.dtype}, labels are {labels.dtype} of shape {labels.shape}")
+        if data.size and (data.min() < 0 or data.max() > 255):
+            raise ValueError(f"pixel values span {data.min()}..{data.max()}")
+        data = data.astype(np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        if len(data) != len(labels):
+            raise ValueError(f"{len(data)} images but {len(labels)} labels")
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise DataError(f"{path}: not a CIFAR-10 batch in the python format ({e}); expected a dict with 'data' "
+                        f"(N x 3072 uint8) and 'labels' (N ints); replace it with a fresh copy of CIFAR-10") from None
+    # a label beyond the class list would silently add a class: the file is damaged, so it is refused
+    # rather than thinned (dropping images would hide the damage and change the class balance)
+    wrong = np.unique(labels[(labels < 0) | (labels >= n_classes)])
+    if len(wrong):
+        raise DataError(f"{path}: labels {_few(wrong.tolist())} lie outside 0..{n_classes - 1} (CIFAR-10's "
+                        f"{n_classes} classes); the file is damaged: replace it with a fresh copy of CIFAR-10")
+    return np.ascontiguousarray(data), labels.astype(np.int64)
+
+
+CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"  # what torchvision downloads
 
 
 def load_cifar10(root, max_per_class=None, max_classes=None, seed: int = 0, download: bool = False) -> TaskData:
@@ -358,28 +562,37 @@ def load_cifar10(root, max_per_class=None, max_classes=None, seed: int = 0, down
     if download and not (folder / "test_batch").exists():
         import torchvision
 
-        torchvision.datasets.CIFAR10(str(root), train=True, download=True)
+        try:
+            torchvision.datasets.CIFAR10(str(root), train=True, download=True)
+        except (OSError, RuntimeError) as e:  # no network is a URLError (an OSError); a bad archive, RuntimeError
+            raise DataError(f"{root}: could not download CIFAR-10 from {CIFAR_URL} ({e}); download it by hand "
+                            f"and unpack it so that {folder} holds data_batch_1..5 and test_batch") from None
     names = [f"data_batch_{i}" for i in range(1, 6)]
     missing = [n for n in names + ["test_batch"] if not (folder / n).exists()]
     if missing:
         raise DataError(f"{folder}: missing {', '.join(missing)}; expected CIFAR-10's python batches "
                         f"(set download=True to fetch them)")
-    classes = list(CIFAR_CLASSES)
     meta = folder / "batches.meta"
-    if meta.exists():
-        with open(meta, "rb") as f:
-            classes = list(_PlainUnpickler(f, encoding="latin1").load().get("label_names", classes))
-    train = [_read_cifar_batch(folder / n) for n in names]
+    classes = _read_cifar_meta(meta) if meta.exists() else list(CIFAR_CLASSES)
+    train = [_read_cifar_batch(folder / n, len(classes)) for n in names]
     train_x, train_y = np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train])
-    test_x, test_y = _read_cifar_batch(folder / "test_batch")
+    test_x, test_y = _read_cifar_batch(folder / "test_batch", len(classes))
+    absent = [classes[k] for k in sorted(set(range(len(classes))) - set(train_y.tolist()))]
+    if absent:
+        _warn(f"{folder}: left out {len(absent)} class(es) with no images in data_batch_1..5: {_few(absent)}")
     cap_train, cap_test = _presplit_caps(max_per_class)
     i_train, kept = _choose(train_y, cap_train, max_classes, seed)
-    i_test, _ = _choose(test_y, cap_test, max_classes, seed)
+    i_test, _ = _choose(test_y, cap_test, None, seed)
+    i_test = i_test[np.isin(test_y[i_test], kept)]  # test images of a class that cannot be learnt are left out
+    if len(kept) < 2:
+        raise DataError(f"{folder}: {len(kept)} class(es) have training images; a classification task needs at "
+                        f"least 2")
     remap = np.full(len(classes), -1, dtype=np.int64)
     remap[kept] = np.arange(len(kept))
     train_y, test_y = remap[train_y[i_train]], remap[test_y[i_test]]
-    split = np.concatenate([_split_off_val(train_y, seed), np.full(len(test_y), 2, dtype=np.int8)])
-    return TaskData("", [classes[k] for k in kept], np.concatenate([train_x[i_train], test_x[i_test]]),
+    names_kept = [classes[k] for k in kept]
+    split = np.concatenate([_split_off_val(train_y, seed, names_kept), np.full(len(test_y), 2, dtype=np.int8)])
+    return TaskData("", names_kept, np.concatenate([train_x[i_train], test_x[i_test]]),
                     np.concatenate([train_y, test_y]), split, source=f"cifar10:{root}")
 
 
@@ -397,30 +610,58 @@ def is_vggface2_root(root: Path) -> bool:
     return train.is_dir() and any(_IDENTITY.match(d.name) for d in train.iterdir() if d.is_dir())
 
 
+_BOX_FORM = "expected a CSV with header NAME_ID,X,Y,W,H and rows like n000002/0001_01,60,60,79,109"
+
+
 def _read_boxes(csv_path: Path) -> dict:
+    """{NAME_ID: (x, y, w, h)} of VGGFace2's box file; None for a box of zero or negative size or not a
+    number, whose image is then used uncropped."""
+    boxes, duplicates = {}, []
     try:
-        with open(csv_path, newline="") as f:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:  # utf-8-sig: a byte-order mark is accepted
             reader = csv.reader(f)
-            header = [h.strip() for h in next(reader)]
+            header = [h.strip() for h in next(reader, [])]
             if header[:5] != ["NAME_ID", "X", "Y", "W", "H"]:
-                raise DataError(f"{csv_path}: header is {','.join(header)}; expected NAME_ID,X,Y,W,H")
-            return {row[0].strip(): tuple(float(v) for v in row[1:5]) for row in reader if len(row) >= 5}
-    except (OSError, ValueError, StopIteration) as e:
-        raise DataError(f"{csv_path}: cannot read the bounding boxes ({e}); expected a CSV with header "
-                        f"NAME_ID,X,Y,W,H and rows like n000002/0001_01,60,60,79,109") from None
+                raise DataError(f"{csv_path}: header is {','.join(header)}; {_BOX_FORM}")
+            for row in reader:
+                if not any(v.strip() for v in row):
+                    continue
+                try:
+                    x, y, w, h = (float(v) for v in row[1:5])
+                except ValueError:
+                    raise DataError(f"{csv_path}: line {reader.line_num} reads {','.join(row)!r:.80}; X,Y,W,H must "
+                                    f"be 4 numbers; {_BOX_FORM}") from None
+                name = row[0].strip()
+                # a NAME_ID twice comes from a file edited or appended to, not from VGGFace2 (one row per
+                # image): the first row is kept and the rest counted, rather than refusing millions of good rows
+                if name in boxes:
+                    duplicates.append(name)
+                    continue
+                usable = all(math.isfinite(v) for v in (x, y, w, h)) and w > 0 and h > 0
+                boxes[name] = (x, y, w, h) if usable else None
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"{csv_path}: cannot read the bounding boxes ({e}); {_BOX_FORM}") from None
+    if duplicates:
+        _warn(f"{csv_path}: {len(duplicates)} row(s) repeat an earlier NAME_ID (first: {duplicates[0]}); each "
+              f"image uses its first row")
+    return boxes
 
 
 def load_vggface2(root, image_size: int, identities=None, per_identity=None, seed: int = 0) -> TaskData:
     """VGGFace2's train/ identities, each identity's images split into train / val / test.
 
     Faces are cropped around `bb_landmark/loose_bb_train.csv`'s box enlarged by 30% (clipped to the image),
-    then resized. VGGFace2's test/ holds other people, so it cannot serve identity classification.
+    then resized. VGGFace2's test/ holds other people, so it cannot serve identity classification. Images
+    without a usable box (no row, zero or negative size, entirely outside the image) are used uncropped and
+    counted in a warning.
     """
     root = Path(root)
     boxes_csv = root / "bb_landmark" / "loose_bb_train.csv"
+    layout = "VGGFace2's layout train/nXXXXXX/NNNN_NN.jpg with bb_landmark/loose_bb_train.csv (NAME_ID,X,Y,W,H)"
     if not boxes_csv.exists():
-        raise DataError(f"{root}: no bounding-box file {boxes_csv.relative_to(root)}; expected VGGFace2's layout "
-                        f"train/nXXXXXX/NNNN_NN.jpg with bb_landmark/loose_bb_train.csv (NAME_ID,X,Y,W,H)")
+        raise DataError(f"{root}: no bounding-box file {boxes_csv.relative_to(root)}; expected {layout}")
+    if not (root / "train").is_dir():
+        raise DataError(f"{root}: no train/ folder; expected {layout}")
     boxes = _read_boxes(boxes_csv)
     folders = sorted(d for d in (root / "train").iterdir() if d.is_dir() and _IDENTITY.match(d.name))
     files = {d.name: _list_images(d) for d in folders}
@@ -429,7 +670,7 @@ def load_vggface2(root, image_size: int, identities=None, per_identity=None, see
         names = names[:identities]
     if len(names) < 2:
         raise DataError(f"{root / 'train'}: found {len(names)} identity folder(s) with images; need at least 2")
-    paths, labels, crops = [], [], []
+    paths, labels, keys = [], [], []
     rng = np.random.default_rng(seed)
     for ci, name in enumerate(names):
         chosen = files[name]
@@ -438,26 +679,63 @@ def load_vggface2(root, image_size: int, identities=None, per_identity=None, see
         for p in chosen:
             paths.append(p)
             labels.append(ci)
-            crops.append(boxes.get(f"{name}/{p.stem}"))
-    n_nobox = sum(b is None for b in crops)
+            keys.append(f"{name}/{p.stem}")
+    n_nobox = sum(k not in boxes for k in keys)
     if n_nobox:
-        print(f"warning: {n_nobox} image(s) have no row in {boxes_csv.name}; used uncropped", file=sys.stderr)
-    images, ok = _read_many(paths, image_size, crops, what=str(root / "train"))
+        _warn(f"{n_nobox} image(s) have no row in {boxes_csv.name}; used uncropped")
+    unusable = [k for k in keys if k in boxes and boxes[k] is None]
+    if unusable:
+        _warn(f"{len(unusable)} box(es) in {boxes_csv.name} have zero or negative size or are not numbers "
+              f"(first: {unusable[0]}); those images are used uncropped")
+    images, ok = _read_many(paths, image_size, [boxes.get(k) for k in keys], what=str(root / "train"))
     labels = np.asarray(labels, dtype=np.int64)[ok]
-    return TaskData("", names, images, labels, stratified_split(labels, seed), source=f"vggface2:{root}")
+    data = TaskData("", names, images, labels, stratified_split(labels, seed, classes=names), f"vggface2:{root}")
+    return _drop_untrainable(data, str(root / "train"))
 
 
 def load_cache(folder) -> TaskData:
     """A folder written by `TaskData.save` (memory-mapped, so data larger than memory works)."""
     folder = Path(folder)
+
+    def damaged(problem):
+        return DataError(f"{folder}: {problem}; expected a cache as vggface2.py writes it (images.npy (N, H, W, 3) "
+                         f"uint8, labels.npy, split.npy with 0 train / 1 val / 2 test, meta.json); write it again "
+                         f"with vggface2.py")
+
     try:
-        meta = json.loads((folder / "meta.json").read_text())
-        extra = {k: np.load(folder / f"extra_{k}.npy") for k in meta.get("extra", [])}
-        return TaskData(meta.get("name", ""), meta["classes"], np.load(folder / "images.npy", mmap_mode="r"),
-                        np.load(folder / "labels.npy"), np.load(folder / "split.npy"), meta.get("source", ""), extra)
-    except (OSError, ValueError, KeyError) as e:
-        raise DataError(f"{folder}: not a readable cache folder ({e}); expected images.npy, labels.npy, "
-                        f"split.npy and meta.json as written by vggface2.py") from None
+        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise damaged(f"meta.json is not readable JSON ({e})") from None
+    classes = meta.get("classes") if isinstance(meta, dict) else None
+    if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)
+            and len(set(classes)) == len(classes)):
+        raise damaged("meta.json lacks 'classes', a list of distinct class names")
+    extra_keys = meta.get("extra", [])
+    if not (isinstance(extra_keys, list) and all(isinstance(k, str) and re.fullmatch(r"\w+", k) for k in extra_keys)):
+        raise damaged("meta.json's 'extra' is not a list of array names")
+    arrays = {}
+    for key in ["images", "labels", "split"] + [f"extra_{k}" for k in extra_keys]:
+        try:  # allow_pickle stays off: a cache holds plain arrays, never objects to unpickle
+            arrays[key] = np.load(folder / f"{key}.npy", mmap_mode="r" if key == "images" else None)
+        except (OSError, ValueError) as e:
+            raise damaged(f"{key}.npy is not a readable array ({e})") from None
+    images, labels, split = arrays["images"], arrays["labels"], arrays["split"]
+    if images.ndim != 4 or images.shape[3] != 3 or images.dtype != np.uint8 or 0 in images.shape[1:3]:
+        raise damaged(f"images.npy is {images.dtype} of shape {images.shape}")
+    for key, values in arrays.items():
+        if key != "images" and (values.ndim == 0 or len(values) != len(images)):
+            raise damaged(f"{key}.npy has shape {values.shape}, not one entry for each of the {len(images)} images")
+    for key, values, top in (("labels", labels, len(classes) - 1), ("split", split, 2)):
+        if values.ndim != 1 or values.dtype.kind not in "iu":
+            raise damaged(f"{key}.npy is {values.dtype} of shape {values.shape}, not one integer per image")
+        wrong = np.unique(values[(values < 0) | (values > top)])
+        if len(wrong):
+            raise damaged(f"{key}.npy holds {_few(wrong.tolist())}, outside 0..{top}"
+                          + (f" (meta.json names {len(classes)} classes)" if key == "labels" else ""))
+    extra = {k: arrays[f"extra_{k}"] for k in extra_keys}
+    data = TaskData(str(meta.get("name", "")), classes, images, labels.astype(np.int64), split.astype(np.int8),
+                    str(meta.get("source", "")), extra)
+    return _drop_untrainable(data, str(folder))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -621,7 +899,7 @@ def make_demo(kind: str, n_classes: int = 10, per_class: int = 100, image_size: 
         images[i] = np.clip(img * 255, 0, 255).astype(np.uint8)
     if draw != image_size:
         images = resize_images(images, image_size)
-    split = stratified_split(labels, seed)
+    split = stratified_split(labels, seed, classes=classes)
     extra = {} if kind == "objects" else {"expression": expressions}
     return TaskData("", classes, images, labels.astype(np.int64), split, source=f"demo:{kind}", extra=extra)
 
@@ -664,28 +942,64 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
 # command line: preprocess VGGFace2 (or any source) into a cache folder
 
 
-def main(argv=None) -> int:
-    import argparse
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and status 2 from main, not argparse's usage block
+        raise DataError(f"{message} (python vggface2.py --help lists the arguments)")
 
-    parser = argparse.ArgumentParser(description="Preprocess VGGFace2 (or any source) into a cache folder.")
+
+def _flag(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+
+
+def _check_arguments(args) -> None:
+    """Whole numbers in range, and an --out that can neither be nor hold nor sit inside --root."""
+    for name, value, low in (("image_size", args.image_size, 1), ("identities", args.identities, 2),
+                             ("per_identity", args.per_identity, 1), ("seed", args.seed, 0)):
+        if value is not None and value < low:
+            raise DataError(f"--{name}={value}: expected a whole number of at least {low}")
+    if args.root.startswith("demo"):
+        return
+    root, out = Path(args.root).expanduser().resolve(), Path(args.out).expanduser().resolve()
+    for p in (out, *_beside(out)):  # a save writes <out>.tmp and <out>.old too, and removes them
+        if p == root or root in p.parents or p in root.parents:
+            where = "is" if p == root else "lies inside" if root in p.parents else "contains"
+            raise DataError(f"--out={args.out}: {p} {where} --root={args.root}; the cache is never written inside "
+                            f"the raw data or in its place: choose an --out outside {root}")
+
+
+def main(argv=None) -> int:
+    parser = _Parser(description="Preprocess VGGFace2 (or any source) into a cache folder.")
     parser.add_argument("--root", required=True, help="VGGFace2 root (train/, bb_landmark/), a CIFAR-10 root, "
                         "a class-folder tree, or 'demo'")
-    parser.add_argument("--out", required=True, help="cache folder to write")
+    parser.add_argument("--out", required=True, help="cache folder to write (new or empty, or an earlier cache "
+                        "with --overwrite); never inside --root")
+    parser.add_argument("--overwrite", type=_flag, nargs="?", const=True, default=False,
+                        help="replace an earlier cache in --out (never a folder that is not a cache)")
     parser.add_argument("--image_size", type=int, default=112, help="side of the square images in pixels")
     parser.add_argument("--identities", type=int, default=None, help="number of identities (classes); all if unset")
     parser.add_argument("--per_identity", type=int, default=None, help="images per identity; all if unset")
     parser.add_argument("--task", default="face", help="task name stored with the data")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling and the train/val/test split")
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
+        _check_arguments(args)
+        out = Path(args.out).expanduser()
+        _check_out(out, args.overwrite)  # before the long read, so a refused --out costs nothing
         data = load_task(args.root, args.task, args.image_size, max_per_class=args.per_identity,
                          max_classes=args.identities, seed=args.seed)
+        try:
+            data.save(out, overwrite=args.overwrite)
+        except OSError as e:  # permissions, a full disk
+            raise DataError(f"--out: cannot write {out} ({e}); choose a writable --out with enough space") from None
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    data.save(args.out)
     c = data.counts()
-    print(f"wrote {args.out}: {len(data.classes)} classes, {c['train']} train / {c['val']} val / {c['test']} test "
+    print(f"wrote {out}: {len(data.classes)} classes, {c['train']} train / {c['val']} val / {c['test']} test "
           f"images at {data.image_size} px")
     return 0
 
