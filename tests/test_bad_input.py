@@ -31,7 +31,7 @@ def tree_digest(folder):
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
-    """A finished ResNet run (trained and lesioned) to damage; each test copies it."""
+    """A finished ResNet run (trained and lesioned), never killed: each test damages a copy, or compares."""
     out = tmp_path_factory.mktemp("finished") / "run"
     p = run_script("ResNet.py", *FAST, *LESIONED, f"--out_dir={out}")
     assert p.returncode == 0, p.stderr[-3000:]
@@ -247,16 +247,8 @@ def without_speed(path):
     return [{k: v for k, v in row.items() if k != "images_per_s"} for row in csv.DictReader(open(path))]
 
 
-@pytest.fixture(scope="module")
-def straight_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("straight") / "run"
-    p = run_script("ResNet.py", *FAST, *LESIONED, f"--out_dir={out}")
-    assert p.returncode == 0, p.stderr[-3000:]
-    return out
-
-
 @pytest.mark.parametrize("module, name, n, when", [pytest.param(*k[1:], id=k[0]) for k in KILLS])
-def test_kill_then_rerun_equals_an_unbroken_run(tmp_path, straight_run, module, name, n, when):
+def test_kill_then_rerun_equals_an_unbroken_run(tmp_path, finished_run, module, name, n, when):
     out = tmp_path / "run"
     argv = [*FAST, *LESIONED, f"--out_dir={out}"]
     code = KILLER.format(root=str(ROOT), module=module, name=name, n=n, when=when, argv=argv)
@@ -265,10 +257,10 @@ def test_kill_then_rerun_equals_an_unbroken_run(tmp_path, straight_run, module, 
     again = run_script("ResNet.py", *argv)
     assert again.returncode == 0, again.stderr[-2000:]
     for name in ("lesion_results.csv", "dissociation.csv", "rankings.json"):
-        assert (out / name).read_text() == (straight_run / name).read_text(), name
-    assert without_speed(out / "train_log.csv") == without_speed(straight_run / "train_log.csv")
+        assert (out / name).read_text() == (finished_run / name).read_text(), name
+    assert without_speed(out / "train_log.csv") == without_speed(finished_run / "train_log.csv")
     a = torch.load(out / "checkpoint.pt", weights_only=True)
-    b = torch.load(straight_run / "checkpoint.pt", weights_only=True)
+    b = torch.load(finished_run / "checkpoint.pt", weights_only=True)
     assert a["epoch"] == b["epoch"] == 2 and all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
     assert len(a["log"]) == 8
     assert not [p.name for p in out.iterdir() if common.TEMPORARY.match(p.name)]  # no leftovers
