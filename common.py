@@ -10,6 +10,7 @@ import os
 import pickle
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -21,6 +22,21 @@ class UsageError(ValueError):
 
 class StageFailed(RuntimeError):
     """Part of a stage failed after everything else of the stage was written: exit status 1, one line."""
+
+
+@contextlib.contextmanager
+def exit_on_damaged_files(what: str):
+    """For the command-line tools that read a run's files: inside, a UsageError or a value that does not parse
+    ends the program with one line on stderr and exit status 2, no traceback."""
+    try:
+        yield
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except (ValueError, KeyError, TypeError) as e:  # a value in a file that does not parse
+        print(f"error: {what}: a file holds a damaged value ({type(e).__name__}: {e}); rerun the stage that "
+              f"writes it", file=sys.stderr)
+        sys.exit(2)
 
 
 # ----------------------------------------------------------------------------------------------------------

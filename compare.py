@@ -13,7 +13,7 @@ from pathlib import Path
 
 import figures
 import report
-from common import UsageError, read_csv, read_json, write_csv
+from common import exit_on_damaged_files, read_csv, read_json, write_csv
 
 COLUMNS = ("run", "backbone", "kind", "task_or_method", "layer", "relative_depth", "value", "ci_low", "ci_high",
            "fraction", "n_images")
@@ -57,15 +57,8 @@ def main(argv=None) -> int:
         print(f"error: not a run folder (no config.json): {', '.join(bad)}; expected folders written by a "
               f"backbone script, e.g. runs/vgg16", file=sys.stderr)
         return 2
-    try:
+    with exit_on_damaged_files("cannot compare the runs"):
         rows = [row for r in runs for row in collect(r)]
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (ValueError, KeyError, TypeError) as e:  # a value in a run's file that does not parse
-        print(f"error: a run's files hold a damaged value ({type(e).__name__}: {e}); rerun the stage that "
-              f"writes it", file=sys.stderr)
-        return 2
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(out_dir / "compare.csv", COLUMNS, rows)

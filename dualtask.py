@@ -139,12 +139,13 @@ def _site_name(s) -> bool:
     return (isinstance(s, int) and not isinstance(s, bool)) or (isinstance(s, str) and bool(s))
 
 
+_FLAG = (lambda v: isinstance(v, bool)), "True or False"
 # every setting's rule and its expected form, checked before anything is read or written
 SETTINGS = {
     "backbone": _choice(BACKBONES),
-    "batch_norm": ((lambda v: isinstance(v, bool)), "True or False"),
+    "batch_norm": _FLAG,
     "fc_width": _integer(8),
-    "download": ((lambda v: isinstance(v, bool)), "True or False"),
+    "download": _FLAG,
     "image_size": _integer(16),
     "max_per_class": _optional(_integer(1)),
     "max_classes": _optional(_integer(2)),
@@ -154,8 +155,8 @@ SETTINGS = {
     "grad_clip": _number(0, strict=False),
     "weight_decay": _number(0, strict=False),
     "seed": _integer(0),
-    "compile": ((lambda v: isinstance(v, bool)), "True or False"),
-    "retrain": ((lambda v: isinstance(v, bool)), "True or False"),
+    "compile": _FLAG,
+    "retrain": _FLAG,
     "out_dir": ((lambda v: isinstance(v, str) and v.strip() != ""), "a folder path"),
     "lesion_fractions": ((lambda v: isinstance(v, list) and all(_fraction(f) for f in v) and any(f > 0 for f in v)),
                          "a list of fractions in [0, 1] with at least one above 0, e.g. [0.0, 0.2]"),
@@ -165,9 +166,9 @@ SETTINGS = {
     "lesion_layers": ((lambda v: v is None or (isinstance(v, list) and v and all(_site_name(s) for s in v))),
                       "None or a non-empty list of site depths or module paths, e.g. [0, 4, 'trunk.layer4.2']"),
     "lesion_mode": _choice(("zero", "mean")),
-    "lesion_keep_only": ((lambda v: isinstance(v, bool)), "True or False"),
-    "lesion_per_class": ((lambda v: isinstance(v, bool)), "True or False"),
-    "lesion_inner": ((lambda v: isinstance(v, bool)), "True or False"),
+    "lesion_keep_only": _FLAG,
+    "lesion_per_class": _FLAG,
+    "lesion_inner": _FLAG,
     "gradcam_site": ((lambda v: v is None or (isinstance(v, str) and v != "")), "None or a module path"),
     "stimulus_steps": _integer(1),
     "stages": _list_of(lambda s: s in STAGES, f"stages from {list(STAGES)}"),
@@ -548,7 +549,7 @@ def run(config: dict) -> None:
         if "lesion" in config["stages"]:
             lesion_utils.select_sites(model, config)  # an unknown lesion site stops the run before training
             if not config.get("retrain"):  # a damaged file of an earlier sweep stops it too (retrain replaces them)
-                lesion_utils.earlier_sweep(model, config, out_dir)
+                lesion_utils.earlier_sweep(lesion_utils.sweep_settings(model, config), out_dir)
         if "figures" in config["stages"] and config.get("gradcam_site"):
             lesion_utils.get_site(model, config["gradcam_site"])
         if "train" not in config["stages"] and not (out_dir / "checkpoint.pt").exists():

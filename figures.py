@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from common import UsageError, atomic_write, read_json  # noqa: E402
+from common import atomic_write, exit_on_damaged_files, read_json  # noqa: E402
 
 PALETTE = "colorblind"
 
@@ -289,11 +289,8 @@ if __name__ == "__main__":
     if len(sys.argv) != 2 or not (Path(sys.argv[1]) / "config.json").exists():
         print("usage: python figures.py RUN_DIR (a folder holding config.json)", file=sys.stderr)
         sys.exit(2)
-    try:
+    with exit_on_damaged_files(f"cannot draw the figures of {sys.argv[1]}"):
         read_json(Path(sys.argv[1]) / "config.json", lambda v: isinstance(v, dict), "a run's settings")
         written = make_figures(sys.argv[1])
-    except (UsageError, ValueError, KeyError, TypeError) as e:  # damaged files: name them, no traceback
-        print(f"error: cannot draw the figures of {sys.argv[1]}: {e}", file=sys.stderr)
-        sys.exit(2)
     for p in written:
         print(f"wrote {p}")

@@ -593,13 +593,12 @@ def sweep_settings(model: nn.Module, config: dict) -> dict:
             "seed": config["seed"], "per_class": bool(config.get("lesion_per_class", False))}
 
 
-def earlier_sweep(model: nn.Module, config: dict, out_dir: Path) -> dict:
-    """What an earlier sweep in out_dir finished under the same settings: {'done': site names, 'rows',
+def earlier_sweep(settings: dict, out_dir: Path) -> dict:
+    """What an earlier sweep in out_dir finished under the same settings (`sweep_settings`): {'done': site names, 'rows',
     'dissociation', 'per_class': their CSV rows, 'rankings': by site, 'restart': why an earlier sweep is not
     continued, or None}; nothing when there is none or its settings differ. Its files may be damaged or foreign: each is checked, and a bad one is a UsageError naming
     it. Reads only, so the pipeline calls it before it writes anything."""
     paths = {k: Path(out_dir) / f for k, f in SWEEP_FILES.items()}
-    settings = sweep_settings(model, config)
     nothing = {"done": [], "rows": [], "dissociation": [], "per_class": [], "rankings": {}, "restart": None}
     if not paths["progress"].exists():
         return nothing
@@ -644,7 +643,7 @@ def lesion_stage(model: nn.Module, images: dict, config: dict, out_dir: Path) ->
     keep_only, mode, per_class_wanted = settings["keep_only"], settings["mode"], settings["per_class"]
     sites = select_sites(model, config)
     paths = {k: out_dir / f for k, f in SWEEP_FILES.items()}
-    earlier = earlier_sweep(model, config, out_dir)
+    earlier = earlier_sweep(settings, out_dir)
     if earlier["restart"]:
         print(f"lesion sweep: {earlier['restart']}")
     progress = {"settings": settings, "done": list(earlier["done"])}

@@ -14,7 +14,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from common import UsageError, read_csv, read_json, write_text
+from common import exit_on_damaged_files, read_csv, read_json, write_text
 from figures import headline_fraction
 
 FIGURES_STATUS = "figures_status.json"  # what each part of the figures stage wrote, or why it failed
@@ -450,15 +450,8 @@ def main(argv=None) -> int:
         print(f"error: {run_dir} is not a run folder (no config.json); expected a folder written by a backbone "
               f"script, e.g. runs/vgg16", file=sys.stderr)
         return 2
-    try:
+    with exit_on_damaged_files(f"cannot build the report from {run_dir}"):
         print(f"wrote {build_report(run_dir)}")
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (ValueError, KeyError, TypeError) as e:  # a value in a file that does not parse
-        print(f"error: cannot build the report from {run_dir}: one of its files holds a damaged value "
-              f"({type(e).__name__}: {e}); rerun the stage that writes it", file=sys.stderr)
-        return 2
     return 0
 
 

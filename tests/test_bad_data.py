@@ -9,6 +9,7 @@ import io
 import json
 import os
 import pickle
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.error import URLError
@@ -161,6 +162,7 @@ def cifar_offline(error):
         def run():
             with pytest.MonkeyPatch.context() as mp:
                 mp.setattr(torchvision.datasets, "CIFAR10", fail)
+                mp.setattr(socket.socket, "connect", fail)  # and should a download start anyway, it cannot connect
                 return load_task(str(tmp / "cifar"), "object", 32, download=True)
         return run
     return build
