@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import figures
+import health
 import inspection
 import lesion_utils
 import report
@@ -151,7 +152,7 @@ SETTINGS = {
     "max_classes": _optional(_integer(2)),
     "demo_per_class": _integer(3),
     "epochs": _integer(0),
-    "lr": _number(0, strict=True),
+    "lr": _optional(_number(0, strict=True)),
     "grad_clip": _number(0, strict=False),
     "weight_decay": _number(0, strict=False),
     "seed": _integer(0),
@@ -172,6 +173,7 @@ SETTINGS = {
     "gradcam_site": ((lambda v: v is None or (isinstance(v, str) and v != "")), "None or a module path"),
     "stimulus_steps": _integer(1),
     "stages": _list_of(lambda s: s in STAGES, f"stages from {list(STAGES)}"),
+    "health_check": _choice(health.ACTIONS),
 }
 
 
@@ -227,23 +229,54 @@ def print_help(defaults: dict, script: str) -> None:
 # the model
 
 
+# The training recipe's version, kept in every checkpoint's config. Recipe 1 (before the defaults were tuned):
+# VGG's classifier always read a 7 x 7 pool, torchvision's initialisation, lr taken as given. Recipe 2: the
+# choices below. A finished recipe-1 run is still rebuilt as it was trained, so its lesions and figures can be
+# redrawn; training it further needs --retrain=True.
+RECIPE = 2
+# learning rate per 256 images (linear scaling, Goyal et al. 2017) when lr=None. Batch-normalised nets: 0.2,
+# the CIFAR recipe of He et al. 2016 (0.1 per 128 images) that small-image training follows; torchvision's
+# ImageNet recipe uses 0.1, and on the 32-px demo 0.1 had both heads at chance after 3 epochs where 0.4 had
+# the face head at 0.27. A VGG without batch norm loses its units at such rates and trains at 0.01-0.02, as in
+# Simonyan & Zisserman (0.01 per 256) and the reference study.
+DEFAULT_LR = {"resnet50": 0.2, "resnext50": 0.2, "vgg_bn": 0.2, "vgg": 0.02}
+LABEL_SMOOTHING = 0.1  # torchvision's reference recipe (Szegedy et al. 2016): keeps logits from growing without end
+
+
+def vgg_pool(image_size: int) -> int:
+    """Side of the pooled map VGG's classifier reads: its conv map (image_size / 32) up to torchvision's 7.
+
+    torchvision pools every input to 7 x 7, so a 32-px image's single conv position is copied 49 times into
+    the first fully connected layer (25,088 inputs for 512 numbers); a classifier that reads the map it has
+    keeps the reference study's 7 x 7 at 224 px and stays 49 times smaller at 32 px."""
+    return max(1, min(7, image_size // 32))
+
+
 class DualTaskNet(nn.Module):
     """A torchvision trunk shared by all tasks, one linear head per task. `model(x)` -> {task: logits}."""
 
-    def __init__(self, backbone: str, num_classes: dict, batch_norm: bool = True, fc_width: int = 4096):
+    def __init__(self, backbone: str, num_classes: dict, batch_norm: bool = True, fc_width: int = 4096,
+                 image_size: int = 224, recipe: int = RECIPE):
         super().__init__()
         import torchvision.models as tvm
 
         if backbone in ("vgg16", "vgg19"):
             name = backbone + ("_bn" if batch_norm else "")
             trunk = getattr(tvm, name)(weights=None)
-            if fc_width != 4096:  # the fully connected layers of VGG, narrower for small experiments
-                trunk.classifier[0] = nn.Linear(512 * 7 * 7, fc_width)
+            pool = vgg_pool(image_size) if recipe >= 2 else 7
+            if fc_width != 4096 or pool != 7:  # fully connected layers sized to the pooled map and fc_width
+                trunk.avgpool = nn.AdaptiveAvgPool2d((pool, pool))
+                trunk.classifier[0] = nn.Linear(512 * pool * pool, fc_width)
                 trunk.classifier[3] = nn.Linear(fc_width, fc_width)
             width = trunk.classifier[3].out_features
             trunk.classifier[-1] = nn.Identity()
+            if recipe >= 2:
+                _he_init(trunk)
         elif backbone in ("resnet50", "resnext50"):
-            trunk = tvm.resnet50(weights=None) if backbone == "resnet50" else tvm.resnext50_32x4d(weights=None)
+            # zero-initialised last BN of every residual branch: each block starts as the identity, so the
+            # 50-layer net trains like a shallow one at first (Goyal et al. 2017; torchvision's option)
+            kwargs = {"weights": None, "zero_init_residual": recipe >= 2}
+            trunk = tvm.resnet50(**kwargs) if backbone == "resnet50" else tvm.resnext50_32x4d(**kwargs)
             width = trunk.fc.in_features
             trunk.fc = nn.Identity()
         else:
@@ -261,8 +294,38 @@ class DualTaskNet(nn.Module):
         return {task: head(features) for task, head in self.heads.items()}
 
 
+def _he_init(trunk: nn.Module) -> None:
+    """He et al. 2015 initialisation, fan-in mode, for every conv and hidden fully connected layer of VGG.
+
+    It keeps the variance of each ReLU layer's output equal to its input's on the forward pass, which is what
+    let He et al. train deep plain (no batch norm) networks from scratch; torchvision's fan-out convs and
+    N(0, 0.01) fully connected layers shrink a 32-px VGG16's signal about 100-fold before the classifier."""
+    for m in trunk.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
 def build_model(config: dict, num_classes: dict) -> DualTaskNet:
-    return DualTaskNet(config["backbone"], num_classes, config.get("batch_norm", True), config.get("fc_width", 4096))
+    return DualTaskNet(config["backbone"], num_classes, config.get("batch_norm", True), config.get("fc_width", 4096),
+                       config.get("image_size", 224), config.get("recipe", 1))
+
+
+def base_lr(config: dict) -> float:
+    """The peak learning rate per 256 images: the lr setting, or the backbone's default when it is None."""
+    if config.get("lr") is not None:
+        return float(config["lr"])
+    if config["backbone"].startswith("vgg"):
+        return DEFAULT_LR["vgg_bn" if config.get("batch_norm", True) else "vgg"]
+    return DEFAULT_LR[config["backbone"]]
+
+
+def peak_lr(config: dict) -> float:
+    """The step's peak learning rate: per-256 lr scaled linearly to batch_size (recipe 1: lr as given)."""
+    if config.get("recipe", 1) < 2:
+        return base_lr(config)
+    return base_lr(config) * config["batch_size"] / 256
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -392,6 +455,18 @@ def _lr_lambda(total_steps: int, warmup_steps: int):
     return f
 
 
+def warmup_steps(config: dict, steps_per_epoch: int) -> int:
+    """Linear warm-up from 0 to the peak lr: 2 epochs or 5% of training, whichever is longer, at most a quarter.
+
+    A from-scratch net's first steps have the largest gradients; ramping the lr up over them is what keeps
+    large-batch SGD from diverging (Goyal et al. 2017 ramp over 5 epochs at 8k images per step). Recipe 1
+    ramped over 5% of training only, which in a 15-epoch run was under one epoch."""
+    total = steps_per_epoch * config["epochs"]
+    if config.get("recipe", 1) < 2:
+        return max(1, total // 20)
+    return max(1, min(total // 4, max(total // 20, 2 * steps_per_epoch)))
+
+
 def _epoch_order(n_train: np.ndarray, seed: int, epoch: int, task_index: int, length: int, rank: int, world: int):
     """This rank's shard of a seeded permutation of the training indices, repeated to `length` per rank."""
     rng = np.random.default_rng([seed, epoch, task_index])
@@ -418,10 +493,11 @@ def train(model: DualTaskNet, images: dict, config: dict, out_dir: Path, dist: D
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
     optimizer = torch.optim.SGD([{"params": decay, "weight_decay": config["weight_decay"]},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=config["lr"], momentum=0.9,
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=peak_lr(config), momentum=0.9,
                                 nesterov=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total_steps, max(1, total_steps // 20)))
-    start_epoch, log_rows = 0, []
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total_steps, warmup_steps(config, steps)))
+    smoothing = LABEL_SMOOTHING if config.get("recipe", 1) >= 2 else 0.0
+    start_epoch, log_rows, checkup = 0, [], {"epochs": [], "problems": []}
     if ckpt_path.exists() and not config.get("retrain", False):
         state = load_checkpoint(ckpt_path, device)
         model.load_state_dict(state["model"])
@@ -429,8 +505,10 @@ def train(model: DualTaskNet, images: dict, config: dict, out_dir: Path, dist: D
         scheduler.load_state_dict(state["scheduler"])
         start_epoch = int(state["epoch"])
         log_rows = list(state.get("log", []))
+        checkup = state.get("health", checkup)
         if dist.main:  # the log rides inside the checkpoint: after a kill between the two writes, the CSV catches up
             write_csv(log_path, TRAIN_LOG_COLUMNS, log_rows)
+            health.write(out_dir, config.get("health_check", "stop"), checkup["epochs"], checkup["problems"])
         if start_epoch >= config["epochs"]:
             if dist.main:
                 print(f"training finished earlier ({start_epoch} epochs in {ckpt_path}); skipping "
@@ -444,12 +522,18 @@ def train(model: DualTaskNet, images: dict, config: dict, out_dir: Path, dist: D
     if config.get("compile", False):
         net = torch.compile(net)
     classes = {t: list(images[t].data.classes) for t in tasks}
+    watched = health.monitored_layers(model, config)
+    n_fc = sum(isinstance(m, nn.Linear) for _, m in watched)
+    probe = health.probe_batch(images, channels_last)
+    chances = {t: images[t].data.chance for t in tasks}
+    clip = config.get("grad_clip", 0)
     for epoch in range(start_epoch, config["epochs"]):
         torch.manual_seed(config["seed"] * 100_003 + epoch * 101 + dist.rank)  # dropout, reproducible on resume
         gen = torch.Generator().manual_seed(config["seed"] * 1_000_003 + epoch * 1009 + dist.rank)
         order = {t: _epoch_order(train_idx[t], config["seed"], epoch, k, steps * per_task, dist.rank, dist.world)
                  for k, t in enumerate(tasks)}
         sums = {t: torch.zeros(3, dtype=torch.float64, device=device) for t in tasks}  # loss, correct, n
+        grad_sum, grad_max = torch.zeros((), device=device), torch.zeros((), device=device)
         net.train()
         t0 = time.perf_counter()
         bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{config['epochs']}", disable=None if dist.main else True, leave=False,
@@ -464,7 +548,7 @@ def train(model: DualTaskNet, images: dict, config: dict, out_dir: Path, dist: D
             loss = 0.0
             for k, t in enumerate(tasks):
                 logits = out[t][k * per_task:(k + 1) * per_task].float()
-                task_loss = F.cross_entropy(logits, ys[k])
+                task_loss = F.cross_entropy(logits, ys[k], label_smoothing=smoothing)
                 loss = loss + task_loss
                 with torch.no_grad():
                     sums[t] += torch.stack([task_loss.detach().double() * len(ys[k]),
@@ -472,8 +556,11 @@ def train(model: DualTaskNet, images: dict, config: dict, out_dir: Path, dist: D
                                             torch.tensor(float(len(ys[k])), dtype=torch.float64, device=device)])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if config.get("grad_clip", 0) > 0:  # deep nets from scratch on small data can diverge early
-                nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
+            # the norm before clipping, for the health check (clipping by inf leaves the gradients as they are);
+            # deep nets from scratch on small data can diverge early, which clipping tames
+            norm = nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else math.inf).detach().float()
+            grad_sum += norm
+            grad_max = torch.maximum(grad_max, norm)
             optimizer.step()
             scheduler.step()
             if dist.main and step % 20 == 0:
@@ -486,6 +573,12 @@ def train(model: DualTaskNet, images: dict, config: dict, out_dir: Path, dist: D
         t1 = time.perf_counter()
         val = evaluate(model, images, "val", dist, channels_last=channels_last)
         val_speed = sum(v["n"] for v in val.values()) / max(time.perf_counter() - t1, 1e-9)
+        grad = {"mean": grad_sum.item() / steps, "max": grad_max.item()}
+        dead = health.dead_fractions(model, watched, probe)
+        found = health.diagnose(epoch + 1, {t: {"loss": s[0] / s[2], "accuracy": s[1] / s[2], "n": s[2]} for t, s in
+                                            train_stats.items()}, val, chances, dead, grad, config, peak_lr(config))
+        checkup["epochs"].append(health.epoch_record(epoch + 1, dead, grad))
+        checkup["problems"] += found
         for t in tasks:
             loss_sum, correct, n = train_stats[t]
             log_rows.append({"epoch": epoch + 1, "task": t, "split": "train", "loss": f"{loss_sum / n:.4f}",
@@ -497,11 +590,21 @@ def train(model: DualTaskNet, images: dict, config: dict, out_dir: Path, dist: D
                      f"(loss {val[t]['loss']:.3f})" for t in tasks]
             print(f"epoch {epoch + 1}/{config['epochs']}  " + "  |  ".join(parts) +
                   f"  |  {n_images / seconds:.0f} img/s  lr {scheduler.get_last_lr()[0]:.2e}", flush=True)
+            print(health.summary_line(checkup["epochs"][-1], n_fc), flush=True)
+            for problem in found:
+                print(f"warning: {problem['message']}", file=sys.stderr, flush=True)
             save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                         "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "config": config,
-                                        "classes": classes, "log": log_rows})
+                                        "classes": classes, "log": log_rows, "health": checkup})
             write_csv(log_path, TRAIN_LOG_COLUMNS, log_rows)
+            health.write(out_dir, config.get("health_check", "stop"), checkup["epochs"], checkup["problems"])
         dist.barrier()
+        if found and config.get("health_check", "stop") == "stop":
+            if channels_last:
+                model.to(memory_format=torch.contiguous_format)
+            raise StageFailed(f"training stopped after epoch {epoch + 1}: " + "; ".join(p["message"] for p in found) +
+                              f". The checkpoint of epoch {epoch + 1} is kept in {ckpt_path} (health in "
+                              f"{out_dir / health.HEALTH_FILE}); --health_check=warn trains on regardless")
     if channels_last:
         model.to(memory_format=torch.contiguous_format)
 
@@ -510,17 +613,24 @@ def train(model: DualTaskNet, images: dict, config: dict, out_dir: Path, dist: D
 # the pipeline
 
 
-def _check_out_dir(out_dir: Path, config: dict) -> None:
-    """Refuse to mix a new run's settings into an existing run's checkpoint (nothing there is touched)."""
+def _check_out_dir(out_dir: Path, config: dict) -> int:
+    """Refuse to mix a new run's settings into an existing run's checkpoint (nothing there is touched).
+
+    Returns the training recipe of the run: the checkpoint's, or the current one for a new run."""
     ckpt = out_dir / "checkpoint.pt"
     if not ckpt.exists() or config.get("retrain", False):
-        return
-    old = load_checkpoint(ckpt, mmap=True)["config"]
+        return RECIPE
+    state = load_checkpoint(ckpt, mmap=True)
+    old, recipe = state["config"], state["config"].get("recipe", 1)
+    if recipe != RECIPE and "train" in config["stages"] and int(state["epoch"]) < config["epochs"]:
+        raise UsageError(f"{out_dir} holds a run trained with an older recipe ({recipe}; now {RECIPE}) that is not "
+                         f"finished; pass --retrain=True to train it again or choose another --out_dir")
     keys = list(RUN_IDENTITY) + [k for k in config if k.endswith("_data")]
     changed = [f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in keys if old.get(k) != config.get(k)]
     if changed:
         raise UsageError(f"{out_dir} holds a run trained with other settings ({'; '.join(changed)}); pass "
                          f"--retrain=True to replace it or choose another --out_dir")
+    return recipe
 
 
 def load_datasets(config: dict) -> dict:
@@ -543,7 +653,7 @@ def run(config: dict) -> None:
     try:
         torch.manual_seed(config["seed"])
         out_dir = Path(config["out_dir"])
-        _check_out_dir(out_dir, config)
+        config = dict(config, recipe=_check_out_dir(out_dir, config))
         datasets = load_datasets(config)
         model = build_model(config, {t: len(d.classes) for t, d in datasets.items()}).to(dist.device)
         if "lesion" in config["stages"]:
@@ -556,7 +666,8 @@ def run(config: dict) -> None:
             raise UsageError(f"{out_dir}: no checkpoint.pt to lesion or draw; run the 'train' stage first")
         resolved = dict(config, tasks={t: {"classes": len(d.classes), "chance": d.chance, "source": d.source,
                                            "counts": d.counts()} for t, d in datasets.items()},
-                        resolved_device=str(dist.device), world_size=dist.world, **provenance(dist.device))
+                        resolved_device=str(dist.device), world_size=dist.world, lr_per_step=peak_lr(config),
+                        **provenance(dist.device))
         if dist.main:
             try:
                 out_dir.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from common import exit_on_damaged_files, read_csv, read_json, write_text
+import health
 from figures import headline_fraction
 
 FIGURES_STATUS = "figures_status.json"  # what each part of the figures stage wrote, or why it failed
@@ -176,11 +177,11 @@ def _top_overlap(rankings: dict, site: str, methods: list, task: str, fraction: 
     return len(set(orders[0][:k]) & set(orders[1][:k])), k, k * k / n
 
 
-def summary(config: dict, status: dict, results: list, diss: list, rankings: dict) -> str:
+def summary(config: dict, status: dict, results: list, diss: list, rankings: dict, checkup: dict | None = None) -> str:
     """The report's first screen: the answer (per ranking, the sites where the dissociation index's 95%
     interval excludes 0 and the index beats the random-lesion null), a compact table, and the caveats this
     run's own numbers call for. results, diss, rankings: the rows of lesion_results.csv and dissociation.csv
-    and rankings.json (empty when missing)."""
+    and rankings.json (empty when missing); checkup: the run's train_health.json (empty when missing)."""
     intact = intact_accuracies(results)
     caveats, table = [], ""
     methods = list(dict.fromkeys(r["method"] for r in diss))
@@ -228,7 +229,12 @@ def summary(config: dict, status: dict, results: list, diss: list, rankings: dic
                                f"{low:.3f} to {high:.3f}, {n} images) against chance {chance:.3f}. Its "
                                f"chance-corrected drops, and every index that uses them, mean little; train it "
                                f"further before reading its lesions.")
-    caveats = near_chance + caveats
+    lesioned = {r["layer"] for r in results}
+    trained = health.caveats(checkup or {}, lesioned)
+    caveats = near_chance + trained + caveats
+    if checkup and checkup.get("problems") and results:
+        answer += (" Training did not go well (see the caveats on training health): a lesion of a network that has "
+                   "not learned its tasks says little about how it would divide them.")
     if config.get("lesion_keep_only") and diss:
         answer = "Keep-only lesions: read every index with its sign reversed (see the caveats). " + answer
     if weak and diss:
@@ -333,7 +339,7 @@ def build_report(run_dir) -> Path:
         if rankings_path.exists() else {}
     r = Report(run_dir, status)
     r.section("Summary")
-    r.raw(summary(config, status, results, diss, rankings))
+    r.raw(summary(config, status, results, diss, rankings, health.read(run_dir)))
 
     r.section("Intact accuracy")
     intact = intact_accuracies(results)

@@ -5,7 +5,7 @@
 Every setting below can be changed here or from the shell (`--name=value`); `--help` lists them.
 """
 backbone = "vgg19"  # torchvision architecture: vgg16, vgg19, resnet50 or resnext50
-batch_norm = True  # VGG19-BN; False gives plain VGG19 as in the reference study's VGG16 (then lower lr to about 0.01)
+batch_norm = True  # VGG19-BN; False gives plain VGG19, like the reference study's plain VGG16
 fc_width = 4096  # width of VGG's two fully connected layers (4096 in the original network)
 face_data = "demo"  # VGGFace2 root or cache, a folder of identity folders, or 'demo'
 object_data = "demo"  # CIFAR-10 root (with cifar-10-batches-py/), a folder of class folders, or 'demo'
@@ -16,9 +16,10 @@ max_classes = None  # cap on classes per task (the first N by name); None = all
 demo_per_class = 100  # images per class of the procedural demo set
 batch_size = 128  # images per step, split evenly between the tasks
 epochs = 30  # passes over the larger task's training images
-lr = 0.01  # peak learning rate of SGD with Nesterov momentum 0.9 (warm-up, then cosine decay)
-grad_clip = 2.0  # largest gradient norm per step (0 = no clipping)
+lr = None  # peak learning rate per 256 images (scaled to batch_size), SGD + Nesterov momentum 0.9, warm-up then cosine; None = 0.2 with batch norm, 0.02 without
+grad_clip = 0.0  # largest gradient norm per step (0 = no clipping, as torchvision's recipes: warm-up keeps early steps small)
 weight_decay = 5e-4  # L2 penalty on weights (not on biases and BN parameters)
+health_check = "stop"  # a run that does not learn (head at chance from epoch 3, dead layer, exploding loss): "stop" naming the cause, or "warn" and go on
 seed = 0  # seeds data sampling, splits, initialisation, augmentation and lesion controls
 device = "auto"  # 'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'
 compile = False  # torch.compile the model for training (CUDA, PyTorch 2)

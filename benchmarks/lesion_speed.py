@@ -59,7 +59,7 @@ def main():
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
     config = dualtask.hyperparameters(vars(vgg16))
-    config.update(image_size=32, fc_width=256, epochs=2, max_per_class=60, batch_size=32, lr=0.01,
+    config.update(image_size=32, fc_width=256, epochs=2, max_per_class=60, batch_size=32,
                   device=args.device, out_dir=args.run_dir, stages=["train"])
     if not (Path(args.run_dir) / "checkpoint.pt").exists():
         dualtask.run(config)

@@ -65,7 +65,7 @@ SETTINGS = [
     ("text for a count", ["--max_per_class=many"], "max_per_class='many'"),
     ("one class", ["--max_classes=1"], "max_classes=1"),
     ("infinite learning rate", ["--lr=1e999"], "lr=inf"),
-    ("zero learning rate", ["--lr=0"], "lr=0.0"),
+    ("zero learning rate", ["--lr=0"], "lr=0;"),
     ("negative weight decay", ["--weight_decay=-1"], "weight_decay=-1.0"),
     ("negative gradient clip", ["--grad_clip=-0.5"], "grad_clip=-0.5"),
     ("batch smaller than the tasks", ["--batch_size=1"], "batch_size=1"),
@@ -146,7 +146,7 @@ DAMAGE = [
     ("results cut mid-row", lambda r: _cut_mid_row(r / "lesion_results.csv"), [], "lesion_results.csv: damaged"),
     ("rankings not JSON", lambda r: (r / "rankings.json").write_text("nonsense"), [], "rankings.json: cannot be read"),
     ("finished run asked for more epochs", lambda r: None, ["--epochs=3"], "epochs: 2 -> 3"),
-    ("finished run asked for another learning rate", lambda r: None, ["--lr=0.05"], "lr: 0.1 -> 0.05"),
+    ("finished run asked for another learning rate", lambda r: None, ["--lr=0.05"], "lr: None -> 0.05"),
     ("finished run asked for another seed", lambda r: None, ["--seed=1"], "seed: 0 -> 1"),
 ]
 

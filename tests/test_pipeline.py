@@ -96,7 +96,7 @@ def interrupted_at_call(n, function):
 def tiny_config(out_dir, **changes):
     config = dualtask.hyperparameters(vars(vgg16))
     config.update(face_data="demo", object_data="demo", image_size=32, epochs=2, max_per_class=12, fc_width=32,
-                  device="cpu", batch_size=16, out_dir=str(out_dir), stages=["train"])
+                  device="cpu", batch_size=16, out_dir=str(out_dir), stages=["train"], health_check="warn")
     config.update(changes)
     return config
 
@@ -219,3 +219,28 @@ def test_real_photographs_both_heads_beat_chance(tmp_path):
     print({t: round(r["accuracy"], 3) for t, r in test.items()})
     for task, data in datasets.items():
         assert test[task]["accuracy"] > data.chance + 0.1, (task, test[task], state["epoch"])
+
+
+def test_run_of_an_older_recipe_is_rebuilt_as_trained(tmp_path):
+    """A checkpoint trained before recipe 2 (VGG's 7 x 7 classifier pool at any size) still lesions and
+    reports; training it further is refused with the reason, and nothing in it changes."""
+    out = tmp_path / "old"
+    dualtask.run(tiny_config(out, epochs=1))
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["config"]["recipe"] == dualtask.RECIPE
+    assert state["model"]["trunk.classifier.0.weight"].shape[1] == 512  # 32 px: a 1 x 1 map, not 7 x 7 copies
+    old = dualtask.DualTaskNet("vgg16", {t: len(c) for t, c in state["classes"].items()}, fc_width=32,
+                               image_size=32, recipe=1)
+    assert old.trunk.classifier[0].in_features == 512 * 49
+    del state["config"]["recipe"]
+    state["model"] = old.state_dict()
+    torch.save(state, out / "checkpoint.pt")
+    before = (out / "checkpoint.pt").read_bytes()
+    with pytest.raises(dualtask.UsageError, match="older recipe"):
+        dualtask.run(tiny_config(out, epochs=2))
+    dualtask.run(tiny_config(out, epochs=1, stages=["train", "lesion"], lesion_layers=[0, -1],
+                             lesion_fractions=[0.0, 0.2], random_repeats=2, rank_images=8))
+    assert (out / "checkpoint.pt").read_bytes() == before
+    assert len(read_rows(out / "lesion_results.csv")) > 0
+    model, config = dualtask.load_run(out)
+    assert model.trunk.classifier[0].in_features == 512 * 49

@@ -1,0 +1,154 @@
+"""Test accuracy of every backbone with the project's training defaults against a plain reference recipe.
+
+    python benchmarks/accuracy.py                       # CPU, the small budget below (about 35 minutes on 2 cores)
+    python benchmarks/accuracy.py --device=cuda --image_size=112 --max_per_class=0 --max_classes=0 --epochs=30
+
+Both recipes train each backbone on the same real photographs (../shared/data/lfw_min20 identities and
+../shared/data/cifar10 objects, or --face_data / --object_data), with the same splits, batches, augmentation
+and number of steps, and are scored on the same test images. They differ only in the recipe:
+- defaults: what `python <backbone script>` does (dualtask.train with recipe 2: He initialisation and a
+  classifier sized to the feature map for VGG, zero-initialised residual branches for ResNet/ResNeXt, lr per
+  256 images scaled to the batch, a 2-epoch warm-up, label smoothing, the scripts' lr, weight decay and
+  gradient clipping);
+- plain: torchvision's networks as they come (default initialisation, VGG's 7 x 7 pool), SGD with momentum 0.9,
+  lr 0.1 x batch/256, cosine decay, weight decay 1e-4 on weights only, no warm-up, no clipping, no label
+  smoothing.
+It prints one line per backbone (test accuracy of each head under both recipes, with chance) and last
+`defaults_at_least_plain: k/n` (the backbones on which the defaults are at least as accurate on both heads).
+Finished backbones are kept in --out/results.json, so an interrupted benchmark resumes.
+"""
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import dualtask  # noqa: E402
+import vggface2  # noqa: E402
+from common import write_text  # noqa: E402
+
+SHARED = ROOT.parent / "shared" / "data"
+# name -> (backbone, batch_norm)
+VARIANTS = {"vgg16": ("vgg16", True), "vgg16_no_bn": ("vgg16", False), "vgg19": ("vgg19", True),
+            "resnet50": ("resnet50", True), "resnext50": ("resnext50", True)}
+SCRIPTS = {"vgg16": "vgg16", "vgg19": "vgg19", "resnet50": "ResNet", "resnext50": "ResNeXt"}
+
+
+def script_defaults(backbone: str) -> dict:
+    module = __import__(SCRIPTS[backbone])
+    return dualtask.hyperparameters(vars(module))
+
+
+def train_plain(model, images: dict, config: dict, dist) -> None:
+    """The plain reference recipe, on the batches dualtask.train draws (same order, same augmentation)."""
+    tasks = list(images)
+    per_task = config["batch_size"] // len(tasks)
+    train_idx = {t: images[t].data.indices("train") for t in tasks}
+    steps = max(1, math.ceil(max(len(i) for i in train_idx.values()) / per_task))
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": 1e-4}, {"params": no_decay, "weight_decay": 0.0}],
+                                lr=0.1 * config["batch_size"] / 256, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps * config["epochs"])
+    model.train()
+    for epoch in range(config["epochs"]):
+        gen = torch.Generator().manual_seed(config["seed"] * 1_000_003 + epoch * 1009)
+        order = {t: dualtask._epoch_order(train_idx[t], config["seed"], epoch, k, steps * per_task, 0, 1)
+                 for k, t in enumerate(tasks)}
+        for step in range(steps):
+            xs, ys = zip(*(images[t].batch(order[t][step * per_task:(step + 1) * per_task]) for t in tasks))
+            out = model(vggface2.normalize(vggface2.augment(torch.cat(xs), gen)))
+            loss = sum(F.cross_entropy(out[t][k * per_task:(k + 1) * per_task], ys[k]) for k, t in enumerate(tasks))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+        val = dualtask.evaluate(model, images, "val", dist)
+        print(f"  plain epoch {epoch + 1}/{config['epochs']}: " +
+              ", ".join(f"{t} val {v['accuracy']:.3f}" for t, v in val.items()), flush=True)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {', '.join(VARIANTS)}")
+    p.add_argument("--face_data", default=str(SHARED / "lfw_min20"))
+    p.add_argument("--object_data", default=str(SHARED / "cifar10"))
+    p.add_argument("--image_size", type=int, default=32)
+    p.add_argument("--max_per_class", type=int, default=40, help="0 = all")
+    p.add_argument("--max_classes", type=int, default=20, help="0 = all (faces: the first N identities by name)")
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(ROOT / "runs" / "bench_accuracy"))
+    args = p.parse_args()
+    names = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        sys.exit(f"error: --variants: unknown {', '.join(unknown)}; expected names from {', '.join(VARIANTS)}")
+    for spec in (args.face_data, args.object_data):
+        if not Path(spec).exists():
+            sys.exit(f"error: {spec} does not exist; expected a folder of class folders (../shared/data holds them)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    budget = dict(face_data=args.face_data, object_data=args.object_data, image_size=args.image_size,
+                  max_per_class=args.max_per_class or None, max_classes=args.max_classes or None,
+                  epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, device=args.device)
+    dist = dualtask.Dist(args.device)
+    datasets, images = None, None
+    for name in names:
+        key = json.dumps(dict(budget, variant=name), sort_keys=True)
+        if key in results:
+            continue
+        backbone, batch_norm = VARIANTS[name]
+        config = dict(script_defaults(backbone), **budget, backbone=backbone, batch_norm=batch_norm,
+                      out_dir=str(out / name), retrain=True, health_check="warn", stages=["train"])
+        dualtask.check_config(config)
+        if datasets is None:
+            datasets = dualtask.load_datasets(config)
+            images = {t: dualtask.TaskImages(d, dist.device) for t, d in datasets.items()}
+            print(", ".join(f"{t}: {len(d.classes)} classes, {d.counts()['train']} train / {d.counts()['test']} test"
+                            for t, d in datasets.items()), flush=True)
+        classes = {t: len(d.classes) for t, d in datasets.items()}
+        row = {"chance": {t: d.chance for t, d in datasets.items()}}
+        for recipe in ("defaults", "plain"):
+            torch.manual_seed(args.seed)
+            start = time.perf_counter()
+            if recipe == "defaults":
+                config["recipe"] = dualtask.RECIPE
+                model = dualtask.build_model(config, classes).to(dist.device)
+                Path(config["out_dir"]).mkdir(parents=True, exist_ok=True)
+                dualtask.train(model, images, config, Path(config["out_dir"]), dist)
+            else:
+                model = dualtask.build_model(dict(config, recipe=1), classes).to(dist.device)
+                train_plain(model, images, config, dist)
+            test = dualtask.evaluate(model, images, "test", dist)
+            row[recipe] = {t: v["accuracy"] for t, v in test.items()}
+            row[recipe + "_seconds"] = round(time.perf_counter() - start, 1)
+            print(f"{name} {recipe}: " + ", ".join(f"{t} test {a:.3f}" for t, a in row[recipe].items()) +
+                  f" ({row[recipe + '_seconds']:.0f} s)", flush=True)
+        results[key] = dict(row, variant=name)
+        write_text(results_path, json.dumps(results, indent=1))
+    print(f"\ntest accuracy, {args.image_size} px, {args.epochs} epochs, batch {args.batch_size}, "
+          f"{args.max_per_class or 'all'} images per class, {args.device}:")
+    print(f"{'backbone':<12} {'task':<8} {'chance':>7} {'defaults':>9} {'plain':>7}")
+    wins = 0
+    for name in names:
+        row = results[json.dumps(dict(budget, variant=name), sort_keys=True)]
+        for t, chance in row["chance"].items():
+            print(f"{name:<12} {t:<8} {chance:7.3f} {row['defaults'][t]:9.3f} {row['plain'][t]:7.3f}")
+        wins += all(row["defaults"][t] >= row["plain"][t] for t in row["chance"])
+    print(f"defaults_at_least_plain: {wins}/{len(names)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""Training health: does the network learn? Dead units, gradient norms, heads at chance, exploding losses.
+
+A lesion only means something in a network that has learned its tasks. After every epoch the training loop
+measures, on fixed probe images (the first validation images of every task, eval mode):
+- the fraction of dead units of each hidden fully connected layer and of each lesion site (a unit or filter
+  is dead when it outputs zero, after its ReLU, at every position of every probe image: silencing it changes
+  nothing, and a layer of dead units passes nothing on);
+- the gradient norm of the whole network (mean and largest over the epoch's steps, before clipping).
+Then `diagnose` names what is wrong: a loss that exploded (not finite, or above twice the chance-level loss
+ln C), a dead layer, or a head still at chance from first_chance_epoch on. What the run does then is the
+`health_check` setting: "stop" (the default: the epoch's checkpoint is kept and the run exits 1 with the
+cause and what to change) or "warn" (go on; the report's summary carries the problem as a caveat).
+Everything is written to train_health.json, and rides in the checkpoint, so a resumed run keeps it.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+import lesion_utils
+import vggface2
+from common import UsageError, autocast, read_json, write_text
+
+HEALTH_FILE = "train_health.json"
+ACTIONS = ("stop", "warn")
+PROBE_IMAGES = 64  # validation images per task the dead-unit census runs on
+DEAD_LAYER = 0.99  # a layer is dead when at least this fraction of its units is
+CHANCE_EPOCH = 3  # a head at chance is a problem from this epoch on, or from a third of training if later
+EXPLODED = 2.0  # a training loss above this multiple of ln C (the loss of a uniform guess) has exploded
+
+
+def monitored_layers(model: nn.Module, config: dict) -> list:
+    """[(name, module)]: every hidden fully connected layer of the trunk (read after its ReLU) and every
+    lesion site of the run (every site when lesion_layers is None)."""
+    layers = [(f"trunk.{name}", m) for name, m in model.trunk.named_modules() if isinstance(m, nn.Linear)]
+    try:
+        sites = lesion_utils.select_sites(model, config)
+    except UsageError:  # an unknown site is named by the lesion stage; health then watches every site
+        sites = lesion_utils.lesion_sites(model)
+    return layers + [(s.name, s.module) for s in sites]
+
+
+def probe_batch(images: dict, channels_last: bool = False) -> torch.Tensor:
+    """The first PROBE_IMAGES validation images of every task, as one normalised batch."""
+    xs = []
+    for ti in images.values():
+        idx = ti.data.indices("val")[:PROBE_IMAGES]
+        if len(idx):
+            xs.append(ti.batch(np.asarray(idx), channels_last)[0])
+    return vggface2.normalize(torch.cat(xs))
+
+
+@torch.inference_mode()
+def dead_fractions(model: nn.Module, layers: list, x: torch.Tensor) -> dict:
+    """{layer: fraction of its units whose output (after ReLU) is zero for every image and position of x}."""
+    was_training = model.training
+    model.eval()
+    peaks, handles = {}, []
+
+    def hook(name):
+        def record(module, inputs, output):
+            out = output.float()
+            peak = out.amax(dim=(0, 2, 3)) if out.ndim == 4 else out.reshape(-1, out.shape[-1]).amax(0)
+            peaks[name] = peak if name not in peaks else torch.maximum(peaks[name], peak)
+        return record
+
+    try:
+        handles = [m.register_forward_hook(hook(name)) for name, m in layers]
+        for start in range(0, len(x), 128):
+            with autocast(x.device):
+                model(x[start:start + 128])
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return {name: float((peaks[name] <= 0).float().mean()) for name, _ in layers if name in peaks}
+
+
+def diagnose(epoch: int, train: dict, val: dict, chances: dict, dead: dict, grad: dict, config: dict,
+             lr: float) -> list:
+    """[{'epoch', 'kind', 'message'}]: what this epoch shows is wrong, each with its cause and what to change.
+
+    train: {task: {'loss', 'accuracy', 'n'}} over the epoch's training steps; val: evaluate()'s {task: {'loss',
+    'accuracy', 'n'}}; chances: {task: chance accuracy}; dead: dead_fractions(); grad: {'mean', 'max'} norms."""
+    problems = []
+    setting = f"lr={config.get('lr')!r} per 256 images, {lr:.3g} per step"
+    lower = f"lower lr (now {setting}) or set grad_clip (now {config.get('grad_clip')}, e.g. 2)"
+    for task, t in train.items():
+        limit = EXPLODED * math.log(1 / chances[task])
+        vloss = val[task]["loss"]
+        if not math.isfinite(t["loss"]) or not math.isfinite(vloss) or t["loss"] > limit:
+            problems.append({"epoch": epoch, "kind": "loss exploded", "message": (
+                f"the {task} loss exploded at epoch {epoch} (training loss {t['loss']:.3g}, validation {vloss:.3g}; "
+                f"a uniform guess scores {limit / EXPLODED:.3g}): {lower}")})
+    if not all(math.isfinite(v) for v in grad.values()):
+        problems.append({"epoch": epoch, "kind": "loss exploded", "message": (
+            f"the gradient norm was not finite at epoch {epoch}: {lower}")})
+    dead_layers = [name for name, fraction in dead.items() if fraction >= DEAD_LAYER]
+    for name in dead_layers:
+        plain = config.get("backbone", "").startswith("vgg") and not config.get("batch_norm", True)
+        problems.append({"epoch": epoch, "kind": "dead layer", "message": (
+            f"{name} is dead at epoch {epoch}: {dead[name]:.0%} of its units output zero for every probe image, "
+            f"so nothing after it can learn and every lesion before it has no effect; units die in too large "
+            f"early steps: {lower}" + (", or use batch_norm=True" if plain else ""))})
+    if epoch >= first_chance_epoch(config.get("epochs", epoch)):
+        for task, v in val.items():
+            chance, n = chances[task], max(v["n"], 1)
+            if v["accuracy"] > _beyond_chance(chance, n):
+                continue
+            fits = train[task]["accuracy"] > _beyond_chance(chance, max(train[task].get("n", n), 1))
+            if dead_layers:
+                cause = f"the dead layer {dead_layers[0]} is the cause"
+            elif fits:
+                cause = (f"it fits its training images (accuracy {train[task]['accuracy']:.3f}) but not new ones: give "
+                         f"it more images per class (max_per_class) or raise weight_decay")
+            else:
+                cause = (f"its training accuracy is at chance too ({train[task]['accuracy']:.3f}), so the steps do not "
+                         f"move it: raise lr (now {setting}) or epochs, or check that the {task} labels belong to "
+                         f"their images")
+            problems.append({"epoch": epoch, "kind": "head at chance", "message": (
+                f"the {task} head is at chance after {epoch} epochs (validation accuracy {v['accuracy']:.3f} on {n} "
+                f"images, chance {chance:.3f}): {cause}")})
+    return problems
+
+
+def first_chance_epoch(epochs: int) -> int:
+    """The first epoch at which a head at chance counts: CHANCE_EPOCH, or a third of training if later (a
+    head can sit at chance through a 2-epoch warm-up and start late: the demo's object head did until epoch 4)."""
+    return max(CHANCE_EPOCH, math.ceil(epochs / 3))
+
+
+def _beyond_chance(chance: float, n: int) -> float:
+    """The accuracy two binomial standard errors above chance on n images."""
+    return chance + 2 * math.sqrt(chance * (1 - chance) / n)
+
+
+def epoch_record(epoch: int, dead: dict, grad: dict) -> dict:
+    return {"epoch": epoch, "grad_norm_mean": grad["mean"], "grad_norm_max": grad["max"], "dead": dead}
+
+
+def summary_line(record: dict, n_fc: int) -> str:
+    """One line per epoch: gradient norms, dead units of the fully connected layers, the worst lesion site."""
+    dead = list(record["dead"].items())
+    fc, sites = dead[:n_fc], dead[n_fc:]
+    parts = [f"grad norm mean {record['grad_norm_mean']:.3g} max {record['grad_norm_max']:.3g}"]
+    if fc:
+        parts.append("dead units " + ", ".join(f"{n} {f:.0%}" for n, f in fc))
+    if sites:
+        name, worst = max(sites, key=lambda s: s[1])
+        parts.append(f"dead filters at {len(sites)} lesion sites: mean {np.mean([f for _, f in sites]):.0%}, "
+                     f"most {worst:.0%} ({name})")
+    return "  health: " + "  |  ".join(parts)
+
+
+def write(out_dir: Path, action: str, records: list, problems: list) -> None:
+    write_text(Path(out_dir) / HEALTH_FILE, json.dumps({"health_check": action, "epochs": records,
+                                                        "problems": problems}, indent=1))
+
+
+def read(out_dir: Path) -> dict:
+    """train_health.json of a run, or {} when the run has none (trained before it was written)."""
+    path = Path(out_dir) / HEALTH_FILE
+    if not path.exists():
+        return {}
+    return read_json(path, lambda v: isinstance(v, dict) and isinstance(v.get("problems"), list)
+                     and isinstance(v.get("epochs"), list), "the training health record")
+
+
+def caveats(record: dict, lesioned: set) -> list:
+    """The report's caveats from a run's training health: every problem found, and lesion sites with many
+    dead filters at the end of training (their lesions silence fewer live filters than the fraction says)."""
+    out = []
+    by_kind = {}
+    for p in record.get("problems", []):
+        by_kind.setdefault(p["kind"], []).append(p)
+    for kind, ps in by_kind.items():
+        epochs = sorted({p["epoch"] for p in ps})
+        out.append(f"Training health ({kind}, epoch{'s' if len(epochs) > 1 else ''} "
+                   f"{', '.join(map(str, epochs))}): {ps[-1]['message']}.")
+    if record.get("epochs"):
+        last = record["epochs"][-1]
+        many = {n: f for n, f in last["dead"].items() if n in lesioned and f >= 0.25}
+        if many:
+            out.append("Dead filters: at " + ", ".join(f"{n} {f:.0%}" for n, f in many.items()) +
+                       f" of the filters output zero for every probe image after training (epoch {last['epoch']}); "
+                       f"silencing them changes nothing, so a lesion there removes fewer working filters than its "
+                       f"fraction says.")
+    return out
