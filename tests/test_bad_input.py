@@ -16,6 +16,8 @@ import pytest
 import torch
 
 import common
+import dualtask
+import vgg16
 from conftest import ROOT, TINY, run_script
 
 FAST = [*TINY, "--epochs=2", "--max_per_class=8", "--lesion_methods=['activation', 'random']",
@@ -87,11 +89,12 @@ SETTINGS = [
     ("MPS on a build without it", ["--device=mps"], "device='mps'"),
     ("unknown setting", ["--epoch=3"], "epoch"),
     ("not name=value", ["epochs=3"], "epochs=3"),
+    ("unknown health action", ["--health_check=ignore"], "health_check='ignore'"),
 ]
 
 
 @pytest.mark.parametrize("args, culprit", [pytest.param(a, c, id=i) for i, a, c in SETTINGS])
-def test_bad_setting(tmp_path, args, culprit):
+def test_bad_setting(tmp_path, capsys, args, culprit):
     if "--device=mps" in args and torch.backends.mps.is_available():
         pytest.skip("this machine has MPS")
     if "--device=cuda:7" in args and torch.cuda.device_count() > 7:
@@ -101,10 +104,26 @@ def test_bad_setting(tmp_path, args, culprit):
     (out / "notes.txt").write_text("earlier work")
     before = tree_digest(out)
     out_arg = [] if any(a.startswith("--out_dir=") for a in args) else [f"--out_dir={out}"]
-    p = run_script("vgg16.py", *TINY, "--fc_width=16", *out_arg, *args)
+    # in this process (the script's own entry point, without a fresh interpreter per case); the shell's view of
+    # the same path is test_bad_setting_from_the_shell
+    with pytest.raises(SystemExit) as exit_:
+        dualtask.main(vars(vgg16), [*TINY, "--fc_width=16", *out_arg, *args])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2, err[-2000:]
+    assert culprit in err and any(w in err for w in ("expected", "valid names", "use ")), err
+    assert len(err.strip().splitlines()) == 1
+    assert tree_digest(out) == before
+
+
+@pytest.mark.parametrize("args, culprit", [(["--seed=-1"], "seed=-1"), (["--epoch=3"], "epoch")])
+def test_bad_setting_from_the_shell(tmp_path, args, culprit):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("earlier work")
+    before = tree_digest(out)
+    p = run_script("vgg16.py", *TINY, "--fc_width=16", f"--out_dir={out}", *args)
     assert p.returncode == 2, p.stderr[-2000:]
-    assert culprit in p.stderr and any(w in p.stderr for w in ("expected", "valid names", "use ")), p.stderr
-    assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert culprit in p.stderr and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
     assert tree_digest(out) == before
 
 
@@ -152,15 +171,19 @@ DAMAGE = [
 
 
 @pytest.mark.parametrize("damage, extra, culprit", [pytest.param(d, e, c, id=i) for i, d, e, c in DAMAGE])
-def test_damaged_or_foreign_run_files(tmp_path, finished_run, damage, extra, culprit):
+def test_damaged_or_foreign_run_files(tmp_path, capfd, finished_run, damage, extra, culprit):
+    import ResNet
+
     run = copy_run(finished_run, tmp_path / "run")
     damage(run)
     before = tree_digest(run)
-    p = run_script("ResNet.py", *FAST, *LESIONED, f"--out_dir={run}", *extra)
-    assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-2000:]
-    assert culprit in p.stderr and "Traceback" not in p.stderr and "pwned" not in p.stdout, p.stderr
-    assert "weights_only=False" not in p.stderr  # never advise the unsafe load
-    assert len(p.stderr.strip().splitlines()) == 1
+    with pytest.raises(SystemExit) as exit_:  # the script's entry point in this process; capfd sees os.system too
+        dualtask.main(vars(ResNet), [*FAST, *LESIONED, f"--out_dir={run}", *extra])
+    out, err = capfd.readouterr()
+    assert exit_.value.code == 2, out[-2000:] + err[-2000:]
+    assert culprit in err and "pwned" not in out, err
+    assert "weights_only=False" not in err  # never advise the unsafe load
+    assert len(err.strip().splitlines()) == 1
     assert tree_digest(run) == before
 
 
