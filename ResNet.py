@@ -17,7 +17,7 @@ epochs = 30  # passes over the larger task's training images
 lr = None  # peak learning rate per 256 images (scaled to batch_size), SGD + Nesterov momentum 0.9, warm-up then cosine; None = 0.2
 grad_clip = 0.0  # largest gradient norm per step (0 = no clipping, as torchvision's recipes: warm-up keeps early steps small)
 weight_decay = 5e-4  # L2 penalty on weights (not on biases and BN parameters)
-health_check = "stop"  # a run that does not learn (head at chance from epoch 3, dead layer, exploding loss): "stop" naming the cause, or "warn" and go on
+health_check = "stop"  # a run that does not learn (head at chance from epoch 3 or a third of training, dead layer, exploding loss): "stop" naming the cause, or "warn"
 seed = 0  # seeds data sampling, splits, initialisation, augmentation and lesion controls
 device = "auto"  # 'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'
 compile = False  # torch.compile the model for training (CUDA, PyTorch 2)

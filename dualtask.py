@@ -309,7 +309,7 @@ def _he_init(trunk: nn.Module) -> None:
 
 def build_model(config: dict, num_classes: dict) -> DualTaskNet:
     return DualTaskNet(config["backbone"], num_classes, config.get("batch_norm", True), config.get("fc_width", 4096),
-                       config.get("image_size", 224), config.get("recipe", 1))
+                       config.get("image_size", 224), config.get("recipe", RECIPE))
 
 
 def base_lr(config: dict) -> float:
@@ -321,11 +321,12 @@ def base_lr(config: dict) -> float:
     return DEFAULT_LR[config["backbone"]]
 
 
-def peak_lr(config: dict) -> float:
-    """The step's peak learning rate: per-256 lr scaled linearly to batch_size (recipe 1: lr as given)."""
-    if config.get("recipe", 1) < 2:
+def peak_lr(config: dict, world: int = 1) -> float:
+    """The step's peak learning rate: per-256 lr scaled linearly to the images of one step, batch_size on each
+    of `world` processes (recipe 1: lr as given)."""
+    if config.get("recipe", RECIPE) < 2:
         return base_lr(config)
-    return base_lr(config) * config["batch_size"] / 256
+    return base_lr(config) * config["batch_size"] * world / 256
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -435,7 +436,8 @@ def load_run(run_dir: str | os.PathLike, device: str = "cpu"):
     if not (run_dir / "checkpoint.pt").exists():
         raise UsageError(f"{run_dir}: no checkpoint.pt; expected a run folder written by a backbone script")
     state = load_checkpoint(run_dir / "checkpoint.pt", device)
-    config = state["config"]
+    config = dict(state["config"])
+    config.setdefault("recipe", 1)  # trained before the recipe was recorded
     model = build_model(config, {t: len(c) for t, c in state["classes"].items()})
     model.load_state_dict(state["model"])
     return model.to(device).eval(), config
@@ -462,7 +464,7 @@ def warmup_steps(config: dict, steps_per_epoch: int) -> int:
     large-batch SGD from diverging (Goyal et al. 2017 ramp over 5 epochs at 8k images per step). Recipe 1
     ramped over 5% of training only, which in a 15-epoch run was under one epoch."""
     total = steps_per_epoch * config["epochs"]
-    if config.get("recipe", 1) < 2:
+    if config.get("recipe", RECIPE) < 2:
         return max(1, total // 20)
     return max(1, min(total // 4, max(total // 20, 2 * steps_per_epoch)))
 
@@ -493,10 +495,10 @@ def train(model: DualTaskNet, images: dict, config: dict, out_dir: Path, dist: D
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
     optimizer = torch.optim.SGD([{"params": decay, "weight_decay": config["weight_decay"]},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=peak_lr(config), momentum=0.9,
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=peak_lr(config, dist.world), momentum=0.9,
                                 nesterov=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total_steps, warmup_steps(config, steps)))
-    smoothing = LABEL_SMOOTHING if config.get("recipe", 1) >= 2 else 0.0
+    smoothing = LABEL_SMOOTHING if config.get("recipe", RECIPE) >= 2 else 0.0
     start_epoch, log_rows, checkup = 0, [], {"epochs": [], "problems": []}
     if ckpt_path.exists() and not config.get("retrain", False):
         state = load_checkpoint(ckpt_path, device)
@@ -508,7 +510,13 @@ def train(model: DualTaskNet, images: dict, config: dict, out_dir: Path, dist: D
         checkup = state.get("health", checkup)
         if dist.main:  # the log rides inside the checkpoint: after a kill between the two writes, the CSV catches up
             write_csv(log_path, TRAIN_LOG_COLUMNS, log_rows)
-            health.write(out_dir, config.get("health_check", "stop"), checkup["epochs"], checkup["problems"])
+            if "health" in state:
+                health.write(out_dir, config.get("health_check", "stop"), checkup["epochs"], checkup["problems"])
+        last = [p for p in checkup["problems"] if p["epoch"] == start_epoch]
+        if last and start_epoch >= config["epochs"] and config.get("health_check", "stop") == "stop":
+            raise StageFailed(f"training stopped after its last epoch ({start_epoch}): " +
+                              "; ".join(p["message"] for p in last) + "; --health_check=warn goes on with this "
+                              "network anyway, --retrain=True trains it again")
         if start_epoch >= config["epochs"]:
             if dist.main:
                 print(f"training finished earlier ({start_epoch} epochs in {ckpt_path}); skipping "
@@ -556,9 +564,12 @@ def train(model: DualTaskNet, images: dict, config: dict, out_dir: Path, dist: D
                                             torch.tensor(float(len(ys[k])), dtype=torch.float64, device=device)])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            # the norm before clipping, for the health check (clipping by inf leaves the gradients as they are);
-            # deep nets from scratch on small data can diverge early, which clipping tames
-            norm = nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else math.inf).detach().float()
+            # the norm before any clipping, for the health check
+            if clip > 0:
+                norm = nn.utils.clip_grad_norm_(model.parameters(), clip).detach().float()
+            else:
+                norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.detach().float())
+                                                             for p in model.parameters() if p.grad is not None]))
             grad_sum += norm
             grad_max = torch.maximum(grad_max, norm)
             optimizer.step()
@@ -576,7 +587,10 @@ def train(model: DualTaskNet, images: dict, config: dict, out_dir: Path, dist: D
         grad = {"mean": grad_sum.item() / steps, "max": grad_max.item()}
         dead = health.dead_fractions(model, watched, probe)
         found = health.diagnose(epoch + 1, {t: {"loss": s[0] / s[2], "accuracy": s[1] / s[2], "n": s[2]} for t, s in
-                                            train_stats.items()}, val, chances, dead, grad, config, peak_lr(config))
+                                            train_stats.items()}, val, chances, dead, grad, config, peak_lr(config, dist.world))
+        # every rank stops or none: eval-mode dead-unit counts can differ between ranks (their BN statistics)
+        stop = dist.all_sum([float(bool(found))])[0] > 0 and config.get("health_check", "stop") == "stop"
+        finite = all(math.isfinite(s[0]) for s in train_stats.values()) and math.isfinite(grad["mean"])
         checkup["epochs"].append(health.epoch_record(epoch + 1, dead, grad))
         checkup["problems"] += found
         for t in tasks:
@@ -593,18 +607,22 @@ def train(model: DualTaskNet, images: dict, config: dict, out_dir: Path, dist: D
             print(health.summary_line(checkup["epochs"][-1], n_fc), flush=True)
             for problem in found:
                 print(f"warning: {problem['message']}", file=sys.stderr, flush=True)
-            save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                        "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "config": config,
-                                        "classes": classes, "log": log_rows, "health": checkup})
-            write_csv(log_path, TRAIN_LOG_COLUMNS, log_rows)
+            if finite:  # weights that went non-finite would only overwrite the last good epoch
+                save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                            "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "config": config,
+                                            "classes": classes, "log": log_rows, "health": checkup})
+                write_csv(log_path, TRAIN_LOG_COLUMNS, log_rows)
             health.write(out_dir, config.get("health_check", "stop"), checkup["epochs"], checkup["problems"])
         dist.barrier()
-        if found and config.get("health_check", "stop") == "stop":
+        if stop or not finite:
             if channels_last:
                 model.to(memory_format=torch.contiguous_format)
+            kept = (f"the checkpoint of epoch {epoch + 1} is kept in {ckpt_path}" if finite else
+                    f"{ckpt_path} keeps the last epoch with finite weights")
             raise StageFailed(f"training stopped after epoch {epoch + 1}: " + "; ".join(p["message"] for p in found) +
-                              f". The checkpoint of epoch {epoch + 1} is kept in {ckpt_path} (health in "
-                              f"{out_dir / health.HEALTH_FILE}); --health_check=warn trains on regardless")
+                              f". A changed setting needs --retrain=True (it changes the run); {kept} (health in "
+                              f"{out_dir / health.HEALTH_FILE})" +
+                              ("; --health_check=warn trains on regardless" if finite else ""))
     if channels_last:
         model.to(memory_format=torch.contiguous_format)
 
@@ -618,18 +636,22 @@ def _check_out_dir(out_dir: Path, config: dict) -> int:
 
     Returns the training recipe of the run: the checkpoint's, or the current one for a new run."""
     ckpt = out_dir / "checkpoint.pt"
-    if not ckpt.exists() or config.get("retrain", False):
+    if not ckpt.exists():
         return RECIPE
+    if config.get("retrain", False):  # trained anew, unless only its lesions and figures are redone
+        return RECIPE if "train" in config["stages"] else load_checkpoint(ckpt, mmap=True)["config"].get("recipe", 1)
     state = load_checkpoint(ckpt, mmap=True)
     old, recipe = state["config"], state["config"].get("recipe", 1)
     if recipe != RECIPE and "train" in config["stages"] and int(state["epoch"]) < config["epochs"]:
         raise UsageError(f"{out_dir} holds a run trained with an older recipe ({recipe}; now {RECIPE}) that is not "
                          f"finished; pass --retrain=True to train it again or choose another --out_dir")
     keys = list(RUN_IDENTITY) + [k for k in config if k.endswith("_data")]
-    changed = [f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in keys if old.get(k) != config.get(k)]
-    if changed:
-        raise UsageError(f"{out_dir} holds a run trained with other settings ({'; '.join(changed)}); pass "
-                         f"--retrain=True to replace it or choose another --out_dir")
+    differ = [k for k in keys if old.get(k) != config.get(k)]
+    if differ:
+        changed = "; ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in differ)
+        as_trained = " ".join(f"--{k}={old.get(k)!r}" for k in differ)
+        raise UsageError(f"{out_dir} holds a run trained with other settings ({changed}); pass {as_trained} to use "
+                         f"it as it was trained, --retrain=True to replace it, or choose another --out_dir")
     return recipe
 
 
@@ -666,7 +688,7 @@ def run(config: dict) -> None:
             raise UsageError(f"{out_dir}: no checkpoint.pt to lesion or draw; run the 'train' stage first")
         resolved = dict(config, tasks={t: {"classes": len(d.classes), "chance": d.chance, "source": d.source,
                                            "counts": d.counts()} for t, d in datasets.items()},
-                        resolved_device=str(dist.device), world_size=dist.world, lr_per_step=peak_lr(config),
+                        resolved_device=str(dist.device), world_size=dist.world, lr_per_step=peak_lr(config, dist.world),
                         **provenance(dist.device))
         if dist.main:
             try:

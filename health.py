@@ -46,10 +46,12 @@ def monitored_layers(model: nn.Module, config: dict) -> list:
 
 
 def probe_batch(images: dict, channels_last: bool = False) -> torch.Tensor:
-    """The first PROBE_IMAGES validation images of every task, as one normalised batch."""
+    """PROBE_IMAGES validation images of every task (a fixed random sample, so every class can appear: the
+    images are stored class by class), as one normalised batch."""
     xs = []
     for ti in images.values():
-        idx = ti.data.indices("val")[:PROBE_IMAGES]
+        val = np.asarray(ti.data.indices("val"))
+        idx = np.sort(np.random.default_rng(0).permutation(val)[:PROBE_IMAGES])
         if len(idx):
             xs.append(ti.batch(np.asarray(idx), channels_last)[0])
     return vggface2.normalize(torch.cat(xs))
@@ -88,8 +90,9 @@ def diagnose(epoch: int, train: dict, val: dict, chances: dict, dead: dict, grad
     train: {task: {'loss', 'accuracy', 'n'}} over the epoch's training steps; val: evaluate()'s {task: {'loss',
     'accuracy', 'n'}}; chances: {task: chance accuracy}; dead: dead_fractions(); grad: {'mean', 'max'} norms."""
     problems = []
-    setting = f"lr={config.get('lr')!r} per 256 images, {lr:.3g} per step"
-    lower = f"lower lr (now {setting}) or set grad_clip (now {config.get('grad_clip')}, e.g. 2)"
+    per_256 = config.get("lr") if config.get("lr") is not None else lr * 256 / max(config.get("batch_size", 256), 1)
+    setting = f"{per_256:.3g} per 256 images, {lr:.3g} per step"
+    lower = f"lower lr (now {setting})" + ("" if config.get("grad_clip", 0) > 0 else " or set grad_clip (e.g. 2)")
     for task, t in train.items():
         limit = EXPLODED * math.log(1 / chances[task])
         vloss = val[task]["loss"]
@@ -110,8 +113,8 @@ def diagnose(epoch: int, train: dict, val: dict, chances: dict, dead: dict, grad
     if epoch >= first_chance_epoch(config.get("epochs", epoch)):
         for task, v in val.items():
             chance, n = chances[task], max(v["n"], 1)
-            if v["accuracy"] > _beyond_chance(chance, n):
-                continue
+            if v["accuracy"] > _beyond_chance(chance, n) or _beyond_chance(chance, n) >= 1:
+                continue  # above chance, or too few validation images to tell
             fits = train[task]["accuracy"] > _beyond_chance(chance, max(train[task].get("n", n), 1))
             if dead_layers:
                 cause = f"the dead layer {dead_layers[0]} is the cause"
@@ -140,14 +143,22 @@ def _beyond_chance(chance: float, n: int) -> float:
 
 
 def epoch_record(epoch: int, dead: dict, grad: dict) -> dict:
-    return {"epoch": epoch, "grad_norm_mean": grad["mean"], "grad_norm_max": grad["max"], "dead": dead}
+    """One epoch's measurements; a non-finite gradient norm is kept as None (JSON has no NaN)."""
+    def number(x):
+        return x if math.isfinite(x) else None
+
+    return {"epoch": epoch, "grad_norm_mean": number(grad["mean"]), "grad_norm_max": number(grad["max"]),
+            "dead": dead}
 
 
 def summary_line(record: dict, n_fc: int) -> str:
     """One line per epoch: gradient norms, dead units of the fully connected layers, the worst lesion site."""
     dead = list(record["dead"].items())
     fc, sites = dead[:n_fc], dead[n_fc:]
-    parts = [f"grad norm mean {record['grad_norm_mean']:.3g} max {record['grad_norm_max']:.3g}"]
+    def norm(x):
+        return "not finite" if x is None else f"{x:.3g}"
+
+    parts = [f"grad norm mean {norm(record['grad_norm_mean'])} max {norm(record['grad_norm_max'])}"]
     if fc:
         parts.append("dead units " + ", ".join(f"{n} {f:.0%}" for n, f in fc))
     if sites:
@@ -171,6 +182,14 @@ def read(out_dir: Path) -> dict:
                      and isinstance(v.get("epochs"), list), "the training health record")
 
 
+def unresolved(record: dict) -> list:
+    """The problems found at the last recorded epoch: what the trained network still has."""
+    if not record.get("epochs"):
+        return []
+    last = record["epochs"][-1]["epoch"]
+    return [p for p in record.get("problems", []) if p["epoch"] == last]
+
+
 def caveats(record: dict, lesioned: set) -> list:
     """The report's caveats from a run's training health: every problem found, and lesion sites with many
     dead filters at the end of training (their lesions silence fewer live filters than the fraction says)."""
@@ -178,10 +197,12 @@ def caveats(record: dict, lesioned: set) -> list:
     by_kind = {}
     for p in record.get("problems", []):
         by_kind.setdefault(p["kind"], []).append(p)
+    last_epoch = record["epochs"][-1]["epoch"] if record.get("epochs") else None
     for kind, ps in by_kind.items():
         epochs = sorted({p["epoch"] for p in ps})
+        gone = f" This was gone by the last epoch ({last_epoch})." if last_epoch not in epochs else ""
         out.append(f"Training health ({kind}, epoch{'s' if len(epochs) > 1 else ''} "
-                   f"{', '.join(map(str, epochs))}): {ps[-1]['message']}.")
+                   f"{', '.join(map(str, epochs))}): {ps[-1]['message']}.{gone}")
     if record.get("epochs"):
         last = record["epochs"][-1]
         many = {n: f for n, f in last["dead"].items() if n in lesioned and f >= 0.25}

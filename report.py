@@ -232,7 +232,7 @@ def summary(config: dict, status: dict, results: list, diss: list, rankings: dic
     lesioned = {r["layer"] for r in results}
     trained = health.caveats(checkup or {}, lesioned)
     caveats = near_chance + trained + caveats
-    if checkup and checkup.get("problems") and results:
+    if checkup and health.unresolved(checkup) and results:
         answer += (" Training did not go well (see the caveats on training health): a lesion of a network that has "
                    "not learned its tasks says little about how it would divide them.")
     if config.get("lesion_keep_only") and diss:

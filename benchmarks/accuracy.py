@@ -13,7 +13,8 @@ and number of steps, and are scored on the same test images. They differ only in
 - plain: torchvision's networks as they come (default initialisation, VGG's 7 x 7 pool), SGD with momentum 0.9,
   lr 0.1 x batch/256, cosine decay, weight decay 1e-4 on weights only, no warm-up, no clipping, no label
   smoothing.
-It prints one line per backbone (test accuracy of each head under both recipes, with chance) and last
+On CUDA the defaults train as the scripts do (bf16 autocast, channels_last) and plain in float32, as a
+plain loop would. It prints one line per backbone (test accuracy of each head under both recipes, with chance) and last
 `defaults_at_least_plain: k/n` (the backbones on which the defaults are at least as accurate on both heads).
 Finished backbones are kept in --out/results.json, so an interrupted benchmark resumes.
 """
@@ -105,7 +106,7 @@ def main():
     dist = dualtask.Dist(args.device)
     datasets, images = None, None
     for name in names:
-        key = json.dumps(dict(budget, variant=name), sort_keys=True)
+        key = json.dumps(dict(budget, variant=name, recipe=dualtask.RECIPE), sort_keys=True)
         if key in results:
             continue
         backbone, batch_norm = VARIANTS[name]
@@ -142,7 +143,7 @@ def main():
     print(f"{'backbone':<12} {'task':<8} {'chance':>7} {'defaults':>9} {'plain':>7}")
     wins = 0
     for name in names:
-        row = results[json.dumps(dict(budget, variant=name), sort_keys=True)]
+        row = results[json.dumps(dict(budget, variant=name, recipe=dualtask.RECIPE), sort_keys=True)]
         for t, chance in row["chance"].items():
             print(f"{name:<12} {t:<8} {chance:7.3f} {row['defaults'][t]:9.3f} {row['plain'][t]:7.3f}")
         wins += all(row["defaults"][t] >= row["plain"][t] for t in row["chance"])

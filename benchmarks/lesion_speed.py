@@ -60,7 +60,7 @@ def main():
     args = p.parse_args()
     config = dualtask.hyperparameters(vars(vgg16))
     config.update(image_size=32, fc_width=256, epochs=2, max_per_class=60, batch_size=32,
-                  device=args.device, out_dir=args.run_dir, stages=["train"])
+                  device=args.device, out_dir=args.run_dir, stages=["train"], health_check="warn")
     if not (Path(args.run_dir) / "checkpoint.pt").exists():
         dualtask.run(config)
     model, config = dualtask.load_run(args.run_dir, args.device)

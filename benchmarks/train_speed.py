@@ -20,7 +20,7 @@ from dualtask import DualTaskNet, autocast  # noqa: E402
 
 def time_steps(backbone, image_size, batch_size, steps, device, fast):
     torch.manual_seed(0)
-    model = DualTaskNet(backbone, {"face": 100, "object": 10}).to(device)
+    model = DualTaskNet(backbone, {"face": 100, "object": 10}, image_size=image_size).to(device)
     if fast:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)

@@ -69,9 +69,12 @@ def _train(face_loss=1.0, object_loss=1.0, face_acc=0.5, object_acc=0.5):
                                               (1.0, float("inf"), "loss exploded")])
 def test_exploding_loss_is_named(loss, grad, kind):
     found = health.diagnose(2, _train(loss), _val(0.5, 0.5), {"face": 0.1, "object": 0.1}, {},
-                            {"mean": grad, "max": grad}, CONFIG, 0.02)
+                            {"mean": grad, "max": grad}, dict(CONFIG, grad_clip=0.0), 0.02)
     assert [p["kind"] for p in found] == [kind]
-    assert "lower lr" in found[0]["message"] and "grad_clip" in found[0]["message"]
+    assert "lower lr" in found[0]["message"] and "set grad_clip" in found[0]["message"]
+    clipped = health.diagnose(2, _train(loss), _val(0.5, 0.5), {"face": 0.1, "object": 0.1}, {},
+                              {"mean": grad, "max": grad}, CONFIG, 0.02)
+    assert "lower lr" in clipped[0]["message"] and "grad_clip" not in clipped[0]["message"]  # it is already set
 
 
 def test_head_at_chance_only_after_a_few_epochs_with_its_cause():
@@ -120,8 +123,17 @@ def test_run_at_chance_stops_with_the_cause_and_keeps_its_checkpoint(tmp_path):
     assert set(record["epochs"][0]["dead"]) == {"trunk.classifier.0", "trunk.classifier.3", "trunk.features.2"}
     assert {p["kind"] for p in record["problems"]} == {"head at chance"}
     assert not (out / "lesion_results.csv").exists()
+    # run again: it resumes, trains the last epoch, is still at chance and stops; a third run does not skip
+    # to the lesions of a network that never learned
+    again = run_script("vgg16.py", *STUCK, f"--out_dir={out}")
+    assert again.returncode == 1 and "resuming from epoch 3" in again.stdout
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 4
+    third = run_script("vgg16.py", *STUCK, f"--out_dir={out}")
+    assert third.returncode == 1 and "training stopped after its last epoch (4)" in third.stderr
+    assert "Traceback" not in third.stderr and not (out / "lesion_results.csv").exists()
 
 
+@pytest.mark.slow  # about a minute; the caveats themselves are tested above without training
 def test_warn_goes_on_and_the_report_says_why(tmp_path):
     out = tmp_path / "run"
     p = run_script("vgg16.py", *STUCK, "--health_check=warn", "--stages=['train']", f"--out_dir={out}")

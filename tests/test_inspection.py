@@ -53,6 +53,7 @@ def test_gradcam_finds_the_only_quadrant_the_model_sees():
         assert not region[:, 18:, :].any() and not region[:, :, 18:].any()
 
 
+@pytest.mark.slow  # about two minutes; test_pipeline's ResNet demo run writes every figure in the default run
 def test_figures_stage_writes_the_report_and_report_py_rebuilds_it(tmp_path):
     from conftest import TINY, TINY_LESION, run_script
 
@@ -108,6 +109,7 @@ def test_not_a_run_folder_exits_2(tmp_path):
         assert p.returncode == 2 and "not a run folder" in p.stderr and "Traceback" not in p.stderr
 
 
+@pytest.mark.slow  # about a minute: a whole run with its figures stage
 def test_a_failing_analysis_costs_nothing_else(tmp_path, monkeypatch, capsys):
     """scikit-learn missing (the decoding's import fails): everything else and report.html are still written,
     the failure is named on stderr and in the report, and the run exits non-zero."""

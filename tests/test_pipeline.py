@@ -23,7 +23,8 @@ def read_rows(path):
         return list(csv.DictReader(f))
 
 
-@pytest.mark.parametrize("script", ["vgg16.py", "ResNet.py"])
+# the VGG16 variant takes about 90 s on 2 cores, so it runs with -m slow; ResNet covers the same outputs
+@pytest.mark.parametrize("script", [pytest.param("vgg16.py", marks=pytest.mark.slow), "ResNet.py"])
 def test_demo_end_to_end_writes_every_output(tmp_path, script):
     out = tmp_path / "run"
     narrow = ["--fc_width=64"] if script.startswith("vgg") else []
@@ -101,6 +102,7 @@ def tiny_config(out_dir, **changes):
     return config
 
 
+@pytest.mark.slow  # about a minute; the kill -9 table (test_bad_input.py) resumes training in the default run
 def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch, capsys):
     dualtask.run(tiny_config(tmp_path / "straight"))
     real_evaluate = dualtask.evaluate
@@ -150,6 +152,7 @@ def test_bad_input_exits_2_and_keeps_earlier_files(tmp_path, make_bad, culprit):
     assert (out / "config.json").read_text() == '{"earlier": true}'
 
 
+@pytest.mark.slow  # about two minutes; the kill -9 table kills a sweep at a site in the default run
 def test_killed_lesion_sweep_resumes_at_the_unfinished_site(tmp_path, monkeypatch, capsys):
     import lesion_utils
 
@@ -233,13 +236,17 @@ def test_run_of_an_older_recipe_is_rebuilt_as_trained(tmp_path):
                                image_size=32, recipe=1)
     assert old.trunk.classifier[0].in_features == 512 * 49
     del state["config"]["recipe"]
+    state["config"].update(lr=0.01, grad_clip=2.0)  # the old scripts' settings
     state["model"] = old.state_dict()
     torch.save(state, out / "checkpoint.pt")
     before = (out / "checkpoint.pt").read_bytes()
     with pytest.raises(dualtask.UsageError, match="older recipe"):
         dualtask.run(tiny_config(out, epochs=2))
-    dualtask.run(tiny_config(out, epochs=1, stages=["train", "lesion"], lesion_layers=[0, -1],
-                             lesion_fractions=[0.0, 0.2], random_repeats=2, rank_images=8))
+    lesion = dict(epochs=1, stages=["train", "lesion"], lesion_layers=[0, -1], lesion_fractions=[0.0, 0.2],
+                  random_repeats=2, rank_images=8)
+    with pytest.raises(dualtask.UsageError, match="pass --lr=0.01 --grad_clip=2.0 to use it as it was trained"):
+        dualtask.run(tiny_config(out, **lesion))
+    dualtask.run(tiny_config(out, lr=0.01, grad_clip=2.0, **lesion))
     assert (out / "checkpoint.pt").read_bytes() == before
     assert len(read_rows(out / "lesion_results.csv")) > 0
     model, config = dualtask.load_run(out)
