@@ -119,8 +119,9 @@ def diagnose(epoch: int, train: dict, val: dict, chances: dict, dead: dict, grad
             if dead_layers:
                 cause = f"the dead layer {dead_layers[0]} is the cause"
             elif fits:
-                cause = (f"it fits its training images (accuracy {train[task]['accuracy']:.3f}) but not new ones: give "
-                         f"it more images per class (max_per_class) or raise weight_decay")
+                cause = (f"its training accuracy ({train[task]['accuracy']:.3f}) is above chance but its validation "
+                         f"accuracy is not: it learns its training images, not the task; give it more images per "
+                         f"class (max_per_class), more epochs, or a larger weight_decay")
             else:
                 cause = (f"its training accuracy is at chance too ({train[task]['accuracy']:.3f}), so the steps do not "
                          f"move it: raise lr (now {setting}) or epochs, or check that the {task} labels belong to "
