@@ -492,10 +492,11 @@ def train(model: DualTaskNet, images: dict, config: dict, out_dir: Path, dist: D
     channels_last = device.type == "cuda"
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    lr = peak_lr(config, dist.world)
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
     optimizer = torch.optim.SGD([{"params": decay, "weight_decay": config["weight_decay"]},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=peak_lr(config, dist.world), momentum=0.9,
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=lr, momentum=0.9,
                                 nesterov=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total_steps, warmup_steps(config, steps)))
     smoothing = LABEL_SMOOTHING if config.get("recipe", RECIPE) >= 2 else 0.0
@@ -587,7 +588,7 @@ def train(model: DualTaskNet, images: dict, config: dict, out_dir: Path, dist: D
         grad = {"mean": grad_sum.item() / steps, "max": grad_max.item()}
         dead = health.dead_fractions(model, watched, probe)
         found = health.diagnose(epoch + 1, {t: {"loss": s[0] / s[2], "accuracy": s[1] / s[2], "n": s[2]} for t, s in
-                                            train_stats.items()}, val, chances, dead, grad, config, peak_lr(config, dist.world))
+                                            train_stats.items()}, val, chances, dead, grad, config, lr)
         # every rank stops or none: eval-mode dead-unit counts can differ between ranks (their BN statistics)
         stop = dist.all_sum([float(bool(found))])[0] > 0 and config.get("health_check", "stop") == "stop"
         finite = all(math.isfinite(s[0]) for s in train_stats.values()) and math.isfinite(grad["mean"])
