@@ -27,16 +27,23 @@ lesion_fractions = [0.0, 0.05, 0.1, 0.2, 0.3, 0.5]  # fractions of a layer's fil
 lesion_methods = ["activation", "random"]  # rankings: activation, loss, greedy, taylor, random (loss and greedy are the reference study's; costly on a CPU)
 random_repeats = 10  # independent random filter orders (the control lesions)
 rank_images = 256  # training images per task used to rank filters (never the test images)
+ranking_reliability = True  # also rank on each half of the ranking images and report how well the halves agree (costs as much again as ranking)
 lesion_layers = None  # sites to lesion, as depths or module paths; None = every site
 lesion_inner = False  # also lesion each bottleneck's inner conv outputs
 lesion_mode = "zero"  # "zero" silences filters; "mean" holds them at their mean activation
 lesion_keep_only = False  # silence every filter except the selected ones instead
 lesion_per_class = False  # also write per-class accuracy of every lesion (lesion_per_class.csv)
+lesion_epochs = None  # earlier epochs whose weights are kept and swept too (into epoch_<N>/), to show when a split appears; None = the last only
 gradcam_site = None  # site whose output Grad-CAM reads (a module path); None = the deepest with 4x4 positions
 stimulus_steps = 200  # gradient-ascent steps of each synthetic preferred stimulus
 stages = ["train", "lesion", "figures"]  # which parts of the pipeline to run
+seeds = None  # an experiment's training seeds, each its own network in out_dir/seed_<N>/; None = one run of `seed` into out_dir
+controls = []  # control runs of the experiment: "pseudo_task" (classes split at random into two tasks), "single_task" (one network per task), "resolution_matched" (all images at the lowest native resolution)
+match_accuracy = False  # also score every lesion on test images where the tasks' intact accuracies are equal (Dobs et al. 2022)
+launcher = "local"  # an experiment's runs: "local" one after another here, "slurm" one SLURM job each (submitit), "submitit_local" as local jobs
+slurm = {"timeout_min": 1440, "gpus_per_node": 1, "cpus_per_task": 8}  # submitit parameters of each job, e.g. add "slurm_partition": "gpu"
 
 if __name__ == "__main__":
-    from dualtask import main
+    from experiment import main
 
     main(globals())

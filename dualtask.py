@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import copy
 import json
 import math
 import os
@@ -43,7 +44,12 @@ STAGES = ("train", "lesion", "figures")
 TRAIN_LOG_COLUMNS = ("epoch", "task", "split", "loss", "accuracy", "images_per_s")
 # settings that make a checkpoint belong to a run: changing one needs --retrain=True or another out_dir
 RUN_IDENTITY = ("backbone", "batch_norm", "fc_width", "image_size", "max_per_class", "max_classes", "seed",
-                "batch_size", "epochs", "lr", "weight_decay", "grad_clip", "demo_per_class")
+                "batch_size", "epochs", "lr", "weight_decay", "grad_clip", "demo_per_class", "role", "single_task")
+# what a run trains on, set by an experiment (experiment.py) for each of its runs; a plain run is "real":
+# real: the tasks as given; pseudo_task: the union of their classes split at random into two halves, each half a
+# task (Dobs et al. 2022); single_task: the task named by the `single_task` setting alone; resolution_matched:
+# every task's images brought down to the lowest native resolution among the tasks and back up
+ROLES = ("real", "pseudo_task", "single_task", "resolution_matched")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -174,6 +180,12 @@ SETTINGS = {
     "stimulus_steps": _integer(1),
     "stages": _list_of(lambda s: s in STAGES, f"stages from {list(STAGES)}"),
     "health_check": _choice(health.ACTIONS),
+    "match_accuracy": _FLAG,
+    "ranking_reliability": _FLAG,
+    "lesion_epochs": ((lambda v: v is None or (isinstance(v, list) and all(
+        isinstance(e, int) and not isinstance(e, bool) and e >= 1 for e in v))),
+        "None or a list of epochs (integers of at least 1), e.g. [1, 5, 10]"),
+    "role": _choice(ROLES),
 }
 
 
@@ -186,7 +198,11 @@ def check_config(config: dict) -> None:
         elif name in SETTINGS and not SETTINGS[name][0](value):
             raise UsageError(f"{name}={value!r}; expected {SETTINGS[name][1]}")
     tasks = task_specs(config)
-    if len(tasks) < 2:
+    if config.get("role") == "single_task":
+        if config.get("single_task") not in tasks:
+            raise UsageError(f"single_task={config.get('single_task')!r}; expected one of the tasks: {', '.join(tasks)}")
+        tasks = {config["single_task"]: tasks[config["single_task"]]}
+    elif len(tasks) < 2:
         raise UsageError(f"found {len(tasks)} task(s) ({', '.join(tasks) or 'none'}); expected at least two "
                          f"settings named <task>_data, e.g. face_data and object_data")
     if not (isinstance(config.get("batch_size"), int) and config["batch_size"] >= len(tasks)):
@@ -363,6 +379,14 @@ class Dist:
         torch.distributed.all_reduce(t)
         return t.tolist()
 
+    def gather(self, obj):
+        """Every process's `obj` on process 0 (a list in rank order), None on the others."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world if self.main else None
+        torch.distributed.gather_object(obj, out, dst=0)
+        return out
+
     def barrier(self):
         if self.world > 1:
             torch.distributed.barrier()
@@ -478,6 +502,23 @@ def _epoch_order(n_train: np.ndarray, seed: int, epoch: int, task_index: int, le
     return np.concatenate(perms)[rank::world][:length]
 
 
+def epoch_checkpoint(out_dir: Path, epoch: int) -> Path:
+    """Where training keeps the weights of an epoch named in lesion_epochs."""
+    return Path(out_dir) / f"checkpoint_epoch{epoch}.pt"
+
+
+def epoch_folder(out_dir: Path, epoch: int) -> Path:
+    """Where the lesion sweep of an epoch named in lesion_epochs writes its files."""
+    return Path(out_dir) / f"epoch_{epoch}"
+
+
+def _forget_epoch(out_dir: Path, epoch: int) -> None:
+    """Remove an epoch's kept weights and its sweep: training that passes the epoch again replaces them."""
+    epoch_checkpoint(out_dir, epoch).unlink(missing_ok=True)
+    for name in lesion_utils.SWEEP_FILES.values():
+        (epoch_folder(out_dir, epoch) / name).unlink(missing_ok=True)
+
+
 def train(model: DualTaskNet, images: dict, config: dict, out_dir: Path, dist: Dist) -> None:
     """Train all heads together; resume from out_dir/checkpoint.pt; skip when the run is finished."""
     from tqdm import tqdm
@@ -536,6 +577,11 @@ def train(model: DualTaskNet, images: dict, config: dict, out_dir: Path, dist: D
     probe = health.probe_batch(images, channels_last)
     chances = {t: images[t].data.chance for t in tasks}
     clip = config.get("grad_clip", 0)
+    if dist.main:  # weights kept from epochs this training passes again (or from an earlier training) no longer hold
+        for path in out_dir.glob("checkpoint_epoch*.pt"):
+            kept = path.stem[len("checkpoint_epoch"):]
+            if kept.isdigit() and int(kept) > start_epoch:
+                _forget_epoch(out_dir, int(kept))
     for epoch in range(start_epoch, config["epochs"]):
         torch.manual_seed(config["seed"] * 100_003 + epoch * 101 + dist.rank)  # dropout, reproducible on resume
         gen = torch.Generator().manual_seed(config["seed"] * 1_000_003 + epoch * 1009 + dist.rank)
@@ -613,6 +659,9 @@ def train(model: DualTaskNet, images: dict, config: dict, out_dir: Path, dist: D
                                             "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "config": config,
                                             "classes": classes, "log": log_rows, "health": checkup})
                 write_csv(log_path, TRAIN_LOG_COLUMNS, log_rows)
+                if epoch + 1 in (config.get("lesion_epochs") or []) and epoch + 1 < config["epochs"]:
+                    save_checkpoint(epoch_checkpoint(out_dir, epoch + 1), {
+                        "model": model.state_dict(), "epoch": epoch + 1, "config": config, "classes": classes})
             health.write(out_dir, config.get("health_check", "stop"), checkup["epochs"], checkup["problems"])
         dist.barrier()
         if stop or not finite:
@@ -647,7 +696,8 @@ def _check_out_dir(out_dir: Path, config: dict) -> int:
         raise UsageError(f"{out_dir} holds a run trained with an older recipe ({recipe}; now {RECIPE}) that is not "
                          f"finished; pass --retrain=True to train it again or choose another --out_dir")
     keys = list(RUN_IDENTITY) + [k for k in config if k.endswith("_data")]
-    differ = [k for k in keys if old.get(k) != config.get(k)]
+    plain = {"role": "real"}  # what a run written before the setting existed was
+    differ = [k for k in keys if old.get(k, plain.get(k)) != config.get(k, plain.get(k))]
     if differ:
         changed = "; ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in differ)
         as_trained = " ".join(f"--{k}={old.get(k)!r}" for k in differ)
@@ -657,15 +707,31 @@ def _check_out_dir(out_dir: Path, config: dict) -> int:
 
 
 def load_datasets(config: dict) -> dict:
-    """{task: TaskData} for every `<task>_data` setting, all at `image_size`."""
+    """{task: TaskData} for every `<task>_data` setting, all at `image_size`, as the run's role has them
+    (ROLES): the tasks as given, pseudo-tasks, one task alone, or resolution-matched images."""
+    role = config.get("role", "real")
+    specs = task_specs(config)
+    if role == "single_task":
+        specs = {config["single_task"]: specs[config["single_task"]]}
     datasets = {}
-    for task, spec in task_specs(config).items():
+    for task, spec in specs.items():
         datasets[task] = vggface2.load_task(spec, task, config["image_size"], config.get("max_per_class"),
                                             config.get("max_classes"), config["seed"], config.get("download", False),
                                             config.get("demo_per_class", 100))
         counts = datasets[task].counts()
         if min(counts.values()) == 0:
             raise DataError(f"{task}_data: {spec} gives {counts}; every split needs images (raise max_per_class)")
+    if role == "pseudo_task":
+        datasets = vggface2.pseudo_tasks(datasets, config["seed"])
+    elif role == "resolution_matched":
+        datasets, size = vggface2.match_resolution(datasets)
+        if size < config["image_size"]:
+            print(f"resolution-matched control: every task's images brought down to {size} px and back up to "
+                  f"{config['image_size']} px")
+        else:
+            print(f"resolution-matched control: the lowest native resolution ({size} px) is not below "
+                  f"image_size={config['image_size']}: the images are the real run's (this control tests nothing "
+                  f"here)")
     return datasets
 
 
@@ -690,6 +756,7 @@ def run(config: dict) -> None:
         resolved = dict(config, tasks={t: {"classes": len(d.classes), "chance": d.chance, "source": d.source,
                                            "counts": d.counts()} for t, d in datasets.items()},
                         resolved_device=str(dist.device), world_size=dist.world, lr_per_step=peak_lr(config, dist.world),
+                        n_lesion_sites=len(lesion_utils.lesion_sites(model, config.get("lesion_inner", False))),
                         **provenance(dist.device))
         if dist.main:
             try:
@@ -708,20 +775,45 @@ def run(config: dict) -> None:
         images = {t: TaskImages(d, dist.device) for t, d in datasets.items()}
         if "train" in config["stages"]:
             if dist.main and config["epochs"] > 0 and (config.get("retrain") or not _finished(out_dir, config)):
-                for stale in ("lesion_results.csv", "lesion_progress.json", "rankings.json", "dissociation.csv",
-                              "lesion_per_class.csv"):  # results of an older model no longer hold
+                for stale in lesion_utils.SWEEP_FILES.values():  # results of an older model no longer hold
                     (out_dir / stale).unlink(missing_ok=True)
             train(model, images, config, out_dir, dist)
+        # the checkpoint's weights in every process (under DDP each process's batch-norm statistics end on its
+        # own last batch): a sweep shared out across processes is the sweep of one
+        if "train" not in config["stages"] or ("lesion" in config["stages"] and dist.world > 1):
+            dist.barrier()
+            model.load_state_dict(load_checkpoint(out_dir / "checkpoint.pt", dist.device)["model"])
+        if "lesion" in config["stages"]:  # every process sweeps its share of the sites; process 0 writes
+            lesion_utils.lesion_stage(model, images, config, out_dir, dist.rank, dist.world, dist.gather)
+            epoch_sweeps(model, images, config, out_dir, dist)
         if not dist.main:
             return
-        if "train" not in config["stages"]:
-            model.load_state_dict(load_checkpoint(out_dir / "checkpoint.pt", dist.device)["model"])
-        if "lesion" in config["stages"]:
-            lesion_utils.lesion_stage(model, images, config, out_dir)
         if "figures" in config["stages"]:
             figures_stage(model, images, config, out_dir)
     finally:
         dist.close()
+
+
+def epoch_sweeps(model: DualTaskNet, images: dict, config: dict, out_dir: Path, dist: Dist) -> None:
+    """The lesion sweep of every epoch named in lesion_epochs (before the last, whose sweep is the run's own),
+    each from its kept weights into epoch_<N>/, to show when a split appears during training."""
+    wanted = sorted({e for e in (config.get("lesion_epochs") or []) if e < config["epochs"]})
+    for epoch in wanted:
+        path = epoch_checkpoint(out_dir, epoch)
+        if not path.exists():
+            if dist.main:
+                print(f"warning: no weights kept for epoch {epoch} ({path.name}): it was trained before "
+                      f"lesion_epochs named it; --retrain=True trains again and keeps them", file=sys.stderr)
+            continue
+        if dist.main:
+            print(f"lesion sweep of epoch {epoch} of {config['epochs']} ({path.name})", flush=True)
+        earlier = copy.deepcopy(model)
+        earlier.load_state_dict(load_checkpoint(path, next(model.parameters()).device)["model"])
+        folder = epoch_folder(out_dir, epoch)
+        if dist.main:
+            folder.mkdir(exist_ok=True)
+        dist.barrier()
+        lesion_utils.lesion_stage(earlier, images, config, folder, dist.rank, dist.world, dist.gather)
 
 
 def figures_stage(model: DualTaskNet, images: dict, config: dict, out_dir: Path) -> None:
@@ -803,24 +895,3 @@ def provenance(device: torch.device) -> dict:
 def _finished(out_dir: Path, config: dict) -> bool:
     ckpt = out_dir / "checkpoint.pt"
     return ckpt.exists() and int(load_checkpoint(ckpt, mmap=True)["epoch"]) >= config["epochs"]
-
-
-def main(script_globals: dict, argv: list | None = None) -> None:
-    """Entry point of the backbone scripts: overrides from the command line, then the pipeline.
-
-    Bad input exits with status 2 and one line naming the culprit; nothing already in out_dir is lost.
-    """
-    argv = sys.argv[1:] if argv is None else argv
-    defaults = hyperparameters(script_globals)
-    if any(a in ("-h", "--help") for a in argv):
-        print_help(defaults, script_globals.get("__file__", "script.py"))
-        return
-    try:
-        config = parse_overrides(defaults, argv)
-        run(config)
-    except (UsageError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except StageFailed as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)

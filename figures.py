@@ -145,6 +145,56 @@ def dissociation_by_depth(run_dir: Path) -> Path | None:
     return _save(fig, run_dir / "figures" / "dissociation_by_depth.png")
 
 
+def dissociation_by_epoch(run_dir: Path) -> Path | None:
+    """When a split appears during training: the index by depth at the headline fraction, one line per swept
+    epoch (epoch_<N>/ and the run's own sweep at its last epoch), for each ranking method."""
+    import json
+
+    config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else {}
+    frames = []
+    for folder in sorted(run_dir.glob("epoch_*")):
+        df = _read(folder / "dissociation.csv")
+        if df is not None and folder.name[len("epoch_"):].isdigit():
+            frames.append(df.assign(epoch=int(folder.name[len("epoch_"):])))
+    final = _read(run_dir / "dissociation.csv")
+    if not frames or final is None:
+        return None
+    df = pd.concat(frames + [final.assign(epoch=int(config.get("epochs", 0)))])
+    f = headline_fraction(df["fraction"])
+    df = df[np.isclose(df["fraction"], f)]
+    epochs = sorted(df["epoch"].unique())
+    return _index_panels(df, f, "epoch", epochs, sns.color_palette("viridis", len(epochs)),
+                         lambda epoch, sub: f"epoch {epoch}", "double-dissociation index\n(95% bootstrap band)",
+                         f"Dissociation by depth and epoch: {run_dir.name}",
+                         run_dir / "figures" / "dissociation_by_epoch.png")
+
+
+def _index_panels(df, fraction: float, group: str, values: list, colours, label, ylabel: str, title: str,
+                  path: Path) -> Path:
+    """One panel per ranking method: the index by depth at `fraction`, one line (with its ci_low..ci_high band)
+    for each of the `values` of column `group`."""
+    methods = list(dict.fromkeys(df["method"]))
+    _style()
+    fig, axes = plt.subplots(1, len(methods), figsize=(5.5 * len(methods) + 2, 4), squeeze=False)
+    for ax, method in zip(axes[0], methods):
+        for value, colour in zip(values, colours):
+            sub = df[(df["method"] == method) & (df[group] == value)].sort_values("depth")
+            if not len(sub):
+                continue
+            ax.fill_between(sub["depth"], sub["ci_low"], sub["ci_high"], color=colour, alpha=0.15, lw=0)
+            ax.plot(sub["depth"], sub["index"], marker="o", ms=4, color=colour, label=label(value, sub))
+        ax.axhline(0, color="0.3", lw=0.8)
+        ax.set_title(f"{method} ranking, {fraction:.0%} lesions", fontsize=10)
+        ax.set_xlabel("lesion site (depth, 0 = first)")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    axes[0][0].set_ylabel(ylabel)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.0, 0.9), frameon=False)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, Path(path))
+
+
 def gradcam_figures(run_dir: Path, examples: dict, mean_maps: dict, tasks: list, site: str) -> list:
     """Grad-CAM overlays: example test images of each task with each head's map, and each head's mean map
     over each task's images drawn on that task's mean image."""
@@ -272,10 +322,27 @@ def compare_figure(rows: list, path: Path) -> Path:
     return _save(fig, Path(path))
 
 
+def experiment_figure(rows: list, path: Path) -> Path | None:
+    """An experiment's index by depth at the headline fraction: one panel per ranking, one line per role (the
+    real tasks and each control) with its 95% hierarchical bootstrap band (seeds, then test images)."""
+    df = pd.DataFrame(rows)
+    if not len(df):
+        return None
+    df = df.replace("", np.nan).astype({"depth": int, "fraction": float, "index": float, "ci_low": float,
+                                        "ci_high": float})
+    f = headline_fraction(df["fraction"])
+    df = df[np.isclose(df["fraction"], f)]
+    roles = list(dict.fromkeys(df["role"]))
+    return _index_panels(df, f, "role", roles, sns.color_palette(PALETTE),
+                         lambda role, sub: f"{role} ({int(sub['n_seeds'].astype(int).max())} seeds)",
+                         "double-dissociation index\n(mean over seeds, 95% hierarchical CI)",
+                         "Dissociation by depth: the real tasks against the controls", path)
+
+
 # the figures drawn from a run's CSVs alone, in the order the figures stage draws them: (name, function)
 # (decoding_by_depth follows the decoding analysis, which writes its CSV)
 RUN_FIGURES = (("training curves", training_curves), ("lesion effects", lesion_effects),
-               ("dissociation by depth", dissociation_by_depth))
+               ("dissociation by depth", dissociation_by_depth), ("dissociation by epoch", dissociation_by_epoch))
 
 
 def make_figures(run_dir) -> list:

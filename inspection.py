@@ -192,15 +192,22 @@ def stimuli_analysis(model, images: dict, sites: list, out_dir: Path, n_filters:
 # layer-wise decoding
 
 
+def linear_probe():
+    """The project's linear probe: a scikit-learn ridge classifier on standardised features (closed form, so
+    every site of a large network takes seconds)."""
+    from sklearn.linear_model import RidgeClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), RidgeClassifier(alpha=100.0))
+
+
 def decoding_analysis(model, images: dict, sites: list, out_dir: Path, n_per_task: int = 400, folds: int = 5,
                       seed: int = 0) -> Path:
     """Cross-validated linear probes (scikit-learn ridge classifiers on standardised, spatially pooled
     activations: closed form, so every site of a large network takes seconds) for each task's labels at each
     site, on the task's test images. Writes decoding.csv."""
-    from sklearn.linear_model import RidgeClassifier
     from sklearn.model_selection import StratifiedKFold, cross_val_score
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
 
     batches = L.image_batches(images, "test", n_per_task=n_per_task, seed=seed)
     acts = L.site_activations(model, sites, batches)
@@ -212,7 +219,7 @@ def decoding_analysis(model, images: dict, sites: list, out_dir: Path, n_per_tas
             k = min(folds, int(np.bincount(y).min()))
             if k < 2:
                 continue
-            probe = make_pipeline(StandardScaler(), RidgeClassifier(alpha=100.0))
+            probe = linear_probe()
             scores = cross_val_score(probe, acts[site.name][task], y,
                                      cv=StratifiedKFold(k, shuffle=True, random_state=seed))
             rows.append({"layer": site.name, "depth": site.depth, "task": task, "accuracy": f"{scores.mean():.4f}",

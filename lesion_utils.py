@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 import vggface2
-from common import UsageError, autocast, format_seconds, read_csv, read_json, write_csv, write_text
+from common import UsageError, atomic_write, autocast, format_seconds, read_csv, read_json, write_csv, write_text
 
 
 @dataclass
@@ -366,12 +366,47 @@ def rank_correlation(a, b) -> float:
 
 
 METHODS = ("activation", "loss", "greedy", "taylor", "random")
+NOT_RANKINGS = ("agreement", "reliability")  # the entries of a site's rankings that are about rankings
+RELIABILITY_FRACTIONS = (0.1, 0.2)  # the top sets whose split-half overlap is reported
+
+
+def split_halves(batches: list) -> tuple:
+    """The ranking images cut into two disjoint halves (alternate images of every batch, so each half holds
+    half of every task's images)."""
+    return tuple([(t, x[k::2], y[k::2]) for t, x, y in batches if len(x[k::2])] for k in (0, 1))
+
+
+def top_overlap(order_a, order_b, fraction: float) -> float:
+    """Share of the top-`fraction` filters of one order that are also in the other's (random orders share about
+    `fraction` of them)."""
+    k = max(1, int(round(fraction * len(order_a))))
+    return len(set(list(order_a)[:k]) & set(list(order_b)[:k])) / k
+
+
+def split_half_reliability(halves: tuple) -> dict:
+    """How reproducible a ranking is: the same method on two disjoint halves of the ranking images. Per method
+    and task: top-10% and top-20% overlap, and Spearman's correlation of the scores by channel."""
+    first, second = halves
+    out = {}
+    for method, per_task in first.items():
+        if method in NOT_RANKINGS or method == "random":
+            continue
+        out[method] = {}
+        for t, entry in per_task.items():
+            other = second[method][t]
+            row = {f"top{int(round(f * 100))}": round(top_overlap(entry["order"], other["order"], f), 4)
+                   for f in RELIABILITY_FRACTIONS}
+            row["spearman"] = round(rank_correlation(entry["by_channel"], other["by_channel"]), 4)
+            out[method][t] = row
+    return out
 
 
 def rank_site(model, site: Site, rank_batches: list, tasks: list, methods, random_repeats: int = 10,
-              seed: int = 0, masks_per_pass: int = 1) -> dict:
+              seed: int = 0, masks_per_pass: int = 1, reliability: bool = False) -> dict:
     """{method: {target: {'order': [...], 'scores': [...]}}} for one site; 'random' holds repeat_0..R-1, and
-    'agreement' the rank correlation of taylor with loss per task when both were computed."""
+    'agreement' the rank correlation of taylor with loss per task when both were computed. With `reliability`,
+    'reliability' holds each ranking's split-half reliability (`split_half_reliability`): every ranking is
+    computed again on each half of the ranking images, which costs as much again as the rankings."""
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise UsageError(f"unknown lesion method(s) {bad}; expected some of {list(METHODS)}")
@@ -402,6 +437,12 @@ def rank_site(model, site: Site, rank_batches: list, tasks: list, methods, rando
     if "taylor" in out and "loss" in out:
         out["agreement"] = {t: rank_correlation(out["taylor"][t]["by_channel"], out["loss"][t]["by_channel"])
                             for t in tasks}
+    ranked = [m for m in methods if m != "random"]
+    if reliability and ranked:
+        halves = split_halves(rank_batches)
+        if all(any(t == task for t, _, _ in half) for half in halves for task in tasks):
+            out["reliability"] = split_half_reliability(tuple(
+                rank_site(model, site, half, tasks, ranked, masks_per_pass=masks_per_pass) for half in halves))
     return out
 
 
@@ -425,12 +466,14 @@ def _fraction_key(f) -> str:
     return f"{float(f):.4f}"
 
 
+# the matched_ columns are filled when match_accuracy is set: the same lesions on the accuracy-matched test images
 LESION_COLUMNS = ("layer", "depth", "n_filters", "target", "method", "fraction", "n_lesioned", "repeat",
                   "eval_task", "accuracy", "loss", "intact_accuracy", "chance", "intact_loss", "n_images",
-                  "corrected_drop")
+                  "corrected_drop", "matched_accuracy", "matched_intact_accuracy", "matched_n_images")
 DISSOCIATION_COLUMNS = ("layer", "depth", "method", "fraction", "task_a", "task_b", "index", "ci_low", "ci_high",
                         "p_index", "drop_a_by_a", "drop_a_by_b", "drop_b_by_b", "drop_b_by_a", "p_a_by_a",
-                        "p_b_by_b", "random_drop_a", "random_drop_b", "n_random", "null_low", "null_high")
+                        "p_b_by_b", "random_drop_a", "random_drop_b", "n_random", "null_low", "null_high",
+                        "matched_index", "matched_ci_low", "matched_ci_high", "matched_p_index")
 PER_CLASS_COLUMNS = ("layer", "method", "target", "repeat", "fraction", "eval_task", "class", "accuracy",
                      "n_images")
 
@@ -440,7 +483,7 @@ def lesion_conditions(site: Site, rankings: dict, fractions, keep_only: bool = F
     keep_only silences every filter except the selected ones."""
     conditions = []
     for method, per_target in rankings.items():
-        if method == "agreement":
+        if method in NOT_RANKINGS:
             continue
         for target, entry in per_target.items():
             repeat = int(target.split("_")[1]) if method == "random" else 0
@@ -534,6 +577,60 @@ def dissociation_rows(site: Site, conditions: list, results: list, intact: dict,
     return rows
 
 
+def matched_subsets(correct: dict, seed: int = 0) -> dict:
+    """{task: test image indices} on which every task's intact accuracy is the same: the performance matching
+    of Dobs et al. 2022. A task above the lowest accuracy keeps all its misclassified images and a seeded random
+    sample of its correctly classified ones, as many as bring its accuracy down to the lowest (equal to within
+    one image); the task at the lowest keeps all its images."""
+    acc = {t: float(np.mean(c)) for t, c in correct.items()}
+    low = min(acc.values())
+    rng = np.random.default_rng([seed, 17])
+    subsets = {}
+    for t, c in correct.items():
+        c = np.asarray(c, dtype=bool)
+        if acc[t] - low < 1e-12 or low >= 1.0:
+            subsets[t] = np.arange(len(c))
+            continue
+        wrong, right = np.flatnonzero(~c), np.flatnonzero(c)
+        n_right = min(len(right), int(round(low * len(wrong) / (1 - low))))
+        subsets[t] = np.sort(np.concatenate([wrong, rng.choice(right, n_right, replace=False)]))
+    return subsets
+
+
+def _restrict(per_image: dict, subsets: dict) -> dict:
+    return {t: {k: v[subsets[t]] for k, v in r.items()} for t, r in per_image.items()}
+
+
+def per_image_key(site: str, method: str, target: str, fraction, eval_task: str) -> str:
+    """The key of one targeted lesion's per-image outcomes in lesion_per_image.npz ('intact|<task>' for none)."""
+    return f"{site}|{method}|{target}|{_fraction_key(fraction)}|{eval_task}"
+
+
+def per_image_arrays(site: Site, conditions: list, results: list, tasks: list) -> dict:
+    """The per-image correctness of a site's targeted lesions (random orders left out), for statistics across
+    runs that resample test images (the experiment's hierarchical bootstrap)."""
+    return {per_image_key(site.name, m, tg, f, e): np.asarray(res[e]["correct"], dtype=bool)
+            for (m, tg, _, f, _), res in zip(conditions, results) if m != "random" for e in tasks}
+
+
+def write_per_image(path: Path, arrays: dict) -> None:
+    def write(p):
+        with open(p, "wb") as f:  # a file object: np.savez would add .npz to the temporary's name
+            np.savez_compressed(f, **arrays)
+
+    atomic_write(path, write)
+
+
+def read_per_image(path: Path) -> dict:
+    """{key: bool array} of lesion_per_image.npz; a damaged file is a UsageError naming it."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k].astype(bool) for k in z.files}
+    except (OSError, ValueError, EOFError) as e:
+        raise UsageError(f"{path}: not a readable per-image results file ({e}); rerun the lesion stage "
+                         f"(--retrain=True --stages=\"['lesion']\")") from None
+
+
 def select_sites(model: nn.Module, config: dict) -> list:
     """The sites a run lesions: all of them (with the inner bottleneck sites when lesion_inner is set), or
     those named or numbered in lesion_layers."""
@@ -553,17 +650,24 @@ def select_sites(model: nn.Module, config: dict) -> list:
     return sorted({s.name: s for s in chosen}.values(), key=lambda s: s.depth)
 
 
-def _result_rows(site, method, target, repeat, f, n_silenced, res, summary, chance, tasks):
+def _result_rows(site, method, target, repeat, f, n_silenced, res, summary, chance, tasks, matched=None,
+                 intact=None):
     rows = []
     for e in tasks:
         acc, loss = float(res[e]["correct"].mean()), float(res[e]["loss"].mean())
+        extra = {}
+        if matched is not None:
+            sub = matched[e]
+            extra = {"matched_accuracy": f"{res[e]['correct'][sub].mean():.4f}",
+                     "matched_intact_accuracy": f"{intact[e]['correct'][sub].mean():.4f}",
+                     "matched_n_images": len(sub)}
         rows.append({
             "layer": site.name, "depth": site.depth, "n_filters": site.n_filters, "target": target,
             "method": method, "fraction": _fraction_key(f), "n_lesioned": n_silenced, "repeat": repeat,
             "eval_task": e, "accuracy": f"{acc:.4f}", "loss": f"{loss:.4f}",
             "intact_accuracy": f"{summary[e]['accuracy']:.4f}", "chance": f"{chance[e]:.4f}",
             "intact_loss": f"{summary[e]['loss']:.4f}", "n_images": len(res[e]["correct"]),
-            "corrected_drop": f"{corrected_drop(summary[e]['accuracy'], acc, chance[e]):.4f}",
+            "corrected_drop": f"{corrected_drop(summary[e]['accuracy'], acc, chance[e]):.4f}", **extra,
         })
     return rows
 
@@ -580,17 +684,23 @@ def _per_class_rows(site, method, target, repeat, f, res, labels, classes):
 
 
 SWEEP_FILES = {"results": "lesion_results.csv", "rankings": "rankings.json", "dissociation": "dissociation.csv",
-               "progress": "lesion_progress.json", "per_class": "lesion_per_class.csv"}
+               "progress": "lesion_progress.json", "per_class": "lesion_per_class.csv",
+               "per_image": "lesion_per_image.npz"}
 
 
 def sweep_settings(model: nn.Module, config: dict) -> dict:
     """What a sweep's results depend on: a sweep under other settings starts over."""
-    return {"fractions": sorted({float(f) for f in config["lesion_fractions"]} | {0.0}),
+    settings = {"fractions": sorted({float(f) for f in config["lesion_fractions"]} | {0.0}),
             "methods": list(config.get("lesion_methods", ["activation", "random"])),
             "random_repeats": int(config.get("random_repeats", 1)),
             "keep_only": bool(config.get("lesion_keep_only", False)), "mode": config.get("lesion_mode", "zero"),
             "rank_images": config.get("rank_images"), "sites": [s.name for s in select_sites(model, config)],
             "seed": config["seed"], "per_class": bool(config.get("lesion_per_class", False))}
+    if config.get("match_accuracy"):  # named only when set, so that sweeps made before the setting still resume
+        settings["match_accuracy"] = True
+    if config.get("ranking_reliability"):
+        settings["reliability"] = True
+    return settings
 
 
 def earlier_sweep(settings: dict, out_dir: Path) -> dict:
@@ -599,7 +709,8 @@ def earlier_sweep(settings: dict, out_dir: Path) -> dict:
     continued, or None}; nothing when there is none or its settings differ. Its files may be damaged or foreign: each is checked, and a bad one is a UsageError naming
     it. Reads only, so the pipeline calls it before it writes anything."""
     paths = {k: Path(out_dir) / f for k, f in SWEEP_FILES.items()}
-    nothing = {"done": [], "rows": [], "dissociation": [], "per_class": [], "rankings": {}, "restart": None}
+    nothing = {"done": [], "rows": [], "dissociation": [], "per_class": [], "rankings": {}, "per_image": {},
+               "restart": None}
     if not paths["progress"].exists():
         return nothing
     progress = read_json(paths["progress"], lambda p: isinstance(p, dict) and isinstance(p.get("settings"), dict)
@@ -620,22 +731,36 @@ def earlier_sweep(settings: dict, out_dir: Path) -> dict:
 
     rankings = read_json(paths["rankings"], lambda r: isinstance(r, dict) and all(
         isinstance(v, dict) for v in r.values()), "rankings by site") if done and paths["rankings"].exists() else {}
+    per_image = read_per_image(paths["per_image"]) if done and paths["per_image"].exists() else {}
     earlier = {"done": [s for s in settings["sites"] if s in done], "rows": rows_of("results"),
                "dissociation": rows_of("dissociation"), "per_class": rows_of("per_class"),
-               "rankings": {k: v for k, v in rankings.items() if k in done}, "restart": None}
+               "rankings": {k: v for k, v in rankings.items() if k in done},
+               "per_image": {k: v for k, v in per_image.items() if k.split("|")[0] in done | {"intact"}},
+               "restart": None}
     if done - set(earlier["rankings"]) or done - {r["layer"] for r in earlier["rows"]}:
         return dict(nothing, restart=f"{paths['progress'].name} lists sites whose results or rankings are "
                                      f"missing: the sweep starts over")
     return earlier
 
 
-def lesion_stage(model: nn.Module, images: dict, config: dict, out_dir: Path) -> Path:
+def _one_process(obj):
+    return [obj]
+
+
+def lesion_stage(model: nn.Module, images: dict, config: dict, out_dir: Path, rank: int = 0, world: int = 1,
+                 gather=_one_process) -> Path:
     """The lesion sweep of a run: for each site, rank its filters for each task by every method in
     config['lesion_methods'] on training images, silence the top fraction of each ranking (and of each random
     order), evaluate both heads on the test images, and write lesion_results.csv, rankings.json and
-    dissociation.csv after every site. A killed sweep resumes at the first unfinished site."""
+    dissociation.csv after every site. A killed sweep resumes at the first unfinished site.
+
+    Under torchrun every process calls it: the sites are shared out (process r sweeps every world-th site from
+    the r-th), `gather(obj)` brings every process's result of a round to process 0 (a list in rank order; None
+    elsewhere), and process 0 alone prints and writes, in site order: the files are those of one process."""
     from tqdm import tqdm
 
+    main = rank == 0
+    say = print if main else (lambda *a, **k: None)
     out_dir = Path(out_dir)
     tasks = list(images)
     settings = sweep_settings(model, config)
@@ -645,13 +770,14 @@ def lesion_stage(model: nn.Module, images: dict, config: dict, out_dir: Path) ->
     paths = {k: out_dir / f for k, f in SWEEP_FILES.items()}
     earlier = earlier_sweep(settings, out_dir)
     if earlier["restart"]:
-        print(f"lesion sweep: {earlier['restart']}")
+        say(f"lesion sweep: {earlier['restart']}")
     progress = {"settings": settings, "done": list(earlier["done"])}
     done = set(earlier["done"])
     rows, diss, per_class, rankings = earlier["rows"], earlier["dissociation"], earlier["per_class"], \
         earlier["rankings"]
+    per_image = dict(earlier["per_image"])
     if done:
-        print(f"lesion sweep: {len(done)} of {len(sites)} sites finished earlier; continuing")
+        say(f"lesion sweep: {len(done)} of {len(sites)} sites finished earlier; continuing")
     todo = [s for s in sites if s.name not in done]
     if not todo:
         return paths["results"]
@@ -662,19 +788,28 @@ def lesion_stage(model: nn.Module, images: dict, config: dict, out_dir: Path) ->
     intact = evaluate_lesions(model, sites[0], [[]], test)[0]
     chance = {t: images[t].data.chance for t in tasks}
     summary = {t: _summary(intact[t]) for t in tasks}
-    print("intact test accuracy: " + ", ".join(f"{t} {summary[t]['accuracy']:.3f} (chance {chance[t]:.3f})"
-                                               for t in tasks))
+    per_image.update({f"intact|{t}": np.asarray(intact[t]["correct"], dtype=bool) for t in tasks})
+    matched = matched_subsets({t: intact[t]["correct"] for t in tasks}, config["seed"]) \
+        if settings.get("match_accuracy") else None
+    if matched is not None:
+        say("accuracy-matched test images: " + ", ".join(
+            f"{t} {len(matched[t])} images at {intact[t]['correct'][matched[t]].mean():.3f}" for t in tasks))
+    say("intact test accuracy: " + ", ".join(f"{t} {summary[t]['accuracy']:.3f} (chance {chance[t]:.3f})"
+                                             for t in tasks))
     caches = cache_bytes(model, todo, test[0][1].shape[1:], max(len(x) for _, x, _ in test))
     masks_per_pass = default_masks_per_pass(device, max(caches.values()))
-    print(f"activation cache: at most {max(caches.values()) / 2**20:.1f} MiB per image batch "
-          f"({max(len(x) for _, x, _ in test)} images), {masks_per_pass} lesion(s) per pass")
+    say(f"activation cache: at most {max(caches.values()) / 2**20:.1f} MiB per image batch "
+        f"({max(len(x) for _, x, _ in test)} images), {masks_per_pass} lesion(s) per pass"
+        + (f"; sites shared out across {world} processes" if world > 1 else ""))
     labels = {t: torch.cat([y for tb, _, y in test if tb == t]).cpu().numpy() for t in tasks}
     classes = {t: list(images[t].data.classes) for t in tasks}
     n_test = sum(len(y) for _, _, y in test)
-    started = time.perf_counter()
-    for k, site in enumerate(tqdm(todo, desc="lesion sweep", leave=False, disable=None)):
-        site_start = time.perf_counter()
-        ranking = rank_site(model, site, train_sample, tasks, methods, repeats, config["seed"], masks_per_pass)
+
+    def sweep_site(site):
+        """Everything one site adds to the sweep's files."""
+        start = time.perf_counter()
+        ranking = rank_site(model, site, train_sample, tasks, methods, repeats, config["seed"], masks_per_pass,
+                            reliability=settings.get("reliability", False))
         means = None
         if mode == "mean":
             acts = site_activations(model, [site], train_sample)[site.name]
@@ -682,28 +817,53 @@ def lesion_stage(model: nn.Module, images: dict, config: dict, out_dir: Path) ->
         conditions = lesion_conditions(site, ranking, fractions, keep_only)
         results = evaluate_lesions(model, site, [c for *_, c in conditions], test, mode, means, masks_per_pass)
         keyed = {(m, t, r, f): (len(c), res) for (m, t, r, f, c), res in zip(conditions, results)}
+        out = {"rows": [], "per_class": [], "ranking": ranking, "n_lesions": len(conditions)}
         for method, target, repeat in dict.fromkeys((m, t, r) for m, t, r, *_ in conditions):
             for f in fractions:
                 n_silenced, res = (0, intact) if f == 0 else keyed[(method, target, repeat, f)]
-                rows += _result_rows(site, method, target, repeat, f, n_silenced, res, summary, chance, tasks)
+                out["rows"] += _result_rows(site, method, target, repeat, f, n_silenced, res, summary, chance, tasks,
+                                            matched, intact)
                 if per_class_wanted:
-                    per_class += _per_class_rows(site, method, target, repeat, f, res, labels, classes)
-        diss += dissociation_rows(site, conditions, results, intact, chance, tasks, seed=config["seed"])
-        rankings[site.name] = ranking
+                    out["per_class"] += _per_class_rows(site, method, target, repeat, f, res, labels, classes)
+        out["diss"] = dissociation_rows(site, conditions, results, intact, chance, tasks, seed=config["seed"])
+        if matched is not None:
+            on_matched = dissociation_rows(site, conditions, [_restrict(r, matched) for r in results],
+                                           _restrict(intact, matched), chance, tasks, seed=config["seed"])
+            for row, m in zip(out["diss"], on_matched):
+                row.update({f"matched_{k}": m[k] for k in ("index", "ci_low", "ci_high", "p_index")})
+        out["per_image"] = per_image_arrays(site, conditions, results, tasks)
+        out["seconds"] = time.perf_counter() - start
+        return out
+
+    started, finished = time.perf_counter(), 0
+    rounds = [todo[k:k + world] for k in range(0, len(todo), world)]
+    for group in tqdm(rounds, desc="lesion sweep", leave=False, disable=None if main else True):
+        mine = sweep_site(group[rank]) if rank < len(group) else None
+        gathered = gather(mine)
+        if not main:
+            continue
+        for site, got in zip(group, gathered):
+            rows += got["rows"]
+            per_class += got["per_class"]
+            diss += got["diss"]
+            per_image.update(got["per_image"])
+            rankings[site.name] = got["ranking"]
+            progress["done"].append(site.name)
         write_csv(paths["results"], LESION_COLUMNS, rows)
         write_csv(paths["dissociation"], DISSOCIATION_COLUMNS, diss)
         if per_class_wanted:
             write_csv(paths["per_class"], PER_CLASS_COLUMNS, per_class)
         write_text(paths["rankings"], json.dumps(rankings))
-        progress["done"].append(site.name)
+        write_per_image(paths["per_image"], per_image)
         write_text(paths["progress"], json.dumps(progress, indent=1))
-        now = time.perf_counter()
-        left = (now - started) / (k + 1) * (len(todo) - k - 1)
-        print(f"lesion site {len(done) + k + 1}/{len(sites)} {site.name} ({site.n_filters} filters): ranked by "
-              f"{', '.join(methods)}; {len(conditions)} lesions x {n_test} test images; "
-              f"{now - site_start:.1f} s; about {format_seconds(left)} left", flush=True)
-    print(f"wrote {paths['results']} ({len(rows)} rows, {len(sites)} sites), {paths['dissociation'].name}, "
-          f"{paths['rankings'].name}")
+        finished += len(group)
+        left = (time.perf_counter() - started) / finished * (len(todo) - finished)
+        for site, got in zip(group, gathered):
+            print(f"lesion site {len(progress['done']) - len(group) + group.index(site) + 1}/{len(sites)} {site.name} "
+                  f"({site.n_filters} filters): ranked by {', '.join(methods)}; {got['n_lesions']} lesions x {n_test} "
+                  f"test images; {got['seconds']:.1f} s; about {format_seconds(left)} left", flush=True)
+    say(f"wrote {paths['results']} ({len(rows)} rows, {len(sites)} sites), {paths['dissociation'].name}, "
+        f"{paths['rankings'].name}")
     return paths["results"]
 
 

@@ -219,7 +219,8 @@ def summary(config: dict, status: dict, results: list, diss: list, rankings: dic
                            ["ranking", "site", "index [95% CI]", "p vs random pairs", "verdict"])
         else:
             answer += " At no site does any ranking's interval exclude 0."
-        caveats += _dissociation_caveats(rows, rankings, f)
+        # the split-half overlap is kept for the top 10% and 20%: the one nearer the headline fraction
+        caveats += _dissociation_caveats(rows, rankings, f) + _reliability_caveats(rankings, 0.2 if f >= 0.15 else 0.1)
     weak, near_chance = [], []
     for task, (accuracy, n, chance) in intact.items():
         low, high = wilson(accuracy, n)
@@ -249,10 +250,15 @@ def summary(config: dict, status: dict, results: list, diss: list, rankings: dic
     failed = [f"{part} ({entry.get('error')})" for part, entry in status.items() if not entry.get("ok", True)]
     if failed:
         caveats.append(f"Not written, because they failed: {'; '.join(failed)}.")
-    caveats.append(f"One network, trained from seed {config.get('seed')}, and no controls: without networks from "
-                   f"other seeds, a resolution-matched control, a pseudo-task control or single-task networks, "
-                   f"this run cannot show that a split holds across networks or comes from the tasks rather than "
-                   f"from their images.")
+    if config.get("role"):  # one run of an experiment (experiment.py)
+        caveats.append(f"One network of an experiment ({config['role']}, seed {config.get('seed')}): the "
+                       f"experiment's report.html (in the experiment's folder) weighs it against the other seeds and the "
+                       f"controls.")
+    else:
+        caveats.append(f"One network, trained from seed {config.get('seed')}, and no controls: without networks "
+                       f"from other seeds, a resolution-matched control, a pseudo-task control or single-task "
+                       f"networks, this run cannot show that a split holds across networks or comes from the tasks "
+                       f"rather than from their images (the seeds and controls settings run them).")
     parts = [f'<div class="answer"><p class="verdict">{html.escape(answer)}</p>{table}']
     if intact:
         parts.append("<p>Intact test accuracy: " + "; ".join(
@@ -301,6 +307,27 @@ def _dissociation_caveats(rows: list, rankings: dict, fraction: float) -> list:
         caveats.append(f"The p-values are per site and ranking, not corrected for the {n_tests} tests: about "
                        f"{n_tests * ALPHA:.1f} of them would pass p < {ALPHA} by chance alone.")
     return caveats
+
+
+UNRELIABLE = 0.5  # a ranking whose two halves share less than this share of their top sets is not reproducible
+
+
+def _reliability_caveats(rankings: dict, fraction: float) -> list:
+    """Rankings whose lesioned top sets differ between two halves of the ranking images."""
+    key = f"top{int(round(fraction * 100))}"
+    shaky = []
+    for site, per in rankings.items():
+        for method, tasks in per.get("reliability", {}).items():
+            for task, rel in tasks.items():
+                if key in rel and rel[key] < UNRELIABLE:
+                    shaky.append(f"{site} {method} {task} {rel[key]:.0%}")
+    if not shaky:
+        return []
+    return [f"Rankings not reproducible: ranked on two halves of the ranking images, these share less than "
+            f"{UNRELIABLE:.0%} of their top-{fraction:.0%} filters: " + "; ".join(shaky[:6]) +
+            ("; ..." if len(shaky) > 6 else "") + ". Their lesions silence sets that other images would not "
+            "choose; raise rank_images (rankings.json holds every ranking's split-half overlap and Spearman "
+            "correlation)."]
 
 
 def _random_caveats(diss: list, config: dict) -> list:
@@ -368,6 +395,11 @@ def build_report(run_dir) -> Path:
              "95% bootstrap interval over test images, beside the range of indices built from pairs of random "
              "lesions (grey).", "dissociation by depth")
     r.raw(_dissociation_table(diss))
+    if config.get("lesion_epochs"):
+        r.section("Dissociation by epoch")
+        r.figure("dissociation_by_epoch.png", "The index by depth for each swept epoch (epoch_<N>/ holds each "
+                 "epoch's own lesion files): when during training a split appears, and where.",
+                 "dissociation by epoch")
 
     r.section("Training")
     r.figure("training_curves.png", "Accuracy and loss of each head on its own task, per epoch, on training "

@@ -59,6 +59,7 @@ class TaskData:
     split: np.ndarray  # (N,) int8: 0 train, 1 val, 2 test
     source: str = ""
     extra: dict = field(default_factory=dict)  # further per-image arrays, e.g. the demo's expression
+    native_size: int | None = None  # the source's own resolution (median shorter side, px) before any resizing
 
     @property
     def chance(self) -> float:
@@ -90,7 +91,8 @@ class TaskData:
         tmp.mkdir(parents=True)
         # meta.json first: it marks a half-written <out>.tmp as this module's, so a later save may remove it
         meta = {"name": self.name, "classes": list(self.classes), "source": self.source,
-                "image_size": self.image_size, "counts": self.counts(), "extra": sorted(self.extra)}
+                "image_size": self.image_size, "counts": self.counts(), "extra": sorted(self.extra),
+                "native_size": self.native_size}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         np.save(tmp / "images.npy", np.ascontiguousarray(self.images))
         np.save(tmp / "labels.npy", self.labels.astype(np.int64))
@@ -262,7 +264,7 @@ def _cap(data: TaskData, max_per_class, max_classes, seed: int) -> TaskData:
     remap = np.full(len(data.classes), -1, dtype=np.int64)
     remap[kept] = np.arange(len(kept))
     return TaskData(data.name, [data.classes[k] for k in kept], data.images[idx], remap[data.labels[idx]],
-                    data.split[idx], data.source, {k: v[idx] for k, v in data.extra.items()})
+                    data.split[idx], data.source, {k: v[idx] for k, v in data.extra.items()}, data.native_size)
 
 
 def _presplit_caps(max_per_class):
@@ -298,7 +300,7 @@ def _drop_untrainable(data: TaskData, what: str) -> TaskData:
     remap[kept] = np.arange(len(kept))
     images = data.images if len(idx) == len(data.labels) else data.images[idx]  # no copy of a memmap unless needed
     return TaskData(data.name, [data.classes[k] for k in kept], images, remap[data.labels[idx]], data.split[idx],
-                    data.source, {k: v[idx] for k, v in data.extra.items()})
+                    data.source, {k: v[idx] for k, v in data.extra.items()}, data.native_size)
 
 
 def _warn(message: str) -> None:
@@ -380,8 +382,8 @@ def _crop_box(box, width: int, height: int):
 
 
 def _read_image(path: Path, size: int, box=None):
-    """Decode one image to a (size, size, 3) uint8 array (None when it cannot be read), and whether its box
-    lay outside it (the image is then used uncropped)."""
+    """Decode one image to a (size, size, 3) uint8 array (None when it cannot be read), whether its box
+    lay outside it (the image is then used uncropped), and its shorter side in pixels before resizing."""
     from PIL import Image
 
     try:
@@ -390,31 +392,34 @@ def _read_image(path: Path, size: int, box=None):
             rect = _crop_box(box, img.width, img.height) if box is not None else None
             if rect is not None:
                 img = img.crop(rect)
-            return np.asarray(_square_resize(img, size), dtype=np.uint8), box is not None and rect is None
+            native = min(img.width, img.height)
+            return np.asarray(_square_resize(img, size), dtype=np.uint8), box is not None and rect is None, native
     except Exception:  # PIL raises many types for damaged files; any of them means "skip this image"
-        return None, False
+        return None, False, 0
 
 
 def _read_many(paths, size: int, boxes=None, what: str = "images"):
-    """Decode images in threads (PIL releases the GIL while decoding); skip unreadable ones with a warning."""
+    """Decode images in threads (PIL releases the GIL while decoding); skip unreadable ones with a warning.
+    Returns the images, which paths were read, and the median shorter side of the read images before resizing."""
     from tqdm import tqdm
 
     boxes = boxes if boxes is not None else [None] * len(paths)
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) + 2)) as pool:
         results = list(tqdm(pool.map(lambda pb: _read_image(pb[0], size, pb[1]), zip(paths, boxes)), total=len(paths),
                             desc=f"reading {what}", leave=False, disable=True if len(paths) < 500 else None))
-    arrays = [a for a, _ in results]
+    arrays = [a for a, _, _ in results]
     ok = np.array([a is not None for a in arrays], dtype=bool)
     bad = [str(p) for p, a in zip(paths, arrays) if a is None]
     if bad:
         warnings.warn(f"skipped {len(bad)} unreadable image(s) in {what}, e.g. {bad[0]}", stacklevel=2)
         print(f"warning: skipped {len(bad)} unreadable image(s) in {what} (first: {bad[0]})", file=sys.stderr)
-    outside = [str(p) for p, (_, out) in zip(paths, results) if out]
+    outside = [str(p) for p, (_, out, _) in zip(paths, results) if out]
     if outside:
         _warn(f"{len(outside)} face box(es) lie outside their image in {what}; those images are used uncropped "
               f"(first: {outside[0]})")
     images = np.stack([a for a in arrays if a is not None]) if ok.any() else np.zeros((0, size, size, 3), np.uint8)
-    return images, ok
+    natives = [n for a, _, n in results if a is not None]
+    return images, ok, int(np.median(natives)) if natives else None
 
 
 def _list_images(folder: Path):
@@ -462,7 +467,7 @@ def load_folder(root, image_size: int, max_per_class=None, max_classes=None, see
         raise DataError(f"{root}: found {len(classes)} class folder(s) with images; a classification task needs "
                         f"at least 2 (one subfolder per class)")
     cap_train, cap_test = _presplit_caps(max_per_class) if presplit else (max_per_class, None)
-    parts = []
+    parts, natives = [], []
     for pool, (_, files) in listed.items():
         paths, labels = [], []
         for ci, c in enumerate(classes):
@@ -470,7 +475,8 @@ def load_folder(root, image_size: int, max_per_class=None, max_classes=None, see
             labels += [ci] * len(files.get(c, []))
         labels = np.array(labels, dtype=np.int64)
         idx, _ = _choose(labels, cap_test if pool == "test" else cap_train, None, seed)
-        images, ok = _read_many([paths[i] for i in idx], image_size, what=str(pools[pool]))
+        images, ok, native = _read_many([paths[i] for i in idx], image_size, what=str(pools[pool]))
+        natives += [native] * len(images)
         labels = labels[idx][ok]
         if pool == "all":
             split = stratified_split(labels, seed, classes=classes)
@@ -482,7 +488,9 @@ def load_folder(root, image_size: int, max_per_class=None, max_classes=None, see
     images, labels, split = (np.concatenate(p) for p in zip(*parts))
     if len(images) == 0:
         raise DataError(f"{root}: no readable images")
-    return _drop_untrainable(TaskData("", classes, images, labels, split, source=f"folder:{root}"), str(root))
+    native = int(np.median([n for n in natives if n])) if any(natives) else None
+    return _drop_untrainable(TaskData("", classes, images, labels, split, source=f"folder:{root}",
+                                      native_size=native), str(root))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -593,7 +601,7 @@ def load_cifar10(root, max_per_class=None, max_classes=None, seed: int = 0, down
     names_kept = [classes[k] for k in kept]
     split = np.concatenate([_split_off_val(train_y, seed, names_kept), np.full(len(test_y), 2, dtype=np.int8)])
     return TaskData("", names_kept, np.concatenate([train_x[i_train], test_x[i_test]]),
-                    np.concatenate([train_y, test_y]), split, source=f"cifar10:{root}")
+                    np.concatenate([train_y, test_y]), split, source=f"cifar10:{root}", native_size=32)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -687,9 +695,10 @@ def load_vggface2(root, image_size: int, identities=None, per_identity=None, see
     if unusable:
         _warn(f"{len(unusable)} box(es) in {boxes_csv.name} have zero or negative size or are not numbers "
               f"(first: {unusable[0]}); those images are used uncropped")
-    images, ok = _read_many(paths, image_size, [boxes.get(k) for k in keys], what=str(root / "train"))
+    images, ok, native = _read_many(paths, image_size, [boxes.get(k) for k in keys], what=str(root / "train"))
     labels = np.asarray(labels, dtype=np.int64)[ok]
-    data = TaskData("", names, images, labels, stratified_split(labels, seed, classes=names), f"vggface2:{root}")
+    data = TaskData("", names, images, labels, stratified_split(labels, seed, classes=names), f"vggface2:{root}",
+                    native_size=native)
     return _drop_untrainable(data, str(root / "train"))
 
 
@@ -733,8 +742,10 @@ def load_cache(folder) -> TaskData:
             raise damaged(f"{key}.npy holds {_few(wrong.tolist())}, outside 0..{top}"
                           + (f" (meta.json names {len(classes)} classes)" if key == "labels" else ""))
     extra = {k: arrays[f"extra_{k}"] for k in extra_keys}
+    native = meta.get("native_size")
+    native = native if isinstance(native, int) and not isinstance(native, bool) and native > 0 else None
     data = TaskData(str(meta.get("name", "")), classes, images, labels.astype(np.int64), split.astype(np.int8),
-                    str(meta.get("source", "")), extra)
+                    str(meta.get("source", "")), extra, native or int(images.shape[1]))
     return _drop_untrainable(data, str(folder))
 
 
@@ -901,7 +912,61 @@ def make_demo(kind: str, n_classes: int = 10, per_class: int = 100, image_size: 
         images = resize_images(images, image_size)
     split = stratified_split(labels, seed, classes=classes)
     extra = {} if kind == "objects" else {"expression": expressions}
-    return TaskData("", classes, images, labels.astype(np.int64), split, source=f"demo:{kind}", extra=extra)
+    return TaskData("", classes, images, labels.astype(np.int64), split, source=f"demo:{kind}", extra=extra,
+                    native_size=draw)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the experiment's control data sets
+
+
+PSEUDO_TASKS = ("pseudo_a", "pseudo_b")
+
+
+def pseudo_tasks(datasets: dict, seed: int) -> dict:
+    """The pseudo-task control of Dobs et al. 2022: the union of all tasks' classes split at random (seeded)
+    into two halves of equal size (the first one class larger when the count is odd), each half a task over the
+    images of its classes, with their splits. A network trained on such a pair shows how much "specialisation"
+    any split of the same images produces. Class names become '<task>:<class>'."""
+    pool = [(task, k) for task, d in datasets.items() for k in range(len(d.classes))]
+    if len(pool) < 4:
+        raise DataError(f"pseudo_task control: the tasks have {len(pool)} classes in all; two pseudo-tasks need at "
+                        f"least 4")
+    order = np.random.default_rng([seed, 31]).permutation(len(pool))
+    half = (len(pool) + 1) // 2
+    sources = " + ".join(d.source for d in datasets.values())
+    out = {}
+    for name, group in zip(PSEUDO_TASKS, (np.sort(order[:half]), np.sort(order[half:]))):
+        images, labels, split, classes = [], [], [], []
+        for new_label, g in enumerate(group):
+            task, k = pool[g]
+            d = datasets[task]
+            idx = np.flatnonzero(d.labels == k)
+            images.append(np.asarray(d.images[idx]))
+            labels.append(np.full(len(idx), new_label, dtype=np.int64))
+            split.append(d.split[idx])
+            classes.append(f"{task}:{d.classes[k]}")
+        out[name] = TaskData(name, classes, np.concatenate(images), np.concatenate(labels),
+                             np.concatenate(split).astype(np.int8), f"pseudo_task({sources})")
+    return out
+
+
+def match_resolution(datasets: dict, size: int | None = None) -> tuple:
+    """The resolution-matched control: every task's images brought down to `size` pixels (default: the lowest
+    native resolution among the tasks, e.g. CIFAR's 32) and back up to their image size (antialiased bilinear
+    both ways), so that no task carries detail the others lack. Every task takes the same path, also the one
+    already at that resolution. Returns ({task: TaskData}, size); images already at or below `size` stay."""
+    natives = [d.native_size or d.image_size for d in datasets.values()]
+    size = int(min(natives) if size is None else size)
+    out = {}
+    for task, d in datasets.items():
+        if size >= d.image_size:
+            out[task] = d
+            continue
+        images = resize_images(resize_images(d.images, size), d.image_size)
+        out[task] = TaskData(d.name, d.classes, images, d.labels, d.split, f"{d.source} (matched to {size} px)",
+                             d.extra, min(size, d.native_size or d.image_size))
+    return out, size
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import common
-import dualtask
+import experiment
 import vgg16
 from conftest import ROOT, TINY, run_script
 
@@ -90,6 +90,11 @@ SETTINGS = [
     ("unknown setting", ["--epoch=3"], "epoch"),
     ("not name=value", ["epochs=3"], "epochs=3"),
     ("unknown health action", ["--health_check=ignore"], "health_check='ignore'"),
+    ("repeated seed", ["--seeds=[0, 0]"], "seeds=[0, 0]"),
+    ("negative seed of an experiment", ["--seeds=[1, -2]"], "seeds=[1, -2]"),
+    ("unknown control", ["--controls=['shuffled']"], "controls=['shuffled']"),
+    ("unknown launcher", ["--launcher=sge"], "launcher='sge'"),
+    ("accuracy matching not a flag", ["--match_accuracy=1"], "match_accuracy"),
 ]
 
 
@@ -107,7 +112,7 @@ def test_bad_setting(tmp_path, capsys, args, culprit):
     # in this process (the script's own entry point, without a fresh interpreter per case); the shell's view of
     # the same path is test_bad_setting_from_the_shell
     with pytest.raises(SystemExit) as exit_:
-        dualtask.main(vars(vgg16), [*TINY, "--fc_width=16", *out_arg, *args])
+        experiment.main(vars(vgg16), [*TINY, "--fc_width=16", *out_arg, *args])
     err = capsys.readouterr().err
     assert exit_.value.code == 2, err[-2000:]
     assert culprit in err and any(w in err for w in ("expected", "valid names", "use ")), err
@@ -178,7 +183,7 @@ def test_damaged_or_foreign_run_files(tmp_path, capfd, finished_run, damage, ext
     damage(run)
     before = tree_digest(run)
     with pytest.raises(SystemExit) as exit_:  # the script's entry point in this process; capfd sees os.system too
-        dualtask.main(vars(ResNet), [*FAST, *LESIONED, f"--out_dir={run}", *extra])
+        experiment.main(vars(ResNet), [*FAST, *LESIONED, f"--out_dir={run}", *extra])
     out, err = capfd.readouterr()
     assert exit_.value.code == 2, out[-2000:] + err[-2000:]
     assert culprit in err and "pwned" not in out, err
@@ -240,7 +245,7 @@ def test_leftover_temporaries_are_removed_and_nothing_else(tmp_path, finished_ru
 KILLER = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, {root!r})
-    import common, dualtask, lesion_utils, torch, ResNet
+    import common, dualtask, experiment, lesion_utils, torch, ResNet
     target = {{"dualtask": dualtask, "lesion_utils": lesion_utils, "torch": torch}}[{module!r}]
     real, calls = getattr(target, {name!r}), []
 
@@ -254,7 +259,7 @@ KILLER = textwrap.dedent("""
         return out
 
     setattr(target, {name!r}, patched)
-    dualtask.main(vars(ResNet), {argv!r})
+    experiment.main(vars(ResNet), {argv!r})
 """)
 
 KILLS = [

@@ -113,7 +113,7 @@ def test_not_a_run_folder_exits_2(tmp_path):
 def test_a_failing_analysis_costs_nothing_else(tmp_path, monkeypatch, capsys):
     """scikit-learn missing (the decoding's import fails): everything else and report.html are still written,
     the failure is named on stderr and in the report, and the run exits non-zero."""
-    import dualtask
+    import experiment
     import vgg16
     from conftest import TINY, TINY_LESION
 
@@ -121,7 +121,7 @@ def test_a_failing_analysis_costs_nothing_else(tmp_path, monkeypatch, capsys):
         monkeypatch.setitem(sys.modules, name, None)  # `import sklearn...` now raises ImportError
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_info:
-        dualtask.main(vars(vgg16), [*TINY, *TINY_LESION, "--fc_width=32", f"--out_dir={out}"])
+        experiment.main(vars(vgg16), [*TINY, *TINY_LESION, "--fc_width=32", f"--out_dir={out}"])
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
     failure_lines = [line for line in err.splitlines() if "decoding failed" in line]

@@ -157,7 +157,8 @@ def test_killed_lesion_sweep_resumes_at_the_unfinished_site(tmp_path, monkeypatc
     import lesion_utils
 
     lesion = dict(stages=["train", "lesion"], epochs=1, lesion_fractions=[0.0, 0.2], lesion_layers=[0, 5, -1],
-                  lesion_methods=["activation", "loss", "random"], random_repeats=2, rank_images=6)
+                  lesion_methods=["activation", "loss", "random"], random_repeats=2, rank_images=6,
+                  ranking_reliability=False)  # one rank_site call per site: the second call is the second site
     dualtask.run(tiny_config(tmp_path / "straight", **lesion))
     real = lesion_utils.rank_site
     monkeypatch.setattr(lesion_utils, "rank_site", interrupted_at_call(2, real))  # at the second site
@@ -189,12 +190,18 @@ def test_keep_only_and_per_class_outputs(tmp_path):
 
 
 def test_torchrun_two_cpu_processes(tmp_path):
+    """Training and the lesion sweep under torchrun with 2 CPU processes: the sites are shared out, and the
+    sweep's files are those of one process sweeping the same checkpoint."""
+    import shutil
+
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    sweep = ["--lesion_layers=[0, 8, -1]", "--lesion_methods=['activation', 'random']", "--random_repeats=2"]
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-                        str(ROOT / "ResNeXt.py"), *TINY, f"--out_dir={out}", "--stages=['train']"],
+                        str(ROOT / "ResNeXt.py"), *TINY, *sweep, f"--out_dir={out}", "--stages=['train', 'lesion']"],
                        cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
+    assert "sites shared out across 2 processes" in p.stdout
     config = json.loads((out / "config.json").read_text())
     assert config["world_size"] == 2
     log = read_rows(out / "train_log.csv")
@@ -202,6 +209,24 @@ def test_torchrun_two_cpu_processes(tmp_path):
     n_train = config["tasks"]["face"]["counts"]["train"]
     assert sum(1 for r in log if r["split"] == "val") == 2
     assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1 and n_train > 0
+    one = tmp_path / "one"  # the same checkpoint swept by one process
+    shutil.copytree(out, one)
+    for name in ("lesion_results.csv", "dissociation.csv", "rankings.json", "lesion_progress.json",
+                 "lesion_per_image.npz"):
+        (one / name).unlink()
+    import ResNeXt
+    import experiment
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each torchrun process had
+    try:
+        experiment.main(vars(ResNeXt), [*TINY, *sweep, f"--out_dir={one}", "--stages=['lesion']"])
+    finally:
+        torch.set_num_threads(threads)
+    for name in ("lesion_results.csv", "dissociation.csv", "rankings.json"):
+        assert (one / name).read_text() == (out / name).read_text(), name
+    sites = [r["layer"] for r in read_rows(out / "lesion_results.csv")]
+    assert len(dict.fromkeys(sites)) == 3 and sites == sorted(sites, key=lambda s: list(dict.fromkeys(sites)).index(s))
 
 
 @pytest.mark.slow

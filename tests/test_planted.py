@@ -106,3 +106,22 @@ def test_planted_lesion_dissociates_only_where_planted(planted):
     assert float(planted_row["p_index"]) == pytest.approx(1 / 7, abs=1e-3)  # and every random pair (one per order)
     assert float(planted_row["null_low"]) <= float(planted_row["null_high"]) < float(planted_row["index"])
     assert abs(float(plain_row["index"])) < 0.1 and float(plain_row["ci_low"]) <= 0.05
+
+
+def test_planted_rankings_are_reproducible_across_halves_and_random_scores_are_not(planted):
+    model, sites, train, _ = planted
+    first, second = L.split_halves(train)
+    assert sum(len(x) for _, x, _ in first) + sum(len(x) for _, x, _ in second) == sum(len(x) for _, x, _ in train)
+    ranking = L.rank_site(model, sites[1], train, ["face", "object"], ["loss", "activation", "random"], seed=0,
+                          reliability=True)
+    rel = ranking["reliability"]
+    assert set(rel) == {"loss", "activation"}  # random orders have nothing to reproduce
+    for method in rel:
+        for task in ("face", "object"):
+            # the top 20% (3 of 16) are planted channels in both halves; which 3 of the 4 may vary
+            assert rel[method][task]["top20"] >= 2 / 3, (method, task, rel[method][task])
+    assert L.top_overlap([0, 1, 2, 3, 4], [4, 3, 2, 1, 0], 0.4) == 0.0
+    assert L.top_overlap(list(range(10)), [1, 0] + list(range(2, 10)), 0.2) == 1.0
+    assert L.split_half_reliability(({"x": {"t": L._entry(np.arange(10), -np.arange(10.0))}},
+                                     {"x": {"t": L._entry(np.arange(10)[::-1], np.arange(10.0))}}))["x"]["t"][
+        "spearman"] == pytest.approx(-1.0)

@@ -90,3 +90,16 @@ def test_random_pair_null_has_one_draw_per_order():
     # order r as the face filters, order r+1 as the object filters
     assert null.tolist() == pytest.approx([0.1 - 0.2 + 0.1 - 0.3, 0.2 - 0.3 + 0.0 - 0.1, 0.3 - 0.1 + 0.3 - 0.0])
     assert len(L.random_pair_indices([0.1], [0.2])) == 0
+
+
+def test_report_warns_where_a_ranking_is_not_reproducible():
+    import report
+
+    rankings = {"trunk.layer1.0": {"reliability": {"loss": {"face": {"top10": 0.2, "top20": 0.3, "spearman": 0.1},
+                                                            "object": {"top10": 0.9, "top20": 0.8, "spearman": 0.9}}}},
+                "trunk.layer2.0": {"reliability": {"loss": {"face": {"top10": 1.0, "top20": 1.0, "spearman": 1.0}}}}}
+    (caveat,) = report._reliability_caveats(rankings, 0.2)
+    assert "not reproducible" in caveat and "trunk.layer1.0 loss face 30%" in caveat
+    assert "object" not in caveat and "layer2" not in caveat
+    assert report._reliability_caveats(rankings, 0.1)[0].count("%") >= 2
+    assert report._reliability_caveats({"s": {"loss": {}}}, 0.2) == []

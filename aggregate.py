@@ -1,0 +1,455 @@
+"""The aggregate of an experiment (experiment.py): the dissociation index across training seeds with a
+hierarchical bootstrap interval, the real tasks weighed against the control networks, single-task baselines,
+and the experiment's report.html, which opens on the verdict.
+
+Writes into the experiment's folder: summary.csv (per role, site, ranking and fraction), accuracy.csv
+(intact test accuracy per role, seed and task), single_task.csv (when that control ran), figures/ and
+report.html. Each run keeps its own report in its own folder.
+"""
+from __future__ import annotations
+
+import html
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.stats import combine_pvalues
+
+import dualtask
+import figures
+import inspection
+import lesion_utils
+import report
+from common import UsageError, read_csv, read_json, write_csv, write_text
+
+N_BOOT = 1000  # hierarchical bootstrap draws
+ALPHA = report.ALPHA
+FEW_SEEDS = 5  # below this many seeds per role, an across-seed interval is a rough guide
+SUMMARY_COLUMNS = ("role", "layer", "depth", "relative_depth", "method", "fraction", "task_a", "task_b", "n_seeds",
+                   "index", "ci_low", "ci_high", "seed_indices", "p_random", "pseudo_task_index",
+                   "p_vs_pseudo_task", "resolution_matched_index", "p_vs_resolution_matched", "matched_index")
+ACCURACY_COLUMNS = ("role", "seed", "task", "accuracy", "ci_low", "ci_high", "n_images", "chance", "folder")
+SINGLE_COLUMNS = ("trained_on", "seed", "decoded_task", "single_task_decoding", "joint_decoding", "chance",
+                  "n_train", "n_test")
+SWEPT_ROLES = ("real", "pseudo_task", "resolution_matched")  # the roles with two tasks and a lesion sweep
+
+
+# ----------------------------------------------------------------------------------------------------------
+# statistics
+
+
+def index_from_means(means: dict, chance: dict, a: str, b: str):
+    """The double-dissociation index from mean accuracies (arrays of draws or numbers):
+    means[(lesion, eval_task)] with lesion 'intact', a (the a-ranked filters silenced) or b."""
+    def drop(lesion, t):
+        above = means["intact", t] - chance[t]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(above > 1e-9, (means["intact", t] - means[lesion, t]) / np.where(above > 1e-9, above, 1),
+                            np.nan)
+    return drop(a, a) - drop(b, a) + drop(b, b) - drop(a, b)
+
+
+def image_draws(correct: dict, chance: dict, a: str, b: str, n_draws: int, rng) -> tuple:
+    """One run's index and `n_draws` bootstrap draws of it over its test images (resampled per task, the same
+    resample for the intact network and both lesions: they are paired on the images). correct[(lesion, task)]:
+    per-image bool arrays. Returns (index, draws)."""
+    point = index_from_means({k: np.mean(v) for k, v in correct.items()}, chance, a, b)
+    means = {}
+    for t in (a, b):
+        # an image's outcome under the three conditions is one of 8 patterns, so a resample of the n images is a
+        # multinomial draw of the 8 pattern counts: exact, and as fast for 10,000 images as for 100
+        stacked = np.stack([np.asarray(correct[lesion, t], dtype=bool) for lesion in ("intact", a, b)], 1)
+        n = len(stacked)
+        pattern = stacked @ np.array([1, 2, 4])
+        freq = np.bincount(pattern, minlength=8) / n
+        counts = rng.multinomial(n, freq, size=n_draws)  # (n_draws, 8)
+        bits = (np.arange(8)[:, None] >> np.arange(3)[None, :]) & 1  # (8 patterns, 3 conditions)
+        m = counts @ bits / n
+        for k, lesion in enumerate(("intact", a, b)):
+            means[lesion, t] = m[:, k]
+    return float(point), index_from_means(means, chance, a, b)
+
+
+def hierarchical_bootstrap(per_seed_draws: list, rng) -> np.ndarray:
+    """Draws of the mean across seeds: each draw resamples the seeds with replacement, then takes for every
+    seed it picked an independent resample of that seed's test images. per_seed_draws: for each of the S seeds,
+    an (n_boot, S) array of image-resampled draws of its index (one column per slot it may fill)."""
+    stacked = np.stack(per_seed_draws)  # (S seeds, n_boot, S slots)
+    n_seeds, n_boot, slots = stacked.shape
+    pick = rng.integers(0, n_seeds, (n_boot, slots))
+    return stacked[pick, np.arange(n_boot)[:, None], np.arange(slots)[None, :]].mean(1)
+
+
+def interval(draws: np.ndarray):
+    """95% percentile interval; none when more than 5% of the draws are undefined (a head at chance)."""
+    draws = np.asarray(draws, dtype=float)
+    if not len(draws) or np.isfinite(draws).mean() < 0.95:
+        return float("nan"), float("nan")
+    return float(np.nanpercentile(draws, 2.5)), float(np.nanpercentile(draws, 97.5))
+
+
+def p_greater(draws: np.ndarray, other: np.ndarray) -> float:
+    """One-sided bootstrap p-value that the index behind `draws` is not above the one behind `other`
+    (independent draws of each): the share of paired draws where it is not, (1 + k) / (n + 1)."""
+    diff = np.asarray(draws) - np.asarray(other)
+    ok = np.isfinite(diff)
+    if ok.mean() < 0.95:
+        return float("nan")
+    return (1 + int(np.sum(diff[ok] <= 0))) / (int(ok.sum()) + 1)
+
+
+def fisher(p_values) -> float:
+    """Fisher's combination of independent per-seed p-values (each seed's index against its random lesions)."""
+    p = [float(v) for v in p_values if math.isfinite(float(v))]
+    if not p:
+        return float("nan")
+    return float(combine_pvalues(p, method="fisher").pvalue) if len(p) > 1 else p[0]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# reading the runs
+
+
+def _num(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def read_swept_run(folder: Path) -> dict | None:
+    """A two-task run's config, dissociation rows and per-image results; None when the run has no lesion sweep
+    (its stages left it out). A damaged file, or a sweep without its per-image results, is a UsageError naming it."""
+    config = read_json(folder / "config.json", lambda v: isinstance(v, dict) and isinstance(v.get("tasks"), dict),
+                       "a run's settings")
+    diss_path, per_image_path = folder / "dissociation.csv", folder / lesion_utils.SWEEP_FILES["per_image"]
+    if not diss_path.exists():
+        return None
+    if not per_image_path.exists():
+        raise UsageError(f"{per_image_path} is missing (the sweep predates it); rerun that run's lesion stage "
+                         f"(--retrain=True --stages=\"['lesion']\" in {folder})")
+    rows = read_csv(diss_path, ("layer", "depth", "method", "fraction", "task_a", "task_b", "index", "p_index"))
+    return {"config": config, "dissociation": rows, "per_image": lesion_utils.read_per_image(per_image_path)}
+
+
+def _relative_depth(depth: int, config: dict, rows: list) -> float:
+    n_sites = config.get("n_lesion_sites") or (max(int(r["depth"]) for r in rows) + 1)
+    return depth / max(n_sites - 1, 1)
+
+
+def role_statistics(role_runs: list, rng) -> dict:
+    """{(layer, method, fraction): statistics} of one role's runs (one per seed)."""
+    slots = len(role_runs)
+    by_key = {}
+    for run in role_runs:
+        data = run["data"]
+        chance = {t: float(v["chance"]) for t, v in data["config"]["tasks"].items()}
+        pi = data["per_image"]
+        for row in data["dissociation"]:
+            a, b, f = row["task_a"], row["task_b"], row["fraction"]
+            keys = {(lesion, t): (f"intact|{t}" if lesion == "intact" else
+                                  lesion_utils.per_image_key(row["layer"], row["method"], lesion, f, t))
+                    for lesion in ("intact", a, b) for t in (a, b)}
+            if any(k not in pi for k in keys.values()):
+                raise UsageError(f"{run['folder']}: lesion_per_image.npz lacks {row['layer']} {row['method']} "
+                                 f"{f}; rerun that run's lesion stage")
+            point, draws = image_draws({k: pi[v] for k, v in keys.items()}, chance, a, b, N_BOOT * slots, rng)
+            entry = by_key.setdefault((row["layer"], row["method"], f), {
+                "depth": int(row["depth"]), "relative_depth": _relative_depth(int(row["depth"]), data["config"],
+                                                                              data["dissociation"]),
+                "task_a": a, "task_b": b, "seeds": [], "points": [], "draws": [], "p_index": [], "matched": []})
+            entry["seeds"].append(run["seed"])
+            entry["points"].append(point)
+            entry["draws"].append(draws.reshape(N_BOOT, slots))
+            entry["p_index"].append(_num(row["p_index"]))
+            entry["matched"].append(_num(row.get("matched_index")))
+    stats = {}
+    for key, e in by_key.items():
+        boot = hierarchical_bootstrap([d[:, :len(e["draws"])] for d in e["draws"]], rng)
+        low, high = interval(boot)
+        matched = [m for m in e["matched"] if math.isfinite(m)]
+        stats[key] = dict(e, index=float(np.mean(e["points"])), boot=boot, ci_low=low, ci_high=high,
+                          p_random=fisher(e["p_index"]),
+                          matched_index=float(np.mean(matched)) if matched else float("nan"))
+    return stats
+
+
+def _fmt(x, digits: int = 4) -> str:
+    return f"{x:.{digits}f}" if isinstance(x, (int, float)) and math.isfinite(x) else ""
+
+
+def summary_rows(stats: dict) -> list:
+    """summary.csv's rows: every role's statistics, the real rows with their comparisons against the controls
+    at the same site (the same relative depth: the runs share one architecture)."""
+    rows = []
+    for role, per in stats.items():
+        for (layer, method, f), s in sorted(per.items(), key=lambda kv: (kv[1]["depth"], kv[0][1], kv[0][2])):
+            row = {"role": role, "layer": layer, "depth": s["depth"], "relative_depth": _fmt(s["relative_depth"], 3),
+                   "method": method, "fraction": f, "task_a": s["task_a"], "task_b": s["task_b"],
+                   "n_seeds": len(s["seeds"]), "index": _fmt(s["index"]), "ci_low": _fmt(s["ci_low"]),
+                   "ci_high": _fmt(s["ci_high"]), "seed_indices": ";".join(_fmt(p) for p in s["points"]),
+                   "p_random": _fmt(s["p_random"]), "matched_index": _fmt(s["matched_index"])}
+            if role == "real":
+                for control in ("pseudo_task", "resolution_matched"):
+                    c = stats.get(control, {}).get((layer, method, f))
+                    if c is not None:
+                        row[f"{control}_index"] = _fmt(c["index"])
+                        row[f"p_vs_{control}"] = _fmt(p_greater(s["boot"], c["boot"]))
+            rows.append(row)
+    return rows
+
+
+def _wilson_row(role, seed, task, correct, chance, folder) -> dict:
+    acc = float(np.mean(correct))
+    low, high = report.wilson(acc, len(correct))
+    return {"role": role, "seed": seed, "task": task, "accuracy": _fmt(acc), "ci_low": _fmt(low),
+            "ci_high": _fmt(high), "n_images": len(correct), "chance": _fmt(chance), "folder": folder}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# single-task networks
+
+
+@torch.inference_mode()
+def _features(model, images: dict, task: str, split: str, limit: int, seed: int):
+    """Penultimate-layer features (the trunk's output) and labels of up to `limit` of a task's images."""
+    batches = lesion_utils.image_batches({task: images[task]}, split, n_per_task=limit, seed=seed)
+    xs = [model.trunk(x).float().cpu().numpy() for _, x, _ in batches]
+    ys = [y.cpu().numpy() for _, _, y in batches]
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def _decode(model, images, task: str, seed: int) -> tuple:
+    """A linear probe of `task` on the model's penultimate features: fitted on up to 1,000 training images,
+    scored on the test images. Returns (accuracy, n_train, n_test)."""
+    xtr, ytr = _features(model, images, task, "train", 1000, seed)
+    xte, yte = _features(model, images, task, "test", None, seed)
+    probe = inspection.linear_probe().fit(xtr, ytr)
+    return float(probe.score(xte, yte)), len(ytr), len(yte)
+
+
+def single_task_analysis(runs: list, out: Path) -> tuple:
+    """accuracy rows of the single-task networks, and single_task.csv's rows: how well each single-task network's
+    penultimate layer decodes each task (its own and the other), beside the joint network of the same seed."""
+    accuracy_rows, decoding_rows = [], []
+    real = {r["seed"]: r for r in runs if r["role"] == "real"}
+    singles = [r for r in runs if r["role"] == "single_task"]
+    for seed in sorted({r["seed"] for r in singles}):
+        joint_config = real[seed]["config"]
+        datasets = dualtask.load_datasets(joint_config)
+        images = {t: dualtask.TaskImages(d, torch.device("cpu")) for t, d in datasets.items()}
+        joint, _ = dualtask.load_run(out / real[seed]["folder"])
+        for run in [r for r in singles if r["seed"] == seed]:
+            model, _ = dualtask.load_run(out / run["folder"])
+            own = run["task"]
+            batches = lesion_utils.image_batches({own: images[own]}, "test")
+            with torch.inference_mode():
+                correct = np.concatenate([(model(x)[own].argmax(1) == y).cpu().numpy() for _, x, y in batches])
+            accuracy_rows.append(_wilson_row("single_task", seed, own, correct, datasets[own].chance, run["folder"]))
+            for task in images:
+                single, n_train, n_test = _decode(model, images, task, seed)
+                joint_acc, _, _ = _decode(joint, images, task, seed)
+                decoding_rows.append({"trained_on": own, "seed": seed, "decoded_task": task,
+                                      "single_task_decoding": _fmt(single), "joint_decoding": _fmt(joint_acc),
+                                      "chance": _fmt(datasets[task].chance), "n_train": n_train, "n_test": n_test})
+    return accuracy_rows, decoding_rows
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the verdict and the report
+
+
+def _site_text(row: dict) -> str:
+    return f"{row['layer']} (depth {row['depth']}): index {row['index']} [{row['ci_low']}, {row['ci_high']}]"
+
+
+def verdict(rows: list, roles_run: set, n_seeds: int, repeats: int, void_resolution: bool = False) -> tuple:
+    """(answer, licence, caveats, passing rows) at the headline fraction. A site passes when the real index's
+    interval lies above 0, the index beats random lesions (Fisher-combined p < ALPHA), and beats every control
+    that ran (bootstrap p < ALPHA)."""
+    real = [r for r in rows if r["role"] == "real"]
+    if not real:
+        return ("No lesion results from the real tasks (the lesion stage has not run): this experiment cannot say "
+                "whether task-specialised filters emerged.", "", [], [])
+    f = figures.headline_fraction(r["fraction"] for r in real)
+    real = [r for r in real if abs(_num(r["fraction"]) - f) < 1e-6]
+    tests = [("random lesions", "p_random")] + [(name, f"p_vs_{c}") for c, name in
+                                                 (("pseudo_task", "pseudo-tasks"),
+                                                  ("resolution_matched", "resolution-matched training"))
+                                                 if c in roles_run]
+
+    def beyond(r, key):
+        return _num(r["ci_low"]) > 0 and _num(r[key]) < ALPHA
+
+    passing = [r for r in real if all(beyond(r, k) for _, k in tests)]
+    methods = list(dict.fromkeys(r["method"] for r in real))
+    parts = []
+    for name, key in tests:
+        sites = [r for r in real if beyond(r, key)]
+        listed = "; ".join(f"{r['method']} {r['layer']}" for r in sites[:5]) + ("; ..." if len(sites) > 5 else "")
+        parts.append(f"beyond {name} at {len(sites)} of {len(real)} site x ranking pairs" +
+                     (f" ({listed})" if sites else ""))
+    criteria = ", ".join(name for name, _ in tests)
+    if passing:
+        answer = (f"Task-specialised filters: yes, at {len({r['layer'] for r in passing})} site(s), across "
+                  f"{n_seeds} seed(s). At {f:.0%} lesions the real tasks dissociate beyond {criteria} at: " +
+                  "; ".join(f"{r['method']} ranking, {_site_text(r)}" for r in passing) + ".")
+        licence = (f"This licenses saying that, in these {n_seeds} trained {'network' if n_seeds == 1 else 'networks'}"
+                   f" of this architecture, data and training budget, the filters a ranking assigns to one task "
+                   f"matter more for that task than for the other at those depths, more than random filters of the "
+                   f"same number" + (", more than for random splits of the same classes" if "pseudo_task" in roles_run
+                                     else "") + (", and more than when every task's images share one resolution"
+                                                 if "resolution_matched" in roles_run else "") +
+                   ". It does not license saying that the network holds a module in the brain's sense, that other "
+                   "architectures, data, image sizes or training budgets would split the same way, or how the "
+                   "network computes either task: a lesion shows which damage hurts, not why.")
+    else:
+        answer = (f"Task-specialised filters: not shown. At {f:.0%} lesions no site dissociates the real tasks "
+                  f"beyond {criteria} with the {' or the '.join(methods)} ranking. In detail: " + "; ".join(parts) + ".")
+        licence = ("This does not show that the networks lack task-specialised filters: more seeds, more random "
+                   "repeats, better-trained heads, other rankings or finer lesion fractions could still find them. It "
+                   "shows only that these runs give no evidence for them beyond the controls that ran.")
+    caveats = []
+    if void_resolution:
+        caveats.append("The resolution-matched runs saw the same images as the real runs: no task's native "
+                       "resolution is below image_size, so that control tests nothing here.")
+    missing = [c for c in ("pseudo_task", "resolution_matched", "single_task") if c not in roles_run]
+    if missing:
+        caveats.append(f"Controls not run: {', '.join(missing)}. The verdict says nothing about them: "
+                       + "; ".join({"pseudo_task": "a split that any random division of the classes would show is "
+                                                   "not ruled out",
+                                    "resolution_matched": "a split made by the tasks' image statistics (sharpness, "
+                                                          "size) rather than the tasks is not ruled out",
+                                    "single_task": "no single-task baseline tells what each task costs the other"}[c]
+                                   for c in missing) + ".")
+    if n_seeds < FEW_SEEDS:
+        caveats.append(f"{n_seeds} seed(s) per role: the hierarchical bootstrap resamples only these, so its "
+                       f"intervals and the p-values against the controls understate the spread between networks; "
+                       f"{FEW_SEEDS} or more seeds make them trustworthy.")
+    floor = 1 / (repeats + 1) if repeats else 1.0
+    if floor >= ALPHA:
+        caveats.append(f"random_repeats={repeats}: each seed's p-value against random lesions cannot go below "
+                       f"{floor:.3f}; Fisher's combination over {n_seeds} seed(s) may still not reach p < {ALPHA}. "
+                       f"Use random_repeats={report.repeats_needed()} or more.")
+    n_tests = len(real) * len(tests)
+    if passing and n_tests > 1:
+        caveats.append(f"The p-values are per site and ranking, not corrected for the {len(real)} site x ranking "
+                       f"pairs tested: about {len(real) * ALPHA:.1f} would pass one test by chance alone.")
+    return answer, licence, caveats, passing
+
+
+def _accuracy_caveats(accuracy: list) -> list:
+    weak = [r for r in accuracy if _num(r["accuracy"]) - _num(r["chance"]) < report.NEAR_CHANCE
+            or _num(r["ci_low"]) <= _num(r["chance"])]
+    if not weak:
+        return []
+    return ["Heads near chance (their lesion effects mean little): " + "; ".join(
+        f"{r['role']} seed {r['seed']} {r['task']} {r['accuracy']} (chance {r['chance']})" for r in weak[:6]) + "."]
+
+
+def _reliability_caveats(out: Path, runs: list) -> list:
+    """The runs whose rankings two halves of the ranking images do not reproduce (report.UNRELIABLE)."""
+    shaky = []
+    for run in runs:
+        path = out / run["folder"] / lesion_utils.SWEEP_FILES["rankings"]
+        if path.exists():
+            found = report._reliability_caveats(read_json(path, lambda v: isinstance(v, dict), "rankings by site"), 0.2)
+            if found:
+                shaky.append(run["folder"])
+    if not shaky:
+        return []
+    return [f"Rankings not reproducible in {len(shaky)} run(s) ({', '.join(shaky[:6])}"
+            f"{', ...' if len(shaky) > 6 else ''}): ranked on two halves of the ranking images, some sites share "
+            f"less than {report.UNRELIABLE:.0%} of their top-20% filters (each run's rankings.json and report name "
+            f"them); raise rank_images."]
+
+
+def build_report(out: Path, runs: list, rows: list, accuracy: list, decoding: list, figure: Path | None) -> Path:
+    roles_run = {r["role"] for r in runs}
+    seeds = sorted({r["seed"] for r in runs})
+    repeats = min((int(r["config"].get("random_repeats", 0)) for r in runs if r["role"] != "single_task"
+                   and "random" in r["config"].get("lesion_methods", [])), default=0)
+    void = "resolution_matched" in roles_run and not any(
+        "matched to" in str(v.get("source", "")) for r in runs if r["role"] == "resolution_matched"
+        for v in read_json(out / r["folder"] / "config.json").get("tasks", {}).values())
+    answer, licence, caveats, _ = verdict(rows, roles_run, len(seeds), repeats, void)
+    caveats = _accuracy_caveats(accuracy) + caveats + _reliability_caveats(out, runs)
+    page = report.Report(out, {})
+    page.raw(f"<h1>Experiment: {html.escape(out.name)}</h1>")
+    page.raw(f'<div class="answer"><p class="verdict">{html.escape(answer)}</p><p>{html.escape(licence)}</p>'
+             "<p><b>Caveats</b></p><ul class='caveats'>" + "".join(f"<li>{html.escape(c)}</li>" for c in caveats) +
+             "</ul></div>")
+    page.section("The index across seeds")
+    page.what("Double-dissociation index per site (mean over seeds, 95% hierarchical bootstrap interval: seeds "
+              "resampled, then test images within each seed). p_random: each seed's index against indices made of "
+              "random lesions of the same size, combined over seeds (Fisher). p_vs_pseudo_task and "
+              "p_vs_resolution_matched: bootstrap p-value that the real index is not above the control's at the "
+              "same site.")
+    if figure is not None:
+        page.parts.append(report._image(figure, figure.name))
+    columns = ["role", "layer", "depth", "method", "fraction", "n_seeds", "index", "ci_low", "ci_high", "p_random"]
+    real_columns = columns + ["pseudo_task_index", "p_vs_pseudo_task", "resolution_matched_index",
+                              "p_vs_resolution_matched"]
+    if any(r.get("matched_index") for r in rows):
+        real_columns.append("matched_index")
+    shown = [dict(r, index=r["index"] or "undefined (a head at chance)") for r in rows]
+    page.raw(report._table([r for r in shown if r["role"] == "real"], real_columns, wide=True))
+    controls = [r for r in shown if r["role"] != "real"]
+    if controls:
+        page.raw("<details><summary>The control networks' own indices</summary>" +
+                 report._table(controls, columns, wide=True) + "</details>")
+    page.section("Intact test accuracy")
+    page.raw(report._table(accuracy, list(ACCURACY_COLUMNS)))
+    if "single_task" in roles_run:
+        page.section("Single-task networks")
+        page.what("Each single-task network trained on one task alone; a linear probe on its penultimate layer, "
+                  "fitted on training images and scored on test images, decodes each task, beside the joint "
+                  "network of the same seed: how much of the other task a network trained without it carries.")
+        page.raw(report._table(decoding, list(SINGLE_COLUMNS)))
+    else:
+        page.section("Single-task networks")
+        page.skip("the single_task control was not run")
+    page.section("Runs")
+    page.raw("<ul>" + "".join(
+        f"<li>{html.escape(r['role'])} seed {r['seed']}{' (' + html.escape(r['task']) + ')' if r['task'] else ''}: "
+        f"<a href='{html.escape(r['folder'])}/report.html'>{html.escape(r['folder'])}</a></li>" for r in runs) +
+        "</ul>")
+    page.raw(f"<p class='what'>Settings: {html.escape(str({k: v for k, v in runs[0]['config'].items() if k not in ('out_dir', 'role', 'seed')}))}</p>")
+    path = out / "report.html"
+    write_text(path, f"<!doctype html><html><head><meta charset='utf-8'><title>Experiment {html.escape(out.name)}"
+                     f"</title><style>{report.STYLE}</style></head><body>{''.join(page.parts)}</body></html>")
+    return path
+
+
+def aggregate(out: Path, runs: list, seed: int = 0) -> list:
+    """The experiment's statistics and report from its finished runs (experiment.plan's list). Returns the
+    paths written."""
+    out = Path(out)
+    rng = np.random.default_rng([seed, 2022])
+    stats, accuracy = {}, []
+    for role in SWEPT_ROLES:
+        role_runs = [dict(r, data=read_swept_run(out / r["folder"])) for r in runs if r["role"] == role]
+        role_runs = [r for r in role_runs if r["data"] is not None and r["data"]["dissociation"]]
+        for r in role_runs:
+            for t, v in r["data"]["config"]["tasks"].items():
+                correct = r["data"]["per_image"].get(f"intact|{t}")
+                if correct is not None:
+                    accuracy.append(_wilson_row(role, r["seed"], t, correct, float(v["chance"]), r["folder"]))
+        if role_runs:
+            stats[role] = role_statistics(role_runs, rng)
+    rows = summary_rows(stats)
+    written = [out / "summary.csv", out / "accuracy.csv"]
+    write_csv(written[0], SUMMARY_COLUMNS, rows)
+    decoding = []
+    if any(r["role"] == "single_task" for r in runs):
+        single_accuracy, decoding = single_task_analysis(runs, out)
+        accuracy += single_accuracy
+        write_csv(out / "single_task.csv", SINGLE_COLUMNS, decoding)
+        written.append(out / "single_task.csv")
+    write_csv(written[1], ACCURACY_COLUMNS, accuracy)
+    figure = figures.experiment_figure(rows, out / "figures" / "dissociation_by_depth.png") if rows else None
+    if figure is not None:
+        written.append(figure)
+    written.append(build_report(out, runs, rows, accuracy, decoding, figure))
+    return written

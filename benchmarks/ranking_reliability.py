@@ -1,0 +1,63 @@
+"""How many ranking images a reproducible ranking needs: split-half reliability against rank_images.
+
+    python benchmarks/ranking_reliability.py RUN_DIR [--sizes="[32, 64, 128, 256, 512]"] [--methods="['activation']"]
+
+Loads a trained run (any backbone script's out_dir), and for each number N of ranking images per task draws N
+training images per task, ranks every lesion site's filters on each half (N/2 images) with each method, and
+prints the share of top-10% and top-20% filters the two halves agree on and their Spearman correlation,
+averaged over sites and tasks (with the worst site). The top-20% agreement is what decides whether the sets a
+20% lesion silences are the network's or the sample's. Activation ranking costs forward passes only; loss
+ranking one suffix pass per filter and image (slow on a CPU: pass --sites to limit it).
+"""
+import argparse
+import ast
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import dualtask  # noqa: E402
+import lesion_utils as L  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir")
+    parser.add_argument("--sizes", default="[32, 64, 128, 256, 512]", help="ranking images per task (both halves)")
+    parser.add_argument("--methods", default="['activation']")
+    parser.add_argument("--sites", default="None", help="site depths, e.g. [0, 8, 16]; None = every site")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    sizes, methods, wanted = (ast.literal_eval(v) for v in (args.sizes, args.methods, args.sites))
+    model, config = dualtask.load_run(args.run_dir)
+    datasets = dualtask.load_datasets(config)
+    images = {t: dualtask.TaskImages(d, torch.device("cpu")) for t, d in datasets.items()}
+    tasks = list(images)
+    sites = L.select_sites(model, dict(config, lesion_layers=wanted, lesion_inner=False))
+    available = min(len(d.indices("train")) for d in datasets.values())
+    print(f"{args.run_dir}: {config['backbone']}, {len(sites)} sites, at most {available} training images per task")
+    print("rank_images  method      top10 (worst)   top20 (worst)   spearman (worst)")
+    for n in sizes:
+        if n > available:
+            print(f"{n:>11}  skipped: a task has only {available} training images")
+            continue
+        batches = L.image_batches(images, "train", n_per_task=n, seed=args.seed)
+        halves = L.split_halves(batches)
+        per_method = {m: {"top10": [], "top20": [], "spearman": []} for m in methods}
+        for site in sites:
+            rankings = [L.rank_site(model, site, half, tasks, methods) for half in halves]
+            for method, per_task in L.split_half_reliability(tuple(rankings)).items():
+                for rel in per_task.values():
+                    for key in per_method[method]:
+                        per_method[method][key].append(rel[key])
+        for method, values in per_method.items():
+            cells = [f"{np.nanmean(v):.2f} ({np.nanmin(v):.2f})" for v in values.values()]
+            print(f"{n:>11}  {method:<10}  {cells[0]:<14}  {cells[1]:<14}  {cells[2]}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

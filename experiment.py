@@ -1,0 +1,275 @@
+"""An experiment: several ordinary runs (training seeds, control networks), then their aggregate.
+
+    python ResNet.py --seeds="[0, 1]" --controls="['pseudo_task', 'resolution_matched']"
+
+The backbone scripts call `main` here. Without `seeds` and `controls` it is one run into out_dir, as before.
+With them, every run is an ordinary run of dualtask.py in its own folder under out_dir (its own config.json,
+checkpoint, lesion sweep and report), listed with its role and seed in out_dir/experiment.json; when all are
+finished, aggregate.py writes out_dir/summary.csv, accuracy.csv and report.html. A rerun skips finished runs.
+Runs go one after another in this process (launcher="local"), or as SLURM jobs through submitit
+(launcher="slurm"; "submitit_local" runs the same jobs as local processes, to try the path on one machine).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import aggregate
+import dualtask
+from common import StageFailed, UsageError, format_seconds, read_json, write_text
+from vggface2 import DataError
+
+EXPERIMENT_FILE = "experiment.json"
+DONE_FILE = "run_done.json"  # written into a run's folder when the run finished every stage it was asked for
+CONTROLS = tuple(r for r in dualtask.ROLES if r != "real")
+LAUNCHERS = ("local", "slurm", "submitit_local")
+EXPERIMENT_KEYS = ("seeds", "controls", "launcher", "slurm")  # settings of the experiment, not of its runs
+# settings that do not change what a finished run holds: a rerun that changes only these skips it
+NOT_RESULTS = ("device", "compile", "retrain", "out_dir", "health_check")
+
+
+def is_experiment(config: dict) -> bool:
+    return config.get("seeds") is not None or bool(config.get("controls"))
+
+
+def check_experiment(config: dict) -> None:
+    seeds = config.get("seeds")
+    if seeds is not None and not (isinstance(seeds, list) and seeds and len(set(seeds)) == len(seeds) and all(
+            isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
+        raise UsageError(f"seeds={seeds!r}; expected None or a list of distinct integers of at least 0, e.g. [0, 1, 2]")
+    controls = config.get("controls", [])
+    if not (isinstance(controls, list) and all(c in CONTROLS for c in controls)):
+        raise UsageError(f"controls={controls!r}; expected a list of names from {list(CONTROLS)}")
+    if config.get("launcher", "local") not in LAUNCHERS:
+        raise UsageError(f"launcher={config.get('launcher')!r}; expected one of {', '.join(LAUNCHERS)}")
+    slurm = config.get("slurm", {})
+    if not (isinstance(slurm, dict) and all(isinstance(k, str) for k in slurm)):
+        raise UsageError(f"slurm={slurm!r}; expected a dict of submitit parameters, e.g. "
+                         f"{{'slurm_partition': 'gpu', 'gpus_per_node': 1, 'timeout_min': 1440}}")
+
+
+def plan(config: dict) -> list:
+    """The experiment's runs: [{'role', 'seed', 'task' (single_task only), 'folder', 'config'}]. Folders under
+    out_dir: seed_<N>/ (the real tasks), pseudo_task/seed_<N>/, resolution_matched/seed_<N>/ and
+    single_task_<task>/seed_<N>/ (trained only: a lesion sweep needs two tasks)."""
+    out = Path(config["out_dir"])
+    seeds = config["seeds"] if config.get("seeds") is not None else [config["seed"]]
+    base = {k: v for k, v in config.items() if k not in EXPERIMENT_KEYS}
+    runs = []
+
+    def add(role, seed, folder, **extra):
+        run_config = dict(base, seed=seed, role=role, out_dir=str(out / folder), **extra)
+        runs.append({"role": role, "seed": seed, "task": extra.get("single_task"), "folder": folder,
+                     "config": run_config})
+
+    for seed in seeds:
+        add("real", seed, f"seed_{seed}")
+    for control in [c for c in CONTROLS if c in config.get("controls", [])]:
+        for seed in seeds:
+            if control == "single_task":
+                for task in dualtask.task_specs(config):
+                    stages = [s for s in base["stages"] if s == "train"] or ["train"]
+                    add(control, seed, f"single_task_{task}/seed_{seed}", single_task=task, stages=stages)
+            else:
+                add(control, seed, f"{control}/seed_{seed}")
+    return runs
+
+
+def _what_counts(run_config: dict) -> dict:
+    return {k: v for k, v in run_config.items() if k not in NOT_RESULTS}
+
+
+def finished(run: dict) -> bool:
+    """True when the run's folder holds DONE_FILE written under the same settings (and retrain is not asked)."""
+    path = Path(run["config"]["out_dir"]) / DONE_FILE
+    if run["config"].get("retrain") or not path.exists():
+        return False
+    done = read_json(path, lambda d: isinstance(d, dict) and isinstance(d.get("config"), dict), "a finished run's "
+                     "settings ({'config': {...}})")
+    return done["config"] == json.loads(json.dumps(_what_counts(run["config"])))
+
+
+def run_one(run_config: dict) -> str:
+    """One run of the experiment (the job a SLURM node runs): the pipeline, then DONE_FILE. Returns its folder."""
+    dualtask.run(run_config)
+    out = Path(run_config["out_dir"])
+    write_text(out / DONE_FILE, json.dumps({"config": _what_counts(run_config),
+                                             "finished": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=1))
+    return str(out)
+
+
+def _describe(run: dict) -> str:
+    task = f" ({run['task']} alone)" if run["task"] else ""
+    return f"{run['role']}{task}, seed {run['seed']} -> {run['config']['out_dir']}"
+
+
+def write_plan(config: dict, runs: list, status: dict) -> Path:
+    path = Path(config["out_dir"]) / EXPERIMENT_FILE
+    listing = [{"role": r["role"], "seed": r["seed"], "task": r["task"], "folder": r["folder"],
+                **status.get(r["folder"], {"status": "pending"})} for r in runs]
+    settings = {k: v for k, v in config.items() if k not in ("retrain",)}
+    write_text(path, json.dumps({"settings": settings, "runs": listing}, indent=1))
+    return path
+
+
+def _earlier_status(config: dict) -> dict:
+    path = Path(config["out_dir"]) / EXPERIMENT_FILE
+    if not path.exists():
+        return {}
+    earlier = read_json(path, lambda e: isinstance(e, dict) and isinstance(e.get("runs"), list),
+                        "an experiment listing ({'settings': {...}, 'runs': [...]})")
+    return {r["folder"]: {k: v for k, v in r.items() if k in ("status", "job_id", "error")}
+            for r in earlier["runs"] if isinstance(r, dict) and isinstance(r.get("folder"), str)}
+
+
+def launch_local(runs: list, status: dict, save) -> None:
+    for k, run in enumerate(runs):
+        print(f"\n== run {k + 1}/{len(runs)}: {_describe(run)}", flush=True)
+        start = time.perf_counter()
+        try:
+            run_one(run["config"])
+        except (StageFailed, DataError, UsageError) as e:
+            status[run["folder"]] = {"status": "failed", "error": str(e).splitlines()[0]}
+            print(f"error: run {run['folder']} failed: {e}", file=sys.stderr, flush=True)
+        else:
+            status[run["folder"]] = {"status": "done"}
+            print(f"== run {run['folder']} finished in {format_seconds(time.perf_counter() - start)}", flush=True)
+        save()
+
+
+def _executor(config: dict, folder: Path):
+    import submitit
+
+    cluster = "slurm" if config["launcher"] == "slurm" else "local"
+    executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
+    params = dict(config.get("slurm", {}))
+    if cluster != "slurm":  # the local executor takes only the parameters that mean something on one machine
+        params = {k: v for k, v in params.items() if k in ("timeout_min", "gpus_per_node", "cpus_per_task")}
+    try:
+        executor.update_parameters(name="dualtask", **params)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"slurm={config.get('slurm')!r}: submitit refuses it ({e}); expected submitit's "
+                         f"parameters, e.g. {{'slurm_partition': 'gpu', 'gpus_per_node': 1, 'timeout_min': 1440}}")
+    return executor
+
+
+def _still_queued(config: dict, folder: Path, job_id: str):
+    """The SLURM job of an earlier launch when it is still queued or running (so it is waited for, not
+    submitted twice); None otherwise."""
+    if config["launcher"] != "slurm" or not job_id:
+        return None
+    import submitit
+
+    job = submitit.SlurmJob(folder=str(folder), job_id=str(job_id))
+    return job if job.state in ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING") else None
+
+
+def launch_submitit(config: dict, runs: list, status: dict, save) -> None:
+    """Each run a job (SLURM, or local processes): submit what is missing, wait for all, record each outcome.
+    Ctrl-C stops the waiting, not the jobs: a rerun waits for them again."""
+    folder = Path(config["out_dir"]) / "jobs"
+    executor = _executor(config, folder)
+    # a job imports this project's modules wherever it runs: their folder goes with the job's environment
+    here = str(Path(__file__).resolve().parent)
+    os.environ["PYTHONPATH"] = os.pathsep.join([here] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+                                                         if p and p != here])
+    jobs = {}
+    for run in runs:
+        job = _still_queued(config, folder, status.get(run["folder"], {}).get("job_id"))
+        if job is None:
+            job = executor.submit(run_one, run["config"])
+            print(f"submitted job {job.job_id}: {_describe(run)}", flush=True)
+        else:
+            print(f"waiting for job {job.job_id} submitted earlier: {_describe(run)}", flush=True)
+        jobs[run["folder"]] = job
+        status[run["folder"]] = {"status": "submitted", "job_id": str(job.job_id)}
+    save()
+    print(f"waiting for {len(jobs)} job(s); their logs are in {folder} (Ctrl-C stops waiting, not the jobs; "
+          f"rerun the same command to wait again)", flush=True)
+    try:
+        for run in runs:
+            job = jobs[run["folder"]]
+            try:
+                job.result()
+            except Exception as e:  # submitit re-raises the job's error, or reports a job that died
+                status[run["folder"]] = {"status": "failed", "job_id": str(job.job_id),
+                                         "error": str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)}
+                print(f"error: job {job.job_id} ({run['folder']}) failed: {status[run['folder']]['error']} "
+                      f"(log: {folder})", file=sys.stderr, flush=True)
+            else:
+                status[run["folder"]] = {"status": "done", "job_id": str(job.job_id)}
+                print(f"job {job.job_id} finished: {run['folder']}", flush=True)
+            save()
+    except KeyboardInterrupt:
+        save()
+        print("stopped waiting; the jobs go on. Rerun the same command to wait for them and aggregate.",
+              file=sys.stderr)
+        sys.exit(130)
+
+
+def run_experiment(config: dict) -> None:
+    check_experiment(config)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise UsageError("seeds/controls under torchrun: an experiment does not run its runs across processes "
+                         "yet; run it without torchrun (launcher='slurm' gives each run its own job), or run each "
+                         "seed's command under torchrun (e.g. --seed=1 --out_dir=.../seed_1)")
+    runs = plan(config)
+    for run in runs:  # every run's settings are checked before anything is trained
+        dualtask.check_config(run["config"])
+    out = Path(config["out_dir"])
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"out_dir={str(out)!r} cannot be created ({e.strerror}); expected a writable folder path")
+    status = _earlier_status(config)
+    for run in runs:
+        if finished(run):
+            status[run["folder"]] = {"status": "done"}
+        elif status.get(run["folder"], {}).get("status") == "done":
+            status[run["folder"]] = {"status": "pending"}
+
+    def save():
+        write_plan(config, runs, status)
+
+    save()
+    todo = [r for r in runs if not finished(r)]
+    print(f"experiment of {len(runs)} runs in {out}: {len(runs) - len(todo)} finished earlier, {len(todo)} to run "
+          f"({EXPERIMENT_FILE} lists them)", flush=True)
+    if todo:
+        if config.get("launcher", "local") == "local":
+            launch_local(todo, status, save)
+        else:
+            launch_submitit(config, todo, status, save)
+    failed = [r["folder"] for r in runs if status.get(r["folder"], {}).get("status") != "done"]
+    if failed:
+        raise StageFailed(f"experiment: {len(failed)} run(s) did not finish ({', '.join(failed)}); "
+                          f"{out / EXPERIMENT_FILE} says why; the aggregate waits for them (rerun to go on)")
+    written = aggregate.aggregate(out, runs)
+    for path in written:
+        print(f"wrote {path}")
+
+
+def main(script_globals: dict, argv: list | None = None) -> None:
+    """Entry point of the backbone scripts: settings from the script and the command line, then one run or an
+    experiment. Bad input exits with status 2 and one line naming the culprit; nothing in out_dir is lost."""
+    argv = sys.argv[1:] if argv is None else argv
+    defaults = dualtask.hyperparameters(script_globals)
+    if any(a in ("-h", "--help") for a in argv):
+        dualtask.print_help(defaults, script_globals.get("__file__", "script.py"))
+        return
+    try:
+        config = dualtask.parse_overrides(defaults, argv)
+        if is_experiment(config):
+            run_experiment(config)
+        else:
+            check_experiment(config)
+            dualtask.run({k: v for k, v in config.items() if k not in EXPERIMENT_KEYS})
+    except (UsageError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except StageFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
