@@ -7,7 +7,8 @@ measures, on fixed probe images (the first validation images of every task, eval
   nothing, and a layer of dead units passes nothing on);
 - the gradient norm of the whole network (mean and largest over the epoch's steps, before clipping).
 Then `diagnose` names what is wrong: a loss that exploded (not finite, or above twice the chance-level loss
-ln C), a dead layer, or a head still at chance from first_chance_epoch on. What the run does then is the
+ln C both over the epoch's training steps and on the validation images at its end: a spike the network
+recovers from within the epoch is not a run that fails), a dead layer, or a head still at chance from first_chance_epoch on. What the run does then is the
 `health_check` setting: "stop" (the default: the epoch's checkpoint is kept and the run exits 1 with the
 cause and what to change) or "warn" (go on; the report's summary carries the problem as a caveat).
 Everything is written to train_health.json, and rides in the checkpoint, so a resumed run keeps it.
@@ -96,7 +97,7 @@ def diagnose(epoch: int, train: dict, val: dict, chances: dict, dead: dict, grad
     for task, t in train.items():
         limit = EXPLODED * math.log(1 / chances[task])
         vloss = val[task]["loss"]
-        if not math.isfinite(t["loss"]) or not math.isfinite(vloss) or t["loss"] > limit:
+        if not math.isfinite(t["loss"]) or not math.isfinite(vloss) or (t["loss"] > limit and vloss > limit):
             problems.append({"epoch": epoch, "kind": "loss exploded", "message": (
                 f"the {task} loss exploded at epoch {epoch} (training loss {t['loss']:.3g}, validation {vloss:.3g}; "
                 f"a uniform guess scores {limit / EXPLODED:.3g}): {lower}")})
