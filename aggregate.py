@@ -240,6 +240,7 @@ def single_task_analysis(runs: list, out: Path) -> tuple:
         datasets = dualtask.load_datasets(joint_config)
         images = {t: dualtask.TaskImages(d, torch.device("cpu")) for t, d in datasets.items()}
         joint, _ = dualtask.load_run(out / real[seed]["folder"])
+        joint_decoding = {task: _decode(joint, images, task, seed)[0] for task in images}
         for run in [r for r in singles if r["seed"] == seed]:
             model, _ = dualtask.load_run(out / run["folder"])
             own = run["task"]
@@ -249,9 +250,9 @@ def single_task_analysis(runs: list, out: Path) -> tuple:
             accuracy_rows.append(_wilson_row("single_task", seed, own, correct, datasets[own].chance, run["folder"]))
             for task in images:
                 single, n_train, n_test = _decode(model, images, task, seed)
-                joint_acc, _, _ = _decode(joint, images, task, seed)
                 decoding_rows.append({"trained_on": own, "seed": seed, "decoded_task": task,
-                                      "single_task_decoding": _fmt(single), "joint_decoding": _fmt(joint_acc),
+                                      "single_task_decoding": _fmt(single),
+                                      "joint_decoding": _fmt(joint_decoding[task]),
                                       "chance": _fmt(datasets[task].chance), "n_train": n_train, "n_test": n_test})
     return accuracy_rows, decoding_rows
 
@@ -270,8 +271,9 @@ def verdict(rows: list, roles_run: set, n_seeds: int, repeats: int, void_resolut
     that ran (bootstrap p < ALPHA)."""
     real = [r for r in rows if r["role"] == "real"]
     if not real:
-        return ("No lesion results from the real tasks (the lesion stage has not run): this experiment cannot say "
-                "whether task-specialised filters emerged.", "", [], [])
+        return ("No dissociation index from the real tasks (the lesion stage has not run, or it had no targeted "
+                "ranking or no fraction above 0): this experiment cannot say whether task-specialised filters "
+                "emerged.", "", [], [])
     f = figures.headline_fraction(r["fraction"] for r in real)
     real = [r for r in real if abs(_num(r["fraction"]) - f) < 1e-6]
     tests = [("random lesions", "p_random")] + [(name, f"p_vs_{c}") for c, name in
@@ -279,8 +281,8 @@ def verdict(rows: list, roles_run: set, n_seeds: int, repeats: int, void_resolut
                                                   ("resolution_matched", "resolution-matched training"))
                                                  if c in roles_run]
 
-    def beyond(r, key):
-        return _num(r["ci_low"]) > 0 and _num(r[key]) < ALPHA
+    def beyond(r, key):  # a control without results at the site cannot be beaten there
+        return _num(r["ci_low"]) > 0 and _num(r.get(key)) < ALPHA
 
     passing = [r for r in real if all(beyond(r, k) for _, k in tests)]
     methods = list(dict.fromkeys(r["method"] for r in real))
@@ -368,12 +370,17 @@ def _reliability_caveats(out: Path, runs: list) -> list:
 def build_report(out: Path, runs: list, rows: list, accuracy: list, decoding: list, figure: Path | None) -> Path:
     roles_run = {r["role"] for r in runs}
     seeds = sorted({r["seed"] for r in runs})
+    n_real = max((int(r["n_seeds"]) for r in rows if r["role"] == "real"), default=0)  # seeds with a sweep
     repeats = min((int(r["config"].get("random_repeats", 0)) for r in runs if r["role"] != "single_task"
                    and "random" in r["config"].get("lesion_methods", [])), default=0)
     void = "resolution_matched" in roles_run and not any(
         "matched to" in str(v.get("source", "")) for r in runs if r["role"] == "resolution_matched"
         for v in read_json(out / r["folder"] / "config.json").get("tasks", {}).values())
-    answer, licence, caveats, _ = verdict(rows, roles_run, len(seeds), repeats, void)
+    answer, licence, caveats, _ = verdict(rows, roles_run, n_real or len(seeds), repeats, void)
+    unswept = [r["folder"] for r in runs if r["role"] != "single_task" and
+               not (out / r["folder"] / "dissociation.csv").exists()]
+    if unswept:
+        caveats.append(f"Runs without a lesion sweep, left out of every statistic: {', '.join(unswept)}.")
     caveats = _accuracy_caveats(accuracy) + caveats + _reliability_caveats(out, runs)
     page = report.Report(out, {})
     page.raw(f"<h1>Experiment: {html.escape(out.name)}</h1>")
@@ -412,8 +419,10 @@ def build_report(out: Path, runs: list, rows: list, accuracy: list, decoding: li
         page.skip("the single_task control was not run")
     page.section("Runs")
     page.raw("<ul>" + "".join(
-        f"<li>{html.escape(r['role'])} seed {r['seed']}{' (' + html.escape(r['task']) + ')' if r['task'] else ''}: "
-        f"<a href='{html.escape(r['folder'])}/report.html'>{html.escape(r['folder'])}</a></li>" for r in runs) +
+        f"<li>{html.escape(r['role'])} seed {r['seed']}{' (' + html.escape(r['task']) + ')' if r['task'] else ''}: " +
+        (f"<a href='{html.escape(r['folder'])}/report.html'>{html.escape(r['folder'])}</a></li>"
+         if (out / r["folder"] / "report.html").exists() else f"{html.escape(r['folder'])} (no report)</li>")
+        for r in runs) +
         "</ul>")
     page.raw(f"<p class='what'>Settings: {html.escape(str({k: v for k, v in runs[0]['config'].items() if k not in ('out_dir', 'role', 'seed')}))}</p>")
     path = out / "report.html"

@@ -94,8 +94,9 @@ def finished(run: dict) -> bool:
 
 def run_one(run_config: dict) -> str:
     """One run of the experiment (the job a SLURM node runs): the pipeline, then DONE_FILE. Returns its folder."""
-    dualtask.run(run_config)
     out = Path(run_config["out_dir"])
+    (out / DONE_FILE).unlink(missing_ok=True)  # until this run finishes again, it is not finished
+    dualtask.run(run_config)
     write_text(out / DONE_FILE, json.dumps({"config": _what_counts(run_config),
                                              "finished": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=1))
     return str(out)
@@ -187,8 +188,9 @@ def launch_submitit(config: dict, runs: list, status: dict, save) -> None:
         jobs[run["folder"]] = job
         status[run["folder"]] = {"status": "submitted", "job_id": str(job.job_id)}
     save()
-    print(f"waiting for {len(jobs)} job(s); their logs are in {folder} (Ctrl-C stops waiting, not the jobs; "
-          f"rerun the same command to wait again)", flush=True)
+    print(f"waiting for {len(jobs)} job(s); their logs are in {folder}" + (
+        " (Ctrl-C stops waiting, not the jobs; rerun the same command to wait again)"
+        if config["launcher"] == "slurm" else ""), flush=True)
     try:
         for run in runs:
             job = jobs[run["folder"]]
@@ -205,8 +207,12 @@ def launch_submitit(config: dict, runs: list, status: dict, save) -> None:
             save()
     except KeyboardInterrupt:
         save()
-        print("stopped waiting; the jobs go on. Rerun the same command to wait for them and aggregate.",
-              file=sys.stderr)
+        if config["launcher"] == "slurm":
+            print("stopped waiting; the jobs go on. Rerun the same command to wait for them and aggregate.",
+                  file=sys.stderr)
+        else:  # local jobs are this process's children: Ctrl-C reached them too
+            print("stopped; the local jobs were interrupted too. Rerun the same command: finished runs are kept, "
+                  "the others resume.", file=sys.stderr)
         sys.exit(130)
 
 

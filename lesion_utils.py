@@ -584,6 +584,8 @@ def matched_subsets(correct: dict, seed: int = 0) -> dict:
     one image); the task at the lowest keeps all its images."""
     acc = {t: float(np.mean(c)) for t, c in correct.items()}
     low = min(acc.values())
+    if any(a > low and a >= 1.0 for a in acc.values()):  # no misclassified image to keep: it cannot come down
+        return None
     rng = np.random.default_rng([seed, 17])
     subsets = {}
     for t, c in correct.items():
@@ -721,6 +723,9 @@ def earlier_sweep(settings: dict, out_dir: Path) -> dict:
                                      f"({paths['progress'].name}): the sweep starts over and replaces its files"
                     if progress["done"] else None)
     done = set(progress["done"])
+    if done and not paths["per_image"].exists():
+        return dict(nothing, restart=f"{paths['per_image'].name} is missing (the sweep predates it, or it was "
+                                     f"removed): the sweep starts over")
     columns = {"results": LESION_COLUMNS, "dissociation": ("layer", "method", "fraction", "index"),
                "per_class": PER_CLASS_COLUMNS}
 
@@ -768,7 +773,9 @@ def lesion_stage(model: nn.Module, images: dict, config: dict, out_dir: Path, ra
     keep_only, mode, per_class_wanted = settings["keep_only"], settings["mode"], settings["per_class"]
     sites = select_sites(model, config)
     paths = {k: out_dir / f for k, f in SWEEP_FILES.items()}
-    earlier = earlier_sweep(settings, out_dir)
+    earlier = earlier_sweep(settings, out_dir) if not config.get("retrain") else {
+        "done": [], "rows": [], "dissociation": [], "per_class": [], "rankings": {}, "per_image": {},
+        "restart": "--retrain=True: the sweep starts over"}
     if earlier["restart"]:
         say(f"lesion sweep: {earlier['restart']}")
     progress = {"settings": settings, "done": list(earlier["done"])}
@@ -791,6 +798,9 @@ def lesion_stage(model: nn.Module, images: dict, config: dict, out_dir: Path, ra
     per_image.update({f"intact|{t}": np.asarray(intact[t]["correct"], dtype=bool) for t in tasks})
     matched = matched_subsets({t: intact[t]["correct"] for t in tasks}, config["seed"]) \
         if settings.get("match_accuracy") else None
+    if settings.get("match_accuracy") and matched is None:
+        say("accuracy matching impossible: a task classifies every test image correctly while another does not "
+            "(the matched_ columns stay empty)")
     if matched is not None:
         say("accuracy-matched test images: " + ", ".join(
             f"{t} {len(matched[t])} images at {intact[t]['correct'][matched[t]].mean():.3f}" for t in tasks))

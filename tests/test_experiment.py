@@ -332,3 +332,31 @@ def test_lesion_epochs_keep_and_sweep_earlier_weights(tmp_path, capsys):
                                    "--stages=['train']", f"--out_dir={out}"])
     assert not (out / "epoch_1" / "lesion_results.csv").exists()
     assert load_checkpoint(out / "checkpoint_epoch1.pt")["epoch"] == 1
+
+
+def test_matching_is_refused_when_a_task_has_no_errors_and_the_verdict_survives_a_missing_control():
+    perfect = {"face": np.ones(50, dtype=bool), "object": np.arange(40) % 2 == 0}
+    assert L.matched_subsets(perfect) is None  # nothing misclassified to keep: it cannot be brought down
+    row = {"role": "real", "layer": "trunk.relu", "depth": 0, "method": "loss", "fraction": "0.2000", "index": "1.0",
+           "ci_low": "0.5", "ci_high": "1.5", "p_random": "0.01"}  # the pseudo-task runs have no result here
+    answer, _, _, passing = aggregate.verdict([row], {"real", "pseudo_task"}, 3, 19)
+    assert answer.startswith("Task-specialised filters: not shown") and passing == []
+
+
+def test_a_run_is_not_finished_while_it_runs_again(tmp_path, monkeypatch):
+    import ResNet
+
+    config = dict(experiment.dualtask.hyperparameters(vars(ResNet)), seeds=[0], out_dir=str(tmp_path))
+    (run,) = experiment.plan(config)
+    folder = tmp_path / run["folder"]
+    folder.mkdir(parents=True)
+    (folder / experiment.DONE_FILE).write_text(json.dumps({"config": experiment._what_counts(run["config"])}))
+    assert experiment.finished(run)
+
+    def killed(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(experiment.dualtask, "run", killed)
+    with pytest.raises(KeyboardInterrupt):
+        experiment.run_one(dict(run["config"], retrain=True))
+    assert not experiment.finished(run)  # a run killed while training again is not taken for finished
