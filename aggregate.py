@@ -111,13 +111,6 @@ def fisher(p_values) -> float:
 # reading the runs
 
 
-def _num(value) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return float("nan")
-
-
 def read_swept_run(folder: Path) -> dict | None:
     """A two-task run's config, dissociation rows and per-image results; None when the run has no lesion sweep
     (its stages left it out). A damaged file, or a sweep without its per-image results, is a UsageError naming it."""
@@ -162,8 +155,8 @@ def role_statistics(role_runs: list, rng) -> dict:
             entry["seeds"].append(run["seed"])
             entry["points"].append(point)
             entry["draws"].append(draws.reshape(N_BOOT, slots))
-            entry["p_index"].append(_num(row["p_index"]))
-            entry["matched"].append(_num(row.get("matched_index")))
+            entry["p_index"].append(report._num(row["p_index"]))
+            entry["matched"].append(report._num(row.get("matched_index")))
     stats = {}
     for key, e in by_key.items():
         boot = hierarchical_bootstrap([d[:, :len(e["draws"])] for d in e["draws"]], rng)
@@ -275,14 +268,14 @@ def verdict(rows: list, roles_run: set, n_seeds: int, repeats: int, void_resolut
                 "ranking or no fraction above 0): this experiment cannot say whether task-specialised filters "
                 "emerged.", "", [], [])
     f = figures.headline_fraction(r["fraction"] for r in real)
-    real = [r for r in real if abs(_num(r["fraction"]) - f) < 1e-6]
+    real = [r for r in real if abs(report._num(r["fraction"]) - f) < 1e-6]
     tests = [("random lesions", "p_random")] + [(name, f"p_vs_{c}") for c, name in
                                                  (("pseudo_task", "pseudo-tasks"),
                                                   ("resolution_matched", "resolution-matched training"))
                                                  if c in roles_run]
 
     def beyond(r, key):  # a control without results at the site cannot be beaten there
-        return _num(r["ci_low"]) > 0 and _num(r.get(key)) < ALPHA
+        return report._num(r["ci_low"]) > 0 and report._num(r.get(key)) < ALPHA
 
     passing = [r for r in real if all(beyond(r, k) for _, k in tests)]
     methods = list(dict.fromkeys(r["method"] for r in real))
@@ -342,8 +335,8 @@ def verdict(rows: list, roles_run: set, n_seeds: int, repeats: int, void_resolut
 
 
 def _accuracy_caveats(accuracy: list) -> list:
-    weak = [r for r in accuracy if _num(r["accuracy"]) - _num(r["chance"]) < report.NEAR_CHANCE
-            or _num(r["ci_low"]) <= _num(r["chance"])]
+    weak = [r for r in accuracy if report._num(r["accuracy"]) - report._num(r["chance"]) < report.NEAR_CHANCE
+            or report._num(r["ci_low"]) <= report._num(r["chance"])]
     if not weak:
         return []
     return ["Heads near chance (their lesion effects mean little): " + "; ".join(

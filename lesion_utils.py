@@ -705,14 +705,19 @@ def sweep_settings(model: nn.Module, config: dict) -> dict:
     return settings
 
 
+def no_earlier_sweep(restart: str | None = None) -> dict:
+    """What `earlier_sweep` returns when nothing of an earlier sweep is kept (and why, when there was one)."""
+    return {"done": [], "rows": [], "dissociation": [], "per_class": [], "rankings": {}, "per_image": {},
+            "restart": restart}
+
+
 def earlier_sweep(settings: dict, out_dir: Path) -> dict:
     """What an earlier sweep in out_dir finished under the same settings (`sweep_settings`): {'done': site names, 'rows',
     'dissociation', 'per_class': their CSV rows, 'rankings': by site, 'restart': why an earlier sweep is not
     continued, or None}; nothing when there is none or its settings differ. Its files may be damaged or foreign: each is checked, and a bad one is a UsageError naming
     it. Reads only, so the pipeline calls it before it writes anything."""
     paths = {k: Path(out_dir) / f for k, f in SWEEP_FILES.items()}
-    nothing = {"done": [], "rows": [], "dissociation": [], "per_class": [], "rankings": {}, "per_image": {},
-               "restart": None}
+    nothing = no_earlier_sweep()
     if not paths["progress"].exists():
         return nothing
     progress = read_json(paths["progress"], lambda p: isinstance(p, dict) and isinstance(p.get("settings"), dict)
@@ -773,9 +778,8 @@ def lesion_stage(model: nn.Module, images: dict, config: dict, out_dir: Path, ra
     keep_only, mode, per_class_wanted = settings["keep_only"], settings["mode"], settings["per_class"]
     sites = select_sites(model, config)
     paths = {k: out_dir / f for k, f in SWEEP_FILES.items()}
-    earlier = earlier_sweep(settings, out_dir) if not config.get("retrain") else {
-        "done": [], "rows": [], "dissociation": [], "per_class": [], "rankings": {}, "per_image": {},
-        "restart": "--retrain=True: the sweep starts over"}
+    earlier = earlier_sweep(settings, out_dir) if not config.get("retrain") else \
+        no_earlier_sweep("--retrain=True: the sweep starts over")
     if earlier["restart"]:
         say(f"lesion sweep: {earlier['restart']}")
     progress = {"settings": settings, "done": list(earlier["done"])}
