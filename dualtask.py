@@ -40,11 +40,12 @@ from common import (StageFailed, UsageError, autocast, format_seconds, load_chec
 from vggface2 import DataError, TaskData
 
 BACKBONES = ("vgg16", "vgg19", "resnet50", "resnext50")
+OPTIMIZERS = ("adamw", "sgd")  # recipe 3 on; runs of recipes 1 and 2 trained with SGD
 STAGES = ("train", "lesion", "figures")
 TRAIN_LOG_COLUMNS = ("epoch", "task", "split", "loss", "accuracy", "images_per_s")
 # settings that make a checkpoint belong to a run: changing one needs --retrain=True or another out_dir
 RUN_IDENTITY = ("backbone", "batch_norm", "fc_width", "image_size", "max_per_class", "max_classes", "seed",
-                "batch_size", "epochs", "lr", "weight_decay", "grad_clip", "demo_per_class", "role", "single_task")
+                "batch_size", "epochs", "optimizer", "lr", "weight_decay", "grad_clip", "demo_per_class", "role", "single_task")
 # what a run trains on, set by an experiment (experiment.py) for each of its runs; a plain run is "real":
 # real: the tasks as given; pseudo_task: the union of their classes split at random into two halves, each half a
 # task (Dobs et al. 2022); single_task: the task named by the `single_task` setting alone; resolution_matched:
@@ -160,7 +161,8 @@ SETTINGS = {
     "epochs": _integer(0),
     "lr": _optional(_number(0, strict=True)),
     "grad_clip": _number(0, strict=False),
-    "weight_decay": _number(0, strict=False),
+    "weight_decay": _optional(_number(0, strict=False)),
+    "optimizer": _choice(OPTIMIZERS),
     "seed": _integer(0),
     "compile": _FLAG,
     "retrain": _FLAG,
@@ -249,13 +251,21 @@ def print_help(defaults: dict, script: str) -> None:
 # VGG's classifier always read a 7 x 7 pool, torchvision's initialisation, lr taken as given. Recipe 2: the
 # choices below. A finished recipe-1 run is still rebuilt as it was trained, so its lesions and figures can be
 # redrawn; training it further needs --retrain=True.
-RECIPE = 2
-# learning rate per 256 images (linear scaling, Goyal et al. 2017) when lr=None. Batch-normalised nets: 0.2,
-# the CIFAR recipe of He et al. 2016 (0.1 per 128 images) that small-image training follows; torchvision's
-# ImageNet recipe uses 0.1, and on the 32-px demo 0.1 had both heads at chance after 3 epochs where 0.4 had
-# the face head at 0.27. A VGG without batch norm loses its units at such rates and trains at 0.01-0.02, as in
-# Simonyan & Zisserman (0.01 per 256) and the reference study.
-DEFAULT_LR = {"resnet50": 0.2, "resnext50": 0.2, "vgg_bn": 0.2, "vgg": 0.02}
+RECIPE = 3
+# Recipe 3 adds the optimizer setting, AdamW by default (recipe 1 and 2 runs trained with SGD).
+# The peak learning rate per 256 images when lr=None, per optimizer and backbone.
+# SGD (Nesterov momentum 0.9), scaled linearly to the images of a step (Goyal et al. 2017). Batch-normalised
+# nets: 0.2, the CIFAR recipe of He et al. 2016 (0.1 per 128 images); a VGG without batch norm loses its units at
+# such rates and trains at 0.01-0.02, as in Simonyan & Zisserman (0.01 per 256) and the reference study.
+# AdamW (Loshchilov & Hutter 2019; torchvision's ConvNeXt recipe: 1e-3 per 1,024 images with weight decay 0.05),
+# scaled with the square root of the step's images, the scaling rule for adaptive optimisers (Malladi et al.
+# 2022). An adaptive step moves every weight by about the lr whatever its gradient's size, which is what a
+# from-scratch network needs in the few hundred steps a small data set gives it: see BENCHMARKS.md.
+DEFAULT_LR = {"sgd": {"resnet50": 0.2, "resnext50": 0.2, "vgg_bn": 0.2, "vgg": 0.02},
+              "adamw": {"resnet50": 2e-3, "resnext50": 2e-3, "vgg_bn": 2e-3, "vgg": 2e-4}}
+# weight decay when weight_decay=None: SGD's L2 penalty of He et al. 2016 (5e-4 for small images); AdamW's
+# decoupled decay of torchvision's ConvNeXt recipe
+DEFAULT_WEIGHT_DECAY = {"sgd": 5e-4, "adamw": 0.05}
 LABEL_SMOOTHING = 0.1  # torchvision's reference recipe (Szegedy et al. 2016): keeps logits from growing without end
 
 
@@ -328,21 +338,45 @@ def build_model(config: dict, num_classes: dict) -> DualTaskNet:
                        config.get("image_size", 224), config.get("recipe", RECIPE))
 
 
+def optimizer_name(config: dict) -> str:
+    """The run's optimizer: its setting, or SGD for runs of recipes before the setting existed."""
+    return config.get("optimizer", "adamw") if config.get("recipe", RECIPE) >= 3 else "sgd"
+
+
 def base_lr(config: dict) -> float:
     """The peak learning rate per 256 images: the lr setting, or the backbone's default when it is None."""
     if config.get("lr") is not None:
         return float(config["lr"])
+    table = DEFAULT_LR[optimizer_name(config)]
     if config["backbone"].startswith("vgg"):
-        return DEFAULT_LR["vgg_bn" if config.get("batch_norm", True) else "vgg"]
-    return DEFAULT_LR[config["backbone"]]
+        return table["vgg_bn" if config.get("batch_norm", True) else "vgg"]
+    return table[config["backbone"]]
+
+
+def weight_decay(config: dict) -> float:
+    """The weight decay: the setting, or the optimizer's default when it is None."""
+    if config.get("weight_decay") is not None:
+        return float(config["weight_decay"])
+    return DEFAULT_WEIGHT_DECAY[optimizer_name(config)]
 
 
 def peak_lr(config: dict, world: int = 1) -> float:
-    """The step's peak learning rate: per-256 lr scaled linearly to the images of one step, batch_size on each
-    of `world` processes (recipe 1: lr as given)."""
+    """The step's peak learning rate: per-256 lr scaled to the images of one step, batch_size on each of
+    `world` processes: linearly for SGD, with the square root for AdamW (recipe 1: lr as given)."""
     if config.get("recipe", RECIPE) < 2:
         return base_lr(config)
-    return base_lr(config) * config["batch_size"] * world / 256
+    ratio = config["batch_size"] * world / 256
+    return base_lr(config) * (ratio if optimizer_name(config) == "sgd" else math.sqrt(ratio))
+
+
+def make_optimizer(model: nn.Module, config: dict, lr: float) -> torch.optim.Optimizer:
+    """The run's optimizer; weight decay on weights only, not on biases and batch-norm parameters."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": weight_decay(config)}, {"params": no_decay, "weight_decay": 0.0}]
+    if optimizer_name(config) == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
+    return torch.optim.AdamW(groups, lr=lr)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -534,11 +568,7 @@ def train(model: DualTaskNet, images: dict, config: dict, out_dir: Path, dist: D
     if channels_last:
         model.to(memory_format=torch.channels_last)
     lr = peak_lr(config, dist.world)
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
-    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": config["weight_decay"]},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=lr, momentum=0.9,
-                                nesterov=True)
+    optimizer = make_optimizer(model, config, lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total_steps, warmup_steps(config, steps)))
     smoothing = LABEL_SMOOTHING if config.get("recipe", RECIPE) >= 2 else 0.0
     start_epoch, log_rows, checkup = 0, [], {"epochs": [], "problems": []}
@@ -634,7 +664,8 @@ def train(model: DualTaskNet, images: dict, config: dict, out_dir: Path, dist: D
         grad = {"mean": grad_sum.item() / steps, "max": grad_max.item()}
         dead = health.dead_fractions(model, watched, probe)
         found = health.diagnose(epoch + 1, {t: {"loss": s[0] / s[2], "accuracy": s[1] / s[2], "n": s[2]} for t, s in
-                                            train_stats.items()}, val, chances, dead, grad, config, lr)
+                                            train_stats.items()}, val, chances, dead, grad,
+                                dict(config, lr=base_lr(config)), lr)
         # every rank stops or none: eval-mode dead-unit counts can differ between ranks (their BN statistics)
         stop = dist.all_sum([float(bool(found))])[0] > 0 and config.get("health_check", "stop") == "stop"
         finite = all(math.isfinite(s[0]) for s in train_stats.values()) and math.isfinite(grad["mean"])
@@ -696,7 +727,7 @@ def _check_out_dir(out_dir: Path, config: dict) -> int:
         raise UsageError(f"{out_dir} holds a run trained with an older recipe ({recipe}; now {RECIPE}) that is not "
                          f"finished; pass --retrain=True to train it again or choose another --out_dir")
     keys = list(RUN_IDENTITY) + [k for k in config if k.endswith("_data")]
-    plain = {"role": "real"}  # what a run written before the setting existed was
+    plain = {"role": "real", "optimizer": "sgd"}  # what a run written before the setting existed was
     differ = [k for k in keys if old.get(k, plain.get(k)) != config.get(k, plain.get(k))]
     if differ:
         changed = "; ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in differ)
@@ -756,6 +787,7 @@ def run(config: dict) -> None:
         resolved = dict(config, tasks={t: {"classes": len(d.classes), "chance": d.chance, "source": d.source,
                                            "counts": d.counts()} for t, d in datasets.items()},
                         resolved_device=str(dist.device), world_size=dist.world, lr_per_step=peak_lr(config, dist.world),
+                        optimizer_used=optimizer_name(config), weight_decay_used=weight_decay(config),
                         n_lesion_sites=len(lesion_utils.lesion_sites(model, config.get("lesion_inner", False))),
                         **provenance(dist.device))
         if dist.main:

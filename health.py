@@ -89,7 +89,8 @@ def diagnose(epoch: int, train: dict, val: dict, chances: dict, dead: dict, grad
     """[{'epoch', 'kind', 'message'}]: what this epoch shows is wrong, each with its cause and what to change.
 
     train: {task: {'loss', 'accuracy', 'n'}} over the epoch's training steps; val: evaluate()'s {task: {'loss',
-    'accuracy', 'n'}}; chances: {task: chance accuracy}; dead: dead_fractions(); grad: {'mean', 'max'} norms."""
+    'accuracy', 'n'}}; chances: {task: chance accuracy}; dead: dead_fractions(); grad: {'mean', 'max'} norms;
+    config's lr: the peak lr per 256 images (dualtask.base_lr), lr: the peak lr per step."""
     problems = []
     per_256 = config.get("lr") if config.get("lr") is not None else lr * 256 / max(config.get("batch_size", 256), 1)
     setting = f"{per_256:.3g} per 256 images, {lr:.3g} per step"

@@ -16,9 +16,10 @@ max_classes = None  # cap on classes per task (the first N by name); None = all
 demo_per_class = 100  # images per class of the procedural demo set
 batch_size = 128  # images per step, split evenly between the tasks
 epochs = 30  # passes over the larger task's training images
-lr = None  # peak learning rate per 256 images (scaled to batch_size), SGD + Nesterov momentum 0.9, warm-up then cosine; None = 0.2 with batch norm, 0.02 without
+optimizer = "adamw"  # "adamw" (the default recipe) or "sgd" (Nesterov momentum 0.9)
+lr = None  # peak learning rate per 256 images (AdamW: scaled with the square root of batch_size/256; SGD: linearly), warm-up then cosine; None = the backbone and optimizer default (dualtask.DEFAULT_LR)
 grad_clip = 0.0  # largest gradient norm per step (0 = no clipping, as torchvision's recipes: warm-up keeps early steps small)
-weight_decay = 5e-4  # L2 penalty on weights (not on biases and BN parameters)
+weight_decay = None  # decay of weights (not of biases and BN parameters); None = 0.05 with AdamW (decoupled), 5e-4 with SGD (L2)
 health_check = "stop"  # a run that does not learn (head at chance from epoch 3 or a third of training, dead layer, exploding loss): "stop" naming the cause, or "warn"
 seed = 0  # seeds data sampling, splits, initialisation, augmentation and lesion controls
 device = "auto"  # 'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'

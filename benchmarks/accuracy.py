@@ -6,10 +6,10 @@
 Both recipes train each backbone on the same real photographs (../shared/data/lfw_min20 identities and
 ../shared/data/cifar10 objects, or --face_data / --object_data), with the same splits, batches, augmentation
 and number of steps, and are scored on the same test images. They differ only in the recipe:
-- defaults: what `python <backbone script>` does (dualtask.train with recipe 2: He initialisation and a
-  classifier sized to the feature map for VGG, zero-initialised residual branches for ResNet/ResNeXt, lr per
-  256 images scaled to the batch, a 2-epoch warm-up, label smoothing, the scripts' lr, weight decay and
-  gradient clipping);
+- defaults: what `python <backbone script>` does (dualtask.train with the current recipe: AdamW with its lr
+  per 256 images scaled to the batch, a 2-epoch warm-up, label smoothing, He initialisation and a classifier
+  sized to the feature map for VGG, zero-initialised residual branches for ResNet/ResNeXt, the scripts'
+  weight decay and gradient clipping);
 - plain: torchvision's networks as they come (default initialisation, VGG's 7 x 7 pool), SGD with momentum 0.9,
   lr 0.1 x batch/256, cosine decay, weight decay 1e-4 on weights only, no warm-up, no clipping, no label
   smoothing.

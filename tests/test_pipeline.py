@@ -1,6 +1,7 @@
 import csv
 import json
 import math
+import re
 import os
 import subprocess
 import sys
@@ -260,8 +261,8 @@ def test_run_of_an_older_recipe_is_rebuilt_as_trained(tmp_path):
     old = dualtask.DualTaskNet("vgg16", {t: len(c) for t, c in state["classes"].items()}, fc_width=32,
                                image_size=32, recipe=1)
     assert old.trunk.classifier[0].in_features == 512 * 49
-    del state["config"]["recipe"]
-    state["config"].update(lr=0.01, grad_clip=2.0)  # the old scripts' settings
+    del state["config"]["recipe"], state["config"]["optimizer"]  # SGD, before the setting existed
+    state["config"].update(lr=0.01, grad_clip=2.0, weight_decay=5e-4)  # the old scripts' settings
     state["model"] = old.state_dict()
     torch.save(state, out / "checkpoint.pt")
     before = (out / "checkpoint.pt").read_bytes()
@@ -269,9 +270,10 @@ def test_run_of_an_older_recipe_is_rebuilt_as_trained(tmp_path):
         dualtask.run(tiny_config(out, epochs=2))
     lesion = dict(epochs=1, stages=["train", "lesion"], lesion_layers=[0, -1], lesion_fractions=[0.0, 0.2],
                   random_repeats=2, rank_images=8)
-    with pytest.raises(dualtask.UsageError, match="pass --lr=0.01 --grad_clip=2.0 to use it as it was trained"):
+    as_trained = "pass --optimizer='sgd' --lr=0.01 --weight_decay=0.0005 --grad_clip=2.0 to use it as it was trained"
+    with pytest.raises(dualtask.UsageError, match=re.escape(as_trained)):
         dualtask.run(tiny_config(out, **lesion))
-    dualtask.run(tiny_config(out, lr=0.01, grad_clip=2.0, **lesion))
+    dualtask.run(tiny_config(out, optimizer="sgd", lr=0.01, weight_decay=5e-4, grad_clip=2.0, **lesion))
     assert (out / "checkpoint.pt").read_bytes() == before
     assert len(read_rows(out / "lesion_results.csv")) > 0
     model, config = dualtask.load_run(out)
