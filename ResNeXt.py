@@ -18,7 +18,7 @@ optimizer = "adamw"  # "adamw" (the default recipe) or "sgd" (Nesterov momentum 
 lr = None  # peak learning rate per 256 images (AdamW: scaled with the square root of batch_size/256; SGD: linearly), warm-up then cosine; None = the backbone and optimizer default (dualtask.DEFAULT_LR)
 grad_clip = 0.0  # largest gradient norm per step (0 = no clipping, as torchvision's recipes: warm-up keeps early steps small)
 weight_decay = None  # decay of weights (not of biases and BN parameters); None = 0.05 with AdamW (decoupled), 5e-4 with SGD (L2)
-health_check = "stop"  # a run that does not learn (head at chance from epoch 3 or a third of training, dead layer, exploding loss): "stop" naming the cause, or "warn"
+health_check = "stop"  # a run that does not learn (head at chance from epoch 3 or half of training, dead layer, exploding loss): "stop" naming the cause, or "warn"
 seed = 0  # seeds data sampling, splits, initialisation, augmentation and lesion controls
 device = "auto"  # 'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'
 compile = False  # torch.compile the model for training (CUDA, PyTorch 2)

@@ -262,7 +262,7 @@ RECIPE = 3
 # 2022). An adaptive step moves every weight by about the lr whatever its gradient's size, which is what a
 # from-scratch network needs in the few hundred steps a small data set gives it: see BENCHMARKS.md.
 DEFAULT_LR = {"sgd": {"resnet50": 0.2, "resnext50": 0.2, "vgg_bn": 0.2, "vgg": 0.02},
-              "adamw": {"resnet50": 2e-3, "resnext50": 2e-3, "vgg_bn": 2e-3, "vgg": 2e-4}}
+              "adamw": {"resnet50": 2e-3, "resnext50": 2e-3, "vgg_bn": 2e-3, "vgg": 6e-4}}
 # weight decay when weight_decay=None: SGD's L2 penalty of He et al. 2016 (5e-4 for small images); AdamW's
 # decoupled decay of torchvision's ConvNeXt recipe
 DEFAULT_WEIGHT_DECAY = {"sgd": 5e-4, "adamw": 0.05}

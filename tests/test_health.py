@@ -101,11 +101,11 @@ def test_head_at_chance_only_after_a_few_epochs_with_its_cause():
     dead = health.diagnose(3, stuck, at_chance, chances, {"trunk.classifier.0": 1.0}, grad, CONFIG, 0.01)
     assert [p["kind"] for p in dead] == ["dead layer", "head at chance"]
     assert "the dead layer trunk.classifier.0 is the cause" in dead[1]["message"]
-    # a long run gives a late starter a third of its epochs (the demo's object head left chance at epoch 4 of 15)
-    assert health.first_chance_epoch(15) == 5 and health.first_chance_epoch(4) == health.CHANCE_EPOCH
+    # a long run gives a late starter half of its epochs (plain VGG16's demo object head left chance at epoch 6 of 15)
+    assert health.first_chance_epoch(15) == 8 and health.first_chance_epoch(4) == health.CHANCE_EPOCH
     long_run = dict(CONFIG, epochs=15)
-    assert health.diagnose(4, stuck, at_chance, chances, {}, grad, long_run, 0.01) == []
-    assert len(health.diagnose(5, stuck, at_chance, chances, {}, grad, long_run, 0.01)) == 1
+    assert health.diagnose(7, stuck, at_chance, chances, {}, grad, long_run, 0.01) == []
+    assert len(health.diagnose(8, stuck, at_chance, chances, {}, grad, long_run, 0.01)) == 1
     # 0.16 on 100 images is within two standard errors of 0.1: still chance; 0.2 is not
     assert len(health.diagnose(3, stuck, _val(0.6, 0.16), chances, {}, grad, CONFIG, 0.01)) == 1
     assert health.diagnose(3, stuck, _val(0.6, 0.2), chances, {}, grad, CONFIG, 0.01) == []
