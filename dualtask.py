@@ -730,8 +730,9 @@ def _check_out_dir(out_dir: Path, config: dict) -> int:
     plain = {"role": "real", "optimizer": "sgd"}  # what a run written before the setting existed was
     differ = [k for k in keys if old.get(k, plain.get(k)) != config.get(k, plain.get(k))]
     if differ:
-        changed = "; ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in differ)
-        as_trained = " ".join(f"--{k}={old.get(k)!r}" for k in differ)
+        was = {k: old.get(k, plain.get(k)) for k in differ}
+        changed = "; ".join(f"{k}: {was[k]!r} -> {config.get(k)!r}" for k in differ)
+        as_trained = " ".join(f"--{k}={was[k]!r}" for k in differ)
         raise UsageError(f"{out_dir} holds a run trained with other settings ({changed}); pass {as_trained} to use "
                          f"it as it was trained, --retrain=True to replace it, or choose another --out_dir")
     return recipe
