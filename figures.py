@@ -184,6 +184,12 @@ def _index_panels(df, fraction: float, group: str, values: list, colours, label,
             ax.fill_between(sub["depth"], sub["ci_low"], sub["ci_high"], color=colour, alpha=0.15, lw=0)
             ax.plot(sub["depth"], sub["index"], marker="o", ms=4, color=colour, label=label(value, sub))
         ax.axhline(0, color="0.3", lw=0.8)
+        shown = df[df["method"] == method]
+        if not np.isfinite(shown["index"].to_numpy(dtype=float)).any():  # an empty panel says why it is empty
+            ax.set_xlim(shown["depth"].min() - 0.5, shown["depth"].max() + 0.5)
+            ax.text(0.5, 0.5, "no index is defined at any site:\na lesion's effect needs a head above chance\n"
+                    "(see the report's caveats)", transform=ax.transAxes, ha="center", va="center", fontsize=9,
+                    bbox={"facecolor": "white", "edgecolor": "0.8"})
         ax.set_title(f"{method} ranking, {fraction:.0%} lesions", fontsize=10)
         ax.set_xlabel("lesion site (depth, 0 = first)")
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))

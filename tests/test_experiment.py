@@ -9,6 +9,7 @@ import torch.nn as nn
 
 import aggregate
 import experiment
+import figures
 import lesion_utils as L
 import vggface2
 from common import read_csv
@@ -360,3 +361,15 @@ def test_a_run_is_not_finished_while_it_runs_again(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         experiment.run_one(dict(run["config"], retrain=True))
     assert not experiment.finished(run)  # a run killed while training again is not taken for finished
+
+
+def test_an_experiment_figure_without_any_index_says_why(tmp_path, monkeypatch):
+    """Heads at chance leave every index undefined: the panel says so instead of showing empty axes."""
+    drawn = {}
+    monkeypatch.setattr(figures, "_save", lambda fig, path: drawn.setdefault("fig", fig) and path)
+    rows = [{"role": role, "layer": f"site{d}", "depth": d, "method": "activation", "fraction": "0.2", "index": "",
+             "ci_low": "", "ci_high": "", "n_seeds": "2"} for role in ("real", "pseudo_task") for d in (0, 8, 16)]
+    assert figures.experiment_figure(rows, tmp_path / "f.png") == tmp_path / "f.png"
+    texts = [t.get_text() for ax in drawn["fig"].axes for t in ax.texts]
+    assert any("no index is defined at any site" in t for t in texts)
+    assert drawn["fig"].axes[0].get_xlim() == (-0.5, 16.5)
