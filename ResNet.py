@@ -5,8 +5,12 @@
 Every setting below can be changed here or from the shell (`--name=value`); `--help` lists them.
 """
 backbone = "resnet50"  # torchvision architecture: vgg16, vgg19, resnet50 or resnext50
+head = "split"  # "split": one output layer per task; "joint": one softmax over all tasks' classes (Dobs et al. 2022; the original repository's 20-way layer)
+init = "random"  # "random" (He / torchvision init), "imagenet" (torchvision's ImageNet weights, downloaded only when asked) or a path to a local state-dict file of the trunk
 face_data = "demo"  # VGGFace2 root or cache, a folder of identity folders, or 'demo'
 object_data = "demo"  # CIFAR-10 root (with cifar-10-batches-py/), a folder of class folders, or 'demo'
+tasks = None  # {task: data spec} replacing the <task>_data settings, e.g. {'identity': 'demo', 'expression': 'demo'}; tasks reading the same source share its images (each image carries both labels); None = the <task>_data settings
+kdef_views = ["S"]  # KDEF camera angles used: S (frontal), HL/HR (half left/right), FL/FR (full left/right)
 download = False  # fetch CIFAR-10 into object_data when it is missing there
 image_size = 112  # both tasks are resized to image_size x image_size pixels (the reference study used 224)
 max_per_class = None  # cap on images per class (identity or category); None = all

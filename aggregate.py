@@ -50,24 +50,31 @@ def index_from_means(means: dict, chance: dict, a: str, b: str):
     return drop(a, a) - drop(b, a) + drop(b, b) - drop(a, b)
 
 
-def image_draws(correct: dict, chance: dict, a: str, b: str, n_draws: int, rng) -> tuple:
+def image_draws(correct: dict, chance: dict, a: str, b: str, n_draws: int, rng, paired: bool = False) -> tuple:
     """One run's index and `n_draws` bootstrap draws of it over its test images (resampled per task, the same
     resample for the intact network and both lesions: they are paired on the images). correct[(lesion, task)]:
-    per-image bool arrays. Returns (index, draws)."""
+    per-image bool arrays. paired: both tasks were scored on the same images in the same order (tasks sharing
+    their images), so one resample of the images serves both tasks. Returns (index, draws)."""
     point = index_from_means({k: np.mean(v) for k, v in correct.items()}, chance, a, b)
+    if paired and len(correct["intact", a]) != len(correct["intact", b]):
+        raise UsageError(f"tasks {a} and {b} share their images but have {len(correct['intact', a])} and "
+                         f"{len(correct['intact', b])} test outcomes; rerun the lesion stage")
+    columns = [(lesion, t) for lesion in ("intact", a, b) for t in (a, b)]
+    groups = [columns] if paired else [[c for c in columns if c[1] == t] for t in (a, b)]
     means = {}
-    for t in (a, b):
-        # an image's outcome under the three conditions is one of 8 patterns, so a resample of the n images is a
-        # multinomial draw of the 8 pattern counts: exact, and as fast for 10,000 images as for 100
-        stacked = np.stack([np.asarray(correct[lesion, t], dtype=bool) for lesion in ("intact", a, b)], 1)
+    for group in groups:
+        # an image's outcomes under the k conditions form one of 2^k patterns, so a resample of the n images is a
+        # multinomial draw of the pattern counts: exact, and as fast for 10,000 images as for 100
+        k = len(group)
+        stacked = np.stack([np.asarray(correct[c], dtype=bool) for c in group], 1)
         n = len(stacked)
-        pattern = stacked @ np.array([1, 2, 4])
-        freq = np.bincount(pattern, minlength=8) / n
-        counts = rng.multinomial(n, freq, size=n_draws)  # (n_draws, 8)
-        bits = (np.arange(8)[:, None] >> np.arange(3)[None, :]) & 1  # (8 patterns, 3 conditions)
+        pattern = stacked @ (1 << np.arange(k))
+        freq = np.bincount(pattern, minlength=2 ** k) / n
+        counts = rng.multinomial(n, freq, size=n_draws)  # (n_draws, 2^k)
+        bits = (np.arange(2 ** k)[:, None] >> np.arange(k)[None, :]) & 1  # (2^k patterns, k conditions)
         m = counts @ bits / n
-        for k, lesion in enumerate(("intact", a, b)):
-            means[lesion, t] = m[:, k]
+        for j, c in enumerate(group):
+            means[c] = m[:, j]
     return float(point), index_from_means(means, chance, a, b)
 
 
@@ -139,6 +146,7 @@ def role_statistics(role_runs: list, rng) -> dict:
         data = run["data"]
         chance = {t: float(v["chance"]) for t, v in data["config"]["tasks"].items()}
         pi = data["per_image"]
+        shared = [set(g) for g in data["config"].get("shared_images", [])]
         for row in data["dissociation"]:
             a, b, f = row["task_a"], row["task_b"], row["fraction"]
             keys = {(lesion, t): (f"intact|{t}" if lesion == "intact" else
@@ -147,7 +155,9 @@ def role_statistics(role_runs: list, rng) -> dict:
             if any(k not in pi for k in keys.values()):
                 raise UsageError(f"{run['folder']}: lesion_per_image.npz lacks {row['layer']} {row['method']} "
                                  f"{f}; rerun that run's lesion stage")
-            point, draws = image_draws({k: pi[v] for k, v in keys.items()}, chance, a, b, N_BOOT * slots, rng)
+            paired = any({a, b} <= g for g in shared)
+            point, draws = image_draws({k: pi[v] for k, v in keys.items()}, chance, a, b, N_BOOT * slots, rng,
+                                       paired)
             entry = by_key.setdefault((row["layer"], row["method"], f), {
                 "depth": int(row["depth"]), "relative_depth": _relative_depth(int(row["depth"]), data["config"],
                                                                               data["dissociation"]),

@@ -45,7 +45,7 @@ STAGES = ("train", "lesion", "figures")
 TRAIN_LOG_COLUMNS = ("epoch", "task", "split", "loss", "accuracy", "images_per_s")
 # settings that make a checkpoint belong to a run: changing one needs --retrain=True or another out_dir
 RUN_IDENTITY = ("backbone", "batch_norm", "fc_width", "image_size", "max_per_class", "max_classes", "seed",
-                "batch_size", "epochs", "optimizer", "lr", "weight_decay", "grad_clip", "demo_per_class", "role", "single_task")
+                "batch_size", "epochs", "optimizer", "lr", "weight_decay", "grad_clip", "demo_per_class", "role", "single_task", "tasks", "kdef_views", "head", "init")
 # what a run trains on, set by an experiment (experiment.py) for each of its runs; a plain run is "real":
 # real: the tasks as given; pseudo_task: the union of their classes split at random into two halves, each half a
 # task (Dobs et al. 2022); single_task: the task named by the `single_task` setting alone; resolution_matched:
@@ -109,8 +109,30 @@ def parse_overrides(defaults: dict, argv: list) -> dict:
 
 
 def task_specs(config: dict) -> dict:
-    """{task_name: data spec} from every `<task>_data` setting, in the script's order."""
+    """{task_name: data spec}: the `tasks` setting when it is a dict, else every `<task>_data` setting, in the
+    script's order."""
+    if isinstance(config.get("tasks"), dict):
+        return dict(config["tasks"])
     return {k[: -len("_data")]: v for k, v in config.items() if k.endswith("_data") and isinstance(v, str)}
+
+
+_TASK_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")  # task names become CSV values and file-key parts ('|' joins)
+
+
+def _check_tasks(value) -> None:
+    """The `tasks` setting: None, or a dict of at least two task names (letters, digits, _) to data specs."""
+    form = ("None or a dict of at least two task names to data specs, e.g. \"{'identity': 'demo', "
+            "'expression': 'demo'}\"")
+    if value is None:
+        return
+    if not isinstance(value, dict) or len(value) < 2:
+        raise UsageError(f"tasks={value!r}; expected {form}")
+    for name, spec in value.items():
+        if not isinstance(name, str) or not _TASK_NAME.match(name):
+            raise UsageError(f"tasks: task name {name!r}; expected letters, digits and _ starting with a letter "
+                             f"({form})")
+        if not isinstance(spec, str) or not spec.strip():
+            raise UsageError(f"tasks: {name}={spec!r}; expected 'demo' or a data folder or file path ({form})")
 
 
 def _integer(low):
@@ -153,6 +175,9 @@ SETTINGS = {
     "backbone": _choice(BACKBONES),
     "batch_norm": _FLAG,
     "fc_width": _integer(8),
+    "head": _choice(("split", "joint")),  # dualtask.HEADS
+    "init": ((lambda v: isinstance(v, str) and v.strip() != ""),
+             "'random', 'imagenet' or a path to a state-dict file of the trunk"),
     "download": _FLAG,
     "image_size": _integer(16),
     "max_per_class": _optional(_integer(1)),
@@ -188,13 +213,15 @@ SETTINGS = {
         isinstance(e, int) and not isinstance(e, bool) and e >= 1 for e in v))),
         "None or a list of epochs (integers of at least 1), e.g. [1, 5, 10]"),
     "role": _choice(ROLES),
+    "kdef_views": _list_of(lambda v: v in vggface2.KDEF_VIEWS, f"KDEF views from {list(vggface2.KDEF_VIEWS)}"),
 }
 
 
 def check_config(config: dict) -> None:
     """Values that parse but make no sense get a clear error before anything is read or written."""
+    _check_tasks(config.get("tasks"))
     for name, value in config.items():
-        if name.endswith("_data"):
+        if name.endswith("_data") and not isinstance(config.get("tasks"), dict):
             if not isinstance(value, str) or not value.strip():
                 raise UsageError(f"{name}={value!r}; expected 'demo' or a data folder path")
         elif name in SETTINGS and not SETTINGS[name][0](value):
@@ -206,7 +233,7 @@ def check_config(config: dict) -> None:
         tasks = {config["single_task"]: tasks[config["single_task"]]}
     elif len(tasks) < 2:
         raise UsageError(f"found {len(tasks)} task(s) ({', '.join(tasks) or 'none'}); expected at least two "
-                         f"settings named <task>_data, e.g. face_data and object_data")
+                         f"settings named <task>_data, e.g. face_data and object_data, or the tasks setting")
     if not (isinstance(config.get("batch_size"), int) and config["batch_size"] >= len(tasks)):
         raise UsageError(f"batch_size={config.get('batch_size')!r}; expected an integer of at least {len(tasks)} "
                          f"(every step holds images of each of the {len(tasks)} tasks)")
@@ -278,14 +305,25 @@ def vgg_pool(image_size: int) -> int:
     return max(1, min(7, image_size // 32))
 
 
+HEADS = ("split", "joint")  # the output layers: one per task, or one softmax over all tasks' classes
+
+
 class DualTaskNet(nn.Module):
-    """A torchvision trunk shared by all tasks, one linear head per task. `model(x)` -> {task: logits}."""
+    """A torchvision trunk shared by all tasks and its output layer: one linear head per task (head="split"), or
+    one linear layer with one softmax over every task's classes (head="joint", Dobs et al. 2022; the original
+    repository's 20-way layer of 10 objects and 10 identities). `model(x)` -> {task: logits} either way.
+
+    With a joint layer, task t's logits are all of the layer's outputs, reordered so that t's own classes come
+    first (in order) and every other task's classes follow: a label y of t indexes its class, an argmax on
+    another task's class counts as an error, and cross-entropy over them is exactly the joint softmax's loss."""
 
     def __init__(self, backbone: str, num_classes: dict, batch_norm: bool = True, fc_width: int = 4096,
-                 image_size: int = 224, recipe: int = RECIPE):
+                 image_size: int = 224, recipe: int = RECIPE, head: str = "split"):
         super().__init__()
         import torchvision.models as tvm
 
+        if head not in HEADS:
+            raise UsageError(f"head={head!r}; expected one of {', '.join(repr(h) for h in HEADS)}")
         if backbone in ("vgg16", "vgg19"):
             name = backbone + ("_bn" if batch_norm else "")
             trunk = getattr(tvm, name)(weights=None)
@@ -302,22 +340,43 @@ class DualTaskNet(nn.Module):
             # zero-initialised last BN of every residual branch: each block starts as the identity, so the
             # 50-layer net trains like a shallow one at first (Goyal et al. 2017; torchvision's option)
             kwargs = {"weights": None, "zero_init_residual": recipe >= 2}
-            trunk = tvm.resnet50(**kwargs) if backbone == "resnet50" else tvm.resnext50_32x4d(**kwargs)
+            name = "resnet50" if backbone == "resnet50" else "resnext50_32x4d"
+            trunk = getattr(tvm, name)(**kwargs)
             width = trunk.fc.in_features
             trunk.fc = nn.Identity()
         else:
             raise UsageError(f"backbone={backbone!r}; expected one of {', '.join(BACKBONES)}")
-        self.backbone = backbone
+        self.backbone, self.arch, self.head = backbone, name, head  # arch: torchvision's name of the trunk
         self.trunk = trunk
-        self.heads = nn.ModuleDict({task: nn.Linear(width, n) for task, n in num_classes.items()})
+        self.task_names = list(num_classes)
+        if head == "split":
+            self.heads = nn.ModuleDict({task: nn.Linear(width, n) for task, n in num_classes.items()})
+        else:  # the joint layer's outputs: task by task, in the tasks' order; joint_order[i]: task i's view of them
+            self.joint = nn.Linear(width, sum(num_classes.values()))
+            self.register_buffer("joint_order", joint_order(list(num_classes.values())), persistent=False)
 
     @property
     def tasks(self) -> list:
-        return list(self.heads)
+        return list(self.task_names)
+
+    def head_outputs(self, features: torch.Tensor) -> dict:
+        """{task: logits} of the trunk's features (B, width): each head's, or the joint layer's in task order."""
+        if self.head == "split":
+            return {task: head(features) for task, head in self.heads.items()}
+        logits = self.joint(features)
+        return {task: logits.index_select(1, self.joint_order[i]) for i, task in enumerate(self.task_names)}
 
     def forward(self, x: torch.Tensor) -> dict:
-        features = self.trunk(x)
-        return {task: head(features) for task, head in self.heads.items()}
+        return self.head_outputs(self.trunk(x))
+
+
+def joint_order(n_classes: list) -> torch.Tensor:
+    """(tasks, all classes) indices: row i reorders a joint layer's outputs (task by task, in order) so that task
+    i's own classes come first, in order, and every other task's classes follow."""
+    first = np.cumsum([0] + list(n_classes))
+    everything = torch.arange(int(first[-1]))
+    own = [(everything >= first[i]) & (everything < first[i + 1]) for i in range(len(n_classes))]
+    return torch.stack([torch.cat([everything[o], everything[~o]]) for o in own])
 
 
 def _he_init(trunk: nn.Module) -> None:
@@ -333,9 +392,120 @@ def _he_init(trunk: nn.Module) -> None:
                 nn.init.zeros_(m.bias)
 
 
-def build_model(config: dict, num_classes: dict) -> DualTaskNet:
-    return DualTaskNet(config["backbone"], num_classes, config.get("batch_norm", True), config.get("fc_width", 4096),
-                       config.get("image_size", 224), config.get("recipe", RECIPE))
+def build_model(config: dict, num_classes: dict, load_init: bool = True) -> DualTaskNet:
+    """The run's network. With `load_init`, its trunk then starts from the weights the `init` setting names
+    (`load_trunk_weights`); a network whose weights a checkpoint replaces anyway can pass False."""
+    model = DualTaskNet(config["backbone"], num_classes, config.get("batch_norm", True), config.get("fc_width", 4096),
+                        config.get("image_size", 224), config.get("recipe", RECIPE), config.get("head", "split"))
+    if load_init:
+        load_trunk_weights(model, config.get("init", "random"))
+    return model
+
+
+INIT_FORM = ("'random', 'imagenet' or a path to a file written by torch.save holding a state dict of the trunk: in "
+             "torchvision's layout (keys like features.0.weight or layer1.0.conv1.weight), or this tool's "
+             "(trunk.-prefixed keys, e.g. a run's checkpoint.pt)")
+
+
+def _imagenet_state_dict(arch: str) -> tuple:
+    """torchvision's ImageNet weights of `arch` (its DEFAULT ones), downloaded into the torch hub cache the
+    first time; (state dict, where they come from)."""
+    import torchvision.models as tvm
+
+    weights = tvm.get_model_weights(arch).DEFAULT
+    try:
+        state = weights.get_state_dict(progress=int(os.environ.get("RANK", 0)) == 0, map_location="cpu",
+                                       weights_only=True)
+    except Exception as e:  # no network (URLError), a refused or damaged download: all mean "cannot get them"
+        raise UsageError(f"init='imagenet': cannot get torchvision's ImageNet weights of {arch} ({weights.url}: "
+                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); they are downloaded "
+                         f"the first time, which needs network access (then kept in "
+                         f"{Path(torch.hub.get_dir()) / 'checkpoints'}). Without a network, download that file "
+                         f"elsewhere and pass --init=<path to it>") from None
+    return state, f"torchvision's ImageNet weights ({weights})"
+
+
+def _init_file_state_dict(path: str) -> dict:
+    """The tensors of a local weights file, as a state dict; anything else is a UsageError naming the file."""
+    import pickle
+
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UsageError(f"init={path!r}: no such file; expected {INIT_FORM}")
+    if not p.is_file():
+        raise UsageError(f"init={path!r}: not a file; expected {INIT_FORM}")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" in str(e):  # torch.load's refusal to unpickle code (else a damaged file)
+            raise UsageError(f"init={path!r}: refused: it holds Python objects other than tensors and plain "
+                             f"values; expected {INIT_FORM}") from None
+        raise UsageError(f"init={path!r}: cannot be read (damaged, or not written by torch.save: "
+                         f"{str(e).splitlines()[0] if str(e) else 'UnpicklingError'}); expected {INIT_FORM}") from None
+    except Exception as e:  # a damaged zip or pickle, an unreadable file: all mean "not a weights file"
+        raise UsageError(f"init={path!r}: cannot be read ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); expected {INIT_FORM}") from None
+    for key in ("model", "state_dict"):  # a checkpoint of this tool, or of another that nests its weights
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    tensors = ({k: v for k, v in state.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+               if isinstance(state, dict) else {})
+    if not tensors:
+        raise UsageError(f"init={path!r}: not a state dict (it holds a {type(state).__name__} without named "
+                         f"tensors); expected {INIT_FORM}")
+    return tensors
+
+
+def load_trunk_weights(model: DualTaskNet, init: str) -> int:
+    """Start the trunk from `init`: "random" keeps the initialisation it was built with; "imagenet" loads
+    torchvision's ImageNet weights of its architecture; anything else is a local file's state dict (torchvision's
+    layout or this tool's trunk.-prefixed one, also a whole checkpoint). Every tensor whose name and shape match
+    the trunk is loaded, the rest skipped (VGG's classifier layers resized to small images or to fc_width,
+    torchvision's fc or last classifier layer, which the heads replace); one line says what was loaded and which
+    groups were skipped. No tensor matching is a UsageError naming the source. Returns the tensors loaded.
+
+    The project normalises inputs with mean = std = 0.5 (vggface2.normalize), not ImageNet's statistics; a
+    network started from ImageNet weights is fine-tuned with that normalisation, and its batch-norm statistics
+    adapt to it during training."""
+    if init == "random":
+        return 0
+    if init == "imagenet":
+        source, where = _imagenet_state_dict(model.arch)
+    else:
+        source, where = _init_file_state_dict(init), init
+    if source and all(k.startswith("module.") for k in source):  # saved from a DistributedDataParallel wrapper
+        source = {k[len("module."):]: v for k, v in source.items()}
+    own = any(k.startswith("trunk.") for k in source)  # this tool's layout: the trunk's tensors are trunk.<name>
+    target = model.trunk.state_dict()
+    loaded, skipped = {}, {}  # skipped: group (the file's module path) -> why
+    for key, value in source.items():
+        name = key[len("trunk."):] if own and key.startswith("trunk.") else (None if own else key)
+        group = key.rsplit(".", 1)[0]
+        if name is None or name not in target:
+            skipped.setdefault(group, "not in the trunk")
+        elif tuple(target[name].shape) != tuple(value.shape):
+            skipped[group] = "shape differs"
+        else:
+            loaded[name] = value
+    if not loaded:
+        example = ", ".join(list(source)[:3])
+        raise UsageError(f"init={init!r}: none of its {len(source)} tensors (e.g. {example}) matches the "
+                         f"{model.arch} trunk by name and shape; expected {INIT_FORM}, of torchvision's {model.arch}")
+    model.trunk.load_state_dict(loaded, strict=False)
+    why = {}
+    for group, reason in skipped.items():
+        why.setdefault(reason, []).append(group)
+    parts = [", ".join(g[:6]) + (f" and {len(g) - 6} more" if len(g) > 6 else "") + f" ({reason})"
+             for reason, g in why.items()]
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"init: loaded {len(loaded)} of the {model.arch} trunk's {len(target)} tensors from {where}; "
+              f"skipped {'; '.join(parts) if parts else 'nothing'}", flush=True)
+        if len(loaded) < len(target) / 2:
+            print(f"warning: init={init!r} matched only {len(loaded)} of the trunk's {len(target)} tensors; the "
+                  f"rest keep their random initialisation: is it a state dict of torchvision's {model.arch}?",
+                  file=sys.stderr)
+    return len(loaded)
 
 
 def optimizer_name(config: dict) -> str:
@@ -433,11 +603,14 @@ class Dist:
 class TaskImages:
     """One task's uint8 images where batches are cut from them: on the GPU when they fit, else in host memory."""
 
-    def __init__(self, data: TaskData, device: torch.device):
+    def __init__(self, data: TaskData, device: torch.device, same_images: TaskImages | None = None):
+        """same_images: another task's TaskImages over the same image array, whose device copy is reused."""
         self.data, self.device = data, device
         self.labels = torch.from_numpy(np.asarray(data.labels, dtype=np.int64))
         self.on_device = None
-        if device.type == "cuda":
+        if same_images is not None:
+            self.on_device = same_images.on_device
+        elif device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
             if data.images.nbytes < 0.25 * free:
                 self.on_device = torch.from_numpy(np.ascontiguousarray(data.images)).to(device)
@@ -496,7 +669,7 @@ def load_run(run_dir: str | os.PathLike, device: str = "cpu"):
     state = load_checkpoint(run_dir / "checkpoint.pt", device)
     config = dict(state["config"])
     config.setdefault("recipe", 1)  # trained before the recipe was recorded
-    model = build_model(config, {t: len(c) for t, c in state["classes"].items()})
+    model = build_model(config, {t: len(c) for t, c in state["classes"].items()}, load_init=False)
     model.load_state_dict(state["model"])
     return model.to(device).eval(), config
 
@@ -560,9 +733,12 @@ def train(model: DualTaskNet, images: dict, config: dict, out_dir: Path, dist: D
     device = dist.device
     ckpt_path, log_path = out_dir / "checkpoint.pt", out_dir / "train_log.csv"
     tasks = list(images)
-    per_task = config["batch_size"] // len(tasks)
-    train_idx = {t: images[t].data.indices("train") for t in tasks}
-    steps = max(1, math.ceil(max(len(i) for i in train_idx.values()) / (per_task * dist.world)))
+    # tasks that share their images (shared_groups) take one batch together, every image scored by each of their
+    # heads; every group gets an equal share of the step
+    groups = shared_groups({t: ti.data for t, ti in images.items()})
+    per_group = config["batch_size"] // len(groups)
+    train_idx = {g[0]: images[g[0]].data.indices("train") for g in groups}
+    steps = max(1, math.ceil(max(len(i) for i in train_idx.values()) / (per_group * dist.world)))
     total_steps = steps * config["epochs"]
     channels_last = device.type == "cuda"
     if channels_last:
@@ -615,8 +791,8 @@ def train(model: DualTaskNet, images: dict, config: dict, out_dir: Path, dist: D
     for epoch in range(start_epoch, config["epochs"]):
         torch.manual_seed(config["seed"] * 100_003 + epoch * 101 + dist.rank)  # dropout, reproducible on resume
         gen = torch.Generator().manual_seed(config["seed"] * 1_000_003 + epoch * 1009 + dist.rank)
-        order = {t: _epoch_order(train_idx[t], config["seed"], epoch, k, steps * per_task, dist.rank, dist.world)
-                 for k, t in enumerate(tasks)}
+        order = {g[0]: _epoch_order(train_idx[g[0]], config["seed"], epoch, tasks.index(g[0]), steps * per_group,
+                                    dist.rank, dist.world) for g in groups}
         sums = {t: torch.zeros(3, dtype=torch.float64, device=device) for t in tasks}  # loss, correct, n
         grad_sum, grad_max = torch.zeros((), device=device), torch.zeros((), device=device)
         net.train()
@@ -624,21 +800,29 @@ def train(model: DualTaskNet, images: dict, config: dict, out_dir: Path, dist: D
         bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{config['epochs']}", disable=None if dist.main else True, leave=False,
                    mininterval=2.0)
         for step in bar:
-            xs, ys = zip(*(images[t].batch(order[t][step * per_task:(step + 1) * per_task]) for t in tasks))
+            xs, ys, rows = [], {}, {}
+            for k, g in enumerate(groups):
+                idx = order[g[0]][step * per_group:(step + 1) * per_group]
+                x, ys[g[0]] = images[g[0]].batch(idx)
+                xs.append(x)
+                for t in g:
+                    rows[t] = slice(k * per_group, k * per_group + len(idx))
+                    if t != g[0]:
+                        ys[t] = images[t].labels[torch.from_numpy(idx).to(images[t].labels.device)]
             x = vggface2.normalize(vggface2.augment(torch.cat(xs), gen))
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast(device):
                 out = net(x)
             loss = 0.0
-            for k, t in enumerate(tasks):
-                logits = out[t][k * per_task:(k + 1) * per_task].float()
-                task_loss = F.cross_entropy(logits, ys[k], label_smoothing=smoothing)
+            for t in tasks:
+                logits = out[t][rows[t]].float()
+                task_loss = F.cross_entropy(logits, ys[t], label_smoothing=smoothing)
                 loss = loss + task_loss
                 with torch.no_grad():
-                    sums[t] += torch.stack([task_loss.detach().double() * len(ys[k]),
-                                            (logits.argmax(1) == ys[k]).sum().double(),
-                                            torch.tensor(float(len(ys[k])), dtype=torch.float64, device=device)])
+                    sums[t] += torch.stack([task_loss.detach().double() * len(ys[t]),
+                                            (logits.argmax(1) == ys[t]).sum().double(),
+                                            torch.tensor(float(len(ys[t])), dtype=torch.float64, device=device)])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             # the norm before any clipping, for the health check
@@ -727,7 +911,8 @@ def _check_out_dir(out_dir: Path, config: dict) -> int:
         raise UsageError(f"{out_dir} holds a run trained with an older recipe ({recipe}; now {RECIPE}) that is not "
                          f"finished; pass --retrain=True to train it again or choose another --out_dir")
     keys = list(RUN_IDENTITY) + [k for k in config if k.endswith("_data")]
-    plain = {"role": "real", "optimizer": "sgd"}  # what a run written before the setting existed was
+    # what a run written before the setting existed was
+    plain = {"role": "real", "optimizer": "sgd", "kdef_views": ["S"], "head": "split", "init": "random"}
     differ = [k for k in keys if old.get(k, plain.get(k)) != config.get(k, plain.get(k))]
     if differ:
         was = {k: old.get(k, plain.get(k)) for k in differ}
@@ -738,25 +923,92 @@ def _check_out_dir(out_dir: Path, config: dict) -> int:
     return recipe
 
 
+def source_groups(specs: dict) -> list:
+    """The tasks grouped by the images they read, in task order: [[task, ...], ...]. Tasks whose specs name the
+    same folder or file share one set of images (each image then carries every task's label); 'demo' read by an
+    identity task ('identity', 'face') and an expression task ('expression', 'emotion') is the demo faces,
+    which carry both labels, for both. Every other demo task draws its own set, as before."""
+    kinds = {t: vggface2.label_kind_for_task(t) for t in specs}
+    plain_demo = [t for t, s in specs.items() if s.strip() == "demo"]
+    faces_shared = {"identity", "expression"} <= {kinds[t] for t in plain_demo}
+    groups = {}
+    for task, spec in specs.items():
+        spec = spec.strip()
+        if spec == "demo":
+            key = ("demo", "faces" if faces_shared and kinds[task] in ("identity", "expression")
+                   else vggface2._demo_kind_for(task))
+        elif spec.startswith("demo:"):
+            key = ("demo", spec.split(":", 1)[1])
+        else:
+            key = ("path", str(Path(spec).expanduser().resolve()))
+        groups.setdefault(key, []).append(task)
+    return list(groups.values())
+
+
+def shared_groups(datasets: dict) -> list:
+    """The groups of tasks whose TaskData hold the very same image array (one set of images, several labels)."""
+    groups = []
+    for task, d in datasets.items():
+        for g in groups:
+            if datasets[g[0]].images is d.images:
+                g.append(task)
+                break
+        else:
+            groups.append([task])
+    return groups
+
+
+def _load_group(tasks: list, specs: dict, config: dict) -> dict:
+    """{task: TaskData} of tasks that read one source: loaded once, each task a view with its own labels."""
+    first = tasks[0]
+    spec = specs[first]
+    if spec.strip() == "demo" and len(tasks) > 1:
+        spec = "demo:faces"  # the identity and expression tasks of the demo: the faces carry both labels
+    data = vggface2.load_task(spec, first, config["image_size"], config.get("max_per_class"),
+                              config.get("max_classes"), config["seed"], config.get("download", False),
+                              config.get("demo_per_class", 100), kdef_views=tuple(config.get("kdef_views", ["S"])))
+    if len(tasks) == 1:
+        return {first: data}
+    views = {t: vggface2.task_view(data, t) for t in tasks}
+    chosen = {}
+    for t in tasks:
+        kind = vggface2.label_kind_for_task(t) or data.label_kind
+        if kind in chosen:
+            raise DataError(f"tasks {chosen[kind]} and {t} read the same images ({specs[t]}) and both choose its "
+                            f"{kind or 'only'} labels; name one task by the label it should use (identity or "
+                            f"face -> identity, expression or emotion -> expression)")
+        chosen[kind] = t
+    return views
+
+
 def load_datasets(config: dict) -> dict:
-    """{task: TaskData} for every `<task>_data` setting, all at `image_size`, as the run's role has them
-    (ROLES): the tasks as given, pseudo-tasks, one task alone, or resolution-matched images."""
+    """{task: TaskData} for every task (the `tasks` setting or the `<task>_data` settings), all at `image_size`,
+    as the run's role has them (ROLES): the tasks as given, pseudo-tasks, one task alone, or resolution-matched
+    images. Tasks that read the same source share one image array (`shared_groups`)."""
     role = config.get("role", "real")
     specs = task_specs(config)
     if role == "single_task":
         specs = {config["single_task"]: specs[config["single_task"]]}
     datasets = {}
-    for task, spec in specs.items():
-        datasets[task] = vggface2.load_task(spec, task, config["image_size"], config.get("max_per_class"),
-                                            config.get("max_classes"), config["seed"], config.get("download", False),
-                                            config.get("demo_per_class", 100))
-        counts = datasets[task].counts()
+    for group in source_groups(specs):
+        datasets.update(_load_group(group, specs, config))
+    datasets = {t: datasets[t] for t in specs}
+    for task, data in datasets.items():
+        counts = data.counts()
         if min(counts.values()) == 0:
-            raise DataError(f"{task}_data: {spec} gives {counts}; every split needs images (raise max_per_class)")
+            raise DataError(f"{task}: {specs[task]} gives {counts}; every split needs images (raise max_per_class)")
+    groups = shared_groups(datasets)
     if role == "pseudo_task":
+        if len(groups) < len(datasets):
+            raise DataError(f"the pseudo_task control splits the tasks' classes into two tasks over their images; "
+                            f"tasks {' and '.join('+'.join(g) for g in groups if len(g) > 1)} share their images, so "
+                            f"an image would carry two labels in one pseudo-task; leave pseudo_task out of controls")
         datasets = vggface2.pseudo_tasks(datasets, config["seed"])
     elif role == "resolution_matched":
         datasets, size = vggface2.match_resolution(datasets)
+        for g in groups:  # one resized image array per shared group, as before matching
+            for t in g[1:]:
+                datasets[t].images = datasets[g[0]].images
         if size < config["image_size"]:
             print(f"resolution-matched control: every task's images brought down to {size} px and back up to "
                   f"{config['image_size']} px")
@@ -776,7 +1028,9 @@ def run(config: dict) -> None:
         out_dir = Path(config["out_dir"])
         config = dict(config, recipe=_check_out_dir(out_dir, config))
         datasets = load_datasets(config)
-        model = build_model(config, {t: len(d.classes) for t, d in datasets.items()}).to(dist.device)
+        # the init weights only matter to a training that starts afresh: a checkpoint replaces them otherwise
+        fresh = "train" in config["stages"] and (config.get("retrain") or not (out_dir / "checkpoint.pt").exists())
+        model = build_model(config, {t: len(d.classes) for t, d in datasets.items()}, load_init=fresh).to(dist.device)
         if "lesion" in config["stages"]:
             lesion_utils.select_sites(model, config)  # an unknown lesion site stops the run before training
             if not config.get("retrain"):  # a damaged file of an earlier sweep stops it too (retrain replaces them)
@@ -789,6 +1043,7 @@ def run(config: dict) -> None:
                                            "counts": d.counts()} for t, d in datasets.items()},
                         resolved_device=str(dist.device), world_size=dist.world, lr_per_step=peak_lr(config, dist.world),
                         optimizer_used=optimizer_name(config), weight_decay_used=weight_decay(config),
+                        shared_images=[g for g in shared_groups(datasets) if len(g) > 1],
                         n_lesion_sites=len(lesion_utils.lesion_sites(model, config.get("lesion_inner", False))),
                         **provenance(dist.device))
         if dist.main:
@@ -803,9 +1058,14 @@ def run(config: dict) -> None:
             write_text(out_dir / "config.json", json.dumps(resolved, indent=1))
             summary = ", ".join(f"{t}: {len(d.classes)} classes, {d.counts()['train']} train / "
                                 f"{d.counts()['test']} test" for t, d in datasets.items())
-            print(f"{config['backbone']} on {dist.device} (x{dist.world}), {config['image_size']} px; {summary}")
+            shared = "".join(f"; {' and '.join(g)} on the same images" for g in resolved["shared_images"])
+            print(f"{config['backbone']} on {dist.device} (x{dist.world}), {config['image_size']} px; {summary}{shared}")
         dist.barrier()
-        images = {t: TaskImages(d, dist.device) for t, d in datasets.items()}
+        images = {}
+        for group in shared_groups(datasets):  # a shared group's images go to the device once
+            for t in group:
+                images[t] = TaskImages(datasets[t], dist.device, images.get(group[0]))
+        images = {t: images[t] for t in datasets}
         if "train" in config["stages"]:
             if dist.main and config["epochs"] > 0 and (config.get("retrain") or not _finished(out_dir, config)):
                 for stale in lesion_utils.SWEEP_FILES.values():  # results of an older model no longer hold

@@ -202,8 +202,9 @@ def _index_panels(df, fraction: float, group: str, values: list, colours, label,
 
 
 def gradcam_figures(run_dir: Path, examples: dict, mean_maps: dict, tasks: list, site: str) -> list:
-    """Grad-CAM overlays: example test images of each task with each head's map, and each head's mean map
-    over each task's images drawn on that task's mean image."""
+    """Grad-CAM overlays: example test images of each image set (`examples` keyed by the set's label: a task,
+    or tasks sharing their images joined by '+') with each head's map, and each head's mean map over each set's
+    images drawn on that set's mean image (mean_maps keys '<label>_images__<head>_head', '..._mean_image')."""
     _style()
     run_dir = Path(run_dir)
     written = []
@@ -223,8 +224,9 @@ def gradcam_figures(run_dir: Path, examples: dict, mean_maps: dict, tasks: list,
             ax.grid(False)
         fig.suptitle(f"Grad-CAM at {site} on {task} test images (bright = where the head looks)", fontsize=10)
         written.append(_save(fig, run_dir / "figures" / f"gradcam_{task}_images.png"))
-    fig, axes = plt.subplots(len(tasks), len(tasks), figsize=(2.6 * len(tasks), 2.6 * len(tasks)), squeeze=False)
-    for i, task in enumerate(tasks):
+    sets = list(examples)
+    fig, axes = plt.subplots(len(sets), len(tasks), figsize=(2.6 * len(tasks), 2.6 * len(sets)), squeeze=False)
+    for i, task in enumerate(sets):
         mean_image = mean_maps[f"{task}_images__mean_image"]
         for j, head in enumerate(tasks):
             ax = axes[i][j]

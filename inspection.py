@@ -76,62 +76,176 @@ def default_gradcam_site(model, image_size: int, min_side: int = 4) -> L.Site:
     return wide[-1] if wide else sites[0]
 
 
-def gradcam_analysis(model, images: dict, site: L.Site, out_dir: Path, n_images: int = 64) -> dict:
-    """Per task's test images: both heads' maps, their mean per head, and the overlap (intersection over union)
-    of the two heads' top-5% regions. Writes gradcam.npz (mean and per-image maps), gradcam_overlap.csv and
-    figures/gradcam_*.png."""
+def image_sets(images: dict, split: str = "test", n: int | None = None) -> list:
+    """[(label, [tasks], indices)]: each distinct set of `split` images once (the first n of each task's). Tasks
+    whose TaskImages hold the very same image array and the same `split` indices (e.g. identity and expression
+    labels on the same faces) form one set, labelled with their names joined by '+'."""
+    sets = []
+    for task, ti in images.items():
+        idx = ti.data.indices(split)[:n]
+        for tasks, first_idx in sets:
+            if images[tasks[0]].data.images is ti.data.images and np.array_equal(first_idx, idx):
+                tasks.append(task)
+                break
+        else:
+            sets.append(([task], idx))
+    return [("+".join(tasks), tasks, idx) for tasks, idx in sets]
+
+
+def overlap_permutation_test(regions_a: torch.Tensor, regions_b: torch.Tensor, n_perm: int = 2000, seed: int = 0,
+                             n_boot: int = 2000) -> dict:
+    """Do two heads' regions (boolean (N, H, W), image i of a paired with image i of b) overlap more on the same
+    image than when paired with other images?
+
+    The statistic is the mean over images of IoU(a_i, b_i). The null pairs a_i with b_pi(i) for seeded random
+    permutations pi of the images (the identity may occur): each head keeps its own spatial prior (a centre
+    bias, say) and only the image-by-image correspondence is broken. p is one-sided (overlap above the null)
+    with the +1 correction, (1 + #{null >= observed}) / (1 + n_perm); the interval is a 95% bootstrap over
+    images. No pixel-wise test. Returns {'mean_iou', 'ci_low', 'ci_high', 'null_mean', 'p', 'n_permutations', 'n'}."""
+    if regions_a.shape != regions_b.shape or regions_a.ndim != 3:
+        raise ValueError(f"regions of shape {tuple(regions_a.shape)} and {tuple(regions_b.shape)}; expected two "
+                         f"boolean (N, H, W) tensors of the same shape")
+    a = regions_a.flatten(1).double()
+    b = regions_b.flatten(1).double()
+    inter = a @ b.T  # (N, N): every head-a map against every head-b map
+    union = a.sum(1)[:, None] + b.sum(1)[None, :] - inter
+    iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(inter)).numpy()
+    n = iou.shape[0]
+    paired = np.diag(iou)
+    observed = float(paired.mean())
+    rng = np.random.default_rng([seed, 1])
+    perms = rng.permuted(np.tile(np.arange(n), (n_perm, 1)), axis=1)
+    null = iou[np.arange(n)[None, :], perms].mean(1)
+    boot = paired[np.random.default_rng([seed, 2]).integers(0, n, (n_boot, n))].mean(1)
+    low, high = np.quantile(boot, [0.025, 0.975])
+    return {"mean_iou": observed, "ci_low": float(low), "ci_high": float(high), "null_mean": float(null.mean()),
+            "p": float((1 + np.sum(null >= observed - 1e-12)) / (1 + n_perm)), "n_permutations": n_perm, "n": n}
+
+
+OVERLAP_COLUMNS = ("images", "head_a", "head_b", "site", "mean_iou_top5", "ci_low", "ci_high", "null_mean",
+                   "p_permutation", "n_permutations", "n")
+
+
+def gradcam_analysis(model, images: dict, site: L.Site, out_dir: Path, n_images: int = 64, n_perm: int = 2000,
+                     seed: int = 0) -> dict:
+    """Per set of test images (a task's, or one set shared by several tasks, computed once): every head's maps,
+    their mean per head, and for every pair of heads the overlap (intersection over union) of their top-5%
+    regions with a permutation test over images (overlap_permutation_test). Writes gradcam.npz (mean and
+    per-image maps under every task's name), gradcam_overlap.csv and figures/gradcam_*.png."""
     tasks = list(images)
-    mean_maps, per_image, rows, examples = {}, {}, [], {}
-    for task in tasks:
-        idx = images[task].data.indices("test")[:n_images]
-        x, _ = images[task].batch(idx)
+    mean_maps, per_image, rows, examples, shown = {}, {}, [], {}, {}
+    for label, group, idx in image_sets(images, "test", n_images):
+        x, _ = images[group[0]].batch(idx)
         xn = vggface2.normalize(x)
         maps = {head: gradcam(model, xn, site, head).cpu() for head in tasks}
         regions = {head: top_region(m) for head, m in maps.items()}
         for i, a in enumerate(tasks):
             for b in tasks[i + 1:]:
-                inter = (regions[a] & regions[b]).flatten(1).sum(1).float()
-                union = (regions[a] | regions[b]).flatten(1).sum(1).float()
-                iou = (inter / union).numpy()
-                rows.append({"images": task, "head_a": a, "head_b": b, "site": site.name,
-                             "mean_iou_top5": f"{iou.mean():.4f}", "sd": f"{iou.std():.4f}", "n": len(iou)})
+                t = overlap_permutation_test(regions[a], regions[b], n_perm, seed)
+                rows.append({"images": label, "head_a": a, "head_b": b, "site": site.name,
+                             "mean_iou_top5": f"{t['mean_iou']:.4f}", "ci_low": f"{t['ci_low']:.4f}",
+                             "ci_high": f"{t['ci_high']:.4f}", "null_mean": f"{t['null_mean']:.4f}",
+                             "p_permutation": f"{t['p']:.4g}", "n_permutations": t["n_permutations"], "n": t["n"]})
+        mean_image = x.mean(0).permute(1, 2, 0).cpu().numpy()
         for head in tasks:
-            mean_maps[f"{task}_images__{head}_head"] = maps[head].mean(0).numpy()
-            per_image[f"{task}_images__{head}_head__per_image"] = maps[head].numpy().astype(np.float16)
-        mean_maps[f"{task}_images__mean_image"] = x.mean(0).permute(1, 2, 0).cpu().numpy()
-        examples[task] = (x[:6].permute(0, 2, 3, 1).cpu().numpy(), {h: maps[h][:6].numpy() for h in tasks})
+            shown[f"{label}_images__{head}_head"] = maps[head].mean(0).numpy()
+        shown[f"{label}_images__mean_image"] = mean_image
+        for task in group:  # the npz keeps a key per task, as before sets were shared
+            for head in tasks:
+                mean_maps[f"{task}_images__{head}_head"] = shown[f"{label}_images__{head}_head"]
+                per_image[f"{task}_images__{head}_head__per_image"] = maps[head].numpy().astype(np.float16)
+            mean_maps[f"{task}_images__mean_image"] = mean_image
+        examples[label] = (x[:6].permute(0, 2, 3, 1).cpu().numpy(), {h: maps[h][:6].numpy() for h in tasks})
     np.savez_compressed(out_dir / "gradcam.npz", site=site.name, **mean_maps, **per_image)
-    write_csv(out_dir / "gradcam_overlap.csv", ("images", "head_a", "head_b", "site", "mean_iou_top5", "sd", "n"), rows)
-    return {"figures": figures.gradcam_figures(out_dir, examples, mean_maps, tasks, site.name), "overlap": rows}
+    write_csv(out_dir / "gradcam_overlap.csv", OVERLAP_COLUMNS, rows)
+    return {"figures": figures.gradcam_figures(out_dir, examples, shown, tasks, site.name), "overlap": rows}
 
 
 # ----------------------------------------------------------------------------------------------------------
 # preferred stimuli
 
 
-def _ranked_filters(out_dir: Path, site: L.Site, tasks: list, n: int):
-    """(method, {task: top n filters of the site}) from rankings.json: the loss ranking when there is one,
-    else activation; (None, {}) when the site was not ranked."""
-    path = out_dir / "rankings.json"
-    ranking = json.loads(path.read_text()).get(site.name, {}) if path.exists() else {}
-    method = next((m for m in ("loss", "greedy", "activation", "taylor") if m in ranking), None)
+RANK_METHODS = ("loss", "greedy", "activation", "taylor")  # the rankings whose top filters are shown, by preference
+
+
+def _read_rankings(out_dir: Path) -> dict:
+    path = Path(out_dir) / "rankings.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _ranked_filters(out_dir: Path, site: L.Site, tasks: list, n: int, rankings: dict | None = None):
+    """(method, {task: top n filters of the site}) from rankings.json (or `rankings`, its contents): the loss
+    ranking when there is one, else activation; (None, {}) when the site was not ranked."""
+    ranking = (_read_rankings(out_dir) if rankings is None else rankings).get(site.name, {})
+    method = next((m for m in RANK_METHODS if m in ranking), None)
     if method is None:
         return None, {}
     return method, {t: ranking[method][t]["order"][:n] for t in tasks if t in ranking[method]}
 
 
+def conv_stages(model: nn.Module) -> list:
+    """[(stage name, [lesion sites of the stage in depth order])]. A stage ends at a max-pool (VGG: block1 ..
+    block5) or where the sites' parent module changes (ResNet/ResNeXt: the stem, then layer1 .. layer4)."""
+    from torchvision.models.resnet import Bottleneck
+
+    sites = {s.name: s for s in L.lesion_sites(model)}
+    residual = any(isinstance(m, Bottleneck) for m in model.modules())
+    stages, current, pooled, parent = [], [], False, None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.MaxPool2d):
+            pooled = True
+        if name not in sites:
+            continue
+        up = name.rsplit(".", 1)[0] if "." in name else ""
+        if current and (pooled or up != parent):
+            stages.append(current)
+            current = []
+        current.append(sites[name])
+        pooled, parent = False, up
+    if current:
+        stages.append(current)
+
+    def stage_name(k, stage):
+        if not residual:
+            return f"block{k + 1}"
+        if not isinstance(stage[0].module, Bottleneck):
+            return "stem"
+        return stage[0].name.rsplit(".", 1)[0].rsplit(".", 1)[-1]
+
+    return [(stage_name(k, st), st) for k, st in enumerate(stages)]
+
+
+def stage_sites(model: nn.Module) -> list:
+    """The last lesion site of every conv stage (conv_stages): VGG's last conv before each max-pool, ResNet's
+    stem and the last block of layer1 .. layer4."""
+    return [st[-1] for _, st in conv_stages(model)]
+
+
+def _shared(images: dict) -> tuple:
+    """({task: label of its test-image set}, {one task per set: its TaskImages}) of image_sets on the test split."""
+    sets = image_sets(images, "test")
+    return {t: label for label, tasks, _ in sets for t in tasks}, {tasks[0]: images[tasks[0]] for _, tasks, _ in sets}
+
+
 @torch.inference_mode()
-def top_images(model, images: dict, site: L.Site, filters: list, n: int = 8) -> list:
-    """Per filter: the n test images (of all tasks) with the highest spatially averaged activation."""
-    batches = L.image_batches(images, "test")
-    acts = L.site_activations(model, [site], batches)[site.name]
-    pool = [(t, i) for t in images for i in images[t].data.indices("test")]
-    all_acts = np.concatenate([acts[t] for t in images])
+def top_images(model, images: dict, site: L.Site, filters: list, n: int = 8, acts: dict | None = None) -> list:
+    """Per filter: the n test images (of all tasks, a set shared by several tasks counted once) with the highest
+    spatially averaged activation, as (task, index, activation). `acts`: the site's {task: (N, C) activations}
+    when already computed (site_activations over the shared sets' test images)."""
+    _, distinct = _shared(images)
+    if acts is None:
+        acts = L.site_activations(model, [site], L.image_batches(distinct, "test"))[site.name]
+    pool = [(t, i) for t in distinct for i in images[t].data.indices("test")]
+    all_acts = np.concatenate([acts[t] for t in distinct])
     out = []
     for f in filters:
         order = np.argsort(-all_acts[:, f], kind="stable")[:n]
         out.append([(pool[k][0], pool[k][1], float(all_acts[k, f])) for k in order])
     return out
+
+
+class _Reached(Exception):
+    """Raised by maximise's hook once the site's output is in hand."""
 
 
 def maximise(model, site: L.Site, filters: list, image_size: int, steps: int = 200, seed: int = 0,
@@ -144,7 +258,12 @@ def maximise(model, site: L.Site, filters: list, image_size: int, steps: int = 2
     x = (0.5 * torch.randn(len(filters), 3, image_size, image_size, generator=gen)).to(device).requires_grad_(True)
     opt = torch.optim.Adam([x], lr=lr)
     store = {}
-    handle = site.module.register_forward_hook(lambda m, i, o: store.__setitem__("a", o))
+
+    def grab(module, inputs, output):
+        store["a"] = output
+        raise _Reached  # nothing after the site matters: an early site costs a fraction of a full pass
+
+    handle = site.module.register_forward_hook(grab)
     index = torch.arange(len(filters), device=device)
     chosen = torch.as_tensor(filters, device=device)
     try:
@@ -152,7 +271,10 @@ def maximise(model, site: L.Site, filters: list, image_size: int, steps: int = 2
             dy, dx = torch.randint(-jitter, jitter + 1, (2,), generator=gen).tolist()
             shifted = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
             with torch.enable_grad():
-                model(shifted.tanh())
+                try:
+                    model(shifted.tanh())
+                except _Reached:
+                    pass
                 a = store["a"].float().clamp(min=0) if store["a"].ndim == 4 else store["a"].float()
                 score = a[index, chosen].mean(dim=(1, 2)) if a.ndim == 4 else a[index, chosen]
                 tv = (x[:, :, 1:] - x[:, :, :-1]).abs().mean() + (x[:, :, :, 1:] - x[:, :, :, :-1]).abs().mean()
@@ -167,23 +289,37 @@ def maximise(model, site: L.Site, filters: list, image_size: int, steps: int = 2
 
 
 def stimuli_analysis(model, images: dict, sites: list, out_dir: Path, n_filters: int = 4, n_images: int = 8,
-                     steps: int = 200, seed: int = 0) -> list:
-    """For each chosen site: top test images and an activation-maximisation image of its most face- and most
-    object-ranked filters (rankings.json). Writes figures/stimuli_<site>.png and stimuli.json."""
+                     steps: int = 200, seed: int = 0, stages: list | None = None) -> list:
+    """For each chosen site: top test images and an activation-maximisation image of its most task-ranked
+    filters (rankings.json). Writes figures/stimuli_<site>.png and stimuli.json (every site, with its stage
+    name from `stages` when given, and why it was skipped when it was not ranked)."""
     tasks = list(images)
+    rankings = _read_rankings(out_dir)
+    chosen = [(site, *_ranked_filters(out_dir, site, tasks, n_filters, rankings)) for site in sites]
+    ranked_sites = [site for site, _, ranked in chosen if ranked]
+    label_of, distinct = _shared(images)
+    # one pass over the test images for every site's top images
+    acts = L.site_activations(model, ranked_sites, L.image_batches(distinct, "test")) if ranked_sites else {}
     written, summary = [], {}
-    for site in sites:
-        method, ranked = _ranked_filters(out_dir, site, tasks, n_filters)
+    for k, (site, method, ranked) in enumerate(chosen):
+        entry = {"stage": stages[k]} if stages else {}
         if not ranked:
+            summary[site.name] = dict(entry, skipped="not ranked in rankings.json (not a lesioned site)")
             continue
         filters = [(t, f) for t in tasks if t in ranked for f in ranked[t]]
-        tops = top_images(model, images, site, [f for _, f in filters], n_images)
+        tops = top_images(model, images, site, [f for _, f in filters], n_images, acts=acts[site.name])
         synth = maximise(model, site, [f for _, f in filters], images[tasks[0]].data.image_size, steps, seed)
-        grids = [(t, f, [(images[src].data.images[i], f"{src}: {images[src].data.classes[images[src].data.labels[i]]}")
-                         for src, i, _ in top], synth[k]) for k, ((t, f), top) in enumerate(zip(filters, tops))]
+
+        def caption(src, i):  # every task that labels the image
+            return "; ".join(f"{t}: {images[t].data.classes[images[t].data.labels[i]]}"
+                             for t in label_of[src].split("+"))
+
+        grids = [(t, f, [(images[src].data.images[i], caption(src, i)) for src, i, _ in top], synth[j])
+                 for j, ((t, f), top) in enumerate(zip(filters, tops))]
         written.append(figures.stimuli_figure(out_dir, site.name, method, grids))
-        summary[site.name] = {"method": method, "filters": {t: ranked[t] for t in ranked},
-                              "top_images": {f"{t}:{f}": [src for src, _, _ in top] for (t, f), top in zip(filters, tops)}}
+        summary[site.name] = dict(entry, method=method, filters={t: ranked[t] for t in ranked},
+                                  top_images={f"{t}:{f}": [label_of[src] for src, _, _ in top]
+                                              for (t, f), top in zip(filters, tops)})
     write_text(out_dir / "stimuli.json", json.dumps(summary, indent=1))
     return written
 
@@ -240,17 +376,28 @@ def gradcam_step(model, images: dict, config: dict, out_dir: Path) -> list:
     """The figures stage's Grad-CAM: every head on every task's first 64 test images."""
     site = _site_for_gradcam(model, images, config)
     print(f"Grad-CAM: {len(images)} heads at {site.name} on up to 64 test images per task", flush=True)
-    return gradcam_analysis(model.eval(), images, site, Path(out_dir))["figures"]
+    return gradcam_analysis(model.eval(), images, site, Path(out_dir), seed=config["seed"])["figures"]
+
+
+def stimuli_sites(model, rankings: dict) -> list:
+    """[(stage name, site)]: per conv stage (conv_stages) its last site, or where that site was not lesioned
+    (lesion_layers), the stage's deepest site that was (rankings.json); the last site when none was."""
+    def ranked(site):
+        return any(m in rankings.get(site.name, {}) for m in RANK_METHODS)
+
+    return [(name, next((s for s in reversed(st) if ranked(s)), st[-1])) for name, st in conv_stages(model)]
 
 
 def stimuli_step(model, images: dict, config: dict, out_dir: Path) -> list:
-    """The figures stage's preferred stimuli: a middle and the last site, the filters ranked first for each task."""
-    sites = L.lesion_sites(model)
-    chosen = [sites[len(sites) // 2], sites[-1]]
+    """The figures stage's preferred stimuli: at the last site of every conv stage, the filters ranked first for
+    each task."""
+    chosen = stimuli_sites(model, _read_rankings(out_dir))
     steps = config.get("stimulus_steps", 200)
     print(f"preferred stimuli: top test images and {steps}-step activation maximisation of the 4 filters ranked "
-          f"first for each task at {', '.join(s.name for s in chosen)}", flush=True)
-    return stimuli_analysis(model.eval(), images, chosen, Path(out_dir), steps=steps, seed=config["seed"])
+          f"first for each task at the last site of each of {len(chosen)} stages: "
+          f"{', '.join(f'{s.name} ({n})' for n, s in chosen)}", flush=True)
+    return stimuli_analysis(model.eval(), images, [s for _, s in chosen], Path(out_dir), steps=steps,
+                            seed=config["seed"], stages=[n for n, _ in chosen])
 
 
 def decoding_step(model, images: dict, config: dict, out_dir: Path) -> list:

@@ -168,7 +168,9 @@ class SiteRunner:
         finally:
             if handle is not None:
                 handle.remove()
-        return {t: head(x).view(m, b, -1) for t, head in self.model.heads.items()}
+        outputs = getattr(self.model, "head_outputs", None)  # DualTaskNet's, split or joint; a plain net: its heads
+        logits = outputs(x) if outputs is not None else {t: head(x) for t, head in self.model.heads.items()}
+        return {t: out.view(m, b, -1) for t, out in logits.items()}
 
 
 def image_batches(images: dict, split: str = "test", batch_size: int = 200, n_per_task=None, seed: int = 0) -> list:
@@ -176,13 +178,18 @@ def image_batches(images: dict, split: str = "test", batch_size: int = 200, n_pe
     into batches, on the images' device. Loaded once and reused for every lesion."""
     batches = []
     rng = np.random.default_rng(seed)
+    loaded = {}  # tasks sharing their images (one array) get the very same tensor for the same images
     for task, ti in images.items():
         idx = ti.data.indices(split)
         if n_per_task is not None and n_per_task < len(idx):
             idx = np.sort(rng.choice(idx, n_per_task, replace=False))
         for start in range(0, len(idx), batch_size):
-            x, y = ti.batch(idx[start:start + batch_size])
-            batches.append((task, vggface2.normalize(x), y))
+            chunk = idx[start:start + batch_size]
+            key = (id(ti.data.images), chunk.tobytes())
+            x, y = ti.batch(chunk)
+            if key not in loaded:
+                loaded[key] = vggface2.normalize(x)
+            batches.append((task, loaded[key], y))
     return batches
 
 
@@ -199,20 +206,26 @@ def evaluate_lesions(model: nn.Module, site: Site, lesions: list, batches: list,
     runner = SiteRunner(model, site)
     masks = [lesion_mask(ch, site.n_filters, None if mode == "zero" else means) for ch in lesions]
     results = [{} for _ in lesions]
+    # batches holding the same image tensor (tasks that share their images) are run once, scored by each head
+    unique = {}
     for task, x, y in batches:
+        unique.setdefault(id(x), (x, []))[1].append((task, y))
+    for x, scored in unique.values():
         with autocast(x.device):
             cached = runner.prefix(x)
             for start in range(0, len(masks), masks_per_pass):
                 group = masks[start:start + masks_per_pass]
                 keep = torch.stack([k for k, _ in group])
                 add = torch.stack([a for _, a in group])
-                logits = runner.suffix(cached, keep, add)[task].float()
-                for k in range(len(group)):
-                    loss = nn.functional.cross_entropy(logits[k], y, reduction="none")
-                    correct = logits[k].argmax(1) == y
-                    entry = results[start + k].setdefault(task, {"correct": [], "loss": []})
-                    entry["correct"].append(correct.cpu())
-                    entry["loss"].append(loss.cpu())
+                out = runner.suffix(cached, keep, add)
+                for task, y in scored:
+                    logits = out[task].float()
+                    for k in range(len(group)):
+                        loss = nn.functional.cross_entropy(logits[k], y, reduction="none")
+                        correct = logits[k].argmax(1) == y
+                        entry = results[start + k].setdefault(task, {"correct": [], "loss": []})
+                        entry["correct"].append(correct.cpu())
+                        entry["loss"].append(loss.cpu())
     return [{t: {"correct": torch.cat(v["correct"]).numpy(), "loss": torch.cat(v["loss"]).numpy()}
              for t, v in r.items()} for r in results]
 
@@ -410,9 +423,10 @@ def rank_site(model, site: Site, rank_batches: list, tasks: list, methods, rando
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise UsageError(f"unknown lesion method(s) {bad}; expected some of {list(METHODS)}")
-    unknown = [t for t in tasks if t not in model.heads]
+    known = list(getattr(model, "tasks", None) or model.heads)  # a joint output layer has no per-task heads
+    unknown = [t for t in tasks if t not in known]
     if unknown:
-        raise UsageError(f"unknown task(s) {unknown}; the model's tasks are {list(model.heads)}")
+        raise UsageError(f"unknown task(s) {unknown}; the model's tasks are {known}")
     out = {}
     if "activation" in methods:
         acts = site_activations(model, [site], rank_batches)[site.name]
@@ -511,18 +525,24 @@ def random_pair_indices(drop_a: np.ndarray, drop_b: np.ndarray) -> np.ndarray:
 
 
 def dissociation_rows(site: Site, conditions: list, results: list, intact: dict, chance: dict, tasks: list,
-                      n_boot: int = 1000, seed: int = 0) -> list:
+                      n_boot: int = 1000, seed: int = 0, paired: bool = False) -> list:
     """Per method and fraction: the double-dissociation index
     [drop_a(a-filters) - drop_a(b-filters)] + [drop_b(b-filters) - drop_b(a-filters)] of chance-corrected
     accuracy drops, its 95% bootstrap interval over test images, and where random lesions of the same size
     place it (empirical p-values: the targeted lesion's own-task drop against the random lesions' drops, and
     the index against indices made of two random lesions, `random_pair_indices`, whose range is null_low to
-    null_high)."""
+    null_high).
+
+    paired: the two tasks are scored on the same test images, in the same order (tasks that share their images):
+    each bootstrap resample then draws the same images for both, keeping the correlation of an image's two
+    outcomes in the interval."""
     if len(tasks) < 2:
         return []
     a, b = tasks[:2]
     rng = np.random.default_rng([seed, site.depth, 99])
     samples = {t: rng.integers(0, len(intact[t]["correct"]), (n_boot, len(intact[t]["correct"]))) for t in (a, b)}
+    if paired and len(intact[a]["correct"]) == len(intact[b]["correct"]):
+        samples[b] = samples[a]
     base = {t: intact[t]["correct"].mean() for t in (a, b)}
     boot_base = {t: intact[t]["correct"][samples[t]].mean(1) for t in (a, b)}
     by_key = {(m, tg, r, f): res for (m, tg, r, f, _), res in zip(conditions, results)}
@@ -798,6 +818,7 @@ def lesion_stage(model: nn.Module, images: dict, config: dict, out_dir: Path, ra
     train_sample = image_batches(images, "train", n_per_task=config.get("rank_images", 256), seed=config["seed"])
     intact = evaluate_lesions(model, sites[0], [[]], test)[0]
     chance = {t: images[t].data.chance for t in tasks}
+    paired = len(tasks) >= 2 and images[tasks[0]].data.images is images[tasks[1]].data.images  # one image set
     summary = {t: _summary(intact[t]) for t in tasks}
     per_image.update({f"intact|{t}": np.asarray(intact[t]["correct"], dtype=bool) for t in tasks})
     matched = matched_subsets({t: intact[t]["correct"] for t in tasks}, config["seed"]) \
@@ -839,7 +860,8 @@ def lesion_stage(model: nn.Module, images: dict, config: dict, out_dir: Path, ra
                                             matched, intact)
                 if per_class_wanted:
                     out["per_class"] += _per_class_rows(site, method, target, repeat, f, res, labels, classes)
-        out["diss"] = dissociation_rows(site, conditions, results, intact, chance, tasks, seed=config["seed"])
+        out["diss"] = dissociation_rows(site, conditions, results, intact, chance, tasks, seed=config["seed"],
+                                        paired=paired)
         if matched is not None:
             on_matched = dissociation_rows(site, conditions, [_restrict(r, matched) for r in results],
                                            _restrict(intact, matched), chance, tasks, seed=config["seed"])

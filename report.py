@@ -407,24 +407,45 @@ def build_report(run_dir) -> Path:
 
     r.section("Where each head looks (Grad-CAM)")
     if not r.failed("Grad-CAM"):
-        for t in tasks:
-            r.figure(f"gradcam_{t}_images.png", f"{t} test images and, below them, each head's Grad-CAM map: the "
-                     f"regions whose activation raises that head's predicted score.")
-        r.figure("gradcam_mean.png", "Each head's mean map over each task's test images, drawn on that task's "
-                 "mean image.")
         overlap = run_dir / "gradcam_overlap.csv"
-        if overlap.exists():
+        overlap_rows = read_csv(overlap, ("images", "head_a", "head_b", "mean_iou_top5")) if overlap.exists() else []
+        # one set of test images per task, or one set shared by tasks labelling the same images ('a+b')
+        for t in list(dict.fromkeys(row["images"] for row in overlap_rows)) or tasks:
+            shared = " (the same images for these tasks)" if "+" in t else ""
+            r.figure(f"gradcam_{t}_images.png", f"{t.replace('+', ' and ')} test images{shared} and, below them, "
+                     f"each head's Grad-CAM map: the regions whose activation raises that head's predicted score.")
+        r.figure("gradcam_mean.png", "Each head's mean map over each set of test images, drawn on that set's "
+                 "mean image.")
+        if overlap_rows and "p_permutation" in overlap_rows[0]:
+            r.what("Overlap (intersection over union, IoU) of two heads' top-5% regions on the same image, averaged "
+                   "over the images (1 = they attend to the same pixels), with its 95% bootstrap interval over "
+                   "images; null_mean is the mean IoU when one head's map of an image is paired with the other "
+                   "head's map of another image (random permutations of the images), which keeps each head's own "
+                   "spatial prior such as a centre bias, and p_permutation is the one-sided permutation p-value of "
+                   "the overlap exceeding that chance pairing.")
+        elif overlap_rows:
             r.what("Overlap (intersection over union) of the two heads' top-5% regions on the same images: 1 = "
                    "they attend to the same pixels.")
-            r.raw(_table(read_csv(overlap), ["images", "head_a", "head_b", "site", "mean_iou_top5", "sd", "n"]))
+        if overlap_rows:
+            shown = [c for c in OVERLAP_SHOWN if c in overlap_rows[0]]
+            r.raw(_table(overlap_rows, shown))
+            r.raw(f"<p>{html.escape(overlap_reading(overlap_rows))}</p>")
 
     r.section("Preferred stimuli")
     if not r.failed("preferred stimuli"):
         stimuli = sorted((run_dir / "figures").glob("stimuli_*.png")) if (run_dir / "figures").exists() else []
+        stages = _stimuli_stages(run_dir)  # {figure name: (site, stage)} in depth order, from stimuli.json
+        stimuli.sort(key=lambda path: list(stages).index(path.name) if path.name in stages else len(stages))
         for path in stimuli:
-            r.figure(path.name, "For the most task-ranked filters of this site: the test images that activate "
-                     "each most (labelled with their task and class) and a synthetic image grown by gradient "
-                     "ascent from noise.")
+            site, stage, _ = stages.get(path.name, (None, None, None))
+            where = f"Stage {stage}, {site}: f" if stage else "F"
+            r.figure(path.name, f"{where}or the most task-ranked filters of this site: the test images that "
+                     "activate each most (labelled with their task and class) and a synthetic image grown by "
+                     "gradient ascent from noise.")
+        unranked = [f"{stage} ({site})" for site, stage, skipped in stages.values() if skipped and stage]
+        if unranked:
+            r.what(f"No preferred stimuli at stage(s) {', '.join(unranked)}: none of the stage's sites was lesioned "
+                   f"(lesion_layers), so none has a filter ranking.")
         if not stimuli:
             r.skip("no figures/stimuli_*.png: they need rankings.json from the lesion stage and the figures stage")
 
@@ -450,6 +471,48 @@ def build_report(run_dir) -> Path:
     out = run_dir / "report.html"
     write_text(out, page)
     return out
+
+
+# gradcam_overlap.csv's columns as the report shows them; a run written before the permutation test has sd
+# instead of ci_low .. n_permutations, and the report shows what it has
+OVERLAP_SHOWN = ("images", "head_a", "head_b", "site", "mean_iou_top5", "ci_low", "ci_high", "sd", "null_mean",
+                 "p_permutation", "n_permutations", "n")
+
+
+def _p_small(p: float) -> str:
+    return f"{p:.3f}" if p >= 0.001 else f"{p:.1g}"
+
+
+def overlap_reading(rows: list) -> str:
+    """One sentence reading gradcam_overlap.csv: for each set of images and pair of heads, whether the heads
+    attend to the same image-specific regions more than chance pairing of images (p_permutation < ALPHA)."""
+    if not rows or "p_permutation" not in rows[0]:
+        return ("These overlaps predate the permutation test over images (rerun the figures stage for it), so they "
+                "cannot tell heads that attend to the same image-specific regions from heads that share a spatial "
+                "prior such as a centre bias.")
+    parts = []
+    for row in rows:
+        iou, low, high = _num(row["mean_iou_top5"]), _num(row.get("ci_low")), _num(row.get("ci_high"))
+        null, p = _num(row.get("null_mean")), _num(row["p_permutation"])
+        who = f"on {row['images'].replace('+', ' and ')} images the {row['head_a']} and {row['head_b']} heads"
+        numbers = (f"IoU {iou:.2f} [{low:.2f}, {high:.2f}] against {null:.2f} under chance pairing, "
+                   f"p = {_p_small(p)}" if math.isfinite(p) else "no p-value")
+        if p < ALPHA:
+            parts.append(f"{who} attend to the same image-specific regions more than chance pairing ({numbers})")
+        else:
+            parts.append(f"{who} are not shown to attend to the same image-specific regions more than chance "
+                         f"pairing ({numbers})")
+    text = "; ".join(parts)
+    return f"{text[0].upper()}{text[1:]} (one-sided permutation test over images, p < {ALPHA})."
+
+
+def _stimuli_stages(run_dir: Path) -> dict:
+    """{figure name: (site, stage name, skipped)} of stimuli.json in its (depth) order; the stage is None for a
+    run written before stimuli.json named stages; {} without the file."""
+    path = run_dir / "stimuli.json"
+    summary = read_json(path, lambda v: isinstance(v, dict), "preferred stimuli by site") if path.exists() else {}
+    return {f"stimuli_{site.replace('.', '_')}.png": (site, entry.get("stage"), "skipped" in entry)
+            for site, entry in summary.items() if isinstance(entry, dict)}
 
 
 def _dissociation_table(rows: list) -> str:

@@ -1,7 +1,8 @@
 """All data for the dual-task experiments, in one format.
 
-Every source (VGGFace2, CIFAR-10, a folder of class folders, the offline demo set) becomes a `TaskData`:
-uint8 images (N, H, W, 3), int64 labels, class names and a split per image (0 train, 1 val, 2 test).
+Every source (VGGFace2, CIFAR-10, FER2013, KDEF, VoxCeleb frames, a folder of class folders, the offline demo
+set) becomes a `TaskData`: uint8 images (N, H, W, 3), int64 labels, class names and a split per image (0 train,
+1 val, 2 test), plus what the labels are (`label_kind`) and any further labels of the same images (`extra`).
 Training, lesions and figures all read that one format. A preprocessed copy lives in a folder holding
 `images.npy`, `labels.npy`, `split.npy` and `meta.json`, loaded memory-mapped.
 
@@ -28,7 +29,7 @@ import shutil
 import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,12 @@ class TaskData:
     source: str = ""
     extra: dict = field(default_factory=dict)  # further per-image arrays, e.g. the demo's expression
     native_size: int | None = None  # the source's own resolution (median shorter side, px) before any resizing
+    # what `labels` are: "identity", "expression", or "" when unknown or generic (object categories, a plain
+    # class-folder tree); `task_view` uses it to give each task the labels its name asks for
+    label_kind: str = ""
+    # class names of the label arrays in `extra`, e.g. {"expression": ["afraid", ...]}; an extra array without
+    # an entry here is per-image data that is not a label (none so far)
+    extra_classes: dict = field(default_factory=dict)
 
     @property
     def chance(self) -> float:
@@ -92,7 +99,8 @@ class TaskData:
         # meta.json first: it marks a half-written <out>.tmp as this module's, so a later save may remove it
         meta = {"name": self.name, "classes": list(self.classes), "source": self.source,
                 "image_size": self.image_size, "counts": self.counts(), "extra": sorted(self.extra),
-                "native_size": self.native_size}
+                "native_size": self.native_size, "label_kind": self.label_kind,
+                "extra_classes": {k: list(v) for k, v in self.extra_classes.items()}}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         np.save(tmp / "images.npy", np.ascontiguousarray(self.images))
         np.save(tmp / "labels.npy", self.labels.astype(np.int64))
@@ -154,14 +162,27 @@ def _check_out(out: Path, overwrite: bool = False) -> None:
 
 
 def load_task(spec: str, task: str, image_size: int, max_per_class=None, max_classes=None, seed: int = 0,
-              download: bool = False, demo_per_class: int = 100) -> TaskData:
+              download: bool = False, demo_per_class: int = 100, kdef_views=("S",)) -> TaskData:
     """Load one task's data from `spec` and bring it to `image_size` pixels.
 
     spec: 'demo' (the procedural set matching the task name: faces for 'face'/'identity', expressions for
     'expression', objects otherwise), 'demo:faces' / 'demo:objects' / 'demo:expression', a VGGFace2 root,
-    a CIFAR-10 root (holding cifar-10-batches-py/), a cache folder written by this module, or a folder with
-    one subfolder per class (train/ and test/ subfolders are used when present).
+    a CIFAR-10 root (holding cifar-10-batches-py/), a cache folder written by this module, FER2013's CSV (the
+    file, or a folder holding fer2013.csv), a KDEF root (photographs named like AF01ANS.JPG anywhere below it;
+    `kdef_views` chooses the camera angles), VoxCeleb face frames (id10001/<video>/<frame>.jpg), or a folder
+    with one subfolder per class (train/ and test/ subfolders are used when present; FER2013's class folders
+    with PublicTest_/PrivateTest_ files in test/ keep FER2013's own split).
+
+    The layouts are told apart in this order, the first that fits wins: a cache (meta.json + images.npy);
+    CIFAR-10 (cifar-10-batches-py/); VGGFace2 (bb_landmark/, or train/nXXXXXX/); a .csv file or fer2013.csv in
+    the folder; KDEF (most of the first few hundred image names below the root read as KDEF names, whatever
+    the folders: the release's one folder per session and person would otherwise pass for class folders);
+    VoxCeleb (no train/ + test/ pair, and at least 2 class folders whose images all lie one folder deeper, in
+    video folders); otherwise class folders.
+
+    The task's labels are the source's own (`labels`); `task_view` gives a task another of its labels.
     """
+    kdef_views = _kdef_views(kdef_views)  # checked whatever the source, so a mistyped setting never waits
     if spec.startswith("demo"):
         kind = spec.split(":", 1)[1] if ":" in spec else _demo_kind_for(task)
         per_class = demo_per_class if max_per_class is None else min(demo_per_class, max_per_class)
@@ -174,9 +195,16 @@ def load_task(spec: str, task: str, image_size: int, max_per_class=None, max_cla
         root.mkdir(parents=True, exist_ok=True)  # an empty or new folder asked to download: CIFAR-10
     if not root.exists():
         raise DataError(f"{task}_data: {spec} does not exist; expected 'demo', a VGGFace2 root, a CIFAR-10 root, "
-                        f"a cache folder made by vggface2.py, or a folder with one subfolder per class")
+                        f"a cache folder made by vggface2.py, FER2013's fer2013.csv, a KDEF root, VoxCeleb frames "
+                        f"(identity/video/frame.jpg), or a folder with one subfolder per class")
+    if root.is_file() and root.suffix.lower() == ".csv":  # FER2013 comes as one CSV file
+        data = load_fer2013_csv(root, max_per_class=max_per_class, max_classes=max_classes, seed=seed)
+        data.name = task
+        if data.image_size != image_size:
+            data.images = resize_images(data.images, image_size)
+        return data
     if not root.is_dir() or not os.access(root, os.R_OK | os.X_OK):
-        raise DataError(f"{task}_data: {spec} is not a readable folder")
+        raise DataError(f"{task}_data: {spec} is not a readable folder (nor a FER2013 .csv file)")
     try:
         if (root / "meta.json").exists() and (root / "images.npy").exists():
             data = load_cache(root)
@@ -187,6 +215,14 @@ def load_task(spec: str, task: str, image_size: int, max_per_class=None, max_cla
                                 download=download)
         elif is_vggface2_root(root):
             data = load_vggface2(root, image_size, identities=max_classes, per_identity=max_per_class, seed=seed)
+        elif (root / FER2013_CSV).is_file():  # the Kaggle archive unpacks to fer2013/fer2013.csv
+            data = load_fer2013_csv(root / FER2013_CSV, max_per_class=max_per_class, max_classes=max_classes,
+                                    seed=seed)
+        elif is_kdef_root(root):
+            data = load_kdef(root, image_size, views=kdef_views, max_per_class=max_per_class,
+                             max_classes=max_classes, seed=seed)
+        elif is_voxceleb_root(root):
+            data = load_voxceleb(root, image_size, max_per_class=max_per_class, max_classes=max_classes, seed=seed)
         else:
             data = load_folder(root, image_size, max_per_class=max_per_class, max_classes=max_classes, seed=seed)
     except OSError as e:  # a folder inside the data that cannot be listed (images themselves are skipped)
@@ -199,11 +235,63 @@ def load_task(spec: str, task: str, image_size: int, max_per_class=None, max_cla
 
 
 def _demo_kind_for(task: str) -> str:
-    if task in ("face", "faces", "identity"):
-        return "faces"
-    if task in ("expression", "expressions"):
-        return "expression"
-    return "objects"
+    """The demo set a task name asks for: the faces for an identity task, expressions for an expression task
+    (the same names as `label_kind_for_task`), the objects otherwise."""
+    return {"identity": "faces", "expression": "expression"}.get(label_kind_for_task(task), "objects")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# one set of images, several labels: a task's view
+
+
+_TASK_LABEL_KINDS = {"identity": "identity", "face": "identity", "faces": "identity", "id": "identity",
+                     "expression": "expression", "expressions": "expression", "emotion": "expression",
+                     "emotions": "expression"}
+
+
+def label_kind_for_task(task: str) -> str | None:
+    """The label kind a task's name asks for: 'identity' for identity / face / faces / id, 'expression' for
+    expression(s) / emotion(s), None for any other name (the task takes the source's own labels)."""
+    return _TASK_LABEL_KINDS.get(task)
+
+
+def task_view(data: TaskData, task: str) -> TaskData:
+    """`data` as task `task` sees it: the labels the task's name asks for (`label_kind_for_task`).
+
+    - the name asks for no kind (None), or for the kind `data.labels` already are: `data` itself, its name
+      set to `task`;
+    - the kind is one of `data.extra`'s label arrays (e.g. a KDEF or demo-face set's expression, read by an
+      expression task): a new TaskData sharing the very same `images` and `split` arrays (no copy, so two tasks
+      over one source cost one image array and see the same train / val / test images), with that array as
+      labels and its `extra_classes` as classes; the primary labels move into the view's extra under
+      `data.label_kind`, so the view still carries both;
+    - otherwise (the source lacks that label, or its labels are of unknown kind ""): DataError naming the task,
+      the source and the label kinds it has, rather than training e.g. an expression task on identities.
+
+    The view keeps every class of that label, also one without training images under the source's split (a
+    split stratified by identity need not be by expression); the caller checks the counts it needs.
+    """
+    kind = label_kind_for_task(task)
+    if kind is None or kind == data.label_kind:
+        data.name = task
+        return data
+    if kind in data.extra and kind in data.extra_classes:
+        extra = {k: v for k, v in data.extra.items() if k != kind}
+        extra_classes = {k: v for k, v in data.extra_classes.items() if k != kind}
+        if data.label_kind:  # unknown ("") primary labels have no name to be kept under
+            extra[data.label_kind] = data.labels
+            extra_classes[data.label_kind] = list(data.classes)
+        return TaskData(task, list(data.extra_classes[kind]), data.images, np.asarray(data.extra[kind], np.int64),
+                        data.split, data.source, extra, data.native_size, kind, extra_classes)
+    has = [data.label_kind] if data.label_kind else []
+    has += [k for k in data.extra_classes if k in data.extra and k not in has]
+    unnamed = [k for k in data.extra if k == kind and k not in data.extra_classes]
+    note = (f" (its extra '{kind}' array has no class names in extra_classes: reload or re-cache it with this "
+            f"version of vggface2.py)") if unnamed else ""
+    raise DataError(f"task {task}: wants {kind} labels, but {data.source or 'its data'} has "
+                    f"{'only ' + ' and '.join(has) + ' labels' if has else 'labels of unknown kind'}{note}; give "
+                    f"{task} a source with {kind} labels (e.g. VGGFace2 or VoxCeleb for identity, FER2013 for "
+                    f"expression, KDEF for both) or rename the task")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -263,8 +351,10 @@ def _cap(data: TaskData, max_per_class, max_classes, seed: int) -> TaskData:
     idx, kept = _choose(data.labels, max_per_class, max_classes, seed)
     remap = np.full(len(data.classes), -1, dtype=np.int64)
     remap[kept] = np.arange(len(kept))
-    return TaskData(data.name, [data.classes[k] for k in kept], data.images[idx], remap[data.labels[idx]],
-                    data.split[idx], data.source, {k: v[idx] for k, v in data.extra.items()}, data.native_size)
+    # replace() carries every other field (label_kind, extra_classes, ...) as it is
+    return replace(data, classes=[data.classes[k] for k in kept], images=data.images[idx],
+                   labels=remap[data.labels[idx]], split=data.split[idx],
+                   extra={k: v[idx] for k, v in data.extra.items()})
 
 
 def _presplit_caps(max_per_class):
@@ -299,8 +389,8 @@ def _drop_untrainable(data: TaskData, what: str) -> TaskData:
     remap = np.full(len(data.classes), -1, dtype=np.int64)
     remap[kept] = np.arange(len(kept))
     images = data.images if len(idx) == len(data.labels) else data.images[idx]  # no copy of a memmap unless needed
-    return TaskData(data.name, [data.classes[k] for k in kept], images, remap[data.labels[idx]], data.split[idx],
-                    data.source, {k: v[idx] for k, v in data.extra.items()}, data.native_size)
+    return replace(data, classes=[data.classes[k] for k in kept], images=images, labels=remap[data.labels[idx]],
+                   split=data.split[idx], extra={k: v[idx] for k, v in data.extra.items()})
 
 
 def _warn(message: str) -> None:
@@ -454,8 +544,42 @@ def _class_folders(root: Path, what: str):
     return classes, files
 
 
+FER_TEST_PREFIXES = {"PublicTest_": 1, "PrivateTest_": 2}  # FER2013's test-file prefixes -> val / test
+
+
+def _is_fer_test_folder(files: dict, folder: Path) -> bool:
+    """True when every image in the test/ class folders carries FER2013's PublicTest_ or PrivateTest_ prefix,
+    both occurring: FER2013's own validation (public) and test (private) sets, as the Kaggle images come.
+    A test/ where only some names carry them keeps the ordinary rule (all test), with a warning."""
+    names = [p.name for paths in files.values() for p in paths]
+    marked = [n for n in names if n.startswith(tuple(FER_TEST_PREFIXES))]
+    if marked and len(marked) < len(names):
+        _warn(f"{folder}: {len(marked)} of {len(names)} images carry FER2013's PublicTest_/PrivateTest_ prefix, "
+              f"the rest do not, so FER2013's split is not used: all of test/ is test and validation images are "
+              f"taken from train/")
+        return False
+    return bool(names) and all(any(n.startswith(p) for n in names) for p in FER_TEST_PREFIXES)
+
+
+def _official_split_caps(max_per_class):
+    """A cap on a class's images divided among a source's own train, val and test sets, by the module's
+    fractions (at least one image each, so a tiny cap may give a class up to 3)."""
+    if max_per_class is None:
+        return None, None, None
+    n_test = max(1, int(round(max_per_class * TEST_FRACTION)))
+    n_val = max(1, int(round(max_per_class * VAL_FRACTION)))
+    return max(1, max_per_class - n_test - n_val), n_val, n_test
+
+
 def load_folder(root, image_size: int, max_per_class=None, max_classes=None, seed: int = 0) -> TaskData:
-    """A folder with one subfolder per class, or with train/ and test/ each holding the class subfolders."""
+    """A folder with one subfolder per class, or with train/ and test/ each holding the class subfolders.
+
+    Without train/ + test/: a seeded stratified split of each class. With them: test/ is the test set and
+    validation images are split off train/ -- except for FER2013's class folders (every test/ image named
+    PublicTest_* or PrivateTest_*), which keep FER2013's official split: train/ all train, PublicTest_* val,
+    PrivateTest_* test, so results compare with published FER2013 numbers; that data is labelled by expression
+    (label_kind "expression"), any other folder's labels are of unknown kind ("").
+    """
     root = Path(root)
     presplit = (root / "train").is_dir() and (root / "test").is_dir()
     pools = {"train": root / "train", "test": root / "test"} if presplit else {"all": root}
@@ -466,7 +590,11 @@ def load_folder(root, image_size: int, max_per_class=None, max_classes=None, see
     if len(classes) < 2:
         raise DataError(f"{root}: found {len(classes)} class folder(s) with images; a classification task needs "
                         f"at least 2 (one subfolder per class)")
-    cap_train, cap_test = _presplit_caps(max_per_class) if presplit else (max_per_class, None)
+    fer = presplit and _is_fer_test_folder(listed["test"][1], root / "test")
+    if fer:
+        cap_train, cap_val, cap_test = _official_split_caps(max_per_class)
+    else:
+        cap_train, cap_test = _presplit_caps(max_per_class) if presplit else (max_per_class, None)
     parts, natives = [], []
     for pool, (_, files) in listed.items():
         paths, labels = [], []
@@ -474,23 +602,367 @@ def load_folder(root, image_size: int, max_per_class=None, max_classes=None, see
             paths += files.get(c, [])
             labels += [ci] * len(files.get(c, []))
         labels = np.array(labels, dtype=np.int64)
-        idx, _ = _choose(labels, cap_test if pool == "test" else cap_train, None, seed)
+        if fer and pool == "test":  # each file's official set from its name; each set capped on its own
+            official = np.array([next(s for p, s in FER_TEST_PREFIXES.items() if f.name.startswith(p))
+                                 for f in paths], dtype=np.int8)
+            idx = np.sort(np.concatenate([np.flatnonzero(official == s)[_choose(labels[official == s], cap, None,
+                                                                                seed)[0]]
+                                          for s, cap in ((1, cap_val), (2, cap_test))]))
+        else:
+            idx, _ = _choose(labels, cap_test if pool == "test" else cap_train, None, seed)
         images, ok, native = _read_many([paths[i] for i in idx], image_size, what=str(pools[pool]))
         natives += [native] * len(images)
         labels = labels[idx][ok]
         if pool == "all":
             split = stratified_split(labels, seed, classes=classes)
         elif pool == "train":
-            split = _split_off_val(labels, seed, classes=classes)
+            split = np.zeros(len(labels), np.int8) if fer else _split_off_val(labels, seed, classes=classes)
         else:
-            split = np.full(len(labels), 2, dtype=np.int8)
+            split = official[idx][ok] if fer else np.full(len(labels), 2, dtype=np.int8)
         parts.append((images, labels, split))
     images, labels, split = (np.concatenate(p) for p in zip(*parts))
     if len(images) == 0:
         raise DataError(f"{root}: no readable images")
     native = int(np.median([n for n in natives if n])) if any(natives) else None
-    return _drop_untrainable(TaskData("", classes, images, labels, split, source=f"folder:{root}",
-                                      native_size=native), str(root))
+    data = TaskData("", classes, images, labels, split, source=f"{'fer2013' if fer else 'folder'}:{root}",
+                    native_size=native, label_kind="expression" if fer else "")
+    return _drop_untrainable(data, str(root))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# FER2013 as its original CSV
+
+
+FER2013_CSV = "fer2013.csv"  # the file's name in the Kaggle archive (fer2013/fer2013.csv)
+FER2013_CLASSES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")  # emotion 0..6
+FER2013_USAGE = {"Training": 0, "PublicTest": 1, "PrivateTest": 2}  # FER2013's own train / val / test
+FER2013_SIZE = 48
+_FER_FORM = ("expected FER2013's CSV: the header emotion,pixels,Usage, then one row per image with emotion a "
+             "whole number 0-6 (angry, disgust, fear, happy, sad, surprise, neutral), pixels 2304 space-separated "
+             "grey values 0-255 (48 x 48, row by row) and Usage Training, PublicTest or PrivateTest")
+
+
+def load_fer2013_csv(path, max_per_class=None, max_classes=None, seed: int = 0) -> TaskData:
+    """FER2013 from its original CSV (fer2013.csv: emotion,pixels,Usage), at its own 48 x 48 pixels.
+
+    FER2013's own split is kept, so results compare with published ones: Usage Training -> train, PublicTest ->
+    val, PrivateTest -> test. The grey images become RGB (the grey value in all three channels), labelled by
+    expression (label_kind "expression", classes in emotion order 0..6). max_classes keeps the first classes in
+    that order; max_per_class caps each class's images, divided among the three sets as `_official_split_caps`
+    says. The columns may come in any order (some copies write emotion,Usage,pixels). Any row that is not as
+    described is refused with its line number rather than skipped: such a file is damaged or another format,
+    and dropping rows would change the benchmark silently.
+    """
+    path = Path(path)
+    grey, labels, split = [], [], []
+    n_pixels = FER2013_SIZE * FER2013_SIZE
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # utf-8-sig: a byte-order mark is accepted
+            reader = csv.reader(f)
+            header = [h.strip() for h in next(reader, [])]
+            if sorted(header) != sorted(["emotion", "pixels", "Usage"]):
+                raise DataError(f"{path}: line 1: the header is {','.join(header)!r:.80}; {_FER_FORM}")
+            column = {h: i for i, h in enumerate(header)}
+            for row in reader:
+                if not any(v.strip() for v in row):
+                    continue
+                line = reader.line_num
+                if len(row) != 3:
+                    raise DataError(f"{path}: line {line}: {len(row)} fields, not 3; {_FER_FORM}")
+                emotion, pixels, usage = (row[column[k]].strip() for k in ("emotion", "pixels", "Usage"))
+                if emotion not in {str(k) for k in range(len(FER2013_CLASSES))}:
+                    raise DataError(f"{path}: line {line}: emotion {emotion!r:.20} is not a whole number 0-6; "
+                                    f"{_FER_FORM}")
+                if usage not in FER2013_USAGE:
+                    raise DataError(f"{path}: line {line}: Usage {usage!r:.30} is not Training, PublicTest or "
+                                    f"PrivateTest; {_FER_FORM}")
+                values = pixels.split()
+                if len(values) != n_pixels:
+                    raise DataError(f"{path}: line {line}: {len(values)} pixel values, not {n_pixels} "
+                                    f"({FER2013_SIZE} x {FER2013_SIZE}); {_FER_FORM}")
+                try:
+                    a = np.array(values, dtype=np.int64)
+                except ValueError:
+                    raise DataError(f"{path}: line {line}: the pixels are not all whole numbers; "
+                                    f"{_FER_FORM}") from None
+                if a.min() < 0 or a.max() > 255:
+                    raise DataError(f"{path}: line {line}: pixel values span {a.min()}..{a.max()}, not 0..255; "
+                                    f"{_FER_FORM}")
+                grey.append(a.astype(np.uint8).reshape(FER2013_SIZE, FER2013_SIZE))
+                labels.append(int(emotion))
+                split.append(FER2013_USAGE[usage])
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"{path}: cannot read it as a CSV file ({e}); {_FER_FORM}") from None
+    if not grey:
+        raise DataError(f"{path}: no image rows; {_FER_FORM}")
+    labels, split = np.array(labels, dtype=np.int64), np.array(split, dtype=np.int8)
+    missing = [u for u, s in FER2013_USAGE.items() if not (split == s).any()]
+    if missing:
+        empty = " and ".join(SPLITS[FER2013_USAGE[u]] for u in missing)
+        _warn(f"{path}: no rows with Usage {' or '.join(missing)}, so the {empty} set is empty")
+    classes = list(FER2013_CLASSES[:max_classes] if max_classes is not None else FER2013_CLASSES)
+    caps = _official_split_caps(max_per_class)
+    keep = np.isin(labels, np.arange(len(classes)))
+    chosen = []
+    for s, cap in enumerate(caps):  # each official set capped on its own, so each keeps its share
+        in_set = np.flatnonzero((split == s) & keep)
+        chosen.append(in_set[_choose(labels[in_set], cap, None, seed)[0]])
+    idx = np.sort(np.concatenate(chosen))
+    images = np.repeat(np.stack([grey[i] for i in idx])[..., None], 3, axis=3) if len(idx) else \
+        np.zeros((0, FER2013_SIZE, FER2013_SIZE, 3), np.uint8)
+    data = TaskData("", classes, images, labels[idx], split[idx], source=f"fer2013:{path}",
+                    native_size=FER2013_SIZE, label_kind="expression")
+    return _drop_untrainable(data, str(path))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# KDEF (the Karolinska Directed Emotional Faces)
+
+
+KDEF_EXPRESSIONS = {"AF": "afraid", "AN": "angry", "DI": "disgusted", "HA": "happy", "NE": "neutral",
+                    "SA": "sad", "SU": "surprised"}
+KDEF_VIEWS = ("FL", "HL", "S", "HR", "FR")  # full left, half left, straight (frontal), half right, full right
+# session A/B, sex F/M, person number, expression, view: AF01ANS.JPG is session A, woman 01, angry, straight
+_KDEF_NAME = re.compile(r"^([AB])([FM])(\d{2})(AF|AN|DI|HA|NE|SA|SU)(FL|HL|HR|FR|S)\.jpe?g$", re.IGNORECASE)
+_KDEF_FORM = ("KDEF's file names: session A/B, sex F/M, 2-digit person number, expression AF/AN/DI/HA/NE/SA/SU, "
+              "view FL/HL/S/HR/FR, .JPG, e.g. AF01ANS.JPG")
+
+
+def _kdef_views(views) -> tuple:
+    """The KDEF views asked for, as a tuple of distinct codes; a string may list them ("S" or "S,HL")."""
+    given = views
+    if isinstance(views, str):
+        views = [v for v in re.split(r"[,\s]+", views) if v]
+    try:
+        views = tuple(dict.fromkeys(str(v).strip().upper() for v in views))
+    except TypeError:  # not a list of views at all
+        views = ()
+    if not views or any(v not in KDEF_VIEWS for v in views):
+        raise DataError(f"kdef_views={given!r}: expected one or more of the KDEF views FL HL S HR FR (full left, "
+                        f"half left, straight, half right, full right), e.g. ('S',) for frontal photographs")
+    return views
+
+
+def _sample_image_names(root: Path, limit: int = 300, max_folders: int = 2000) -> list:
+    """The names of up to `limit` image files below `root`, depth first in name order (looking into at most
+    `max_folders` folders, each once, so a linked loop ends): enough to recognise a layout by its file names
+    without listing a whole large tree."""
+    names, stack, seen = [], [root], set()
+    while stack and len(names) < limit and len(seen) < max_folders:
+        folder = stack.pop()
+        if os.path.realpath(folder) in seen:
+            continue
+        seen.add(os.path.realpath(folder))
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        names += [e.name for e in entries if e.is_file() and not e.name.startswith(".")
+                  and Path(e.name).suffix.lower() in IMAGE_EXTENSIONS]
+        stack += [Path(e.path) for e in reversed(entries) if e.is_dir() and not e.name.startswith(".")]
+    return names[:limit]
+
+
+def is_kdef_root(root: Path) -> bool:
+    """True when most of the image files found below `root` (a sample of up to 300) have KDEF names."""
+    names = _sample_image_names(Path(root))
+    return bool(names) and sum(bool(_KDEF_NAME.match(n)) for n in names) > len(names) / 2
+
+
+def load_kdef(root, image_size: int, views=("S",), max_per_class=None, max_classes=None, seed: int = 0) -> TaskData:
+    """KDEF's photographs, each labelled with its person and its expression.
+
+    The photographs may lie anywhere below `root` (the release has one folder per session and person,
+    AF01/AF01ANS.JPG). `labels` are the people (label_kind "identity"; classes like "F01": sex and number, the
+    two sessions A and B being the same person), `extra["expression"]` the expression of the same photograph
+    (class names in `extra_classes["expression"]`: afraid, angry, disgusted, happy, neutral, sad, surprised),
+    so one image array serves an identity and an expression task (`task_view`). Only the views in `views` are
+    loaded; by default the frontal ones ("S"), as face-identity studies use.
+
+    The split is stratified by person (`stratified_split`), so every person has photographs in train, val and
+    test, as identity classification needs. max_classes keeps the first people by name, max_per_class caps each
+    person's photographs (a seeded sample). Image files whose names do not read as KDEF's are skipped with one
+    warning (the release holds a few, and a copied-in file should not become a person); a name found twice
+    (a copy) is loaded once, so one photograph cannot land in train and test.
+    """
+    root = Path(root)
+    views = _kdef_views(views)
+
+    def fail(e):  # os.walk ignores unreadable folders unless told: a folder of photographs must not vanish
+        raise e
+
+    found, strangers, seen, copies = [], [], set(), []
+    walked = {os.path.realpath(root)}  # linked folders are followed, each once (a link loop must end)
+    for folder, dirs, files in os.walk(root, onerror=fail, followlinks=True):
+        dirs[:] = [d for d in sorted(dirs) if not d.startswith(".")
+                   and os.path.realpath(os.path.join(folder, d)) not in walked]
+        walked.update(os.path.realpath(os.path.join(folder, d)) for d in dirs)
+        for name in sorted(files):
+            if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
+                continue  # README files and the like are not photographs
+            m = _KDEF_NAME.match(name)
+            if m is None:
+                strangers.append(os.path.join(folder, name))
+            elif name.upper() in seen:
+                copies.append(os.path.join(folder, name))
+            else:
+                seen.add(name.upper())
+                found.append((Path(folder) / name, *(g.upper() for g in m.groups())))
+    if strangers:
+        _warn(f"{root}: skipped {len(strangers)} image file(s) not named as KDEF photographs are (first: "
+              f"{_printable(strangers[0])}); {_KDEF_FORM}")
+    if copies:
+        _warn(f"{root}: {len(copies)} KDEF file name(s) occur twice; each photograph is loaded once (first copy "
+              f"skipped: {_printable(copies[0])})")
+    found = [f for f in found if f[5] in views]
+    if not found:
+        raise DataError(f"{root}: no KDEF photographs with view(s) {' '.join(views)}; expected {_KDEF_FORM}, "
+                        f"anywhere below the root")
+    people = sorted({sex + number for _, _, sex, number, _, _ in found})
+    if max_classes is not None:
+        people = people[:max_classes]
+    if len(people) < 2:
+        raise DataError(f"{root}: found {len(people)} KDEF person(s); identity classification needs at least 2")
+    person_index = {p: i for i, p in enumerate(people)}
+    found = [f for f in found if f[2] + f[3] in person_index]
+    labels = np.array([person_index[sex + number] for _, _, sex, number, _, _ in found], dtype=np.int64)
+    expression_codes = list(KDEF_EXPRESSIONS)
+    expressions = np.array([expression_codes.index(e) for _, _, _, _, e, _ in found], dtype=np.int64)
+    idx, _ = _choose(labels, max_per_class, None, seed)
+    images, ok, native = _read_many([found[i][0] for i in idx], image_size, what=str(root))
+    labels, expressions = labels[idx][ok], expressions[idx][ok]
+    data = TaskData("", people, images, labels, stratified_split(labels, seed, classes=people), f"kdef:{root}",
+                    {"expression": expressions}, native, label_kind="identity",
+                    extra_classes={"expression": list(KDEF_EXPRESSIONS.values())})
+    return _drop_untrainable(data, str(root))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# VoxCeleb face frames
+
+
+_VOX_FORM = ("VoxCeleb's face frames: one folder per identity (e.g. id10001), in it one folder per video, in that "
+             "the frames (e.g. id10001/1zcIwhmdeo4/00001.jpg)")
+
+
+def _video_folders(identity: Path, look: int = 3):
+    """Whether an identity folder holds images itself, and whether one of its first `look` subfolders holds
+    images (what a VoxCeleb identity folder looks like)."""
+    entries = sorted(os.scandir(identity), key=lambda e: e.name)
+    direct = any(e.is_file() and Path(e.name).suffix.lower() in IMAGE_EXTENSIONS for e in entries)
+    subdirs = [Path(e.path) for e in entries if e.is_dir() and not e.name.startswith(".")][:look]
+    return direct, any(_list_images(d) for d in subdirs)
+
+
+def is_voxceleb_root(root: Path, look: int = 20) -> bool:
+    """True for VoxCeleb's two-level layout: at least 2 of the first `look` class folders hold video folders
+    of images and none holds images itself. A root with train/ and test/ is the class-folder layout (its
+    train/ and test/ hold class folders of images, which would look the same)."""
+    root = Path(root)
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        return False
+    nested = 0
+    for d in sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))[:look]:
+        direct, deeper = _video_folders(d)
+        if direct:
+            return False
+        nested += deeper
+    return nested >= 2
+
+
+def _assign_videos(videos: list, rng) -> dict:
+    """{video: split} for one identity's videos: a seeded shuffle, then n_test = max(1, round(n * 0.2)) and
+    n_val = max(1, round(n * 0.1)) videos (the module's fractions, counted in videos), leaving at least one
+    video for training; 2 videos: one train, one test; 1 video: train."""
+    order = [videos[i] for i in rng.permutation(len(videos))]
+    n = len(order)
+    if n >= 3:
+        n_test = min(max(1, int(round(n * TEST_FRACTION))), n - 2)
+        n_val = min(max(1, int(round(n * VAL_FRACTION))), n - 1 - n_test)
+    else:
+        n_test, n_val = (1, 0) if n == 2 else (0, 0)
+    return {v: 2 if i < n_test else 1 if i < n_test + n_val else 0 for i, v in enumerate(order)}
+
+
+def load_voxceleb(root, image_size: int, max_per_class=None, max_classes=None, seed: int = 0) -> TaskData:
+    """VoxCeleb face frames (identity/video/frame.jpg), labelled by identity (label_kind "identity").
+
+    Split by video, never by frame: all frames of one video go to the same split, since frames of one video
+    are near copies of each other and a test frame whose neighbours were trained on would measure memory of
+    that video, not recognition of the person. Per identity its videos are shuffled (seeded) and assigned as
+    `_assign_videos` says: with 3 or more videos, about 20% of them (at least 1) to test, about 10% (at least
+    1) to val, the rest to train; with 2 videos one goes to train and one to test (val gets none of that
+    identity); with 1 video it goes to train (that identity is named in a warning: it has no test frames).
+    Overall, val and test must each get some frames, else DataError (so at least one identity needs 3 videos).
+
+    max_classes keeps the first identities by name; max_per_class caps each identity's frames, taken in turn
+    from its videos (one train, one test and one val video first, then the others), so the cap thins every
+    video rather than dropping whole videos and splits. `extra["video"]` holds each frame's video (names
+    "identity/video" in `extra_classes["video"]`), so the split can be checked. Image files lying directly in an
+    identity folder are not frames of a video and are skipped with a warning.
+    """
+    root = Path(root)
+    identities, loose = {}, []
+    for d in sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")):
+        videos = {}
+        for v in sorted(d.iterdir()):
+            if v.is_dir() and not v.name.startswith("."):
+                frames = _list_images(v)
+                if frames:
+                    videos[_printable(v.name)] = frames
+            elif v.is_file() and v.suffix.lower() in IMAGE_EXTENSIONS:
+                loose.append(v)
+        if videos:
+            identities[_printable(d.name)] = videos
+    if loose:
+        _warn(f"{root}: skipped {len(loose)} image(s) lying directly in an identity folder, outside any video "
+              f"folder (first: {_printable(str(loose[0]))}); expected {_VOX_FORM}")
+    names = sorted(identities)
+    if max_classes is not None:
+        names = names[:max_classes]
+    if len(names) < 2:
+        raise DataError(f"{root}: found {len(names)} identity folder(s) with video folders of frames; identity "
+                        f"classification needs at least 2; expected {_VOX_FORM}")
+    rng = np.random.default_rng([seed, 43])
+    paths, labels, splits, video_ids, video_names, lonely = [], [], [], [], [], []
+    for ci, name in enumerate(names):
+        videos = identities[name]
+        assigned = _assign_videos(list(videos), rng)
+        if len(videos) == 1:
+            lonely.append(name)
+        # the order frames are taken in under a cap: a video of each split first, then the rest
+        leads = [next((v for v, s in assigned.items() if s == want), None) for want in (0, 2, 1)]
+        order = [v for v in leads if v is not None] + [v for v in assigned if v not in leads]
+        picks = {v: rng.permutation(len(videos[v])) for v in order}
+        total = sum(len(f) for f in videos.values())
+        cap = total if max_per_class is None else min(total, max_per_class)
+        taken = {v: [] for v in order}
+        n, r = 0, 0
+        while n < cap:  # round robin over the videos, one frame each per round
+            for v in order:
+                if r < len(picks[v]) and n < cap:
+                    taken[v].append(picks[v][r])
+                    n += 1
+            r += 1
+        for v in order:
+            video_names.append(f"{name}/{v}")
+            for i in sorted(taken[v]):
+                paths.append(videos[v][i])
+                labels.append(ci)
+                splits.append(assigned[v])
+                video_ids.append(len(video_names) - 1)
+    if lonely:
+        _warn(f"{len(lonely)} identit(y/ies) have a single video, which goes to training, so no test frames (their "
+              f"accuracy goes unmeasured): {_few(lonely)}")
+    images, ok, native = _read_many(paths, image_size, what=str(root))
+    labels = np.array(labels, dtype=np.int64)[ok]
+    split = np.array(splits, dtype=np.int8)[ok]
+    video = np.array(video_ids, dtype=np.int64)[ok]
+    for s, need in ((1, 3), (2, 2)):
+        if not (split == s).any():
+            raise DataError(f"{root}: no {SPLITS[s]} frames: frames of one video never go to two splits, and an "
+                            f"identity gives {SPLITS[s]} a video only when it has at least {need} videos (with "
+                            f"readable frames); add videos, or use identities that have {need} or more")
+    data = TaskData("", names, images, labels, split, f"voxceleb:{root}", {"video": video}, native,
+                    label_kind="identity", extra_classes={"video": video_names})
+    return _drop_untrainable(data, str(root))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -698,7 +1170,7 @@ def load_vggface2(root, image_size: int, identities=None, per_identity=None, see
     images, ok, native = _read_many(paths, image_size, [boxes.get(k) for k in keys], what=str(root / "train"))
     labels = np.asarray(labels, dtype=np.int64)[ok]
     data = TaskData("", names, images, labels, stratified_split(labels, seed, classes=names), f"vggface2:{root}",
-                    native_size=native)
+                    native_size=native, label_kind="identity")
     return _drop_untrainable(data, str(root / "train"))
 
 
@@ -744,8 +1216,22 @@ def load_cache(folder) -> TaskData:
     extra = {k: arrays[f"extra_{k}"] for k in extra_keys}
     native = meta.get("native_size")
     native = native if isinstance(native, int) and not isinstance(native, bool) and native > 0 else None
+    # label_kind and extra_classes came later: a cache written before them loads with the defaults
+    label_kind = meta.get("label_kind", "")
+    if not isinstance(label_kind, str):
+        raise damaged(f"meta.json's 'label_kind' is {label_kind!r}, not a string such as \"identity\"")
+    extra_classes = meta.get("extra_classes", {})
+    if not (isinstance(extra_classes, dict)
+            and all(k in extra and isinstance(v, list) and all(isinstance(c, str) for c in v)
+                    for k, v in extra_classes.items())):
+        raise damaged("meta.json's 'extra_classes' is not a mapping from names in 'extra' to lists of class names")
+    for key, names in extra_classes.items():  # a label beyond its class list would name no class
+        values = extra[key]
+        if values.dtype.kind not in "iu" or (len(values) and (values.min() < 0 or values.max() >= len(names))):
+            raise damaged(f"extra_{key}.npy is not integer labels within 0..{len(names) - 1} (meta.json names "
+                          f"{len(names)} {key} classes)")
     data = TaskData(str(meta.get("name", "")), classes, images, labels.astype(np.int64), split.astype(np.int8),
-                    str(meta.get("source", "")), extra, native or int(images.shape[1]))
+                    str(meta.get("source", "")), extra, native or int(images.shape[1]), label_kind, extra_classes)
     return _drop_untrainable(data, str(folder))
 
 
@@ -912,8 +1398,12 @@ def make_demo(kind: str, n_classes: int = 10, per_class: int = 100, image_size: 
         images = resize_images(images, image_size)
     split = stratified_split(labels, seed, classes=classes)
     extra = {} if kind == "objects" else {"expression": expressions}
+    # the faces carry both labels (identity as `labels`, expression in extra), so one set of demo faces can
+    # serve an identity and an expression task (task_view); objects are generic categories ("")
+    label_kind = {"faces": "identity", "expression": "expression", "objects": ""}[kind]
+    extra_classes = {} if kind == "objects" else {"expression": list(DEMO_EXPRESSIONS)}
     return TaskData("", classes, images, labels.astype(np.int64), split, source=f"demo:{kind}", extra=extra,
-                    native_size=draw)
+                    native_size=draw, label_kind=label_kind, extra_classes=extra_classes)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -946,8 +1436,10 @@ def pseudo_tasks(datasets: dict, seed: int) -> dict:
             labels.append(np.full(len(idx), new_label, dtype=np.int64))
             split.append(d.split[idx])
             classes.append(f"{task}:{d.classes[k]}")
+        # a pseudo-task's classes mix the tasks' classes, so its labels are of no one kind (label_kind ""), and
+        # the tasks' extra arrays are not carried (no extra_classes either)
         out[name] = TaskData(name, classes, np.concatenate(images), np.concatenate(labels),
-                             np.concatenate(split).astype(np.int8), f"pseudo_task({sources})")
+                             np.concatenate(split).astype(np.int8), f"pseudo_task({sources})", label_kind="")
     return out
 
 
@@ -964,8 +1456,9 @@ def match_resolution(datasets: dict, size: int | None = None) -> tuple:
             out[task] = d
             continue
         images = resize_images(resize_images(d.images, size), d.image_size)
-        out[task] = TaskData(d.name, d.classes, images, d.labels, d.split, f"{d.source} (matched to {size} px)",
-                             d.extra, min(size, d.native_size or d.image_size))
+        # replace() keeps labels, split, extra, label_kind and extra_classes: only the images change
+        out[task] = replace(d, images=images, source=f"{d.source} (matched to {size} px)",
+                            native_size=min(size, d.native_size or d.image_size))
     return out, size
 
 
@@ -1039,7 +1532,7 @@ def _check_arguments(args) -> None:
 def main(argv=None) -> int:
     parser = _Parser(description="Preprocess VGGFace2 (or any source) into a cache folder.")
     parser.add_argument("--root", required=True, help="VGGFace2 root (train/, bb_landmark/), a CIFAR-10 root, "
-                        "a class-folder tree, or 'demo'")
+                        "FER2013's fer2013.csv, a KDEF root, VoxCeleb frames, a class-folder tree, or 'demo'")
     parser.add_argument("--out", required=True, help="cache folder to write (new or empty, or an earlier cache "
                         "with --overwrite); never inside --root")
     parser.add_argument("--overwrite", type=_flag, nargs="?", const=True, default=False,

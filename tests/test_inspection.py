@@ -53,6 +53,168 @@ def test_gradcam_finds_the_only_quadrant_the_model_sees():
         assert not region[:, 18:, :].any() and not region[:, :, 18:].any()
 
 
+def squares(corners, size=24, side=4):
+    """Boolean regions (N, size, size): a side x side square at each (row, column) corner."""
+    regions = torch.zeros(len(corners), size, size, dtype=torch.bool)
+    for k, (y, x) in enumerate(corners):
+        regions[k, y:y + side, x:x + side] = True
+    return regions
+
+
+def test_overlap_permutation_test_finds_image_specific_overlap():
+    """Both heads pick the same region of each image, and the regions sit at random places: far above chance
+    pairing of images."""
+    a = squares(np.random.default_rng(0).integers(0, 21, (40, 2)))
+    t = inspection.overlap_permutation_test(a, a.clone(), n_perm=2000, seed=0)
+    assert t["mean_iou"] == 1.0 and t["n"] == 40 and t["n_permutations"] == 2000
+    assert t["null_mean"] < 0.2
+    assert t["p"] < 0.01 and t["p"] >= 1 / 2001  # the +1 correction: never 0
+    assert t["ci_low"] <= 1.0 <= t["ci_high"]
+
+
+def test_overlap_permutation_test_does_not_count_a_shared_centre_bias():
+    """Each head's region is near the centre, independently of the other head's: they overlap on every image (a
+    test against no overlap would call it significant), but no more than when images are paired at random."""
+    rng = np.random.default_rng(0)
+    a = squares(10 + rng.integers(-2, 3, (40, 2)))
+    b = squares(10 + rng.integers(-2, 3, (40, 2)))
+    t = inspection.overlap_permutation_test(a, b, n_perm=2000, seed=0)
+    assert t["ci_low"] > 0.1 and t["null_mean"] > 0.1  # overlap there is, from the centre bias alone
+    assert t["p"] > 0.05
+    assert t["ci_low"] <= t["mean_iou"] <= t["ci_high"]
+    again = inspection.overlap_permutation_test(a, b, n_perm=2000, seed=0)
+    assert again == t  # seeded
+    with pytest.raises(ValueError):
+        inspection.overlap_permutation_test(a, b[:-1], n_perm=10)
+
+
+def shared_face_images(n=30, n_test=20, copy_for_object=False):
+    """{'face', 'object'} TaskImages over the same 32-px images (or, with copy_for_object, equal copies of them)
+    with different labels."""
+    import dualtask
+    import vggface2
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    split = np.array([0] * (n - n_test) + [2] * n_test, np.int8)
+    face = vggface2.TaskData("face", ["ann", "bob", "cy"], pixels, rng.integers(0, 3, n), split)
+    other = pixels.copy() if copy_for_object else pixels
+    obj = vggface2.TaskData("object", ["happy", "sad", "calm"], other, rng.integers(0, 3, n), split)
+    return {t: dualtask.TaskImages(d, torch.device("cpu")) for t, d in (("face", face), ("object", obj))}
+
+
+def test_gradcam_overlap_computes_a_shared_image_set_once(tmp_path):
+    import csv
+
+    model = OneQuadrantNet().eval()
+    site = L.lesion_sites(model)[-1]
+    inspection.gradcam_analysis(model, shared_face_images(), site, tmp_path, n_perm=200)
+    with open(tmp_path / "gradcam_overlap.csv") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert tuple(reader.fieldnames) == ("images", "head_a", "head_b", "site", "mean_iou_top5", "ci_low", "ci_high",
+                                        "null_mean", "p_permutation", "n_permutations", "n")
+    assert [(r["images"], r["head_a"], r["head_b"]) for r in rows] == [("face+object", "face", "object")]
+    row = rows[0]
+    assert row["site"] == site.name and row["n"] == "20" and row["n_permutations"] == "200"
+    assert float(row["ci_low"]) <= float(row["mean_iou_top5"]) <= float(row["ci_high"])
+    assert 1 / 201 <= float(row["p_permutation"]) <= 1
+    maps = np.load(tmp_path / "gradcam.npz")
+    for head in ("face", "object"):  # every task keeps its keys; a shared set's maps are the same
+        np.testing.assert_array_equal(maps[f"face_images__{head}_head"], maps[f"object_images__{head}_head"])
+        assert maps[f"object_images__{head}_head__per_image"].shape == (20, 32, 32)
+    assert (tmp_path / "figures" / "gradcam_face+object_images.png").exists()
+    assert not (tmp_path / "figures" / "gradcam_face_images.png").exists()
+
+    # equal images in two arrays are two sets: one row per set of images
+    separate = tmp_path / "separate"
+    separate.mkdir()
+    inspection.gradcam_analysis(model, shared_face_images(copy_for_object=True), site, separate, n_perm=200)
+    with open(separate / "gradcam_overlap.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["images"], r["head_a"], r["head_b"]) for r in rows] == [("face", "face", "object"),
+                                                                        ("object", "face", "object")]
+
+
+def test_report_reads_the_overlap_test_and_runs_written_before_it(tmp_path):
+    from common import write_csv
+    from test_report import make_run
+
+    import report
+
+    columns = ("images", "head_a", "head_b", "site", "mean_iou_top5", "ci_low", "ci_high", "null_mean",
+               "p_permutation", "n_permutations", "n")
+    base = {"images": "face+object", "head_a": "face", "head_b": "object", "site": "trunk.s2", "ci_low": 0.3,
+            "ci_high": 0.5, "n_permutations": 2000, "n": 64}
+    for name, row, reading in (
+            ("above", dict(base, mean_iou_top5=0.4, null_mean=0.2, p_permutation=0.0004998),
+             "attend to the same image-specific regions more than chance pairing (IoU 0.40 [0.30, 0.50] against "
+             "0.20 under chance pairing, p = 0.0005)"),
+            ("chance", dict(base, mean_iou_top5=0.4, null_mean=0.39, p_permutation=0.41),
+             "are not shown to attend to the same image-specific regions more than chance pairing")):
+        run = make_run(tmp_path / name, [("trunk.s2", 2, "activation", 0.6, 0.3, 0.9, 0.01)])
+        write_csv(run / "gradcam_overlap.csv", columns, [row])
+        page = html_text(report.build_report(run).read_text())
+        assert reading in page and "On face and object images the face and object heads" in page
+        assert "p_permutation" in page and "null_mean" in page  # the table shows the test
+        assert "Skipped: figures/gradcam_face+object_images.png is missing" in page  # the shared set's figure
+
+    # a run written before the permutation test: its table as it is, and a sentence saying what it lacks
+    old = make_run(tmp_path / "old", [("trunk.s2", 2, "activation", 0.6, 0.3, 0.9, 0.01)])
+    write_csv(old / "gradcam_overlap.csv", ("images", "head_a", "head_b", "site", "mean_iou_top5", "sd", "n"),
+              [{"images": t, "head_a": "face", "head_b": "object", "site": "trunk.s2", "mean_iou_top5": 0.3,
+                "sd": 0.1, "n": 64} for t in ("face", "object")])
+    page = html_text(report.build_report(old).read_text())
+    assert "predate the permutation test" in page and "p_permutation" not in page
+    assert "Skipped: figures/gradcam_face_images.png is missing" in page
+
+
+def html_text(page):
+    import html
+
+    return html.unescape(re.sub(r"<[^>]+>", "", page.replace("<wbr>", "")))
+
+
+def test_preferred_stimuli_at_the_last_site_of_every_stage():
+    import dualtask
+
+    vgg = dualtask.DualTaskNet("vgg16", {"a": 3, "b": 4}, image_size=32, fc_width=32)
+    sites = inspection.stage_sites(vgg)
+    assert [s.name for s in sites] == ["trunk.features.5", "trunk.features.12", "trunk.features.22",
+                                       "trunk.features.32", "trunk.features.42"]
+    for s in sites:  # each is the last conv site before a max-pool
+        assert isinstance(vgg.trunk.features[int(s.name.rsplit(".", 1)[1]) + 1], nn.MaxPool2d)
+    assert [n for n, _ in inspection.conv_stages(vgg)] == [f"block{k}" for k in range(1, 6)]
+
+    resnet = dualtask.DualTaskNet("resnet50", {"a": 3, "b": 4}, image_size=32)
+    assert [s.name for s in inspection.stage_sites(resnet)] == ["trunk.relu", "trunk.layer1.2", "trunk.layer2.3",
+                                                                 "trunk.layer3.5", "trunk.layer4.2"]
+    assert [n for n, _ in inspection.conv_stages(resnet)] == ["stem", "layer1", "layer2", "layer3", "layer4"]
+    # where a stage's last site was not lesioned (no ranking), its deepest lesioned site stands in
+    rankings = {"trunk.layer2.1": {"loss": {}}, "trunk.layer2.3": {"random": {}}, "trunk.layer4.2": {"activation": {}}}
+    assert [s.name for _, s in inspection.stimuli_sites(resnet, rankings)] == [
+        "trunk.relu", "trunk.layer1.2", "trunk.layer2.1", "trunk.layer3.5", "trunk.layer4.2"]
+
+
+def test_preferred_stimuli_list_every_stage_and_count_shared_images_once(tmp_path):
+    model = OneQuadrantNet().eval()
+    first, last = L.lesion_sites(model)
+    order = {"face": {"order": [0, 1, 2, 3, 4, 5, 6, 7]}, "object": {"order": [7, 6, 5, 4, 3, 2, 1, 0]}}
+    (tmp_path / "rankings.json").write_text(json.dumps({last.name: {"activation": order}}))
+    images = shared_face_images()
+    written = inspection.stimuli_analysis(model, images, [first, last], tmp_path, n_filters=2, n_images=20, steps=3,
+                                          stages=["block1", "block2"])
+    assert [p.name for p in written] == [f"stimuli_{last.name.replace('.', '_')}.png"]
+    summary = json.loads((tmp_path / "stimuli.json").read_text())
+    assert list(summary) == [first.name, last.name]  # every stage, the unranked one with its reason
+    assert summary[first.name]["stage"] == "block1" and "not ranked" in summary[first.name]["skipped"]
+    assert summary[last.name]["stage"] == "block2" and summary[last.name]["filters"]["face"] == [0, 1]
+    for top in summary[last.name]["top_images"].values():
+        assert top == ["face+object"] * 20  # the 20 shared test images, each once
+    tops = inspection.top_images(model, images, last, [0, 7], n=40)
+    assert all(len(t) == 20 and len({i for _, i, _ in t}) == 20 for t in tops)
+
+
 @pytest.mark.slow  # about two minutes; test_pipeline's ResNet demo run writes every figure in the default run
 def test_figures_stage_writes_the_report_and_report_py_rebuilds_it(tmp_path):
     from conftest import TINY, TINY_LESION, run_script

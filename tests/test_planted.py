@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import dualtask
 import lesion_utils as L
 
 N_CLASSES = 4  # per task; a class is which of four positions lights up
@@ -18,8 +19,9 @@ class PlantedNet(nn.Module):
     8-15 are constant (they carry nothing). Detectors have a threshold, so noise alone rarely lights one. The face head reads 0-3, the object head reads 4-7.
     """
 
-    def __init__(self):
+    def __init__(self, head="split"):
         super().__init__()
+        self.head = head
         copies = nn.Conv2d(1, 8, 1)
         detect = nn.Conv2d(8, 16, (4, 2))
         with torch.no_grad():
@@ -33,17 +35,29 @@ class PlantedNet(nn.Module):
             detect.bias[:8] = -0.4  # a threshold: noise alone rarely lights a detector
             detect.bias[8:] = 0.5
         self.trunk = nn.Sequential(copies, nn.ReLU(), detect, nn.ReLU(), nn.Flatten(1))
-        self.heads = nn.ModuleDict({"face": nn.Linear(16, N_CLASSES), "object": nn.Linear(16, N_CLASSES)})
+        self.tasks = ["face", "object"]
+        if head == "split":
+            self.heads = nn.ModuleDict({"face": nn.Linear(16, N_CLASSES), "object": nn.Linear(16, N_CLASSES)})
+            layers = ((self.heads["face"], 0, 0), (self.heads["object"], 4, 0))
+        else:  # one softmax over all 8 classes, as dualtask's head="joint": face classes 0-3, object classes 4-7
+            self.joint = nn.Linear(16, 2 * N_CLASSES)
+            self.register_buffer("joint_order", dualtask.joint_order([N_CLASSES, N_CLASSES]), persistent=False)
+            layers = ((self.joint, 0, 0), (self.joint, 4, N_CLASSES))
         with torch.no_grad():
-            for head, first in ((self.heads["face"], 0), (self.heads["object"], 4)):
-                head.weight.zero_()
-                head.bias.zero_()
+            for layer, first, row in layers:
+                layer.weight[row:row + N_CLASSES].zero_()
+                layer.bias[row:row + N_CLASSES].zero_()
                 for k in range(N_CLASSES):
-                    head.weight[k, first + k] = 8.0
+                    layer.weight[row + k, first + k] = 8.0
+
+    def head_outputs(self, features):
+        if self.head == "split":
+            return {t: h(features) for t, h in self.heads.items()}
+        logits = self.joint(features)
+        return {t: logits.index_select(1, self.joint_order[i]) for i, t in enumerate(self.tasks)}
 
     def forward(self, x):
-        features = self.trunk(x)
-        return {t: h(features) for t, h in self.heads.items()}
+        return self.head_outputs(self.trunk(x))
 
 
 def planted_batches(n_per_class, seed, noise=0.3):
@@ -57,9 +71,10 @@ def planted_batches(n_per_class, seed, noise=0.3):
     return batches
 
 
-@pytest.fixture(scope="module")
-def planted():
-    model = PlantedNet().eval()
+@pytest.fixture(scope="module", params=["split", "joint"])
+def planted(request):
+    """The planted network with one head per task, and with one joint softmax over both tasks' classes."""
+    model = PlantedNet(request.param).eval()
     sites = L.lesion_sites(model)
     assert [s.name for s in sites] == ["trunk.1", "trunk.3"] and [s.n_filters for s in sites] == [8, 16]
     return model, sites, planted_batches(40, seed=0), planted_batches(60, seed=1)
@@ -78,7 +93,10 @@ def test_planted_taylor_agrees_with_loss(planted):
     model, sites, train, _ = planted
     ranking = L.rank_site(model, sites[1], train, ["face", "object"], ["loss", "taylor"], seed=0)
     assert set(ranking["taylor"]["face"]["order"][:4]) == {0, 1, 2, 3}
-    assert ranking["agreement"]["face"] > 0.5
+    if model.head == "split":
+        # with a joint softmax the other task's detectors also move a face's loss (its object logits), by amounts
+        # near the noise, so the order below the planted four is not comparable; the planted set is
+        assert ranking["agreement"]["face"] > 0.5
 
 
 def test_planted_lesion_dissociates_only_where_planted(planted):
