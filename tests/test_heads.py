@@ -15,6 +15,9 @@ from common import UsageError
 from conftest import TINY, TINY_LESION, run_script
 from dualtask import BACKBONES, DualTaskNet
 
+# ResNet50 in the fast suite; the other backbones (each model built and saved takes seconds) with -m slow
+EVERY_BACKBONE = [b if b == "resnet50" else pytest.param(b, marks=pytest.mark.slow) for b in BACKBONES]
+
 CLASSES = {"face": 3, "object": 4, "scene": 2}  # three tasks: the middle one's classes sit inside the joint layer
 
 
@@ -34,7 +37,7 @@ class FixedImages:
         return self.x[idx], self.y[idx]
 
 
-@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("backbone", EVERY_BACKBONE)
 def test_joint_head_is_one_softmax_over_every_tasks_classes(backbone):
     torch.manual_seed(0)
     model = tiny(backbone, head="joint").eval()
@@ -80,7 +83,7 @@ def test_split_head_is_the_default_and_a_bad_head_is_refused():
 LAYOUTS = {"vgg16": "torchvision", "vgg19": "checkpoint", "resnet50": "torchvision", "resnext50": "project"}
 
 
-@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("backbone", EVERY_BACKBONE)
 def test_init_from_a_local_file_loads_every_matching_tensor_of_the_trunk(backbone, tmp_path, capsys):
     torch.manual_seed(1)
     source = tiny(backbone, fc_width=32, classes={"a": 5, "b": 6})  # VGG: other fully connected sizes

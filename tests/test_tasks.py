@@ -76,6 +76,7 @@ def test_paired_bootstrap_keeps_the_correlation_of_one_image_outcomes():
     assert np.std(paired) / np.std(unpaired) == pytest.approx(np.sqrt(2), rel=0.1)
 
 
+@pytest.mark.slow  # about a minute (its figures stage); the KDEF test below covers training and lesions quickly
 def test_identity_and_expression_on_the_same_demo_faces_end_to_end(tmp_path):
     """The issue's command, smaller: both heads train on the same images; lesions, report and the CAM overlap
     test are written."""
@@ -101,3 +102,24 @@ def test_identity_and_expression_on_the_same_demo_faces_end_to_end(tmp_path):
     with open(out / "gradcam_overlap.csv", newline="") as f:
         overlap = list(csv.DictReader(f))
     assert overlap and "p_permutation" in overlap[0]
+
+
+def test_a_kdef_folder_trains_identity_and_expression_from_the_same_photographs(tmp_path):
+    from test_loaders import make_kdef
+
+    root = make_kdef(tmp_path / "KDEF", expressions=("AF", "AN", "DI", "HA", "NE", "SA", "SU"), views=("S",))
+    out = tmp_path / "run"
+    p = run_script("ResNet.py", f"--tasks={{'identity': '{root}', 'expression': '{root}'}}", "--image_size=32",
+                   "--epochs=1", "--batch_size=16", "--stages=['train', 'lesion']", "--lesion_layers=[0]",
+                   "--lesion_fractions=[0.0, 0.2]", "--lesion_methods=['activation', 'random']", "--random_repeats=2",
+                   "--rank_images=8", "--ranking_reliability=False", "--device=cpu", "--health_check=warn",
+                   f"--out_dir={out}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    config = json.loads((out / "config.json").read_text())
+    assert config["shared_images"] == [["identity", "expression"]]
+    assert config["tasks"]["identity"]["classes"] == 4 and config["tasks"]["expression"]["classes"] == 7
+    assert config["tasks"]["identity"]["counts"] == config["tasks"]["expression"]["counts"]
+    assert sum(config["tasks"]["identity"]["counts"].values()) == 4 * 7 * 2  # people x expressions x sessions
+    with open(out / "lesion_results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["eval_task"] for r in rows} == {"identity", "expression"}
