@@ -209,6 +209,12 @@ SETTINGS = {
     "health_check": _choice(health.ACTIONS),
     "match_accuracy": _FLAG,
     "ranking_reliability": _FLAG,
+    "greedy_racing": _FLAG,
+    "greedy_margin": _number(0, strict=False),
+    "greedy_candidates": _optional(_integer(1)),
+    "greedy_stop": ((lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1),
+                    "a fraction above 0 and at most 1, e.g. 0.2"),
+    "ranking_precision": _choice(lesion_utils.RANKING_PRECISIONS),
     "lesion_epochs": ((lambda v: v is None or (isinstance(v, list) and all(
         isinstance(e, int) and not isinstance(e, bool) and e >= 1 for e in v))),
         "None or a list of epochs (integers of at least 1), e.g. [1, 5, 10]"),

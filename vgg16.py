@@ -32,6 +32,11 @@ retrain = False  # train again even when out_dir holds a finished run
 out_dir = "runs/vgg16"  # where config.json, train_log.csv, checkpoint.pt, lesion_results.csv and figures/ go
 lesion_fractions = [0.0, 0.05, 0.1, 0.2, 0.3, 0.5]  # fractions of a layer's filters silenced in the lesion sweep
 lesion_methods = ["activation", "random"]  # rankings: activation, loss, greedy, taylor, random (loss and greedy are the reference study's; costly on a CPU)
+greedy_stop = 0.2  # the greedy ranking chooses filters in steps of 1.6% of a site until just past this fraction (the reference study's 0.2); greedy lesions beyond it are marked in lesion_results.csv
+greedy_racing = True  # race each greedy step: drop filters confidently below the step's cut on a slice of the ranking images, score the rest on all (same choice as exhaustive, a few times faster); False = exhaustive
+greedy_margin = 4.0  # racing's confidence: a filter is dropped when its paired loss difference to the cut is below 0 by this many standard errors
+greedy_candidates = None  # score only this many filters per greedy step, those with the highest first-order (Taylor) score given the chosen ones; None = all
+ranking_precision = "fp32"  # loss and greedy rankings on a GPU: "fp32" (TF32 allowed), or "bf16" where a check at the first site shows the same top-20% sets (else fp32); the CPU is fp32
 random_repeats = 10  # independent random filter orders (the control lesions)
 rank_images = 256  # training images per task used to rank filters (never the test images)
 ranking_reliability = True  # also rank on each half of the ranking images and report how well the halves agree (costs as much again as ranking)
