@@ -157,27 +157,15 @@ class SiteRunner:
     def suffix(self, cached: torch.Tensor, keep: torch.Tensor, add: torch.Tensor) -> dict:
         """{task: logits (M, B, classes)} for M masks (keep, add: (M, C)) applied to a cached batch."""
         m, b = keep.shape[0], cached.shape[0]
-        if self.inner:
-            x = cached.repeat(m, *([1] * (cached.ndim - 1)))
-            handle = self.site.module.register_forward_hook(lambda mod, i, out: apply_mask(out, keep, add, m))
-        else:
-            x = apply_mask(cached.repeat(m, *([1] * (cached.ndim - 1))), keep, add, m)
-            handle = None
-        try:
-            for _, step in self.suffix_steps:
-                x = step(x)
-        finally:
-            if handle is not None:
-                handle.remove()
-        outputs = getattr(self.model, "head_outputs", None)  # DualTaskNet's, split or joint; a plain net: its heads
-        logits = outputs(x) if outputs is not None else {t: head(x) for t, head in self.model.heads.items()}
+        logits = self.suffix_with(cached.repeat(m, *([1] * (cached.ndim - 1))),
+                                  lambda out: apply_mask(out, keep, add, m))
         return {t: out.view(m, b, -1) for t, out in logits.items()}
 
     def suffix_with(self, cached: torch.Tensor, transform) -> dict:
         """{task: logits (B, classes)} of the rest of the network with `transform` applied to the site's output
-        (one copy per image; differentiable, for first-order scores from a cached prefix)."""
+        (the masks of a lesion, or a differentiable scaling for first-order scores from a cached prefix)."""
         handle = None
-        if self.inner:
+        if self.inner:  # the site lies inside the first suffix step: transform its output there
             x = cached
             handle = self.site.module.register_forward_hook(lambda mod, i, out: transform(out))
         else:
@@ -188,7 +176,7 @@ class SiteRunner:
         finally:
             if handle is not None:
                 handle.remove()
-        outputs = getattr(self.model, "head_outputs", None)
+        outputs = getattr(self.model, "head_outputs", None)  # DualTaskNet's, split or joint; a plain net: its heads
         return outputs(x) if outputs is not None else {t: head(x) for t, head in self.model.heads.items()}
 
 
