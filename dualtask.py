@@ -45,7 +45,7 @@ STAGES = ("train", "lesion", "figures")
 TRAIN_LOG_COLUMNS = ("epoch", "task", "split", "loss", "accuracy", "images_per_s")
 # settings that make a checkpoint belong to a run: changing one needs --retrain=True or another out_dir
 RUN_IDENTITY = ("backbone", "batch_norm", "fc_width", "image_size", "max_per_class", "max_classes", "seed",
-                "batch_size", "epochs", "optimizer", "lr", "weight_decay", "grad_clip", "demo_per_class", "role", "single_task", "tasks", "kdef_views", "head", "init")
+                "batch_size", "epochs", "optimizer", "lr", "weight_decay", "grad_clip", "demo_per_class", "role", "single_task", "tasks", "kdef_views", "lfw_crop", "head", "init")
 # what a run trains on, set by an experiment (experiment.py) for each of its runs; a plain run is "real":
 # real: the tasks as given; pseudo_task: the union of their classes split at random into two halves, each half a
 # task (Dobs et al. 2022); single_task: the task named by the `single_task` setting alone; resolution_matched:
@@ -220,6 +220,7 @@ SETTINGS = {
         "None or a list of epochs (integers of at least 1), e.g. [1, 5, 10]"),
     "role": _choice(ROLES),
     "kdef_views": _list_of(lambda v: v in vggface2.KDEF_VIEWS, f"KDEF views from {list(vggface2.KDEF_VIEWS)}"),
+    "lfw_crop": _FLAG,
 }
 
 
@@ -918,7 +919,11 @@ def _check_out_dir(out_dir: Path, config: dict) -> int:
                          f"finished; pass --retrain=True to train it again or choose another --out_dir")
     keys = list(RUN_IDENTITY) + [k for k in config if k.endswith("_data")]
     # what a run written before the setting existed was
-    plain = {"role": "real", "optimizer": "sgd", "kdef_views": ["S"], "head": "split", "init": "random"}
+    plain = {"role": "real", "optimizer": "sgd", "kdef_views": ["S"], "head": "split", "init": "random",
+             "lfw_crop": False}
+    if not any(vggface2.is_lfw_root(Path(s).expanduser()) for s in task_specs(config).values()
+               if not s.startswith("demo") and Path(s).expanduser().is_dir()):
+        keys.remove("lfw_crop")  # no LFW folder read: the setting changes nothing
     differ = [k for k in keys if old.get(k, plain.get(k)) != config.get(k, plain.get(k))]
     if differ:
         was = {k: old.get(k, plain.get(k)) for k in differ}
@@ -972,7 +977,8 @@ def _load_group(tasks: list, specs: dict, config: dict) -> dict:
         spec = "demo:faces"  # the identity and expression tasks of the demo: the faces carry both labels
     data = vggface2.load_task(spec, first, config["image_size"], config.get("max_per_class"),
                               config.get("max_classes"), config["seed"], config.get("download", False),
-                              config.get("demo_per_class", 100), kdef_views=tuple(config.get("kdef_views", ["S"])))
+                              config.get("demo_per_class", 100), kdef_views=tuple(config.get("kdef_views", ["S"])),
+                              lfw_crop=config.get("lfw_crop", False))  # a run from before the setting: whole frames
     if len(tasks) == 1:
         return {first: data}
     views = {t: vggface2.task_view(data, t) for t in tasks}

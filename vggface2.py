@@ -41,6 +41,12 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".t
 VAL_FRACTION = 0.1  # of each class's images, for sources that come without a validation split
 TEST_FRACTION = 0.2  # of each class's images, for sources that come without a test split
 VGGFACE2_BOX_MARGIN = 0.3  # the dataset authors enlarge the loose box by 30% before cropping
+# LFW's photographs are 250 x 250 frames with the face in the middle, about 110 px of it. The face box is LFWcrop's
+# fixed box (Sanderson & Lovell 2009: corners (83, 92) and (166, 175), found from 40 hand-marked LFW faces), as a
+# fraction of the frame, enlarged by VGGFACE2_BOX_MARGIN like VGGFace2's boxes: the face task then sees LFW faces
+# framed as it sees VGGFace2's, rather than a 28-px face in a 64-px frame of background
+LFW_FRAME = 250
+LFW_FACE_BOX = (83 / LFW_FRAME, 92 / LFW_FRAME, 83 / LFW_FRAME, 83 / LFW_FRAME)  # x, y, w, h as fractions
 CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 NORM_MEAN = NORM_STD = 0.5  # the reference study's normalisation
 
@@ -162,7 +168,7 @@ def _check_out(out: Path, overwrite: bool = False) -> None:
 
 
 def load_task(spec: str, task: str, image_size: int, max_per_class=None, max_classes=None, seed: int = 0,
-              download: bool = False, demo_per_class: int = 100, kdef_views=("S",)) -> TaskData:
+              download: bool = False, demo_per_class: int = 100, kdef_views=("S",), lfw_crop: bool = True) -> TaskData:
     """Load one task's data from `spec` and bring it to `image_size` pixels.
 
     spec: 'demo' (the procedural set matching the task name: faces for 'face'/'identity', expressions for
@@ -171,7 +177,8 @@ def load_task(spec: str, task: str, image_size: int, max_per_class=None, max_cla
     file, or a folder holding fer2013.csv), a KDEF root (photographs named like AF01ANS.JPG anywhere below it;
     `kdef_views` chooses the camera angles), VoxCeleb face frames (id10001/<video>/<frame>.jpg), or a folder
     with one subfolder per class (train/ and test/ subfolders are used when present; FER2013's class folders
-    with PublicTest_/PrivateTest_ files in test/ keep FER2013's own split).
+    with PublicTest_/PrivateTest_ files in test/ keep FER2013's own split; LFW's folders, images named
+    <person>_NNNN.jpg, are cropped to the face, LFW_FACE_BOX, unless `lfw_crop` is False).
 
     The layouts are told apart in this order, the first that fits wins: a cache (meta.json + images.npy);
     CIFAR-10 (cifar-10-batches-py/); VGGFace2 (bb_landmark/, or train/nXXXXXX/); a .csv file or fer2013.csv in
@@ -224,7 +231,9 @@ def load_task(spec: str, task: str, image_size: int, max_per_class=None, max_cla
         elif is_voxceleb_root(root):
             data = load_voxceleb(root, image_size, max_per_class=max_per_class, max_classes=max_classes, seed=seed)
         else:
-            data = load_folder(root, image_size, max_per_class=max_per_class, max_classes=max_classes, seed=seed)
+            box = FractionBox(LFW_FACE_BOX) if lfw_crop and is_lfw_root(root) else None
+            data = load_folder(root, image_size, max_per_class=max_per_class, max_classes=max_classes, seed=seed,
+                               face_box=box)
     except OSError as e:  # a folder inside the data that cannot be listed (images themselves are skipped)
         raise DataError(f"{task}_data: cannot read {e.filename or spec} ({e.strerror or e}); make it "
                         f"readable") from None
@@ -460,10 +469,16 @@ def _to_rgb(im):
     return im.convert("RGB")  # L, 1, P, CMYK, YCbCr, RGB: PIL converts these correctly
 
 
+class FractionBox(tuple):
+    """A face box (x, y, w, h) given as fractions of the image's width and height (one box for many images)."""
+
+
 def _crop_box(box, width: int, height: int):
-    """The box enlarged by the margin and clipped to the image as (left, top, right, bottom), or None when
-    less than 2 x 2 pixels of it lie inside the image."""
+    """The box (pixels, or a FractionBox) enlarged by the margin and clipped to the image as (left, top, right,
+    bottom), or None when less than 2 x 2 pixels of it lie inside the image."""
     x, y, w, h = box
+    if isinstance(box, FractionBox):
+        x, y, w, h = x * width, y * height, w * width, h * height
     cx, cy = x + w / 2, y + h / 2
     w, h = w * (1 + VGGFACE2_BOX_MARGIN), h * (1 + VGGFACE2_BOX_MARGIN)
     left, top = max(0, int(round(cx - w / 2))), max(0, int(round(cy - h / 2)))
@@ -571,7 +586,30 @@ def _official_split_caps(max_per_class):
     return max(1, max_per_class - n_test - n_val), n_val, n_test
 
 
-def load_folder(root, image_size: int, max_per_class=None, max_classes=None, seed: int = 0) -> TaskData:
+_LFW_NAME = re.compile(r"^(.+)_(\d{4})\.jpe?g$", re.IGNORECASE)
+
+
+def is_lfw_root(root: Path, look: int = 20) -> bool:
+    """True when `root` (or its train/) holds LFW's layout: class folders named after people whose images are
+    named <folder>_NNNN.jpg (Aaron_Peirsol/Aaron_Peirsol_0001.jpg), for most of the first `look` folders."""
+    root = Path(root)
+    base = root / "train" if (root / "train").is_dir() else root
+    try:
+        folders = sorted(d for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))[:look]
+        checked = named = 0
+        for d in folders:
+            for f in sorted(os.scandir(d), key=lambda e: e.name)[:5]:
+                if f.is_file() and Path(f.name).suffix.lower() in IMAGE_EXTENSIONS:
+                    checked += 1
+                    m = _LFW_NAME.match(f.name)
+                    named += bool(m and m.group(1) == d.name)
+    except OSError:
+        return False
+    return checked > 0 and named > checked / 2
+
+
+def load_folder(root, image_size: int, max_per_class=None, max_classes=None, seed: int = 0,
+                face_box=None) -> TaskData:
     """A folder with one subfolder per class, or with train/ and test/ each holding the class subfolders.
 
     Without train/ + test/: a seeded stratified split of each class. With them: test/ is the test set and
@@ -579,6 +617,8 @@ def load_folder(root, image_size: int, max_per_class=None, max_classes=None, see
     PublicTest_* or PrivateTest_*), which keep FER2013's official split: train/ all train, PublicTest_* val,
     PrivateTest_* test, so results compare with published FER2013 numbers; that data is labelled by expression
     (label_kind "expression"), any other folder's labels are of unknown kind ("").
+    face_box: a FractionBox every image is cropped to (enlarged by VGGFACE2_BOX_MARGIN) before resizing; None
+    reads the whole images.
     """
     root = Path(root)
     presplit = (root / "train").is_dir() and (root / "test").is_dir()
@@ -610,7 +650,8 @@ def load_folder(root, image_size: int, max_per_class=None, max_classes=None, see
                                           for s, cap in ((1, cap_val), (2, cap_test))]))
         else:
             idx, _ = _choose(labels, cap_test if pool == "test" else cap_train, None, seed)
-        images, ok, native = _read_many([paths[i] for i in idx], image_size, what=str(pools[pool]))
+        images, ok, native = _read_many([paths[i] for i in idx], image_size,
+                                        None if face_box is None else [face_box] * len(idx), what=str(pools[pool]))
         natives += [native] * len(images)
         labels = labels[idx][ok]
         if pool == "all":
@@ -624,7 +665,8 @@ def load_folder(root, image_size: int, max_per_class=None, max_classes=None, see
     if len(images) == 0:
         raise DataError(f"{root}: no readable images")
     native = int(np.median([n for n in natives if n])) if any(natives) else None
-    data = TaskData("", classes, images, labels, split, source=f"{'fer2013' if fer else 'folder'}:{root}",
+    kind = "fer2013" if fer else "folder" if face_box is None else "face-cropped folder"
+    data = TaskData("", classes, images, labels, split, source=f"{kind}:{root}",
                     native_size=native, label_kind="expression" if fer else "")
     return _drop_untrainable(data, str(root))
 
@@ -1542,13 +1584,15 @@ def main(argv=None) -> int:
     parser.add_argument("--per_identity", type=int, default=None, help="images per identity; all if unset")
     parser.add_argument("--task", default="face", help="task name stored with the data")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling and the train/val/test split")
+    parser.add_argument("--lfw_crop", type=_flag, default=True, help="crop LFW's photographs to the face "
+                        "(LFWcrop's box enlarged by 30%%); False keeps the whole 250-px frame")
     try:
         args = parser.parse_args(argv)
         _check_arguments(args)
         out = Path(args.out).expanduser()
         _check_out(out, args.overwrite)  # before the long read, so a refused --out costs nothing
         data = load_task(args.root, args.task, args.image_size, max_per_class=args.per_identity,
-                         max_classes=args.identities, seed=args.seed)
+                         max_classes=args.identities, seed=args.seed, lfw_crop=args.lfw_crop)
         try:
             data.save(out, overwrite=args.overwrite)
         except OSError as e:  # permissions, a full disk

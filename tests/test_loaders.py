@@ -307,6 +307,63 @@ def test_voxceleb_detection_leaves_class_folders_alone(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# LFW: cropped to the face
+
+
+def make_lfw(root, people=("Ann_Lee", "Bo_Ray"), per=10, names=None):
+    """LFW's layout: 250 x 250 frames, blue, with a red square (90..160) in the middle where LFW's face is."""
+    frame = np.zeros((250, 250, 3), np.uint8)
+    frame[..., 2] = 255
+    frame[90:160, 90:160] = (255, 0, 0)
+    for person in people:
+        for i in range(per):
+            write_jpeg(root / person / (names or "{p}_{i:04d}.jpg").format(p=person, i=i + 1), frame)
+    return root
+
+
+def red_fraction(images):
+    x = images.astype(int)
+    return float(((x[..., 0] > 128) & (x[..., 2] < 128)).mean())
+
+
+def test_lfw_folders_are_cropped_to_the_face(tmp_path):
+    root = make_lfw(tmp_path / "lfw")
+    assert vggface2.is_lfw_root(root)
+    cropped = load_task(str(root), "identity", 16)
+    whole = load_task(str(root), "identity", 16, lfw_crop=False)
+    # the face box (LFWcrop's 83 px, enlarged by 30%: 108 px) holds the red square over 40% of its area; the
+    # whole frame is 8% red
+    assert red_fraction(cropped.images) > 0.35 and red_fraction(whole.images) < 0.12
+    assert cropped.source.startswith("face-cropped folder:") and whole.source.startswith("folder:")
+    assert cropped.native_size in (107, 108) and whole.native_size == 250  # resolution matching sees the crop
+    assert cropped.classes == whole.classes == ["Ann_Lee", "Bo_Ray"]
+
+
+def test_other_class_folders_are_not_cropped(tmp_path):
+    root = make_lfw(tmp_path / "other", names="img_{i:04d}.jpg")
+    assert not vggface2.is_lfw_root(root)
+    data = load_task(str(root), "identity", 16)
+    assert data.source.startswith("folder:") and red_fraction(data.images) < 0.12
+
+
+def test_lfw_crop_is_part_of_a_run_on_lfw_and_of_no_other(tmp_path):
+    from test_pipeline import tiny_config
+
+    import dualtask
+
+    lfw = make_lfw(tmp_path / "lfw", people=("Ann_Lee", "Bo_Ray", "Cy_Dee"))
+    out = tmp_path / "on_lfw"
+    dualtask.run(tiny_config(out, epochs=1, face_data=str(lfw)))
+    before = (out / "checkpoint.pt").read_bytes()
+    with pytest.raises(dualtask.UsageError, match=r"lfw_crop: True -> False.*--lfw_crop=True"):
+        dualtask.run(tiny_config(out, epochs=1, face_data=str(lfw), lfw_crop=False))
+    assert (out / "checkpoint.pt").read_bytes() == before
+    demo = tmp_path / "demo"
+    dualtask.run(tiny_config(demo, epochs=1))
+    dualtask.run(tiny_config(demo, epochs=1, lfw_crop=False))  # no LFW folder: the setting changes nothing
+
+
+# ----------------------------------------------------------------------------------------------------------
 # label kinds, task_view and the cache
 
 
