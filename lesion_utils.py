@@ -785,13 +785,15 @@ def split_half_reliability(halves: tuple) -> dict:
 
 def rank_site(model, site: Site, rank_batches: list, tasks: list, methods, random_repeats: int = 10,
               seed: int = 0, masks_per_pass: int = 1, reliability: bool = False, greedy: dict | None = None,
-              precision: str = "fp32") -> dict:
+              precision: str = "fp32", share=None) -> dict:
     """{method: {target: {'order': [...], 'scores': [...]}}} for one site; 'random' holds repeat_0..R-1, and
     'agreement' the rank correlation of taylor with loss per task when both were computed. With `reliability`,
     'reliability' holds each ranking's split-half reliability (`split_half_reliability`): every ranking is
     computed again on each half of the ranking images, which costs as much again as the rankings.
     greedy: the greedy ranking's settings (`greedy_settings`; None = the defaults, GREEDY_DEFAULTS);
-    precision: how the loss and greedy rankings score lesions (`ranking_precision`)."""
+    precision: how the loss and greedy rankings score lesions (`ranking_precision`);
+    share: (rank, world, all_gather) shares each greedy step's candidates out across processes (`greedy_order`),
+    so every process must call it for the same site."""
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise UsageError(f"unknown lesion method(s) {bad}; expected some of {list(METHODS)}")
@@ -813,8 +815,8 @@ def rank_site(model, site: Site, rank_batches: list, tasks: list, methods, rando
         g = dict(GREEDY_DEFAULTS, **(greedy or {}))
         out["greedy"] = {t: _entry(*greedy_order(
             model, site, rank_batches, t, stop_fraction=g["stop"], masks_per_pass=masks_per_pass,
-            racing=g["racing"], margin=g["margin"], candidates=g["candidates"], precision=precision, seed=seed),
-            ordered=True) for t in tasks}
+            racing=g["racing"], margin=g["margin"], candidates=g["candidates"], precision=precision, seed=seed,
+            share=share), ordered=True) for t in tasks}
     if "taylor" in methods:
         out["taylor"] = {}
         for t in tasks:
@@ -832,8 +834,23 @@ def rank_site(model, site: Site, rank_batches: list, tasks: list, methods, rando
         if all(any(t == task for t, _, _ in half) for half in halves for task in tasks):
             out["reliability"] = split_half_reliability(tuple(
                 rank_site(model, site, half, tasks, ranked, masks_per_pass=masks_per_pass, greedy=greedy,
-                          precision=precision) for half in halves))
+                          precision=precision, share=share) for half in halves))
     return out
+
+
+RANKING_KEYS = (*METHODS, "agreement", "reliability")  # the order of a site's entries in rankings.json
+
+
+def merge_rankings(own: dict, given: dict) -> dict:
+    """A site's rankings from two parts (here: the rankings its process computed alone, and the greedy rankings
+    all processes computed together), in the order one rank_site call gives them: methods in METHODS order,
+    then agreement and reliability (each method's entry in METHODS order)."""
+    merged = {**own, **{k: v for k, v in given.items() if k != "reliability"}}
+    reliability = {**own.get("reliability", {}), **given.get("reliability", {})}
+    if reliability:
+        merged["reliability"] = {m: reliability[m] for m in METHODS if m in reliability}
+    keys = [k for k in RANKING_KEYS if k in merged] + [k for k in merged if k not in RANKING_KEYS]
+    return {k: merged[k] for k in keys}
 
 
 def _entry(order, scores, ordered: bool = False) -> dict:
@@ -863,11 +880,11 @@ LESION_COLUMNS = ("layer", "depth", "n_filters", "target", "method", "fraction",
                   "beyond_greedy_stop")
 # beyond_greedy_stop: 1 on a greedy lesion silencing filters past those the greedy steps chose (just past
 # greedy_stop of the site): they follow in the order of the last step's scores; 0 on every other row
-ADDED_LESION_COLUMNS = ("beyond_greedy_stop",)  # an earlier sweep's file may lack these: they are filled in
+ADDED_LESION_COLUMNS = ("beyond_greedy_stop",)  # an earlier sweep's files may lack these: they are filled in
 DISSOCIATION_COLUMNS = ("layer", "depth", "method", "fraction", "task_a", "task_b", "index", "ci_low", "ci_high",
                         "p_index", "drop_a_by_a", "drop_a_by_b", "drop_b_by_b", "drop_b_by_a", "p_a_by_a",
                         "p_b_by_b", "random_drop_a", "random_drop_b", "n_random", "null_low", "null_high",
-                        "matched_index", "matched_ci_low", "matched_ci_high", "matched_p_index")
+                        "matched_index", "matched_ci_low", "matched_ci_high", "matched_p_index", "beyond_greedy_stop")
 PER_CLASS_COLUMNS = ("layer", "method", "target", "repeat", "fraction", "eval_task", "class", "accuracy",
                      "n_images")
 
@@ -905,7 +922,7 @@ def random_pair_indices(drop_a: np.ndarray, drop_b: np.ndarray) -> np.ndarray:
 
 
 def dissociation_rows(site: Site, conditions: list, results: list, intact: dict, chance: dict, tasks: list,
-                      n_boot: int = 1000, seed: int = 0, paired: bool = False) -> list:
+                      n_boot: int = 1000, seed: int = 0, paired: bool = False, greedy_stop: float | None = None) -> list:
     """Per method and fraction: the double-dissociation index
     [drop_a(a-filters) - drop_a(b-filters)] + [drop_b(b-filters) - drop_b(a-filters)] of chance-corrected
     accuracy drops, its 95% bootstrap interval over test images, and where random lesions of the same size
@@ -915,9 +932,11 @@ def dissociation_rows(site: Site, conditions: list, results: list, intact: dict,
 
     paired: the two tasks are scored on the same test images, in the same order (tasks that share their images):
     each bootstrap resample then draws the same images for both, keeping the correlation of an image's two
-    outcomes in the interval."""
+    outcomes in the interval. beyond_greedy_stop marks a greedy row whose sets hold filters past those the greedy
+    steps chose (`greedy_stop`: the ranking's stop fraction; None = GREEDY_DEFAULTS')."""
     if len(tasks) < 2:
         return []
+    greedy_stop = GREEDY_DEFAULTS["stop"] if greedy_stop is None else greedy_stop
     a, b = tasks[:2]
     rng = np.random.default_rng([seed, site.depth, 99])
     samples = {t: rng.integers(0, len(intact[t]["correct"]), (n_boot, len(intact[t]["correct"]))) for t in (a, b)}
@@ -973,6 +992,7 @@ def dissociation_rows(site: Site, conditions: list, results: list, intact: dict,
                 "random_drop_b": f"{rand_drop[b].mean() if len(rand) else float('nan'):.4f}", "n_random": len(rand),
                 "null_low": f"{np.min(null) if len(null) else float('nan'):.4f}",
                 "null_high": f"{np.max(null) if len(null) else float('nan'):.4f}",
+                "beyond_greedy_stop": beyond_greedy_stop(method, f, site.n_filters, greedy_stop),
             })
     return rows
 
@@ -1148,25 +1168,29 @@ def earlier_sweep(settings: dict, out_dir: Path) -> dict:
     columns = {"results": tuple(c for c in LESION_COLUMNS if c not in ADDED_LESION_COLUMNS),
                "dissociation": ("layer", "method", "fraction", "index"), "per_class": PER_CLASS_COLUMNS}
     stop = settings.get("greedy", GREEDY_DEFAULTS)["stop"]
+    n_filters = {}  # by site, from the results: what an earlier file's dissociation rows need
 
     def rows_of(key):  # the rows of finished sites, from a file that must be as this tool wrote it
         if not done or not paths[key].exists():
             return []
         rows = [r for r in read_csv(paths[key], columns[key]) if r["layer"] in done]
-        for r in rows if key == "results" else []:  # a column added since the file was written
+        for r in rows if key in ("results", "dissociation") else []:  # a column added since the file was written
             if r.get("beyond_greedy_stop") in (None, ""):
                 try:
                     r["beyond_greedy_stop"] = beyond_greedy_stop(r["method"], float(r["fraction"]),
-                                                                 int(r["n_filters"]), stop)
-                except ValueError:
-                    raise UsageError(f"{paths[key]}: damaged (a row's fraction or n_filters is not a number); "
-                                     f"move it away and run again to write it anew") from None
+                                                                 int(r.get("n_filters") or n_filters[r["layer"]]), stop)
+                except (ValueError, KeyError):
+                    raise UsageError(f"{paths[key]}: damaged (a row's fraction or n_filters is not a number, or "
+                                     f"its site has no lesion results); move it away and run again to write it "
+                                     f"anew") from None
         return rows
 
     rankings = read_json(paths["rankings"], lambda r: isinstance(r, dict) and all(
         isinstance(v, dict) for v in r.values()), "rankings by site") if done and paths["rankings"].exists() else {}
     per_image = read_per_image(paths["per_image"]) if done and paths["per_image"].exists() else {}
-    earlier = {"done": [s for s in settings["sites"] if s in done], "rows": rows_of("results"),
+    results = rows_of("results")
+    n_filters.update({r["layer"]: r["n_filters"] for r in results})
+    earlier = {"done": [s for s in settings["sites"] if s in done], "rows": results,
                "dissociation": rows_of("dissociation"), "per_class": rows_of("per_class"),
                "rankings": {k: v for k, v in rankings.items() if k in done},
                "per_image": {k: v for k, v in per_image.items() if k.split("|")[0] in done | {"intact"}},
@@ -1247,8 +1271,22 @@ def lesion_stage(model: nn.Module, images: dict, config: dict, out_dir: Path, ra
     greedy = settings.get("greedy")
     greedy_stop = (greedy or GREEDY_DEFAULTS)["stop"]
     wanted_precision = settings.get("ranking_precision", "fp32")
-    scored = [m for m in methods if m in ("loss", "greedy")]  # the rankings whose precision is a setting
+    # under torchrun the greedy rankings (the costliest by far) are computed by all processes together, each
+    # scoring a share of every step's candidates; everything else about a site is its own process's work
+    share = (rank, world, all_gather_objects) if world > 1 and "greedy" in methods and \
+        torch.distributed.is_available() and torch.distributed.is_initialized() else None
+    own = [m for m in methods if not (share and m == "greedy")]
+    scored = [m for m in own if m in ("loss", "greedy")]  # the rankings whose precision is a setting
     precision = {"used": None}  # bf16 asked for on a GPU: decided by a check at this process's first site
+    if share:
+        say(f"greedy rankings: each step's candidates shared out across {world} processes (fp32)")
+
+    def shared_greedy(site):
+        """The site's greedy rankings, every process scoring a share of each step's candidates (in fp32: the
+        bf16 check is a process's own)."""
+        return rank_site(model, site, train_sample, tasks, ["greedy"], repeats, config["seed"], masks_per_pass,
+                         reliability=settings.get("reliability", False), greedy=greedy, precision="fp32",
+                         share=share)
 
     def rank_filters(site):
         """The site's rankings, in fp32 unless bf16 was asked for and its check at the first site passed."""
@@ -1258,9 +1296,9 @@ def lesion_stage(model: nn.Module, images: dict, config: dict, out_dir: Path, ra
 
         reliability = settings.get("reliability", False)
         if wanted_precision == "fp32" or device.type != "cuda" or not scored:
-            return ranked(methods, "fp32", reliability)
+            return ranked(own, "fp32", reliability)
         if precision["used"] is None:
-            ranking = ranked(methods, "fp32", reliability)
+            ranking = ranked(own, "fp32", reliability)
             same = same_top_sets(ranking, ranked(scored, "bf16", False), scored, tasks, 0.2)
             precision["used"] = "bf16" if all(same.values()) else "fp32"
             ranking["precision"] = {"requested": "bf16", "used": "fp32", "bf16_same_top20": same,
@@ -1269,14 +1307,14 @@ def lesion_stage(model: nn.Module, images: dict, config: dict, out_dir: Path, ra
                 f"fp32 top-20% sets at {site.name} ({', '.join(k for k, v in same.items() if not v) or 'all same'}"
                 f"); later sites rank in {precision['used']}")
             return ranking
-        ranking = ranked(methods, precision["used"], reliability)
+        ranking = ranked(own, precision["used"], reliability)
         ranking["precision"] = {"requested": "bf16", "used": precision["used"]}
         return ranking
 
-    def sweep_site(site):
-        """Everything one site adds to the sweep's files."""
+    def sweep_site(site, given=None):
+        """Everything one site adds to the sweep's files; `given`: its greedy rankings, computed together."""
         start = time.perf_counter()
-        ranking = rank_filters(site)
+        ranking = rank_filters(site) if given is None else merge_rankings(rank_filters(site), given)
         means = None
         if mode == "mean":
             acts = site_activations(model, [site], train_sample)[site.name]
@@ -1294,7 +1332,7 @@ def lesion_stage(model: nn.Module, images: dict, config: dict, out_dir: Path, ra
                 if per_class_wanted:
                     out["per_class"] += _per_class_rows(site, method, target, repeat, f, res, labels, classes)
         out["diss"] = dissociation_rows(site, conditions, results, intact, chance, tasks, seed=config["seed"],
-                                        paired=paired)
+                                        paired=paired, greedy_stop=greedy_stop)
         if matched is not None:
             on_matched = dissociation_rows(site, conditions, [_restrict(r, matched) for r in results],
                                            _restrict(intact, matched), chance, tasks, seed=config["seed"])
@@ -1307,7 +1345,14 @@ def lesion_stage(model: nn.Module, images: dict, config: dict, out_dir: Path, ra
     started, finished = time.perf_counter(), 0
     rounds = [todo[k:k + world] for k in range(0, len(todo), world)]
     for group in tqdm(rounds, desc="lesion sweep", leave=False, disable=None if main else True):
-        mine = sweep_site(group[rank]) if rank < len(group) else None
+        given, spent = {}, {}
+        for site in group if share else []:  # every process, every site of the round, together
+            spent[site.name] = time.perf_counter()
+            given[site.name] = shared_greedy(site)
+            spent[site.name] = time.perf_counter() - spent[site.name]
+        mine = sweep_site(group[rank], given.get(group[rank].name)) if rank < len(group) else None
+        if mine is not None:
+            mine["seconds"] += spent.get(group[rank].name, 0.0)
         gathered = gather(mine)
         if not main:
             continue

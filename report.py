@@ -221,6 +221,13 @@ def summary(config: dict, status: dict, results: list, diss: list, rankings: dic
             answer += " At no site does any ranking's interval exclude 0."
         # the split-half overlap is kept for the top 10% and 20%: the one nearer the headline fraction
         caveats += _dissociation_caveats(rows, rankings, f) + _reliability_caveats(rankings, 0.2 if f >= 0.15 else 0.1)
+        beyond = list(dict.fromkeys(r["layer"] for r in rows if r["method"] == "greedy"
+                                    and str(r.get("beyond_greedy_stop", "")).strip() == "1"))
+        if beyond:
+            caveats.append(f"At {f:.0%} lesions the greedy ranking's sets reach past its stop (greedy_stop "
+                           f"{config.get('greedy_stop', 0.2)}) at {len(beyond)} site(s), {_names(beyond)}: their "
+                           f"last filters follow the last greedy step's scores rather than a greedy choice "
+                           f"(beyond_greedy_stop in dissociation.csv); raise greedy_stop to rank them greedily.")
     weak, near_chance = [], []
     for task, (accuracy, n, chance) in intact.items():
         low, high = wilson(accuracy, n)

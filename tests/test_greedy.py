@@ -216,11 +216,16 @@ def test_an_earlier_greedy_sweep_without_the_new_column_resumes(tmp_path):
     row = {c: "" for c in old_columns}
     row.update(layer=site, depth=1, n_filters=16, target="face", method="greedy", fraction="0.3000", eval_task="face")
     L.write_csv(tmp_path / "lesion_results.csv", old_columns, [row])
+    old_diss = [c for c in L.DISSOCIATION_COLUMNS if c not in L.ADDED_LESION_COLUMNS]
+    diss = {c: "" for c in old_diss}
+    diss.update(layer=site, depth=1, method="greedy", fraction="0.3000", index="0.1")
+    L.write_csv(tmp_path / "dissociation.csv", old_diss, [diss])
     (tmp_path / "rankings.json").write_text(json.dumps({site: {"greedy": {}}}))
     L.write_per_image(tmp_path / "lesion_per_image.npz", {"intact|face": np.ones(3, dtype=bool)})
     earlier = L.earlier_sweep(settings, tmp_path)
     assert earlier["restart"] is None and earlier["done"] == [site]
     assert earlier["rows"][0]["beyond_greedy_stop"] == 1  # 5 of 16 filters; the greedy steps chose 4
+    assert earlier["dissociation"][0]["beyond_greedy_stop"] == 1  # n_filters from the site's results
     raced = L.sweep_settings(model, dict(config, greedy_racing=True))
     assert L.earlier_sweep(raced, tmp_path)["restart"].startswith("lesion settings differ")
 
@@ -237,6 +242,8 @@ def test_greedy_stop_is_marked_in_lesion_results(tmp_path):
     # 2048 filters: steps of 33 until just past 10% (205) choose 231; a 20% lesion silences 410
     assert marks == {("greedy", "0.0000"): "0", ("greedy", "0.1000"): "0", ("greedy", "0.2000"): "1",
                      ("random", "0.0000"): "0", ("random", "0.1000"): "0", ("random", "0.2000"): "0"}
+    with open(out / "dissociation.csv", newline="") as f:
+        assert {r["fraction"]: r["beyond_greedy_stop"] for r in csv.DictReader(f)} == {"0.1000": "0", "0.2000": "1"}
     progress = json.loads((out / "lesion_progress.json").read_text())
     assert progress["settings"]["greedy"] == {"racing": True, "margin": 4.0, "candidates": None, "stop": 0.1}
     rankings = json.loads((out / "rankings.json").read_text())

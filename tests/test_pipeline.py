@@ -191,18 +191,22 @@ def test_keep_only_and_per_class_outputs(tmp_path):
 
 
 def test_torchrun_two_cpu_processes(tmp_path):
-    """Training and the lesion sweep under torchrun with 2 CPU processes: the sites are shared out, and the
-    sweep's files are those of one process sweeping the same checkpoint."""
+    """Training and the lesion sweep under torchrun with 2 CPU processes: the sites are shared out, the greedy
+    ranking's candidates at each step too, and the sweep's files are those of one process sweeping the same
+    checkpoint."""
     import shutil
 
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    sweep = ["--lesion_layers=[0, 8, -1]", "--lesion_methods=['activation', 'random']", "--random_repeats=2"]
+    # the greedy Taylor-pruned to 2 candidates a step (and no split halves), so that it costs seconds here
+    sweep = ["--lesion_layers=[0, 8, -1]", "--lesion_methods=['activation', 'greedy', 'random']",
+             "--random_repeats=2", "--rank_images=16", "--greedy_candidates=2", "--ranking_reliability=False"]
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
                         str(ROOT / "ResNeXt.py"), *TINY, *sweep, f"--out_dir={out}", "--stages=['train', 'lesion']"],
                        cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "sites shared out across 2 processes" in p.stdout
+    assert "greedy rankings: each step's candidates shared out across 2 processes" in p.stdout
     config = json.loads((out / "config.json").read_text())
     assert config["world_size"] == 2
     log = read_rows(out / "train_log.csv")

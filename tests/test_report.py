@@ -69,6 +69,22 @@ def test_enough_repeats_gives_a_verdict_and_counts_the_tests(tmp_path):
     assert "not corrected for the 3 tests" in text
 
 
+def test_greedy_sets_past_the_greedy_stop_are_a_caveat(tmp_path):
+    run = make_run(tmp_path / "run", [("trunk.s2", 2, "greedy", 0.3, 0.1, 0.5, 0.01),
+                                      ("trunk.s4", 4, "greedy", 0.2, 0.05, 0.4, 0.01)])
+    rows = list(L.read_csv(run / "dissociation.csv"))
+    rows[1]["beyond_greedy_stop"] = 1  # trunk.s4's greedy steps stopped short of 20%
+    write_csv(run / "dissociation.csv", L.DISSOCIATION_COLUMNS, rows)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps(dict(config, greedy_stop=0.15)))
+    text, _ = first_screen(run)
+    assert "reach past its stop (greedy_stop 0.15) at 1 site(s), trunk.s4" in text and "trunk.s2" not in \
+        text[text.index("reach past its stop"):]
+    rows[1]["beyond_greedy_stop"] = 0
+    write_csv(run / "dissociation.csv", L.DISSOCIATION_COLUMNS, rows)
+    assert "reach past its stop" not in first_screen(run)[0]
+
+
 def test_a_head_near_chance_is_named(tmp_path):
     run = make_run(tmp_path / "run", [("trunk.s0", 0, "loss", 0.5, 0.2, 0.8, 0.04)],
                    intact=(("face", 0.9, 0.1), ("object", 0.12, 0.1)), repeats=30)
