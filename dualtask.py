@@ -642,26 +642,32 @@ class TaskImages:
 @torch.inference_mode()
 def evaluate(model: nn.Module, images: dict, split: str, dist: Dist | None = None, batch_size: int = 256,
              channels_last: bool = False) -> dict:
-    """{task: {'loss', 'accuracy', 'n'}} of each task's head on that task's `split` images (eval mode)."""
+    """{task: {'loss', 'accuracy', 'n'}} of each task's head on that task's `split` images (eval mode). Tasks
+    that share their images (one split of one array) are scored by their heads on one pass of those images."""
     was_training = model.training
     model.eval()
     results = {}
     rank, world = (dist.rank, dist.world) if dist else (0, 1)
-    for task, ti in images.items():
-        idx = ti.data.indices(split)[rank::world]
-        loss_sum, correct = 0.0, 0
+    for group in vggface2.shared_groups({t: ti.data for t, ti in images.items()}):
+        idx = images[group[0]].data.indices(split)[rank::world]
+        sums = {t: [0.0, 0] for t in group}  # loss, correct
         for start in range(0, len(idx), batch_size):
-            x, y = ti.batch(idx[start:start + batch_size], channels_last)
+            chunk = idx[start:start + batch_size]
+            x, _ = images[group[0]].batch(chunk, channels_last)
             with autocast(x.device):
-                logits = model(vggface2.normalize(x))[task].float()
-            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-            correct += (logits.argmax(1) == y).sum().item()
-        n = len(idx)
-        if dist:
-            loss_sum, correct, n = dist.all_sum([loss_sum, correct, n])
-        results[task] = {"loss": loss_sum / max(n, 1), "accuracy": correct / max(n, 1), "n": int(n)}
+                out = model(vggface2.normalize(x))
+            for t in group:
+                y = images[t].labels[torch.from_numpy(chunk).to(images[t].labels.device)]
+                logits = out[t].float()
+                sums[t][0] += F.cross_entropy(logits, y, reduction="sum").item()
+                sums[t][1] += (logits.argmax(1) == y).sum().item()
+        for t in group:
+            loss_sum, correct, n = sums[t] + [len(idx)]
+            if dist:
+                loss_sum, correct, n = dist.all_sum([loss_sum, correct, n])
+            results[t] = {"loss": loss_sum / max(n, 1), "accuracy": correct / max(n, 1), "n": int(n)}
     model.train(was_training)
-    return results
+    return {t: results[t] for t in images}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -742,7 +748,7 @@ def train(model: DualTaskNet, images: dict, config: dict, out_dir: Path, dist: D
     tasks = list(images)
     # tasks that share their images (shared_groups) take one batch together, every image scored by each of their
     # heads; every group gets an equal share of the step
-    groups = shared_groups({t: ti.data for t, ti in images.items()})
+    groups = vggface2.shared_groups({t: ti.data for t, ti in images.items()})
     per_group = config["batch_size"] // len(groups)
     train_idx = {g[0]: images[g[0]].data.indices("train") for g in groups}
     steps = max(1, math.ceil(max(len(i) for i in train_idx.values()) / (per_group * dist.world)))
@@ -947,26 +953,13 @@ def source_groups(specs: dict) -> list:
         spec = spec.strip()
         if spec == "demo":
             key = ("demo", "faces" if faces_shared and kinds[task] in ("identity", "expression")
-                   else vggface2._demo_kind_for(task))
+                   else vggface2.demo_kind_for(task))
         elif spec.startswith("demo:"):
             key = ("demo", spec.split(":", 1)[1])
         else:
             key = ("path", str(Path(spec).expanduser().resolve()))
         groups.setdefault(key, []).append(task)
     return list(groups.values())
-
-
-def shared_groups(datasets: dict) -> list:
-    """The groups of tasks whose TaskData hold the very same image array (one set of images, several labels)."""
-    groups = []
-    for task, d in datasets.items():
-        for g in groups:
-            if datasets[g[0]].images is d.images:
-                g.append(task)
-                break
-        else:
-            groups.append([task])
-    return groups
 
 
 def _load_group(tasks: list, specs: dict, config: dict) -> dict:
@@ -1009,7 +1002,7 @@ def load_datasets(config: dict) -> dict:
         counts = data.counts()
         if min(counts.values()) == 0:
             raise DataError(f"{task}: {specs[task]} gives {counts}; every split needs images (raise max_per_class)")
-    groups = shared_groups(datasets)
+    groups = vggface2.shared_groups(datasets)
     if role == "pseudo_task":
         if len(groups) < len(datasets):
             raise DataError(f"the pseudo_task control splits the tasks' classes into two tasks over their images; "
@@ -1055,7 +1048,7 @@ def run(config: dict) -> None:
                                            "counts": d.counts()} for t, d in datasets.items()},
                         resolved_device=str(dist.device), world_size=dist.world, lr_per_step=peak_lr(config, dist.world),
                         optimizer_used=optimizer_name(config), weight_decay_used=weight_decay(config),
-                        shared_images=[g for g in shared_groups(datasets) if len(g) > 1],
+                        shared_images=[g for g in vggface2.shared_groups(datasets) if len(g) > 1],
                         n_lesion_sites=len(lesion_utils.lesion_sites(model, config.get("lesion_inner", False))),
                         **provenance(dist.device))
         if dist.main:
@@ -1074,7 +1067,7 @@ def run(config: dict) -> None:
             print(f"{config['backbone']} on {dist.device} (x{dist.world}), {config['image_size']} px; {summary}{shared}")
         dist.barrier()
         images = {}
-        for group in shared_groups(datasets):  # a shared group's images go to the device once
+        for group in vggface2.shared_groups(datasets):  # a shared group's images go to the device once
             for t in group:
                 images[t] = TaskImages(datasets[t], dist.device, images.get(group[0]))
         images = {t: images[t] for t in datasets}

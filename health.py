@@ -48,9 +48,10 @@ def monitored_layers(model: nn.Module, config: dict) -> list:
 
 def probe_batch(images: dict, channels_last: bool = False) -> torch.Tensor:
     """PROBE_IMAGES validation images of every task (a fixed random sample, so every class can appear: the
-    images are stored class by class), as one normalised batch."""
+    images are stored class by class), as one normalised batch; tasks that share their images give them once."""
     xs = []
-    for ti in images.values():
+    for group in vggface2.shared_groups({t: ti.data for t, ti in images.items()}):
+        ti = images[group[0]]
         val = np.asarray(ti.data.indices("val"))
         idx = np.sort(np.random.default_rng(0).permutation(val)[:PROBE_IMAGES])
         if len(idx):

@@ -81,14 +81,16 @@ def image_sets(images: dict, split: str = "test", n: int | None = None) -> list:
     whose TaskImages hold the very same image array and the same `split` indices (e.g. identity and expression
     labels on the same faces) form one set, labelled with their names joined by '+'."""
     sets = []
-    for task, ti in images.items():
-        idx = ti.data.indices(split)[:n]
-        for tasks, first_idx in sets:
-            if images[tasks[0]].data.images is ti.data.images and np.array_equal(first_idx, idx):
-                tasks.append(task)
-                break
-        else:
-            sets.append(([task], idx))
+    for group in vggface2.shared_groups({t: ti.data for t, ti in images.items()}):
+        mine = []
+        for task in group:
+            idx = images[task].data.indices(split)[:n]
+            same = [tasks for tasks, first_idx in mine if np.array_equal(first_idx, idx)]
+            if same:
+                same[0].append(task)
+            else:
+                mine.append(([task], idx))
+        sets += mine
     return [("+".join(tasks), tasks, idx) for tasks, idx in sets]
 
 

@@ -191,7 +191,7 @@ def load_task(spec: str, task: str, image_size: int, max_per_class=None, max_cla
     """
     kdef_views = _kdef_views(kdef_views)  # checked whatever the source, so a mistyped setting never waits
     if spec.startswith("demo"):
-        kind = spec.split(":", 1)[1] if ":" in spec else _demo_kind_for(task)
+        kind = spec.split(":", 1)[1] if ":" in spec else demo_kind_for(task)
         per_class = demo_per_class if max_per_class is None else min(demo_per_class, max_per_class)
         n_classes = 10 if max_classes is None else max_classes
         data = make_demo(kind, n_classes=n_classes, per_class=per_class, image_size=image_size, seed=seed)
@@ -243,7 +243,7 @@ def load_task(spec: str, task: str, image_size: int, max_per_class=None, max_cla
     return data
 
 
-def _demo_kind_for(task: str) -> str:
+def demo_kind_for(task: str) -> str:
     """The demo set a task name asks for: the faces for an identity task, expressions for an expression task
     (the same names as `label_kind_for_task`), the objects otherwise."""
     return {"identity": "faces", "expression": "expression"}.get(label_kind_for_task(task), "objects")
@@ -251,6 +251,20 @@ def _demo_kind_for(task: str) -> str:
 
 # ----------------------------------------------------------------------------------------------------------
 # one set of images, several labels: a task's view
+
+
+def shared_groups(datasets: dict) -> list:
+    """The groups of tasks whose TaskData hold the very same image array (one set of images, several labels),
+    in task order: [[task, ...], ...]."""
+    groups = []
+    for task, d in datasets.items():
+        for g in groups:
+            if datasets[g[0]].images is d.images:
+                g.append(task)
+                break
+        else:
+            groups.append([task])
+    return groups
 
 
 _TASK_LABEL_KINDS = {"identity": "identity", "face": "identity", "faces": "identity", "id": "identity",

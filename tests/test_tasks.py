@@ -7,6 +7,7 @@ import pytest
 
 import aggregate
 import dualtask
+import vggface2
 from conftest import run_script
 from dualtask import UsageError
 
@@ -32,7 +33,7 @@ def test_shared_demo_faces_carry_both_labels_on_one_image_array():
     assert len(ident.classes) == 10 and expr.classes == ["neutral", "happy", "sad", "surprised"]
     assert np.array_equal(expr.labels, ident.extra["expression"] if "expression" in ident.extra else expr.labels)
     assert len(set(expr.labels.tolist())) == 4 and not np.array_equal(ident.labels, expr.labels)
-    assert dualtask.shared_groups(data) == [["identity", "expression"]]
+    assert vggface2.shared_groups(data) == [["identity", "expression"]]
     # the resolution-matched control keeps them on one array; the pseudo-task control is refused
     matched = dualtask.load_datasets(dict(config, role="resolution_matched"))
     assert matched["identity"].images is matched["expression"].images
