@@ -91,10 +91,10 @@ def diagnose(epoch: int, train: dict, val: dict, chances: dict, dead: dict, grad
 
     train: {task: {'loss', 'accuracy', 'n'}} over the epoch's training steps; val: evaluate()'s {task: {'loss',
     'accuracy', 'n'}}; chances: {task: chance accuracy}; dead: dead_fractions(); grad: {'mean', 'max'} norms;
-    config's lr: the peak lr per 256 images (dualtask.base_lr), lr: the peak lr per step."""
+    config's lr: the peak lr per 256 images (dualtask.base_lr; named in the messages when given), lr: the peak
+    lr per step."""
     problems = []
-    per_256 = config.get("lr") if config.get("lr") is not None else lr * 256 / max(config.get("batch_size", 256), 1)
-    setting = f"{per_256:.3g} per 256 images, {lr:.3g} per step"
+    setting = (f"{config['lr']:.3g} per 256 images, " if config.get("lr") is not None else "") + f"{lr:.3g} per step"
     lower = f"lower lr (now {setting})" + ("" if config.get("grad_clip", 0) > 0 else " or set grad_clip (e.g. 2)")
     for task, t in train.items():
         limit = EXPLODED * math.log(1 / chances[task])
