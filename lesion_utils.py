@@ -1175,14 +1175,13 @@ def earlier_sweep(settings: dict, out_dir: Path) -> dict:
             return []
         rows = [r for r in read_csv(paths[key], columns[key]) if r["layer"] in done]
         for r in rows if key in ("results", "dissociation") else []:  # a column added since the file was written
-            if r.get("beyond_greedy_stop") in (None, ""):
+            n = r.get("n_filters") or n_filters.get(r["layer"])  # None: its site lacks results (restarted below)
+            if r.get("beyond_greedy_stop") in (None, "") and n is not None:
                 try:
-                    r["beyond_greedy_stop"] = beyond_greedy_stop(r["method"], float(r["fraction"]),
-                                                                 int(r.get("n_filters") or n_filters[r["layer"]]), stop)
-                except (ValueError, KeyError):
-                    raise UsageError(f"{paths[key]}: damaged (a row's fraction or n_filters is not a number, or "
-                                     f"its site has no lesion results); move it away and run again to write it "
-                                     f"anew") from None
+                    r["beyond_greedy_stop"] = beyond_greedy_stop(r["method"], float(r["fraction"]), int(n), stop)
+                except ValueError:
+                    raise UsageError(f"{paths[key]}: damaged (a row's fraction or n_filters is not a number); "
+                                     f"move it away and run again to write it anew") from None
         return rows
 
     rankings = read_json(paths["rankings"], lambda r: isinstance(r, dict) and all(

@@ -43,8 +43,8 @@ TEST_FRACTION = 0.2  # of each class's images, for sources that come without a t
 VGGFACE2_BOX_MARGIN = 0.3  # the dataset authors enlarge the loose box by 30% before cropping
 # LFW's photographs are 250 x 250 frames with the face in the middle, about 110 px of it. The face box is LFWcrop's
 # fixed box (Sanderson & Lovell 2009: corners (83, 92) and (166, 175), found from 40 hand-marked LFW faces), as a
-# fraction of the frame, enlarged by VGGFACE2_BOX_MARGIN like VGGFace2's boxes: the face task then sees LFW faces
-# framed as it sees VGGFace2's, rather than a 28-px face in a 64-px frame of background
+# fraction of the frame, enlarged by VGGFACE2_BOX_MARGIN as VGGFace2's boxes are: a tight crop, brow to chin with
+# little hair or background (tighter than VGGFace2's loose crops), rather than a 28-px face in a 64-px frame
 LFW_FRAME = 250
 LFW_FACE_BOX = (83 / LFW_FRAME, 92 / LFW_FRAME, 83 / LFW_FRAME, 83 / LFW_FRAME)  # x, y, w, h as fractions
 CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -254,12 +254,13 @@ def demo_kind_for(task: str) -> str:
 
 
 def shared_groups(datasets: dict) -> list:
-    """The groups of tasks whose TaskData hold the very same image array (one set of images, several labels),
-    in task order: [[task, ...], ...]."""
+    """The groups of tasks whose TaskData hold the very same image array (one set of images, several labels) in
+    the same split, in task order: [[task, ...], ...]."""
     groups = []
     for task, d in datasets.items():
         for g in groups:
-            if datasets[g[0]].images is d.images:
+            first = datasets[g[0]]
+            if first.images is d.images and (first.split is d.split or np.array_equal(first.split, d.split)):
                 g.append(task)
                 break
         else:
@@ -605,21 +606,28 @@ _LFW_NAME = re.compile(r"^(.+)_(\d{4})\.jpe?g$", re.IGNORECASE)
 
 def is_lfw_root(root: Path, look: int = 20) -> bool:
     """True when `root` (or its train/) holds LFW's layout: class folders named after people whose images are
-    named <folder>_NNNN.jpg (Aaron_Peirsol/Aaron_Peirsol_0001.jpg), for most of the first `look` folders."""
+    named <folder>_NNNN.jpg (Aaron_Peirsol/Aaron_Peirsol_0001.jpg), for most of the first `look` folders, and
+    the first such image is LFW's 250 x 250 frame (aligned or cropped copies that keep LFW's names are not)."""
+    from PIL import Image
+
     root = Path(root)
     base = root / "train" if (root / "train").is_dir() else root
     try:
         folders = sorted(d for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))[:look]
-        checked = named = 0
+        checked, named = 0, []
         for d in folders:
             for f in sorted(os.scandir(d), key=lambda e: e.name)[:5]:
                 if f.is_file() and Path(f.name).suffix.lower() in IMAGE_EXTENSIONS:
                     checked += 1
                     m = _LFW_NAME.match(f.name)
-                    named += bool(m and m.group(1) == d.name)
-    except OSError:
+                    if m and m.group(1) == d.name:
+                        named.append(f.path)
+        if not checked or len(named) <= checked / 2:
+            return False
+        with Image.open(named[0]) as im:
+            return im.size == (LFW_FRAME, LFW_FRAME)
+    except Exception:  # a folder or image that cannot be read: not recognisably LFW
         return False
-    return checked > 0 and named > checked / 2
 
 
 def load_folder(root, image_size: int, max_per_class=None, max_classes=None, seed: int = 0,

@@ -5,6 +5,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 
 import vggface2
 from conftest import SHARED_DATA, write_jpeg
@@ -310,11 +311,12 @@ def test_voxceleb_detection_leaves_class_folders_alone(tmp_path):
 # LFW: cropped to the face
 
 
-def make_lfw(root, people=("Ann_Lee", "Bo_Ray"), per=10, names=None):
+def make_lfw(root, people=("Ann_Lee", "Bo_Ray"), per=10, names=None, size=250):
     """LFW's layout: 250 x 250 frames, blue, with a red square (90..160) in the middle where LFW's face is."""
     frame = np.zeros((250, 250, 3), np.uint8)
     frame[..., 2] = 255
     frame[90:160, 90:160] = (255, 0, 0)
+    frame = frame[:size, :size]
     for person in people:
         for i in range(per):
             write_jpeg(root / person / (names or "{p}_{i:04d}.jpg").format(p=person, i=i + 1), frame)
@@ -344,6 +346,9 @@ def test_other_class_folders_are_not_cropped(tmp_path):
     assert not vggface2.is_lfw_root(root)
     data = load_task(str(root), "identity", 16)
     assert data.source.startswith("folder:") and red_fraction(data.images) < 0.12
+    aligned = make_lfw(tmp_path / "aligned", size=200)  # LFW's names, but not its 250-px frames
+    assert not vggface2.is_lfw_root(aligned)
+    assert load_task(str(aligned), "identity", 16).source.startswith("folder:")
 
 
 def test_lfw_crop_is_part_of_a_run_on_lfw_and_of_no_other(tmp_path):
@@ -358,6 +363,13 @@ def test_lfw_crop_is_part_of_a_run_on_lfw_and_of_no_other(tmp_path):
     with pytest.raises(dualtask.UsageError, match=r"lfw_crop: True -> False.*--lfw_crop=True"):
         dualtask.run(tiny_config(out, epochs=1, face_data=str(lfw), lfw_crop=False))
     assert (out / "checkpoint.pt").read_bytes() == before
+    # a run trained before the setting existed was trained on whole frames: it is used as such, or refused
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    del state["config"]["lfw_crop"]
+    torch.save(state, out / "checkpoint.pt")
+    with pytest.raises(dualtask.UsageError, match=r"lfw_crop: False -> True.*--lfw_crop=False"):
+        dualtask.run(tiny_config(out, epochs=1, face_data=str(lfw)))
+    dualtask.run(tiny_config(out, epochs=1, face_data=str(lfw), lfw_crop=False))  # finished: nothing to train
     demo = tmp_path / "demo"
     dualtask.run(tiny_config(demo, epochs=1))
     dualtask.run(tiny_config(demo, epochs=1, lfw_crop=False))  # no LFW folder: the setting changes nothing
