@@ -27,11 +27,12 @@ def tiny(backbone, **kw):
 
 
 class FixedImages:
-    """What dualtask.evaluate reads of a task's images: indices of a split, and batches of (images, labels)."""
+    """What dualtask.evaluate reads of a task's images: the image array and split (which tasks share images),
+    indices of a split, labels, and batches of (images, labels)."""
 
     def __init__(self, x, y):
-        self.x, self.y = x, y
-        self.data = SimpleNamespace(indices=lambda split: np.arange(len(y)))
+        self.x, self.y, self.labels = x, y, y
+        self.data = SimpleNamespace(images=x, split=np.zeros(len(y), np.int8), indices=lambda split: np.arange(len(y)))
 
     def batch(self, idx, channels_last=False):
         return self.x[idx], self.y[idx]
