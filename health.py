@@ -127,8 +127,9 @@ def diagnose(epoch: int, train: dict, val: dict, chances: dict, dead: dict, grad
                          f"class (max_per_class), more epochs, or a larger weight_decay")
             else:
                 cause = (f"its training accuracy is at chance too ({train[task]['accuracy']:.3f}), so the steps do not "
-                         f"move it: raise lr (now {setting}) or epochs, or check that the {task} labels belong to "
-                         f"their images")
+                         f"move it: raise lr (now {setting}) or epochs; but if an earlier epoch's loss spiked above "
+                         f"a uniform guess's ({math.log(1 / chance):.2f}), too large a step knocked it back to chance: "
+                         f"lower lr instead; or check that the {task} labels belong to their images")
             problems.append({"epoch": epoch, "kind": "head at chance", "message": (
                 f"the {task} head is at chance after {epoch} epochs (validation accuracy {v['accuracy']:.3f} on {n} "
                 f"images, chance {chance:.3f}): {cause}")})
