@@ -31,11 +31,11 @@ class FixedImages:
     indices of a split, labels, and batches of (images, labels)."""
 
     def __init__(self, x, y):
-        self.x, self.y, self.labels = x, y, y
+        self.x, self.labels = x, y
         self.data = SimpleNamespace(images=x, split=np.zeros(len(y), np.int8), indices=lambda split: np.arange(len(y)))
 
     def batch(self, idx, channels_last=False):
-        return self.x[idx], self.y[idx]
+        return self.x[idx], self.labels[idx]
 
 
 @pytest.mark.parametrize("backbone", EVERY_BACKBONE)
