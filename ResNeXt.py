@@ -6,6 +6,7 @@ Every setting below can be changed here or from the shell (`--name=value`); `--h
 """
 backbone = "resnext50"  # torchvision architecture: vgg16, vgg19, resnet50 or resnext50
 head = "split"  # "split": one output layer per task; "joint": one softmax over all tasks' classes (Dobs et al. 2022; the original repository's 20-way layer)
+branch_at = None  # None: one trunk shared by all tasks; a site depth or module path (e.g. 8): the trunk is shared up to that site, then each task trains its own copy of the rest (a branched network, as sdnn's VGG16Split); head must be "split"
 init = "random"  # "random" (He / torchvision init), "imagenet" (torchvision's ImageNet weights, downloaded only when asked) or a path to a local state-dict file of the trunk
 face_data = "demo"  # VGGFace2 root or cache, a folder of identity folders, or 'demo'
 object_data = "demo"  # CIFAR-10 root (with cifar-10-batches-py/), a folder of class folders, or 'demo'
@@ -50,6 +51,7 @@ stimulus_steps = 200  # gradient-ascent steps of each synthetic preferred stimul
 stages = ["train", "lesion", "figures"]  # which parts of the pipeline to run
 seeds = None  # an experiment's training seeds, each its own network in out_dir/seed_<N>/; None = one run of `seed` into out_dir
 controls = []  # control runs of the experiment: "pseudo_task" (classes split at random into two tasks), "single_task" (one network per task), "resolution_matched" (all images at the lowest native resolution)
+branch_points = None  # an experiment over branch points, e.g. [None, 4, 8, 12]: one network per branch point (None = fully shared) and seed, with branching.csv (accuracy against branch depth) in out_dir; None = the networks of branch_at
 match_accuracy = False  # also score every lesion on test images where the tasks' intact accuracies are equal (Dobs et al. 2022)
 launcher = "local"  # an experiment's runs: "local" one after another here, "slurm" one SLURM job each (submitit), "submitit_local" as local jobs
 slurm = {"timeout_min": 1440, "gpus_per_node": 1, "cpus_per_task": 8}  # submitit parameters of each job, e.g. add "slurm_partition": "gpu"

@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import branches
 import figures
 import health
 import inspection
@@ -45,7 +46,8 @@ STAGES = ("train", "lesion", "figures")
 TRAIN_LOG_COLUMNS = ("epoch", "task", "split", "loss", "accuracy", "images_per_s")
 # settings that make a checkpoint belong to a run: changing one needs --retrain=True or another out_dir
 RUN_IDENTITY = ("backbone", "batch_norm", "fc_width", "image_size", "max_per_class", "max_classes", "seed",
-                "batch_size", "epochs", "optimizer", "lr", "weight_decay", "grad_clip", "demo_per_class", "role", "single_task", "tasks", "kdef_views", "lfw_crop", "head", "init")
+                "batch_size", "epochs", "optimizer", "lr", "weight_decay", "grad_clip", "demo_per_class", "role", "single_task", "tasks", "kdef_views", "lfw_crop", "head", "init",
+                "branch_at")
 # what a run trains on, set by an experiment (experiment.py) for each of its runs; a plain run is "real":
 # real: the tasks as given; pseudo_task: the union of their classes split at random into two halves, each half a
 # task (Dobs et al. 2022); single_task: the task named by the `single_task` setting alone; resolution_matched:
@@ -176,6 +178,8 @@ SETTINGS = {
     "batch_norm": _FLAG,
     "fc_width": _integer(8),
     "head": _choice(("split", "joint")),  # dualtask.HEADS
+    "branch_at": ((lambda v: v is None or _site_name(v)), "None or a lesion site's depth or module path, e.g. 8 or "
+                  "'trunk.layer3.0'"),
     "init": ((lambda v: isinstance(v, str) and v.strip() != ""),
              "'random', 'imagenet' or a path to a state-dict file of the trunk"),
     "download": _FLAG,
@@ -361,13 +365,32 @@ class DualTaskNet(nn.Module):
         else:  # the joint layer's outputs: task by task, in the tasks' order; joint_order[i]: task i's view of them
             self.joint = nn.Linear(width, sum(num_classes.values()))
             self.register_buffer("joint_order", joint_order(list(num_classes.values())), persistent=False)
+        self.branch_site = None  # a branched network: the module path of the last shared site (`branch`)
 
     @property
     def tasks(self) -> list:
         return list(self.task_names)
 
+    def branch(self, after: str) -> list:
+        """Make this a branched network (branches.py): every trunk step after the lesion site whose module path is
+        `after` becomes one copy per task (the task order), each starting from the current weights; each head then
+        reads its own copy's features. Returns the module paths of the branched steps."""
+        if self.head != "split":
+            raise UsageError(f"branch_at with head={self.head!r}: a branched network gives each task its own copy "
+                             f"of the trunk after the branch point, and a joint output layer would read every "
+                             f"copy; use head='split'")
+        if self.branch_site is not None:
+            raise UsageError(f"the network is already branched after {self.branch_site}")
+        paired = branches.branch_steps(self, lesion_utils.forward_chain(self), after, len(self.task_names))
+        self.branch_site = after
+        return paired
+
     def head_outputs(self, features: torch.Tensor) -> dict:
-        """{task: logits} of the trunk's features (B, width): each head's, or the joint layer's in task order."""
+        """{task: logits} of the trunk's features (B, width): each head's, or the joint layer's in task order.
+        A branched network's features are its copies' side by side: each head reads its own copy's."""
+        if self.branch_site is not None:
+            parts = features.chunk(len(self.task_names), dim=1)
+            return {task: self.heads[task](part) for task, part in zip(self.task_names, parts)}
         if self.head == "split":
             return {task: head(features) for task, head in self.heads.items()}
         logits = self.joint(features)
@@ -406,7 +429,22 @@ def build_model(config: dict, num_classes: dict, load_init: bool = True) -> Dual
                         config.get("image_size", 224), config.get("recipe", RECIPE), config.get("head", "split"))
     if load_init:
         load_trunk_weights(model, config.get("init", "random"))
+    if config.get("branch_at") is not None:  # after the init weights, so that every copy starts from them
+        model.branch(branch_site(model, config["branch_at"]).name)
     return model
+
+
+def branch_site(model: DualTaskNet, branch_at) -> lesion_utils.Site:
+    """The lesion site after which a network is branched: `branch_at` is its depth or module path among the
+    unbranched network's sites (inner bottleneck sites excluded)."""
+    sites = lesion_utils.lesion_sites(model)
+    by_name = {s.name: s for s in sites}
+    if isinstance(branch_at, int) and not isinstance(branch_at, bool) and 0 <= branch_at < len(sites):
+        return sites[branch_at]
+    if isinstance(branch_at, str) and branch_at in by_name:
+        return by_name[branch_at]
+    raise UsageError(f"branch_at={branch_at!r}; expected None, a site depth 0..{len(sites) - 1} or a site's module "
+                     f"path, e.g. {sites[len(sites) // 2].name!r}")
 
 
 INIT_FORM = ("'random', 'imagenet' or a path to a file written by torch.save holding a state dict of the trunk: in "
@@ -926,7 +964,7 @@ def _check_out_dir(out_dir: Path, config: dict) -> int:
     keys = list(RUN_IDENTITY) + [k for k in config if k.endswith("_data")]
     # what a run written before the setting existed was
     plain = {"role": "real", "optimizer": "sgd", "kdef_views": ["S"], "head": "split", "init": "random",
-             "lfw_crop": False}
+             "lfw_crop": False, "branch_at": None}
     if not any(vggface2.is_lfw_root(Path(s).expanduser()) for s in task_specs(config).values()
                if not s.startswith("demo") and Path(s).expanduser().is_dir()):
         keys.remove("lfw_crop")  # no LFW folder read: the setting changes nothing

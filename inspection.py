@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import branches
 import figures
 import lesion_utils as L
 import vggface2
@@ -190,7 +191,7 @@ def conv_stages(model: nn.Module) -> list:
     block5) or where the sites' parent module changes (ResNet/ResNeXt: the stem, then layer1 .. layer4)."""
     from torchvision.models.resnet import Bottleneck
 
-    sites = {s.name: s for s in L.lesion_sites(model)}
+    sites = {s.path: s for s in L.lesion_sites(model)}  # by module path: a branched site is its pair of copies
     residual = any(isinstance(m, Bottleneck) for m in model.modules())
     stages, current, pooled, parent = [], [], False, None
     for name, module in model.named_modules():
@@ -210,9 +211,10 @@ def conv_stages(model: nn.Module) -> list:
     def stage_name(k, stage):
         if not residual:
             return f"block{k + 1}"
-        if not isinstance(stage[0].module, Bottleneck):
+        first = stage[0].module
+        if not isinstance(first.copies[0] if isinstance(first, branches.BranchPair) else first, Bottleneck):
             return "stem"
-        return stage[0].name.rsplit(".", 1)[0].rsplit(".", 1)[-1]
+        return stage[0].path.rsplit(".", 1)[0].rsplit(".", 1)[-1]
 
     return [(stage_name(k, st), st) for k, st in enumerate(stages)]
 

@@ -18,41 +18,60 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+import branches
+import multiple_testing
 import vggface2
 from common import UsageError, atomic_write, autocast, format_seconds, read_csv, read_json, write_csv, write_text
 
 
 @dataclass
 class Site:
-    name: str  # module path whose output is lesioned
+    name: str  # module path whose output is lesioned; after a branch point, branches.BRANCH_PREFIX + that path
     module: nn.Module
     n_filters: int
     depth: int  # 0 = first site
+
+    @property
+    def path(self) -> str:
+        """The module path of the site's module (a branched site's name carries a prefix that says so)."""
+        return branches.module_path(self.name)
 
 
 def lesion_sites(model: nn.Module, inner: bool = False) -> list:
     """Lesion sites in depth order: VGG conv outputs after BN and ReLU; ResNet stem and bottleneck outputs
     (after the residual add and ReLU). `inner=True` adds each bottleneck's first two conv outputs (at their
-    BN, before the shared ReLU: a channel silenced there is silenced after the ReLU too)."""
+    BN, before the shared ReLU: a channel silenced there is silenced after the ReLU too).
+
+    In a branched network (branches.py) a site after the branch point is the BranchPair of the copies of that
+    layer, named `branch:<module path>`, its filters numbered across the copies, the first task's copy first.
+    Such a pair offers no inner sites."""
     from torchvision.models.resnet import Bottleneck
 
     modules = dict(model.named_modules())
     residual = any(isinstance(m, Bottleneck) for m in modules.values())
     sites = []
-    last_conv = None
+    last_conv, pair = None, None  # the last conv's output channels; the pair being walked through
     for name, module in modules.items():
+        if pair is not None and name.startswith(pair + "."):
+            continue  # a copy inside a pair: the pair is the site
+        n, pair = 1, None
+        if isinstance(module, branches.BranchPair):
+            n, pair, module, name_of = len(module.copies), name, module.copies[0], branches.BRANCH_PREFIX + name
+            site_module = modules[name]
+        else:
+            name_of, site_module = name, module
         if isinstance(module, Bottleneck):
-            if inner:
+            if inner and n == 1:
                 sites += [(f"{name}.bn1", module.bn1, module.bn1.num_features),
                           (f"{name}.bn2", module.bn2, module.bn2.num_features)]
-            sites.append((name, module, module.conv3.out_channels))
+            sites.append((name_of, site_module, n * module.conv3.out_channels))
         elif residual:
             if name.endswith("trunk.relu"):  # the stem's only ReLU (each bottleneck has its own)
                 sites.append((name, module, modules[name.replace("relu", "conv1")].out_channels))
         elif isinstance(module, nn.Conv2d):
-            last_conv = module
+            last_conv = n * module.out_channels
         elif isinstance(module, nn.ReLU) and last_conv is not None:
-            sites.append((name, module, last_conv.out_channels))
+            sites.append((name_of, site_module, last_conv))
             last_conv = None
     return [Site(n, m, c, i) for i, (n, m, c) in enumerate(sites)]
 
@@ -141,11 +160,11 @@ class SiteRunner:
         steps = forward_chain(model)
         names = [n for n, _ in steps]
         self.model, self.site = model, site
-        if site.name in names:  # the site is a step's output: cache that output
-            j = names.index(site.name) + 1
+        if site.path in names:  # the site is a step's output: cache that output
+            j = names.index(site.path) + 1
             self.inner = False
         else:  # the site lies inside a step (an inner bottleneck site): cache that step's input
-            j = next(i for i, n in enumerate(names) if site.name.startswith(n + "."))
+            j = next(i for i, n in enumerate(names) if site.path.startswith(n + "."))
             self.inner = True
         self.prefix_steps, self.suffix_steps = steps[:j], steps[j:]
 
@@ -748,7 +767,7 @@ def rank_correlation(a, b) -> float:
 
 
 METHODS = ("activation", "loss", "greedy", "taylor", "random")
-NOT_RANKINGS = ("agreement", "reliability", "precision")  # the entries of a site's rankings that are about rankings
+NOT_RANKINGS = ("agreement", "reliability", "precision", "branch")  # the entries of a site's rankings that are about rankings
 RELIABILITY_FRACTIONS = (0.1, 0.2)  # the top sets whose split-half overlap is reported
 
 
@@ -880,11 +899,14 @@ LESION_COLUMNS = ("layer", "depth", "n_filters", "target", "method", "fraction",
                   "beyond_greedy_stop")
 # beyond_greedy_stop: 1 on a greedy lesion silencing filters past those the greedy steps chose (just past
 # greedy_stop of the site): they follow in the order of the last step's scores; 0 on every other row
-ADDED_LESION_COLUMNS = ("beyond_greedy_stop",)  # an earlier sweep's files may lack these: they are filled in
+# p_corrected, correction: p_index corrected for every site x ranking at the row's fraction, and how
+# (multiple_testing.corrected_rows); written once the sweep's last site is done, computed by the report if absent
+# an earlier sweep's files may lack these: they are filled in
+ADDED_LESION_COLUMNS = ("beyond_greedy_stop", "p_corrected", "correction")
 DISSOCIATION_COLUMNS = ("layer", "depth", "method", "fraction", "task_a", "task_b", "index", "ci_low", "ci_high",
-                        "p_index", "drop_a_by_a", "drop_a_by_b", "drop_b_by_b", "drop_b_by_a", "p_a_by_a",
-                        "p_b_by_b", "random_drop_a", "random_drop_b", "n_random", "null_low", "null_high",
-                        "matched_index", "matched_ci_low", "matched_ci_high", "matched_p_index", "beyond_greedy_stop")
+                        "p_index", "p_corrected", "correction", "drop_a_by_a", "drop_a_by_b", "drop_b_by_b",
+                        "drop_b_by_a", "p_a_by_a", "p_b_by_b", "random_drop_a", "random_drop_b", "n_random",
+                        "null_low", "null_high", "matched_index", "matched_ci_low", "matched_ci_high", "matched_p_index", "beyond_greedy_stop")
 PER_CLASS_COLUMNS = ("layer", "method", "target", "repeat", "fraction", "eval_task", "class", "accuracy",
                      "n_images")
 
@@ -1314,6 +1336,9 @@ def lesion_stage(model: nn.Module, images: dict, config: dict, out_dir: Path, ra
         """Everything one site adds to the sweep's files; `given`: its greedy rankings, computed together."""
         start = time.perf_counter()
         ranking = rank_filters(site) if given is None else merge_rankings(rank_filters(site), given)
+        if site.name.startswith(branches.BRANCH_PREFIX):  # after a branch point: each filter's task copy
+            ranking["branch"] = {"copy_of_filter": branches.copy_of_filter(
+                site.n_filters, list(getattr(model, "task_names", tasks)))}
         means = None
         if mode == "mean":
             acts = site_activations(model, [site], train_sample)[site.name]
@@ -1363,6 +1388,10 @@ def lesion_stage(model: nn.Module, images: dict, config: dict, out_dir: Path, ra
             rankings[site.name] = got["ranking"]
             progress["done"].append(site.name)
         write_csv(paths["results"], LESION_COLUMNS, rows)
+        # after the last site: the headline's multiple-test correction over every site, from the sweep's own
+        # numbers, written before the progress says the sweep is done (a sweep killed in between redoes that site)
+        if len(progress["done"]) == len(sites):
+            diss = multiple_testing.corrected_rows(diss, rows)
         write_csv(paths["dissociation"], DISSOCIATION_COLUMNS, diss)
         if per_class_wanted:
             write_csv(paths["per_class"], PER_CLASS_COLUMNS, per_class)

@@ -1,0 +1,165 @@
+"""Branched networks (branch_at): the trunk shared up to a site, then one copy of the rest per task."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import branches
+import dualtask
+import lesion_utils as L
+from common import UsageError
+
+TASKS = {"face": 5, "object": 4}
+
+
+def branched(backbone="resnet50", branch_at=8, **extra):
+    torch.manual_seed(0)
+    config = dict(backbone=backbone, image_size=32, fc_width=32, branch_at=branch_at, **extra)
+    return dualtask.build_model(config, TASKS)
+
+
+@pytest.mark.parametrize("backbone", dualtask.BACKBONES)
+def test_sites_after_the_branch_point_are_pairs_numbered_across_the_copies(backbone):
+    shared = dualtask.DualTaskNet(backbone, TASKS, fc_width=32)
+    model = branched(backbone, branch_at=4)
+    plain, split = L.lesion_sites(shared), L.lesion_sites(model)
+    assert len(plain) == len(split)
+    for before, after in zip(plain, split):
+        if after.depth <= 4:
+            assert after.name == before.name and after.n_filters == before.n_filters
+        else:
+            assert after.name == branches.BRANCH_PREFIX + before.name and after.n_filters == 2 * before.n_filters
+            assert after.path == before.name and isinstance(after.module, branches.BranchPair)
+    # every copy starts from the shared network's weights at that depth (the same initial weights)
+    pair = split[-1].module
+    for a, b in zip(pair.copies[0].parameters(), pair.copies[1].parameters()):
+        assert torch.equal(a, b)
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 32, 32))
+    assert out["face"].shape == (2, 5) and out["object"].shape == (2, 4)
+
+
+@pytest.mark.parametrize("backbone", ["resnet50", "vgg16"])
+def test_silencing_one_copy_leaves_the_other_heads_logits_bit_identical(backbone):
+    model = branched(backbone, branch_at=3).eval()
+    x = torch.randn(6, 3, 32, 32)
+    site = L.lesion_sites(model)[-2]
+    half = site.n_filters // 2
+    with torch.no_grad():
+        intact = model(x)
+        with L.ablate(model, {site.name: np.arange(half)}):  # every filter of the face copy
+            face_silenced = model(x)
+        with L.ablate(model, {site.name: np.arange(half, 2 * half)}):
+            object_silenced = model(x)
+    assert torch.equal(face_silenced["object"], intact["object"])
+    assert not torch.equal(face_silenced["face"], intact["face"])
+    assert torch.equal(object_silenced["face"], intact["face"])
+    # the sweep's engine (prefix cached, masks stacked) agrees
+    y = torch.zeros(6, dtype=torch.long)
+    res = L.evaluate_lesions(model, site, [np.arange(0, half, 3), []], [("object", x, y)], masks_per_pass=2)
+    assert np.array_equal(res[0]["object"]["loss"], res[1]["object"]["loss"])
+
+
+def test_branch_parameters_get_gradients_only_from_their_own_task():
+    model = branched("resnet50", branch_at=10).train()
+    x = torch.randn(4, 3, 32, 32)
+    loss = F.cross_entropy(model(x)["face"], torch.tensor([0, 1, 2, 3]))
+    loss.backward()
+    pairs = [m for m in model.modules() if isinstance(m, branches.BranchPair)]
+    assert pairs
+    for pair in pairs:
+        face_copy, object_copy = pair.copies
+        assert all(p.grad is None or not p.grad.any() for p in object_copy.parameters())
+    face_grads = [p.grad for pair in pairs for p in pair.copies[0].parameters() if p.grad is not None]
+    assert any(g.abs().sum() > 0 for g in face_grads)
+    assert all(p.grad is None for p in model.heads["object"].parameters())
+    # the shared trunk before the branch point learns from the face task too
+    assert model.trunk.conv1.weight.grad.abs().sum() > 0
+
+
+def test_both_copies_start_from_the_init_file(tmp_path):
+    torch.manual_seed(1)
+    donor = dualtask.DualTaskNet("resnet50", TASKS, fc_width=32)
+    path = tmp_path / "trunk.pt"
+    torch.save(donor.trunk.state_dict(), path)
+    model = branched("resnet50", branch_at=14, init=str(path))
+    pair = model.trunk.layer4[2]
+    assert isinstance(pair, branches.BranchPair)
+    for copy in pair.copies:
+        assert torch.equal(copy.conv1.weight, donor.trunk.layer4[2].conv1.weight)
+    assert torch.equal(model.trunk.conv1.weight, donor.trunk.conv1.weight)
+
+
+def test_bad_branch_settings_are_refused():
+    with pytest.raises(UsageError, match="head='split'"):
+        branched("resnet50", branch_at=4, head="joint")
+    with pytest.raises(UsageError, match="branch_at=99"):
+        branched("resnet50", branch_at=99)
+    with pytest.raises(UsageError, match="trunk.layer9"):
+        branched("resnet50", branch_at="trunk.layer9")
+    model = branched("resnet50", branch_at="trunk.layer3.0")
+    assert L.lesion_sites(model)[8].name == "trunk.layer3.0"
+    assert L.lesion_sites(model)[9].name.startswith(branches.BRANCH_PREFIX)
+
+
+def branched_config(out_dir, **changes):
+    import ResNet
+
+    config = dualtask.hyperparameters(vars(ResNet))
+    config.update(face_data="demo", object_data="demo", image_size=32, epochs=2, max_per_class=8, device="cpu",
+                  batch_size=16, out_dir=str(out_dir), stages=["train"], health_check="warn", branch_at=14,
+                  lesion_methods=["loss", "random"], lesion_layers=[14, 16], random_repeats=2, rank_images=8,
+                  lesion_fractions=[0.0, 0.2])
+    config.update(changes)
+    return config
+
+
+def test_a_tasks_loss_ranking_after_the_branch_point_puts_its_own_copy_first():
+    model = branched("vgg16", branch_at=10).eval()
+    site = L.lesion_sites(model)[12]
+    torch.manual_seed(2)
+    batches = [("face", torch.randn(8, 3, 32, 32), torch.arange(8) % 5),
+               ("object", torch.randn(8, 3, 32, 32), torch.arange(8) % 4)]
+    ranking = L.rank_site(model, site, batches, ["face", "object"], ["loss"])
+    half = site.n_filters // 2
+    for task, own in (("face", range(0, half)), ("object", range(half, 2 * half))):
+        scores = np.asarray(ranking["loss"][task]["by_channel"])
+        other = np.setdiff1d(np.arange(2 * half), list(own))
+        assert np.all(scores[other] == 0)  # the other copy's filters do not touch this task's loss at all
+        assert set(ranking["loss"][task]["order"][:half // 4]) <= set(own)
+
+
+@pytest.mark.slow  # about 2 minutes on 2 cores: three trainings and a loss-ranked sweep of 6,144 filters
+def test_a_branched_run_resumes_to_the_same_weights_and_records_each_filters_copy(tmp_path, monkeypatch, capsys):
+    from test_pipeline import interrupted_at_call
+
+    dualtask.run(branched_config(tmp_path / "straight"))
+    real_evaluate = dualtask.evaluate
+    monkeypatch.setattr(dualtask, "evaluate", interrupted_at_call(2, real_evaluate))  # in epoch 2
+    with pytest.raises(KeyboardInterrupt):
+        dualtask.run(branched_config(tmp_path / "resumed"))
+    monkeypatch.setattr(dualtask, "evaluate", real_evaluate)
+    capsys.readouterr()
+    dualtask.run(branched_config(tmp_path / "resumed"))
+    assert "resuming from epoch 1" in capsys.readouterr().out
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["model"]
+    assert any(".copies.1." in k for k in a) and all(torch.equal(a[k], b[k]) for k in a)
+    # another branch point is another network: refused, naming the setting as it was trained
+    with pytest.raises(UsageError, match="branch_at: 14 -> 4"):
+        dualtask.run(branched_config(tmp_path / "resumed", branch_at=4))
+    out = tmp_path / "resumed"
+    dualtask.run(branched_config(out, stages=["lesion"]))
+    rankings = json.loads((out / "rankings.json").read_text())
+    assert set(rankings) == {"trunk.layer4.0", "branch:trunk.layer4.2"}
+    copies = rankings["branch:trunk.layer4.2"]["branch"]["copy_of_filter"]
+    assert copies == ["face"] * 2048 + ["object"] * 2048
+    assert "branch" not in rankings["trunk.layer4.0"]
+    # a task's most loss-important filters after the branch point lie in its own copy
+    top = rankings["branch:trunk.layer4.2"]["loss"]["face"]["order"][:100]
+    assert all(copies[f] == "face" for f in top)
+    model, config = dualtask.load_run(out)
+    assert config["branch_at"] == 14 and model.branch_site == "trunk.layer4.0"
