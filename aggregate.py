@@ -20,6 +20,7 @@ import dualtask
 import figures
 import inspection
 import lesion_utils
+import multiple_testing
 import report
 from common import UsageError, read_csv, read_json, write_csv, write_text
 
@@ -28,7 +29,11 @@ ALPHA = report.ALPHA
 FEW_SEEDS = 5  # below this many seeds per role, an across-seed interval is a rough guide
 SUMMARY_COLUMNS = ("role", "layer", "depth", "relative_depth", "method", "fraction", "task_a", "task_b", "n_seeds",
                    "index", "ci_low", "ci_high", "seed_indices", "p_random", "pseudo_task_index",
-                   "p_vs_pseudo_task", "resolution_matched_index", "p_vs_resolution_matched", "matched_index")
+                   "p_vs_pseudo_task", "resolution_matched_index", "p_vs_resolution_matched", "p_corrected",
+                   "matched_index")
+# p_corrected: the p-value of "beyond random lesions and every control" at the row's site and ranking, corrected by
+# Holm over every site x ranking x comparison of its role at its fraction (`holm_family`); the p_ columns before it
+# are uncorrected
 ACCURACY_COLUMNS = ("role", "seed", "task", "accuracy", "ci_low", "ci_high", "n_images", "chance", "folder")
 SINGLE_COLUMNS = ("trained_on", "seed", "decoded_task", "single_task_decoding", "joint_decoding", "chance",
                   "n_train", "n_test")
@@ -182,9 +187,21 @@ def _fmt(x, digits: int = 4) -> str:
     return f"{x:.{digits}f}" if isinstance(x, (int, float)) and math.isfinite(x) else ""
 
 
+def holm_family(rows: list, keys) -> list:
+    """Holm's adjusted p-values of one family, every row x key (the site x ranking x comparison tests the
+    verdict reads: their p-values come from bootstrap draws and Fisher's combination, not from shared random
+    orders, so no joint null is at hand and Holm's step-down controls the family-wise error under any
+    dependence): [{key: adjusted p}] in the rows' order, NaN where the row has no p-value for a key."""
+    keys = list(keys)
+    flat = multiple_testing.holm([report._num(r.get(k)) for r in rows for k in keys])
+    return [dict(zip(keys, flat[i * len(keys):(i + 1) * len(keys)])) for i in range(len(rows))]
+
+
 def summary_rows(stats: dict) -> list:
     """summary.csv's rows: every role's statistics, the real rows with their comparisons against the controls
-    at the same site (the same relative depth: the runs share one architecture)."""
+    at the same site (the same relative depth: the runs share one architecture), and p_corrected: the largest of
+    a row's Holm-adjusted p-values (`holm_family` over its role and fraction), so that p_corrected < ALPHA is
+    the verdict's test of the row (beyond random lesions and every control, corrected)."""
     rows = []
     for role, per in stats.items():
         for (layer, method, f), s in sorted(per.items(), key=lambda kv: (kv[1]["depth"], kv[0][1], kv[0][2])):
@@ -200,6 +217,14 @@ def summary_rows(stats: dict) -> list:
                         row[f"{control}_index"] = _fmt(c["index"])
                         row[f"p_vs_{control}"] = _fmt(p_greater(s["boot"], c["boot"]))
             rows.append(row)
+    for role in stats:
+        keys = ["p_random"] + ([f"p_vs_{c}" for c in ("pseudo_task", "resolution_matched") if c in stats]
+                               if role == "real" else [])
+        for f in dict.fromkeys(r["fraction"] for r in rows if r["role"] == role):
+            family = [r for r in rows if r["role"] == role and r["fraction"] == f]
+            for row, adjusted in zip(family, holm_family(family, keys)):
+                row["p_corrected"] = _fmt(max(adjusted.values())) if all(
+                    math.isfinite(p) for p in adjusted.values()) else ""
     return rows
 
 
@@ -270,8 +295,9 @@ def _site_text(row: dict) -> str:
 
 def verdict(rows: list, roles_run: set, n_seeds: int, repeats: int, void_resolution: bool = False) -> tuple:
     """(answer, licence, caveats, passing rows) at the headline fraction. A site passes when the real index's
-    interval lies above 0, the index beats random lesions (Fisher-combined p < ALPHA), and beats every control
-    that ran (bootstrap p < ALPHA)."""
+    interval lies above 0, the index beats random lesions (Fisher-combined p) and every control that ran
+    (bootstrap p), each p-value below ALPHA after Holm's correction over the family: every site x ranking x
+    comparison at the headline fraction (`holm_family`)."""
     real = [r for r in rows if r["role"] == "real"]
     if not real:
         return ("No dissociation index from the real tasks (the lesion stage has not run, or it had no targeted "
@@ -284,11 +310,20 @@ def verdict(rows: list, roles_run: set, n_seeds: int, repeats: int, void_resolut
                                                   ("resolution_matched", "resolution-matched training"))
                                                  if c in roles_run]
 
+    adjusted = {id(r): a for r, a in zip(real, holm_family(real, [k for _, k in tests]))}
+    n_tests = sum(math.isfinite(p) for a in adjusted.values() for p in a.values())
+    n_sites = len({r["layer"] for r in real})
+    n_methods = len(_methods(real))
+    correction = (f"Holm-corrected for the {n_tests} tests over {n_sites} site{'s' if n_sites != 1 else ''}, "
+                  f"{n_methods} ranking{'s' if n_methods != 1 else ''} and {len(tests)} "
+                  f"comparison{'s' if len(tests) != 1 else ''}, p < {ALPHA}" if n_tests else
+                  "with no p-value to correct (no random lesions)")
+
     def beyond(r, key):  # a control without results at the site cannot be beaten there
-        return report._num(r["ci_low"]) > 0 and report._num(r.get(key)) < ALPHA
+        return report._num(r["ci_low"]) > 0 and adjusted[id(r)][key] < ALPHA
 
     passing = [r for r in real if all(beyond(r, k) for _, k in tests)]
-    methods = list(dict.fromkeys(r["method"] for r in real))
+    methods = _methods(real)
     parts = []
     for name, key in tests:
         sites = [r for r in real if beyond(r, key)]
@@ -298,7 +333,8 @@ def verdict(rows: list, roles_run: set, n_seeds: int, repeats: int, void_resolut
     criteria = ", ".join(name for name, _ in tests)
     if passing:
         answer = (f"Task-specialised filters: yes, at {len({r['layer'] for r in passing})} site(s), across "
-                  f"{n_seeds} seed(s). At {f:.0%} lesions the real tasks dissociate beyond {criteria} at: " +
+                  f"{n_seeds} seed(s), {correction}. At {f:.0%} lesions the real tasks dissociate beyond "
+                  f"{criteria} at: " +
                   "; ".join(f"{r['method']} ranking, {_site_text(r)}" for r in passing) + ".")
         licence = (f"This licenses saying that, in these {n_seeds} trained {'network' if n_seeds == 1 else 'networks'}"
                    f" of this architecture, data and training budget, the filters a ranking assigns to one task "
@@ -310,8 +346,9 @@ def verdict(rows: list, roles_run: set, n_seeds: int, repeats: int, void_resolut
                    "architectures, data, image sizes or training budgets would split the same way, or how the "
                    "network computes either task: a lesion shows which damage hurts, not why.")
     else:
-        answer = (f"Task-specialised filters: not shown. At {f:.0%} lesions no site dissociates the real tasks "
-                  f"beyond {criteria} with the {' or the '.join(methods)} ranking. In detail: " + "; ".join(parts) + ".")
+        answer = (f"Task-specialised filters: not shown, {correction}. At {f:.0%} lesions no site dissociates the "
+                  f"real tasks beyond {criteria} with the {' or the '.join(methods)} ranking. In detail: " +
+                  "; ".join(parts) + ".")
         licence = ("This does not show that the networks lack task-specialised filters: more seeds, more random "
                    "repeats, better-trained heads, other rankings or finer lesion fractions could still find them. It "
                    "shows only that these runs give no evidence for them beyond the controls that ran.")
@@ -337,11 +374,18 @@ def verdict(rows: list, roles_run: set, n_seeds: int, repeats: int, void_resolut
         caveats.append(f"random_repeats={repeats}: each seed's p-value against random lesions cannot go below "
                        f"{floor:.3f}; Fisher's combination over {n_seeds} seed(s) may still not reach p < {ALPHA}. "
                        f"Use random_repeats={report.repeats_needed()} or more.")
-    n_tests = len(real) * len(tests)
-    if passing and n_tests > 1:
-        caveats.append(f"The p-values are per site and ranking, not corrected for the {len(real)} site x ranking "
-                       f"pairs tested: about {len(real) * ALPHA:.1f} would pass one test by chance alone.")
+    lost = [r for r in real if report._num(r["ci_low"]) > 0 and r not in passing and
+            all(report._num(r.get(k)) < ALPHA for _, k in tests)]
+    if lost:
+        caveats.append(f"{len(lost)} site x ranking pair(s) pass every comparison at p < {ALPHA} uncorrected but not "
+                       f"after Holm's correction for the {n_tests} tests: " + "; ".join(
+                           f"{r['method']} {r['layer']}" for r in lost[:5]) + ("; ..." if len(lost) > 5 else "") +
+                       ". The table's p-values are uncorrected; p_corrected is the row's corrected p.")
     return answer, licence, caveats, passing
+
+
+def _methods(rows: list) -> list:
+    return list(dict.fromkeys(r["method"] for r in rows))
 
 
 def _accuracy_caveats(accuracy: list) -> list:
@@ -395,12 +439,13 @@ def build_report(out: Path, runs: list, rows: list, accuracy: list, decoding: li
               "resampled, then test images within each seed). p_random: each seed's index against indices made of "
               "random lesions of the same size, combined over seeds (Fisher). p_vs_pseudo_task and "
               "p_vs_resolution_matched: bootstrap p-value that the real index is not above the control's at the "
-              "same site.")
+              "same site. These are uncorrected; p_corrected is the largest of a row's p-values after Holm's "
+              "correction over every site x ranking x comparison of its role at its fraction, the verdict's test.")
     if figure is not None:
         page.parts.append(report._image(figure, figure.name))
     columns = ["role", "layer", "depth", "method", "fraction", "n_seeds", "index", "ci_low", "ci_high", "p_random"]
     real_columns = columns + ["pseudo_task_index", "p_vs_pseudo_task", "resolution_matched_index",
-                              "p_vs_resolution_matched"]
+                              "p_vs_resolution_matched", "p_corrected"]
     if any(r.get("matched_index") for r in rows):
         real_columns.append("matched_index")
     shown = [dict(r, index=r["index"] or "undefined (a head at chance)") for r in rows]
@@ -408,7 +453,7 @@ def build_report(out: Path, runs: list, rows: list, accuracy: list, decoding: li
     controls = [r for r in shown if r["role"] != "real"]
     if controls:
         page.raw("<details><summary>The control networks' own indices</summary>" +
-                 report._table(controls, columns, wide=True) + "</details>")
+                 report._table(controls, columns + ["p_corrected"], wide=True) + "</details>")
     page.section("Intact test accuracy")
     page.raw(report._table(accuracy, list(ACCURACY_COLUMNS)))
     if "single_task" in roles_run:

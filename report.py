@@ -16,6 +16,7 @@ from pathlib import Path
 
 from common import exit_on_damaged_files, read_csv, read_json, write_text
 import health
+import multiple_testing
 from figures import headline_fraction
 
 FIGURES_STATUS = "figures_status.json"  # what each part of the figures stage wrote, or why it failed
@@ -138,14 +139,16 @@ def _p(value) -> str:
 
 def verdict(row: dict) -> str:
     """A dissociation.csv row judged: 'dissociates' when its 95% interval lies above 0 and the index beats the
-    random-lesion pairs (p < ALPHA); else what holds of it."""
-    low, high, p = _num(row["ci_low"]), _num(row["ci_high"]), _num(row.get("p_index"))
+    random-lesion pairs after the correction for the family's tests (p_corrected < ALPHA,
+    multiple_testing.corrected_rows fills it in); else what holds of it."""
+    low, high, p = _num(row["ci_low"]), _num(row["ci_high"]), _num(row.get("p_corrected"))
     if not math.isfinite(_num(row["index"])):
         return "undefined (a head at chance)"
     if low > 0 and p < ALPHA:
         return "dissociates"
     if low > 0:
-        return "interval above 0, not beyond random lesions" if math.isfinite(p) else \
+        return "interval above 0, not beyond random lesions" + (
+            " after the correction" if _num(row.get("p_index")) < ALPHA else "") if math.isfinite(p) else \
             "interval above 0, no random lesions to test against"
     if high < 0:
         return "reversed (each ranking hurts the other task more)"
@@ -177,12 +180,29 @@ def _top_overlap(rankings: dict, site: str, methods: list, task: str, fraction: 
     return len(set(orders[0][:k]) & set(orders[1][:k])), k, k * k / n
 
 
+def correction_text(family: dict) -> str:
+    """How the headline's p-values were corrected (multiple_testing.family of its rows), as the verdict says it."""
+    n, m, k, r = (family[key] for key in ("n_tests", "n_sites", "n_rankings", "repeats"))
+    tests = (f"corrected for {n} test{'s' if n != 1 else ''} over {m} site{'s' if m != 1 else ''} and {k} "
+             f"ranking{'s' if k != 1 else ''}")
+    if family["method"] == multiple_testing.MAX_STATISTIC:
+        return (f"{tests} by a max-statistic test over the {r} random orders" +
+                (" (Bonferroni over the rankings)" if k > 1 else ""))
+    if family["method"] == multiple_testing.HOLM:
+        return (f"{tests} by Holm's method on the per-site p-values (no joint null across sites: "
+                f"{family['why']})")
+    return ""
+
+
 def summary(config: dict, status: dict, results: list, diss: list, rankings: dict, checkup: dict | None = None) -> str:
     """The report's first screen: the answer (per ranking, the sites where the dissociation index's 95%
-    interval excludes 0 and the index beats the random-lesion null), a compact table, and the caveats this
-    run's own numbers call for. results, diss, rankings: the rows of lesion_results.csv and dissociation.csv
-    and rankings.json (empty when missing); checkup: the run's train_health.json (empty when missing)."""
+    interval excludes 0 and the index beats the random-lesion null after the correction for every site x
+    ranking at the headline fraction, `multiple_testing`), a compact table, and the caveats this run's own
+    numbers call for. results, diss, rankings: the rows of lesion_results.csv and dissociation.csv and
+    rankings.json (empty when missing); checkup: the run's train_health.json (empty when missing). Rows of
+    dissociation.csv without p_corrected (a sweep made before it) get it from lesion_results.csv's random drops."""
     intact = intact_accuracies(results)
+    diss = multiple_testing.corrected_rows(diss, results, force=False)
     caveats, table = [], ""
     methods = list(dict.fromkeys(r["method"] for r in diss))
     if not results:
@@ -199,24 +219,26 @@ def summary(config: dict, status: dict, results: list, diss: list, rankings: dic
         passing = {m: [r["layer"] for r in rows if r["method"] == m and verdict(r) == "dissociates"]
                    for m in methods}
         criterion = (f"the index's 95% bootstrap interval above 0 and the index beyond the random-lesion pairs, "
-                     f"p < {ALPHA}")
+                     f"corrected p < {ALPHA}")
+        corrected = correction_text(multiple_testing.family(rows))
+        corrected = f", {corrected}" if corrected else ""
         n_pass = len({s for sites in passing.values() for s in sites})
         if n_pass:
-            answer = (f"Task-specialised filters: yes, at {n_pass} of {n_sites} sites. At {f:.0%} lesions, {a} and "
-                      f"{b} filters dissociate ({criterion}) " + "; ".join(
+            answer = (f"Task-specialised filters: yes, at {n_pass} of {n_sites} sites{corrected}. At {f:.0%} "
+                      f"lesions, {a} and {b} filters dissociate ({criterion}) " + "; ".join(
                           f"with the {m} ranking at " + (f"{len(s)} site(s): {_names(s)}" if s else "no site")
                           for m, s in passing.items()) + ".")
         else:
-            answer = (f"Task-specialised filters: not shown. At {f:.0%} lesions, no site dissociates {a} from {b} "
-                      f"filters ({criterion}) with the {' or the '.join(methods)} ranking "
+            answer = (f"Task-specialised filters: not shown{corrected}. At {f:.0%} lesions, no site dissociates "
+                      f"{a} from {b} filters ({criterion}) with the {' or the '.join(methods)} ranking "
                       f"({n_sites} sites lesioned).")
         shown = [r for r in rows if verdict(r) not in ("no dissociation (interval includes 0)",
                                                            "undefined (a head at chance)")]
         if shown:
             table = _table([{"ranking": r["method"], "site": f"{r['layer']} (depth {r['depth']})",
                              "index [95% CI]": _ci(r), "p vs random pairs": _p(r.get("p_index")),
-                             "verdict": verdict(r)} for r in shown],
-                           ["ranking", "site", "index [95% CI]", "p vs random pairs", "verdict"])
+                             "p corrected": _p(r.get("p_corrected")), "verdict": verdict(r)} for r in shown],
+                           ["ranking", "site", "index [95% CI]", "p vs random pairs", "p corrected", "verdict"])
         else:
             answer += " At no site does any ranking's interval exclude 0."
         # the split-half overlap is kept for the top 10% and 20%: the one nearer the headline fraction
@@ -308,11 +330,15 @@ def _dissociation_caveats(rows: list, rankings: dict, fraction: float) -> list:
                        "reflects low-level image statistics (sharpness, colour, size) than task specialisation. "
                        "A resolution-matched control (both tasks' images at the same native resolution) has to "
                        "come before a claim; this run has none.")
-    n_tests = sum(1 for r in rows if math.isfinite(_num(r.get("p_index"))))
-    n_pass = sum(1 for r in rows if verdict(r) == "dissociates")
-    if n_pass and n_tests > 1:
-        caveats.append(f"The p-values are per site and ranking, not corrected for the {n_tests} tests: about "
-                       f"{n_tests * ALPHA:.1f} of them would pass p < {ALPHA} by chance alone.")
+    lost = [r for r in rows if verdict(r).endswith("after the correction")]
+    if lost:
+        n_tests = multiple_testing.family(rows)["n_tests"]
+        caveats.append(f"{len(lost)} site x ranking pair(s) pass p < {ALPHA} against the random-lesion pairs alone "
+                       f"but not after the correction for the {n_tests} tests at {fraction:.0%} lesions: " +
+                       "; ".join(f"{r['method']} {r['layer']} (p {_p(r.get('p_index'))}, corrected "
+                                 f"{_p(r.get('p_corrected'))})" for r in lost[:4]) + ("; ..." if len(lost) > 4 else "")
+                       + f". With no split anywhere, about {n_tests * ALPHA:.1f} of {n_tests} uncorrected tests would "
+                       f"pass by chance alone.")
     return caveats
 
 
@@ -338,21 +364,36 @@ def _reliability_caveats(rankings: dict, fraction: float) -> list:
 
 
 def _random_caveats(diss: list, config: dict) -> list:
+    """What the random repeats allow the headline's corrected p-values (multiple_testing): its smallest value,
+    and the random_repeats a corrected p < ALPHA needs."""
     methods = config.get("lesion_methods", [])
     if "random" not in methods:
         return ["No random lesions were run, so no lesion can be compared with random filters of the same size "
                 "and no p-value exists; add 'random' to lesion_methods."]
     repeats = max((int(_num(r["n_random"])) for r in diss if math.isfinite(_num(r.get("n_random")))),
                   default=int(config.get("random_repeats", 0)))
+    f = headline_fraction(r["fraction"] for r in diss) if diss else None
+    family = multiple_testing.family([r for r in diss if abs(_num(r["fraction"]) - f) < 1e-6]) if diss else {}
+    k = family.get("n_rankings") or len({r["method"] for r in diss}) or \
+        len([m for m in methods if m != "random"]) or 1
+    holm = family.get("method") == multiple_testing.HOLM
+    n_tests = family["n_tests"] if holm else None
+    need = multiple_testing.repeats_needed(k, ALPHA, n_tests)
     if repeats < 2:
         return [f"{repeats} random repeat: the index's null needs at least two random lesions; no p-value for "
-                f"the index exists. p < {ALPHA} needs random_repeats={repeats_needed()}."]
-    floor = 1 / (repeats + 1)
-    if floor >= ALPHA:
-        return [f"With {repeats} random repeats no p-value can go below 1/({repeats}+1) = {floor:.3f}, so no site "
-                f"can pass p < {ALPHA} however strong its split; p < {ALPHA} needs at least {repeats_needed()} "
-                f"repeats (random_repeats={repeats_needed()})."]
-    return []
+                f"the index exists. A corrected p < {ALPHA} over {k} ranking(s) needs random_repeats={need}."]
+    floor = multiple_testing.smallest_corrected_p(repeats, k, n_tests)
+    formula = f"{n_tests if holm else k}/({repeats}+1) = {floor:.3f}"
+    how = (f"Holm's method over {n_tests} tests" if holm else "the max-statistic over the sites" +
+           (f", Bonferroni over {k} rankings" if k > 1 else ""))
+    if floor >= ALPHA - 1e-12:
+        return [f"With {repeats} random repeats no corrected p-value can go below {formula} ({how}), so no site "
+                f"can pass p < {ALPHA} however strong its split; a corrected p < {ALPHA} needs at least {need} "
+                f"repeats (random_repeats={need})."]
+    where = f" at {f:.0%} lesions" if f is not None else ""
+    return [f"The verdict's p-values are corrected for every site and ranking{where} ({how}): with {repeats} "
+            f"random repeats the smallest a split can reach is {formula}, and a corrected p < {ALPHA} needs "
+            f"random_repeats of at least {need}. The tables' p vs random pairs and p_index are uncorrected."]
 
 
 def build_report(run_dir) -> Path:
@@ -369,6 +410,7 @@ def build_report(run_dir) -> Path:
                                                                      "rankings.json"))
     results = read_csv(results_path, INTACT_COLUMNS) if results_path.exists() else []
     diss = read_csv(diss_path, DISSOCIATION_COLUMNS) if diss_path.exists() else []
+    diss = multiple_testing.corrected_rows(diss, results, force=False)  # a sweep made before p_corrected
     rankings = read_json(rankings_path, lambda v: isinstance(v, dict), "rankings by site") \
         if rankings_path.exists() else {}
     r = Report(run_dir, status)
@@ -537,15 +579,22 @@ def _dissociation_table(rows: list) -> str:
         null = (f"{_num(x.get('null_low')):.3f} to {_num(x.get('null_high')):.3f}"
                 if math.isfinite(_num(x.get("null_low"))) else "n/a")
         row = {"site": x["layer"], "depth": x["depth"], "ranking": x["method"], "index [95% CI]": _ci(x),
-               "random pairs": null, "p_index": _p(x.get("p_index"))}
+               "random pairs": null, "p_index": _p(x.get("p_index")), "p_corrected": _p(x.get("p_corrected"))}
         row.update({new: _p(x[old]) for old, new in names.items()})  # drops and p-values: 3 decimals or n/a
         table.append(row)
     text = (f"<p class='what'>At {f:.0%} lesions. drop_X_by_Y: the chance-corrected drop of task X when the "
             f"filters ranked most important for task Y are silenced. p_index: the share of random-lesion pairs "
             f"whose index is at least as large (one-sided, with R random orders the smallest is 1/(R+1)); "
-            f"p_X_by_X: the same for the targeted task's own drop among random lesions.</p>")
+            f"p_corrected: p_index corrected for every site and ranking at this fraction "
+            f"({_correction_how(keep)}); p_X_by_X: the same as p_index for the targeted task's own drop among "
+            f"random lesions (uncorrected).</p>")
     return text + _table(table, ["site", "depth", "ranking", "index [95% CI]", "random pairs", "p_index",
-                                 *names.values()], wide=True)
+                                 "p_corrected", *names.values()], wide=True)
+
+
+def _correction_how(rows: list) -> str:
+    text = correction_text(multiple_testing.family(rows))
+    return text or "none: no p-value against random lesions"
 
 
 def main(argv=None) -> int:

@@ -3,6 +3,7 @@ import html
 import json
 import re
 
+import numpy as np
 import pytest
 
 import lesion_utils as L
@@ -10,8 +11,20 @@ import report
 from common import write_csv
 
 
-def make_run(path, dissociation, intact=(("face", 0.8, 0.1), ("object", 0.7, 0.1)), repeats=5, rankings=None):
-    """A run folder with the files the report reads: config.json, lesion_results.csv, dissociation.csv."""
+def random_rows(drops: dict, fraction="0.2000") -> list:
+    """lesion_results.csv's rows of random lesions: drops {site: (face drops, object drops), one per order}."""
+    return [{"layer": site, "method": "random", "target": "random", "repeat": r, "fraction": fraction,
+             "eval_task": task, "corrected_drop": f"{d:.4f}", "intact_accuracy": 0.8, "n_images": 200,
+             "chance": 0.1}
+            for site, per_task in drops.items() for task, ds in zip(("face", "object"), per_task)
+            for r, d in enumerate(ds)]
+
+
+def make_run(path, dissociation, intact=(("face", 0.8, 0.1), ("object", 0.7, 0.1)), repeats=5, rankings=None,
+             random_drops=None):
+    """A run folder with the files the report reads: config.json, lesion_results.csv, dissociation.csv;
+    random_drops: the random lesions' drops by site (`random_rows`), without which the report has no joint null
+    and corrects by Holm."""
     path.mkdir()
     tasks = {t: {"classes": 10, "chance": c, "source": "demo", "counts": {"train": 80, "val": 20, "test": 200}}
              for t, _, c in intact}
@@ -19,7 +32,8 @@ def make_run(path, dissociation, intact=(("face", 0.8, 0.1), ("object", 0.7, 0.1
               "random_repeats": repeats, "tasks": tasks}
     (path / "config.json").write_text(json.dumps(config))
     write_csv(path / "lesion_results.csv", L.LESION_COLUMNS,
-              [{"eval_task": t, "intact_accuracy": a, "n_images": 200, "chance": c} for t, a, c in intact])
+              [{"eval_task": t, "intact_accuracy": a, "n_images": 200, "chance": c} for t, a, c in intact] +
+              random_rows(random_drops or {}))
     rows = []
     for layer, depth, method, index, low, high, p in dissociation:
         rows.append({"layer": layer, "depth": depth, "method": method, "fraction": "0.2000", "task_a": "face",
@@ -42,14 +56,19 @@ def first_screen(path):
 def test_too_few_random_repeats_early_split_and_disagreeing_rankings(tmp_path):
     order = list(range(10))
     rankings = {"trunk.s0": {"activation": {"face": {"order": order}}, "loss": {"face": {"order": order[::-1]}}}}
+    small = ([0.01, 0.02, 0.0, 0.03, 0.01], [0.02, 0.0, 0.01, 0.01, 0.03])
     run = make_run(tmp_path / "run", [
         ("trunk.s0", 0, "activation", 0.3, 0.1, 0.5, 1 / 6), ("trunk.s0", 0, "loss", 0.0, -0.1, 0.1, 0.5),
         ("trunk.s2", 2, "activation", 0.6, 0.3, 0.9, 1 / 6), ("trunk.s2", 2, "loss", 0.7, 0.4, 1.0, 1 / 6)],
-        rankings=rankings)
+        rankings=rankings, random_drops={"trunk.s0": small, "trunk.s2": small})
     text, page = first_screen(run)
-    assert "Task-specialised filters: not shown" in text and "2 sites lesioned" in text
+    assert "Task-specialised filters: not shown, corrected for 4 tests over 2 sites and 2 rankings by a " \
+           "max-statistic test over the 5 random orders (Bonferroni over the rankings)" in text
+    assert "2 sites lesioned" in text
     assert "interval above 0, not beyond random lesions" in text  # the table lists what the intervals show
-    assert "no p-value can go below 1/(5+1) = 0.167" in text and "at least 20 repeats" in text
+    # with 2 rankings the smallest corrected p is 2/(R+1); below 0.05 it needs R = 40
+    assert "no corrected p-value can go below 2/(5+1) = 0.333 (the max-statistic over the sites, " \
+           "Bonferroni over 2 rankings)" in text and "at least 40 repeats" in text
     assert "already above 0 at the network's first site, trunk.s0" in text and "resolution-matched" in text
     # activation and loss disagree at trunk.s0 only; their top-20% face filters (2 of 10) share none
     assert "disagree at 1 site(s)" in text and "share 0 of 2" in text and "about 0.4" in text
@@ -59,14 +78,27 @@ def test_too_few_random_repeats_early_split_and_disagreeing_rankings(tmp_path):
 
 
 def test_enough_repeats_gives_a_verdict_and_counts_the_tests(tmp_path):
-    run = make_run(tmp_path / "run", [
-        ("trunk.s0", 0, "loss", 0.02, -0.1, 0.12, 0.6), ("trunk.s5", 5, "loss", 0.8, 0.5, 1.1, 1 / 21),
-        ("trunk.s9", 9, "loss", 0.9, 0.6, 1.2, 1 / 21)], repeats=20)
-    text, _ = first_screen(run)
-    assert "Task-specialised filters: yes, at 2 of 3 sites" in text
+    noise = np.random.default_rng(0).normal(0, 0.02, (3, 2, 20))  # small random drops: every null index near 0
+    drops = {site: tuple(noise[k]) for k, site in enumerate(("trunk.s0", "trunk.s5", "trunk.s9"))}
+    rows = [("trunk.s0", 0, "loss", 0.02, -0.1, 0.12, 0.6), ("trunk.s5", 5, "loss", 0.8, 0.5, 1.1, 1 / 21),
+            ("trunk.s9", 9, "loss", 0.9, 0.6, 1.2, 1 / 21)]
+    run = make_run(tmp_path / "run", rows, repeats=20, random_drops=drops)
+    text, page = first_screen(run)
+    # trunk.s5 and s9 beat the largest null of every random order over the three sites: corrected p = 1/21
+    assert "Task-specialised filters: yes, at 2 of 3 sites, corrected for 3 tests over 3 sites and 1 ranking by a " \
+           "max-statistic test over the 20 random orders." in text
     assert "with the loss ranking at 2 site(s): trunk.s5, trunk.s9" in text
     assert "can go below" not in text and "first site" not in text
-    assert "not corrected for the 3 tests" in text
+    assert "the smallest a split can reach is 1/(20+1) = 0.048" in text and "at least 20." in text
+    table = page[page.index("<h2>Dissociation by depth</h2>"):]
+    assert "p_<wbr>corrected" in table and "0.048" in table
+    # without the random drops (lesion_results.csv lacks them) the same p-values are corrected by Holm: 3/21
+    run = make_run(tmp_path / "holm", rows, repeats=20)
+    text, _ = first_screen(run)
+    assert "Task-specialised filters: not shown, corrected for 3 tests over 3 sites and 1 ranking by Holm's " \
+           "method" in text and "lacks the random lesions' drops" in text
+    assert "2 site x ranking pair(s) pass p < 0.05 against the random-lesion pairs alone but not after" in text
+    assert "below 3/(20+1) = 0.143 (Holm's method over 3 tests)" in text and "at least 60 repeats" in text
 
 
 def test_greedy_sets_past_the_greedy_stop_are_a_caveat(tmp_path):
