@@ -1,0 +1,63 @@
+"""benchmarks/gpu_check.py: its tiny CPU run goes through every section (the GPU's code paths at CPU sizes) and
+writes the table as JSON; one section alone, in-process."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def section_metrics(report: dict, name: str) -> dict:
+    record = next(s for s in report["sections"] if s["section"] == name)
+    return {m["metric"]: m["value"] for m in record["metrics"]}
+
+
+def test_tiny_run_covers_every_section(tmp_path):
+    """About 30 s on 2 cores."""
+    out = tmp_path / "gpu_check.json"
+    done = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--device=cpu", "--tiny", f"--out={out}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert {s["section"]: s["status"] for s in report["sections"]} == {name: "ok" for name in load_script().SECTIONS}
+    assert report["device"].startswith("cpu") and report["tiny"] is True and report["command"]
+    sweep = section_metrics(report, "suffix_sweep")
+    assert sweep["results equal (every image's correctness and loss)"] is True
+    assert sweep["predictions agree"] == 100.0 and sweep["max |loss difference|"] == 0.0
+    greedy = next(m for m in next(s for s in report["sections"] if s["section"] == "greedy")["metrics"]
+                  if m["metric"].startswith("projected whole greedy ranking"))
+    assert greedy["value"] > 0 and greedy["unit"] == "h" and len(greedy["detail"]["per_site_s"]) == 13
+    assert all({"section", "metric", "value", "target", "met"} <= set(row) for row in report["rows"])
+    assert "met" in done.stdout and "projected whole greedy ranking" in done.stdout
+
+
+def test_one_section_in_process_and_errors_recorded(tmp_path, capsys):
+    """The suffix sweep alone (on a fresh network, prepare not run); a section that fails records its error and
+    traceback, the others still run, and the exit status says so."""
+    gpu_check = load_script()
+    out = tmp_path / "one.json"
+    assert gpu_check.main(["--device=cpu", "--tiny", f"--out={out}", "--sections=data,suffix_sweep"]) == 0
+    report = json.loads(out.read_text())
+    assert [s["status"] for s in report["sections"]] == ["ok", "ok"]
+    assert section_metrics(report, "suffix_sweep")["results equal (every image's correctness and loss)"] is True
+
+    # without the data section the lesion sections have no images: each records that, the peak still runs
+    out = tmp_path / "failing.json"
+    assert gpu_check.main(["--device=cpu", "--tiny", f"--out={out}", "--sections=suffix_sweep,peak"]) == 1
+    report = json.loads(out.read_text())
+    status = {s["section"]: s for s in report["sections"]}
+    assert status["suffix_sweep"]["status"] == "error" and "no demo images" in status["suffix_sweep"]["error"]
+    assert "Traceback" in status["suffix_sweep"]["traceback"]
+    assert status["peak"]["status"] == "ok"
+    assert "failed: suffix_sweep" in capsys.readouterr().out
