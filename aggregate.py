@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from scipy.stats import combine_pvalues
 
+import branching
 import dualtask
 import figures
 import inspection
@@ -414,7 +415,9 @@ def _reliability_caveats(out: Path, runs: list) -> list:
             f"them); raise rank_images."]
 
 
-def build_report(out: Path, runs: list, rows: list, accuracy: list, decoding: list, figure: Path | None) -> Path:
+def build_report(out: Path, runs: list, rows: list, accuracy: list, decoding: list, figure: Path | None,
+                 branched: tuple | None = None) -> Path:
+    """The experiment's report.html. branched: (branching.csv's rows, its figure) of a branching-point experiment."""
     roles_run = {r["role"] for r in runs}
     seeds = sorted({r["seed"] for r in runs})
     n_real = max((int(r["n_seeds"]) for r in rows if r["role"] == "real"), default=0)  # seeds with a sweep
@@ -465,6 +468,20 @@ def build_report(out: Path, runs: list, rows: list, accuracy: list, decoding: li
     else:
         page.section("Single-task networks")
         page.skip("the single_task control was not run")
+    if branched is not None:
+        branch_rows, branch_figure = branched
+        page.section("Branch points: what sharing the trunk costs")
+        page.what("One network per branch point and seed (branch_at: the trunk shared up to that lesion site, then "
+                  "one copy of the rest per task; 'shared' = the whole trunk, 'separate' = single-task networks). "
+                  "Test accuracy per task with its 95% Wilson interval (branching.csv, which also gives each "
+                  "network's parameter count); each cost below is pooled over seeds against the least-shared "
+                  "network, with a 95% interval over test images (seeds not resampled).")
+        said = branching.sentences(branch_rows)
+        page.raw("<ul>" + "".join(f"<li>{html.escape(t)}</li>" for t in said) + "</ul>" if said else
+                 "<p>Only one branch point has results: no cost to compare.</p>")
+        if branch_figure is not None:
+            page.parts.append(report._image(branch_figure, branch_figure.name))
+        page.raw(report._table(branch_rows, [c for c in branching.BRANCHING_COLUMNS if c != "correct"]))
     page.section("Runs")
     page.raw("<ul>" + "".join(
         f"<li>{html.escape(r['role'])} seed {r['seed']}{' (' + html.escape(r['task']) + ')' if r['task'] else ''}: " +
@@ -485,6 +502,7 @@ def aggregate(out: Path, runs: list, seed: int = 0) -> list:
     out = Path(out)
     rng = np.random.default_rng([seed, 2022])
     stats, accuracy = {}, []
+    everything, runs = runs, [r for r in runs if not r.get("branch_point")]  # other branch points: branching.py
     for role in SWEPT_ROLES:
         role_runs = [dict(r, data=read_swept_run(out / r["folder"])) for r in runs if r["role"] == role]
         role_runs = [r for r in role_runs if r["data"] is not None and r["data"]["dissociation"]]
@@ -508,5 +526,11 @@ def aggregate(out: Path, runs: list, seed: int = 0) -> list:
     figure = figures.experiment_figure(rows, out / "figures" / "dissociation_by_depth.png") if rows else None
     if figure is not None:
         written.append(figure)
-    written.append(build_report(out, runs, rows, accuracy, decoding, figure))
+    branched = None
+    if len(everything) > len(runs):  # the branching-point experiment
+        branch_rows = branching.branching_rows(out, everything)
+        write_csv(out / "branching.csv", branching.BRANCHING_COLUMNS, branch_rows)
+        branched = (branch_rows, branching.figure(branch_rows, out / "figures" / "branching.png"))
+        written += [out / "branching.csv"] + ([branched[1]] if branched[1] else [])
+    written.append(build_report(out, everything, rows, accuracy, decoding, figure, branched))
     return written

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import aggregate
+import branching
 import dualtask
 from common import StageFailed, UsageError, format_seconds, read_json, write_text
 from vggface2 import DataError
@@ -26,13 +27,13 @@ EXPERIMENT_FILE = "experiment.json"
 DONE_FILE = "run_done.json"  # written into a run's folder when the run finished every stage it was asked for
 CONTROLS = tuple(r for r in dualtask.ROLES if r != "real")
 LAUNCHERS = ("local", "slurm", "submitit_local")
-EXPERIMENT_KEYS = ("seeds", "controls", "launcher", "slurm")  # settings of the experiment, not of its runs
+EXPERIMENT_KEYS = ("seeds", "controls", "launcher", "slurm", "branch_points")  # settings of the experiment, not of its runs
 # settings that do not change what a finished run holds: a rerun that changes only these skips it
 NOT_RESULTS = ("device", "compile", "retrain", "out_dir", "health_check")
 
 
 def is_experiment(config: dict) -> bool:
-    return config.get("seeds") is not None or bool(config.get("controls"))
+    return config.get("seeds") is not None or bool(config.get("controls")) or config.get("branch_points") is not None
 
 
 def check_experiment(config: dict) -> None:
@@ -43,6 +44,19 @@ def check_experiment(config: dict) -> None:
     controls = config.get("controls", [])
     if not (isinstance(controls, list) and all(c in CONTROLS for c in controls)):
         raise UsageError(f"controls={controls!r}; expected a list of names from {list(CONTROLS)}")
+    points = config.get("branch_points")
+    if points is not None and not (isinstance(points, list) and points and all(
+            p is None or dualtask.SETTINGS["branch_at"][0](p) for p in points) and len(set(map(repr, points))) == len(points)):
+        raise UsageError(f"branch_points={points!r}; expected None or a list of distinct branch points (None = fully "
+                         f"shared, a site depth or module path), e.g. [None, 4, 8, 12]")
+    if points is not None:  # every branch point names a site of this backbone, before anything is trained
+        probe = dualtask.DualTaskNet(config["backbone"], {"a": 2, "b": 2}, config.get("batch_norm", True), 8)
+        for p in points:
+            if p is not None:
+                try:
+                    dualtask.branch_site(probe, p)
+                except UsageError as e:
+                    raise UsageError(f"branch_points: {e}") from None
     if config.get("launcher", "local") not in LAUNCHERS:
         raise UsageError(f"launcher={config.get('launcher')!r}; expected one of {', '.join(LAUNCHERS)}")
     slurm = config.get("slurm", {})
@@ -53,7 +67,8 @@ def check_experiment(config: dict) -> None:
 
 def plan(config: dict) -> list:
     """The experiment's runs: [{'role', 'seed', 'task' (single_task only), 'folder', 'config'}]. Folders under
-    out_dir: seed_<N>/ (the real tasks), pseudo_task/seed_<N>/, resolution_matched/seed_<N>/ and
+    out_dir: seed_<N>/ (the real tasks), branch_<point>/seed_<N>/ (the real tasks at another branch point, marked
+    'branch_point'), pseudo_task/seed_<N>/, resolution_matched/seed_<N>/ and
     single_task_<task>/seed_<N>/ (trained only: a lesion sweep needs two tasks)."""
     out = Path(config["out_dir"])
     seeds = config["seeds"] if config.get("seeds") is not None else [config["seed"]]
@@ -67,6 +82,11 @@ def plan(config: dict) -> list:
 
     for seed in seeds:
         add("real", seed, f"seed_{seed}")
+    # the branching-point experiment (branching.py): the real tasks once more at every other branch point
+    for point in [p for p in config.get("branch_points") or [] if p != config.get("branch_at")]:
+        for seed in seeds:
+            add("real", seed, f"branch_{branching.label(point)}/seed_{seed}", branch_at=point)
+            runs[-1]["branch_point"] = True
     for control in [c for c in CONTROLS if c in config.get("controls", [])]:
         for seed in seeds:
             if control == "single_task":

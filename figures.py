@@ -347,6 +347,26 @@ def experiment_figure(rows: list, path: Path) -> Path | None:
                          "Dissociation by depth: the real tasks against the controls", path)
 
 
+def branching_figure(points: list, path: Path) -> Path:
+    """The branching-point experiment: test accuracy against the number of lesion sites the tasks share (0 =
+    separate single-task networks), one line per task with its 95% Wilson interval, chance dashed.
+    points: [{'task', 'shared_sites', 'accuracy', 'ci_low', 'ci_high', 'chance'}]."""
+    _style()
+    df = pd.DataFrame(points).sort_values("shared_sites")
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for colour, (task, sub) in zip(sns.color_palette(PALETTE), df.groupby("task", sort=False)):
+        ax.errorbar(sub["shared_sites"], sub["accuracy"], yerr=[sub["accuracy"] - sub["ci_low"],
+                                                                 sub["ci_high"] - sub["accuracy"]],
+                    marker="o", capsize=3, color=colour, label=task)
+        ax.axhline(sub["chance"].iloc[0], color=colour, linestyle=":", linewidth=1)
+    ax.set_xlabel("lesion sites shared by the tasks (branch point; 0 = separate networks)")
+    ax.set_ylabel("test accuracy (95% Wilson CI)")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_title("What sharing the trunk costs each task (chance dotted)")
+    ax.legend(title="task")
+    return _save(fig, path)
+
+
 # the figures drawn from a run's CSVs alone, in the order the figures stage draws them: (name, function)
 # (decoding_by_depth follows the decoding analysis, which writes its CSV)
 RUN_FIGURES = (("training curves", training_curves), ("lesion effects", lesion_effects),

@@ -1,4 +1,6 @@
 """Branched networks (branch_at): the trunk shared up to a site, then one copy of the rest per task."""
+import csv
+import html
 import json
 
 import numpy as np
@@ -163,3 +165,51 @@ def test_a_branched_run_resumes_to_the_same_weights_and_records_each_filters_cop
     assert all(copies[f] == "face" for f in top)
     model, config = dualtask.load_run(out)
     assert config["branch_at"] == 14 and model.branch_site == "trunk.layer4.0"
+
+
+def test_the_branching_point_experiment_writes_accuracy_by_branch_point(tmp_path):
+    import aggregate
+    import branching
+    import experiment
+
+    out = tmp_path / "exp"
+    config = branched_config(out, branch_at=None, branch_points=[None, 14], seeds=[0], epochs=1, max_classes=4,
+                             controls=[], launcher="local")
+    experiment.run_experiment(config)
+    rows = list(csv.DictReader(open(out / "branching.csv", newline="")))
+    assert [(r["branch_point"], r["task"]) for r in rows] == [("shared", "face"), ("shared", "object"),
+                                                              ("14", "face"), ("14", "object")]
+    assert [int(r["shared_sites"]) for r in rows] == [17, 17, 15, 15]
+    assert int(rows[2]["parameters"]) > int(rows[0]["parameters"])  # layer4's last two blocks twice
+    for r in rows:
+        correct, n = int(r["correct"]), int(r["n_images"])
+        assert float(r["accuracy"]) == pytest.approx(correct / n, abs=1e-4)
+        assert float(r["ci_low"]) <= float(r["accuracy"]) <= float(r["ci_high"])
+    assert rows[2]["folder"] == "branch_14/seed_0"
+    assert (out / "figures" / "branching.png").stat().st_size > 10_000
+    page = (out / "report.html").read_text()
+    assert "Branch points: what sharing the trunk costs" in page
+    said = branching.sentences(rows)
+    assert len(said) == 2 and said[0].startswith("Sharing the whole trunk costs the face task")
+    assert html.escape(said[0]) in page
+    # the branch-point runs stay out of the real tasks' statistics
+    assert not (out / "summary.csv").exists() or all(
+        r["role"] != "real" or r["n_seeds"] == "1" for r in csv.DictReader(open(out / "summary.csv")))
+    with pytest.raises(UsageError, match="branch_points"):
+        experiment.check_experiment(dict(config, branch_points=[None, 99]))
+    assert aggregate.SWEPT_ROLES  # the module's public names are unchanged
+
+
+def test_branching_costs_are_read_against_the_least_shared_network():
+    import branching
+
+    def row(point, shared, task, correct, n=100):
+        return {"branch_point": point, "shared_sites": shared, "seed": 0, "task": task, "correct": correct,
+                "n_images": n, "chance": "0.1"}
+
+    rows = [row("shared", 17, "face", 60), row("8", 9, "face", 80), row(branching.SEPARATE, 0, "face", 90)]
+    costs = branching.costs(rows)
+    assert [(c[0], round(c[3], 3), c[6]) for c in costs] == [("shared", 0.3, "separate"), ("8", 0.1, "separate")]
+    low, high = costs[0][4], costs[0][5]
+    assert low < 0.3 < high and high - low == pytest.approx(2 * 1.96 * (0.9 * 0.1 / 100 + 0.6 * 0.4 / 100) ** 0.5)
+    assert "against separate single-task networks" in branching.sentences(rows)[0]
