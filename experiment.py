@@ -188,6 +188,33 @@ def _still_queued(config: dict, folder: Path, job_id: str):
     return job if job.state in ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING") else None
 
 
+def _job_error(job, error: Exception) -> str:
+    """Why a job did not finish, in one line read from what it left: the exception that ended its run (the last
+    one of the traceback submitit hands back, module path dropped), else the state SLURM gave the job
+    (CANCELLED, TIMEOUT, OUT_OF_MEMORY...) and the line of its error log that says why."""
+    lines = str(error).splitlines()
+    rules = [k for k, line in enumerate(lines) if line.strip() == "-" * 22]  # submitit's frame of the trace
+    if "failed during processing with trace:" in str(error) and len(rules) >= 2:
+        trace = lines[rules[0] + 1:rules[-1]]
+        files = [k for k, line in enumerate(trace) if line.startswith('  File "')]
+        rest = [line for line in trace[files[-1] + 1 if files else 0:] if line.strip() and not line.startswith("    ")]
+        if rest:  # the line after the last frame (its code and carets indented by 4): "module.Error: message"
+            name, sep, message = rest[0].partition(": ")
+            name = name.rsplit(".", 1)[-1]
+            return message if sep and name in ("UsageError", "DataError", "StageFailed") else f"{name}{sep}{message}"
+    try:
+        state = job.state
+        log = [line.strip() for line in (job.stderr() or "").splitlines() if line.strip()]
+    except Exception:  # the log or the state cannot be read: what submitit said is all there is
+        state, log = "UNKNOWN", []
+    # slurmstepd's own line first ("*** JOB 7 ON node CANCELLED AT ... [DUE TO TIME LIMIT] ***"), else an error
+    said = ([line for line in log if "*** JOB" in line] or [line for line in log if "***" in line] or
+            [line for line in log if "error" in line.lower()][-1:] or log[-1:])
+    if said or state != "UNKNOWN":
+        return f"the job ended without a result (state {state})" + (f": {said[0]}" if said else "")
+    return lines[-1].strip() if lines else repr(error)
+
+
 def launch_submitit(config: dict, runs: list, status: dict, save) -> None:
     """Each run a job (SLURM, or local processes): submit what is missing, wait for all, record each outcome.
     Ctrl-C stops the waiting, not the jobs: a rerun waits for them again."""
@@ -217,10 +244,10 @@ def launch_submitit(config: dict, runs: list, status: dict, save) -> None:
             try:
                 job.result()
             except Exception as e:  # submitit re-raises the job's error, or reports a job that died
-                status[run["folder"]] = {"status": "failed", "job_id": str(job.job_id),
-                                         "error": str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)}
+                status[run["folder"]] = {"status": "failed", "job_id": str(job.job_id), "error": _job_error(job, e),
+                                         "log": str(job.paths.stderr)}
                 print(f"error: job {job.job_id} ({run['folder']}) failed: {status[run['folder']]['error']} "
-                      f"(log: {folder})", file=sys.stderr, flush=True)
+                      f"(log: {job.paths.stderr})", file=sys.stderr, flush=True)
             else:
                 status[run["folder"]] = {"status": "done", "job_id": str(job.job_id)}
                 print(f"job {job.job_id} finished: {run['folder']}", flush=True)

@@ -8,8 +8,8 @@ On one H200 the sizes are meant to take about 5 minutes in all (an estimate from
 BENCHMARKS.md: not yet run there), within 8 minutes whatever happens: no section starts after --budget_s (420 s)
 and the greedy section fits its sites to 150 s and to --limit_s (450 s) from the start.
 
-Sections, run in this order; each is timed, samples the GPU's utilisation and memory every 0.2 s (pynvml when
-importable, else nvidia-smi; None on the CPU) and records the peak memory PyTorch allocated. A section that
+Sections, run in this order; each is timed, samples the GPU's utilisation and memory every 0.2 s (from
+nvidia-smi; None on the CPU) and records the peak memory PyTorch allocated. A section that
 fails records its error and traceback and the others still run; one that would start after --budget_s seconds
 is recorded as skipped. No network, no weights: the project's demo data and freshly initialised networks.
 
@@ -103,7 +103,7 @@ def _physical_gpu(index: int) -> str:
 
 class GpuSampler:
     """The GPU's utilisation (%) and used memory (MiB) every `every` seconds in a background thread while a
-    section runs: from pynvml when importable, else nvidia-smi; nothing on the CPU or without either."""
+    section runs, from nvidia-smi; nothing on the CPU or without it."""
 
     def __init__(self, device: torch.device, every: float = 0.2):
         self.every, self.samples, self.failures = every, [], 0
@@ -113,15 +113,6 @@ class GpuSampler:
     @staticmethod
     def _query(device: torch.device):
         gpu = _physical_gpu(device.index if device.index is not None else torch.cuda.current_device())
-        try:
-            import pynvml
-            pynvml.nvmlInit()
-            handle = pynvml.nvmlDeviceGetHandleByIndex(int(gpu)) if gpu.isdigit() else \
-                pynvml.nvmlDeviceGetHandleByUUID(gpu)
-            return lambda: (float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu),
-                            pynvml.nvmlDeviceGetMemoryInfo(handle).used / 2**20)
-        except Exception:  # no pynvml, or no NVML library behind it: nvidia-smi
-            pass
         if shutil.which("nvidia-smi") is None:
             return None
 
