@@ -136,19 +136,9 @@ def test_a_tasks_loss_ranking_after_the_branch_point_puts_its_own_copy_first():
 
 @pytest.mark.slow  # about 2 minutes on 2 cores: three trainings and a loss-ranked sweep of 6,144 filters
 def test_a_branched_run_resumes_to_the_same_weights_and_records_each_filters_copy(tmp_path, monkeypatch, capsys):
-    from test_pipeline import interrupted_at_call
+    from test_pipeline import straight_and_resumed
 
-    dualtask.run(branched_config(tmp_path / "straight"))
-    real_evaluate = dualtask.evaluate
-    monkeypatch.setattr(dualtask, "evaluate", interrupted_at_call(2, real_evaluate))  # in epoch 2
-    with pytest.raises(KeyboardInterrupt):
-        dualtask.run(branched_config(tmp_path / "resumed"))
-    monkeypatch.setattr(dualtask, "evaluate", real_evaluate)
-    capsys.readouterr()
-    dualtask.run(branched_config(tmp_path / "resumed"))
-    assert "resuming from epoch 1" in capsys.readouterr().out
-    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["model"]
+    a, b = straight_and_resumed(branched_config, tmp_path, monkeypatch, capsys)
     assert any(".copies.1." in k for k in a) and all(torch.equal(a[k], b[k]) for k in a)
     # another branch point is another network: refused, naming the setting as it was trained
     with pytest.raises(UsageError, match="branch_at: 14 -> 4"):
@@ -213,3 +203,28 @@ def test_branching_costs_are_read_against_the_least_shared_network():
     low, high = costs[0][4], costs[0][5]
     assert low < 0.3 < high and high - low == pytest.approx(2 * 1.96 * (0.9 * 0.1 / 100 + 0.6 * 0.4 / 100) ** 0.5)
     assert "against separate single-task networks" in branching.sentences(rows)[0]
+
+
+@pytest.mark.slow  # about a minute on 2 cores
+def test_a_branched_network_trains_and_sweeps_under_torchrun(tmp_path):
+    """DistributedDataParallel over a branched network (every copy takes part in every step's loss, so no
+    parameter goes unused) and the sites shared out across 2 CPU processes, post-branch pairs included."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT, TINY
+
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541",
+                        str(ROOT / "ResNet.py"), *TINY, "--branch_at=14", "--lesion_layers=[14, 16]",
+                        "--lesion_methods=['activation', 'random']", "--random_repeats=2", "--rank_images=8",
+                        f"--out_dir={out}", "--stages=['train', 'lesion']"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "sites shared out across 2 processes" in p.stdout
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["config"]["branch_at"] == 14 and any(".copies.1." in k for k in state["model"])
+    rankings = json.loads((out / "rankings.json").read_text())
+    assert set(rankings) == {"trunk.layer4.0", "branch:trunk.layer4.2"}

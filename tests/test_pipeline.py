@@ -103,20 +103,26 @@ def tiny_config(out_dir, **changes):
     return config
 
 
-@pytest.mark.slow  # about a minute; the kill -9 table (test_bad_input.py) resumes training in the default run
-def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch, capsys):
-    dualtask.run(tiny_config(tmp_path / "straight"))
+def straight_and_resumed(make_config, tmp_path, monkeypatch, capsys) -> tuple:
+    """Train a 2-epoch run straight through, and again killed in its second epoch then resumed: the two
+    checkpoints' weights (the resumed run's output checked to say it resumed)."""
+    dualtask.run(make_config(tmp_path / "straight"))
     real_evaluate = dualtask.evaluate
     monkeypatch.setattr(dualtask, "evaluate", interrupted_at_call(2, real_evaluate))  # in epoch 2
     with pytest.raises(KeyboardInterrupt):
-        dualtask.run(tiny_config(tmp_path / "resumed"))
+        dualtask.run(make_config(tmp_path / "resumed"))
     assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["epoch"] == 1
     monkeypatch.setattr(dualtask, "evaluate", real_evaluate)
     capsys.readouterr()
-    dualtask.run(tiny_config(tmp_path / "resumed"))
+    dualtask.run(make_config(tmp_path / "resumed"))
     assert "resuming from epoch 1" in capsys.readouterr().out
-    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["model"]
+    return tuple(torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)["model"]
+                 for name in ("straight", "resumed"))
+
+
+@pytest.mark.slow  # about a minute; the kill -9 table (test_bad_input.py) resumes training in the default run
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch, capsys):
+    a, b = straight_and_resumed(tiny_config, tmp_path, monkeypatch, capsys)
     assert all(torch.equal(a[k], b[k]) for k in a)
     epochs = [r["epoch"] for r in read_rows(tmp_path / "resumed" / "train_log.csv")]
     assert epochs == ["1"] * 4 + ["2"] * 4
