@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import branches
+import common
 import figures
 import health
 import inspection
@@ -655,9 +656,9 @@ class TaskImages:
         self.on_device = None
         if same_images is not None:
             self.on_device = same_images.on_device
-        elif device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
-            if data.images.nbytes < 0.25 * free:
+        else:  # on a GPU (common.free_memory) when they fit a quarter of its free memory
+            free = common.free_memory(device)
+            if free is not None and data.images.nbytes < 0.25 * free:
                 self.on_device = torch.from_numpy(np.ascontiguousarray(data.images)).to(device)
         self.labels = self.labels.to(device)
 
@@ -670,9 +671,7 @@ class TaskImages:
             order = np.argsort(idx)  # sorted reads are kinder to a memory-mapped cache
             raw = np.empty((len(idx),) + self.data.images.shape[1:], np.uint8)
             raw[order] = self.data.images[idx[order]]
-            raw = torch.from_numpy(raw)
-            if self.device.type == "cuda":
-                raw = raw.pin_memory().to(self.device, non_blocking=True)
+            raw = common.host_to_device(torch.from_numpy(raw), self.device)  # pinned, non-blocking on a GPU
             i = torch.from_numpy(idx).to(self.device)
         return vggface2.to_float(raw, channels_last), self.labels[i]
 
@@ -791,7 +790,7 @@ def train(model: DualTaskNet, images: dict, config: dict, out_dir: Path, dist: D
     train_idx = {g[0]: images[g[0]].data.indices("train") for g in groups}
     steps = max(1, math.ceil(max(len(i) for i in train_idx.values()) / (per_group * dist.world)))
     total_steps = steps * config["epochs"]
-    channels_last = device.type == "cuda"
+    channels_last = common.use_channels_last(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     lr = peak_lr(config, dist.world)

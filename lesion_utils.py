@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 import branches
+import common
 import multiple_testing
 import vggface2
 from common import UsageError, atomic_write, autocast, format_seconds, read_csv, read_json, write_csv, write_text
@@ -287,11 +288,11 @@ def cache_bytes(model: nn.Module, sites: list, image_shape, batch_size: int) -> 
 
 def default_masks_per_pass(device: torch.device, batch_bytes: int = 0) -> int:
     """Lesions evaluated per pass. On a GPU, as many stacked copies of a cached batch as fit a quarter of the
-    free memory (the part after the site needs a few times its input), at most 32; on the CPU one, which is as
-    fast there and bit-for-bit reproducible."""
-    if device.type != "cuda":
+    free memory (common.free_memory; the part after the site needs a few times its input), at most 32; on the
+    CPU one, which is as fast there and bit-for-bit reproducible."""
+    free = common.free_memory(device)
+    if free is None:
         return 1
-    free, _ = torch.cuda.mem_get_info(device)
     return int(max(1, min(32, 0.25 * free // max(1, 4 * batch_bytes))))
 
 
@@ -392,20 +393,22 @@ def beyond_greedy_stop(method: str, fraction: float, n_filters: int, stop_fracti
 @contextlib.contextmanager
 def ranking_precision(device: torch.device, precision: str = "fp32"):
     """How a ranking scores lesions: 'fp32' (on CUDA no bf16 autocast; TF32 matrix products allowed) or 'bf16'
-    (bf16 autocast on CUDA). The CPU computes in float32 either way."""
+    (bf16 autocast on CUDA). The CPU computes in float32 either way. Where a device computes in bf16 and may use
+    TF32: common.use_bf16 and common.use_tf32."""
     if precision not in RANKING_PRECISIONS:
         raise UsageError(f"ranking_precision={precision!r}; expected one of {list(RANKING_PRECISIONS)}")
-    if device.type != "cuda":
+    if not common.use_bf16(device):
         yield
         return
     if precision == "bf16":
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with autocast(device, enabled=True):
             yield
         return
     flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if common.use_tf32(device):
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     try:
-        with torch.autocast("cuda", enabled=False):
+        with torch.autocast(device.type, enabled=False):
             yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
@@ -414,9 +417,9 @@ def ranking_precision(device: torch.device, precision: str = "fp32"):
 def _cache_budget(device: torch.device) -> int:
     """Bytes a greedy run may keep of cached prefix outputs: 40% of the free GPU memory, or a quarter of the
     free RAM."""
-    if device.type == "cuda":  # free, and what PyTorch holds in reserve (earlier caches it has freed)
-        idle = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        return int(0.4 * (torch.cuda.mem_get_info(device)[0] + idle))
+    free = common.free_memory(device, reserved=True)  # a GPU's free memory and what PyTorch holds in reserve
+    if free is not None:
+        return int(0.4 * free)
     try:
         return int(0.25 * os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     except (ValueError, OSError, AttributeError):
@@ -1316,7 +1319,7 @@ def lesion_stage(model: nn.Module, images: dict, config: dict, out_dir: Path, ra
                              masks_per_pass, reliability=reliability, greedy=greedy, precision=how)
 
         reliability = settings.get("reliability", False)
-        if wanted_precision == "fp32" or device.type != "cuda" or not scored:
+        if wanted_precision == "fp32" or not common.use_bf16(device) or not scored:  # bf16 changes nothing
             return ranked(own, "fp32", reliability)
         if precision["used"] is None:
             ranking = ranked(own, "fp32", reliability)
