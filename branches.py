@@ -30,6 +30,9 @@ class BranchPair(nn.Module):
         super().__init__()
         self.copies = nn.ModuleList(copy.deepcopy(step) for _ in range(n_copies))
         self.fork = fork
+        for module in self.copies.modules():  # a copy's part of the input is a view of it: never overwritten
+            if isinstance(module, nn.ReLU):
+                module.inplace = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         parts = [x] * len(self.copies) if self.fork else x.chunk(len(self.copies), dim=1)

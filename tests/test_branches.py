@@ -65,6 +65,20 @@ def test_silencing_one_copy_leaves_the_other_heads_logits_bit_identical(backbone
     assert np.array_equal(res[0]["object"]["loss"], res[1]["object"]["loss"])
 
 
+@pytest.mark.parametrize("backbone", ["vgg16", "resnet50"])
+def test_a_branched_network_takes_a_training_step(backbone):
+    """VGG's in-place ReLUs meet a pair's view of its input: the copies' ReLUs must not write into it."""
+    model = branched(backbone, branch_at=10).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    out = model(torch.randn(4, 3, 32, 32))
+    loss = F.cross_entropy(out["face"][:2], torch.tensor([0, 1])) + F.cross_entropy(out["object"][2:],
+                                                                                     torch.tensor([2, 3]))
+    loss.backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_branch_parameters_get_gradients_only_from_their_own_task():
     model = branched("resnet50", branch_at=10).train()
     x = torch.randn(4, 3, 32, 32)
