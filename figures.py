@@ -241,6 +241,12 @@ def gradcam_figures(run_dir: Path, examples: dict, mean_maps: dict, tasks: list,
     return written
 
 
+def stimuli_file(site: str) -> str:
+    """The file name of a site's preferred-stimulus figure: the module path with '.' (and a branched site's ':')
+    as '_', a name every file system takes."""
+    return f"stimuli_{site.replace('.', '_').replace(':', '_')}.png"
+
+
 def stimuli_figure(run_dir: Path, site: str, method: str, grids: list) -> Path:
     """One row per filter: its top test images (labelled with task and class) and its synthetic image."""
     _style()
@@ -259,7 +265,7 @@ def stimuli_figure(run_dir: Path, site: str, method: str, grids: list) -> Path:
             ax.grid(False)
     fig.suptitle(f"Preferred stimuli at {site}: top test images and activation maximisation "
                  f"(filters ranked by {method})", fontsize=9)
-    return _save(fig, Path(run_dir) / "figures" / f"stimuli_{site.replace('.', '_')}.png")
+    return _save(fig, Path(run_dir) / "figures" / stimuli_file(site))
 
 
 def decoding_by_depth(run_dir: Path) -> Path | None:

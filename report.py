@@ -17,7 +17,7 @@ from pathlib import Path
 from common import exit_on_damaged_files, read_csv, read_json, write_text
 import health
 import multiple_testing
-from figures import headline_fraction
+from figures import headline_fraction, stimuli_file
 
 FIGURES_STATUS = "figures_status.json"  # what each part of the figures stage wrote, or why it failed
 ALPHA = 0.05  # the level of the summary's test against random lesions
@@ -560,7 +560,7 @@ def _stimuli_stages(run_dir: Path) -> dict:
     run written before stimuli.json named stages; {} without the file."""
     path = run_dir / "stimuli.json"
     summary = read_json(path, lambda v: isinstance(v, dict), "preferred stimuli by site") if path.exists() else {}
-    return {f"stimuli_{site.replace('.', '_')}.png": (site, entry.get("stage"), "skipped" in entry)
+    return {stimuli_file(site): (site, entry.get("stage"), "skipped" in entry)
             for site, entry in summary.items() if isinstance(entry, dict)}
 
 
