@@ -241,6 +241,12 @@ def summary(config: dict, status: dict, results: list, diss: list, rankings: dic
                            ["ranking", "site", "index [95% CI]", "p vs random pairs", "p corrected", "verdict"])
         else:
             answer += " At no site does any ranking's interval exclude 0."
+        if n_pass:  # what benchmarks/verdict_calibration.py measured (BENCHMARKS.md, 2026-12-04)
+            caveats.append("A single network's 'yes' is not calibrated against networks with nothing to split: two "
+                           "heads trained on one face task (each on half of its images) read out of the last sites "
+                           "through different filters, and 3 of 3 such networks got 'yes' at layer4 with small "
+                           "indices (benchmarks/verdict_calibration.py). Only an index beyond a control network's "
+                           "(pseudo_task, in an experiment) separates task specialisation from two readouts.")
         # the split-half overlap is kept for the top 10% and 20%: the one nearer the headline fraction
         caveats += _dissociation_caveats(rows, rankings, f) + _reliability_caveats(rankings, 0.2 if f >= 0.15 else 0.1)
         beyond = list(dict.fromkeys(r["layer"] for r in rows if r["method"] == "greedy"

@@ -1,0 +1,521 @@
+"""How often the report's verdict "Task-specialised filters: yes" is right: its false-positive rate and its power.
+
+    python benchmarks/verdict_calibration.py            # the default configuration (see "Time" below)
+    python benchmarks/verdict_calibration.py --quick    # a smoke test of every part
+    python benchmarks/verdict_calibration.py --seeds="[0, 1, 2, 3, 4]" --epochs=6 --draws=5000
+    python benchmarks/verdict_calibration.py --sim_only # the statistics layer alone (about 2 minutes)
+
+Everything is measured with the code the report itself runs: `lesion_utils.dissociation_rows` (index, bootstrap
+interval, p against random-lesion pairs), `multiple_testing.corrected_rows` (the family-wise correction over every
+site x ranking at a fraction) and `report.verdict` at the headline fraction (`report.headline_fraction`, 20%): a
+run's verdict is "yes" when a row there "dissociates" (interval above 0 and corrected p < 0.05), as in
+`report.summary` (whose sentence is read back for every trained run and checked against it). The "uncorrected"
+rates judge the same rows with p_index in place of p_corrected: the verdict before the correction.
+
+Three parts, all on the CPU:
+
+1. Statistics layer (the headline false-positive rate). Simulated networks with no dissociation: per draw, two
+   tasks with their own intact accuracies and test images (each image's correctness a draw; each image has a
+   fragility shared by every site and lesion, which couples the sites as shared test images do in a real run),
+   `--sim_sites` sites (as many as the trained runs lesion) whose lesions differ in size and spread from site to
+   site, and at each site the targeted lesions of each ranking (`--sim_rankings`, one per task) and `--repeats`
+   random lesions drawn from ONE distribution: a lesion costs each task a share of its correct images drawn at
+   random (a general part shared by the two tasks and a part of each task's own), whatever the lesion is. Targeted
+   and random lesions are exchangeable, so the index has no reason to beat the random pairs: each draw is a network
+   without task-specialised filters, and the share of draws whose verdict says "yes" is the false-positive rate
+   (`--draws`, 2,000 by default: a Wilson interval about +-0.01 wide at 5%). A second scenario, `stronger` (half as
+   many draws), gives the targeted lesions three times the odds of costing an image, for both tasks alike
+   (top-ranked filters matter more to everything, still no dissociation): the random pairs then spread less than
+   the targeted index does, which is how a real network could fool the test; it is printed as a robustness line,
+   not the headline.
+
+2. Trained null networks (`--null`, default `halves`): ResNet50 (the `--backbone` script's hyperparameters, through
+   `dualtask.run`) trained with two heads on ONE task: the demo faces' identities, the images of each identity and
+   split dealt alternately to head face_a and head face_b (two cache folders written with
+   `vggface2.TaskData.save`, given as the `tasks` setting, so the runs are ordinary runs of the pipeline). Both
+   heads learn the same identities from the same image distribution at the same chance level; only which images
+   each sees differs. Every trunk filter useful to one head is useful to the other, so the trunk has no reason to
+   divide, and a "yes" is a false positive. Why not the alternatives: the `pseudo_task` role splits the union of
+   the face and object classes at random, so each pseudo-task holds faces and objects in unequal shares and a
+   split has a reason; `tasks={'face': 'demo', 'object': 'demo'}` (or any two demo kinds) are two different tasks;
+   two tasks naming one demo set with the same labels are refused by `dualtask._load_group`. `--null=identical`
+   gives both heads the very same images and labels (two identical caches): a null too, but a lenient one, since
+   the two heads become near copies and the index shrinks to 0, while `halves` keeps the noise of two heads that
+   rank and are tested on different images, as two real tasks are. The trained false-positive rate is the share of
+   these networks whose verdict is "yes"; with 3 seeds its interval is wide, which is why the simulation gives the
+   headline.
+
+3. Known positive: the same training on the real face/object demo tasks with `branch_at` (the trunk shared up to a
+   site, then one copy of the rest per task: after the branch point every filter belongs to exactly one task), and
+   the fully shared network (branch_at=None) of the same seeds beside it. power = the share of post-branch lesion
+   sites (over seeds) that dissociate under the corrected verdict (any ranking's row; one ranking by default);
+   power_shared = the share of the same sites of the shared networks (an answer to the real question there, not a
+   rate of errors).
+
+Defaults: ResNet50 at 32 px; 5 classes per task (max_classes=5, chance 0.2) and demo_per_class=200 (140 training,
+20 validation and 40 test images per class and task; the null's face set is drawn with 400 per class and halved),
+batch 32, 4 epochs (AdamW, the script's defaults); branch_at=12 (trunk.layer3.4: the copies are layer3.5 and
+layer4, about a quarter more per image than the shared trunk, where branching at 8 halves the training speed);
+lesion sites at depths 4, 8, 13, 14, 16 (13, 14, 16 after the branch point); the taylor ranking against 20 random
+orders (which let one ranking's corrected p reach 1/21 < 0.05) on 32 ranking images per task; fractions 0 and 0.2;
+3 seeds each. A first probe with 10 classes x 50 images for 8 epochs (the same compute) ended with heads at 0.39
+and 0.26 (chance 0.1) and a branched site whose interval included 0; 5 classes x 200 images bring the face head to
+0.73-0.85 and the object head to 0.35-0.39 (chance 0.2) and give 200 test images per task.
+
+The ranking decides the power, and the time. Measured on 2026-12-04 on the 2-core machine while other jobs ran (about
+40 training images/s; OMP_NUM_THREADS=1, since two OpenMP threads per process ran 5 to 9 times slower there): with
+taylor, the whole default run took 21 minutes (one of its nine trainings reused), and gave false_positive_rate 0.0535
+[0.0445, 0.0642] (107/2000), uncorrected 0.1905; false_positive_rate_trained 3/3; power 5/9 = 0.56 [0.27, 0.81];
+power_shared 0/9. With more draws (`--sim_only --draws=10000 --seed=1`, 4 minutes): 0.0523 [0.0481, 0.0568]
+(523/10000), uncorrected 0.1706, stronger 0.1788 (894/5000): a shade above the 1/21 = 0.048 the max-statistic test
+aims for (with normal null indices instead of these drops it gives 0.046 to 0.048), and within 0.05. taylor
+(|activation x gradient|) misses what matters at the layer4 sites: in branched seed 1 its top 20% of trunk.layer4.2
+(all in the face copy) cost the face head -0.015 of accuracy, the loss ranking's top 20% 0.20 (the whole face copy
+0.60). The loss ranking (`--ranking=loss --lesion_layers="[0, 12, 13, 15, 16]" --rank_images=8`) made all three
+post-branch sites of branched seed 0 dissociate (index 1.06, intervals from 0.74, against 0.49 to 0.69 with taylor),
+but it runs the rest of the network once per filter and ranking image: that seed's sweep took 6 minutes instead of 40
+seconds (trunk.layer3.5's pair of 2,048 filters alone 155 s), so nine networks take about 45 to 55 minutes on a
+shared machine, past the budget; seeds 1 and 2 were not swept with it. Use it where the power is the question (or on
+a GPU).
+
+What the trained null shows (taylor, 3 of 3 networks "yes", each at trunk.layer4.0 or layer4.2 only, index 0.06 to
+0.10 with interval lows from 0.000 to 0.013): at the last sites a head's top 20% cost that head 0 to 0.07 of its
+chance-corrected accuracy and the other head -0.016 to 0.016, while random 20% lesions cost either head -0.011 to
+0.008, so a small index beats all 20 random pairs, also after the correction (its p is then 1/21). Two heads reading the
+same trunk with their own learned weights each lean on their own filters, task or no task; the random-pair null
+asks whether targeted lesions differ from random ones, not whether the difference comes from the tasks. The
+simulation's `stronger` scenario (targeted lesions costlier to both tasks than random ones, no dissociation) shows
+the same weakness at the statistics layer (18% "yes"). A control network (this null's two heads on one task, or an
+experiment's pseudo_task control) swept beside the real one, not the single run's verdict, is what answers it.
+
+Time: each network trains in 2 to 3.5 minutes (branched the slowest) and its taylor sweep takes under a minute;
+the simulation 1 minute; `--quick` (one seed, 1 epoch, 10 images per class, two sites, 40 draws; its heads stay at
+chance, so its indices are undefined: it checks the plumbing, not the verdict) 20 s with OMP_NUM_THREADS=1, and 2
+minutes with two threads while other jobs ran. Set OMP_NUM_THREADS=1 when other jobs share the cores (the script
+sets 2 when it is unset). The runs go to
+.bench/verdict_calibration/<hash of the training settings>/ (git-ignored; `--out_root` names another folder), each
+with its run.log, and are reused on rerun: dualtask.run skips a finished training and finished lesion sites, and a
+run swept under other lesion settings (another ranking or sites) keeps its training and sweeps again.
+
+The last lines printed (each rate with its Wilson 95% interval and counts):
+
+    false_positive_rate_sim_stronger_targeted: ...  (simulation, robustness scenario)
+    false_positive_rate_trained: ...                (trained null networks, corrected verdict)
+    false_positive_rate_trained_uncorrected: ...
+    power_uncorrected: ...                          (branched networks, before the correction)
+    false_positive_rate: X [lo, hi] (n/N) ...       (simulation, corrected verdict: the headline)
+    false_positive_rate_uncorrected: ...            (simulation, before the correction)
+    power: Y [lo, hi] ...                           (branched networks' post-branch sites, corrected verdict)
+    power_shared: Z [lo, hi] ...                    (the same sites of the fully shared networks)
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+import numpy as np  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import lesion_utils as L  # noqa: E402
+import multiple_testing as M  # noqa: E402
+import report  # noqa: E402
+
+BENCH_DIR = ROOT / ".bench" / "verdict_calibration"
+SCRIPTS = {"resnet50": "ResNet", "resnext50": "ResNeXt", "vgg16": "vgg16", "vgg19": "vgg19"}
+SCENARIOS = ("exchangeable", "stronger")  # networks without dissociation; "planted" (a known positive) for tests
+YES = "dissociates"  # report.verdict of a row that passes
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the verdict, as the report reaches it
+
+
+def run_verdict(diss_rows: list, result_rows: list) -> dict:
+    """A run's verdict from its dissociation.csv and lesion_results.csv rows, by the report's own functions:
+    {'yes', 'yes_uncorrected', 'fraction', 'rows': the headline fraction's rows, each with 'verdict' and
+    'verdict_uncorrected'}. The correction is filled in where the rows lack it (a sweep's file has it)."""
+    diss = M.corrected_rows(diss_rows, result_rows, force=False)
+    if not diss:
+        return {"yes": False, "yes_uncorrected": False, "fraction": float("nan"), "rows": []}
+    f = report.headline_fraction(r["fraction"] for r in diss)
+    rows = []
+    for r in diss:
+        if abs(float(r["fraction"]) - f) > 1e-6:
+            continue
+        rows.append(dict(r, verdict=report.verdict(r),
+                         verdict_uncorrected=report.verdict(dict(r, p_corrected=r.get("p_index")))))
+    return {"yes": any(r["verdict"] == YES for r in rows),
+            "yes_uncorrected": any(r["verdict_uncorrected"] == YES for r in rows), "fraction": f, "rows": rows}
+
+
+def rate(hits: int, n: int) -> tuple:
+    """(rate, Wilson 95% low, high)."""
+    if n == 0:
+        return float("nan"), float("nan"), float("nan")
+    low, high = report.wilson(hits / n, n)
+    return hits / n, max(0.0, low), min(1.0, high)
+
+
+def fmt_rate(hits: int, n: int) -> str:
+    p, low, high = rate(hits, n)
+    return f"{p:.4f} [{low:.4f}, {high:.4f}] ({hits}/{n})"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. the statistics layer: simulated networks without dissociation
+
+
+def _logit(p):
+    return np.log(p) - np.log1p(-p)
+
+
+def _expit(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def simulate_network(rng: np.random.Generator, n_sites: int = 5, n_rankings: int = 1, repeats: int = 20,
+                     n_images: int = 120, fraction: float = 0.2, scenario: str = "exchangeable",
+                     n_boot: int = 1000, seed: int = 0, chance_level: float = 0.1) -> tuple:
+    """One simulated run without task-specialised filters: (dissociation.csv rows, lesion_results.csv rows of
+    the random lesions), made by lesion_utils.dissociation_rows and lesion_utils._result_rows from per-image
+    outcomes, as the lesion stage makes them from a network's.
+
+    Per task: intact accuracy (a in [0.6, 0.95], b in [0.4, 0.9]; chance 0.1), n_images test images, each correct
+    or not, each with a fragility (standard normal) shared by every site and lesion. Per site: a typical share of
+    correct images a lesion costs (log-uniform in [0.02, 0.6]) and spreads of a lesion's cost, general (both tasks)
+    and per task. Per lesion (each ranking's two targeted lesions and every random one, all alike; scenario
+    'stronger': the targeted ones at 3x the odds, both tasks alike; 'planted', a known positive: each task's targeted
+    lesion at 20x the odds for its own task only): each task's share q of its correct images lost,
+    an image lost when its fragility mixed with fresh noise (correlation 0.5) falls below q's quantile; a wrong
+    image turns right with probability q x chance (a damaged head guessing)."""
+    if scenario not in SCENARIOS + ("planted",):
+        raise ValueError(f"scenario={scenario!r}; expected one of {SCENARIOS + ('planted',)}")
+    from scipy.special import ndtr
+
+    tasks = ["a", "b"]
+    chance = {t: chance_level for t in tasks}
+    accuracy = {"a": rng.uniform(0.6, 0.95), "b": rng.uniform(0.4, 0.9)}
+    intact, fragility = {}, {}
+    for t in tasks:
+        correct = rng.random(n_images) < accuracy[t]
+        if correct.all() or not correct.any():
+            correct[0] = not correct[0]
+        intact[t] = {"correct": correct, "loss": np.zeros(n_images)}
+        fragility[t] = rng.standard_normal(n_images)
+    summary = {t: L._summary(intact[t]) for t in tasks}
+    rho = 0.5
+    rankings = [f"rank{k}" for k in range(n_rankings)]
+    diss, random_rows = [], []
+    for s in range(n_sites):
+        n_filters = 64 * 2 ** min(s, 5)
+        site = L.Site(f"site{s}", None, n_filters, s)
+        typical = _logit(math.exp(rng.uniform(math.log(0.02), math.log(0.6))))
+        spread_general, spread_task = rng.uniform(0.1, 1.0), rng.uniform(0.1, 0.8)
+
+        def lesion(boost: float = 0.0, own: str | None = None) -> dict:
+            general = rng.standard_normal()
+            out = {}
+            for t in tasks:
+                extra = boost if own is None or t == own else 0.0
+                q = _expit(typical + extra + spread_general * general + spread_task * rng.standard_normal())
+                u = ndtr(rho * fragility[t] + math.sqrt(1 - rho * rho) * rng.standard_normal(n_images))
+                lost = intact[t]["correct"] & (u < q)
+                gained = ~intact[t]["correct"] & (rng.random(n_images) < q * chance[t])
+                out[t] = {"correct": (intact[t]["correct"] & ~lost) | gained, "loss": np.zeros(n_images)}
+            return out
+
+        boost = {"exchangeable": 0.0, "stronger": math.log(3.0), "planted": math.log(20.0)}[scenario]
+        chosen = np.arange(int(round(fraction * n_filters)))
+        conditions, results = [], []
+        for method in rankings:
+            for target in tasks:
+                conditions.append((method, target, 0, fraction, chosen))
+                results.append(lesion(boost, target if scenario == "planted" else None))
+        for r in range(repeats):
+            conditions.append(("random", "random", r, fraction, chosen))
+            results.append(lesion())
+            random_rows += L._result_rows(site, "random", "random", r, fraction, len(chosen), results[-1], summary,
+                                          chance, tasks)
+        diss += L.dissociation_rows(site, conditions, results, intact, chance, tasks, n_boot=n_boot, seed=seed)
+    return diss, random_rows
+
+
+def simulate(draws: int = 2000, seed: int = 0, scenario: str = "exchangeable", n_sites: int = 5,
+             n_rankings: int = 1, repeats: int = 20, n_images: int = 120, n_boot: int = 1000,
+             chance_level: float = 0.1) -> dict:
+    """The verdict over `draws` simulated networks without dissociation: {'draws', 'yes', 'yes_uncorrected',
+    'rate', 'rate_uncorrected' ((rate, low, high) each, Wilson 95%), 'min_p_corrected': each draw's smallest
+    corrected p, 'seconds', and the settings}."""
+    rng = np.random.default_rng([seed, 2112])
+    start = time.perf_counter()
+    yes = yes_uncorrected = 0
+    smallest = []
+    for d in range(draws):
+        diss, random_rows = simulate_network(rng, n_sites, n_rankings, repeats, n_images, scenario=scenario,
+                                             n_boot=n_boot, seed=d, chance_level=chance_level)
+        v = run_verdict(diss, random_rows)
+        yes += v["yes"]
+        yes_uncorrected += v["yes_uncorrected"]
+        smallest.append(min(float(r["p_corrected"]) for r in v["rows"]))
+    return {"draws": draws, "yes": yes, "yes_uncorrected": yes_uncorrected, "rate": rate(yes, draws),
+            "rate_uncorrected": rate(yes_uncorrected, draws), "min_p_corrected": smallest,
+            "seconds": time.perf_counter() - start, "scenario": scenario, "n_sites": n_sites,
+            "n_rankings": n_rankings, "repeats": repeats, "n_images": n_images, "chance": chance_level}
+
+
+def describe_simulation(sim: dict) -> str:
+    return (f"simulation ({sim['scenario']}): {sim['draws']} networks without dissociation, {sim['n_sites']} sites x "
+            f"{sim['n_rankings']} ranking(s), {sim['repeats']} random orders, {sim['n_images']} test images per "
+            f"task (chance {sim['chance']:.2f}); verdict yes in {fmt_rate(sim['yes'], sim['draws'])} corrected, "
+            f"{fmt_rate(sim['yes_uncorrected'], sim['draws'])} uncorrected ({sim['seconds']:.0f} s)")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2 and 3. trained networks through the project's own pipeline
+
+
+def base_config(args, seed: int, out_dir: Path) -> dict:
+    """A run's settings: the backbone script's hyperparameters with the benchmark's changes."""
+    import importlib
+
+    import dualtask
+
+    config = dualtask.hyperparameters(vars(importlib.import_module(SCRIPTS[args.backbone])))
+    config.update(backbone=args.backbone, image_size=args.image_size, device="cpu", batch_size=args.batch_size,
+                  epochs=args.epochs, demo_per_class=args.demo_per_class, max_per_class=None,
+                  max_classes=args.classes, health_check="warn", seed=seed, out_dir=str(out_dir),
+                  stages=["train", "lesion"],
+                  lesion_methods=[args.ranking, "random"], lesion_layers=list(args.lesion_layers),
+                  random_repeats=args.repeats, rank_images=args.rank_images, ranking_reliability=False,
+                  lesion_fractions=[0.0, args.fraction], face_data="demo", object_data="demo", tasks=None,
+                  branch_at=None, retrain=False)
+    return config
+
+
+def null_data(args, seed: int, folder: Path) -> dict:
+    """The null's two tasks as cache folders ({task: path}): one demo face set (`--classes` identities), each identity's
+    images of each split dealt alternately to face_a and face_b (`halves`), or the whole set twice
+    (`identical`)."""
+    import vggface2
+
+    paths = {t: folder / f"{args.null}_seed{seed}_{t}" for t in ("face_a", "face_b")}
+    if all((p / "meta.json").exists() for p in paths.values()):
+        return {t: str(p) for t, p in paths.items()}
+    per_class = args.demo_per_class * (2 if args.null == "halves" else 1)
+    data = vggface2.make_demo("faces", n_classes=args.classes, per_class=per_class, image_size=args.image_size,
+                              seed=seed)
+    if args.null == "halves":
+        parts = {"face_a": [], "face_b": []}
+        for label in np.unique(data.labels):
+            for s in np.unique(data.split):
+                idx = np.flatnonzero((data.labels == label) & (data.split == s))
+                parts["face_a"].append(idx[0::2])
+                parts["face_b"].append(idx[1::2])
+        picks = {t: np.sort(np.concatenate(p)) for t, p in parts.items()}
+    else:
+        picks = {t: np.arange(len(data.labels)) for t in paths}
+    for task, idx in picks.items():
+        part = vggface2.TaskData(task, list(data.classes), np.ascontiguousarray(data.images[idx]),
+                                 data.labels[idx].copy(), data.split[idx].copy(),
+                                 source=f"demo:faces ({args.null} null, {task})", native_size=data.native_size,
+                                 label_kind="")
+        part.save(paths[task], overwrite=True)
+    return {t: str(p) for t, p in paths.items()}
+
+
+def settings_tag(args) -> str:
+    """The folder of a configuration's runs: a short hash of every setting their training depends on. The lesion
+    settings are left out: a run swept under other lesion settings keeps its training and sweeps again
+    (dualtask.run starts a sweep over when its settings differ from the earlier sweep's)."""
+    keys = ("backbone", "image_size", "batch_size", "epochs", "demo_per_class", "classes", "branch_at", "null")
+    text = json.dumps({k: getattr(args, k) for k in keys}, sort_keys=True)
+    return ("quick_" if args.quick else "") + hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+def train_and_sweep(config: dict, log: Path) -> float:
+    """dualtask.run(config) with its output in `log`; seconds taken (a finished run is reused)."""
+    import dualtask
+
+    start = time.perf_counter()
+    Path(config["out_dir"]).mkdir(parents=True, exist_ok=True)
+    with open(log, "a", encoding="utf-8") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        print(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')}", flush=True)
+        dualtask.run(config)
+    return time.perf_counter() - start
+
+
+def read_run(out_dir: Path) -> dict:
+    """A finished run's verdict (run_verdict) and intact accuracies, checked against report.summary's sentence."""
+    import html
+    import re
+
+    from common import read_csv, read_json
+
+    results = read_csv(out_dir / "lesion_results.csv")
+    diss = read_csv(out_dir / "dissociation.csv")
+    v = run_verdict(diss, results)
+    config = read_json(out_dir / "config.json")
+    rankings = read_json(out_dir / "rankings.json") if (out_dir / "rankings.json").exists() else {}
+    checkup = read_json(out_dir / "train_health.json") if (out_dir / "train_health.json").exists() else {}
+    page = html.unescape(re.sub(r"<[^>]+>", " ", report.summary(config, {}, results, diss, rankings, checkup)))
+    said = re.search(r"Task-specialised filters: (yes|not shown)", page)
+    v["report_says"] = said.group(1) if said else "?"
+    if said and (said.group(1) == "yes") != v["yes"]:
+        print(f"warning: {out_dir}: report.summary says '{said.group(1)}', run_verdict says yes={v['yes']}",
+              file=sys.stderr)
+    v["intact"] = {t: a for t, (a, _, _) in report.intact_accuracies(results).items()}
+    return v
+
+
+def site_line(r: dict) -> str:
+    return (f"    {r['layer']:<24} {r['method']:<10} index {float(r['index']):7.3f} "
+            f"[{float(r['ci_low']):7.3f}, {float(r['ci_high']):7.3f}]  p {float(r['p_index']):.3f}  "
+            f"p_corr {float(r['p_corrected']):.3f}  {r['verdict']}")
+
+
+def trained(args) -> dict:
+    """Trains (or reuses) and sweeps every null, branched and shared network; returns their verdicts."""
+    root = Path(args.out_root) if args.out_root else BENCH_DIR / settings_tag(args)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "settings.json").write_text(json.dumps(vars(args), indent=1, default=str))
+    print(f"trained networks in {root} (each run's output in its run.log)", flush=True)
+    kinds = [(k, args.branch_at if k == "branched" else None) for k in ("branched", "shared", "null")
+             if k in args.kinds]
+    out = {k: [] for k in ("branched", "shared", "null")}
+    for seed in args.seeds:
+        for kind, branch_at in kinds:
+            out_dir = root / f"{kind}_seed{seed}"
+            config = base_config(args, seed, out_dir)
+            if kind == "null":
+                config["tasks"] = null_data(args, seed, root / "data")
+            else:
+                config["branch_at"] = branch_at
+            seconds = train_and_sweep(config, out_dir / "run.log")
+            v = read_run(out_dir)
+            v.update(seed=seed, kind=kind, seconds=seconds, out_dir=str(out_dir))
+            out[kind].append(v)
+            acc = ", ".join(f"{t} {a:.3f}" for t, a in v["intact"].items())
+            print(f"{kind} seed {seed}: {seconds:.0f} s; intact test accuracy {acc} (chance {1 / args.classes:.3f}); "
+                  f"verdict {'yes' if v['yes'] else 'not shown'} (report: {v['report_says']}), uncorrected "
+                  f"{'yes' if v['yes_uncorrected'] else 'no'}", flush=True)
+            for r in v["rows"]:
+                print(site_line(r), flush=True)
+    return out
+
+
+def site_power(runs: list, depths: set, key: str = "verdict") -> tuple:
+    """(dissociating sites, sites) over runs at the given depths: a site dissociates when any ranking's row there
+    does (key: 'verdict', or 'verdict_uncorrected' for the verdict before the correction)."""
+    hits = n = 0
+    for v in runs:
+        by_site = {}
+        for r in v["rows"]:
+            if int(r["depth"]) in depths:
+                by_site[r["layer"]] = by_site.get(r["layer"], False) or r[key] == YES
+        hits += sum(by_site.values())
+        n += len(by_site)
+    return hits, n
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def parse(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    literal = ast.literal_eval
+    parser.add_argument("--quick", action="store_true", help="smoke test of every part (under 2 minutes)")
+    parser.add_argument("--seeds", type=literal, default=None, help="training seeds, e.g. \"[0, 1, 2]\"")
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--draws", type=int, default=None, help="simulated networks per scenario (2000)")
+    parser.add_argument("--sim_only", action="store_true", help="the statistics layer alone")
+    parser.add_argument("--sim_sites", type=int, default=None, help="sites per simulated network (as lesioned)")
+    parser.add_argument("--sim_rankings", type=int, default=1, help="targeted rankings per simulated network")
+    parser.add_argument("--sim_images", type=int, default=None, help="test images per task (as trained)")
+    parser.add_argument("--backbone", default="resnet50", choices=sorted(SCRIPTS))
+    parser.add_argument("--image_size", type=int, default=32)
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--demo_per_class", type=int, default=None, help="demo images per class and task")
+    parser.add_argument("--classes", type=int, default=None, help="classes per task (max_classes)")
+    parser.add_argument("--kinds", type=literal, default=["branched", "shared", "null"],
+                        help="which trained networks: branched, shared, null")
+    parser.add_argument("--branch_at", type=int, default=12, help="site depth of the branch point")
+    parser.add_argument("--lesion_layers", type=literal, default=None)
+    parser.add_argument("--ranking", default="taylor", choices=["taylor", "loss", "activation"],
+                        help="the targeted ranking (taylor fits the time budget, loss has the power: see the "
+                             "module's docstring)")
+    parser.add_argument("--repeats", type=int, default=None, help="random orders (20: corrected p can reach 1/21)")
+    parser.add_argument("--rank_images", type=int, default=None)
+    parser.add_argument("--fraction", type=float, default=0.2)
+    parser.add_argument("--null", default="halves", choices=["halves", "identical"])
+    parser.add_argument("--seed", type=int, default=0, help="seed of the simulation")
+    parser.add_argument("--out_root", default=None, help="folder of the trained runs (default: "
+                        ".bench/verdict_calibration/<hash of the training settings>)")
+    args = parser.parse_args(argv)
+    quick = dict(seeds=[0], epochs=1, draws=40, demo_per_class=10, classes=5, lesion_layers=[12, 16], repeats=20,
+                 rank_images=4)
+    full = dict(seeds=[0, 1, 2], epochs=4, draws=2000, demo_per_class=200, classes=5,
+                lesion_layers=[4, 8, 13, 14, 16], repeats=20, rank_images=32)
+    for key, value in (quick if args.quick else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.sim_sites is None:
+        args.sim_sites = len(args.lesion_layers)
+    if args.sim_images is None:  # a demo task's test images: 20% of each of its classes
+        args.sim_images = args.classes * round(0.2 * args.demo_per_class)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    start = time.perf_counter()
+    print(f"verdict calibration: {'quick' if args.quick else 'full'} run; settings {vars(args)}", flush=True)
+    sims = {}
+    for scenario in SCENARIOS:  # the robustness scenario with half the draws
+        draws = args.draws if scenario == "exchangeable" else max(1, args.draws // 2)
+        sims[scenario] = simulate(draws, args.seed, scenario, args.sim_sites, args.sim_rankings, args.repeats,
+                                  args.sim_images, chance_level=1.0 / args.classes)
+        print(describe_simulation(sims[scenario]), flush=True)
+    runs = None if args.sim_only else trained(args)
+
+    print(f"\nwall time {time.perf_counter() - start:.0f} s", flush=True)
+    sim = sims["exchangeable"]
+    print("false_positive_rate_sim_stronger_targeted: " + fmt_rate(sims["stronger"]["yes"], sims["stronger"]["draws"])
+          + " (simulation, targeted lesions 3x as costly to both tasks; uncorrected "
+          + fmt_rate(sims["stronger"]["yes_uncorrected"], sims["stronger"]["draws"]) + ")")
+    if runs is not None:
+        nulls = runs["null"]
+        yes = sum(v["yes"] for v in nulls)
+        yes_u = sum(v["yes_uncorrected"] for v in nulls)
+        print(f"false_positive_rate_trained: {fmt_rate(yes, len(nulls))} (trained null networks: {args.null}, "
+              f"{args.backbone}, one verdict per network)")
+        print(f"false_positive_rate_trained_uncorrected: {fmt_rate(yes_u, len(nulls))}")
+        post = {d for d in args.lesion_layers if isinstance(d, int) and d > args.branch_at}
+        hits, n = site_power(runs["branched"], post)
+        hits_s, n_s = site_power(runs["shared"], post)
+        hits_u, _ = site_power(runs["branched"], post, "verdict_uncorrected")
+        print(f"power_uncorrected: {fmt_rate(hits_u, n)} (branched networks, before the correction)")
+    print(f"false_positive_rate: {fmt_rate(sim['yes'], sim['draws'])} (simulation, corrected verdict, "
+          f"{sim['n_sites']} sites x {sim['n_rankings']} ranking(s), R={sim['repeats']})")
+    print(f"false_positive_rate_uncorrected: {fmt_rate(sim['yes_uncorrected'], sim['draws'])} (simulation, "
+          f"before the correction)")
+    if runs is not None:
+        print(f"power: {fmt_rate(hits, n)} (branched at depth {args.branch_at}, post-branch sites "
+              f"{sorted(post)} x {len(args.seeds)} seed(s), corrected verdict)")
+        print(f"power_shared: {fmt_rate(hits_s, n_s)} (the same sites of the fully shared networks)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

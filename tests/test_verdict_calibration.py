@@ -1,0 +1,92 @@
+"""benchmarks/verdict_calibration.py: the statistics-layer simulation in-process (seconds), and the --quick mode as
+a user runs it (three tiny networks, about 20 s)."""
+import html
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import verdict_calibration as V  # noqa: E402
+
+import report  # noqa: E402
+
+
+def test_simulation_returns_rates_in_range_with_wilson_intervals():
+    for scenario in V.SCENARIOS:
+        sim = V.simulate(draws=12, seed=1, scenario=scenario, n_sites=3, repeats=20, n_images=60, n_boot=200)
+        assert sim["draws"] == 12 and 0 <= sim["yes"] <= sim["yes_uncorrected"] <= 12
+        for key in ("rate", "rate_uncorrected"):
+            p, low, high = sim[key]
+            assert 0.0 <= low <= p <= high <= 1.0
+        assert len(sim["min_p_corrected"]) == 12
+        # the corrected p of one ranking with 20 random orders cannot go below 1/21
+        assert min(sim["min_p_corrected"]) >= 1 / 21 - 1e-4
+        assert scenario in V.describe_simulation(sim)
+
+
+def test_simulated_rows_are_the_lesion_stages_and_the_verdict_is_the_reports():
+    """Each simulated network gives dissociation.csv's and lesion_results.csv's rows; run_verdict says yes exactly
+    when report.summary's first sentence does, for networks without dissociation and with a planted one."""
+    rng = np.random.default_rng(5)
+    seen = set()
+    for k in range(8):
+        scenario = "planted" if k % 2 else "exchangeable"
+        diss, results = V.simulate_network(rng, n_sites=3, n_rankings=1, repeats=20, n_images=80,
+                                           scenario=scenario, n_boot=200, seed=k)
+        assert len(diss) == 3 and {r["method"] for r in diss} == {"rank0"}
+        assert {r["method"] for r in results} == {"random"} and len(results) == 3 * 20 * 2
+        verdict = V.run_verdict(diss, results)
+        assert all(r["correction"] == "max-statistic" for r in verdict["rows"])
+        intact = [{"layer": "site0", "eval_task": t, "intact_accuracy": results[i]["intact_accuracy"],
+                   "n_images": 80, "chance": "0.1000"} for i, t in ((0, "a"), (20, "b"))]
+        config = {"seed": 0, "lesion_methods": ["rank0", "random"], "random_repeats": 20}
+        page = html.unescape(re.sub(r"<[^>]+>", " ", report.summary(config, {}, intact + results, diss, {})))
+        said = re.search(r"Task-specialised filters: (yes|not shown)", page).group(1)
+        assert (said == "yes") == verdict["yes"]
+        seen.add(verdict["yes"])
+        if verdict["yes"]:
+            assert verdict["yes_uncorrected"]  # the correction only ever removes a yes
+    assert seen == {True, False}  # the planted networks pass, so both answers were checked
+
+
+def test_main_prints_the_headline_lines_last(capsys):
+    assert V.main(["--sim_only", "--draws=6", "--sim_sites=2", "--sim_images=40"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-2].startswith("false_positive_rate: ") and lines[-1].startswith("false_positive_rate_uncorrected: ")
+    value = re.match(r"false_positive_rate: ([0-9.]+) \[([0-9.]+), ([0-9.]+)\]", lines[-2])
+    p, low, high = map(float, value.groups())
+    assert 0.0 <= low <= p <= high <= 1.0
+
+
+def test_fmt_rate_and_site_power():
+    assert V.fmt_rate(1, 20).startswith("0.0500 [0.0089, 0.2361]")
+    rows = [{"layer": "branch:x", "depth": 14, "verdict": V.YES}, {"layer": "branch:y", "depth": 16,
+                                                                   "verdict": "no dissociation (interval includes 0)"},
+            {"layer": "z", "depth": 4, "verdict": V.YES}]
+    assert V.site_power([{"rows": rows}], {14, 16}) == (1, 2)
+
+
+@pytest.mark.slow  # about 20 s alone, minutes on a busy machine: three tiny trainings and sweeps
+def test_quick_mode_runs_end_to_end(tmp_path):
+    """The smoke test as a user runs it (three networks of 2 training steps each, two sites): about 20 s with one
+    OpenMP thread, which it is given; with two, on 2 cores that other jobs share, it took 2 minutes (threads
+    waiting on each other)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "verdict_calibration.py"), "--quick",
+                           f"--out_root={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    last = done.stdout.strip().splitlines()[-4:]
+    assert [line.split(":")[0] for line in last] == ["false_positive_rate", "false_positive_rate_uncorrected",
+                                                      "power", "power_shared"]
+    for line in last:
+        p = float(line.split(":")[1].split()[0])
+        assert 0.0 <= p <= 1.0
+    for kind in ("branched", "shared", "null"):  # each an ordinary run of the pipeline, swept
+        assert (tmp_path / f"{kind}_seed0" / "dissociation.csv").exists()
+        assert f"{kind} seed 0:" in done.stdout
