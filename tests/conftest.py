@@ -39,3 +39,16 @@ TINY = ["--face_data=demo", "--object_data=demo", "--image_size=32", "--epochs=1
 # the lesion methods of the README demo, on two sites and few images so that a test stays quick
 TINY_LESION = ["--lesion_methods=['activation', 'loss', 'random']", "--lesion_layers=[0, -1]", "--random_repeats=3",
                "--rank_images=8", "--stimulus_steps=10"]
+
+
+def torchrun_tiny(out_dir, port: int, *args, script: str = "ResNet.py"):
+    """A tiny run (TINY, training and lesion stages, activation and random rankings) under torchrun with 2 CPU
+    processes (gloo, one thread each); returns the CompletedProcess."""
+    import subprocess
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                           str(ROOT / script), *TINY, "--lesion_methods=['activation', 'random']",
+                           "--random_repeats=2", "--rank_images=8", f"--out_dir={out_dir}",
+                           "--stages=['train', 'lesion']", *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)

@@ -223,19 +223,10 @@ def test_branching_costs_are_read_against_the_least_shared_network():
 def test_a_branched_network_trains_and_sweeps_under_torchrun(tmp_path):
     """DistributedDataParallel over a branched network (every copy takes part in every step's loss, so no
     parameter goes unused) and the sites shared out across 2 CPU processes, post-branch pairs included."""
-    import os
-    import subprocess
-    import sys
-
-    from conftest import ROOT, TINY
+    from conftest import torchrun_tiny
 
     out = tmp_path / "ddp"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541",
-                        str(ROOT / "ResNet.py"), *TINY, "--branch_at=14", "--lesion_layers=[14, 16]",
-                        "--lesion_methods=['activation', 'random']", "--random_repeats=2", "--rank_images=8",
-                        f"--out_dir={out}", "--stages=['train', 'lesion']"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    p = torchrun_tiny(out, 29541, "--branch_at=14", "--lesion_layers=[14, 16]")
     assert p.returncode == 0, p.stderr[-3000:]
     assert "sites shared out across 2 processes" in p.stdout
     state = torch.load(out / "checkpoint.pt", weights_only=True)

@@ -1,9 +1,6 @@
 """Every GPU-only branch taken on the CPU (common.py, "What differs on a GPU"): common's policy functions are
 patched to give CUDA's answers, and the results the README calls equal are checked on those paths."""
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,7 +11,7 @@ import common
 import dualtask
 import lesion_utils as L
 import vggface2
-from conftest import ROOT, TINY
+from conftest import torchrun_tiny
 from test_greedy import RandomNet, random_batches, top
 from test_pipeline import read_rows, tiny_config
 from test_planted import PlantedNet, planted_batches
@@ -276,12 +273,7 @@ def test_a_joint_head_trains_and_sweeps_under_torchrun(tmp_path):
     """DistributedDataParallel over one joint output layer (the other head layouts: tests/test_pipeline.py's
     split heads, tests/test_branches.py's branched network), gloo on 2 CPU processes."""
     out = tmp_path / "ddp"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29547",
-                        str(ROOT / "ResNet.py"), *TINY, "--head=joint", "--lesion_layers=[15, 16]",
-                        "--lesion_methods=['activation', 'random']", "--random_repeats=2", "--rank_images=8",
-                        f"--out_dir={out}", "--stages=['train', 'lesion']"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    p = torchrun_tiny(out, 29547, "--head=joint", "--lesion_layers=[15, 16]")
     assert p.returncode == 0, p.stderr[-3000:]
     assert "sites shared out across 2 processes" in p.stdout
     state = torch.load(out / "checkpoint.pt", weights_only=True)
