@@ -45,8 +45,8 @@ def check_experiment(config: dict) -> None:
     if not (isinstance(controls, list) and all(c in CONTROLS for c in controls)):
         raise UsageError(f"controls={controls!r}; expected a list of names from {list(CONTROLS)}")
     points = config.get("branch_points")
-    if points is not None and not (isinstance(points, list) and points and all(
-            p is None or dualtask.SETTINGS["branch_at"][0](p) for p in points) and len(set(map(repr, points))) == len(points)):
+    if points is not None and not (isinstance(points, list) and points and len(set(map(repr, points))) == len(points)
+                                   and all(p is None or dualtask.SETTINGS["branch_at"][0](p) for p in points)):
         raise UsageError(f"branch_points={points!r}; expected None or a list of distinct branch points (None = fully "
                          f"shared, a site depth or module path), e.g. [None, 4, 8, 12]")
     if points is not None:  # every branch point names a site of this backbone, before anything is trained
