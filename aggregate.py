@@ -23,7 +23,7 @@ import inspection
 import lesion_utils
 import multiple_testing
 import report
-from common import UsageError, read_csv, read_json, write_csv, write_text
+from common import UsageError, number, read_csv, read_json, write_csv, write_text
 
 N_BOOT = 1000  # hierarchical bootstrap draws
 ALPHA = report.ALPHA
@@ -171,8 +171,8 @@ def role_statistics(role_runs: list, rng) -> dict:
             entry["seeds"].append(run["seed"])
             entry["points"].append(point)
             entry["draws"].append(draws.reshape(N_BOOT, slots))
-            entry["p_index"].append(report._num(row["p_index"]))
-            entry["matched"].append(report._num(row.get("matched_index")))
+            entry["p_index"].append(number(row["p_index"]))
+            entry["matched"].append(number(row.get("matched_index")))
     stats = {}
     for key, e in by_key.items():
         boot = hierarchical_bootstrap([d[:, :len(e["draws"])] for d in e["draws"]], rng)
@@ -194,7 +194,7 @@ def holm_family(rows: list, keys) -> list:
     orders, so no joint null is at hand and Holm's step-down controls the family-wise error under any
     dependence): [{key: adjusted p}] in the rows' order, NaN where the row has no p-value for a key."""
     keys = list(keys)
-    flat = multiple_testing.holm([report._num(r.get(k)) for r in rows for k in keys])
+    flat = multiple_testing.holm([number(r.get(k)) for r in rows for k in keys])
     return [dict(zip(keys, flat[i * len(keys):(i + 1) * len(keys)])) for i in range(len(rows))]
 
 
@@ -305,7 +305,7 @@ def verdict(rows: list, roles_run: set, n_seeds: int, repeats: int, void_resolut
                 "ranking or no fraction above 0): this experiment cannot say whether task-specialised filters "
                 "emerged.", "", [], [])
     f = figures.headline_fraction(r["fraction"] for r in real)
-    real = [r for r in real if abs(report._num(r["fraction"]) - f) < 1e-6]
+    real = [r for r in real if abs(number(r["fraction"]) - f) < 1e-6]
     tests = [("random lesions", "p_random")] + [(name, f"p_vs_{c}") for c, name in
                                                  (("pseudo_task", "pseudo-tasks"),
                                                   ("resolution_matched", "resolution-matched training"))
@@ -321,7 +321,7 @@ def verdict(rows: list, roles_run: set, n_seeds: int, repeats: int, void_resolut
                   "with no p-value to correct (no random lesions)")
 
     def beyond(r, key):  # a control without results at the site cannot be beaten there
-        return report._num(r["ci_low"]) > 0 and adjusted[id(r)][key] < ALPHA
+        return number(r["ci_low"]) > 0 and adjusted[id(r)][key] < ALPHA
 
     passing = [r for r in real if all(beyond(r, k) for _, k in tests)]
     methods = _methods(real)
@@ -375,8 +375,8 @@ def verdict(rows: list, roles_run: set, n_seeds: int, repeats: int, void_resolut
         caveats.append(f"random_repeats={repeats}: each seed's p-value against random lesions cannot go below "
                        f"{floor:.3f}; Fisher's combination over {n_seeds} seed(s) may still not reach p < {ALPHA}. "
                        f"Use random_repeats={report.repeats_needed()} or more.")
-    lost = [r for r in real if report._num(r["ci_low"]) > 0 and r not in passing and
-            all(report._num(r.get(k)) < ALPHA for _, k in tests)]
+    lost = [r for r in real if number(r["ci_low"]) > 0 and r not in passing and
+            all(number(r.get(k)) < ALPHA for _, k in tests)]
     if lost:
         caveats.append(f"{len(lost)} site x ranking pair(s) pass every comparison at p < {ALPHA} uncorrected but not "
                        f"after Holm's correction for the {n_tests} tests: " + "; ".join(
@@ -390,8 +390,8 @@ def _methods(rows: list) -> list:
 
 
 def _accuracy_caveats(accuracy: list) -> list:
-    weak = [r for r in accuracy if report._num(r["accuracy"]) - report._num(r["chance"]) < report.NEAR_CHANCE
-            or report._num(r["ci_low"]) <= report._num(r["chance"])]
+    weak = [r for r in accuracy if number(r["accuracy"]) - number(r["chance"]) < report.NEAR_CHANCE
+            or number(r["ci_low"]) <= number(r["chance"])]
     if not weak:
         return []
     return ["Heads near chance (their lesion effects mean little): " + "; ".join(

@@ -170,6 +170,14 @@ def load_checkpoint(path: Path, device="cpu", mmap: bool = False) -> dict:
 # logs and devices
 
 
+def number(value) -> float:
+    """A number read from a CSV cell or a JSON value; NaN where it is empty or not a number."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
 def format_seconds(seconds: float) -> str:
     """'4.2 s', '3 min 05 s', '1 h 02 min': durations as a person reads them in a log."""
     if seconds < 59.95:

@@ -902,9 +902,9 @@ LESION_COLUMNS = ("layer", "depth", "n_filters", "target", "method", "fraction",
                   "beyond_greedy_stop")
 # beyond_greedy_stop: 1 on a greedy lesion silencing filters past those the greedy steps chose (just past
 # greedy_stop of the site): they follow in the order of the last step's scores; 0 on every other row
-# p_corrected, correction: p_index corrected for every site x ranking at the row's fraction, and how
-# (multiple_testing.corrected_rows); written once the sweep's last site is done, computed by the report if absent
-# an earlier sweep's files may lack these: they are filled in
+# an earlier sweep's files may lack these: they are filled in. p_corrected, correction: p_index corrected for every
+# site x ranking at the row's fraction, and how (multiple_testing.corrected_rows); written once the sweep's last
+# site is done, computed by the report where absent
 ADDED_LESION_COLUMNS = ("beyond_greedy_stop", "p_corrected", "correction")
 DISSOCIATION_COLUMNS = ("layer", "depth", "method", "fraction", "task_a", "task_b", "index", "ci_low", "ci_high",
                         "p_index", "p_corrected", "correction", "drop_a_by_a", "drop_a_by_b", "drop_b_by_b",
@@ -934,16 +934,8 @@ def lesion_conditions(site: Site, rankings: dict, fractions, keep_only: bool = F
     return conditions
 
 
-def random_pair_indices(drop_a: np.ndarray, drop_b: np.ndarray) -> np.ndarray:
-    """The dissociation index's null: indices built from two random lesions, random order r standing for the
-    task-a filters and order r+1 (cyclically) for the task-b filters. One null value per random order, so that
-    the smallest p-value, 1/(R+1) for R orders, is what R independent draws allow (all R(R-1) ordered pairs
-    would reuse each order many times and promise a precision the R draws do not have)."""
-    drop_a, drop_b = np.asarray(drop_a, dtype=float), np.asarray(drop_b, dtype=float)
-    if len(drop_a) < 2:
-        return np.array([])
-    nxt = np.roll(np.arange(len(drop_a)), -1)
-    return drop_a - drop_a[nxt] + drop_b[nxt] - drop_b
+# the index's null: one index per random order, order r as the task-a filters and order r+1 as the task-b ones
+random_pair_indices = multiple_testing.pair_null
 
 
 def dissociation_rows(site: Site, conditions: list, results: list, intact: dict, chance: dict, tasks: list,

@@ -2,7 +2,7 @@
 random lesions give by chance at the best of them.
 
 A run tests the dissociation index of every site x ranking against random-lesion pairs (`p_index` in
-dissociation.csv, one null index per random order, `lesion_utils.random_pair_indices`). Uncorrected, a network
+dissociation.csv, one null index per random order, `pair_null`). Uncorrected, a network
 without task-specialised filters passes at some site far more often than 5% of the time: about 20% for 5
 sites and 1 ranking, about 40% for 5 sites and 2 rankings (tests/test_multiple_testing.py simulates it).
 
@@ -26,7 +26,7 @@ The correction (`corrected_rows`), per lesion fraction, over the family of every
   lesion_results.csv without a site's random drops), Holm's step-down on the per-site p_index over the family;
   its floor is N/(R+1) for N tests. The `correction` column says which, and why.
 
-It imports nothing of the project: the report and the lesion stage call it on a run's files (lesion_results.csv's
+It imports only common.py of the project: the report and the lesion stage call it on a run's files (lesion_results.csv's
 random drops and dissociation.csv's indices), so it also corrects runs swept before it existed.
 """
 from __future__ import annotations
@@ -35,16 +35,11 @@ import math
 
 import numpy as np
 
+from common import number as _num
+
 ALPHA = 0.05
 MAX_STATISTIC, HOLM = "max-statistic", "holm"
 TIE = 1e-9  # z values this close count as equal (at least as large), as the uncorrected p-value counts ties
-
-
-def _num(value) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return float("nan")
 
 
 def holm(p_values) -> np.ndarray:
@@ -63,8 +58,11 @@ def holm(p_values) -> np.ndarray:
 
 
 def pair_null(drop_a, drop_b) -> np.ndarray:
-    """One null index per random order r: order r as the a-filters, order r+1 (cyclically) as the b-filters; the
-    same pairing as lesion_utils.random_pair_indices (kept here so that this module imports nothing above it)."""
+    """The dissociation index's null (lesion_utils.random_pair_indices is this function): indices built from two
+    random lesions, random order r standing for the task-a filters and order r+1 (cyclically) for the task-b
+    filters. One null value per random order, so that the smallest p-value, 1/(R+1) for R orders, is what R
+    independent draws allow (all R(R-1) ordered pairs would reuse each order many times and promise a precision
+    the R draws do not have)."""
     drop_a, drop_b = np.asarray(drop_a, dtype=float), np.asarray(drop_b, dtype=float)
     if len(drop_a) < 2:
         return np.array([])

@@ -14,7 +14,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from common import exit_on_damaged_files, read_csv, read_json, write_text
+from common import exit_on_damaged_files, number as _num, read_csv, read_json, write_text
 import health
 import multiple_testing
 from figures import headline_fraction, stimuli_file
@@ -117,13 +117,6 @@ def intact_accuracies(lesion_rows: list) -> dict:
     return intact
 
 
-def _num(value) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return float("nan")
-
-
 def _ci(row: dict) -> str:
     index, low, high = _num(row["index"]), _num(row["ci_low"]), _num(row["ci_high"])
     if not math.isfinite(index):
@@ -156,11 +149,8 @@ def verdict(row: dict) -> str:
 
 
 def repeats_needed(alpha: float = ALPHA) -> int:
-    """The fewest random repeats R whose smallest p-value, 1/(R+1), is below alpha."""
-    r = 1
-    while 1 / (r + 1) >= alpha:
-        r += 1
-    return r
+    """The fewest random repeats R whose smallest p-value, 1/(R+1), is below alpha (one ranking, one site)."""
+    return multiple_testing.repeats_needed(1, alpha)
 
 
 def _names(sites: list) -> str:
