@@ -358,9 +358,12 @@ def branching_figure(points: list, path: Path) -> Path:
     separate single-task networks), one line per task with its 95% Wilson interval, chance dashed.
     points: [{'task', 'shared_sites', 'accuracy', 'ci_low', 'ci_high', 'chance'}]."""
     _style()
-    df = pd.DataFrame(points).sort_values("shared_sites")
+    df = pd.DataFrame(points)
+    tasks = list(dict.fromkeys(df["task"]))  # the run's task order: each task keeps its colour of the other figures
+    df = df.sort_values("shared_sites")
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for colour, (task, sub) in zip(sns.color_palette(PALETTE), df.groupby("task", sort=False)):
+    for colour, task in zip(sns.color_palette(PALETTE), tasks):
+        sub = df[df["task"] == task]
         ax.errorbar(sub["shared_sites"], sub["accuracy"], yerr=[sub["accuracy"] - sub["ci_low"],
                                                                  sub["ci_high"] - sub["accuracy"]],
                     marker="o", capsize=3, color=colour, label=task)
