@@ -370,7 +370,7 @@ def verdict(rows: list, roles_run: set, n_seeds: int, repeats: int, void_resolut
         caveats.append(f"{n_seeds} seed(s) per role: the hierarchical bootstrap resamples only these, so its "
                        f"intervals and the p-values against the controls understate the spread between networks; "
                        f"{FEW_SEEDS} or more seeds make them trustworthy.")
-    floor = 1 / (repeats + 1) if repeats else 1.0
+    floor = 1 / (repeats + 2) if repeats else 1.0  # p_index's: multiple_testing.pair_null's ring
     if floor >= ALPHA:
         caveats.append(f"random_repeats={repeats}: each seed's p-value against random lesions cannot go below "
                        f"{floor:.3f}; Fisher's combination over {n_seeds} seed(s) may still not reach p < {ALPHA}. "

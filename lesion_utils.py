@@ -904,10 +904,12 @@ LESION_COLUMNS = ("layer", "depth", "n_filters", "target", "method", "fraction",
 # greedy_stop of the site): they follow in the order of the last step's scores; 0 on every other row
 # an earlier sweep's files may lack these: they are filled in. p_corrected, correction: p_index corrected for every
 # site x ranking at the row's fraction, and how (multiple_testing.corrected_rows); written once the sweep's last
-# site is done, computed by the report where absent
-ADDED_LESION_COLUMNS = ("beyond_greedy_stop", "p_corrected", "correction")
+# site is done, computed by the report where absent; index_null: "ring" where p_index, null_low and null_high come
+# from the closed ring of lesions (multiple_testing.pair_null), absent in a sweep made before it (the report then
+# makes them again from lesion_results.csv's drops)
+ADDED_LESION_COLUMNS = ("beyond_greedy_stop", "p_corrected", "correction", "index_null")
 DISSOCIATION_COLUMNS = ("layer", "depth", "method", "fraction", "task_a", "task_b", "index", "ci_low", "ci_high",
-                        "p_index", "p_corrected", "correction", "drop_a_by_a", "drop_a_by_b", "drop_b_by_b",
+                        "p_index", "p_corrected", "correction", "index_null", "drop_a_by_a", "drop_a_by_b", "drop_b_by_b",
                         "drop_b_by_a", "p_a_by_a", "p_b_by_b", "random_drop_a", "random_drop_b", "n_random",
                         "null_low", "null_high", "matched_index", "matched_ci_low", "matched_ci_high", "matched_p_index", "beyond_greedy_stop")
 PER_CLASS_COLUMNS = ("layer", "method", "target", "repeat", "fraction", "eval_task", "class", "accuracy",
@@ -934,7 +936,7 @@ def lesion_conditions(site: Site, rankings: dict, fractions, keep_only: bool = F
     return conditions
 
 
-# the index's null: one index per random order, order r as the task-a filters and order r+1 as the task-b ones
+# the index's null: the other pairs of the closed ring (targeted a, targeted b, random order 1, ..., R), R + 1 indices
 random_pair_indices = multiple_testing.pair_null
 
 
@@ -944,8 +946,8 @@ def dissociation_rows(site: Site, conditions: list, results: list, intact: dict,
     [drop_a(a-filters) - drop_a(b-filters)] + [drop_b(b-filters) - drop_b(a-filters)] of chance-corrected
     accuracy drops, its 95% bootstrap interval over test images, and where random lesions of the same size
     place it (empirical p-values: the targeted lesion's own-task drop against the random lesions' drops, and
-    the index against indices made of two random lesions, `random_pair_indices`, whose range is null_low to
-    null_high).
+    the index against the other pairs of a closed ring of the two targeted and the random lesions,
+    `random_pair_indices`, whose range is null_low to null_high).
 
     paired: the two tasks are scored on the same test images, in the same order (tasks that share their images):
     each bootstrap resample then draws the same images for both, keeping the correlation of an image's two
@@ -982,7 +984,7 @@ def dissociation_rows(site: Site, conditions: list, results: list, intact: dict,
         null = np.asarray(null, dtype=float)
         if not len(null) or not np.isfinite(value) or not np.isfinite(null).all():
             return float("nan")
-        return (1 + int(np.sum(null >= value))) / (len(null) + 1)
+        return (1 + int(np.sum(null >= value - 1e-9 * max(1.0, abs(value))))) / (len(null) + 1)  # float ties count
 
     rows = []
     for method in [m for m in dict.fromkeys(m for m, *_ in conditions) if m != "random"]:
@@ -996,7 +998,7 @@ def dissociation_rows(site: Site, conditions: list, results: list, intact: dict,
                     boot_drop(res_b[b]["correct"], b) - boot_drop(res_a[b]["correct"], b))
             rand = [by_key[("random", "random", r, f)] for r in repeats if ("random", "random", r, f) in by_key]
             rand_drop = {e: np.array([drop(r[e]["correct"], e) for r in rand]) for e in (a, b)}
-            null = random_pair_indices(rand_drop[a], rand_drop[b])
+            null = random_pair_indices(rand_drop[a], rand_drop[b], (d[a, a], d[b, a]), (d[a, b], d[b, b]))
             rows.append({
                 "layer": site.name, "depth": site.depth, "method": method, "fraction": _fraction_key(f),
                 "task_a": a, "task_b": b, "index": f"{index:.4f}",
@@ -1009,6 +1011,7 @@ def dissociation_rows(site: Site, conditions: list, results: list, intact: dict,
                 "random_drop_b": f"{rand_drop[b].mean() if len(rand) else float('nan'):.4f}", "n_random": len(rand),
                 "null_low": f"{np.min(null) if len(null) else float('nan'):.4f}",
                 "null_high": f"{np.max(null) if len(null) else float('nan'):.4f}",
+                "index_null": multiple_testing.RING if len(null) else "",
                 "beyond_greedy_stop": beyond_greedy_stop(method, f, site.n_filters, greedy_stop),
             })
     return rows

@@ -149,7 +149,7 @@ def verdict(row: dict) -> str:
 
 
 def repeats_needed(alpha: float = ALPHA) -> int:
-    """The fewest random repeats R whose smallest p-value, 1/(R+1), is below alpha (one ranking, one site)."""
+    """The fewest random repeats R whose smallest p_index, 1/(R+2), is below alpha (one ranking, one site)."""
     return multiple_testing.repeats_needed(1, alpha)
 
 
@@ -379,7 +379,7 @@ def _random_caveats(diss: list, config: dict) -> list:
         return [f"{repeats} random repeat: the index's null needs at least two random lesions; no p-value for "
                 f"the index exists. A corrected p < {ALPHA} over {k} ranking(s) needs random_repeats={need}."]
     floor = multiple_testing.smallest_corrected_p(repeats, k, n_tests)
-    formula = f"{n_tests if holm else k}/({repeats}+1) = {floor:.3f}"
+    formula = f"{n_tests if holm else k}/({repeats}+2) = {floor:.3f}"
     how = (f"Holm's method over {n_tests} tests" if holm else "the max-statistic over the sites" +
            (f", Bonferroni over {k} rankings" if k > 1 else ""))
     if floor >= ALPHA - 1e-12:
@@ -580,10 +580,11 @@ def _dissociation_table(rows: list) -> str:
         table.append(row)
     text = (f"<p class='what'>At {f:.0%} lesions. drop_X_by_Y: the chance-corrected drop of task X when the "
             f"filters ranked most important for task Y are silenced. p_index: the share of random-lesion pairs "
-            f"whose index is at least as large (one-sided, with R random orders the smallest is 1/(R+1)); "
+            f"whose index is at least as large: the other pairs of a ring of the two targeted and the R random lesions "
+            f"(one-sided; the smallest is 1/(R+2)); "
             f"p_corrected: p_index corrected for every site and ranking at this fraction "
-            f"({_correction_how(keep)}); p_X_by_X: the same as p_index for the targeted task's own drop among "
-            f"random lesions (uncorrected).</p>")
+            f"({_correction_how(keep)}); p_X_by_X: the share of random lesions that cost the targeted task at "
+            f"least as much (uncorrected; the smallest is 1/(R+1)).</p>")
     return text + _table(table, ["site", "depth", "ranking", "index [95% CI]", "random pairs", "p_index",
                                  "p_corrected", *names.values()], wide=True)
 

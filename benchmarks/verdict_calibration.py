@@ -386,7 +386,7 @@ def site_line(r: dict) -> str:
 
 def trained(args) -> dict:
     """Trains (or reuses) and sweeps every null, branched and shared network; returns their verdicts."""
-    root = Path(args.out_root) if args.out_root else BENCH_DIR / settings_tag(args)
+    root = Path(args.out_root).resolve() if args.out_root else BENCH_DIR / settings_tag(args)
     root.mkdir(parents=True, exist_ok=True)
     (root / "settings.json").write_text(json.dumps(vars(args), indent=1, default=str))
     print(f"trained networks in {root} (each run's output in its run.log)", flush=True)

@@ -12,10 +12,17 @@ import report
 
 
 def diss_row(layer, method, index, p_index, ci_low=0.1, n_random=20, fraction="0.2000"):
+    """A dissociation.csv row whose drops make its index: each task's own filters cost it index/2, the other's 0."""
     return {"layer": layer, "depth": int(layer[1:]), "method": method, "fraction": fraction, "task_a": "face",
             "task_b": "object", "index": f"{index:.4f}", "ci_low": f"{ci_low:.4f}", "ci_high": "2.0000",
-            "p_index": f"{p_index:.4f}", "n_random": n_random, "drop_a_by_a": "0.5", "drop_a_by_b": "0.1",
-            "drop_b_by_b": "0.4", "drop_b_by_a": "0.05", "p_a_by_a": "0.05", "p_b_by_b": "0.05"}
+            "p_index": f"{p_index:.4f}", "n_random": n_random, "drop_a_by_a": f"{index / 2:.4f}",
+            "drop_a_by_b": "0.0000", "drop_b_by_b": f"{index / 2:.4f}", "drop_b_by_a": "0.0000", "p_a_by_a": "0.05",
+            "p_b_by_b": "0.05"}
+
+
+def ring(drops, index):
+    """pair_null with diss_row's targeted drops."""
+    return M.pair_null(*drops, (index / 2, 0.0), (0.0, index / 2))
 
 
 def random_rows(site, drops_a, drops_b, fraction="0.2000"):
@@ -34,23 +41,47 @@ def test_holm_matches_the_textbook():
     assert np.isnan(M.holm([float("nan")])).all() and len(M.holm([])) == 0
 
 
-def test_pair_null_is_lesion_utils_random_pair_indices():
+def test_pair_null_is_lesion_utils_random_pair_indices_and_a_closed_ring():
+    assert L.random_pair_indices is M.pair_null
     a, b = np.array([0.1, 0.3, 0.0, 0.2]), np.array([0.05, 0.2, 0.1, 0.0])
-    assert M.pair_null(a, b) == pytest.approx(L.random_pair_indices(a, b))
-    assert len(M.pair_null([0.1], [0.2])) == 0
+    a_filters, b_filters = (0.5, 0.05), (0.1, 0.4)  # (drop of a, drop of b) under each ranking's filters
+    null = M.pair_null(a, b, a_filters, b_filters)
+    # ring [a-filters, b-filters, order 0..3]: (b-filters, 0), (0, 1), (1, 2), (2, 3), (3, a-filters)
+    assert null.tolist() == pytest.approx([0.1 - 0.1 + 0.05 - 0.4, 0.1 - 0.3 + 0.2 - 0.05, 0.3 - 0.0 + 0.1 - 0.2,
+                                           0.0 - 0.2 + 0.0 - 0.1, 0.2 - 0.5 + 0.05 - 0.0])
+    assert len(M.pair_null([0.1], [0.2], a_filters, b_filters)) == 0
 
 
-def test_one_site_beating_every_null_draw_gets_one_over_r_plus_one():
-    null = np.linspace(-0.2, 0.2, 20)
-    (p,) = M.max_statistic({("s0", "loss"): 0.5}, {"s0": null}).values()
-    assert p == pytest.approx(1 / 21)
-    # with one site the correction is the site's own p-value, whatever the scale: 5 of 20 nulls at least as large
+def test_turning_the_ring_turns_the_observed_index_into_a_null_one():
+    """Where the targeted lesions are random ones, any lesion of the ring could have been the observed pair: the
+    R + 2 indices (observed and null) are the same set whichever two neighbouring lesions are called targeted, so
+    the observed index is as likely as any of them to be the largest."""
+    rng = np.random.default_rng(3)
+    lesions = rng.random((9, 2))  # 9 lesions' (drop of a, drop of b)
+
+    def ring_values(order):
+        x = lesions[order]
+        observed = x[0, 0] - x[1, 0] + x[1, 1] - x[0, 1]
+        return observed, M.pair_null(x[2:, 0], x[2:, 1], tuple(x[0]), tuple(x[1]))
+
+    observed, null = ring_values(np.arange(9))
+    for shift in range(1, 9):
+        turned_obs, turned_null = ring_values(np.roll(np.arange(9), -shift))
+        assert sorted(np.append(turned_null, turned_obs)) == pytest.approx(sorted(np.append(null, observed)))
+        assert turned_obs == pytest.approx(null[shift - 1])  # the pair now called observed was a null one
+
+
+def test_one_site_beating_every_null_draw_gets_one_over_n_plus_one():
+    null = np.linspace(-0.2, 0.2, 21)  # the R + 1 = 21 null indices of R = 20 random orders
+    (p,) = M.max_statistic({("s0", "loss"): 0.5}, {("s0", "loss"): null}).values()
+    assert p == pytest.approx(1 / 22)
+    # with one site the correction is the site's own p-value, whatever the scale: 6 of 21 nulls at least as large
     for scale in (1e-3, 1.0, 50.0):
-        (p,) = M.max_statistic({("s0", "loss"): 0.1 * scale}, {"s0": null * scale}).values()
-        assert p == pytest.approx((1 + np.sum(null >= 0.1)) / 21)
-    # a null without spread: above it p = 1/(R+1), at it p = 1
-    assert M.max_statistic({("s0", "x"): 0.3}, {"s0": np.zeros(9)})[("s0", "x")] == pytest.approx(0.1)
-    assert M.max_statistic({("s0", "x"): 0.0}, {"s0": np.zeros(9)})[("s0", "x")] == pytest.approx(1.0)
+        (p,) = M.max_statistic({("s0", "loss"): 0.1 * scale}, {("s0", "loss"): null * scale}).values()
+        assert p == pytest.approx((1 + np.sum(null >= 0.1 - 1e-12)) / 22)
+    # a null without spread: above it p = 1/(n+1), at it p = 1
+    assert M.max_statistic({("s0", "x"): 0.3}, {("s0", "x"): np.zeros(9)})[("s0", "x")] == pytest.approx(0.1)
+    assert M.max_statistic({("s0", "x"): 0.0}, {("s0", "x"): np.zeros(9)})[("s0", "x")] == pytest.approx(1.0)
 
 
 def test_max_over_sites_with_a_known_maximum():
@@ -58,7 +89,8 @@ def test_max_over_sites_with_a_known_maximum():
     largest z over the sites is known, and so is the count of orders at or above an observed z."""
     r = 10
     base = np.arange(r, dtype=float)  # 0..9
-    nulls = {"s0": base, "s1": 10 * base[::-1], "s2": np.where(np.arange(r) == 7, 5.0, 0.0)}
+    site_nulls = {"s0": base, "s1": 10 * base[::-1], "s2": np.where(np.arange(r) == 7, 5.0, 0.0)}
+    nulls = {(s, m): n for s, n in site_nulls.items() for m in ("loss", "activation")}
     observed = {("s0", "loss"): 8.5, ("s1", "loss"): 1000.0, ("s2", "loss"): -1.0}
     p = M.max_statistic(observed, nulls)
 
@@ -66,9 +98,9 @@ def test_max_over_sites_with_a_known_maximum():
         pooled = np.append(null, obs)
         return (null - pooled.mean()) / pooled.std(ddof=1), (obs - pooled.mean()) / pooled.std(ddof=1)
 
-    z = {s: zs(nulls[s], observed[s, "loss"]) for s in nulls}
-    max_null = np.max([z[s][0] for s in nulls], axis=0)
-    for s in nulls:
+    z = {s: zs(site_nulls[s], observed[s, "loss"]) for s in site_nulls}
+    max_null = np.max([z[s][0] for s in site_nulls], axis=0)
+    for s in site_nulls:
         expected = (1 + np.sum(max_null >= z[s][1] - 1e-9)) / (r + 1)
         assert p[s, "loss"] == pytest.approx(expected)
     assert p["s1", "loss"] == pytest.approx(1 / 11)  # beats every order's maximum
@@ -81,49 +113,56 @@ def test_max_over_sites_with_a_known_maximum():
     assert two["s2", "loss"] == 1.0
     # undefined index or null: no p-value, and the site leaves the family
     gone = M.max_statistic({("s0", "loss"): float("nan"), ("s1", "loss"): 1000.0},
-                           {"s0": base, "s1": 10 * base[::-1]})
+                           {("s0", "loss"): base, ("s1", "loss"): 10 * base[::-1]})
     assert np.isnan(gone["s0", "loss"]) and gone["s1", "loss"] == pytest.approx(1 / 11)
 
 
 def test_floor_and_repeats_needed():
-    assert M.smallest_corrected_p(20) == pytest.approx(1 / 21)
-    assert M.smallest_corrected_p(20, 2) == pytest.approx(2 / 21)
-    assert M.smallest_corrected_p(1) == 1.0 and M.smallest_corrected_p(20, n_tests=10) == pytest.approx(10 / 21)
-    assert M.repeats_needed(1) == 20 == report.repeats_needed() and M.repeats_needed(2) == 40
-    assert M.repeats_needed(3) == 60 and M.repeats_needed(n_tests=10) == 200 and M.repeats_needed(1, 0.01) == 100
+    assert M.smallest_corrected_p(20) == pytest.approx(1 / 22)
+    assert M.smallest_corrected_p(20, 2) == pytest.approx(2 / 22)
+    assert M.smallest_corrected_p(1) == 1.0 and M.smallest_corrected_p(20, n_tests=10) == pytest.approx(10 / 22)
+    assert M.repeats_needed(1) == 19 == report.repeats_needed() and M.repeats_needed(2) == 39
+    assert M.repeats_needed(3) == 59 and M.repeats_needed(n_tests=10) == 199 and M.repeats_needed(1, 0.01) == 99
     for k in (1, 2, 3, 7):
         need = M.repeats_needed(k)
         assert M.smallest_corrected_p(need, k) < 0.05 <= M.smallest_corrected_p(need - 1, k)
 
 
 def test_a_family_without_dissociation_rejects_at_alpha_corrected_and_far_more_often_uncorrected():
-    """Null and observed indices from the same distribution (each site its own scale), 5 sites x 2 rankings,
-    R = 40: the corrected test rejects anywhere in about 5% of the networks, the uncorrected one in about a third."""
+    """Targeted and random lesions from the same heavy-tailed distribution (each site its own scale; now and then
+    a lesion of outlying cost), 5 sites x 2 rankings, R = 40, each index's null its ring (`pair_null`): the
+    corrected test rejects anywhere in at most about 5% of the networks, the uncorrected one in about a third."""
     rng = np.random.default_rng(2024)
     n_sims, r, scales, rankings = 1500, 40, (0.01, 0.05, 0.2, 0.5, 1.0), ("activation", "loss")
     corrected = uncorrected = 0
     for _ in range(n_sims):
-        nulls = {f"s{i}": rng.normal(0, sc, r) for i, sc in enumerate(scales)}
-        observed = {(f"s{i}", m): rng.normal(0, sc) for i, sc in enumerate(scales) for m in rankings}
+        nulls, observed = {}, {}
+        for i, sc in enumerate(scales):
+            lesions = sc * rng.standard_t(3, (r + 2 * len(rankings), 2))  # (drop of a, drop of b) per lesion
+            for k, m in enumerate(rankings):
+                a_filters, b_filters = lesions[r + 2 * k], lesions[r + 2 * k + 1]
+                observed[f"s{i}", m] = a_filters[0] - b_filters[0] + b_filters[1] - a_filters[1]
+                nulls[f"s{i}", m] = M.pair_null(lesions[:r, 0], lesions[:r, 1], a_filters, b_filters)
         corrected += min(M.max_statistic(observed, nulls).values()) < 0.05
-        uncorrected += any((1 + np.sum(nulls[s] >= v)) / (r + 1) < 0.05 for (s, _), v in observed.items())
+        uncorrected += any((1 + np.sum(nulls[k] >= v)) / (r + 2) < 0.05 for k, v in observed.items())
     assert corrected / n_sims <= 0.05 + 0.015 and uncorrected / n_sims > 0.25
 
 
 def test_corrected_rows_from_the_run_files_and_the_holm_fallback():
     null_drops = ([0.0, 0.1, 0.0, 0.1, 0.0], [0.0, 0.0, 0.1, 0.1, 0.0])  # null indices -0.1, 0.2, -0.1, 0, 0
-    rows = [diss_row("s0", "loss", 1.0, 1 / 6, n_random=5), diss_row("s1", "loss", 0.05, 2 / 6, n_random=5),
+    # the rings' null indices: s0 -0.5, -0.1, 0.2, -0.1, 0, -0.5; s1 -0.025, -0.1, 0.2, -0.1, 0, -0.025
+    rows = [diss_row("s0", "loss", 1.0, 1 / 7, n_random=5), diss_row("s1", "loss", 0.05, 2 / 7, n_random=5),
             diss_row("s0", "loss", 0.0, 0.5, n_random=5, fraction="0.1000")]
     results = random_rows("s0", *null_drops) + random_rows("s1", *null_drops) + \
         random_rows("s0", *null_drops, fraction="0.1000")
     out = M.corrected_rows(rows, results)
-    assert out[0]["correction"] == "max-statistic" and float(out[0]["p_corrected"]) == pytest.approx(1 / 6, abs=1e-4)
-    assert float(out[1]["p_corrected"]) > 2 / 6 - 1e-4  # never below its own p_index
+    assert out[0]["correction"] == "max-statistic" and float(out[0]["p_corrected"]) == pytest.approx(1 / 7, abs=1e-4)
+    assert float(out[1]["p_corrected"]) > 2 / 7 - 1e-4  # never below its own p_index
     assert out[2]["correction"] == "max-statistic"  # a fraction is its own family (of one site here)
     assert "p_corrected" not in rows[0]  # the input is left as it was
     # a site whose random drops lesion_results.csv lacks: Holm on p_index, saying why
     holm = M.corrected_rows(rows[:2], random_rows("s0", *null_drops))
-    assert [float(r["p_corrected"]) for r in holm] == pytest.approx([2 / 6, 2 / 6], abs=1e-4)  # 2 x 1/6, 1 x 2/6
+    assert [float(r["p_corrected"]) for r in holm] == pytest.approx([2 / 7, 2 / 7], abs=1e-4)  # 2 x 1/7, 1 x 2/7
     assert holm[0]["correction"].startswith("holm (lesion_results.csv lacks the random lesions' drops at s1")
     # different random repeats at the two sites: no joint null either
     uneven = random_rows("s0", *null_drops) + random_rows("s1", [0.0] * 6, [0.0] * 6)
@@ -150,32 +189,31 @@ def test_report_decides_with_the_corrected_p_and_names_the_correction():
     results = [row for s in sites for row in random_rows(s, *drops[s])]
 
     def rows_with(strong_index):
-        null = {s: M.pair_null(*drops[s]) for s in sites}
         rows = []
         for s in sites:
             index = strong_index if s == "s4" else 0.0
-            p = (1 + np.sum(null[s] >= index)) / 21
+            p = (1 + np.sum(ring(drops[s], index) >= index)) / 22
             rows.append(diss_row(s, "loss", index, p, ci_low=0.01 if s == "s4" else -0.1))
         return rows
 
-    # s4's index far beyond every null draw anywhere: corrected p = 1/21 < 0.05, so yes
+    # s4's index far beyond every null draw anywhere: corrected p = 1/22 < 0.05, so yes
     text = _summary_text(rows_with(1.0), results)
     assert "Task-specialised filters: yes, at 1 of 5 sites, corrected for 5 tests over 5 sites and 1 ranking by " \
            "a max-statistic test over the 20 random orders." in text
     assert "p vs random pairs" in text and "p corrected" in text
-    # the same index beating its own site's 20 draws (p_index = 1/21) but inside the others' range after
+    # the same index beating its own site's 21 draws (p_index = 1/22) but inside the others' range after
     # standardising: uncorrected it would pass, corrected it does not
-    null4 = M.pair_null(*drops["s4"])
-    modest = float(np.max(null4) + 1e-3)
+    modest = float(np.max(ring(drops["s4"], 0.1)) + 1e-3)
+    assert (ring(drops["s4"], modest) < modest).all()  # p_index = 1/22
     text = _summary_text(rows_with(modest), results)
     assert "Task-specialised filters: not shown, corrected for 5 tests" in text
     assert "1 site x ranking pair(s) pass p < 0.05 against the random-lesion pairs alone but not after" in text
     assert "interval above 0, not beyond random lesions after the correction" in text
-    # two rankings at 20 repeats: the floor 2/21 is above 0.05, so nothing can pass and the caveat says what would
+    # two rankings at 20 repeats: the floor 2/22 is above 0.05, so nothing can pass and the caveat says what would
     rows = rows_with(1.0) + [dict(r, method="activation") for r in rows_with(1.0)]
     text = _summary_text(rows, results, methods=("activation", "loss", "random"))
     assert "not shown, corrected for 10 tests over 5 sites and 2 rankings" in text and "Bonferroni" in text
-    assert "no corrected p-value can go below 2/(20+1) = 0.095" in text and "random_repeats=40" in text
+    assert "no corrected p-value can go below 2/(20+2) = 0.091" in text and "random_repeats=39" in text
 
 
 def test_experiment_verdict_and_summary_control_the_family_wise_error():

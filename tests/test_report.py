@@ -38,7 +38,9 @@ def make_run(path, dissociation, intact=(("face", 0.8, 0.1), ("object", 0.7, 0.1
     for layer, depth, method, index, low, high, p in dissociation:
         rows.append({"layer": layer, "depth": depth, "method": method, "fraction": "0.2000", "task_a": "face",
                      "task_b": "object", "index": index, "ci_low": low, "ci_high": high, "p_index": p,
-                     "drop_a_by_a": 0.5, "drop_a_by_b": 0.1, "drop_b_by_b": 0.4, "drop_b_by_a": 0.05,
+                     # each task's own filters cost it index/2, the other's nothing: the drops make the index
+                     "drop_a_by_a": f"{index / 2:.4f}", "drop_a_by_b": 0.0, "drop_b_by_b": f"{index / 2:.4f}",
+                     "drop_b_by_a": 0.0,
                      "p_a_by_a": p, "p_b_by_b": p, "n_random": repeats, "null_low": -0.1, "null_high": 0.1})
     write_csv(path / "dissociation.csv", L.DISSOCIATION_COLUMNS, rows)
     if rankings:
@@ -66,9 +68,9 @@ def test_too_few_random_repeats_early_split_and_disagreeing_rankings(tmp_path):
            "max-statistic test over the 5 random orders (Bonferroni over the rankings)" in text
     assert "2 sites lesioned" in text
     assert "interval above 0, not beyond random lesions" in text  # the table lists what the intervals show
-    # with 2 rankings the smallest corrected p is 2/(R+1); below 0.05 it needs R = 40
-    assert "no corrected p-value can go below 2/(5+1) = 0.333 (the max-statistic over the sites, " \
-           "Bonferroni over 2 rankings)" in text and "at least 40 repeats" in text
+    # with 2 rankings the smallest corrected p is 2/(R+2); below 0.05 it needs R = 39
+    assert "no corrected p-value can go below 2/(5+2) = 0.286 (the max-statistic over the sites, " \
+           "Bonferroni over 2 rankings)" in text and "at least 39 repeats" in text
     assert "already above 0 at the network's first site, trunk.s0" in text and "resolution-matched" in text
     # activation and loss disagree at trunk.s0 only; their top-20% face filters (2 of 10) share none
     assert "disagree at 1 site(s)" in text and "share 0 of 2" in text and "about 0.4" in text
@@ -80,25 +82,25 @@ def test_too_few_random_repeats_early_split_and_disagreeing_rankings(tmp_path):
 def test_enough_repeats_gives_a_verdict_and_counts_the_tests(tmp_path):
     noise = np.random.default_rng(0).normal(0, 0.02, (3, 2, 20))  # small random drops: every null index near 0
     drops = {site: tuple(noise[k]) for k, site in enumerate(("trunk.s0", "trunk.s5", "trunk.s9"))}
-    rows = [("trunk.s0", 0, "loss", 0.02, -0.1, 0.12, 0.6), ("trunk.s5", 5, "loss", 0.8, 0.5, 1.1, 1 / 21),
-            ("trunk.s9", 9, "loss", 0.9, 0.6, 1.2, 1 / 21)]
+    rows = [("trunk.s0", 0, "loss", 0.02, -0.1, 0.12, 0.6), ("trunk.s5", 5, "loss", 0.8, 0.5, 1.1, 1 / 22),
+            ("trunk.s9", 9, "loss", 0.9, 0.6, 1.2, 1 / 22)]
     run = make_run(tmp_path / "run", rows, repeats=20, random_drops=drops)
     text, page = first_screen(run)
-    # trunk.s5 and s9 beat the largest null of every random order over the three sites: corrected p = 1/21
+    # trunk.s5 and s9 beat the largest null of every ring position over the three sites: corrected p = 1/22
     assert "Task-specialised filters: yes, at 2 of 3 sites, corrected for 3 tests over 3 sites and 1 ranking by a " \
            "max-statistic test over the 20 random orders." in text
     assert "with the loss ranking at 2 site(s): trunk.s5, trunk.s9" in text
     assert "can go below" not in text and "first site" not in text
-    assert "the smallest a split can reach is 1/(20+1) = 0.048" in text and "at least 20." in text
+    assert "the smallest a split can reach is 1/(20+2) = 0.045" in text and "at least 19." in text
     table = page[page.index("<h2>Dissociation by depth</h2>"):]
-    assert "p_<wbr>corrected" in table and "0.048" in table
-    # without the random drops (lesion_results.csv lacks them) the same p-values are corrected by Holm: 3/21
+    assert "p_<wbr>corrected" in table and "0.045" in table
+    # without the random drops (lesion_results.csv lacks them) the same p-values are corrected by Holm: 3/22
     run = make_run(tmp_path / "holm", rows, repeats=20)
     text, _ = first_screen(run)
     assert "Task-specialised filters: not shown, corrected for 3 tests over 3 sites and 1 ranking by Holm's " \
            "method" in text and "lacks the random lesions' drops" in text
     assert "2 site x ranking pair(s) pass p < 0.05 against the random-lesion pairs alone but not after" in text
-    assert "below 3/(20+1) = 0.143 (Holm's method over 3 tests)" in text and "at least 60 repeats" in text
+    assert "below 3/(20+2) = 0.136 (Holm's method over 3 tests)" in text and "at least 59 repeats" in text
 
 
 def test_greedy_sets_past_the_greedy_stop_are_a_caveat(tmp_path):
@@ -133,11 +135,12 @@ def test_no_lesions_says_so(tmp_path):
     assert "No lesion results yet" in text
 
 
-def test_random_pair_null_has_one_draw_per_order():
-    null = L.random_pair_indices([0.1, 0.2, 0.3], [0.3, 0.1, 0.0])
-    # order r as the face filters, order r+1 as the object filters
-    assert null.tolist() == pytest.approx([0.1 - 0.2 + 0.1 - 0.3, 0.2 - 0.3 + 0.0 - 0.1, 0.3 - 0.1 + 0.3 - 0.0])
-    assert len(L.random_pair_indices([0.1], [0.2])) == 0
+def test_random_pair_null_has_one_draw_per_order_and_one_more():
+    null = L.random_pair_indices([0.1, 0.2, 0.3], [0.3, 0.1, 0.0], (0.6, 0.0), (0.0, 0.5))
+    # the ring face filters, object filters, order 0, 1, 2: each pair's first lesion as the face filters
+    assert null.tolist() == pytest.approx([0.0 - 0.1 + 0.3 - 0.5, 0.1 - 0.2 + 0.1 - 0.3, 0.2 - 0.3 + 0.0 - 0.1,
+                                           0.3 - 0.6 + 0.0 - 0.0])
+    assert len(L.random_pair_indices([0.1], [0.2], (0.6, 0.0), (0.0, 0.5))) == 0
 
 
 def test_report_warns_where_a_ranking_is_not_reproducible():

@@ -25,8 +25,8 @@ def test_simulation_returns_rates_in_range_with_wilson_intervals():
             p, low, high = sim[key]
             assert 0.0 <= low <= p <= high <= 1.0
         assert len(sim["min_p_corrected"]) == 12
-        # the corrected p of one ranking with 20 random orders cannot go below 1/21
-        assert min(sim["min_p_corrected"]) >= 1 / 21 - 1e-4
+        # the corrected p of one ranking with 20 random orders cannot go below 1/22
+        assert min(sim["min_p_corrected"]) >= 1 / 22 - 1e-4
         assert scenario in V.describe_simulation(sim)
 
 
