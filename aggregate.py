@@ -31,14 +31,19 @@ FEW_SEEDS = 5  # below this many seeds per role, an across-seed interval is a ro
 SUMMARY_COLUMNS = ("role", "layer", "depth", "relative_depth", "method", "fraction", "task_a", "task_b", "n_seeds",
                    "index", "ci_low", "ci_high", "seed_indices", "p_random", "pseudo_task_index",
                    "p_vs_pseudo_task", "resolution_matched_index", "p_vs_resolution_matched", "p_corrected",
-                   "matched_index")
+                   "matched_index", "same_task_index", "p_vs_same_task")
 # p_corrected: the p-value of "beyond random lesions and every control" at the row's site and ranking, corrected by
 # Holm over every site x ranking x comparison of its role at its fraction (`holm_family`); the p_ columns before it
 # are uncorrected
 ACCURACY_COLUMNS = ("role", "seed", "task", "accuracy", "ci_low", "ci_high", "n_images", "chance", "folder")
 SINGLE_COLUMNS = ("trained_on", "seed", "decoded_task", "single_task_decoding", "joint_decoding", "chance",
                   "n_train", "n_test")
-SWEPT_ROLES = ("real", "pseudo_task", "resolution_matched")  # the roles with two tasks and a lesion sweep
+SWEPT_ROLES = ("real", "pseudo_task", "resolution_matched", "same_task")  # two tasks and a lesion sweep
+# the controls whose index the real one must beat, each with its name in the verdict and what beating it rules out
+COMPARED = {"pseudo_task": ("pseudo-tasks", "more than for random splits of the same classes"),
+            "same_task": ("two heads on one task", "more than two heads learning one task lean on different filters"),
+            "resolution_matched": ("resolution-matched training", "more than when every task's images share one "
+                                                                  "resolution")}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -212,14 +217,14 @@ def summary_rows(stats: dict) -> list:
                    "ci_high": _fmt(s["ci_high"]), "seed_indices": ";".join(_fmt(p) for p in s["points"]),
                    "p_random": _fmt(s["p_random"]), "matched_index": _fmt(s["matched_index"])}
             if role == "real":
-                for control in ("pseudo_task", "resolution_matched"):
+                for control in COMPARED:
                     c = stats.get(control, {}).get((layer, method, f))
                     if c is not None:
                         row[f"{control}_index"] = _fmt(c["index"])
                         row[f"p_vs_{control}"] = _fmt(p_greater(s["boot"], c["boot"]))
             rows.append(row)
     for role in stats:
-        keys = ["p_random"] + ([f"p_vs_{c}" for c in ("pseudo_task", "resolution_matched") if c in stats]
+        keys = ["p_random"] + ([f"p_vs_{c}" for c in COMPARED if c in stats]
                                if role == "real" else [])
         for f in dict.fromkeys(r["fraction"] for r in rows if r["role"] == role):
             family = [r for r in rows if r["role"] == role and r["fraction"] == f]
@@ -306,9 +311,7 @@ def verdict(rows: list, roles_run: set, n_seeds: int, repeats: int, void_resolut
                 "emerged.", "", [], [])
     f = figures.headline_fraction(r["fraction"] for r in real)
     real = [r for r in real if abs(number(r["fraction"]) - f) < 1e-6]
-    tests = [("random lesions", "p_random")] + [(name, f"p_vs_{c}") for c, name in
-                                                 (("pseudo_task", "pseudo-tasks"),
-                                                  ("resolution_matched", "resolution-matched training"))
+    tests = [("random lesions", "p_random")] + [(name, f"p_vs_{c}") for c, (name, _) in COMPARED.items()
                                                  if c in roles_run]
 
     adjusted = {id(r): a for r, a in zip(real, holm_family(real, [k for _, k in tests]))}
@@ -340,9 +343,7 @@ def verdict(rows: list, roles_run: set, n_seeds: int, repeats: int, void_resolut
         licence = (f"This licenses saying that, in these {n_seeds} trained {'network' if n_seeds == 1 else 'networks'}"
                    f" of this architecture, data and training budget, the filters a ranking assigns to one task "
                    f"matter more for that task than for the other at those depths, more than random filters of the "
-                   f"same number" + (", more than for random splits of the same classes" if "pseudo_task" in roles_run
-                                     else "") + (", and more than when every task's images share one resolution"
-                                                 if "resolution_matched" in roles_run else "") +
+                   f"same number" + "".join(f", {more}" for c, (_, more) in COMPARED.items() if c in roles_run) +
                    ". It does not license saying that the network holds a module in the brain's sense, that other "
                    "architectures, data, image sizes or training budgets would split the same way, or how the "
                    "network computes either task: a lesion shows which damage hurts, not why.")
@@ -357,13 +358,15 @@ def verdict(rows: list, roles_run: set, n_seeds: int, repeats: int, void_resolut
     if void_resolution:
         caveats.append("The resolution-matched runs saw the same images as the real runs: no task's native "
                        "resolution is below image_size, so that control tests nothing here.")
-    missing = [c for c in ("pseudo_task", "resolution_matched", "single_task") if c not in roles_run]
+    missing = [c for c in (*COMPARED, "single_task") if c not in roles_run]
     if missing:
         caveats.append(f"Controls not run: {', '.join(missing)}. The verdict says nothing about them: "
                        + "; ".join({"pseudo_task": "a split that any random division of the classes would show is "
                                                    "not ruled out",
                                     "resolution_matched": "a split made by the tasks' image statistics (sharpness, "
                                                           "size) rather than the tasks is not ruled out",
+                                    "same_task": "a split that any two heads show, even two learning one task "
+                                                 "(each leans on its own filters), is not ruled out",
                                     "single_task": "no single-task baseline tells what each task costs the other"}[c]
                                    for c in missing) + ".")
     if n_seeds < FEW_SEEDS:
@@ -440,15 +443,15 @@ def build_report(out: Path, runs: list, rows: list, accuracy: list, decoding: li
     page.section("The index across seeds")
     page.what("Double-dissociation index per site (mean over seeds, 95% hierarchical bootstrap interval: seeds "
               "resampled, then test images within each seed). p_random: each seed's index against indices made of "
-              "random lesions of the same size, combined over seeds (Fisher). p_vs_pseudo_task and "
-              "p_vs_resolution_matched: bootstrap p-value that the real index is not above the control's at the "
+              "random lesions of the same size, combined over seeds (Fisher). p_vs_pseudo_task, p_vs_same_task "
+              "and p_vs_resolution_matched: bootstrap p-value that the real index is not above the control's at the "
               "same site. These are uncorrected; p_corrected is the largest of a row's p-values after Holm's "
               "correction over every site x ranking x comparison of its role at its fraction, the verdict's test.")
     if figure is not None:
         page.parts.append(report._image(figure, figure.name))
     columns = ["role", "layer", "depth", "method", "fraction", "n_seeds", "index", "ci_low", "ci_high", "p_random"]
-    real_columns = columns + ["pseudo_task_index", "p_vs_pseudo_task", "resolution_matched_index",
-                              "p_vs_resolution_matched", "p_corrected"]
+    real_columns = columns + [k for c in COMPARED if c in roles_run for k in (f"{c}_index", f"p_vs_{c}")] + \
+        ["p_corrected"]
     if any(r.get("matched_index") for r in rows):
         real_columns.append("matched_index")
     shown = [dict(r, index=r["index"] or "undefined (a head at chance)") for r in rows]

@@ -52,8 +52,9 @@ RUN_IDENTITY = ("backbone", "batch_norm", "fc_width", "image_size", "max_per_cla
 # what a run trains on, set by an experiment (experiment.py) for each of its runs; a plain run is "real":
 # real: the tasks as given; pseudo_task: the union of their classes split at random into two halves, each half a
 # task (Dobs et al. 2022); single_task: the task named by the `single_task` setting alone; resolution_matched:
-# every task's images brought down to the lowest native resolution among the tasks and back up
-ROLES = ("real", "pseudo_task", "single_task", "resolution_matched")
+# every task's images brought down to the lowest native resolution among the tasks and back up; same_task: the first
+# task's images dealt in two halves to two heads that learn the same task (vggface2.same_task)
+ROLES = ("real", "pseudo_task", "single_task", "resolution_matched", "same_task")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1046,6 +1047,13 @@ def load_datasets(config: dict) -> dict:
                             f"tasks {' and '.join('+'.join(g) for g in groups if len(g) > 1)} share their images, so "
                             f"an image would carry two labels in one pseudo-task; leave pseudo_task out of controls")
         datasets = vggface2.pseudo_tasks(datasets, config["seed"])
+    elif role == "same_task":
+        first = next(iter(datasets))
+        datasets = vggface2.same_task(datasets[first], config["seed"])
+        for task, data in datasets.items():
+            if min(data.counts().values()) == 0:
+                raise DataError(f"the same_task control deals {first}'s images to two heads; {task} gets "
+                                f"{data.counts()}; every split needs images (raise max_per_class)")
     elif role == "resolution_matched":
         datasets, size = vggface2.match_resolution(datasets)
         for g in groups:  # one resized image array per shared group, as before matching

@@ -1507,6 +1507,33 @@ def pseudo_tasks(datasets: dict, seed: int) -> dict:
     return out
 
 
+def same_task(data: TaskData, seed: int) -> dict:
+    """The same-task control: one task's images dealt in two halves to two tasks, `<name>_a` and `<name>_b`, each
+    split's images, shuffled within each class (seeded), dealt alternately, so that both learn the same classes
+    from the same kind of images at the same chance level. Every filter useful to one is useful to the other: a
+    network trained on the pair shows how much "specialisation" two readouts of one task produce (two heads
+    lean on different filters even then; benchmarks/verdict_calibration.py). Labels, classes and the task's
+    extra arrays are kept; each class of each split is dealt one image apart at most."""
+    rng = np.random.default_rng([seed, 47])
+    halves = ([], [])
+    for s in np.unique(data.split):  # one deal per split, running on from class to class, so that a split with
+        # one image per class still gives both heads half of its images
+        dealt = np.concatenate([rng.permutation(np.flatnonzero((data.labels == label) & (data.split == s)))
+                                for label in np.unique(data.labels)])
+        halves[0].append(dealt[0::2])
+        halves[1].append(dealt[1::2])
+    out = {}
+    for suffix, parts in zip(("a", "b"), halves):
+        idx = np.sort(np.concatenate(parts))
+        name = f"{data.name}_{suffix}"
+        out[name] = TaskData(name, list(data.classes), np.ascontiguousarray(data.images[idx]), data.labels[idx].copy(),
+                             data.split[idx].copy(), f"same_task({data.source}, half {suffix})",
+                             extra={k: np.asarray(v)[idx] for k, v in data.extra.items()},
+                             native_size=data.native_size, label_kind=data.label_kind,
+                             extra_classes=dict(data.extra_classes))
+    return out
+
+
 def match_resolution(datasets: dict, size: int | None = None) -> tuple:
     """The resolution-matched control: every task's images brought down to `size` pixels (default: the lowest
     native resolution among the tasks, e.g. CIFAR's 32) and back up to their image size (antialiased bilinear

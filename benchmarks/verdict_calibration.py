@@ -23,27 +23,26 @@ Three parts, all on the CPU:
    random (a general part shared by the two tasks and a part of each task's own), whatever the lesion is. Targeted
    and random lesions are exchangeable, so the index has no reason to beat the random pairs: each draw is a network
    without task-specialised filters, and the share of draws whose verdict says "yes" is the false-positive rate
-   (`--draws`, 2,000 by default: a Wilson interval about +-0.01 wide at 5%). A second scenario, `stronger` (half as
+   (`--draws`, 2,000 by default: a Wilson interval about +-0.01 wide at 5%; at most 1/(R+2) = 0.045 is what the
+   test aims for). A second scenario, `stronger` (half as
    many draws), gives the targeted lesions three times the odds of costing an image, for both tasks alike
    (top-ranked filters matter more to everything, still no dissociation): the random pairs then spread less than
    the targeted index does, which is how a real network could fool the test; it is printed as a robustness line,
    not the headline.
 
 2. Trained null networks (`--null`, default `halves`): ResNet50 (the `--backbone` script's hyperparameters, through
-   `dualtask.run`) trained with two heads on ONE task: the demo faces' identities, the images of each identity and
-   split dealt alternately to head face_a and head face_b (two cache folders written with
-   `vggface2.TaskData.save`, given as the `tasks` setting, so the runs are ordinary runs of the pipeline). Both
-   heads learn the same identities from the same image distribution at the same chance level; only which images
-   each sees differs. Every trunk filter useful to one head is useful to the other, so the trunk has no reason to
-   divide, and a "yes" is a false positive. Why not the alternatives: the `pseudo_task` role splits the union of
-   the face and object classes at random, so each pseudo-task holds faces and objects in unequal shares and a
-   split has a reason; `tasks={'face': 'demo', 'object': 'demo'}` (or any two demo kinds) are two different tasks;
-   two tasks naming one demo set with the same labels are refused by `dualtask._load_group`. `--null=identical`
-   gives both heads the very same images and labels (two identical caches): a null too, but a lenient one, since
-   the two heads become near copies and the index shrinks to 0, while `halves` keeps the noise of two heads that
-   rank and are tested on different images, as two real tasks are. The trained false-positive rate is the share of
-   these networks whose verdict is "yes"; with 3 seeds its interval is wide, which is why the simulation gives the
-   headline.
+   `dualtask.run`) trained with two heads on ONE task: the demo faces' identities dealt in two halves to head
+   face_a and head face_b by `vggface2.same_task`, the experiments' same_task control (two cache folders written
+   with `vggface2.TaskData.save`, given as the `tasks` setting, so the runs are ordinary runs of the pipeline).
+   Both heads learn the same identities from the same image distribution at the same chance level; only which
+   images each sees differs. Every trunk filter useful to one head is useful to the other, so the trunk has no
+   reason to divide by task, and a "yes" is a false positive of the claim "the tasks split the filters".
+   `--null=identical` gives both heads the very same images and labels (two identical caches): the two heads then
+   differ only in their initial weights. Why not the alternatives: the `pseudo_task` role splits the union of the
+   face and object classes at random, so each pseudo-task holds faces and objects in unequal shares and a split
+   has a reason; `tasks={'face': 'demo', 'object': 'demo'}` (or any two demo kinds) are two different tasks. The
+   trained false-positive rate is the share of these networks whose verdict is "yes"; with 3 seeds its interval
+   is wide, which is why the simulation gives the headline of the statistics.
 
 3. Known positive: the same training on the real face/object demo tasks with `branch_at` (the trunk shared up to a
    site, then one copy of the rest per task: after the branch point every filter belongs to exactly one task), and
@@ -56,46 +55,51 @@ Defaults: ResNet50 at 32 px; 5 classes per task (max_classes=5, chance 0.2) and 
 20 validation and 40 test images per class and task; the null's face set is drawn with 400 per class and halved),
 batch 32, 4 epochs (AdamW, the script's defaults); branch_at=12 (trunk.layer3.4: the copies are layer3.5 and
 layer4, about a quarter more per image than the shared trunk, where branching at 8 halves the training speed);
-lesion sites at depths 4, 8, 13, 14, 16 (13, 14, 16 after the branch point); the taylor ranking against 20 random
-orders (which let one ranking's corrected p reach 1/21 < 0.05) on 32 ranking images per task; fractions 0 and 0.2;
+lesion sites at depths 0, 12, 13, 15, 16 (13, 15, 16 after the branch point); the loss ranking against 20 random
+orders (which let one ranking's corrected p reach 1/22 < 0.05) on 8 ranking images per task; fractions 0 and 0.2;
 3 seeds each. A first probe with 10 classes x 50 images for 8 epochs (the same compute) ended with heads at 0.39
 and 0.26 (chance 0.1) and a branched site whose interval included 0; 5 classes x 200 images bring the face head to
 0.73-0.85 and the object head to 0.35-0.39 (chance 0.2) and give 200 test images per task.
 
-The ranking decides the power, and the time. Measured on 2026-12-04 on the 2-core machine while other jobs ran (about
-40 training images/s; OMP_NUM_THREADS=1, since two OpenMP threads per process ran 5 to 9 times slower there): with
-taylor, the whole default run took 21 minutes (one of its nine trainings reused), and gave false_positive_rate 0.0535
-[0.0445, 0.0642] (107/2000), uncorrected 0.1905; false_positive_rate_trained 3/3; power 5/9 = 0.56 [0.27, 0.81];
-power_shared 0/9. With more draws (`--sim_only --draws=10000 --seed=1`, 4 minutes): 0.0523 [0.0481, 0.0568]
-(523/10000), uncorrected 0.1706, stronger 0.1788 (894/5000): a shade above the 1/21 = 0.048 the max-statistic test
-aims for (with normal null indices instead of these drops it gives 0.046 to 0.048), and within 0.05. taylor
-(|activation x gradient|) misses what matters at the layer4 sites: in branched seed 1 its top 20% of trunk.layer4.2
-(all in the face copy) cost the face head -0.015 of accuracy, the loss ranking's top 20% 0.20 (the whole face copy
-0.60). The loss ranking (`--ranking=loss --lesion_layers="[0, 12, 13, 15, 16]" --rank_images=8`) made all three
-post-branch sites of branched seed 0 dissociate (index 1.06, intervals from 0.74, against 0.49 to 0.69 with taylor),
-but it runs the rest of the network once per filter and ranking image: that seed's sweep took 6 minutes instead of 40
-seconds (trunk.layer3.5's pair of 2,048 filters alone 155 s), so nine networks take about 45 to 55 minutes on a
-shared machine, past the budget; seeds 1 and 2 were not swept with it. Use it where the power is the question (or on
-a GPU).
+Measured on 2026-12-04 (2-core machine; BENCHMARKS.md has the table and commands). With the closed ring of
+lesions as the index's null (multiple_testing.pair_null) and 10,000 draws: false_positive_rate 0.0406 [0.0369,
+0.0446] (406/10000), uncorrected 0.1809; the `stronger` scenario 0.158 (0.351 uncorrected); power 9/9 = 1.00
+[0.70, 1.00] with the loss ranking; power_shared 5/9; false_positive_rate_trained 3/3 with `halves` and 3/3 with
+`identical`. Before the closed ring (random order r against order r + 1 only) the simulated rate was 0.052
+[0.048, 0.057] over 10,000 draws, above the 1/21 it aims for: that open ring uses each random lesion twice, with
+both signs, and the two targeted lesions once, so an outlying lesion stands out more in the observed index than in
+a null one, and the maximum over sites favours the observed (0.053 [0.050, 0.057] in 20,000 draws, 0.046 with the
+ring; a test in tests/test_multiple_testing.py shows that turning the ring turns the observed index into a null
+one).
 
-What the trained null shows (taylor, 3 of 3 networks "yes", each at trunk.layer4.0 or layer4.2 only, index 0.06 to
-0.10 with interval lows from 0.000 to 0.013): at the last sites a head's top 20% cost that head 0 to 0.07 of its
-chance-corrected accuracy and the other head -0.016 to 0.016, while random 20% lesions cost either head -0.011 to
-0.008, so a small index beats all 20 random pairs, also after the correction (its p is then 1/21). Two heads reading the
-same trunk with their own learned weights each lean on their own filters, task or no task; the random-pair null
-asks whether targeted lesions differ from random ones, not whether the difference comes from the tasks. The
-simulation's `stronger` scenario (targeted lesions costlier to both tasks than random ones, no dissociation) shows
-the same weakness at the statistics layer (18% "yes"). A control network (this null's two heads on one task, or an
-experiment's pseudo_task control) swept beside the real one, not the single run's verdict, is what answers it.
+The ranking decides the power, and the time. taylor (|activation x gradient|) misses what matters at the layer4
+sites: in branched seed 1 its top 20% of trunk.layer4.2 (all in the face copy) cost the face head -0.015 of
+accuracy, the loss ranking's top 20% 0.20 (the whole face copy 0.60), and its power was 5/9 = 0.56 [0.27, 0.81]
+at sites 13, 14, 16 (the default before, with 32 ranking images). The loss ranking runs the rest of the network
+once per filter and ranking image, so it ranks on 8 images and a branched network's sweep takes about 6 minutes
+(trunk.layer3.5's pair of 2,048 filters alone 155 s), a shared or null network's about 2.5.
 
-Time: each network trains in 2 to 3.5 minutes (branched the slowest) and its taylor sweep takes under a minute;
-the simulation 1 minute; `--quick` (one seed, 1 epoch, 10 images per class, two sites, 40 draws; its heads stay at
-chance, so its indices are undefined: it checks the plumbing, not the verdict) 20 s with OMP_NUM_THREADS=1, and 2
-minutes with two threads while other jobs ran. Set OMP_NUM_THREADS=1 when other jobs share the cores (the script
-sets 2 when it is unset). The runs go to
+What the trained nulls show: two heads reading one trunk with their own learned weights each lean on their own
+filters at the late sites, task or no task. With the loss ranking every null network (halves: indices 0.19 to
+0.40; identical: 0.14 to 0.34, at trunk.layer3.4 to layer4.2, intervals well above 0) beats all 21 ring pairs,
+also after the correction; with taylor the halves nulls did too (indices 0.06 to 0.10 at layer4, random 20%
+lesions there costing either head -0.011 to 0.008). The random-lesion null asks whether targeted lesions differ
+from random ones, not whether the difference comes from the tasks, and a single network has no second head of
+either task to ask it with: a single run's verdict cannot be calibrated against this null, whatever its
+statistics. The simulation's `stronger` scenario (targeted lesions costlier to both tasks than random ones) shows
+the same at the statistics layer (16% "yes"). The experiments' same_task control (this null, trained beside the
+real network for each seed) and the experiment verdict's p_vs_same_task answer it; the per-run report says so
+whenever it says "yes".
+
+Time: each network trains in 2 to 5 minutes (branched the slowest; more when other jobs share the cores); the
+simulation 2 minutes per 2,000 draws of both scenarios; `--quick` (one seed, 1 epoch, 10 images per class, two
+sites, the taylor ranking, 40 draws; its heads stay at chance, so its indices are undefined: it checks the
+plumbing, not the verdict) 20 s with OMP_NUM_THREADS=1. Set OMP_NUM_THREADS=1 when other jobs share the cores
+(the script sets 2 when it is unset). The runs go to
 .bench/verdict_calibration/<hash of the training settings>/ (git-ignored; `--out_root` names another folder), each
 with its run.log, and are reused on rerun: dualtask.run skips a finished training and finished lesion sites, and a
-run swept under other lesion settings (another ranking or sites) keeps its training and sweeps again.
+run swept under other lesion settings (another ranking or sites) keeps its training and sweeps again. A sweep made
+before the closed ring is judged with p-values made again from its files (multiple_testing.corrected_rows).
 
 The last lines printed (each rate with its Wilson 95% interval and counts):
 
@@ -304,9 +308,9 @@ def base_config(args, seed: int, out_dir: Path) -> dict:
 
 
 def null_data(args, seed: int, folder: Path) -> dict:
-    """The null's two tasks as cache folders ({task: path}): one demo face set (`--classes` identities), each identity's
-    images of each split dealt alternately to face_a and face_b (`halves`), or the whole set twice
-    (`identical`)."""
+    """The null's two tasks as cache folders ({task: path}): one demo face set (`--classes` identities) dealt in
+    two halves to face_a and face_b by `vggface2.same_task`, the experiments' same_task control (`halves`), or the
+    whole set twice (`identical`)."""
     import vggface2
 
     paths = {t: folder / f"{args.null}_seed{seed}_{t}" for t in ("face_a", "face_b")}
@@ -316,21 +320,13 @@ def null_data(args, seed: int, folder: Path) -> dict:
     data = vggface2.make_demo("faces", n_classes=args.classes, per_class=per_class, image_size=args.image_size,
                               seed=seed)
     if args.null == "halves":
-        parts = {"face_a": [], "face_b": []}
-        for label in np.unique(data.labels):
-            for s in np.unique(data.split):
-                idx = np.flatnonzero((data.labels == label) & (data.split == s))
-                parts["face_a"].append(idx[0::2])
-                parts["face_b"].append(idx[1::2])
-        picks = {t: np.sort(np.concatenate(p)) for t, p in parts.items()}
+        parts = list(vggface2.same_task(data, seed).values())
     else:
-        picks = {t: np.arange(len(data.labels)) for t in paths}
-    for task, idx in picks.items():
-        part = vggface2.TaskData(task, list(data.classes), np.ascontiguousarray(data.images[idx]),
-                                 data.labels[idx].copy(), data.split[idx].copy(),
-                                 source=f"demo:faces ({args.null} null, {task})", native_size=data.native_size,
-                                 label_kind="")
-        part.save(paths[task], overwrite=True)
+        parts = [data, data]
+    for (task, path), part in zip(paths.items(), parts):
+        vggface2.TaskData(task, list(part.classes), np.ascontiguousarray(part.images), part.labels.copy(),
+                          part.split.copy(), source=f"demo:faces ({args.null} null, {task})",
+                          native_size=part.native_size, label_kind="").save(path, overwrite=True)
     return {t: str(p) for t, p in paths.items()}
 
 
@@ -452,10 +448,10 @@ def parse(argv=None):
                         help="which trained networks: branched, shared, null")
     parser.add_argument("--branch_at", type=int, default=12, help="site depth of the branch point")
     parser.add_argument("--lesion_layers", type=literal, default=None)
-    parser.add_argument("--ranking", default="taylor", choices=["taylor", "loss", "activation"],
-                        help="the targeted ranking (taylor fits the time budget, loss has the power: see the "
-                             "module's docstring)")
-    parser.add_argument("--repeats", type=int, default=None, help="random orders (20: corrected p can reach 1/21)")
+    parser.add_argument("--ranking", default=None, choices=["taylor", "loss", "activation"],
+                        help="the targeted ranking (default loss, which has the power; taylor, --quick's, is "
+                             "faster: see the module's docstring)")
+    parser.add_argument("--repeats", type=int, default=None, help="random orders (20: corrected p can reach 1/22)")
     parser.add_argument("--rank_images", type=int, default=None)
     parser.add_argument("--fraction", type=float, default=0.2)
     parser.add_argument("--null", default="halves", choices=["halves", "identical"])
@@ -464,9 +460,9 @@ def parse(argv=None):
                         ".bench/verdict_calibration/<hash of the training settings>)")
     args = parser.parse_args(argv)
     quick = dict(seeds=[0], epochs=1, draws=40, demo_per_class=10, classes=5, lesion_layers=[12, 16], repeats=20,
-                 rank_images=4)
+                 rank_images=4, ranking="taylor")
     full = dict(seeds=[0, 1, 2], epochs=4, draws=2000, demo_per_class=200, classes=5,
-                lesion_layers=[4, 8, 13, 14, 16], repeats=20, rank_images=32)
+                lesion_layers=[0, 12, 13, 15, 16], repeats=20, rank_images=8, ranking="loss")
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)

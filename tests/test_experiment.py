@@ -46,6 +46,29 @@ def test_pseudo_tasks_split_all_classes_into_equal_halves_over_the_same_images()
     assert other["pseudo_a"].classes != a.classes  # seeded: another seed, another split
 
 
+def test_same_task_deals_each_class_and_split_of_one_task_to_two_heads():
+    data = _task("face", 4, 9, 8, 0)
+    data.extra["expression"] = np.arange(len(data.labels)) % 3
+    halves = vggface2.same_task(data, seed=2)
+    assert list(halves) == ["face_a", "face_b"]
+    a, b = halves.values()
+    assert a.classes == b.classes == data.classes and a.chance == data.chance
+    assert len(a.images) + len(b.images) == len(data.images)
+    # every image goes to exactly one half, with its label, split and extra arrays
+    rows = {bytes(x): (y, s, e) for x, y, s, e in zip(data.images, data.labels, data.split, data.extra["expression"])}
+    seen = [bytes(x) for h in (a, b) for x in h.images]
+    assert sorted(seen) == sorted(rows) and len(set(seen)) == len(seen)
+    for h in (a, b):
+        for x, y, s, e in zip(h.images, h.labels, h.split, h.extra["expression"]):
+            assert rows[bytes(x)] == (y, s, e)
+    for k in range(4):  # each class of each split dealt in two halves, one image apart at most
+        for split in range(3):
+            n = [int(((h.labels == k) & (h.split == split)).sum()) for h in (a, b)]
+            assert abs(n[0] - n[1]) <= 1 and sum(n) == int(((data.labels == k) & (data.split == split)).sum())
+    other = vggface2.same_task(data, seed=3)
+    assert not np.array_equal(other["face_a"].images, a.images)  # seeded: another seed, another deal
+
+
 def _high_frequency_share(images, size):
     """Share of the images' spectral power (mean removed) above the Nyquist frequency of `size` pixels."""
     x = images.astype(np.float64).mean(-1)
@@ -216,10 +239,12 @@ def test_planted_real_split_dissociates_and_a_pseudo_task_split_does_not():
             break
     else:
         pytest.fail("no balanced pseudo-task split among 50 seeds")
-    runs = {"real": [], "pseudo_task": []}
+    runs = {"real": [], "pseudo_task": [], "same_task": []}
+    same = {"face_a": real["face"], "face_b": real["face"]}  # two heads reading the same planted face filters
     for seed in (0, 1, 2):
         runs["real"].append({"seed": seed, "folder": f"seed_{seed}", "data": _swept(real, seed)})
         runs["pseudo_task"].append({"seed": seed, "folder": f"pseudo/seed_{seed}", "data": _swept(pseudo, seed)})
+        runs["same_task"].append({"seed": seed, "folder": f"same/seed_{seed}", "data": _swept(same, seed)})
     rng = np.random.default_rng(0)
     stats = {role: aggregate.role_statistics(r, rng) for role, r in runs.items()}
     rows = {r["role"]: r for r in aggregate.summary_rows(stats)}
@@ -227,9 +252,17 @@ def test_planted_real_split_dissociates_and_a_pseudo_task_split_does_not():
     assert float(real_row["index"]) > 1.5 and float(real_row["ci_low"]) > 1.0
     assert abs(float(pseudo_row["index"])) < 0.5 and float(pseudo_row["ci_low"]) < 0.5 * float(real_row["ci_low"])
     assert float(real_row["p_vs_pseudo_task"]) < 0.01
-    assert float(real_row["p_random"]) < 0.01  # three seeds at 1/20 each, combined (Fisher)
-    answer, _, caveats, passing = aggregate.verdict(list(rows.values()), {"real", "pseudo_task"}, 3, 19)
+    assert abs(float(rows["same_task"]["index"])) < 0.2 and float(real_row["p_vs_same_task"]) < 0.01
+    assert float(real_row["p_random"]) < 0.01  # three seeds at 1/21 each, combined (Fisher)
+    answer, licence, caveats, passing = aggregate.verdict(list(rows.values()), {"real", "pseudo_task", "same_task"},
+                                                          3, 19)
     assert answer.startswith("Task-specialised filters: yes") and len(passing) == 1
+    assert "beyond random lesions, pseudo-tasks, two heads on one task at" in answer
+    assert "more than two heads learning one task lean on different filters" in licence
+    # the real split, judged as a same-task network's: not beyond the control
+    as_same = dict(real_row, p_vs_same_task="0.6")
+    answer, *_ = aggregate.verdict([as_same], {"real", "same_task"}, 3, 19)
+    assert answer.startswith("Task-specialised filters: not shown")
     assert any("resolution_matched" in c for c in caveats)  # the control that did not run is named
 
 
@@ -279,7 +312,7 @@ def test_two_seed_experiment_through_submitit_then_a_rerun_trains_nothing(tmp_pa
     assert {r["role"] for r in rows} == {"real"} and all(r["n_seeds"] == "2" for r in rows)
     page = (out / "report.html").read_text()
     assert page.index("Task-specialised filters:") < page.index("The index across seeds")
-    assert "Controls not run: pseudo_task, resolution_matched, single_task" in page
+    assert "Controls not run: pseudo_task, same_task, resolution_matched, single_task" in page
     stamp = (out / "seed_0" / "checkpoint.pt").stat().st_mtime_ns
     experiment.main(vars(ResNet), [*FAST, "--seeds=[0, 1]", f"--out_dir={out}"])  # again, here: nothing to train
     printed = capsys.readouterr().out
@@ -291,22 +324,26 @@ def test_two_seed_experiment_through_submitit_then_a_rerun_trains_nothing(tmp_pa
 def test_experiment_with_every_control(tmp_path):
     out = tmp_path / "exp"
     args = [*FAST, "--max_classes=None", "--max_per_class=12", "--image_size=32", "--match_accuracy=True",
-            "--seeds=[0, 1]", "--controls=['pseudo_task', 'single_task', 'resolution_matched']", f"--out_dir={out}"]
+            "--seeds=[0, 1]", "--controls=['pseudo_task', 'single_task', 'resolution_matched', 'same_task']",
+            f"--out_dir={out}"]
     p = run_script("ResNet.py", *args)
     assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
     listing = json.loads((out / "experiment.json").read_text())
-    assert {r["role"] for r in listing["runs"]} == {"real", "pseudo_task", "single_task", "resolution_matched"}
-    assert len(listing["runs"]) == 10 and all(r["status"] == "done" for r in listing["runs"])
+    assert {r["role"] for r in listing["runs"]} == {"real", "pseudo_task", "single_task", "resolution_matched",
+                                                    "same_task"}
+    assert len(listing["runs"]) == 12 and all(r["status"] == "done" for r in listing["runs"])
+    same = json.loads((out / "same_task" / "seed_0" / "config.json").read_text())
+    assert list(same["tasks"]) == ["face_a", "face_b"]  # the first task's images, dealt to two heads
     rows = read_csv(out / "summary.csv", aggregate.SUMMARY_COLUMNS)
-    assert {r["role"] for r in rows} == {"real", "pseudo_task", "resolution_matched"}
+    assert {r["role"] for r in rows} == {"real", "pseudo_task", "resolution_matched", "same_task"}
     assert all(r["matched_index"] != "" or r["index"] == "" for r in rows if r["role"] == "real")
     decoding = read_csv(out / "single_task.csv", aggregate.SINGLE_COLUMNS)
     assert {(r["trained_on"], r["decoded_task"]) for r in decoding} == {
         (a, b) for a in ("face", "object") for b in ("face", "object")}
     page = (out / "report.html").read_text()
-    assert "Task-specialised filters:" in page and "Single-task networks" in page
+    assert "Task-specialised filters:" in page and "Single-task networks" in page and "Controls not run" not in page
     again = run_script("ResNet.py", *args)
-    assert again.returncode == 0 and "10 finished earlier, 0 to run" in again.stdout
+    assert again.returncode == 0 and "12 finished earlier, 0 to run" in again.stdout
 
 
 def test_lesion_epochs_keep_and_sweep_earlier_weights(tmp_path, capsys):
