@@ -141,6 +141,9 @@ def read_swept_run(folder: Path) -> dict | None:
         raise UsageError(f"{per_image_path} is missing (the sweep predates it); rerun that run's lesion stage "
                          f"(--retrain=True --stages=\"['lesion']\" in {folder})")
     rows = read_csv(diss_path, ("layer", "depth", "method", "fraction", "task_a", "task_b", "index", "p_index"))
+    if multiple_testing.needs_correction(rows) and (folder / lesion_utils.SWEEP_FILES["results"]).exists():
+        # a sweep made before the closed ring: its p_index made again from its drops, as the run's report does
+        rows = multiple_testing.corrected_rows(rows, read_csv(folder / lesion_utils.SWEEP_FILES["results"]))
     return {"config": config, "dissociation": rows, "per_image": lesion_utils.read_per_image(per_image_path)}
 
 

@@ -89,10 +89,9 @@ def standardise(null, observed: float) -> tuple:
     """(null z, observed z) of one site and ranking: the R + 1 null indices and the observed index standardised
     by the mean and sd (ddof 1) of all R + 2 of them. Taking the observed index into the mean and sd treats it as
     one more pair of the ring, as the null hypothesis says it is: the standardised ring stays as symmetric as the
-    raw one (`pair_null`), so the
-    maximum over sites keeps its level exactly (standardising by the null alone shrinks the null z values, which
-    set the mean and sd, against the observed one, which did not, and rejects too often: about 8% instead of 5%
-    for 5 sites and 20 orders). Values without spread (sd 0) are all z 0. The map is increasing, so a site's own
+    raw one (`pair_null`), so the maximum over sites keeps its level exactly (standardising by the null alone
+    shrinks the null z values, which set the mean and sd, against the observed one, which did not, and rejects too
+    often: about 8% instead of 5% for 5 sites and 20 orders). Values without spread (sd 0) are all z 0. The map is increasing, so a site's own
     ordering of observed and null values, and its own p-value, are kept."""
     null = np.asarray(null, dtype=float)
     pooled = np.append(null, float(observed))

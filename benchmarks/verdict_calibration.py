@@ -51,6 +51,14 @@ Three parts, all on the CPU:
    power_shared = the share of the same sites of the shared networks (an answer to the real question there, not a
    rate of errors).
 
+4. Experiment level (with `null` among the kinds and `--control_seeds`): the experiment verdict
+   (`aggregate.verdict`: beyond random lesions and beyond the same_task control, Holm over site x ranking x
+   comparison, the hierarchical bootstrap over seeds) of (a) the null networks of `--seeds` as the real tasks with
+   further null networks of `--control_seeds` as their same_task control, where "yes" is a false positive, and
+   (b) the shared face/object networks with the null networks of the same seeds as their same_task control: does
+   the face/object split go beyond what two heads of one task show? One verdict each (3 networks a side), a check,
+   not a rate.
+
 Defaults: ResNet50 at 32 px; 5 classes per task (max_classes=5, chance 0.2) and demo_per_class=200 (140 training,
 20 validation and 40 test images per class and task; the null's face set is drawn with 400 per class and halved),
 batch 32, 4 epochs (AdamW, the script's defaults); branch_at=12 (trunk.layer3.4: the copies are layer3.5 and
@@ -107,6 +115,8 @@ The last lines printed (each rate with its Wilson 95% interval and counts):
     false_positive_rate_trained: ...                (trained null networks, corrected verdict)
     false_positive_rate_trained_uncorrected: ...
     power_uncorrected: ...                          (branched networks, before the correction)
+    experiment_false_positive: yes/no ...           (part 4 a)
+    experiment_shared: yes/no ...                   (part 4 b)
     false_positive_rate: X [lo, hi] (n/N) ...       (simulation, corrected verdict: the headline)
     false_positive_rate_uncorrected: ...            (simulation, before the correction)
     power: Y [lo, hi] ...                           (branched networks' post-branch sites, corrected verdict)
@@ -407,7 +417,32 @@ def trained(args) -> dict:
                   f"{'yes' if v['yes_uncorrected'] else 'no'}", flush=True)
             for r in v["rows"]:
                 print(site_line(r), flush=True)
+    out["null_control"] = []
+    if "null" in args.kinds:  # more null networks: the same_task control of the experiment-level checks
+        for seed in args.control_seeds:
+            out_dir = root / f"null_seed{seed}"
+            config = dict(base_config(args, seed, out_dir), tasks=null_data(args, seed, root / "data"))
+            seconds = train_and_sweep(config, out_dir / "run.log")
+            out["null_control"].append(dict(read_run(out_dir), seed=seed, kind="null", seconds=seconds,
+                                            out_dir=str(out_dir)))
+            print(f"null seed {seed} (a control): {seconds:.0f} s", flush=True)
     return out
+
+
+def experiment_verdict(real: list, control: list, repeats: int) -> dict:
+    """The experiment verdict (aggregate.verdict, as an experiment's report reaches it) of the `real` runs with the
+    `control` runs as their same_task control, one network per seed each: {'yes', 'answer'}."""
+    import aggregate
+
+    rng = np.random.default_rng([0, 2022])
+    stats = {}
+    for role, runs in (("real", real), ("same_task", control)):
+        data = [{"seed": v["seed"], "folder": v["out_dir"], "data": aggregate.read_swept_run(Path(v["out_dir"]))}
+                for v in runs]
+        stats[role] = aggregate.role_statistics(data, rng)
+    answer, _, _, passing = aggregate.verdict(aggregate.summary_rows(stats), {"real", "same_task"}, len(real),
+                                              repeats)
+    return {"yes": bool(passing), "answer": answer}
 
 
 def site_power(runs: list, depths: set, key: str = "verdict") -> tuple:
@@ -455,14 +490,17 @@ def parse(argv=None):
     parser.add_argument("--rank_images", type=int, default=None)
     parser.add_argument("--fraction", type=float, default=0.2)
     parser.add_argument("--null", default="halves", choices=["halves", "identical"])
+    parser.add_argument("--control_seeds", type=literal, default=None,
+                        help="seeds of the further null networks that serve as the same_task control of the "
+                             "experiment-level checks (default [3, 4, 5]; [] leaves them out)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the simulation")
     parser.add_argument("--out_root", default=None, help="folder of the trained runs (default: "
                         ".bench/verdict_calibration/<hash of the training settings>)")
     args = parser.parse_args(argv)
     quick = dict(seeds=[0], epochs=1, draws=40, demo_per_class=10, classes=5, lesion_layers=[12, 16], repeats=20,
-                 rank_images=4, ranking="taylor")
+                 rank_images=4, ranking="taylor", control_seeds=[])
     full = dict(seeds=[0, 1, 2], epochs=4, draws=2000, demo_per_class=200, classes=5,
-                lesion_layers=[0, 12, 13, 15, 16], repeats=20, rank_images=8, ranking="loss")
+                lesion_layers=[0, 12, 13, 15, 16], repeats=20, rank_images=8, ranking="loss", control_seeds=[3, 4, 5])
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -502,6 +540,15 @@ def main(argv=None) -> int:
         hits_s, n_s = site_power(runs["shared"], post)
         hits_u, _ = site_power(runs["branched"], post, "verdict_uncorrected")
         print(f"power_uncorrected: {fmt_rate(hits_u, n)} (branched networks, before the correction)")
+        if runs["null_control"] and nulls:
+            v = experiment_verdict(nulls, runs["null_control"], args.repeats)
+            print(f"experiment_false_positive: {'yes' if v['yes'] else 'no'} (null networks of seeds {args.seeds} "
+                  f"as the real tasks, those of seeds {args.control_seeds} as their same_task control): "
+                  f"{v['answer']}")
+        if runs["shared"] and nulls:
+            v = experiment_verdict(runs["shared"], nulls, args.repeats)
+            print(f"experiment_shared: {'yes' if v['yes'] else 'no'} (the shared face/object networks against the "
+                  f"null networks of the same seeds as their same_task control): {v['answer']}")
     print(f"false_positive_rate: {fmt_rate(sim['yes'], sim['draws'])} (simulation, corrected verdict, "
           f"{sim['n_sites']} sites x {sim['n_rankings']} ranking(s), R={sim['repeats']})")
     print(f"false_positive_rate_uncorrected: {fmt_rate(sim['yes_uncorrected'], sim['draws'])} (simulation, "
