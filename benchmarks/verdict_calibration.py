@@ -73,7 +73,9 @@ Measured on 2026-12-04 (2-core machine; BENCHMARKS.md has the table and commands
 lesions as the index's null (multiple_testing.pair_null) and 10,000 draws: false_positive_rate 0.0406 [0.0369,
 0.0446] (406/10000), uncorrected 0.1809; the `stronger` scenario 0.158 (0.351 uncorrected); power 9/9 = 1.00
 [0.70, 1.00] with the loss ranking; power_shared 5/9; false_positive_rate_trained 3/3 with `halves` and 3/3 with
-`identical`. Before the closed ring (random order r against order r + 1 only) the simulated rate was 0.052
+`identical`. Experiment level (part 4): the null networks against null controls, not shown (no false positive);
+the shared face/object networks against the nulls as their same_task control, not shown (2 of 5 sites beyond
+random lesions, 1 beyond the control, none both). Before the closed ring (random order r against order r + 1 only) the simulated rate was 0.052
 [0.048, 0.057] over 10,000 draws, above the 1/21 it aims for: that open ring uses each random lesion twice, with
 both signs, and the two targeted lesions once, so an outlying lesion stands out more in the observed index than in
 a null one, and the maximum over sites favours the observed (0.053 [0.050, 0.057] in 20,000 draws, 0.046 with the
