@@ -17,7 +17,6 @@ from common import UsageError
 from settings import BACKBONES, HEADS, INIT_FORM, RECIPE
 
 
-
 # ----------------------------------------------------------------------------------------------------------
 # the model
 
@@ -29,7 +28,6 @@ def vgg_pool(image_size: int) -> int:
     the first fully connected layer (25,088 inputs for 512 numbers); a classifier that reads the map it has
     keeps the reference study's 7 x 7 at 224 px and stays 49 times smaller at 32 px."""
     return max(1, min(7, image_size // 32))
-
 
 
 class DualTaskNet(nn.Module):

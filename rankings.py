@@ -20,7 +20,6 @@ def selectivity(acts: dict, task: str) -> np.ndarray:
     return (own.mean(0) - other.mean(0)) / pooled
 
 
-
 def rank_by_activation(acts: dict, task: str) -> np.ndarray:
     """Channels ordered from most to least selective for `task` (ties broken by channel index)."""
     return _order(selectivity(acts, task))

@@ -17,7 +17,6 @@ import vggface2
 from common import UsageError
 
 
-
 BACKBONES = ("vgg16", "vgg19", "resnet50", "resnext50")
 OPTIMIZERS = ("adamw", "sgd")  # recipe 3 on; runs of recipes 1 and 2 trained with SGD
 STAGES = ("train", "lesion", "figures")

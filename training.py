@@ -23,7 +23,6 @@ from settings import RECIPE, TRAIN_LOG_COLUMNS
 from vggface2 import TaskData
 
 
-
 # Recipe 3 adds the optimizer setting, AdamW by default (recipe 1 and 2 runs trained with SGD).
 # The peak learning rate per 256 images when lr=None, per optimizer and backbone.
 # SGD (Nesterov momentum 0.9), scaled linearly to the images of a step (Goyal et al. 2017). Batch-normalised

@@ -56,6 +56,27 @@ def _assign_videos(videos: list, rng) -> dict:
     return {v: 2 if i < n_test else 1 if i < n_test + n_val else 0 for i, v in enumerate(order)}
 
 
+def _identity_videos(root: Path) -> dict:
+    """{identity: {video: frame files}} of the identity folders holding video folders of frames; image files lying
+    directly in an identity folder are skipped with a warning."""
+    identities, loose = {}, []
+    for d in sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")):
+        videos = {}
+        for v in sorted(d.iterdir()):
+            if v.is_dir() and not v.name.startswith("."):
+                frames = _list_images(v)
+                if frames:
+                    videos[_printable(v.name)] = frames
+            elif v.is_file() and v.suffix.lower() in IMAGE_EXTENSIONS:
+                loose.append(v)
+        if videos:
+            identities[_printable(d.name)] = videos
+    if loose:
+        _warn(f"{root}: skipped {len(loose)} image(s) lying directly in an identity folder, outside any video "
+              f"folder (first: {_printable(str(loose[0]))}); expected {_VOX_FORM}")
+    return identities
+
+
 def load_voxceleb(root, image_size: int, max_per_class=None, max_classes=None, seed: int = 0) -> TaskData:
     """VoxCeleb face frames (identity/video/frame.jpg), labelled by identity (label_kind "identity").
 
@@ -74,21 +95,7 @@ def load_voxceleb(root, image_size: int, max_per_class=None, max_classes=None, s
     identity folder are not frames of a video and are skipped with a warning.
     """
     root = Path(root)
-    identities, loose = {}, []
-    for d in sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")):
-        videos = {}
-        for v in sorted(d.iterdir()):
-            if v.is_dir() and not v.name.startswith("."):
-                frames = _list_images(v)
-                if frames:
-                    videos[_printable(v.name)] = frames
-            elif v.is_file() and v.suffix.lower() in IMAGE_EXTENSIONS:
-                loose.append(v)
-        if videos:
-            identities[_printable(d.name)] = videos
-    if loose:
-        _warn(f"{root}: skipped {len(loose)} image(s) lying directly in an identity folder, outside any video "
-              f"folder (first: {_printable(str(loose[0]))}); expected {_VOX_FORM}")
+    identities = _identity_videos(root)
     names = sorted(identities)
     if max_classes is not None:
         names = names[:max_classes]
