@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 import branches
-import lesion_utils
+import lesion_engine
 from common import UsageError
 from settings import BACKBONES, HEADS, INIT_FORM, RECIPE
 
@@ -92,7 +92,7 @@ class DualTaskNet(nn.Module):
                              f"copy; use head='split'")
         if self.branch_site is not None:
             raise UsageError(f"the network is already branched after {self.branch_site}")
-        paired = branches.branch_steps(self, lesion_utils.forward_chain(self), after, len(self.task_names))
+        paired = branches.branch_steps(self, lesion_engine.forward_chain(self), after, len(self.task_names))
         self.branch_site = after
         return paired
 
@@ -145,10 +145,10 @@ def build_model(config: dict, num_classes: dict, load_init: bool = True) -> Dual
     return model
 
 
-def branch_site(model: DualTaskNet, branch_at) -> lesion_utils.Site:
+def branch_site(model: DualTaskNet, branch_at) -> lesion_engine.Site:
     """The lesion site after which a network is branched: `branch_at` is its depth or module path among the
     unbranched network's sites (inner bottleneck sites excluded)."""
-    sites = lesion_utils.lesion_sites(model)
+    sites = lesion_engine.lesion_sites(model)
     by_name = {s.name: s for s in sites}
     if isinstance(branch_at, int) and not isinstance(branch_at, bool) and 0 <= branch_at < len(sites):
         return sites[branch_at]
