@@ -357,6 +357,15 @@ def verdict(rows: list, roles_run: set, n_seeds: int, repeats: int, void_resolut
         licence = ("This does not show that the networks lack task-specialised filters: more seeds, more random "
                    "repeats, better-trained heads, other rankings or finer lesion fractions could still find them. It "
                    "shows only that these runs give no evidence for them beyond the controls that ran.")
+    lost = [r for r in real if number(r["ci_low"]) > 0 and r not in passing and
+            all(number(r.get(k)) < ALPHA for _, k in tests)]
+    return answer, licence, _verdict_caveats(roles_run, n_seeds, repeats, void_resolution, lost, n_tests), passing
+
+
+def _verdict_caveats(roles_run: set, n_seeds: int, repeats: int, void_resolution: bool, lost: list,
+                     n_tests: int) -> list:
+    """What the experiment verdict cannot show: controls not run or void, too few seeds or random repeats, and
+    the site x ranking pairs (`lost`) that pass every comparison uncorrected but not after Holm's correction."""
     caveats = []
     if void_resolution:
         caveats.append("The resolution-matched runs saw the same images as the real runs: no task's native "
@@ -381,14 +390,12 @@ def verdict(rows: list, roles_run: set, n_seeds: int, repeats: int, void_resolut
         caveats.append(f"random_repeats={repeats}: each seed's p-value against random lesions cannot go below "
                        f"{floor:.3f}; Fisher's combination over {n_seeds} seed(s) may still not reach p < {ALPHA}. "
                        f"Use random_repeats={report.repeats_needed()} or more.")
-    lost = [r for r in real if number(r["ci_low"]) > 0 and r not in passing and
-            all(number(r.get(k)) < ALPHA for _, k in tests)]
     if lost:
         caveats.append(f"{len(lost)} site x ranking pair(s) pass every comparison at p < {ALPHA} uncorrected but not "
                        f"after Holm's correction for the {n_tests} tests: " + "; ".join(
                            f"{r['method']} {r['layer']}" for r in lost[:5]) + ("; ..." if len(lost) > 5 else "") +
                        ". The table's p-values are uncorrected; p_corrected is the row's corrected p.")
-    return answer, licence, caveats, passing
+    return caveats
 
 
 def _methods(rows: list) -> list:

@@ -194,7 +194,6 @@ def summary(config: dict, status: dict, results: list, diss: list, rankings: dic
     intact = intact_accuracies(results)
     diss = multiple_testing.corrected_rows(diss, results, force=False)
     caveats, table = [], ""
-    methods = list(dict.fromkeys(r["method"] for r in diss))
     if not results:
         answer = ("No lesion results yet (the lesion stage has not run): this run cannot say whether "
                   "task-specialised filters emerged.")
@@ -202,53 +201,75 @@ def summary(config: dict, status: dict, results: list, diss: list, rankings: dic
         answer = ("No dissociation index: it needs a targeted ranking (activation, loss, greedy or taylor) and "
                   "two tasks; this run's lesions give only the per-task drops shown below.")
     else:
-        f = headline_fraction(r["fraction"] for r in diss)
-        rows = [r for r in diss if abs(_num(r["fraction"]) - f) < 1e-6]
-        a, b = rows[0]["task_a"], rows[0]["task_b"]
-        n_sites = len({r["layer"] for r in rows})
-        passing = {m: [r["layer"] for r in rows if r["method"] == m and verdict(r) == "dissociates"]
-                   for m in methods}
-        criterion = (f"the index's 95% bootstrap interval above 0 and the index beyond the random-lesion pairs, "
-                     f"corrected p < {ALPHA}")
-        corrected = correction_text(multiple_testing.family(rows))
-        corrected = f", {corrected}" if corrected else ""
-        n_pass = len({s for sites in passing.values() for s in sites})
-        if n_pass:
-            answer = (f"Task-specialised filters: yes, at {n_pass} of {n_sites} sites{corrected}. At {f:.0%} "
-                      f"lesions, {a} and {b} filters dissociate ({criterion}) " + "; ".join(
-                          f"with the {m} ranking at " + (f"{len(s)} site(s): {_names(s)}" if s else "no site")
-                          for m, s in passing.items()) + ". One network cannot tell whether the split comes from "
-                      "the tasks or from two heads (two heads learning one task split too): an experiment's same_task "
-                      "control can.")
-        else:
-            answer = (f"Task-specialised filters: not shown{corrected}. At {f:.0%} lesions, no site dissociates "
-                      f"{a} from {b} filters ({criterion}) with the {' or the '.join(methods)} ranking "
-                      f"({n_sites} sites lesioned).")
-        shown = [r for r in rows if verdict(r) not in ("no dissociation (interval includes 0)",
-                                                           "undefined (a head at chance)")]
-        if shown:
-            table = _table([{"ranking": r["method"], "site": f"{r['layer']} (depth {r['depth']})",
-                             "index [95% CI]": _ci(r), "p vs random pairs": _p(r.get("p_index")),
-                             "p corrected": _p(r.get("p_corrected")), "verdict": verdict(r)} for r in shown],
-                           ["ranking", "site", "index [95% CI]", "p vs random pairs", "p corrected", "verdict"])
-        else:
-            answer += " At no site does any ranking's interval exclude 0."
-        if n_pass:  # what benchmarks/verdict_calibration.py measured (BENCHMARKS.md, 2026-12-04)
-            caveats.append("A single network's 'yes' does not separate task specialisation from two readouts: two "
-                           "heads trained on one face task, on halves of its images or on the very same images, "
-                           "lean on different filters at the late sites, and 3 of 3 such ResNet50s of each kind got "
-                           "'yes' there (indices 0.1 to 0.4; benchmarks/verdict_calibration.py). An experiment's "
-                           "same_task control (the first task's images dealt to two heads) measures that split, and "
-                           "its verdict asks the real index to beat it.")
-        # the split-half overlap is kept for the top 10% and 20%: the one nearer the headline fraction
-        caveats += _dissociation_caveats(rows, rankings, f) + _reliability_caveats(rankings, 0.2 if f >= 0.15 else 0.1)
-        beyond = list(dict.fromkeys(r["layer"] for r in rows if r["method"] == "greedy"
-                                    and str(r.get("beyond_greedy_stop", "")).strip() == "1"))
-        if beyond:
-            caveats.append(f"At {f:.0%} lesions the greedy ranking's sets reach past its stop (greedy_stop "
-                           f"{config.get('greedy_stop', 0.2)}) at {len(beyond)} site(s), {_names(beyond)}: their "
-                           f"last filters follow the last greedy step's scores rather than a greedy choice "
-                           f"(beyond_greedy_stop in dissociation.csv); raise greedy_stop to rank them greedily.")
+        answer, table, caveats = _dissociation_answer(config, diss, rankings)
+    answer, caveats = _run_caveats(config, status, results, diss, intact, checkup, answer, caveats)
+    parts = [f'<div class="answer"><p class="verdict">{html.escape(answer)}</p>{table}']
+    if intact:
+        parts.append("<p>Intact test accuracy: " + "; ".join(
+            f"{t} {acc:.3f} (chance {chance:.3f})" for t, (acc, _, chance) in intact.items()) + ".</p>")
+    parts.append("<p><b>Caveats</b></p><ul class='caveats'>" +
+                 "".join(f"<li>{html.escape(c)}</li>" for c in caveats) + "</ul></div>")
+    return "".join(parts)
+
+
+def _dissociation_answer(config: dict, diss: list, rankings: dict) -> tuple:
+    """(answer, compact table, caveats) of a run with dissociation rows, at the headline fraction."""
+    methods = list(dict.fromkeys(r["method"] for r in diss))
+    caveats, table = [], ""
+    f = headline_fraction(r["fraction"] for r in diss)
+    rows = [r for r in diss if abs(_num(r["fraction"]) - f) < 1e-6]
+    a, b = rows[0]["task_a"], rows[0]["task_b"]
+    n_sites = len({r["layer"] for r in rows})
+    passing = {m: [r["layer"] for r in rows if r["method"] == m and verdict(r) == "dissociates"]
+               for m in methods}
+    criterion = (f"the index's 95% bootstrap interval above 0 and the index beyond the random-lesion pairs, "
+                 f"corrected p < {ALPHA}")
+    corrected = correction_text(multiple_testing.family(rows))
+    corrected = f", {corrected}" if corrected else ""
+    n_pass = len({s for sites in passing.values() for s in sites})
+    if n_pass:
+        answer = (f"Task-specialised filters: yes, at {n_pass} of {n_sites} sites{corrected}. At {f:.0%} "
+                  f"lesions, {a} and {b} filters dissociate ({criterion}) " + "; ".join(
+                      f"with the {m} ranking at " + (f"{len(s)} site(s): {_names(s)}" if s else "no site")
+                      for m, s in passing.items()) + ". One network cannot tell whether the split comes from "
+                  "the tasks or from two heads (two heads learning one task split too): an experiment's same_task "
+                  "control can.")
+    else:
+        answer = (f"Task-specialised filters: not shown{corrected}. At {f:.0%} lesions, no site dissociates "
+                  f"{a} from {b} filters ({criterion}) with the {' or the '.join(methods)} ranking "
+                  f"({n_sites} sites lesioned).")
+    shown = [r for r in rows if verdict(r) not in ("no dissociation (interval includes 0)",
+                                                       "undefined (a head at chance)")]
+    if shown:
+        table = _table([{"ranking": r["method"], "site": f"{r['layer']} (depth {r['depth']})",
+                         "index [95% CI]": _ci(r), "p vs random pairs": _p(r.get("p_index")),
+                         "p corrected": _p(r.get("p_corrected")), "verdict": verdict(r)} for r in shown],
+                       ["ranking", "site", "index [95% CI]", "p vs random pairs", "p corrected", "verdict"])
+    else:
+        answer += " At no site does any ranking's interval exclude 0."
+    if n_pass:  # what benchmarks/verdict_calibration.py measured (BENCHMARKS.md, 2026-12-04)
+        caveats.append("A single network's 'yes' does not separate task specialisation from two readouts: two "
+                       "heads trained on one face task, on halves of its images or on the very same images, "
+                       "lean on different filters at the late sites, and 3 of 3 such ResNet50s of each kind got "
+                       "'yes' there (indices 0.1 to 0.4; benchmarks/verdict_calibration.py). An experiment's "
+                       "same_task control (the first task's images dealt to two heads) measures that split, and "
+                       "its verdict asks the real index to beat it.")
+    # the split-half overlap is kept for the top 10% and 20%: the one nearer the headline fraction
+    caveats += _dissociation_caveats(rows, rankings, f) + _reliability_caveats(rankings, 0.2 if f >= 0.15 else 0.1)
+    beyond = list(dict.fromkeys(r["layer"] for r in rows if r["method"] == "greedy"
+                                and str(r.get("beyond_greedy_stop", "")).strip() == "1"))
+    if beyond:
+        caveats.append(f"At {f:.0%} lesions the greedy ranking's sets reach past its stop (greedy_stop "
+                       f"{config.get('greedy_stop', 0.2)}) at {len(beyond)} site(s), {_names(beyond)}: their "
+                       f"last filters follow the last greedy step's scores rather than a greedy choice "
+                       f"(beyond_greedy_stop in dissociation.csv); raise greedy_stop to rank them greedily.")
+    return answer, table, caveats
+
+
+def _run_caveats(config: dict, status: dict, results: list, diss: list, intact: dict, checkup: dict | None,
+                 answer: str, caveats: list) -> tuple:
+    """(answer, caveats) with what the whole run calls for: heads near chance, training health, random repeats,
+    keep-only lesions, parts that failed, and what one network cannot show."""
     weak, near_chance = [], []
     for task, (accuracy, n, chance) in intact.items():
         low, high = wilson(accuracy, n)
@@ -287,13 +308,7 @@ def summary(config: dict, status: dict, results: list, diss: list, rankings: dic
                        f"from other seeds, a resolution-matched control, a pseudo-task control or single-task "
                        f"networks, this run cannot show that a split holds across networks or comes from the tasks "
                        f"rather than from their images (the seeds and controls settings run them).")
-    parts = [f'<div class="answer"><p class="verdict">{html.escape(answer)}</p>{table}']
-    if intact:
-        parts.append("<p>Intact test accuracy: " + "; ".join(
-            f"{t} {acc:.3f} (chance {chance:.3f})" for t, (acc, _, chance) in intact.items()) + ".</p>")
-    parts.append("<p><b>Caveats</b></p><ul class='caveats'>" +
-                 "".join(f"<li>{html.escape(c)}</li>" for c in caveats) + "</ul></div>")
-    return "".join(parts)
+    return answer, caveats
 
 
 def _dissociation_caveats(rows: list, rankings: dict, fraction: float) -> list:
@@ -416,21 +431,7 @@ def build_report(run_dir) -> Path:
     r.section("Summary")
     r.raw(summary(config, status, results, diss, rankings, health.read(run_dir)))
 
-    r.section("Intact accuracy")
-    intact = intact_accuracies(results)
-    if not intact:
-        r.skip("lesion_results.csv is missing: the lesion stage has not run")
-    r.what("Each head's test accuracy on its own task before any lesion, with its 95% Wilson interval, and each "
-           "task's data.")
-    rows = []
-    for t, v in config.get("tasks", {}).items():
-        row = {"task": t, "classes": v["classes"], "chance": f"{v['chance']:.3f}", "source": v["source"],
-               **v["counts"]}
-        if t in intact:
-            a, n, _ = intact[t]
-            row.update({"accuracy": f"{a:.3f}", "95% interval": "{:.3f} to {:.3f}".format(*wilson(a, n))})
-        rows.append(row)
-    r.raw(_table(rows, ["task", "accuracy", "95% interval", "chance", "classes", "train", "val", "test", "source"]))
+    _intact_section(r, config, results)
 
     r.section("Lesions by depth")
     r.figure("lesion_effects.png", "Chance-corrected drop of each task's accuracy when the most task-important "
@@ -453,6 +454,47 @@ def build_report(run_dir) -> Path:
     r.figure("training_curves.png", "Accuracy and loss of each head on its own task, per epoch, on training "
              "batches (augmented) and on the validation images.", "training curves")
 
+    _gradcam_section(r, run_dir, tasks)
+
+    _stimuli_section(r, run_dir)
+
+    r.section("Layer-wise decoding")
+    r.figure("decoding_by_depth.png", "Cross-validated accuracy of a linear probe reading each task's labels "
+             "from each site's spatially pooled activations: where task information becomes linearly "
+             "separable, to set beside where lesions dissociate.", "decoding")
+
+    _settings_section(r, config)
+
+    title = f"Dual-task lesion report: {run_dir.name} ({config.get('backbone', '?')})"
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
+            f"<p>Built {stamp} from the files in {html.escape(str(run_dir))}.</p>" + "".join(r.parts) +
+            "</body></html>")
+    out = run_dir / "report.html"
+    write_text(out, page)
+    return out
+
+
+def _intact_section(r: Report, config: dict, results: list) -> None:
+    r.section("Intact accuracy")
+    intact = intact_accuracies(results)
+    if not intact:
+        r.skip("lesion_results.csv is missing: the lesion stage has not run")
+    r.what("Each head's test accuracy on its own task before any lesion, with its 95% Wilson interval, and each "
+           "task's data.")
+    rows = []
+    for t, v in config.get("tasks", {}).items():
+        row = {"task": t, "classes": v["classes"], "chance": f"{v['chance']:.3f}", "source": v["source"],
+               **v["counts"]}
+        if t in intact:
+            a, n, _ = intact[t]
+            row.update({"accuracy": f"{a:.3f}", "95% interval": "{:.3f} to {:.3f}".format(*wilson(a, n))})
+        rows.append(row)
+    r.raw(_table(rows, ["task", "accuracy", "95% interval", "chance", "classes", "train", "val", "test", "source"]))
+
+
+def _gradcam_section(r: Report, run_dir: Path, tasks: list) -> None:
     r.section("Where each head looks (Grad-CAM)")
     if not r.failed("Grad-CAM"):
         overlap = run_dir / "gradcam_overlap.csv"
@@ -479,6 +521,8 @@ def build_report(run_dir) -> Path:
             r.raw(_table(overlap_rows, shown))
             r.raw(f"<p>{html.escape(overlap_reading(overlap_rows))}</p>")
 
+
+def _stimuli_section(r: Report, run_dir: Path) -> None:
     r.section("Preferred stimuli")
     if not r.failed("preferred stimuli"):
         stimuli = sorted((run_dir / "figures").glob("stimuli_*.png")) if (run_dir / "figures").exists() else []
@@ -497,11 +541,8 @@ def build_report(run_dir) -> Path:
         if not stimuli:
             r.skip("no figures/stimuli_*.png: they need rankings.json from the lesion stage and the figures stage")
 
-    r.section("Layer-wise decoding")
-    r.figure("decoding_by_depth.png", "Cross-validated accuracy of a linear probe reading each task's labels "
-             "from each site's spatially pooled activations: where task information becomes linearly "
-             "separable, to set beside where lesions dissociate.", "decoding")
 
+def _settings_section(r: Report, config: dict) -> None:
     r.section("Settings and provenance")
     r.what("The resolved settings of this run (config.json): backbone, data, training and lesion parameters, "
            "package versions, device, command line and git commit.")
@@ -509,16 +550,6 @@ def build_report(run_dir) -> Path:
     r.raw("<details><summary>All settings</summary>" +
           _table([{"setting": k, "value": json.dumps(v)} for k, v in shown.items()], ["setting", "value"]) +
           "</details>")
-
-    title = f"Dual-task lesion report: {run_dir.name} ({config.get('backbone', '?')})"
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
-            f"<p>Built {stamp} from the files in {html.escape(str(run_dir))}.</p>" + "".join(r.parts) +
-            "</body></html>")
-    out = run_dir / "report.html"
-    write_text(out, page)
-    return out
 
 
 # gradcam_overlap.csv's columns as the report shows them; a run written before the permutation test has sd

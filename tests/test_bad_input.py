@@ -246,8 +246,8 @@ def test_leftover_temporaries_are_removed_and_nothing_else(tmp_path, finished_ru
 KILLER = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, {root!r})
-    import common, dualtask, experiment, lesion_utils, torch, ResNet
-    target = {{"dualtask": dualtask, "lesion_utils": lesion_utils, "torch": torch}}[{module!r}]
+    import common, experiment, lesion_utils, torch, training, ResNet
+    target = {{"training": training, "lesion_utils": lesion_utils, "torch": torch}}[{module!r}]
     real, calls = getattr(target, {name!r}), []
 
     def patched(*args, **kwargs):
@@ -264,7 +264,7 @@ KILLER = textwrap.dedent("""
 """)
 
 KILLS = [
-    ("after the checkpoint, before the log", "dualtask", "write_csv", 1, "before", False),
+    ("after the checkpoint, before the log", "training", "write_csv", 1, "before", False),
     ("inside the second checkpoint write", "torch", "save", 2, "after", True),
     ("at the second site's ranking", "lesion_utils", "rank_site", 2, "before", True),
     ("after a site's results, before its progress", "lesion_utils", "write_text", 4, "before", False),

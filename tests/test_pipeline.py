@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import dualtask
+import training
 import vgg16
 import vggface2
 from conftest import ROOT, SHARED_DATA, TINY, TINY_LESION, run_script
@@ -107,12 +108,12 @@ def straight_and_resumed(make_config, tmp_path, monkeypatch, capsys) -> tuple:
     """Train a 2-epoch run straight through, and again killed in its second epoch then resumed: the two
     checkpoints' weights (the resumed run's output checked to say it resumed)."""
     dualtask.run(make_config(tmp_path / "straight"))
-    real_evaluate = dualtask.evaluate
-    monkeypatch.setattr(dualtask, "evaluate", interrupted_at_call(2, real_evaluate))  # in epoch 2
+    real_evaluate = training.evaluate
+    monkeypatch.setattr(training, "evaluate", interrupted_at_call(2, real_evaluate))  # in epoch 2
     with pytest.raises(KeyboardInterrupt):
         dualtask.run(make_config(tmp_path / "resumed"))
     assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["epoch"] == 1
-    monkeypatch.setattr(dualtask, "evaluate", real_evaluate)
+    monkeypatch.setattr(training, "evaluate", real_evaluate)
     capsys.readouterr()
     dualtask.run(make_config(tmp_path / "resumed"))
     assert "resuming from epoch 1" in capsys.readouterr().out
