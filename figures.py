@@ -129,13 +129,16 @@ def dissociation_by_depth(run_dir: Path) -> Path | None:
         null = df.drop_duplicates("depth")
         n_random = int(null["n_random"].max())
         ax.fill_between(null["depth"], null["null_low"], null["null_high"], color="0.55", alpha=0.3, lw=0,
-                        label=f"random-lesion pairs (range of {n_random})")
+                        label=f"other pairs of the lesion ring (range of {n_random + 1})")
     for method, colour in zip(dict.fromkeys(df["method"]), sns.color_palette(PALETTE)):
         sub = df[df["method"] == method]
         ax.fill_between(sub["depth"], sub["ci_low"], sub["ci_high"], color=colour, alpha=0.2, lw=0,
                         label=f"{method}: 95% bootstrap CI")
         ax.plot(sub["depth"], sub["index"], marker="o", ms=4, color=colour, label=f"{method} ranking")
     ax.axhline(0, color="0.3", lw=0.8)
+    if not np.isfinite(df["index"].to_numpy(dtype=float)).any():
+        ax.text(0.5, 0.5, "no index defined: a head is at chance (see the report)", transform=ax.transAxes,
+                ha="center", va="center", color="0.3")
     ax.set_xlabel("lesion site (depth, 0 = first)")
     ax.set_ylabel("double-dissociation index\n(sum of chance-corrected drop differences)")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
