@@ -144,6 +144,7 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 
 CHECKPOINT_KEYS = ("model", "epoch", "config", "classes")
+READOUT_DIR = "refit_readout"  # a run's sweep through refitted readouts (readouts.py), inside the run folder
 
 
 def load_checkpoint(path: Path, device="cpu", mmap: bool = False) -> dict:

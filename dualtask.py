@@ -243,6 +243,7 @@ def run(config: dict) -> None:
             if dist.main and config["epochs"] > 0 and (config.get("retrain") or not _finished(out_dir, config)):
                 for stale in lesion_utils.SWEEP_FILES.values():  # results of an older model no longer hold
                     (out_dir / stale).unlink(missing_ok=True)
+                    (out_dir / lesion_utils.READOUT_DIR / stale).unlink(missing_ok=True)
             train(model, images, config, out_dir, dist)
         # the checkpoint's weights in every process (under DDP each process's batch-norm statistics end on its
         # own last batch): a sweep shared out across processes is the sweep of one
@@ -251,6 +252,9 @@ def run(config: dict) -> None:
             model.load_state_dict(load_checkpoint(out_dir / "checkpoint.pt", dist.device)["model"])
         if "lesion" in config["stages"]:  # every process sweeps its share of the sites; process 0 writes
             lesion_utils.lesion_stage(model, images, config, out_dir, dist.rank, dist.world, dist.gather)
+            if config.get("refit_readout", False):  # the same lesions through readouts refitted to them
+                dist.barrier()  # rankings.json, which process 0 wrote last, is read by every process
+                lesion_utils.readout_stage(model, images, config, out_dir, dist.rank, dist.world, dist.gather)
             epoch_sweeps(model, images, config, out_dir, dist)
         if not dist.main:
             return

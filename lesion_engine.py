@@ -180,6 +180,21 @@ class SiteRunner:
     def suffix_with(self, cached: torch.Tensor, transform) -> dict:
         """{task: logits (B, classes)} of the rest of the network with `transform` applied to the site's output
         (the masks of a lesion, or a differentiable scaling for first-order scores from a cached prefix)."""
+        x = self.features_with(cached, transform)
+        outputs = getattr(self.model, "head_outputs", None)  # DualTaskNet's, split or joint; a plain net: its heads
+        return outputs(x) if outputs is not None else {t: head(x) for t, head in self.model.heads.items()}
+
+    def readout_inputs(self, cached: torch.Tensor, keep: torch.Tensor, add: torch.Tensor) -> dict:
+        """{task: what its readout reads (M, B, width)} for M masks applied to a cached batch: the trunk's
+        features, or a branched network's task copy's part of them."""
+        m, b = keep.shape[0], cached.shape[0]
+        x = self.features_with(cached.repeat(m, *([1] * (cached.ndim - 1))), lambda out: apply_mask(out, keep, add, m))
+        inputs = getattr(self.model, "head_inputs", None)
+        per_task = inputs(x) if inputs is not None else {t: x for t in self.model.heads}
+        return {t: v.reshape(m, b, -1) for t, v in per_task.items()}
+
+    def features_with(self, cached: torch.Tensor, transform) -> torch.Tensor:
+        """The trunk's features (B, width), the heads' input, with `transform` applied to the site's output."""
         handle = None
         if self.inner:  # the site lies inside the first suffix step: transform its output there
             x = cached
@@ -192,8 +207,7 @@ class SiteRunner:
         finally:
             if handle is not None:
                 handle.remove()
-        outputs = getattr(self.model, "head_outputs", None)  # DualTaskNet's, split or joint; a plain net: its heads
-        return outputs(x) if outputs is not None else {t: head(x) for t, head in self.model.heads.items()}
+        return x
 
 
 def image_batches(images: dict, split: str = "test", batch_size: int = 200, n_per_task=None, seed: int = 0) -> list:

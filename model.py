@@ -96,12 +96,18 @@ class DualTaskNet(nn.Module):
         self.branch_site = after
         return paired
 
+    def head_inputs(self, features: torch.Tensor) -> dict:
+        """{task: what its readout reads} of the trunk's features (B, width): the features themselves, or in a
+        branched network (its copies' features side by side) the task's own copy's part."""
+        if self.branch_site is not None:
+            return dict(zip(self.task_names, features.chunk(len(self.task_names), dim=1)))
+        return {task: features for task in self.task_names}
+
     def head_outputs(self, features: torch.Tensor) -> dict:
         """{task: logits} of the trunk's features (B, width): each head's, or the joint layer's in task order.
         A branched network's features are its copies' side by side: each head reads its own copy's."""
         if self.branch_site is not None:
-            parts = features.chunk(len(self.task_names), dim=1)
-            return {task: self.heads[task](part) for task, part in zip(self.task_names, parts)}
+            return {task: self.heads[task](part) for task, part in self.head_inputs(features).items()}
         if self.head == "split":
             return {task: head(features) for task, head in self.heads.items()}
         logits = self.joint(features)

@@ -14,7 +14,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from common import exit_on_damaged_files, number as _num, read_csv, read_json, write_text
+from common import exit_on_damaged_files, number as _num, read_csv, read_json, READOUT_DIR, write_text
 import health
 import multiple_testing
 from figures import headline_fraction, stimuli_file
@@ -184,12 +184,14 @@ def correction_text(family: dict) -> str:
     return ""
 
 
-def summary(config: dict, status: dict, results: list, diss: list, rankings: dict, checkup: dict | None = None) -> str:
+def summary(config: dict, status: dict, results: list, diss: list, rankings: dict, checkup: dict | None = None,
+            refit: list | None = None) -> str:
     """The report's first screen: the answer (per ranking, the sites where the dissociation index's 95%
     interval excludes 0 and the index beats the random-lesion null after the correction for every site x
     ranking at the headline fraction, `multiple_testing`), a compact table, and the caveats this run's own
     numbers call for. results, diss, rankings: the rows of lesion_results.csv and dissociation.csv and
-    rankings.json (empty when missing); checkup: the run's train_health.json (empty when missing). Rows of
+    rankings.json (empty when missing); checkup: the run's train_health.json (empty when missing); refit: the
+    rows of refit_readout/dissociation.csv (the same lesions through refitted readouts), None when not run. Rows of
     dissociation.csv without p_corrected (a sweep made before it) get it from lesion_results.csv's random drops."""
     intact = intact_accuracies(results)
     diss = multiple_testing.corrected_rows(diss, results, force=False)
@@ -202,6 +204,7 @@ def summary(config: dict, status: dict, results: list, diss: list, rankings: dic
                   "two tasks; this run's lesions give only the per-task drops shown below.")
     else:
         answer, table, caveats = _dissociation_answer(config, diss, rankings)
+        answer, caveats = answer + " " + _refit_sentence(refit, caveats), caveats
     answer, caveats = _run_caveats(config, status, results, diss, intact, checkup, answer, caveats)
     parts = [f'<div class="answer"><p class="verdict">{html.escape(answer)}</p>{table}']
     if intact:
@@ -264,6 +267,35 @@ def _dissociation_answer(config: dict, diss: list, rankings: dict) -> tuple:
                        f"last filters follow the last greedy step's scores rather than a greedy choice "
                        f"(beyond_greedy_stop in dissociation.csv); raise greedy_stop to rank them greedily.")
     return answer, table, caveats
+
+
+def _refit_sentence(refit: list | None, caveats: list) -> str:
+    """What the refitted readouts (readouts.py) say at the headline fraction, in a sentence; adds its caveat."""
+    if refit is None:
+        caveats.append("Refitted readouts not run (refit_readout=False): the lesions were scored through the "
+                       "network's own heads only, which shows which filters each head reads, not that the filters "
+                       "carry what each task needs (two heads of one task read different filters too).")
+        return ""
+    if not refit:
+        return "The refitted readouts found no index to compute."
+    f = headline_fraction(r["fraction"] for r in refit)
+    rows = [r for r in refit if abs(_num(r["fraction"]) - f) < 1e-6]
+    a, b = rows[0]["task_a"], rows[0]["task_b"]
+    sites = list(dict.fromkeys(r["layer"] for r in rows if verdict(r) == "dissociates"))
+    n_sites = len({r["layer"] for r in rows})
+    caveats.append("Refitted readouts (refit_readout/): every lesion scored again by linear readouts fitted anew "
+                   "to the lesioned features, per task (what the features still hold, not what a head reads). Two "
+                   "heads of one task cannot dissociate there, but a network can compensate: in "
+                   "benchmarks/verdict_calibration.py they said 'no' on the same-task networks and found few of the "
+                   "branched networks' own-copy lesions (BENCHMARKS.md), so 'not shown' there is weak evidence.")
+    how = correction_text(multiple_testing.family(rows))
+    if sites:
+        return (f"Through readouts refitted to the lesioned features, {a} and {b} filters dissociate at "
+                f"{len(sites)} of {n_sites} sites ({_names(sites)}){', ' + how if how else ''}: there the "
+                f"filters carry what one task needs more than the other, which two heads of one task cannot show.")
+    return (f"Through readouts refitted to the lesioned features, no site dissociates{', ' + how if how else ''} "
+            f"({n_sites} sites): what the filters carry, as a fresh linear readout finds it, is not shown to differ "
+            f"between the tasks.")
 
 
 def _run_caveats(config: dict, status: dict, results: list, diss: list, intact: dict, checkup: dict | None,
@@ -427,9 +459,10 @@ def build_report(run_dir) -> Path:
     diss = multiple_testing.corrected_rows(diss, results, force=False)  # a sweep made before p_corrected
     rankings = read_json(rankings_path, lambda v: isinstance(v, dict), "rankings by site") \
         if rankings_path.exists() else {}
+    refit = read_refit(run_dir)
     r = Report(run_dir, status)
     r.section("Summary")
-    r.raw(summary(config, status, results, diss, rankings, health.read(run_dir)))
+    r.raw(summary(config, status, results, diss, rankings, health.read(run_dir), refit))
 
     _intact_section(r, config, results)
 
@@ -444,6 +477,12 @@ def build_report(run_dir) -> Path:
              "95% bootstrap interval over test images, beside the range of indices built from pairs of random "
              "lesions (grey).", "dissociation by depth")
     r.raw(_dissociation_table(diss))
+    if refit:
+        r.section("Refitted readouts")
+        r.what("The same lesions, each task scored by a linear readout (ridge on standardised features) fitted anew "
+               "to the lesioned network's features on its training images: what the features still hold for the "
+               "task, rather than what its head reads (refit_readout/).")
+        r.raw(_dissociation_table(refit))
     if config.get("lesion_epochs"):
         r.section("Dissociation by epoch")
         r.figure("dissociation_by_epoch.png", "The index by depth for each swept epoch (epoch_<N>/ holds each "
@@ -474,6 +513,16 @@ def build_report(run_dir) -> Path:
     out = run_dir / "report.html"
     write_text(out, page)
     return out
+
+
+def read_refit(run_dir: Path) -> list | None:
+    """The rows of a run's refit_readout/dissociation.csv, corrected as the sweep's; None when it did not run."""
+    folder = Path(run_dir) / READOUT_DIR
+    if not (folder / "dissociation.csv").exists():
+        return None
+    results = read_csv(folder / "lesion_results.csv", INTACT_COLUMNS) if (folder / "lesion_results.csv").exists() else []
+    return multiple_testing.corrected_rows(read_csv(folder / "dissociation.csv", DISSOCIATION_COLUMNS), results,
+                                           force=False)
 
 
 def _intact_section(r: Report, config: dict, results: list) -> None:

@@ -179,6 +179,8 @@ SETTINGS = {
     "lesion_methods": _list_of(lambda m: m in lesion_utils.METHODS, f"names from {list(lesion_utils.METHODS)}"),
     "random_repeats": _integer(1),
     "rank_images": _integer(1),
+    "refit_readout": _FLAG,
+    "readout_images": _integer(2),
     "lesion_layers": ((lambda v: v is None or (isinstance(v, list) and v and all(_site_name(s) for s in v))),
                       "None or a non-empty list of site depths or module paths, e.g. [0, 4, 'trunk.layer4.2']"),
     "lesion_mode": _choice(("zero", "mean")),

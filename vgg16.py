@@ -41,6 +41,8 @@ greedy_candidates = None  # score only this many filters per greedy step, those 
 ranking_precision = "fp32"  # loss and greedy rankings on a GPU: "fp32" (TF32 allowed), or "bf16" where a check at the first site shows the same top-20% sets (else fp32); the CPU is fp32
 random_repeats = 10  # independent random filter orders (the control lesions)
 rank_images = 256  # training images per task used to rank filters (never the test images)
+refit_readout = False  # also score every lesion by linear readouts refitted to the lesioned features (into refit_readout/; about as long again as the sweep's lesions): what the filters carry for each task, where two heads of one task cannot differ, not only what each head reads
+readout_images = 500  # training images per task the refitted readouts are fitted on
 ranking_reliability = True  # also rank on each half of the ranking images and report how well the halves agree (costs as much again as ranking)
 lesion_layers = None  # sites to lesion, as depths or module paths; None = every site
 lesion_mode = "zero"  # "zero" silences filters; "mean" holds them at their mean activation

@@ -315,7 +315,7 @@ def base_config(args, seed: int, out_dir: Path) -> dict:
                   lesion_methods=[args.ranking, "random"], lesion_layers=list(args.lesion_layers),
                   random_repeats=args.repeats, rank_images=args.rank_images, ranking_reliability=False,
                   lesion_fractions=[0.0, args.fraction], face_data="demo", object_data="demo", tasks=None,
-                  branch_at=None, retrain=False)
+                  branch_at=None, retrain=False, refit_readout=args.refit, readout_images=args.readout_images)
     return config
 
 
@@ -383,6 +383,9 @@ def read_run(out_dir: Path) -> dict:
         print(f"warning: {out_dir}: report.summary says '{said.group(1)}', run_verdict says yes={v['yes']}",
               file=sys.stderr)
     v["intact"] = {t: a for t, (a, _, _) in report.intact_accuracies(results).items()}
+    folder = out_dir / report.READOUT_DIR  # the same lesions through refitted readouts (readouts.py), when run
+    if (folder / "dissociation.csv").exists():
+        v["refit"] = run_verdict(read_csv(folder / "dissociation.csv"), read_csv(folder / "lesion_results.csv"))
     return v
 
 
@@ -419,6 +422,10 @@ def trained(args) -> dict:
                   f"{'yes' if v['yes_uncorrected'] else 'no'}", flush=True)
             for r in v["rows"]:
                 print(site_line(r), flush=True)
+            if "refit" in v:
+                print(f"  refitted readouts: verdict {'yes' if v['refit']['yes'] else 'not shown'}", flush=True)
+                for r in v["refit"]["rows"]:
+                    print(site_line(r), flush=True)
     out["null_control"] = []
     if "null" in args.kinds:  # more null networks: the same_task control of the experiment-level checks
         for seed in args.control_seeds:
@@ -445,6 +452,21 @@ def experiment_verdict(real: list, control: list, repeats: int) -> dict:
     answer, _, _, passing = aggregate.verdict(aggregate.summary_rows(stats), {"real", "same_task"}, len(real),
                                               repeats)
     return {"yes": bool(passing), "answer": answer}
+
+
+def both_rows(runs: list) -> list:
+    """Runs whose rows are 'dissociates' only where the row dissociates through the heads and through the
+    refitted readouts (same site, ranking and fraction)."""
+    out = []
+    for v in runs:
+        refit = {(r["layer"], r["method"]): r["verdict"] for r in v.get("refit", {}).get("rows", [])}
+        out.append({"rows": [dict(r, verdict=YES if r["verdict"] == YES and refit.get((r["layer"], r["method"])) ==
+                                  YES else "no") for r in v["rows"]]})
+    return out
+
+
+def both_yes(v: dict) -> bool:
+    return any(r["verdict"] == YES for r in both_rows([v])[0]["rows"])
 
 
 def site_power(runs: list, depths: set, key: str = "verdict") -> tuple:
@@ -495,6 +517,9 @@ def parse(argv=None):
     parser.add_argument("--control_seeds", type=literal, default=None,
                         help="seeds of the further null networks that serve as the same_task control of the "
                              "experiment-level checks (default [3, 4, 5]; [] leaves them out)")
+    parser.add_argument("--refit", type=literal, default=True, help="also score the lesions by refitted readouts "
+                        "(refit_readout; True or False)")
+    parser.add_argument("--readout_images", type=int, default=500, help="training images per task of each readout")
     parser.add_argument("--seed", type=int, default=0, help="seed of the simulation")
     parser.add_argument("--out_root", default=None, help="folder of the trained runs (default: "
                         ".bench/verdict_calibration/<hash of the training settings>)")
@@ -542,6 +567,17 @@ def main(argv=None) -> int:
         hits_s, n_s = site_power(runs["shared"], post)
         hits_u, _ = site_power(runs["branched"], post, "verdict_uncorrected")
         print(f"power_uncorrected: {fmt_rate(hits_u, n)} (branched networks, before the correction)")
+        refit = [v for v in nulls if "refit" in v]
+        if refit:  # the same lesions through refitted readouts (readouts.py), and both verdicts together
+            print(f"false_positive_rate_trained_refit: {fmt_rate(sum(v['refit']['yes'] for v in refit), len(refit))}"
+                  f" (the same null networks, lesions scored by refitted readouts)")
+            print(f"false_positive_rate_trained_both: "
+                  f"{fmt_rate(sum(both_yes(v) for v in refit), len(refit))} (a site dissociating both ways)")
+            for kind in ("branched", "shared"):
+                runs_refit = [v["refit"] for v in runs[kind] if "refit" in v]
+                if runs_refit:
+                    print(f"power_{kind}_refit: {fmt_rate(*site_power(runs_refit, post))} (post-branch sites, "
+                          f"refitted readouts); both ways: {fmt_rate(*site_power(both_rows(runs[kind]), post))}")
         if runs["null_control"] and nulls:
             v = experiment_verdict(nulls, runs["null_control"], args.repeats)
             print(f"experiment_false_positive: {'yes' if v['yes'] else 'no'} (null networks of seeds {args.seeds} "

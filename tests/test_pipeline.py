@@ -30,7 +30,8 @@ def read_rows(path):
 def test_demo_end_to_end_writes_every_output(tmp_path, script):
     out = tmp_path / "run"
     narrow = ["--fc_width=64"] if script.startswith("vgg") else []
-    p = run_script(script, *TINY, *TINY_LESION, *narrow, f"--out_dir={out}")
+    p = run_script(script, *TINY, *TINY_LESION, *narrow, "--refit_readout=True", "--readout_images=40",
+                   f"--out_dir={out}")
     assert p.returncode == 0, p.stderr[-3000:]
     config = json.loads((out / "config.json").read_text())
     assert config["image_size"] == 32 and config["tasks"]["face"]["classes"] == 10
@@ -73,10 +74,21 @@ def test_demo_end_to_end_writes_every_output(tmp_path, script):
     assert len(rankings[sites[0]]["random"]) == 3 and set(rankings[sites[0]]["loss"]) == {"face", "object"}
     for name in ("lesion_effects.png", "dissociation_by_depth.png", "training_curves.png"):
         assert (out / "figures" / name).stat().st_size > 10_000
+    # the same lesions through refitted readouts: the same rows, their own accuracies, read by the report
+    assert "refitted readouts, site 2/2 " in p.stdout
+    refit = read_rows(out / "refit_readout" / "lesion_results.csv")
+    assert [(r["layer"], r["method"], r["target"], r["fraction"], r["eval_task"]) for r in refit] == \
+        [(r["layer"], r["method"], r["target"], r["fraction"], r["eval_task"]) for r in rows]
+    assert all(0 <= float(r["accuracy"]) <= 1 for r in refit)
+    assert len(read_rows(out / "refit_readout" / "dissociation.csv")) == len(dissociation)
+    page = (out / "report.html").read_text()
+    assert "Through readouts refitted to the lesioned features" in page and "Refitted readouts</h2>" in page
 
     # a finished run skips training on rerun, and the lesion sweep skips finished sites
-    again = run_script(script, *TINY, *TINY_LESION, *narrow, f"--out_dir={out}")
+    again = run_script(script, *TINY, *TINY_LESION, *narrow, "--refit_readout=True", "--readout_images=40",
+                       f"--out_dir={out}")
     assert again.returncode == 0 and "skipping" in again.stdout and "sites finished earlier" in again.stdout
+    assert "refitted readouts, site" not in again.stdout
     model, cfg = dualtask.load_run(out)
     assert cfg["backbone"] == config["backbone"] and not model.training
     with torch.no_grad():

@@ -1,0 +1,80 @@
+"""Refitted readouts (readouts.py): every lesion scored by linear readouts fitted anew to the lesioned features."""
+import numpy as np
+import torch
+
+import dualtask
+import lesion_utils as L
+import readouts
+
+
+def _images(n_classes=3, per_class=12, seed=0):
+    """Images whose class is a colour (plus noise): any random network's features tell the classes apart."""
+    y = torch.arange(n_classes).repeat_interleave(per_class)
+    colours = torch.rand(n_classes, 3, 1, 1, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    g = torch.Generator().manual_seed(seed)
+    x = colours[y] + 0.1 * torch.randn(len(y), 3, 32, 32, generator=g)
+    return x, y
+
+
+def test_two_heads_of_one_task_get_the_same_refitted_readout_whatever_their_heads_read():
+    torch.manual_seed(0)
+    model = dualtask.DualTaskNet("vgg16", {"a": 3, "b": 3}, fc_width=32, image_size=32).eval()
+    x_fit, y_fit = _images(seed=1)
+    x_test, y_test = _images(per_class=6, seed=2)
+    fit = [("a", x_fit, y_fit), ("b", x_fit, y_fit)]  # the very same images and labels for both heads
+    test = [("a", x_test, y_test), ("b", x_test, y_test)]
+    site = L.lesion_sites(model)[6]
+    lesions = [[], np.arange(0, site.n_filters, 3), np.arange(site.n_filters // 2)]
+    refit, alphas = readouts.refit_lesions(model, site, lesions, fit, test)
+    assert alphas["a"] == alphas["b"] and alphas["a"] in readouts.ALPHAS
+    assert refit[0]["a"]["correct"].mean() >= 0.9  # a readout that reads the classes, not a constant guess
+    for res in refit:
+        assert np.array_equal(res["a"]["correct"], res["b"]["correct"])
+        assert np.isnan(res["a"]["loss"]).all()
+    # through the network's own heads (different initial weights) the same lesions score differently
+    fixed = L.evaluate_lesions(model, site, lesions, test)
+    assert not np.array_equal(fixed[1]["a"]["loss"], fixed[1]["b"]["loss"])
+
+
+def test_a_refitted_readout_reads_the_features_and_loses_the_task_with_every_filter():
+    torch.manual_seed(0)
+    model = dualtask.DualTaskNet("vgg16", {"a": 3, "b": 3}, fc_width=32, image_size=32).eval()
+    x_fit, y_fit = _images(seed=1)
+    x_test, y_test = _images(per_class=10, seed=2)
+    site = L.lesion_sites(model)[0]
+    everything = np.arange(site.n_filters)
+    (intact, silenced), _ = readouts.refit_lesions(model, site, [[], everything], [("a", x_fit, y_fit)],
+                                                   [("a", x_test, y_test)])
+    assert intact["a"]["correct"].mean() >= 0.9  # the colours are linearly readable from random features
+    # nothing passes the silenced stem: every test image gets the same features, hence the same class
+    assert silenced["a"]["correct"].mean() <= 1 / 3 + 1e-9
+    # the groups a small feature budget cuts the lesions into change nothing
+    budget = readouts.FEATURE_BUDGET
+    try:
+        readouts.FEATURE_BUDGET = 1
+        (again, _), _ = readouts.refit_lesions(model, site, [[], everything], [("a", x_fit, y_fit)],
+                                               [("a", x_test, y_test)], masks_per_pass=2)
+    finally:
+        readouts.FEATURE_BUDGET = budget
+    assert np.array_equal(again["a"]["correct"], intact["a"]["correct"])
+
+
+def test_in_a_branched_network_silencing_one_copy_leaves_the_other_tasks_readout_unchanged():
+    torch.manual_seed(0)
+    model = dualtask.build_model(dict(backbone="vgg16", image_size=32, fc_width=32, branch_at=3),
+                                 {"face": 3, "object": 3}).eval()
+    x_fit, y_fit = _images(seed=1)
+    x_test, y_test = _images(per_class=6, seed=2)
+    site = L.lesion_sites(model)[-3]
+    half = site.n_filters // 2
+    keep, add = L.lesion_mask([], site.n_filters)
+    face_copy = L.lesion_mask(np.arange(half), site.n_filters)
+    inputs = readouts.readout_inputs(model, site, [(keep, add), face_copy], [("face", x_test, y_test),
+                                                                             ("object", x_test, y_test)], 2)
+    assert inputs[0]["object"].shape == (len(y_test), 32)  # the object copy's features only
+    assert np.array_equal(inputs[0]["object"], inputs[1]["object"])
+    assert not np.array_equal(inputs[0]["face"], inputs[1]["face"])
+    batches = [("face", x_fit, y_fit), ("object", x_fit, y_fit)]
+    (intact, lesioned), _ = readouts.refit_lesions(model, site, [[], np.arange(half)], batches,
+                                                   [("face", x_test, y_test), ("object", x_test, y_test)])
+    assert np.array_equal(intact["object"]["correct"], lesioned["object"]["correct"])
