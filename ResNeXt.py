@@ -31,7 +31,7 @@ compile = False  # torch.compile the model for training (CUDA, PyTorch 2)
 retrain = False  # train again even when out_dir holds a finished run
 out_dir = "runs/resnext50"  # where config.json, train_log.csv, checkpoint.pt, lesion_results.csv and figures/ go
 lesion_fractions = [0.0, 0.05, 0.1, 0.2, 0.3, 0.5]  # fractions of a layer's filters silenced in the lesion sweep
-lesion_methods = ["activation", "random"]  # rankings: activation, loss, greedy, taylor, random (loss and greedy are the reference study's; costly on a CPU)
+lesion_methods = ["activation", "random"]  # rankings: activation, localiser, loss, greedy, taylor, mask, random (loss and greedy are the reference study's; costly on a CPU)
 greedy_stop = 0.2  # the greedy ranking chooses filters in steps of 1.6% of a site until just past this fraction (the reference study's 0.2); greedy lesions beyond it are marked in lesion_results.csv
 greedy_racing = True  # race each greedy step: drop filters confidently below the step's cut on a slice of the ranking images, score the rest on all (same choice as exhaustive, a few times faster); False = exhaustive
 greedy_margin = 4.0  # racing's confidence: a filter is dropped when its paired loss difference to the cut is below 0 by this many standard errors
@@ -41,6 +41,9 @@ random_repeats = 10  # independent random filter orders (the control lesions)
 rank_images = 256  # training images per task used to rank filters (never the test images)
 refit_readout = False  # also score every lesion by linear readouts refitted to the lesioned features (into refit_readout/; about as long again as the sweep's lesions): what the filters carry for each task, where two heads of one task cannot differ, not only what each head reads
 readout_images = 500  # training images per task the refitted readouts are fitted on
+localiser_fdr = 0.05  # the localiser ranking: Welch's t of each filter, a task's images against the others', selective where Benjamini-Yekutieli FDR passes at this rate; its selective set is also lesioned exactly, beside random sets of its size
+mask_steps = 100  # the mask ranking: Adam steps of a sigmoid gate per filter learned on frozen weights (the task's ranking images)
+mask_l1 = 1.0  # the mask ranking: weight of the L1 pull toward closing gates (x the mean gate, beside the task's cross-entropy)
 ranking_reliability = True  # also rank on each half of the ranking images and report how well the halves agree (costs as much again as ranking)
 lesion_layers = None  # sites to lesion, as depths or module paths; None = every site
 lesion_inner = False  # also lesion each bottleneck's inner conv outputs

@@ -57,10 +57,33 @@ def lesion_conditions(site: Site, rankings: dict, fractions, keep_only: bool = F
             for f in fractions:
                 if f <= 0:
                     continue
-                chosen = np.asarray(entry["order"][:int(round(f * site.n_filters))], dtype=np.int64)
-                if keep_only:
-                    chosen = np.setdiff1d(np.arange(site.n_filters), chosen)
-                conditions.append((method, name, repeat, float(f), chosen))
+                conditions.append((method, name, repeat, float(f),
+                                   _chosen(entry["order"], int(round(f * site.n_filters)), site, keep_only)))
+    return conditions + _selective_set_conditions(site, rankings, fractions, keep_only)
+
+
+def _chosen(order, k: int, site: Site, keep_only: bool) -> np.ndarray:
+    chosen = np.asarray(order[:k], dtype=np.int64)
+    return np.setdiff1d(np.arange(site.n_filters), chosen) if keep_only else chosen
+
+
+def _selective_set_conditions(site: Site, rankings: dict, fractions, keep_only: bool) -> list:
+    """The localiser's selective set of each task (its first n_selective filters), exactly, and every random
+    order's first filters of the same number: the lesions at a fraction of n_selective / n_filters, where no
+    fraction asked gives that number already."""
+    asked = {int(round(f * site.n_filters)) for f in fractions if f > 0}
+    sizes = {}
+    for target, entry in rankings.get("localiser", {}).items():
+        k = int(entry.get("n_selective", 0))
+        if 0 < k and k not in asked:
+            sizes.setdefault(k, []).append((target, entry))
+    conditions = []
+    for k, targets in sorted(sizes.items()):
+        f = k / site.n_filters
+        conditions += [("localiser", target, 0, f, _chosen(entry["order"], k, site, keep_only))
+                       for target, entry in targets]
+        conditions += [("random", "random", int(name.split("_")[1]), f, _chosen(entry["order"], k, site, keep_only))
+                       for name, entry in rankings.get("random", {}).items()]
     return conditions
 
 

@@ -33,7 +33,7 @@ from lesion_engine import (ablate, apply_mask, cache_bytes, default_masks_per_pa
                            lesion_sites, _order, ranking_precision, RANKING_PRECISIONS, select_sites, Site,
                            site_activations, SiteRunner)
 from readouts import refit_lesions
-from rankings import (_entry, loss_scores, merge_rankings, METHODS, NOT_RANKINGS, rank_by_activation,
+from rankings import (_entry, LOCALISER_FDR, loss_scores, MASK_DEFAULTS, merge_rankings, METHODS, NOT_RANKINGS, rank_by_activation,
                       rank_correlation, rank_site, RANKING_KEYS, same_top_sets, selectivity, split_half_reliability,
                       split_halves, _task_loss, taylor_scores, top_overlap)
 
@@ -66,9 +66,19 @@ def sweep_settings(model: nn.Module, config: dict) -> dict:
         settings["reliability"] = True
     if "greedy" in settings["methods"]:  # named only for a greedy sweep (an earlier one without them: _as_now)
         settings["greedy"] = greedy_settings(config)
+    if "localiser" in settings["methods"]:
+        settings["localiser_fdr"] = float(config.get("localiser_fdr", LOCALISER_FDR))
+    if "mask" in settings["methods"]:
+        settings["mask"] = mask_settings(config)
     if config.get("ranking_precision", "fp32") != "fp32" and {"loss", "greedy"} & set(settings["methods"]):
         settings["ranking_precision"] = config["ranking_precision"]
     return settings
+
+
+def mask_settings(config: dict) -> dict:
+    """The mask ranking's optimisation (rankings.mask_gates) from a run's settings."""
+    return {"steps": int(config.get("mask_steps", MASK_DEFAULTS["steps"])),
+            "l1": float(config.get("mask_l1", MASK_DEFAULTS["l1"])), "lr": MASK_DEFAULTS["lr"]}
 
 
 def _as_now(earlier: dict) -> dict:
@@ -299,7 +309,8 @@ class Sweep:
     def _ranked(self, site, methods, how: str, reliability: bool, share=None) -> dict:
         return rank_site(self.model, site, self.train_sample, self.tasks, methods, self.settings["random_repeats"],
                          self.config["seed"], self.masks_per_pass, reliability=reliability, greedy=self.greedy,
-                         precision=how, **({"share": share} if share else {}))
+                         precision=how, localiser_fdr=self.settings.get("localiser_fdr", LOCALISER_FDR),
+                         mask=self.settings.get("mask"), **({"share": share} if share else {}))
 
     def _shared_greedy(self, site) -> dict:
         """The site's greedy rankings, every process scoring a share of each step's candidates (in fp32: the
@@ -358,7 +369,9 @@ class Sweep:
         keyed = {(m, t, r, f): (len(c), res) for (m, t, r, f, c), res in zip(conditions, results)}
         out = {"rows": [], "per_class": []}
         for method, target, repeat in dict.fromkeys((m, t, r) for m, t, r, *_ in conditions):
-            for f in self.settings["fractions"]:
+            extra = sorted({f for m, t, r, f in keyed if (m, t, r) == (method, target, repeat)}
+                           - set(self.settings["fractions"]))  # a localiser's selective set and its random sets
+            for f in self.settings["fractions"] + extra:
                 n_silenced, res = (0, self.intact) if f == 0 else keyed[(method, target, repeat, f)]
                 out["rows"] += _result_rows(site, method, target, repeat, f, n_silenced, res, self.summary,
                                             self.chance, self.tasks, self.matched, self.intact,

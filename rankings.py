@@ -3,13 +3,15 @@ Taylor's first-order estimate, random orders; their agreement and split-half rel
 entries."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 import torch.nn as nn
 
 from common import UsageError, autocast
 from greedy import GREEDY_DEFAULTS, greedy_order
-from lesion_engine import evaluate_lesions, _order, Site, site_activations
+from lesion_engine import evaluate_lesions, _order, Site, SiteRunner, site_activations
 
 
 def selectivity(acts: dict, task: str) -> np.ndarray:
@@ -18,6 +20,62 @@ def selectivity(acts: dict, task: str) -> np.ndarray:
     other = np.concatenate([a for t, a in acts.items() if t != task])
     pooled = np.sqrt(0.5 * (own.var(0) + other.var(0)) + 1e-12)
     return (own.mean(0) - other.mean(0)) / pooled
+
+
+LOCALISER_FDR = 0.05  # the localiser's false discovery rate (Benjamini-Yekutieli), localiser_fdr
+MASK_DEFAULTS = {"steps": 100, "l1": 1.0, "lr": 0.1}  # the mask ranking's optimisation (mask_steps, mask_l1)
+
+
+def localiser(acts: dict, task: str, fdr: float = LOCALISER_FDR) -> tuple:
+    """An fMRI-style localiser (Prince & Konkle's selectivity.py): per channel, Welch's t of its spatially averaged
+    activation to `task`'s images against the other tasks' images, its one-sided p (task above the others), and
+    whether it passes Benjamini-Yekutieli's false discovery rate control at `fdr` (valid under any dependence
+    between channels). A channel constant in both groups gets t = 0 and p = 1. Returns (t, p, passing)."""
+    from scipy import stats
+
+    own = np.asarray(acts[task], dtype=np.float64)
+    other = np.concatenate([np.asarray(a, dtype=np.float64) for t, a in acts.items() if t != task])
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # scipy's note on channels (near) constant in both groups
+        t, p = stats.ttest_ind(own, other, axis=0, equal_var=False, alternative="greater")
+    t, p = np.nan_to_num(np.asarray(t, dtype=float), nan=0.0), np.where(np.isfinite(p), p, 1.0)
+    return t, p, stats.false_discovery_control(p, method="by") <= fdr
+
+
+def localiser_entry(acts: dict, task: str, fdr: float = LOCALISER_FDR) -> dict:
+    """rankings.json's entry of the localiser: channels from the smallest p up (ties: larger t, then channel
+    index), so that its first n_selective are exactly the set passing the FDR control; scores are t."""
+    t, p, passing = localiser(acts, task, fdr)
+    order = np.lexsort((np.arange(len(t)), -t, p))
+    return dict(_entry(order, t), n_selective=int(passing.sum()), fdr=fdr)
+
+
+def mask_gates(model, site: Site, batches: list, task: str, steps: int = MASK_DEFAULTS["steps"],
+               l1: float = MASK_DEFAULTS["l1"], lr: float = MASK_DEFAULTS["lr"], seed: int = 0) -> np.ndarray:
+    """A learned mask (the reference study's vgg_subnet.py, Csordas et al. 2021): one sigmoid gate per filter of
+    the site, on frozen weights, trained for `steps` full-batch Adam steps on `task`'s ranking images to keep its
+    cross-entropy low while an L1 pull (l1 x the mean gate) closes gates; gates start open (about 0.95, with a
+    seeded jitter of 0.01 that breaks ties). Returns the final gates (0 = closed, 1 = open)."""
+    model.eval()
+    runner = SiteRunner(model, site)
+    own = [(x, y) for t, x, y in batches if t == task]
+    n = sum(len(y) for _, y in own)
+    with torch.no_grad():
+        cached = [runner.prefix(x) for x, _ in own]
+    jitter = torch.randn(site.n_filters, generator=torch.Generator().manual_seed(seed)).to(cached[0].device)
+    logits = (3.0 + 0.01 * jitter).requires_grad_(True)
+    optimiser = torch.optim.Adam([logits], lr=lr)
+    for _ in range(steps):
+        gate = torch.sigmoid(logits)
+        loss = l1 * gate.mean()
+        for c, (_, y) in zip(cached, own):
+            out = runner.suffix_with(c, lambda o: o * gate.view(1, -1, *([1] * (o.ndim - 2))).to(o.dtype))[task]
+            loss = loss + nn.functional.cross_entropy(out.float(), y, reduction="sum") / n
+        (grad,) = torch.autograd.grad(loss, logits)
+        optimiser.zero_grad()
+        logits.grad = grad
+        optimiser.step()
+    return torch.sigmoid(logits).detach().cpu().numpy()
 
 
 def rank_by_activation(acts: dict, task: str) -> np.ndarray:
@@ -81,7 +139,7 @@ def rank_correlation(a, b) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-METHODS = ("activation", "loss", "greedy", "taylor", "random")
+METHODS = ("activation", "localiser", "loss", "greedy", "taylor", "mask", "random")
 NOT_RANKINGS = ("agreement", "reliability", "precision", "branch")  # the entries of a site's rankings that are about rankings
 RELIABILITY_FRACTIONS = (0.1, 0.2)  # the top sets whose split-half overlap is reported
 
@@ -119,7 +177,8 @@ def split_half_reliability(halves: tuple) -> dict:
 
 def rank_site(model, site: Site, rank_batches: list, tasks: list, methods, random_repeats: int = 10,
               seed: int = 0, masks_per_pass: int = 1, reliability: bool = False, greedy: dict | None = None,
-              precision: str = "fp32", share=None) -> dict:
+              precision: str = "fp32", share=None, localiser_fdr: float = LOCALISER_FDR,
+              mask: dict | None = None) -> dict:
     """{method: {target: {'order': [...], 'scores': [...]}}} for one site; 'random' holds repeat_0..R-1, and
     'agreement' the rank correlation of taylor with loss per task when both were computed. With `reliability`,
     'reliability' holds each ranking's split-half reliability (`split_half_reliability`): every ranking is
@@ -127,7 +186,8 @@ def rank_site(model, site: Site, rank_batches: list, tasks: list, methods, rando
     greedy: the greedy ranking's settings (`greedy_settings`; None = the defaults, GREEDY_DEFAULTS);
     precision: how the loss and greedy rankings score lesions (`ranking_precision`);
     share: (rank, world, all_gather) shares each greedy step's candidates out across processes (`greedy_order`),
-    so every process must call it for the same site."""
+    so every process must call it for the same site. localiser_fdr: the localiser's false discovery rate
+    (`localiser`); mask: the mask ranking's settings (MASK_DEFAULTS' keys; None = those)."""
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise UsageError(f"unknown lesion method(s) {bad}; expected some of {list(METHODS)}")
@@ -136,10 +196,13 @@ def rank_site(model, site: Site, rank_batches: list, tasks: list, methods, rando
     if unknown:
         raise UsageError(f"unknown task(s) {unknown}; the model's tasks are {known}")
     out = {}
+    acts = site_activations(model, [site], rank_batches)[site.name] if {"activation", "localiser"} & set(methods) \
+        else None
     if "activation" in methods:
-        acts = site_activations(model, [site], rank_batches)[site.name]
         scores = {t: selectivity(acts, t) for t in tasks}
         out["activation"] = {t: _entry(_order(scores[t]), scores[t]) for t in tasks}
+    if "localiser" in methods:
+        out["localiser"] = {t: localiser_entry(acts, t, localiser_fdr) for t in tasks}
     if "loss" in methods:
         out["loss"] = {}
         for t in tasks:
@@ -156,6 +219,11 @@ def rank_site(model, site: Site, rank_batches: list, tasks: list, methods, rando
         for t in tasks:
             scores = taylor_scores(model, site, rank_batches, t)
             out["taylor"][t] = _entry(_order(scores), scores)
+    if "mask" in methods:
+        m = dict(MASK_DEFAULTS, **(mask or {}))
+        gates = {t: mask_gates(model, site, rank_batches, t, m["steps"], m["l1"], m["lr"], seed) for t in tasks}
+        out["mask"] = {t: dict(_entry(_order(gates[t]), gates[t]), n_open=int((gates[t] > 0.5).sum()))
+                       for t in tasks}
     if "random" in methods:
         out["random"] = {f"repeat_{r}": {"order": np.random.default_rng([seed, site.depth, r]).permutation(
             site.n_filters).tolist()} for r in range(random_repeats)}
@@ -168,7 +236,8 @@ def rank_site(model, site: Site, rank_batches: list, tasks: list, methods, rando
         if all(any(t == task for t, _, _ in half) for half in halves for task in tasks):
             out["reliability"] = split_half_reliability(tuple(
                 rank_site(model, site, half, tasks, ranked, masks_per_pass=masks_per_pass, greedy=greedy,
-                          precision=precision, share=share) for half in halves))
+                          precision=precision, share=share, localiser_fdr=localiser_fdr, mask=mask)
+                for half in halves))
     return out
 
 

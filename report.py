@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from common import exit_on_damaged_files, number as _num, read_csv, read_json, READOUT_DIR, write_text
+import filter_sets
 import health
 import multiple_testing
 from figures import headline_fraction, stimuli_file
@@ -200,7 +201,7 @@ def summary(config: dict, status: dict, results: list, diss: list, rankings: dic
         answer = ("No lesion results yet (the lesion stage has not run): this run cannot say whether "
                   "task-specialised filters emerged.")
     elif not diss:
-        answer = ("No dissociation index: it needs a targeted ranking (activation, loss, greedy or taylor) and "
+        answer = ("No dissociation index: it needs a targeted ranking (activation, localiser, loss, greedy, taylor or mask) and "
                   "two tasks; this run's lesions give only the per-task drops shown below.")
     else:
         answer, table, caveats = _dissociation_answer(config, diss, rankings)
@@ -477,6 +478,13 @@ def build_report(run_dir) -> Path:
              "95% bootstrap interval over test images, beside the range of indices built from pairs of random "
              "lesions (grey).", "dissociation by depth")
     r.raw(_dissociation_table(diss))
+    selective = filter_sets.localiser_sentence(filter_sets.localiser_rows(rankings, results))
+    masks = filter_sets.mask_sentence(filter_sets.mask_rows(rankings))
+    if selective or masks:
+        r.section("Localiser and learned masks")
+        for text in (selective, masks):
+            if text:
+                r.what(text)
     if refit:
         r.section("Refitted readouts")
         r.what("The same lesions, each task scored by a linear readout (ridge on standardised features) fitted anew "

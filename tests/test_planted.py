@@ -80,7 +80,7 @@ def planted(request):
     return model, sites, planted_batches(40, seed=0), planted_batches(60, seed=1)
 
 
-@pytest.mark.parametrize("method", ["loss", "greedy", "activation"])
+@pytest.mark.parametrize("method", ["loss", "greedy", "activation", "localiser", "mask"])
 def test_planted_channels_rank_first(planted, method):
     model, sites, train, _ = planted
     ranking = L.rank_site(model, sites[1], train, ["face", "object"], [method], seed=0)[method]
@@ -143,3 +143,50 @@ def test_planted_rankings_are_reproducible_across_halves_and_random_scores_are_n
     assert L.split_half_reliability(({"x": {"t": L._entry(np.arange(10), -np.arange(10.0))}},
                                      {"x": {"t": L._entry(np.arange(10)[::-1], np.arange(10.0))}}))["x"]["t"][
         "spearman"] == pytest.approx(-1.0)
+
+
+def test_the_localiser_selects_exactly_the_planted_channels_and_the_mask_opens_only_them(planted):
+    model, sites, train, _ = planted
+    ranking = L.rank_site(model, sites[1], train, ["face", "object"], ["localiser", "mask"], seed=0)
+    for task, planted_channels in (("face", [0, 1, 2, 3]), ("object", [4, 5, 6, 7])):
+        localiser = ranking["localiser"][task]
+        assert localiser["n_selective"] == 4 and localiser["fdr"] == 0.05
+        assert sorted(localiser["order"][:4]) == planted_channels
+        gates = np.asarray(ranking["mask"][task]["by_channel"])
+        assert ranking["mask"][task]["n_open"] == 4 and sorted(np.flatnonzero(gates > 0.5)) == planted_channels
+    # the copies of trunk.1 respond to both tasks alike: nothing is face- or object-selective there
+    early = L.rank_site(model, sites[0], train, ["face", "object"], ["localiser"])
+    assert early["localiser"]["face"]["n_selective"] == 0 and early["localiser"]["object"]["n_selective"] == 0
+
+
+def test_the_localiser_on_noise_passes_no_more_than_its_false_discovery_rate_allows():
+    import rankings
+
+    any_passing = []
+    for seed in range(40):  # 500 channels of noise, the same for both tasks: every channel is a true null
+        rng = np.random.default_rng(seed)
+        acts = {"face": rng.normal(size=(60, 500)), "object": rng.normal(size=(60, 500))}
+        t, p, passing = rankings.localiser(acts, "face")
+        assert p.shape == (500,) and np.all((p > 0) & (p <= 1))
+        any_passing.append(passing.any())
+    # with every null true, the chance that any channel passes is at most the FDR, 0.05 (2 of 40 expected)
+    assert sum(any_passing) <= 5
+    # a channel that differs passes; a constant one gets p = 1
+    rng = np.random.default_rng(0)
+    acts = {"face": rng.normal(size=(60, 3)), "object": rng.normal(size=(60, 3))}
+    acts["face"][:, 0] += 2.0
+    acts["face"][:, 2] = acts["object"][:, 2] = 1.0
+    t, p, passing = rankings.localiser(acts, "face")
+    assert passing.tolist() == [True, False, False] and p[2] == 1.0 and t[2] == 0.0
+
+
+def test_the_localisers_selective_set_is_lesioned_exactly_beside_random_sets_of_its_size(planted):
+    model, sites, train, _ = planted
+    ranking = L.rank_site(model, sites[1], train, ["face", "object"], ["localiser", "random"], random_repeats=3)
+    conditions = L.lesion_conditions(sites[1], ranking, [0.0, 0.5])  # 8 of 16: not the selective sets' size
+    extra = [(m, t, r, f, sorted(c.tolist())) for m, t, r, f, c in conditions if f == 4 / 16]
+    assert [(m, t) for m, t, *_ in extra] == [("localiser", "face"), ("localiser", "object")] + [("random", "random")] * 3
+    assert extra[0][4] == [0, 1, 2, 3] and extra[1][4] == [4, 5, 6, 7]
+    assert all(len(c) == 4 for *_, c in extra)
+    # a fraction asked that gives the same number of filters already lesions them: nothing is added
+    assert all(f == 0.25 for *_, f, _ in L.lesion_conditions(sites[1], ranking, [0.25]))
