@@ -31,6 +31,7 @@ import figures
 import inspection
 import lesion_utils
 import report
+import subgroups
 import vggface2
 from common import (StageFailed, UsageError, autocast, format_seconds, load_checkpoint, remove_stale_temporaries,
                     write_text)
@@ -201,6 +202,8 @@ def run(config: dict) -> None:
         out_dir = Path(config["out_dir"])
         config = dict(config, recipe=_check_out_dir(out_dir, config))
         datasets = load_datasets(config)
+        if config.get("subgroups") and "lesion" in config["stages"]:  # a bad subgroups file stops the run before training
+            subgroups.read_groups(config["subgroups"], {t: d.counts()["test"] for t, d in datasets.items()})
         # the init weights only matter to a training that starts afresh: a checkpoint replaces them otherwise
         fresh = "train" in config["stages"] and (config.get("retrain") or not (out_dir / "checkpoint.pt").exists())
         model = build_model(config, {t: len(d.classes) for t, d in datasets.items()}, load_init=fresh).to(dist.device)

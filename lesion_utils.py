@@ -21,6 +21,7 @@ import torch.nn as nn
 import branches
 import common
 import multiple_testing
+import subgroups
 from common import READOUT_DIR, UsageError, format_seconds, read_csv, read_json, write_csv, write_text
 from dissociation import (ADDED_LESION_COLUMNS, corrected_drop, DISSOCIATION_COLUMNS, dissociation_rows,
                           LESION_COLUMNS, lesion_conditions, matched_subsets, PER_CLASS_COLUMNS, _per_class_rows,
@@ -49,7 +50,7 @@ REEXPORTED = (GREEDY_STEP, METHODS, NOT_RANKINGS, RANKING_KEYS, RANKING_PRECISIO
 READOUT_IMAGES = 500  # training images per task a refitted readout is fitted on (readout_images)
 SWEEP_FILES = {"results": "lesion_results.csv", "rankings": "rankings.json", "dissociation": "dissociation.csv",
                "progress": "lesion_progress.json", "per_class": "lesion_per_class.csv",
-               "per_image": "lesion_per_image.npz"}
+               "per_image": "lesion_per_image.npz", "subgroups": "lesion_subgroups.csv"}
 
 
 def sweep_settings(model: nn.Module, config: dict) -> dict:
@@ -70,6 +71,8 @@ def sweep_settings(model: nn.Module, config: dict) -> dict:
         settings["localiser_fdr"] = float(config.get("localiser_fdr", LOCALISER_FDR))
     if "mask" in settings["methods"]:
         settings["mask"] = mask_settings(config)
+    if config.get("subgroups"):
+        settings["subgroups"] = subgroups.file_settings(config["subgroups"])
     if config.get("ranking_precision", "fp32") != "fp32" and {"loss", "greedy"} & set(settings["methods"]):
         settings["ranking_precision"] = config["ranking_precision"]
     return settings
@@ -92,7 +95,7 @@ def _as_now(earlier: dict) -> dict:
 
 def no_earlier_sweep(restart: str | None = None) -> dict:
     """What `earlier_sweep` returns when nothing of an earlier sweep is kept (and why, when there was one)."""
-    return {"done": [], "rows": [], "dissociation": [], "per_class": [], "rankings": {}, "per_image": {},
+    return {"done": [], "rows": [], "dissociation": [], "per_class": [], "subgroups": [], "rankings": {}, "per_image": {},
             "restart": restart}
 
 
@@ -118,7 +121,8 @@ def earlier_sweep(settings: dict, out_dir: Path) -> dict:
         return dict(nothing, restart=f"{paths['per_image'].name} is missing (the sweep predates it, or it was "
                                      f"removed): the sweep starts over")
     columns = {"results": tuple(c for c in LESION_COLUMNS if c not in ADDED_LESION_COLUMNS),
-               "dissociation": ("layer", "method", "fraction", "index"), "per_class": PER_CLASS_COLUMNS}
+               "dissociation": ("layer", "method", "fraction", "index"), "per_class": PER_CLASS_COLUMNS,
+               "subgroups": subgroups.SUBGROUP_COLUMNS}
     stop = settings.get("greedy", GREEDY_DEFAULTS)["stop"]
     n_filters = {}  # by site, from the results: what an earlier file's dissociation rows need
 
@@ -143,6 +147,7 @@ def earlier_sweep(settings: dict, out_dir: Path) -> dict:
     n_filters.update({r["layer"]: r["n_filters"] for r in results})
     earlier = {"done": [s for s in settings["sites"] if s in done], "rows": results,
                "dissociation": rows_of("dissociation"), "per_class": rows_of("per_class"),
+               "subgroups": rows_of("subgroups"),
                "rankings": {k: v for k, v in rankings.items() if k in done},
                "per_image": {k: v for k, v in per_image.items() if k.split("|")[0] in done | {"intact"}},
                "restart": None}
@@ -204,8 +209,8 @@ class Sweep:
         if earlier["restart"]:
             self.say(f"lesion sweep: {earlier['restart']}")
         self.progress = {"settings": self.settings, "done": list(earlier["done"])}
-        self.rows, self.diss, self.per_class, self.rankings = \
-            earlier["rows"], earlier["dissociation"], earlier["per_class"], earlier["rankings"]
+        self.rows, self.diss, self.per_class, self.subgroup_rows, self.rankings = earlier["rows"], \
+            earlier["dissociation"], earlier["per_class"], earlier["subgroups"], earlier["rankings"]
         self.per_image = dict(earlier["per_image"])
         if earlier["done"]:
             self.say(f"lesion sweep: {len(set(earlier['done']))} of {len(self.sites)} sites finished earlier; "
@@ -289,6 +294,8 @@ class Sweep:
         self.labels = {t: torch.cat([y for tb, _, y in test if tb == t]).cpu().numpy() for t in tasks}
         self.classes = {t: list(images[t].data.classes) for t in tasks}
         self.n_test = sum(len(y) for _, _, y in test)
+        self.groups = subgroups.read_groups(config["subgroups"], {t: len(y) for t, y in self.labels.items()}) \
+            if self.settings.get("subgroups") else None
 
     def _ranking_plan(self) -> None:
         """How the sites' rankings are computed: the greedy settings, shared greedy under torchrun, precision."""
@@ -367,7 +374,7 @@ class Sweep:
     def _site_rows(self, site, conditions: list, results: list) -> dict:
         """lesion_results.csv's rows of a site (and lesion_per_class.csv's, when asked for)."""
         keyed = {(m, t, r, f): (len(c), res) for (m, t, r, f, c), res in zip(conditions, results)}
-        out = {"rows": [], "per_class": []}
+        out = {"rows": [], "per_class": [], "subgroups": []}
         for method, target, repeat in dict.fromkeys((m, t, r) for m, t, r, *_ in conditions):
             extra = sorted({f for m, t, r, f in keyed if (m, t, r) == (method, target, repeat)}
                            - set(self.settings["fractions"]))  # a localiser's selective set and its random sets
@@ -379,6 +386,9 @@ class Sweep:
                 if self.settings["per_class"]:
                     out["per_class"] += _per_class_rows(site, method, target, repeat, f, res, self.labels,
                                                         self.classes)
+                if self.groups:
+                    out["subgroups"] += subgroups.subgroup_rows(site, method, target, repeat, f"{float(f):.4f}", res,
+                                                                self.intact, self.groups)
         return out
 
     def _site_dissociation(self, site, conditions: list, results: list) -> list:
@@ -398,6 +408,7 @@ class Sweep:
         for site, got in zip(group, gathered):
             self.rows += got["rows"]
             self.per_class += got["per_class"]
+            self.subgroup_rows += got["subgroups"]
             self.diss += got["diss"]
             self.per_image.update(got["per_image"])
             self.rankings[site.name] = got["ranking"]
@@ -410,6 +421,8 @@ class Sweep:
         write_csv(self.paths["dissociation"], DISSOCIATION_COLUMNS, self.diss)
         if self.settings["per_class"]:
             write_csv(self.paths["per_class"], PER_CLASS_COLUMNS, self.per_class)
+        if self.groups:
+            write_csv(self.paths["subgroups"], subgroups.SUBGROUP_COLUMNS, self.subgroup_rows)
         write_text(self.paths["rankings"], json.dumps(self.rankings))
         write_per_image(self.paths["per_image"], self.per_image)
         write_text(self.paths["progress"], json.dumps(self.progress, indent=1))

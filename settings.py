@@ -183,6 +183,8 @@ SETTINGS = {
     "localiser_fdr": ((lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1),
                       "a false discovery rate above 0 and below 1, e.g. 0.05"),
     "mask_steps": _integer(1),
+    "subgroups": ((lambda v: v is None or (isinstance(v, str) and v.strip() != "")), "None or a path to a CSV file "
+                  "with the columns task, image (a position among the task's test images) and group"),
     "mask_l1": _number(0, strict=False),
     "readout_images": _integer(2),
     "lesion_layers": ((lambda v: v is None or (isinstance(v, list) and v and all(_site_name(s) for s in v))),
