@@ -21,6 +21,7 @@ import dualtask
 import figures
 import lesion_utils
 import report
+from settings import is_task_data
 
 BRANCHING_COLUMNS = ("branch_point", "shared_sites", "seed", "task", "accuracy", "ci_low", "ci_high", "correct",
                      "n_images", "chance", "parameters", "folder")
@@ -44,7 +45,7 @@ def shared_sites(model: dualtask.DualTaskNet) -> int:
 def _test_correct(model, config: dict, cache: dict) -> dict:
     """{task: (correct, n, chance)} of a run's network on its tasks' test images (the data loaded once per set of
     data settings and seed, which is what the runs of one experiment share)."""
-    key = repr(sorted((k, v) for k, v in config.items() if k.endswith("_data") or k in (
+    key = repr(sorted((k, v) for k, v in config.items() if is_task_data(k) or k in (
         "tasks", "seed", "image_size", "max_per_class", "max_classes", "demo_per_class", "role", "single_task",
         "kdef_views", "lfw_crop")))
     if key not in cache:

@@ -30,13 +30,14 @@ import torch
 import figures
 import inspection
 import lesion_utils
+import probes
 import report
 import subgroups
 import vggface2
 from common import (StageFailed, UsageError, autocast, format_seconds, load_checkpoint, remove_stale_temporaries,
                     write_text)
 from model import branch_site, build_model, DualTaskNet, joint_order, load_trunk_weights
-from settings import (BACKBONES, check_config, HEADS, hyperparameters, parse_overrides, print_help, RECIPE, ROLES,
+from settings import (BACKBONES, check_config, HEADS, hyperparameters, is_task_data, parse_overrides, print_help, RECIPE, ROLES,
                       RUN_IDENTITY, SETTINGS, task_specs)
 from training import (base_lr, DEFAULT_LR, Dist, epoch_checkpoint, epoch_folder, _epoch_order, evaluate,
                       LABEL_SMOOTHING, _lr_lambda, make_optimizer, optimizer_name, peak_lr, TaskImages, train,
@@ -85,7 +86,7 @@ def _check_out_dir(out_dir: Path, config: dict) -> int:
     if recipe != RECIPE and "train" in config["stages"] and int(state["epoch"]) < config["epochs"]:
         raise UsageError(f"{out_dir} holds a run trained with an older recipe ({recipe}; now {RECIPE}) that is not "
                          f"finished; pass --retrain=True to train it again or choose another --out_dir")
-    keys = list(RUN_IDENTITY) + [k for k in config if k.endswith("_data")]
+    keys = list(RUN_IDENTITY) + [k for k in config if is_task_data(k)]
     # what a run written before the setting existed was
     plain = {"role": "real", "optimizer": "sgd", "kdef_views": ["S"], "head": "split", "init": "random",
              "lfw_crop": False, "branch_at": None}
@@ -193,6 +194,13 @@ def load_datasets(config: dict) -> dict:
     return datasets
 
 
+def load_probe_task(spec: str, name: str, config: dict):
+    """A transfer probe's held-out task (probe_data), at the run's image size and caps."""
+    return vggface2.load_task(spec, name, config["image_size"], config.get("max_per_class"), config.get("max_classes"),
+                              config["seed"], config.get("download", False), config.get("demo_per_class", 100),
+                              kdef_views=tuple(config.get("kdef_views", ["S"])), lfw_crop=config.get("lfw_crop", True))
+
+
 def run(config: dict) -> None:
     """The whole pipeline: data, training, lesion sweep, figures (the stages named in config['stages'])."""
     check_config(config)
@@ -211,6 +219,9 @@ def run(config: dict) -> None:
             lesion_utils.select_sites(model, config)  # an unknown lesion site stops the run before training
             if not config.get("retrain"):  # a damaged file of an earlier sweep stops it too (retrain replaces them)
                 lesion_utils.earlier_sweep(lesion_utils.sweep_settings(model, config), out_dir)
+        if "transfer" in (config.get("probes") or []) and not config.get("probe_data"):
+            raise UsageError("probes=['transfer'] needs probe_data: the held-out task's data (a class-folder tree, "
+                             "a CIFAR-10 root, a cache folder or 'demo:objects')")
         if "figures" in config["stages"] and config.get("gradcam_site"):
             lesion_utils.get_site(model, config["gradcam_site"])
         if "train" not in config["stages"] and not (out_dir / "checkpoint.pt").exists():
@@ -247,6 +258,8 @@ def run(config: dict) -> None:
                 for stale in lesion_utils.SWEEP_FILES.values():  # results of an older model no longer hold
                     (out_dir / stale).unlink(missing_ok=True)
                     (out_dir / lesion_utils.READOUT_DIR / stale).unlink(missing_ok=True)
+                for stale in ("probes.csv", "probes.json"):
+                    (out_dir / stale).unlink(missing_ok=True)
             train(model, images, config, out_dir, dist)
         # the checkpoint's weights in every process (under DDP each process's batch-norm statistics end on its
         # own last batch): a sweep shared out across processes is the sweep of one
@@ -258,6 +271,8 @@ def run(config: dict) -> None:
             if config.get("refit_readout", False):  # the same lesions through readouts refitted to them
                 dist.barrier()  # rankings.json, which process 0 wrote last, is read by every process
                 lesion_utils.readout_stage(model, images, config, out_dir, dist.rank, dist.world, dist.gather)
+            if config.get("probes") and dist.main:
+                probes.probe_stage(model, images, config, out_dir, lambda spec, name: load_probe_task(spec, name, config))
             epoch_sweeps(model, images, config, out_dir, dist)
         if not dist.main:
             return

@@ -401,3 +401,44 @@ if __name__ == "__main__":
         written = make_figures(sys.argv[1])
     for p in written:
         print(f"wrote {p}")
+
+
+def probes_figure(rows: list, path: Path) -> Path | None:
+    """probes.csv drawn (probes.py): one panel per probe and task, across the swept sites: the inversion effect
+    (upright - inverted accuracy, 95% bootstrap interval) or the transfer probe's accuracy, under each ranking's
+    lesions of each task's filters, with the random lesions' range shaded and the intact network dashed."""
+    if not rows:
+        return None
+    _style()
+    panels = list(dict.fromkeys((r["probe"], r["task"]) for r in rows))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (probe, task) in zip(axes[0], panels):
+        mine = [r for r in rows if r["probe"] == probe and r["task"] == task]
+        key = "effect" if probe == "inversion" else "accuracy"
+        sites = list(dict.fromkeys(r["layer"] for r in mine if r["layer"]))
+        x = np.arange(len(sites))
+        rand = [[float(r[key]) for r in mine if r["layer"] == s and r["method"] == "random"] for s in sites]
+        if all(rand):
+            ax.fill_between(x, [min(v) for v in rand], [max(v) for v in rand], color="0.85", label="random lesions")
+        for method, target in dict.fromkeys((r["method"], r["target"]) for r in mine
+                                            if r["layer"] and r["method"] != "random"):
+            pts = {r["layer"]: r for r in mine if (r["method"], r["target"]) == (method, target)}
+            xs = [i for i, s in enumerate(sites) if s in pts]
+            ys = [float(pts[sites[i]][key]) for i in xs]
+            if probe == "inversion":
+                err = [[ys[j] - float(pts[sites[i]]["effect_low"]) for j, i in enumerate(xs)],
+                       [float(pts[sites[i]]["effect_high"]) - ys[j] for j, i in enumerate(xs)]]
+                ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=f"{target} filters ({method})")
+            else:
+                ax.plot(xs, ys, marker="o", label=f"{target} filters ({method})")
+        intact = [float(r[key]) for r in mine if r["method"] == "intact"]
+        if intact:
+            ax.axhline(intact[0], color="k", ls="--", lw=1, label="intact")
+        ax.set_xticks(x, sites, rotation=45, ha="right", fontsize=8)
+        fraction = next((r["fraction"] for r in mine if r["layer"]), "")
+        ax.set_title(f"{probe}: {task}" + (f" ({float(fraction):.0%} lesions)" if fraction else ""), fontsize=10)
+        ax.set_ylabel("inversion effect (upright - inverted accuracy)" if probe == "inversion" else
+                      "probe accuracy")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -18,6 +18,7 @@ from common import exit_on_damaged_files, number as _num, read_csv, read_json, R
 import filter_sets
 import health
 import multiple_testing
+import probes_report
 from figures import headline_fraction, stimuli_file
 
 FIGURES_STATUS = "figures_status.json"  # what each part of the figures stage wrote, or why it failed
@@ -485,6 +486,16 @@ def build_report(run_dir) -> Path:
         for text in (selective, masks):
             if text:
                 r.what(text)
+    probe_rows = read_csv(run_dir / "probes.csv", ("probe", "task", "method")) if (run_dir / "probes.csv").exists() \
+        else []
+    if probe_rows:
+        r.section("Behavioural probes")
+        for text in (probes_report.inversion_sentence(probe_rows), probes_report.transfer_sentence(probe_rows)):
+            if text:
+                r.what(text)
+        r.figure("probes.png", "Each probe across the swept sites: the inversion effect (upright minus upside-down "
+                 "accuracy, 95% interval) or the held-out task's probe accuracy, under each task's filters' lesions; "
+                 "grey: the random lesions' range; dashed: the intact network.", "probes")
     if refit:
         r.section("Refitted readouts")
         r.what("The same lesions, each task scored by a linear readout (ridge on standardised features) fitted anew "

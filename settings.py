@@ -88,12 +88,20 @@ def parse_overrides(defaults: dict, argv: list) -> dict:
     return config
 
 
+NOT_TASK_DATA = ("probe_data",)  # settings named like <task>_data that are not a task's data (probes.py)
+
+
+def is_task_data(name: str) -> bool:
+    """Whether a setting's name makes it a task's data spec (<task>_data)."""
+    return name.endswith("_data") and name not in NOT_TASK_DATA
+
+
 def task_specs(config: dict) -> dict:
     """{task_name: data spec}: the `tasks` setting when it is a dict, else every `<task>_data` setting, in the
     script's order."""
     if isinstance(config.get("tasks"), dict):
         return dict(config["tasks"])
-    return {k[: -len("_data")]: v for k, v in config.items() if k.endswith("_data") and isinstance(v, str)}
+    return {k[: -len("_data")]: v for k, v in config.items() if is_task_data(k) and isinstance(v, str)}
 
 
 _TASK_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")  # task names become CSV values and file-key parts ('|' joins)
@@ -183,6 +191,10 @@ SETTINGS = {
     "localiser_fdr": ((lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1),
                       "a false discovery rate above 0 and below 1, e.g. 0.05"),
     "mask_steps": _integer(1),
+    "probes": _list_of(lambda p: p in ("inversion", "transfer"), "probes from ['inversion', 'transfer']",
+                       non_empty=False),
+    "probe_data": ((lambda v: v is None or (isinstance(v, str) and v.strip() != "")),
+                   "None or the held-out task's data: a class-folder tree, a CIFAR-10 root, a cache or 'demo:objects'"),
     "subgroups": ((lambda v: v is None or (isinstance(v, str) and v.strip() != "")), "None or a path to a CSV file "
                   "with the columns task, image (a position among the task's test images) and group"),
     "mask_l1": _number(0, strict=False),
@@ -218,7 +230,7 @@ def check_config(config: dict) -> None:
     """Values that parse but make no sense get a clear error before anything is read or written."""
     _check_tasks(config.get("tasks"))
     for name, value in config.items():
-        if name.endswith("_data") and not isinstance(config.get("tasks"), dict):
+        if is_task_data(name) and not isinstance(config.get("tasks"), dict):
             if not isinstance(value, str) or not value.strip():
                 raise UsageError(f"{name}={value!r}; expected 'demo' or a data folder path")
         elif name in SETTINGS and not SETTINGS[name][0](value):

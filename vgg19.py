@@ -52,6 +52,8 @@ lesion_mode = "zero"  # "zero" silences filters; "mean" holds them at their mean
 lesion_keep_only = False  # silence every filter except the selected ones instead
 lesion_per_class = False  # also write per-class accuracy of every lesion (lesion_per_class.csv)
 subgroups = None  # a CSV of test images (columns task, image = its position among the task's test images, group), e.g. by age or race: every lesion's accuracy per group in lesion_subgroups.csv; None = none
+probes = []  # behavioural probes after the sweep, at its headline fraction (probes.csv): "inversion" (each task upright vs upside down, intact and lesioned), "transfer" (a linear probe of probe_data's held-out task on the trunk features, under every lesion)
+probe_data = None  # the transfer probe's held-out task: a class-folder tree, a CIFAR-10 root, a cache folder or 'demo:objects'
 lesion_epochs = None  # earlier epochs whose weights are kept and swept too (into epoch_<N>/), to show when a split appears; None = the last only
 gradcam_site = None  # site whose output Grad-CAM reads (a module path); None = the deepest with 4x4 positions
 stimulus_steps = 200  # gradient-ascent steps of each synthetic preferred stimulus
