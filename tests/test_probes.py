@@ -64,7 +64,7 @@ def test_the_planted_network_is_orientation_bound_and_its_face_filters_carry_the
 def test_a_transfer_probe_of_a_copy_of_the_face_task_loses_most_with_the_face_filters():
     model = PlantedNet().eval()
     sites = L.lesion_sites(model)
-    train, test = planted_batches(20, seed=0), planted_batches(30, seed=1)
+    train = planted_batches(20, seed=0)
     copy_fit = [("probe", x, y) for t, x, y in planted_batches(25, seed=2) if t == "face"]
     copy_test = [("probe", x, y) for t, x, y in planted_batches(25, seed=3) if t == "face"]
     rows = probes.transfer_rows(model, sites, rankings_of(model, sites, train), copy_fit, copy_test, 0.25, "copy")
