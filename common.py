@@ -144,7 +144,9 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 
 CHECKPOINT_KEYS = ("model", "epoch", "config", "classes")
-READOUT_DIR = "refit_readout"  # a run's sweep through refitted readouts (readouts.py), inside the run folder
+# a run's sweeps through linear readouts (readouts.py), inside the run folder: refitted to every lesion, or fixed
+READOUT_DIRS = {"refit": "refit_readout", "fixed": "fixed_readout"}
+READOUT_NAMES = {"refit": "refitted readouts", "fixed": "fixed readouts"}
 
 
 def load_checkpoint(path: Path, device="cpu", mmap: bool = False) -> dict:

@@ -257,7 +257,8 @@ def run(config: dict) -> None:
             if dist.main and config["epochs"] > 0 and (config.get("retrain") or not _finished(out_dir, config)):
                 for stale in lesion_utils.SWEEP_FILES.values():  # results of an older model no longer hold
                     (out_dir / stale).unlink(missing_ok=True)
-                    (out_dir / lesion_utils.READOUT_DIR / stale).unlink(missing_ok=True)
+                    for folder in lesion_utils.READOUT_DIRS.values():
+                        (out_dir / folder / stale).unlink(missing_ok=True)
                 for stale in ("probes.csv", "probes.json"):
                     (out_dir / stale).unlink(missing_ok=True)
             train(model, images, config, out_dir, dist)
@@ -268,9 +269,11 @@ def run(config: dict) -> None:
             model.load_state_dict(load_checkpoint(out_dir / "checkpoint.pt", dist.device)["model"])
         if "lesion" in config["stages"]:  # every process sweeps its share of the sites; process 0 writes
             lesion_utils.lesion_stage(model, images, config, out_dir, dist.rank, dist.world, dist.gather)
-            if config.get("refit_readout", False):  # the same lesions through readouts refitted to them
-                dist.barrier()  # rankings.json, which process 0 wrote last, is read by every process
-                lesion_utils.readout_stage(model, images, config, out_dir, dist.rank, dist.world, dist.gather)
+            for kind in ("refit", "fixed"):  # the same lesions through linear readouts (readouts.py), when asked for
+                if config.get(f"{kind}_readout", False):
+                    dist.barrier()  # rankings.json, which process 0 wrote last, is read by every process
+                    lesion_utils.readout_stage(model, images, config, out_dir, kind, dist.rank, dist.world,
+                                               dist.gather)
             if config.get("probes") and dist.main:
                 probes.probe_stage(model, images, config, out_dir, lambda spec, name: load_probe_task(spec, name, config))
             epoch_sweeps(model, images, config, out_dir, dist)

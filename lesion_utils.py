@@ -22,7 +22,7 @@ import branches
 import common
 import multiple_testing
 import subgroups
-from common import READOUT_DIR, UsageError, format_seconds, read_csv, read_json, write_csv, write_text
+from common import READOUT_DIRS, READOUT_NAMES, UsageError, format_seconds, read_csv, read_json, write_csv, write_text
 from dissociation import (ADDED_LESION_COLUMNS, corrected_drop, DISSOCIATION_COLUMNS, dissociation_rows,
                           LESION_COLUMNS, lesion_conditions, matched_subsets, PER_CLASS_COLUMNS, _per_class_rows,
                           per_image_arrays, per_image_key, random_pair_indices, read_per_image, _restrict,
@@ -33,7 +33,7 @@ from lesion_engine import (ablate, apply_mask, cache_bytes, default_masks_per_pa
                            evaluate_lesions_naive, forward_chain, get_site, image_batches, lesion_mask,
                            lesion_sites, _order, ranking_precision, RANKING_PRECISIONS, select_sites, Site,
                            site_activations, SiteRunner)
-from readouts import refit_lesions
+from readouts import fixed_lesions, fixed_readouts, refit_lesions
 from rankings import (_entry, LOCALISER_FDR, loss_scores, MASK_DEFAULTS, merge_rankings, METHODS, NOT_RANKINGS, rank_by_activation,
                       rank_correlation, rank_site, RANKING_KEYS, same_top_sets, selectivity, split_half_reliability,
                       split_halves, _task_loss, taylor_scores, top_overlap)
@@ -174,23 +174,27 @@ def lesion_stage(model: nn.Module, images: dict, config: dict, out_dir: Path, ra
     return Sweep(model, images, config, Path(out_dir), rank, world, gather).run()
 
 
-def readout_stage(model: nn.Module, images: dict, config: dict, run_dir: Path, rank: int = 0, world: int = 1,
-                  gather=_one_process) -> Path:
-    """The refitted-readout sweep (readouts.py) of a run whose lesion sweep is done: the same sites, rankings
-    (its rankings.json), lesions and statistics, every lesion scored by linear readouts refitted to the lesioned
-    features instead of the network's heads; its files go to run_dir/refit_readout/ and it resumes as the sweep."""
+def readout_stage(model: nn.Module, images: dict, config: dict, run_dir: Path, kind: str, rank: int = 0,
+                  world: int = 1, gather=_one_process) -> Path:
+    """A readout sweep (readouts.py) of a run whose lesion sweep is done: the same sites, rankings (its
+    rankings.json), lesions and statistics, every lesion scored by linear readouts instead of the network's heads:
+    kind "refit", readouts fitted anew to each lesion's features (into run_dir/refit_readout/), or "fixed",
+    readouts fitted once to the intact network's features of held-out images (into run_dir/fixed_readout/). It
+    resumes as the sweep."""
+    folder = Path(run_dir) / READOUT_DIRS[kind]
     if rank == 0:
-        (Path(run_dir) / READOUT_DIR).mkdir(exist_ok=True)
-    return Sweep(model, images, config, Path(run_dir) / READOUT_DIR, rank, world, gather, rankings_of=Path(run_dir)).run()
+        folder.mkdir(exist_ok=True)
+    return Sweep(model, images, config, folder, rank, world, gather, rankings_of=Path(run_dir), readout=kind).run()
 
 
 class Sweep:
     """One run's lesion sweep (`lesion_stage`): what its sites share, and the steps of one site."""
 
     def __init__(self, model, images: dict, config: dict, out_dir: Path, rank: int, world: int, gather,
-                 rankings_of: Path | None = None):
+                 rankings_of: Path | None = None, readout: str | None = None):
         """rankings_of: a run folder whose finished sweep's rankings this one lesions, scoring every lesion by
-        refitted readouts (readout_stage); None: the network's own heads, and rankings of its own."""
+        the readouts `readout` names ("refit" or "fixed", readout_stage); None: the network's own heads, and
+        rankings of its own."""
         self.model, self.images, self.config, self.rank, self.world, self.gather = \
             model, images, config, rank, world, gather
         self.main = rank == 0
@@ -198,9 +202,12 @@ class Sweep:
         self.tasks = list(images)
         self.settings = sweep_settings(model, config)
         self.sites = select_sites(model, config)
-        self.refit = rankings_of is not None
-        if self.refit:
+        self.readout = readout if rankings_of is not None else None
+        if self.readout == "refit":
             self.settings.update(readout="refit", readout_images=int(config.get("readout_images", READOUT_IMAGES)))
+        elif self.readout:
+            self.settings.update(readout=self.readout)
+        if self.readout:
             self.given = read_json(Path(rankings_of) / SWEEP_FILES["rankings"], lambda r: isinstance(r, dict) and all(
                 s.name in r for s in self.sites), "the lesion sweep's rankings of every site")
         self.paths = {k: out_dir / f for k, f in SWEEP_FILES.items()}
@@ -226,7 +233,7 @@ class Sweep:
         self._ranking_plan()
         started, finished = time.perf_counter(), 0
         rounds = [self.todo[k:k + self.world] for k in range(0, len(self.todo), self.world)]
-        for group in tqdm(rounds, desc="refitted readouts" if self.refit else "lesion sweep", leave=False, disable=None if self.main else True):
+        for group in tqdm(rounds, desc=READOUT_NAMES[self.readout] if self.readout else "lesion sweep", leave=False, disable=None if self.main else True):
             given, spent = {}, {}
             for site in group if self.share else []:  # every process, every site of the round, together
                 spent[site.name] = time.perf_counter()
@@ -244,7 +251,7 @@ class Sweep:
             left = (time.perf_counter() - started) / finished * (len(self.todo) - finished)
             done = len(self.progress["done"]) - len(group)
             for k, (site, got) in enumerate(zip(group, gathered)):
-                print(f"{'refitted readouts, site' if self.refit else 'lesion site'} {done + k + 1}/{len(self.sites)} "
+                print(f"{READOUT_NAMES[self.readout] + ', site' if self.readout else 'lesion site'} {done + k + 1}/{len(self.sites)} "
                       f"{site.name} ({site.n_filters} filters): ranked by "
                       f"{', '.join(self.settings['methods'])}; {got['n_lesions']} lesions x {self.n_test} test images; "
                       f"{got['seconds']:.1f} s; about {format_seconds(left)} left", flush=True)
@@ -260,13 +267,19 @@ class Sweep:
         self.test = test = image_batches(images, "test")
         self.train_sample = image_batches(images, "train", n_per_task=config.get("rank_images", 256),
                                           seed=config["seed"])
-        if self.refit:
+        if self.readout == "refit":
             self.fit = image_batches(images, "train", n_per_task=self.settings["readout_images"], seed=config["seed"])
             intact, self.alphas = refit_lesions(model, self.sites[0], [[]], self.fit, test)
             intact = intact[0]
             say("refitted readouts (ridge on standardised features, " + ", ".join(
                 f"{t}: {sum(len(y) for tb, _, y in self.fit if tb == t)} training images, penalty {a:g}"
                 for t, a in self.alphas.items()) + ")")
+        elif self.readout == "fixed":
+            self.fixed = fixed_readouts(model, self.sites[0], test, config["seed"])
+            intact = fixed_lesions(model, self.sites[0], [[]], self.fixed, test)[0]
+            say("fixed readouts (ridge on standardised features of the intact network, fitted on one half of each "
+                "task's test images and reading the other: " + ", ".join(
+                    f"{t}: penalty {r['alpha']:g}" for t, r in self.fixed.items()) + ")")
         else:
             intact = evaluate_lesions(model, self.sites[0], [[]], test)[0]
         self.intact = intact
@@ -306,7 +319,7 @@ class Sweep:
         # under torchrun the greedy rankings (the costliest by far) are computed by all processes together, each
         # scoring a share of every step's candidates; everything else about a site is its own process's work
         self.share = (self.rank, self.world, all_gather_objects) if self.world > 1 and "greedy" in methods and \
-            not self.refit and torch.distributed.is_available() and torch.distributed.is_initialized() else None
+            not self.readout and torch.distributed.is_available() and torch.distributed.is_initialized() else None
         self.own = [m for m in methods if not (self.share and m == "greedy")]
         self.scored = [m for m in self.own if m in ("loss", "greedy")]  # the rankings whose precision is a setting
         self.precision = None  # bf16 asked for on a GPU: decided by a check at this process's first site
@@ -346,7 +359,7 @@ class Sweep:
     def _sweep_site(self, site, given=None) -> dict:
         """Everything one site adds to the sweep's files; `given`: its greedy rankings, computed together."""
         start = time.perf_counter()
-        if self.refit:
+        if self.readout:
             ranking = self.given[site.name]
         else:
             ranking = self._rank_filters(site) if given is None else merge_rankings(self._rank_filters(site), given)
@@ -359,9 +372,12 @@ class Sweep:
             means = np.concatenate(list(acts.values())).mean(0)
         conditions = lesion_conditions(site, ranking, self.settings["fractions"], self.settings["keep_only"])
         lesions = [c for *_, c in conditions]
-        if self.refit:
+        if self.readout == "refit":
             results, _ = refit_lesions(self.model, site, lesions, self.fit, self.test, self.alphas,
                                        self.settings["mode"], means, self.masks_per_pass)
+        elif self.readout == "fixed":
+            results = fixed_lesions(self.model, site, lesions, self.fixed, self.test, self.settings["mode"], means,
+                                    self.masks_per_pass)
         else:
             results = evaluate_lesions(self.model, site, lesions, self.test, self.settings["mode"], means,
                                        self.masks_per_pass)

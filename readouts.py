@@ -1,19 +1,28 @@
-"""Refitted readouts: every lesion also scored by a linear readout fitted anew to the lesioned network's features.
+"""Lesions scored by linear readouts instead of the network's own heads: fixed readouts and refitted ones.
 
 A lesion scored through the network's own heads asks which filters each head reads. Two heads trained on one
 task ask that differently too (they start from different weights and lean on different late filters), so a
 double dissociation through the heads alone does not show that the filters carry task-specific information:
-benchmarks/verdict_calibration.py found it on 6 of 6 networks whose two heads learn the same face task. A readout
-refitted to the lesioned features asks what the features still hold for each task: for two heads of one task it
-is the same readout (fitted on the same images, exactly so; on halves of them, nearly), so their lesions cannot
-dissociate, while in a branched network a task's copy alone feeds its readout and the dissociation stands.
+benchmarks/verdict_calibration.py found it on 6 of 6 networks whose two heads learn the same face task.
+
+Fixed readouts (`fixed_readouts`, `fixed_lesions`; fixed_readout=True, the default): per task, linear readouts
+fitted once to the intact network's features of held-out images (half of the task's test images each; every
+test image is read by the readout fitted on the other half) and never refitted. A lesion then costs a task what
+it takes from the features its readout reads. Two heads of one task get readouts of one form (fitted to the same
+task, on images the network never trained on), so the filters each head happens to read cannot split them, while
+in a branched network a task's copy alone feeds its readout. The verdict asks a site to dissociate through them
+too (report.confirmed).
+
+Refitted readouts (`refit_lesions`; refit_readout=True): per task, a readout fitted anew to each lesion's
+features on `readout_images` of its training images: what the features still hold for the task. The features of
+small networks stay linearly readable after a 20% lesion, so this reading has little power (BENCHMARKS.md).
 
 The readout is the project's linear probe (inspection.linear_probe's form: standardised features, a ridge
-classifier, closed form): fitted per task on `readout_images` of its training images (the heads' own input:
-the trunk's features, a branched network's task copy), its ridge penalty chosen once per task on the intact
-network's features by leave-one-out and then kept for every lesion, and scored on the test images. Its results
-have the form of `lesion_engine.evaluate_lesions`'s (a loss is not defined: NaN), so the sweep's rows, index,
-ring null and correction apply as they are; they go to common.READOUT_DIR inside the run folder.
+classifier, closed form) on the heads' own input (the trunk's features, a branched network's task copy), its
+ridge penalty chosen once per task on the intact network's features by leave-one-out and then kept for every
+lesion. Results have the form of `lesion_engine.evaluate_lesions`'s (a loss is not defined: NaN), so the sweep's
+rows, index, ring null and correction apply as they are; they go to common.READOUT_DIRS' folder inside the run
+folder.
 """
 from __future__ import annotations
 
@@ -111,3 +120,54 @@ def _width(model, site, batches: list) -> int:
     runner = SiteRunner(model, site)
     inputs = runner.readout_inputs(runner.prefix(x[:1]), keep[None], add[None])
     return max(v.shape[-1] for v in inputs.values())
+
+
+def fixed_readouts(model, site, test_batches: list, seed: int = 0) -> dict:
+    """The fixed readouts `fixed_lesions` scores lesions with: per task, its test images dealt into two halves
+    (seeded, alternately within each class), a linear readout (`probe`, penalty by `choose_alphas`) fitted to the
+    intact network's readout inputs of each half. Every test image is later read by the readout fitted on the
+    other half, so no image a readout saw, and no image the network trained on, is scored.
+    Returns {task: {'half': int array (0/1 per test image, in order), 'readouts': [fitted on half 0, on half 1],
+    'alpha': penalty}}."""
+    keep, add = lesion_mask([], site.n_filters)
+    (features,) = readout_inputs(model, site, [(keep, add)], test_batches, 1)
+    labels = _labels(test_batches)
+    alphas = choose_alphas(features, labels)
+    out = {}
+    for task, y in labels.items():
+        rng = np.random.default_rng(seed)  # the same deal for every task: tasks of one image set split alike
+        half = np.zeros(len(y), dtype=int)
+        for c in np.unique(y):
+            members = rng.permutation(np.flatnonzero(y == c))
+            half[members[1::2]] = 1
+        if any((half == h).sum() < 2 or len(np.unique(y[half == h])) < 2 for h in (0, 1)):
+            raise ValueError(f"{task}: too few test images ({len(y)}) to fit a readout on each half")
+        out[task] = {"half": half, "alpha": alphas[task],
+                     "readouts": [probe(alphas[task]).fit(features[task][half == h], y[half == h]) for h in (0, 1)]}
+    return out
+
+
+def fixed_lesions(model, site, lesions: list, readouts: dict, test_batches: list, mode: str = "zero",
+                  means=None, masks_per_pass: int = 1) -> list:
+    """Score each lesion (channel-index arrays of `site`) by the fixed readouts (`fixed_readouts`: fitted once, to
+    the intact network's features of held-out images, never refitted): each test image read by the readout
+    fitted on the other half. Two heads of one task share their readout's form (fitted to the same task on
+    images the network never trained on), a branched network's task copy alone feeds its task's. Returns per
+    lesion {task: {'correct': bool array, 'loss': NaN array}}, as evaluate_lesions'."""
+    model.eval()
+    masks = [lesion_mask(ch, site.n_filters, None if mode == "zero" else means) for ch in lesions]
+    y_test = _labels(test_batches)
+    per_lesion = sum(len(v) for v in y_test.values()) * _width(model, site, test_batches) * 4
+    chunk = max(1, FEATURE_BUDGET // max(1, per_lesion))
+    results = []
+    for start in range(0, len(masks), chunk):
+        for features in readout_inputs(model, site, masks[start:start + chunk], test_batches, masks_per_pass):
+            scored = {}
+            for task, y in y_test.items():
+                half, fitted = readouts[task]["half"], readouts[task]["readouts"]
+                predicted = np.empty_like(y)
+                for h in (0, 1):  # the images of half h, read by the readout fitted on the other half
+                    predicted[half == h] = fitted[1 - h].predict(features[task][half == h])
+                scored[task] = {"correct": predicted == y, "loss": np.full(len(y), np.nan)}
+            results.append(scored)
+    return results

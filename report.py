@@ -14,7 +14,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from common import exit_on_damaged_files, number as _num, read_csv, read_json, READOUT_DIR, write_text
+from common import exit_on_damaged_files, number as _num, read_csv, read_json, READOUT_DIRS, write_text
 import filter_sets
 import health
 import multiple_testing
@@ -187,14 +187,17 @@ def correction_text(family: dict) -> str:
 
 
 def summary(config: dict, status: dict, results: list, diss: list, rankings: dict, checkup: dict | None = None,
-            refit: list | None = None) -> str:
+            readouts: dict | None = None) -> str:
     """The report's first screen: the answer (per ranking, the sites where the dissociation index's 95%
     interval excludes 0 and the index beats the random-lesion null after the correction for every site x
     ranking at the headline fraction, `multiple_testing`), a compact table, and the caveats this run's own
     numbers call for. results, diss, rankings: the rows of lesion_results.csv and dissociation.csv and
-    rankings.json (empty when missing); checkup: the run's train_health.json (empty when missing); refit: the
-    rows of refit_readout/dissociation.csv (the same lesions through refitted readouts), None when not run. Rows of
-    dissociation.csv without p_corrected (a sweep made before it) get it from lesion_results.csv's random drops."""
+    rankings.json (empty when missing); checkup: the run's train_health.json (empty when missing); readouts:
+    {"fixed": rows, "refit": rows} of fixed_readout/ and refit_readout/dissociation.csv (the same lesions through
+    linear readouts, `read_readout`), a kind missing or None when not run. Where the fixed readouts ran, a site
+    counts only when it dissociates through the heads and through them (`confirmed`). Rows of dissociation.csv
+    without p_corrected (a sweep made before it) get it from lesion_results.csv's random drops."""
+    readouts = readouts or {}
     intact = intact_accuracies(results)
     diss = multiple_testing.corrected_rows(diss, results, force=False)
     caveats, table = [], ""
@@ -205,8 +208,9 @@ def summary(config: dict, status: dict, results: list, diss: list, rankings: dic
         answer = ("No dissociation index: it needs a targeted ranking (activation, localiser, loss, greedy, taylor or mask) and "
                   "two tasks; this run's lesions give only the per-task drops shown below.")
     else:
-        answer, table, caveats = _dissociation_answer(config, diss, rankings)
-        answer, caveats = answer + " " + _refit_sentence(refit, caveats), caveats
+        answer, table, caveats = _dissociation_answer(config, diss, rankings, readouts.get("fixed"))
+        answer = (answer + " " + _refit_sentence(readouts["refit"], caveats)).strip() if readouts.get("refit") \
+            is not None else answer
     answer, caveats = _run_caveats(config, status, results, diss, intact, checkup, answer, caveats)
     parts = [f'<div class="answer"><p class="verdict">{html.escape(answer)}</p>{table}']
     if intact:
@@ -217,18 +221,34 @@ def summary(config: dict, status: dict, results: list, diss: list, rankings: dic
     return "".join(parts)
 
 
-def _dissociation_answer(config: dict, diss: list, rankings: dict) -> tuple:
-    """(answer, compact table, caveats) of a run with dissociation rows, at the headline fraction."""
+def confirmed(rows: list, fixed: list | None) -> dict:
+    """{(site, ranking): True where the site dissociates}: through the heads (`verdict`) and, where the fixed
+    readouts ran (`fixed`: their dissociation rows, None when not run), through them too at the same site, ranking
+    and fraction. Each part keeps its own correction, and a site must pass both, so the pair's false-positive rate
+    is at most either's (an intersection-union test)."""
+    through = None if fixed is None else {(r["layer"], r["method"], round(_num(r["fraction"]), 6)): verdict(r)
+                                          for r in fixed}
+    return {(r["layer"], r["method"]): verdict(r) == "dissociates" and (
+        through is None or through.get((r["layer"], r["method"], round(_num(r["fraction"]), 6))) == "dissociates")
+        for r in rows}
+
+
+def _dissociation_answer(config: dict, diss: list, rankings: dict, fixed: list | None = None) -> tuple:
+    """(answer, compact table, caveats) of a run with dissociation rows, at the headline fraction; fixed: the
+    fixed readouts' rows (None when not run), which a site's dissociation must hold through too."""
     methods = list(dict.fromkeys(r["method"] for r in diss))
     caveats, table = [], ""
     f = headline_fraction(r["fraction"] for r in diss)
     rows = [r for r in diss if abs(_num(r["fraction"]) - f) < 1e-6]
     a, b = rows[0]["task_a"], rows[0]["task_b"]
     n_sites = len({r["layer"] for r in rows})
-    passing = {m: [r["layer"] for r in rows if r["method"] == m and verdict(r) == "dissociates"]
-               for m in methods}
+    ok = confirmed(rows, fixed)
+    passing = {m: [r["layer"] for r in rows if r["method"] == m and ok[(r["layer"], m)]] for m in methods}
+    heads_only = list(dict.fromkeys(r["layer"] for r in rows if verdict(r) == "dissociates"
+                                    and not ok[(r["layer"], r["method"])]))
     criterion = (f"the index's 95% bootstrap interval above 0 and the index beyond the random-lesion pairs, "
-                 f"corrected p < {ALPHA}")
+                 f"corrected p < {ALPHA}" + (", through the heads and through fixed readouts" if fixed is not None
+                                             else ""))
     corrected = correction_text(multiple_testing.family(rows))
     corrected = f", {corrected}" if corrected else ""
     n_pass = len({s for sites in passing.values() for s in sites})
@@ -236,29 +256,46 @@ def _dissociation_answer(config: dict, diss: list, rankings: dict) -> tuple:
         answer = (f"Task-specialised filters: yes, at {n_pass} of {n_sites} sites{corrected}. At {f:.0%} "
                   f"lesions, {a} and {b} filters dissociate ({criterion}) " + "; ".join(
                       f"with the {m} ranking at " + (f"{len(s)} site(s): {_names(s)}" if s else "no site")
-                      for m, s in passing.items()) + ". One network cannot tell whether the split comes from "
-                  "the tasks or from two heads (two heads learning one task split too): an experiment's same_task "
-                  "control can.")
+                      for m, s in passing.items()) + ".")
+        if fixed is None:
+            answer += (" One network's heads alone cannot tell whether the split comes from the tasks or from two "
+                       "heads (two heads learning one task split too): the fixed readouts (fixed_readout=True) or "
+                       "an experiment's same_task control can.")
     else:
         answer = (f"Task-specialised filters: not shown{corrected}. At {f:.0%} lesions, no site dissociates "
                   f"{a} from {b} filters ({criterion}) with the {' or the '.join(methods)} ranking "
                   f"({n_sites} sites lesioned).")
+    if heads_only:
+        answer += (f" Through the heads alone they dissociate also at {_names(heads_only)}, but not through fixed "
+                   f"readouts: there each head reads its own filters, and readouts fitted to the intact features do "
+                   f"not lose the two tasks apart, as two heads of one task also do.")
     shown = [r for r in rows if verdict(r) not in ("no dissociation (interval includes 0)",
                                                        "undefined (a head at chance)")]
     if shown:
+        fixed_at = {} if fixed is None else {(r["layer"], r["method"]): r for r in fixed
+                                             if abs(_num(r["fraction"]) - f) < 1e-6}
+        columns = ["ranking", "site", "index [95% CI]", "p vs random pairs", "p corrected", "verdict"] + (
+            ["fixed readouts: index [95% CI], p corrected", "both"] if fixed is not None else [])
         table = _table([{"ranking": r["method"], "site": f"{r['layer']} (depth {r['depth']})",
                          "index [95% CI]": _ci(r), "p vs random pairs": _p(r.get("p_index")),
-                         "p corrected": _p(r.get("p_corrected")), "verdict": verdict(r)} for r in shown],
-                       ["ranking", "site", "index [95% CI]", "p vs random pairs", "p corrected", "verdict"])
+                         "p corrected": _p(r.get("p_corrected")), "verdict": verdict(r),
+                         **({} if fixed is None else {
+                             "fixed readouts: index [95% CI], p corrected": (
+                                 f"{_ci(fixed_at[(r['layer'], r['method'])])}, "
+                                 f"{_p(fixed_at[(r['layer'], r['method'])].get('p_corrected'))}")
+                             if (r["layer"], r["method"]) in fixed_at else "not run",
+                             "both": "dissociates" if ok[(r["layer"], r["method"])] else "no"})} for r in shown],
+                       columns)
     else:
         answer += " At no site does any ranking's interval exclude 0."
-    if n_pass:  # what benchmarks/verdict_calibration.py measured (BENCHMARKS.md, 2026-12-04)
-        caveats.append("A single network's 'yes' does not separate task specialisation from two readouts: two "
-                       "heads trained on one face task, on halves of its images or on the very same images, "
-                       "lean on different filters at the late sites, and 3 of 3 such ResNet50s of each kind got "
-                       "'yes' there (indices 0.1 to 0.4; benchmarks/verdict_calibration.py). An experiment's "
-                       "same_task control (the first task's images dealt to two heads) measures that split, and "
-                       "its verdict asks the real index to beat it.")
+    if fixed is None and n_pass:  # what benchmarks/verdict_calibration.py measured (BENCHMARKS.md, 2026-12-04)
+        caveats.append("A single network's 'yes' through its heads alone does not separate task specialisation from "
+                       "two readouts: two heads trained on one face task, on halves of its images or on the very "
+                       "same images, lean on different filters at the late sites, and 3 of 3 such ResNet50s of each "
+                       "kind got 'yes' there (indices 0.1 to 0.4; benchmarks/verdict_calibration.py). Fixed readouts "
+                       "(fixed_readout=True) or an experiment's same_task control tell the two apart.")
+    if fixed is not None:
+        caveats.append(FIXED_CAVEAT)
     # the split-half overlap is kept for the top 10% and 20%: the one nearer the headline fraction
     caveats += _dissociation_caveats(rows, rankings, f) + _reliability_caveats(rankings, 0.2 if f >= 0.15 else 0.1)
     beyond = list(dict.fromkeys(r["layer"] for r in rows if r["method"] == "greedy"
@@ -271,13 +308,15 @@ def _dissociation_answer(config: dict, diss: list, rankings: dict) -> tuple:
     return answer, table, caveats
 
 
-def _refit_sentence(refit: list | None, caveats: list) -> str:
+FIXED_CAVEAT = ("The verdict asks each site to dissociate twice: through the network's heads, and through fixed "
+                "readouts (fixed_readout/: per task a linear readout fitted once to the intact network's features of "
+                "half its test images, reading the other half, never refitted). Two heads of one task read different "
+                "filters, but one task's readouts cannot lose its images apart. benchmarks/verdict_calibration.py "
+                "measured this pair of tests: FIXED_CALIBRATION.")
+
+
+def _refit_sentence(refit: list, caveats: list) -> str:
     """What the refitted readouts (readouts.py) say at the headline fraction, in a sentence; adds its caveat."""
-    if refit is None:
-        caveats.append("Refitted readouts not run (refit_readout=False): the lesions were scored through the "
-                       "network's own heads only, which shows which filters each head reads, not that the filters "
-                       "carry what each task needs (two heads of one task read different filters too).")
-        return ""
     if not refit:
         return "The refitted readouts found no index to compute."
     f = headline_fraction(r["fraction"] for r in refit)
@@ -462,10 +501,10 @@ def build_report(run_dir) -> Path:
     diss = multiple_testing.corrected_rows(diss, results, force=False)  # a sweep made before p_corrected
     rankings = read_json(rankings_path, lambda v: isinstance(v, dict), "rankings by site") \
         if rankings_path.exists() else {}
-    refit = read_refit(run_dir)
+    readouts = {kind: read_readout(run_dir, kind) for kind in READOUT_DIRS}
     r = Report(run_dir, status)
     r.section("Summary")
-    r.raw(summary(config, status, results, diss, rankings, health.read(run_dir), refit))
+    r.raw(summary(config, status, results, diss, rankings, health.read(run_dir), readouts))
 
     _intact_section(r, config, results)
 
@@ -497,12 +536,20 @@ def build_report(run_dir) -> Path:
         r.figure("probes.png", "Each probe across the swept sites: the inversion effect (upright minus upside-down "
                  "accuracy, 95% interval) or the held-out task's probe accuracy, under each task's filters' lesions; "
                  "grey: the random lesions' range; dashed: the intact network.", "probes")
-    if refit:
+    if readouts["fixed"]:
+        r.section("Fixed readouts")
+        r.what("The same lesions, each task scored by linear readouts (ridge on standardised features) fitted once "
+               "to the intact network's features of half its test images, each reading the other half, never "
+               "refitted: whether the filters a head needs carry its task for any readout of it, where two heads "
+               "of one task cannot differ (fixed_readout/). The summary's verdict asks a site to dissociate here "
+               "too.")
+        r.raw(_dissociation_table(readouts["fixed"]))
+    if readouts["refit"]:
         r.section("Refitted readouts")
         r.what("The same lesions, each task scored by a linear readout (ridge on standardised features) fitted anew "
                "to the lesioned network's features on its training images: what the features still hold for the "
                "task, rather than what its head reads (refit_readout/).")
-        r.raw(_dissociation_table(refit))
+        r.raw(_dissociation_table(readouts["refit"]))
     if config.get("lesion_epochs"):
         r.section("Dissociation by epoch")
         r.figure("dissociation_by_epoch.png", "The index by depth for each swept epoch (epoch_<N>/ holds each "
@@ -535,9 +582,10 @@ def build_report(run_dir) -> Path:
     return out
 
 
-def read_refit(run_dir: Path) -> list | None:
-    """The rows of a run's refit_readout/dissociation.csv, corrected as the sweep's; None when it did not run."""
-    folder = Path(run_dir) / READOUT_DIR
+def read_readout(run_dir: Path, kind: str) -> list | None:
+    """The rows of a run's readout sweep's dissociation.csv (kind "fixed": fixed_readout/, "refit":
+    refit_readout/), corrected as the sweep's; None when it did not run."""
+    folder = Path(run_dir) / READOUT_DIRS[kind]
     if not (folder / "dissociation.csv").exists():
         return None
     results = read_csv(folder / "lesion_results.csv", INTACT_COLUMNS) if (folder / "lesion_results.csv").exists() else []

@@ -188,6 +188,7 @@ SETTINGS = {
     "random_repeats": _integer(1),
     "rank_images": _integer(1),
     "refit_readout": _FLAG,
+    "fixed_readout": _FLAG,
     "localiser_fdr": ((lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1),
                       "a false discovery rate above 0 and below 1, e.g. 0.05"),
     "mask_steps": _integer(1),

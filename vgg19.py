@@ -43,6 +43,7 @@ random_repeats = 10  # independent random filter orders (the control lesions)
 rank_images = 256  # training images per task used to rank filters (never the test images)
 refit_readout = False  # also score every lesion by linear readouts refitted to the lesioned features (into refit_readout/; about as long again as the sweep's lesions): what the filters carry for each task, where two heads of one task cannot differ, not only what each head reads
 readout_images = 500  # training images per task the refitted readouts are fitted on
+fixed_readout = True  # also score every lesion by linear readouts fitted once to the intact network's features of held-out test images (each half read by the readout fitted on the other; into fixed_readout/; about half as long again as the lesions through the heads): the verdict asks a site to dissociate through both, which two heads of one task do not
 localiser_fdr = 0.05  # the localiser ranking: Welch's t of each filter, a task's images against the others', selective where Benjamini-Yekutieli FDR passes at this rate; its selective set is also lesioned exactly, beside random sets of its size
 mask_steps = 100  # the mask ranking: Adam steps of a sigmoid gate per filter learned on frozen weights (the task's ranking images)
 mask_l1 = 1.0  # the mask ranking: weight of the L1 pull toward closing gates (x the mean gate, beside the task's cross-entropy)

@@ -151,26 +151,29 @@ BENCH_DIR = ROOT / ".bench" / "verdict_calibration"
 SCRIPTS = {"resnet50": "ResNet", "resnext50": "ResNeXt", "vgg16": "vgg16", "vgg19": "vgg19"}
 SCENARIOS = ("exchangeable", "stronger")  # networks without dissociation; "planted" (a known positive) for tests
 YES = "dissociates"  # report.verdict of a row that passes
+READOUT_KINDS = {"refit": "refitted readouts", "fixed": "fixed readouts"}  # readouts.py's, by their setting's name
 
 
 # ----------------------------------------------------------------------------------------------------------
 # the verdict, as the report reaches it
 
 
-def run_verdict(diss_rows: list, result_rows: list) -> dict:
+def run_verdict(diss_rows: list, result_rows: list, fixed: list | None = None) -> dict:
     """A run's verdict from its dissociation.csv and lesion_results.csv rows, by the report's own functions:
     {'yes', 'yes_uncorrected', 'fraction', 'rows': the headline fraction's rows, each with 'verdict' and
-    'verdict_uncorrected'}. The correction is filled in where the rows lack it (a sweep's file has it)."""
+    'verdict_uncorrected'}. fixed: the fixed readouts' rows (report.read_readout), which a site must dissociate
+    through too (report.confirmed); None: the heads alone. The correction is filled in where the rows lack it (a
+    sweep's file has it)."""
     diss = M.corrected_rows(diss_rows, result_rows, force=False)
     if not diss:
         return {"yes": False, "yes_uncorrected": False, "fraction": float("nan"), "rows": []}
     f = report.headline_fraction(r["fraction"] for r in diss)
-    rows = []
-    for r in diss:
-        if abs(float(r["fraction"]) - f) > 1e-6:
-            continue
-        rows.append(dict(r, verdict=report.verdict(r),
-                         verdict_uncorrected=report.verdict(dict(r, p_corrected=r.get("p_index")))))
+    rows = [r for r in diss if abs(float(r["fraction"]) - f) <= 1e-6]
+    uncorrected = lambda rs: None if rs is None else [dict(r, p_corrected=r.get("p_index")) for r in rs]
+    ok, ok_u = report.confirmed(rows, fixed), report.confirmed(uncorrected(rows), uncorrected(fixed))
+    rows = [dict(r, verdict=YES if ok[(r["layer"], r["method"])] else report.verdict(r) if report.verdict(r) != YES
+                 else "through the heads only",
+                 verdict_uncorrected=YES if ok_u[(r["layer"], r["method"])] else "no") for r in rows]
     return {"yes": any(r["verdict"] == YES for r in rows),
             "yes_uncorrected": any(r["verdict_uncorrected"] == YES for r in rows), "fraction": f, "rows": rows}
 
@@ -315,7 +318,8 @@ def base_config(args, seed: int, out_dir: Path) -> dict:
                   lesion_methods=[args.ranking, "random"], lesion_layers=list(args.lesion_layers),
                   random_repeats=args.repeats, rank_images=args.rank_images, ranking_reliability=False,
                   lesion_fractions=[0.0, args.fraction], face_data="demo", object_data="demo", tasks=None,
-                  branch_at=None, retrain=False, refit_readout=args.refit, readout_images=args.readout_images)
+                  branch_at=None, retrain=False, readout_images=args.readout_images,
+                  **{f"{kind}_readout": kind in args.readouts for kind in READOUT_KINDS})
     return config
 
 
@@ -372,20 +376,23 @@ def read_run(out_dir: Path) -> dict:
 
     results = read_csv(out_dir / "lesion_results.csv")
     diss = read_csv(out_dir / "dissociation.csv")
-    v = run_verdict(diss, results)
+    readouts = {kind: report.read_readout(out_dir, kind) for kind in READOUT_KINDS}
+    v = run_verdict(diss, results, readouts["fixed"])  # the report's verdict: heads and fixed readouts, where run
     config = read_json(out_dir / "config.json")
     rankings = read_json(out_dir / "rankings.json") if (out_dir / "rankings.json").exists() else {}
     checkup = read_json(out_dir / "train_health.json") if (out_dir / "train_health.json").exists() else {}
-    page = html.unescape(re.sub(r"<[^>]+>", " ", report.summary(config, {}, results, diss, rankings, checkup)))
+    page = html.unescape(re.sub(r"<[^>]+>", " ", report.summary(config, {}, results, diss, rankings, checkup,
+                                                                 readouts)))
     said = re.search(r"Task-specialised filters: (yes|not shown)", page)
     v["report_says"] = said.group(1) if said else "?"
     if said and (said.group(1) == "yes") != v["yes"]:
         print(f"warning: {out_dir}: report.summary says '{said.group(1)}', run_verdict says yes={v['yes']}",
               file=sys.stderr)
     v["intact"] = {t: a for t, (a, _, _) in report.intact_accuracies(results).items()}
-    folder = out_dir / report.READOUT_DIR  # the same lesions through refitted readouts (readouts.py), when run
-    if (folder / "dissociation.csv").exists():
-        v["refit"] = run_verdict(read_csv(folder / "dissociation.csv"), read_csv(folder / "lesion_results.csv"))
+    v["heads"] = run_verdict(diss, results)  # the heads alone, as before the fixed readouts
+    for kind in READOUT_KINDS:  # the same lesions through linear readouts (readouts.py) alone, when run
+        if readouts[kind] is not None:
+            v[kind] = run_verdict(readouts[kind], read_csv(out_dir / report.READOUT_DIRS[kind] / "lesion_results.csv"))
     return v
 
 
@@ -422,10 +429,11 @@ def trained(args) -> dict:
                   f"{'yes' if v['yes_uncorrected'] else 'no'}", flush=True)
             for r in v["rows"]:
                 print(site_line(r), flush=True)
-            if "refit" in v:
-                print(f"  refitted readouts: verdict {'yes' if v['refit']['yes'] else 'not shown'}", flush=True)
-                for r in v["refit"]["rows"]:
-                    print(site_line(r), flush=True)
+            for kind in READOUT_KINDS:
+                if kind in v:
+                    print(f"  {READOUT_KINDS[kind]}: verdict {'yes' if v[kind]['yes'] else 'not shown'}", flush=True)
+                    for r in v[kind]["rows"]:
+                        print(site_line(r), flush=True)
     out["null_control"] = []
     if "null" in args.kinds:  # more null networks: the same_task control of the experiment-level checks
         for seed in args.control_seeds:
@@ -454,19 +462,19 @@ def experiment_verdict(real: list, control: list, repeats: int) -> dict:
     return {"yes": bool(passing), "answer": answer}
 
 
-def both_rows(runs: list) -> list:
+def both_rows(runs: list, kind: str) -> list:
     """Runs whose rows are 'dissociates' only where the row dissociates through the heads and through the
-    refitted readouts (same site, ranking and fraction)."""
+    readouts of `kind` (same site, ranking and fraction)."""
     out = []
     for v in runs:
-        refit = {(r["layer"], r["method"]): r["verdict"] for r in v.get("refit", {}).get("rows", [])}
-        out.append({"rows": [dict(r, verdict=YES if r["verdict"] == YES and refit.get((r["layer"], r["method"])) ==
-                                  YES else "no") for r in v["rows"]]})
+        other = {(r["layer"], r["method"]): r["verdict"] for r in v.get(kind, {}).get("rows", [])}
+        out.append({"rows": [dict(r, verdict=YES if r["verdict"] == YES and other.get((r["layer"], r["method"])) ==
+                                  YES else "no") for r in v.get("heads", v)["rows"]]})
     return out
 
 
-def both_yes(v: dict) -> bool:
-    return any(r["verdict"] == YES for r in both_rows([v])[0]["rows"])
+def both_yes(v: dict, kind: str) -> bool:
+    return any(r["verdict"] == YES for r in both_rows([v], kind)[0]["rows"])
 
 
 def site_power(runs: list, depths: set, key: str = "verdict") -> tuple:
@@ -517,8 +525,8 @@ def parse(argv=None):
     parser.add_argument("--control_seeds", type=literal, default=None,
                         help="seeds of the further null networks that serve as the same_task control of the "
                              "experiment-level checks (default [3, 4, 5]; [] leaves them out)")
-    parser.add_argument("--refit", type=literal, default=True, help="also score the lesions by refitted readouts "
-                        "(refit_readout; True or False)")
+    parser.add_argument("--readouts", type=literal, default=list(READOUT_KINDS), help="also score the lesions by "
+                        "these linear readouts (refit_readout, fixed_readout), e.g. \"['fixed']\"; [] for none")
     parser.add_argument("--readout_images", type=int, default=500, help="training images per task of each readout")
     parser.add_argument("--seed", type=int, default=0, help="seed of the simulation")
     parser.add_argument("--out_root", default=None, help="folder of the trained runs (default: "
@@ -562,22 +570,32 @@ def main(argv=None) -> int:
         print(f"false_positive_rate_trained: {fmt_rate(yes, len(nulls))} (trained null networks: {args.null}, "
               f"{args.backbone}, one verdict per network)")
         print(f"false_positive_rate_trained_uncorrected: {fmt_rate(yes_u, len(nulls))}")
+        heads = [v["heads"] for v in nulls if "fixed" in v]
+        if heads:  # the verdict above asked for the fixed readouts too: the heads alone, as before them
+            print(f"false_positive_rate_trained_heads_only: {fmt_rate(sum(v['yes'] for v in heads), len(heads))} "
+                  f"(the same networks, the heads' lesions alone)")
         post = {d for d in args.lesion_layers if isinstance(d, int) and d > args.branch_at}
         hits, n = site_power(runs["branched"], post)
         hits_s, n_s = site_power(runs["shared"], post)
         hits_u, _ = site_power(runs["branched"], post, "verdict_uncorrected")
         print(f"power_uncorrected: {fmt_rate(hits_u, n)} (branched networks, before the correction)")
-        refit = [v for v in nulls if "refit" in v]
-        if refit:  # the same lesions through refitted readouts (readouts.py), and both verdicts together
-            print(f"false_positive_rate_trained_refit: {fmt_rate(sum(v['refit']['yes'] for v in refit), len(refit))}"
-                  f" (the same null networks, lesions scored by refitted readouts)")
-            print(f"false_positive_rate_trained_both: "
-                  f"{fmt_rate(sum(both_yes(v) for v in refit), len(refit))} (a site dissociating both ways)")
+        heads = [v["heads"] for v in runs["branched"] if "fixed" in v]
+        if heads:
+            print(f"power_heads_only: {fmt_rate(*site_power(heads, post))} (branched networks, the heads' lesions "
+                  f"alone)")
+        for readout, what in READOUT_KINDS.items():  # the same lesions through linear readouts (readouts.py)
+            read = [v for v in nulls if readout in v]
+            if not read:
+                continue
+            print(f"false_positive_rate_trained_{readout}: {fmt_rate(sum(v[readout]['yes'] for v in read), len(read))}"
+                  f" (the same null networks, lesions scored by {what})")
+            print(f"false_positive_rate_trained_heads_and_{readout}: "
+                  f"{fmt_rate(sum(both_yes(v, readout) for v in read), len(read))} (a site dissociating both ways)")
             for kind in ("branched", "shared"):
-                runs_refit = [v["refit"] for v in runs[kind] if "refit" in v]
-                if runs_refit:
-                    print(f"power_{kind}_refit: {fmt_rate(*site_power(runs_refit, post))} (post-branch sites, "
-                          f"refitted readouts); both ways: {fmt_rate(*site_power(both_rows(runs[kind]), post))}")
+                runs_read = [v[readout] for v in runs[kind] if readout in v]
+                if runs_read:
+                    print(f"power_{kind}_{readout}: {fmt_rate(*site_power(runs_read, post))} (post-branch sites, "
+                          f"{what}); both ways: {fmt_rate(*site_power(both_rows(runs[kind], readout), post))}")
         if runs["null_control"] and nulls:
             v = experiment_verdict(nulls, runs["null_control"], args.repeats)
             print(f"experiment_false_positive: {'yes' if v['yes'] else 'no'} (null networks of seeds {args.seeds} "

@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
@@ -81,14 +80,21 @@ def test_demo_end_to_end_writes_every_output(tmp_path, script):
         [(r["layer"], r["method"], r["target"], r["fraction"], r["eval_task"]) for r in rows]
     assert all(0 <= float(r["accuracy"]) <= 1 for r in refit)
     assert len(read_rows(out / "refit_readout" / "dissociation.csv")) == len(dissociation)
+    # and through fixed readouts (on by default): the same rows, and the verdict's table says what both found
+    assert "fixed readouts, site 2/2 " in p.stdout
+    fixed = read_rows(out / "fixed_readout" / "lesion_results.csv")
+    assert [(r["layer"], r["method"], r["target"], r["fraction"], r["eval_task"]) for r in fixed] == \
+        [(r["layer"], r["method"], r["target"], r["fraction"], r["eval_task"]) for r in rows]
+    assert len(read_rows(out / "fixed_readout" / "dissociation.csv")) == len(dissociation)
     page = (out / "report.html").read_text()
     assert "Through readouts refitted to the lesioned features" in page and "Refitted readouts</h2>" in page
+    assert "Fixed readouts</h2>" in page and "through fixed readouts" in page
 
     # a finished run skips training on rerun, and the lesion sweep skips finished sites
     again = run_script(script, *TINY, *TINY_LESION, *narrow, "--refit_readout=True", "--readout_images=40",
                        f"--out_dir={out}")
     assert again.returncode == 0 and "skipping" in again.stdout and "sites finished earlier" in again.stdout
-    assert "refitted readouts, site" not in again.stdout
+    assert "refitted readouts, site" not in again.stdout and "fixed readouts, site" not in again.stdout
     model, cfg = dualtask.load_run(out)
     assert cfg["backbone"] == config["backbone"] and not model.training
     with torch.no_grad():

@@ -14,6 +14,7 @@ from conftest import ROOT
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import verdict_calibration as V  # noqa: E402
 
+import multiple_testing  # noqa: E402
 import report  # noqa: E402
 
 
@@ -53,6 +54,47 @@ def test_simulated_rows_are_the_lesion_stages_and_the_verdict_is_the_reports():
         if verdict["yes"]:
             assert verdict["yes_uncorrected"]  # the correction only ever removes a yes
     assert seen == {True, False}  # the planted networks pass, so both answers were checked
+
+
+def test_a_site_counts_only_where_it_dissociates_through_the_heads_and_the_fixed_readouts():
+    """report.confirmed and the summary's sentence on constructed rows: a planted dissociation through the heads
+    that the fixed readouts do not show is 'through the heads only', and the answer says 'not shown'; with the
+    fixed readouts' rows dissociating too it is 'yes'; without fixed readouts the heads decide alone."""
+    rng = np.random.default_rng(7)
+    planted = exchangeable = None
+    for k in range(12):
+        diss, results = V.simulate_network(rng, n_sites=3, n_rankings=1, repeats=20, n_images=80,
+                                           scenario="planted", n_boot=200, seed=k)
+        if planted is None and V.run_verdict(diss, results)["yes"]:
+            planted = (diss, results)
+        diss, results = V.simulate_network(rng, n_sites=3, n_rankings=1, repeats=20, n_images=80,
+                                           scenario="exchangeable", n_boot=200, seed=100 + k)
+        if exchangeable is None and not V.run_verdict(diss, results)["yes"]:
+            exchangeable = (diss, results)
+    assert planted and exchangeable
+    (diss, results), (null_diss, null_results) = planted, exchangeable
+    null_diss = [dict(r, layer=p["layer"], depth=p["depth"]) for r, p in zip(null_diss, diss)]  # same sites
+    heads = V.run_verdict(diss, results)
+    fixed_null = multiple_testing.corrected_rows(null_diss, null_results, force=False)
+    fixed_planted = multiple_testing.corrected_rows(diss, results, force=False)
+    both = V.run_verdict(diss, results, fixed_planted)
+    only = V.run_verdict(diss, results, fixed_null)
+    assert heads["yes"] and both["yes"] and not only["yes"]
+    assert {r["verdict"] for r in only["rows"]} <= {"through the heads only", "no dissociation (interval includes 0)",
+                                                     "interval above 0, not beyond random lesions after the correction",
+                                                     "interval above 0, not beyond random lesions"}
+    ok = report.confirmed(fixed_planted, fixed_null)  # fixed_planted: the heads' rows, corrected
+    assert not any(ok.values()) and any(report.confirmed(fixed_planted, None).values())
+    intact = [{"layer": "site0", "eval_task": t, "intact_accuracy": results[i]["intact_accuracy"], "n_images": 80,
+               "chance": "0.1000"} for i, t in ((0, "a"), (20, "b"))]
+    config = {"seed": 0, "lesion_methods": ["rank0", "random"], "random_repeats": 20}
+    for fixed, said in ((fixed_null, "not shown"), (fixed_planted, "yes"), (None, "yes")):
+        page = html.unescape(re.sub(r"<[^>]+>", " ", report.summary(config, {}, intact + results, diss, {},
+                                                                    readouts={"fixed": fixed})))
+        assert re.search(r"Task-specialised filters: (yes|not shown)", page).group(1) == said
+    page = html.unescape(re.sub(r"<[^>]+>", " ", report.summary(config, {}, intact + results, diss, {},
+                                                                readouts={"fixed": fixed_null})))
+    assert "Through the heads alone they dissociate also at" in page and "through fixed readouts" in page
 
 
 def test_main_prints_the_headline_lines_last(capsys):
