@@ -33,7 +33,7 @@ from lesion_engine import (ablate, apply_mask, cache_bytes, default_masks_per_pa
                            evaluate_lesions_naive, forward_chain, get_site, image_batches, lesion_mask,
                            lesion_sites, _order, ranking_precision, RANKING_PRECISIONS, select_sites, Site,
                            site_activations, SiteRunner)
-from readouts import fixed_lesions, fixed_readouts, refit_lesions
+from readouts import FIXED_FOLDS, fixed_lesions, fixed_readouts, refit_lesions
 from rankings import (_entry, LOCALISER_FDR, loss_scores, MASK_DEFAULTS, merge_rankings, METHODS, NOT_RANKINGS, rank_by_activation,
                       rank_correlation, rank_site, RANKING_KEYS, same_top_sets, selectivity, split_half_reliability,
                       split_halves, _task_loss, taylor_scores, top_overlap)
@@ -205,8 +205,8 @@ class Sweep:
         self.readout = readout if rankings_of is not None else None
         if self.readout == "refit":
             self.settings.update(readout="refit", readout_images=int(config.get("readout_images", READOUT_IMAGES)))
-        elif self.readout:
-            self.settings.update(readout=self.readout)
+        elif self.readout == "fixed":
+            self.settings.update(readout="fixed", readout_folds=FIXED_FOLDS)
         if self.readout:
             self.given = read_json(Path(rankings_of) / SWEEP_FILES["rankings"], lambda r: isinstance(r, dict) and all(
                 s.name in r for s in self.sites), "the lesion sweep's rankings of every site")
@@ -277,9 +277,9 @@ class Sweep:
         elif self.readout == "fixed":
             self.fixed = fixed_readouts(model, self.sites[0], test, config["seed"])
             intact = fixed_lesions(model, self.sites[0], [[]], self.fixed, test)[0]
-            say("fixed readouts (ridge on standardised features of the intact network, fitted on one half of each "
-                "task's test images and reading the other: " + ", ".join(
-                    f"{t}: penalty {r['alpha']:g}" for t, r in self.fixed.items()) + ")")
+            say("fixed readouts (ridge on standardised features of the intact network, each task's test images in "
+                "folds, each fold read by the readout fitted on the others: " + ", ".join(
+                    f"{t}: {len(r['readouts'])} folds, penalty {r['alpha']:g}" for t, r in self.fixed.items()) + ")")
         else:
             intact = evaluate_lesions(model, self.sites[0], [[]], test)[0]
         self.intact = intact

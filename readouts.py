@@ -6,8 +6,8 @@ double dissociation through the heads alone does not show that the filters carry
 benchmarks/verdict_calibration.py found it on 6 of 6 networks whose two heads learn the same face task.
 
 Fixed readouts (`fixed_readouts`, `fixed_lesions`; fixed_readout=True, the default): per task, linear readouts
-fitted once to the intact network's features of held-out images (half of the task's test images each; every
-test image is read by the readout fitted on the other half) and never refitted. A lesion then costs a task what
+fitted once to the intact network's features of held-out images (the task's test images in 10 folds: every test
+image is read by the readout fitted on the other nine) and never refitted. A lesion then costs a task what
 it takes from the features its readout reads. Two heads of one task get readouts of one form (fitted to the same
 task, on images the network never trained on), so the filters each head happens to read cannot split them, while
 in a branched network a task's copy alone feeds its readout. The verdict asks a site to dissociate through them
@@ -122,36 +122,44 @@ def _width(model, site, batches: list) -> int:
     return max(v.shape[-1] for v in inputs.values())
 
 
-def fixed_readouts(model, site, test_batches: list, seed: int = 0) -> dict:
-    """The fixed readouts `fixed_lesions` scores lesions with: per task, its test images dealt into two halves
-    (seeded, alternately within each class), a linear readout (`probe`, penalty by `choose_alphas`) fitted to the
-    intact network's readout inputs of each half. Every test image is later read by the readout fitted on the
-    other half, so no image a readout saw, and no image the network trained on, is scored.
-    Returns {task: {'half': int array (0/1 per test image, in order), 'readouts': [fitted on half 0, on half 1],
-    'alpha': penalty}}."""
+FIXED_FOLDS = 10  # the fixed readouts' folds of each task's test images (fewer where the test set is small)
+
+
+def fixed_readouts(model, site, test_batches: list, seed: int = 0, folds: int = FIXED_FOLDS) -> dict:
+    """The fixed readouts `fixed_lesions` scores lesions with: per task, its test images dealt into `folds` folds
+    (seeded, in turn within each class), and per fold a linear readout (`probe`, penalty by `choose_alphas`) fitted
+    to the intact network's readout inputs of the other folds' images. Every test image is later read by the
+    readout that did not see it, so no image a readout saw, and no image the network trained on, is scored; with
+    many folds each readout sees most of the images and a task's accuracy averages over many readouts, so the
+    noise of any one readout's fit weighs little.
+    Returns {task: {'fold': int array (per test image, in order), 'readouts': [per fold], 'alpha': penalty}}."""
     keep, add = lesion_mask([], site.n_filters)
     (features,) = readout_inputs(model, site, [(keep, add)], test_batches, 1)
     labels = _labels(test_batches)
     alphas = choose_alphas(features, labels)
     out = {}
     for task, y in labels.items():
+        k = max(2, min(folds, len(y) // 2))
         rng = np.random.default_rng(seed)  # the same deal for every task: tasks of one image set split alike
-        half = np.zeros(len(y), dtype=int)
-        for c in np.unique(y):
+        fold = np.zeros(len(y), dtype=int)
+        start = 0
+        for c in np.unique(y):  # one deal running on from class to class: every fold gets its share of each
             members = rng.permutation(np.flatnonzero(y == c))
-            half[members[1::2]] = 1
-        if any((half == h).sum() < 2 or len(np.unique(y[half == h])) < 2 for h in (0, 1)):
-            raise ValueError(f"{task}: too few test images ({len(y)}) to fit a readout on each half")
-        out[task] = {"half": half, "alpha": alphas[task],
-                     "readouts": [probe(alphas[task]).fit(features[task][half == h], y[half == h]) for h in (0, 1)]}
+            fold[members] = (start + np.arange(len(members))) % k
+            start += len(members)
+        if any(len(np.unique(y[fold != f])) < 2 for f in range(k)):
+            raise ValueError(f"{task}: too few test images ({len(y)}) to fit a readout without each fold")
+        out[task] = {"fold": fold, "alpha": alphas[task],
+                     "readouts": [probe(alphas[task]).fit(features[task][fold != f], y[fold != f])
+                                  for f in range(k)]}
     return out
 
 
 def fixed_lesions(model, site, lesions: list, readouts: dict, test_batches: list, mode: str = "zero",
                   means=None, masks_per_pass: int = 1) -> list:
     """Score each lesion (channel-index arrays of `site`) by the fixed readouts (`fixed_readouts`: fitted once, to
-    the intact network's features of held-out images, never refitted): each test image read by the readout
-    fitted on the other half. Two heads of one task share their readout's form (fitted to the same task on
+    the intact network's features of held-out images, never refitted): each test image read by the readout of
+    its fold, which did not see it. Two heads of one task share their readout's form (fitted to the same task on
     images the network never trained on), a branched network's task copy alone feeds its task's. Returns per
     lesion {task: {'correct': bool array, 'loss': NaN array}}, as evaluate_lesions'."""
     model.eval()
@@ -164,10 +172,11 @@ def fixed_lesions(model, site, lesions: list, readouts: dict, test_batches: list
         for features in readout_inputs(model, site, masks[start:start + chunk], test_batches, masks_per_pass):
             scored = {}
             for task, y in y_test.items():
-                half, fitted = readouts[task]["half"], readouts[task]["readouts"]
+                fold, fitted = readouts[task]["fold"], readouts[task]["readouts"]
                 predicted = np.empty_like(y)
-                for h in (0, 1):  # the images of half h, read by the readout fitted on the other half
-                    predicted[half == h] = fitted[1 - h].predict(features[task][half == h])
+                for f, readout in enumerate(fitted):  # fold f's images, read by the readout fitted without them
+                    if (fold == f).any():
+                        predicted[fold == f] = readout.predict(features[task][fold == f])
                 scored[task] = {"correct": predicted == y, "loss": np.full(len(y), np.nan)}
             results.append(scored)
     return results

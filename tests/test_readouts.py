@@ -80,31 +80,41 @@ def test_in_a_branched_network_silencing_one_copy_leaves_the_other_tasks_readout
     assert np.array_equal(intact["object"]["correct"], lesioned["object"]["correct"])
 
 
-def test_fixed_readouts_read_each_image_by_the_half_it_was_not_fitted_on_and_ignore_the_heads():
+def test_fixed_readouts_read_each_image_by_a_readout_that_did_not_see_it_and_ignore_the_heads():
     torch.manual_seed(0)
     model = dualtask.DualTaskNet("vgg16", {"a": 3, "b": 3}, fc_width=32, image_size=32).eval()
     x_test, y_test = _images(per_class=10, seed=2)
     test = [("a", x_test, y_test), ("b", x_test, y_test)]  # two heads of one task, on the same images
     site = L.lesion_sites(model)[6]
-    fitted = readouts.fixed_readouts(model, site, test, seed=3)
-    half = fitted["a"]["half"]
-    for c in range(3):  # each class dealt evenly into the two halves
-        assert abs(int((half[y_test.numpy() == c] == 0).sum()) - int((half[y_test.numpy() == c] == 1).sum())) <= 1
+    fitted = readouts.fixed_readouts(model, site, test, seed=3, folds=5)
+    fold, y = fitted["a"]["fold"], y_test.numpy()
+    assert len(fitted["a"]["readouts"]) == 5
+    for c in range(3):  # each class dealt evenly into the folds
+        counts = np.bincount(fold[y == c], minlength=5)
+        assert counts.max() - counts.min() <= 1
     lesions = [[], np.arange(0, site.n_filters, 3), np.arange(site.n_filters // 2)]
     scored = readouts.fixed_lesions(model, site, lesions, fitted, test)
     assert scored[0]["a"]["correct"].mean() >= 0.9  # held-out images read right: the colours are in the features
     for res in scored:  # one task, one readout: whatever the two heads read, their lesions cannot differ
         assert np.array_equal(res["a"]["correct"], res["b"]["correct"])
         assert np.isnan(res["a"]["loss"]).all()
-    # the readout is fitted once: each image's prediction is the other half's readout's, on the lesioned features
+    # the readouts are fitted once: each image's prediction is its fold's readout's, on the lesioned features
     keep, add = L.lesion_mask(lesions[2], site.n_filters)
     (features,) = readouts.readout_inputs(model, site, [(keep, add)], test[:1], 1)
-    expected = np.empty(len(y_test), dtype=int)
-    for h in (0, 1):
-        expected[half == h] = fitted["a"]["readouts"][1 - h].predict(features["a"][half == h])
-    assert np.array_equal(scored[2]["a"]["correct"], expected == y_test.numpy())
+    expected = np.empty(len(y), dtype=int)
+    for f, readout in enumerate(fitted["a"]["readouts"]):
+        expected[fold == f] = readout.predict(features["a"][fold == f])
+        # and the readout of fold f never saw fold f's images: refitting it without them gives the same weights
+        again = readouts.probe(fitted["a"]["alpha"]).fit(features_intact(model, site, test)[fold != f], y[fold != f])
+        assert np.allclose(again[-1].coef_, readout[-1].coef_)
+    assert np.array_equal(scored[2]["a"]["correct"], expected == y)
     # silencing the whole stem leaves every image the same features: one class for all
     stem = L.lesion_sites(model)[0]
     (silenced,) = readouts.fixed_lesions(model, stem, [np.arange(stem.n_filters)],
                                          readouts.fixed_readouts(model, stem, test[:1]), test[:1])
     assert silenced["a"]["correct"].mean() <= 0.5 + 1e-9
+
+
+def features_intact(model, site, test):
+    keep, add = L.lesion_mask([], site.n_filters)
+    return readouts.readout_inputs(model, site, [(keep, add)], test[:1], 1)[0]["a"]
