@@ -47,7 +47,7 @@ def _test_correct(model, config: dict, cache: dict) -> dict:
     data settings and seed, which is what the runs of one experiment share)."""
     key = repr(sorted((k, v) for k, v in config.items() if is_task_data(k) or k in (
         "tasks", "seed", "image_size", "max_per_class", "max_classes", "demo_per_class", "role", "single_task",
-        "kdef_views", "lfw_crop")))
+        "kdef_views", "face_crop", "lfw_crop")))
     if key not in cache:
         datasets = dualtask.load_datasets(config)
         cache[key] = {t: dualtask.TaskImages(d, torch.device("cpu")) for t, d in datasets.items()}

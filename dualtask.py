@@ -37,8 +37,8 @@ import vggface2
 from common import (StageFailed, UsageError, autocast, format_seconds, load_checkpoint, remove_stale_temporaries,
                     write_text)
 from model import branch_site, build_model, DualTaskNet, joint_order, load_trunk_weights
-from settings import (BACKBONES, check_config, HEADS, hyperparameters, is_task_data, parse_overrides, print_help, RECIPE, ROLES,
-                      RUN_IDENTITY, SETTINGS, task_specs)
+from settings import (BACKBONES, check_config, face_crop_of, HEADS, hyperparameters, is_task_data, parse_overrides,
+                      print_help, RECIPE, ROLES, RUN_IDENTITY, SETTINGS, task_specs)
 from training import (base_lr, DEFAULT_LR, Dist, epoch_checkpoint, epoch_folder, _epoch_order, evaluate,
                       LABEL_SMOOTHING, _lr_lambda, make_optimizer, optimizer_name, peak_lr, TaskImages, train,
                       warmup_steps, weight_decay)
@@ -89,13 +89,17 @@ def _check_out_dir(out_dir: Path, config: dict) -> int:
     keys = list(RUN_IDENTITY) + [k for k in config if is_task_data(k)]
     # what a run written before the setting existed was
     plain = {"role": "real", "optimizer": "sgd", "kdef_views": ["S"], "head": "split", "init": "random",
-             "lfw_crop": False, "branch_at": None}
-    if not any(vggface2.is_lfw_root(Path(s).expanduser()) for s in task_specs(config).values()
-               if not s.startswith("demo") and Path(s).expanduser().is_dir()):
-        keys.remove("lfw_crop")  # no LFW folder read: the setting changes nothing
+             "branch_at": None}
+    keys.remove("face_crop")  # compared below, source by source, where it changes what a task reads
     differ = [k for k in keys if old.get(k, plain.get(k)) != config.get(k, plain.get(k))]
+    was = {k: old.get(k, plain.get(k)) for k in differ}
+    crops = [(face_crop_of(old, s), face_crop_of(config, s)) for t, s in task_specs(config).items()
+             if vggface2.face_crop_applies(s, t)]
+    changed_crop = next(((before, now) for before, now in crops if before != now), None)
+    if changed_crop:
+        differ.append("face_crop")
+        was["face_crop"] = changed_crop[0]
     if differ:
-        was = {k: old.get(k, plain.get(k)) for k in differ}
         changed = "; ".join(f"{k}: {was[k]!r} -> {config.get(k)!r}" for k in differ)
         as_trained = " ".join(f"--{k}={was[k]!r}" for k in differ)
         raise UsageError(f"{out_dir} holds a run trained with other settings ({changed}); pass {as_trained} to use "
@@ -134,7 +138,7 @@ def _load_group(tasks: list, specs: dict, config: dict) -> dict:
     data = vggface2.load_task(spec, first, config["image_size"], config.get("max_per_class"),
                               config.get("max_classes"), config["seed"], config.get("download", False),
                               config.get("demo_per_class", 100), kdef_views=tuple(config.get("kdef_views", ["S"])),
-                              lfw_crop=config.get("lfw_crop", False))  # a run from before the setting: whole frames
+                              face_crop=face_crop_of(config, spec))
     if len(tasks) == 1:
         return {first: data}
     views = {t: vggface2.task_view(data, t) for t in tasks}
@@ -198,7 +202,7 @@ def load_probe_task(spec: str, name: str, config: dict):
     """A transfer probe's held-out task (probe_data), at the run's image size and caps."""
     return vggface2.load_task(spec, name, config["image_size"], config.get("max_per_class"), config.get("max_classes"),
                               config["seed"], config.get("download", False), config.get("demo_per_class", 100),
-                              kdef_views=tuple(config.get("kdef_views", ["S"])), lfw_crop=config.get("lfw_crop", True))
+                              kdef_views=tuple(config.get("kdef_views", ["S"])), face_crop=face_crop_of(config, spec))
 
 
 def run(config: dict) -> None:
@@ -227,7 +231,8 @@ def run(config: dict) -> None:
         if "train" not in config["stages"] and not (out_dir / "checkpoint.pt").exists():
             raise UsageError(f"{out_dir}: no checkpoint.pt to lesion or draw; run the 'train' stage first")
         resolved = dict(config, tasks={t: {"classes": len(d.classes), "chance": d.chance, "source": d.source,
-                                           "counts": d.counts()} for t, d in datasets.items()},
+                                           "counts": d.counts(), "face_crop": d.face_crop}
+                                       for t, d in datasets.items()},
                         resolved_device=str(dist.device), world_size=dist.world, lr_per_step=peak_lr(config, dist.world),
                         optimizer_used=optimizer_name(config), weight_decay_used=weight_decay(config),
                         shared_images=[g for g in vggface2.shared_groups(datasets) if len(g) > 1],

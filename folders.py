@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from taskdata import (DataError, IMAGE_EXTENSIONS, TaskData, _choose, _drop_untrainable, _few, _list_images,
+from taskdata import (DETECT, DataError, IMAGE_EXTENSIONS, TaskData, _choose, _drop_untrainable, _few, _list_images,
                       _official_split_caps, _presplit_caps, _printable, _read_many, _split_off_val, _warn,
                       stratified_split)
 
@@ -91,7 +91,7 @@ def is_lfw_root(root: Path, look: int = 20) -> bool:
 
 
 def load_folder(root, image_size: int, max_per_class=None, max_classes=None, seed: int = 0,
-                face_box=None) -> TaskData:
+                crop=None) -> TaskData:
     """A folder with one subfolder per class, or with train/ and test/ each holding the class subfolders.
 
     Without train/ + test/: a seeded stratified split of each class. With them: test/ is the test set and
@@ -99,8 +99,8 @@ def load_folder(root, image_size: int, max_per_class=None, max_classes=None, see
     PublicTest_* or PrivateTest_*), which keep FER2013's official split: train/ all train, PublicTest_* val,
     PrivateTest_* test, so results compare with published FER2013 numbers; that data is labelled by expression
     (label_kind "expression"), any other folder's labels are of unknown kind ("").
-    face_box: a FractionBox every image is cropped to (enlarged by VGGFACE2_BOX_MARGIN) before resizing; None
-    reads the whole images.
+    crop: how every image is cropped before resizing (taskdata._read_image): a FractionBox (enlarged by
+    VGGFACE2_BOX_MARGIN), DETECT (the face OpenCV's detector finds), or None, the whole images.
     """
     root = Path(root)
     presplit = (root / "train").is_dir() and (root / "test").is_dir()
@@ -133,7 +133,7 @@ def load_folder(root, image_size: int, max_per_class=None, max_classes=None, see
         else:
             idx, _ = _choose(labels, cap_test if pool == "test" else cap_train, None, seed)
         images, ok, native = _read_many([paths[i] for i in idx], image_size,
-                                        None if face_box is None else [face_box] * len(idx), what=str(pools[pool]))
+                                        None if crop is None else [crop] * len(idx), what=str(pools[pool]))
         natives += [native] * len(images)
         labels = labels[idx][ok]
         if pool == "all":
@@ -147,7 +147,8 @@ def load_folder(root, image_size: int, max_per_class=None, max_classes=None, see
     if len(images) == 0:
         raise DataError(f"{root}: no readable images")
     native = int(np.median([n for n in natives if n])) if any(natives) else None
-    kind = "fer2013" if fer else "folder" if face_box is None else "face-cropped folder"
+    kind = ("fer2013" if fer else "folder" if crop is None else "face-detected folder" if crop == DETECT
+            else "face-cropped folder")
     data = TaskData("", classes, images, labels, split, source=f"{kind}:{root}",
                     native_size=native, label_kind="expression" if fer else "")
     return _drop_untrainable(data, str(root))

@@ -62,7 +62,8 @@ def is_kdef_root(root: Path) -> bool:
     return bool(names) and sum(bool(_KDEF_NAME.match(n)) for n in names) > len(names) / 2
 
 
-def load_kdef(root, image_size: int, views=("S",), max_per_class=None, max_classes=None, seed: int = 0) -> TaskData:
+def load_kdef(root, image_size: int, views=("S",), max_per_class=None, max_classes=None, seed: int = 0,
+              crop=None) -> TaskData:
     """KDEF's photographs, each labelled with its person and its expression.
 
     The photographs may lie anywhere below `root` (the release has one folder per session and person,
@@ -76,7 +77,8 @@ def load_kdef(root, image_size: int, views=("S",), max_per_class=None, max_class
     test, as identity classification needs. max_classes keeps the first people by name, max_per_class caps each
     person's photographs (a seeded sample). Image files whose names do not read as KDEF's are skipped with one
     warning (the release holds a few, and a copied-in file should not become a person); a name found twice
-    (a copy) is loaded once, so one photograph cannot land in train and test.
+    (a copy) is loaded once, so one photograph cannot land in train and test. `crop`: how every photograph is
+    cropped (taskdata._read_image; DETECT: the face OpenCV's detector finds), None for the whole photographs.
     """
     root = Path(root)
     views = _kdef_views(views)
@@ -122,7 +124,8 @@ def load_kdef(root, image_size: int, views=("S",), max_per_class=None, max_class
     expression_codes = list(KDEF_EXPRESSIONS)
     expressions = np.array([expression_codes.index(e) for _, _, _, _, e, _ in found], dtype=np.int64)
     idx, _ = _choose(labels, max_per_class, None, seed)
-    images, ok, native = _read_many([found[i][0] for i in idx], image_size, what=str(root))
+    images, ok, native = _read_many([found[i][0] for i in idx], image_size,
+                                    None if crop is None else [crop] * len(idx), what=str(root))
     labels, expressions = labels[idx][ok], expressions[idx][ok]
     data = TaskData("", people, images, labels, stratified_split(labels, seed, classes=people), f"kdef:{root}",
                     {"expression": expressions}, native, label_kind="identity",

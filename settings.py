@@ -23,7 +23,7 @@ STAGES = ("train", "lesion", "figures")
 TRAIN_LOG_COLUMNS = ("epoch", "task", "split", "loss", "accuracy", "images_per_s")
 # settings that make a checkpoint belong to a run: changing one needs --retrain=True or another out_dir
 RUN_IDENTITY = ("backbone", "batch_norm", "fc_width", "image_size", "max_per_class", "max_classes", "seed",
-                "batch_size", "epochs", "optimizer", "lr", "weight_decay", "grad_clip", "demo_per_class", "role", "single_task", "tasks", "kdef_views", "lfw_crop", "head", "init",
+                "batch_size", "epochs", "optimizer", "lr", "weight_decay", "grad_clip", "demo_per_class", "role", "single_task", "tasks", "kdef_views", "face_crop", "head", "init",
                 "branch_at")
 # what a run trains on, set by an experiment (experiment.py) for each of its runs; a plain run is "real":
 # real: the tasks as given; pseudo_task: the union of their classes split at random into two halves, each half a
@@ -70,6 +70,8 @@ def parse_overrides(defaults: dict, argv: list) -> dict:
         if not arg.startswith("--") or "=" not in arg:
             raise UsageError(f"cannot read argument {arg!r}; expected --name=value; valid names: {names}")
         name, text = arg[2:].split("=", 1)
+        if name not in defaults and name in REPLACED:
+            raise UsageError(f"--{name}={text}: {name} was replaced by {REPLACED[name]}")
         if name not in defaults:
             raise UsageError(f"unknown hyperparameter {name!r}; valid names: {names}")
         try:
@@ -223,8 +225,23 @@ SETTINGS = {
         "None or a list of epochs (integers of at least 1), e.g. [1, 5, 10]"),
     "role": _choice(ROLES),
     "kdef_views": _list_of(lambda v: v in vggface2.KDEF_VIEWS, f"KDEF views from {list(vggface2.KDEF_VIEWS)}"),
-    "lfw_crop": _FLAG,
+    "face_crop": _choice(vggface2.FACE_CROPS),
+    "lfw_crop": _FLAG,  # face_crop's forerunner: read from the config of a run written before face_crop existed
 }
+# settings renamed or replaced: their old names, in a command line, are answered with what replaced them
+REPLACED = {"lfw_crop": "face_crop: use --face_crop=boxes for lfw_crop=True, --face_crop=none for False"}
+
+
+def face_crop_of(config: dict, spec: str) -> str:
+    """The face_crop with which a run's config reads the source `spec`: its face_crop setting. A run written
+    before face_crop existed is read as it was trained: LFW's folders by its lfw_crop ('boxes' for True, 'none'
+    for False, and for no lfw_crop either: runs before that setting read LFW's whole frames), every other source
+    with 'boxes' (VGGFace2's boxes were always used)."""
+    if "face_crop" in config:
+        return config["face_crop"]
+    root = Path(spec.strip()).expanduser()
+    lfw = not spec.strip().startswith("demo") and root.is_dir() and vggface2.is_lfw_root(root)
+    return "boxes" if not lfw or config.get("lfw_crop", False) else "none"
 
 
 def check_config(config: dict) -> None:

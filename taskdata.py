@@ -1,15 +1,18 @@
 """The one format every data source becomes: `TaskData` (uint8 images (N, H, W, 3), int64 labels, class names,
 a split per image: 0 train, 1 val, 2 test), its cache folder (images.npy, labels.npy, split.npy, meta.json,
-loaded memory-mapped), the stratified split and the caps on classes and images, and the image reading and
-resizing the sources share. The ground of the data modules: it imports none of them.
+loaded memory-mapped), the stratified split and the caps on classes and images, and the image reading, resizing
+and face cropping the sources share (OpenCV's face detector, the five-point alignment). The ground of the data
+modules: it imports none of them.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
 import sys
+import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -24,6 +27,10 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".t
 VAL_FRACTION = 0.1  # of each class's images, for sources that come without a validation split
 TEST_FRACTION = 0.2  # of each class's images, for sources that come without a test split
 VGGFACE2_BOX_MARGIN = 0.3  # the dataset authors enlarge the loose box by 30% before cropping
+# how face photographs are cropped (the face_crop setting): "boxes", the source's own face boxes (VGGFace2's loose
+# boxes, LFW's fixed box) enlarged by VGGFACE2_BOX_MARGIN; "detect", the largest face OpenCV's detector finds,
+# enlarged likewise; "align", VGGFace2's five landmarks mapped onto a fixed template; "none", the whole images
+FACE_CROPS = ("boxes", "detect", "align", "none")
 NORM_MEAN = NORM_STD = 0.5  # the reference study's normalisation
 
 
@@ -49,6 +56,9 @@ class TaskData:
     # class names of the label arrays in `extra`, e.g. {"expression": ["afraid", ...]}; an extra array without
     # an entry here is per-image data that is not a label (none so far)
     extra_classes: dict = field(default_factory=dict)
+    # how its face photographs were cropped (one of FACE_CROPS), None for images the face_crop setting leaves alone
+    # (objects, FER2013's CSV, the demo sets)
+    face_crop: str | None = None
 
     @property
     def chance(self) -> float:
@@ -82,7 +92,7 @@ class TaskData:
         meta = {"name": self.name, "classes": list(self.classes), "source": self.source,
                 "image_size": self.image_size, "counts": self.counts(), "extra": sorted(self.extra),
                 "native_size": self.native_size, "label_kind": self.label_kind,
-                "extra_classes": {k: list(v) for k, v in self.extra_classes.items()}}
+                "extra_classes": {k: list(v) for k, v in self.extra_classes.items()}, "face_crop": self.face_crop}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         np.save(tmp / "images.npy", np.ascontiguousarray(self.images))
         np.save(tmp / "labels.npy", self.labels.astype(np.int64))
@@ -263,16 +273,18 @@ def resize_images(images: np.ndarray, size: int, chunk: int = 512) -> np.ndarray
     return out
 
 
-def _square_resize(img, size: int):
-    """Resize the shorter side to `size` and crop the centre square (PIL image in, PIL image out)."""
-    from PIL import Image
+def _square_resize(img: np.ndarray, size: int) -> np.ndarray:
+    """Resize the shorter side of an (H, W, 3) array to `size` and crop the centre square. OpenCV's area averaging
+    when shrinking (each output pixel the mean of the pixels it covers: no aliasing), bilinear when enlarging."""
+    import cv2
 
-    w, h = img.size
+    h, w = img.shape[:2]
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    img = img.resize((nw, nh), Image.BILINEAR, reducing_gap=3.0)
+    if (nw, nh) != (w, h):
+        img = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
     left, top = (nw - size) // 2, (nh - size) // 2
-    return img.crop((left, top, left + size, top + size))
+    return np.ascontiguousarray(img[top:top + size, left:left + size])
 
 
 def _to_rgb(im):
@@ -322,42 +334,199 @@ def _crop_box(box, width: int, height: int):
     return (left, top, right, bottom) if right - left >= 2 and bottom - top >= 2 else None
 
 
-def _read_image(path: Path, size: int, box=None):
-    """Decode one image to a (size, size, 3) uint8 array (None when it cannot be read), whether its box
-    lay outside it (the image is then used uncropped), and its shorter side in pixels before resizing."""
+# ----------------------------------------------------------------------------------------------------------
+# face crops: OpenCV's face detector and the five-point alignment
+
+
+DETECT = "detect"  # a crop (see _read_image) that asks for the face the detector finds
+FACE_CASCADE = "haarcascade_frontalface_default.xml"  # OpenCV's frontal-face Haar cascade, shipped in cv2.data
+# the detector looks at a copy whose shorter side is at most DETECT_SIDE pixels, so it finds faces of at least 15% of
+# that side (its 24-px window) in a photograph of any size, at 60% of the time the 250-px LFW frames take (and the
+# same rate); the scale step and neighbour count are OpenCV's usual values. On ../shared/data/lfw_min20 it finds a
+# face in 3,010 of 3,023 frames (BENCHMARKS.md, benchmarks/cache_reader.py)
+DETECT_SIDE = 160
+DETECT_SCALE_FACTOR = 1.1
+DETECT_MIN_NEIGHBORS = 5
+# ArcFace's five-point template (Deng et al. 2019, insightface) in its 112 x 112 frame, in VGGFace2's order: left
+# eye, right eye, nose tip, left and right mouth corners (left and right as seen in the image)
+ARCFACE_TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655],
+                             [70.7299, 92.2041]])
+_detectors = threading.local()  # one detector per reading thread: OpenCV does not promise that one can be shared
+
+
+@dataclass(frozen=True)
+class Landmarks:
+    """A crop (see _read_image): five facial points (x1, y1, ..., x5, y5) in pixels, in VGGFace2's order (left eye,
+    right eye, nose, mouth left, mouth right), the face aligned on them; `box` is the crop used when no
+    similarity fits them (None: the whole image)."""
+
+    points: tuple
+    box: tuple | None = None
+
+
+def _face_detector():
+    """This thread's copy of OpenCV's frontal-face cascade (DataError when OpenCV lacks it)."""
+    import cv2
+
+    detector = getattr(_detectors, "cascade", None)
+    if detector is None:
+        path = os.path.join(getattr(getattr(cv2, "data", None), "haarcascades", ""), FACE_CASCADE)
+        detector = cv2.CascadeClassifier(path) if hasattr(cv2, "CascadeClassifier") else None
+        if detector is None or detector.empty():
+            raise DataError(f"face_crop='detect': OpenCV {cv2.__version__} has no frontal-face cascade ({path}); "
+                            f"expected opencv-python-headless 4.x, which ships it: pip install -r requirements.txt")
+        _detectors.cascade = detector
+    return detector
+
+
+def detect_face(img: np.ndarray):
+    """The largest face OpenCV's frontal-face cascade finds in an (H, W, 3) RGB array, as a box (x, y, w, h) in
+    pixels, or None when it finds none."""
+    import cv2
+
+    grey = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
+    scale = min(1.0, DETECT_SIDE / min(grey.shape))
+    if scale < 1:
+        grey = cv2.resize(grey, (max(1, round(grey.shape[1] * scale)), max(1, round(grey.shape[0] * scale))),
+                          interpolation=cv2.INTER_AREA)
+    faces = _face_detector().detectMultiScale(grey, scaleFactor=DETECT_SCALE_FACTOR, minNeighbors=DETECT_MIN_NEIGHBORS)
+    if len(faces) == 0:
+        return None
+    x, y, w, h = max(faces, key=lambda f: f[2] * f[3])
+    return x / scale, y / scale, w / scale, h / scale
+
+
+def face_template(size: int) -> np.ndarray:
+    """Where an aligned face's five points lie in a size x size image, (5, 2) in pixels: ArcFace's template, its
+    112-px frame enlarged by VGGFACE2_BOX_MARGIN (a face as loose as the boxes' crops), scaled to `size`."""
+    return ((ARCFACE_TEMPLATE / 112 - 0.5) / (1 + VGGFACE2_BOX_MARGIN) + 0.5) * size
+
+
+def align_face(img: np.ndarray, points, size: int):
+    """The face of an (H, W, 3) array aligned on its five points (x1, y1, ..., x5, y5): the similarity transform
+    (rotation, uniform scale, shift) that maps them closest onto `face_template(size)` (least squares), applied by
+    OpenCV's warpAffine; what falls outside the image is black. Returns (the size x size array, the side in
+    pixels of the image region it shows), or None when the points are not finite or no similarity fits them."""
+    import cv2
+
+    src = np.asarray(points, dtype=np.float64).reshape(5, 2)
+    if not np.isfinite(src).all():
+        return None
+    # a threshold as large as the output keeps every point an inlier, so the refined fit is the least-squares
+    # similarity over all five points (as ArcFace's alignment), not a subset's
+    matrix, _ = cv2.estimateAffinePartial2D(src.astype(np.float32), face_template(size).astype(np.float32),
+                                            method=cv2.RANSAC, ransacReprojThreshold=float(size))
+    if matrix is None or not np.isfinite(matrix).all():
+        return None
+    scale = math.sqrt(abs(np.linalg.det(matrix[:, :2])))
+    if not scale > 1e-6:
+        return None
+    region = size / scale
+    if scale < 1:  # shrinking: average the pixels down first (warpAffine alone would alias), then warp at ~1:1
+        h, w = img.shape[:2]
+        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+        img = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA)
+        matrix = matrix.copy()
+        matrix[:, 0] *= w / nw
+        matrix[:, 1] *= h / nh
+    face = cv2.warpAffine(img, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                          borderValue=(0, 0, 0))
+    return face, max(1, int(round(region)))
+
+
+def _decode(path: Path):
+    """The image file as an (H, W, 3) uint8 RGB array. JPEG files (told by their first bytes, whatever their name)
+    are decoded by OpenCV, faster than PIL (benchmarks/cache_reader.py), with the EXIF orientation ignored as PIL
+    ignores it; every other format by PIL, whose modes `_to_rgb` scales (16-bit, float, transparency)."""
+    import io
+
+    import cv2
     from PIL import Image
 
+    data = np.fromfile(path, dtype=np.uint8)
+    if data[:2].tobytes() == b"\xff\xd8":
+        bgr = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+        if bgr is not None:
+            return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    with Image.open(io.BytesIO(data.tobytes())) as im:  # a JPEG OpenCV refused gets PIL's judgement too
+        return np.asarray(_to_rgb(im))
+
+
+def _read_image(path: Path, size: int, crop=None):
+    """Decode one image and bring it to a (size, size, 3) uint8 array, cropped as `crop` says:
+
+    - None: the whole image;
+    - a box (x, y, w, h) in pixels, or a FractionBox: that box enlarged by VGGFACE2_BOX_MARGIN, clipped to the image;
+    - DETECT: the largest face OpenCV's detector finds (`detect_face`), enlarged and clipped likewise;
+    - Landmarks: the face aligned on its five points (`align_face`).
+
+    Returns the array (None when the image cannot be read); what went otherwise than asked, the image then used
+    whole or, for landmarks, cropped to their box: "" (nothing), "outside" (the box lay outside the image),
+    "no face" (none found) or "unaligned" (no similarity fits the points); and the shorter side in pixels of
+    what was resized (the crop's, or for an alignment the side of the image region it shows).
+    """
     try:
-        with Image.open(path) as im:
-            img = _to_rgb(im)
-            rect = _crop_box(box, img.width, img.height) if box is not None else None
-            if rect is not None:
-                img = img.crop(rect)
-            native = min(img.width, img.height)
-            return np.asarray(_square_resize(img, size), dtype=np.uint8), box is not None and rect is None, native
-    except Exception:  # PIL raises many types for damaged files; any of them means "skip this image"
-        return None, False, 0
+        img = _decode(path)
+        note = ""
+        if isinstance(crop, Landmarks):
+            aligned = align_face(img, crop.points, size)
+            if aligned is not None:
+                return aligned[0], "", aligned[1]
+            note, crop = "unaligned", crop.box
+        elif isinstance(crop, str) and crop == DETECT:
+            crop = detect_face(img)
+            note = "no face" if crop is None else ""
+        if crop is not None:
+            rect = _crop_box(crop, img.shape[1], img.shape[0])
+            if rect is None:
+                note = note or "outside"
+            else:
+                left, top, right, bottom = rect
+                img = img[top:bottom, left:right]
+        return _square_resize(img, size), note, min(img.shape[:2])
+    except Exception:  # PIL and OpenCV raise many types for damaged files; any of them means "skip this image"
+        return None, "", 0
 
 
-def _read_many(paths, size: int, boxes=None, what: str = "images"):
-    """Decode images in threads (PIL releases the GIL while decoding); skip unreadable ones with a warning.
-    Returns the images, which paths were read, and the median shorter side of the read images before resizing."""
+def _read_many(paths, size: int, crops=None, what: str = "images"):
+    """Decode and crop images (`_read_image`; `crops`: one per path, or None for whole images) in threads (OpenCV
+    and PIL release the GIL while decoding); skip unreadable ones with a warning, and count in warnings the
+    images cropped otherwise than asked. Returns the images, which paths were read, and the median shorter side
+    of what was resized."""
+    import cv2
     from tqdm import tqdm
 
-    boxes = boxes if boxes is not None else [None] * len(paths)
-    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) + 2)) as pool:
-        results = list(tqdm(pool.map(lambda pb: _read_image(pb[0], size, pb[1]), zip(paths, boxes)), total=len(paths),
-                            desc=f"reading {what}", leave=False, disable=True if len(paths) < 500 else None))
+    crops = crops if crops is not None else [None] * len(paths)
+    if any(isinstance(c, str) and c == DETECT for c in crops):
+        _face_detector()  # a detector that cannot load is one clear error, not every image "unreadable"
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)  # the pool's threads keep the cores busy: OpenCV's own threads would only compete
+    try:
+        with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) + 2)) as pool:
+            results = list(tqdm(pool.map(lambda pc: _read_image(pc[0], size, pc[1]), zip(paths, crops)),
+                                total=len(paths), desc=f"reading {what}", leave=False,
+                                disable=True if len(paths) < 500 else None))
+    finally:
+        cv2.setNumThreads(threads)
     arrays = [a for a, _, _ in results]
     ok = np.array([a is not None for a in arrays], dtype=bool)
     bad = [str(p) for p, a in zip(paths, arrays) if a is None]
     if bad:
         warnings.warn(f"skipped {len(bad)} unreadable image(s) in {what}, e.g. {bad[0]}", stacklevel=2)
         print(f"warning: skipped {len(bad)} unreadable image(s) in {what} (first: {bad[0]})", file=sys.stderr)
-    outside = [str(p) for p, (_, out, _) in zip(paths, results) if out]
-    if outside:
-        _warn(f"{len(outside)} face box(es) lie outside their image in {what}; those images are used uncropped "
-              f"(first: {outside[0]})")
+    notes = {note: [str(p) for p, (_, n, _) in zip(paths, results) if n == note]
+             for note in ("outside", "no face", "unaligned")}
+    detected = sum(a is not None and isinstance(c, str) and c == DETECT for a, c in zip(arrays, crops))
+    aligned = sum(a is not None and isinstance(c, Landmarks) for a, c in zip(arrays, crops))
+    if notes["outside"]:
+        _warn(f"{len(notes['outside'])} face box(es) lie outside their image in {what}; those images are used "
+              f"uncropped (first: {notes['outside'][0]})")
+    if notes["no face"]:
+        _warn(f"no face found in {len(notes['no face'])} of {detected} image(s) in {what}; those images are used whole "
+              f"(first: {notes['no face'][0]})")
+    if notes["unaligned"]:
+        _warn(f"{len(notes['unaligned'])} of {aligned} image(s) in {what} have landmarks no similarity transform fits; "
+              f"those images are cropped to their box, or used whole without one (first: {notes['unaligned'][0]})")
     images = np.stack([a for a in arrays if a is not None]) if ok.any() else np.zeros((0, size, size, 3), np.uint8)
     natives = [n for a, _, n in results if a is not None]
     return images, ok, int(np.median(natives)) if natives else None
@@ -423,8 +592,12 @@ def load_cache(folder) -> TaskData:
         if values.dtype.kind not in "iu" or (len(values) and (values.min() < 0 or values.max() >= len(names))):
             raise damaged(f"extra_{key}.npy is not integer labels within 0..{len(names) - 1} (meta.json names "
                           f"{len(names)} {key} classes)")
+    face_crop = meta.get("face_crop", "boxes")  # a cache from before the setting: VGGFace2's boxes, LFW's box
+    if face_crop is not None and face_crop not in FACE_CROPS:
+        raise damaged(f"meta.json's 'face_crop' is {face_crop!r}, not null or one of {', '.join(FACE_CROPS)}")
     data = TaskData(str(meta.get("name", "")), classes, images, labels.astype(np.int64), split.astype(np.int8),
-                    str(meta.get("source", "")), extra, native or int(images.shape[1]), label_kind, extra_classes)
+                    str(meta.get("source", "")), extra, native or int(images.shape[1]), label_kind, extra_classes,
+                    face_crop)
     return _drop_untrainable(data, str(folder))
 
 def _printable(name: str) -> str:

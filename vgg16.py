@@ -14,7 +14,7 @@ face_data = "demo"  # VGGFace2 root or cache, a folder of identity folders, or '
 object_data = "demo"  # CIFAR-10 root (with cifar-10-batches-py/), a folder of class folders, or 'demo'
 tasks = None  # {task: data spec} replacing the <task>_data settings, e.g. {'identity': 'demo', 'expression': 'demo'}; tasks reading the same source share its images (each image carries both labels); None = the <task>_data settings
 kdef_views = ["S"]  # KDEF camera angles used: S (frontal), HL/HR (half left/right), FL/FR (full left/right)
-lfw_crop = True  # LFW photographs (folders of <person>_NNNN.jpg) cropped to the face (LFWcrop's box enlarged by 30%, as VGGFace2's); False = the whole 250-px frame
+face_crop = "boxes"  # face photographs: "boxes" (VGGFace2's loose boxes, LFW's fixed box, +30%), "detect" (OpenCV's face detector, +30%), "align" (VGGFace2's 5 landmarks), "none" (whole)
 download = False  # fetch CIFAR-10 into object_data when it is missing there
 image_size = 112  # both tasks are resized to image_size x image_size pixels (the reference study used 224)
 max_per_class = None  # cap on images per class (identity or category); None = all

@@ -9,13 +9,15 @@ image (0 train, 1 val, 2 test), plus what the labels are (`label_kind`) and any 
 module (cifar10.py, fer2013.py, kdef.py, voxceleb.py, folders.py for class-folder trees and LFW, demo.py); their
 public names are importable from here too.
 
-Preprocess VGGFace2 once (crop around the loose box enlarged by 30%, resize, cache):
+Preprocess VGGFace2 once (crop around the loose box enlarged by 30%, resize, cache; --face_crop=detect or align
+crops otherwise, see `load_task`):
 
     python vggface2.py --root=/data/vggface2 --out=/data/vggface2_112 --image_size=112 --identities=1700
 
 An earlier cache in --out is replaced only with --overwrite; a folder that is not a cache, and any --out
 inside, containing or equal to --root, is refused. Data loaded differently from how it was given (unreadable
-images, classes left without images, unusable boxes) is counted in a "warning: ..." line on stderr.
+images, classes left without images, unusable boxes or landmarks, no face found) is counted in a "warning: ..."
+line on stderr.
 
 Augmentation and normalisation (`augment`, `normalize`) work on whole uint8 batches on the device.
 """
@@ -39,9 +41,9 @@ from demo import DEMO_EXPRESSIONS, DEMO_OBJECTS, make_demo
 from fer2013 import FER2013_CLASSES, FER2013_CSV, load_fer2013_csv
 from folders import LFW_FACE_BOX, LFW_FRAME, is_lfw_root, load_folder
 from kdef import KDEF_EXPRESSIONS, KDEF_VIEWS, _kdef_views, is_kdef_root, load_kdef
-from taskdata import (IMAGE_EXTENSIONS, NORM_MEAN, NORM_STD, SPLITS, TEST_FRACTION, VAL_FRACTION, DataError,
-                      FractionBox, TaskData, _beside, _cap, _check_out, _drop_untrainable, _list_images, _read_image,
-                      _read_many, _warn, load_cache, resize_images, stratified_split)
+from taskdata import (DETECT, FACE_CROPS, IMAGE_EXTENSIONS, NORM_MEAN, NORM_STD, SPLITS, TEST_FRACTION, VAL_FRACTION,
+                      DataError, FractionBox, Landmarks, TaskData, _beside, _cap, _check_out, _drop_untrainable,
+                      _list_images, _read_image, _read_many, _warn, load_cache, resize_images, stratified_split)
 from voxceleb import is_voxceleb_root, load_voxceleb
 
 # the names above that this module does not use itself are its public names from before the sources had their own
@@ -54,7 +56,8 @@ REEXPORTED = (CIFAR_CLASSES, CIFAR_URL, DEMO_EXPRESSIONS, DEMO_OBJECTS, FER2013_
 
 
 def load_task(spec: str, task: str, image_size: int, max_per_class=None, max_classes=None, seed: int = 0,
-              download: bool = False, demo_per_class: int = 100, kdef_views=("S",), lfw_crop: bool = True) -> TaskData:
+              download: bool = False, demo_per_class: int = 100, kdef_views=("S",),
+              face_crop: str = "boxes") -> TaskData:
     """Load one task's data from `spec` and bring it to `image_size` pixels.
 
     spec: 'demo' (the procedural set matching the task name: faces for 'face'/'identity', expressions for
@@ -63,8 +66,15 @@ def load_task(spec: str, task: str, image_size: int, max_per_class=None, max_cla
     file, or a folder holding fer2013.csv), a KDEF root (photographs named like AF01ANS.JPG anywhere below it;
     `kdef_views` chooses the camera angles), VoxCeleb face frames (id10001/<video>/<frame>.jpg), or a folder
     with one subfolder per class (train/ and test/ subfolders are used when present; FER2013's class folders
-    with PublicTest_/PrivateTest_ files in test/ keep FER2013's own split; LFW's folders, images named
-    <person>_NNNN.jpg, are cropped to the face, LFW_FACE_BOX, unless `lfw_crop` is False).
+    with PublicTest_/PrivateTest_ files in test/ keep FER2013's own split; LFW's folders are told by their images'
+    names, <person>_NNNN.jpg).
+
+    face_crop (one of FACE_CROPS) says how face photographs are cropped before resizing (`face_crop_applies` says
+    which sources have them): "boxes", VGGFace2's loose boxes and LFW's fixed box (LFW_FACE_BOX) enlarged by 30%,
+    whole images for sources without boxes; "detect", the largest face OpenCV's detector finds, enlarged by 30%
+    (images with none found are used whole and counted in a warning); "align", VGGFace2's five landmarks mapped
+    onto a fixed template (DataError for a face source without them); "none", whole images. A cache keeps the
+    crop it was written with.
 
     The layouts are told apart in this order, the first that fits wins: a cache (meta.json + images.npy);
     CIFAR-10 (cifar-10-batches-py/); VGGFace2 (bb_landmark/, or train/nXXXXXX/); a .csv file or fer2013.csv in
@@ -76,6 +86,8 @@ def load_task(spec: str, task: str, image_size: int, max_per_class=None, max_cla
     The task's labels are the source's own (`labels`); `task_view` gives a task another of its labels.
     """
     kdef_views = _kdef_views(kdef_views)  # checked whatever the source, so a mistyped setting never waits
+    if not isinstance(face_crop, str) or face_crop not in FACE_CROPS:
+        raise DataError(f"face_crop={face_crop!r}: expected one of {', '.join(repr(c) for c in FACE_CROPS)}")
     if spec.startswith("demo"):
         kind = spec.split(":", 1)[1] if ":" in spec else demo_kind_for(task)
         per_class = demo_per_class if max_per_class is None else min(demo_per_class, max_per_class)
@@ -99,27 +111,37 @@ def load_task(spec: str, task: str, image_size: int, max_per_class=None, max_cla
     if not root.is_dir() or not os.access(root, os.R_OK | os.X_OK):
         raise DataError(f"{task}_data: {spec} is not a readable folder (nor a FER2013 .csv file)")
     try:
-        if (root / "meta.json").exists() and (root / "images.npy").exists():
+        kind = "cifar10" if download and not any(root.iterdir()) else source_kind(root)
+        crop = face_crop if kind in FACE_SOURCES or (kind == "folder" and label_kind_for_task(task)) else None
+        if kind == "cache":
             data = load_cache(root)
+            if data.face_crop is not None and label_kind_for_task(task) and data.face_crop != face_crop:
+                _warn(f"{root} is a cache written with face_crop={data.face_crop!r}, which face_crop={face_crop!r} "
+                      f"does not change; write it again with vggface2.py --face_crop={face_crop} to crop its "
+                      f"faces so")
             if max_per_class is not None or max_classes is not None:  # a cap may take a class's training images
                 data = _drop_untrainable(_cap(data, max_per_class, max_classes, seed), str(root))
-        elif (root / "cifar-10-batches-py").is_dir() or (download and not any(root.iterdir())):
+        elif kind == "cifar10":
             data = load_cifar10(root, max_per_class=max_per_class, max_classes=max_classes, seed=seed,
                                 download=download)
-        elif is_vggface2_root(root):
-            data = load_vggface2(root, image_size, identities=max_classes, per_identity=max_per_class, seed=seed)
-        elif (root / FER2013_CSV).is_file():  # the Kaggle archive unpacks to fer2013/fer2013.csv
+        elif kind == "vggface2":
+            data = load_vggface2(root, image_size, identities=max_classes, per_identity=max_per_class, seed=seed,
+                                 face_crop=face_crop)
+        elif kind == "fer2013":  # the Kaggle archive unpacks to fer2013/fer2013.csv
             data = load_fer2013_csv(root / FER2013_CSV, max_per_class=max_per_class, max_classes=max_classes,
                                     seed=seed)
-        elif is_kdef_root(root):
+        elif kind == "kdef":
             data = load_kdef(root, image_size, views=kdef_views, max_per_class=max_per_class,
-                             max_classes=max_classes, seed=seed)
-        elif is_voxceleb_root(root):
-            data = load_voxceleb(root, image_size, max_per_class=max_per_class, max_classes=max_classes, seed=seed)
+                             max_classes=max_classes, seed=seed, crop=_photo_crop(crop, root))
+        elif kind == "voxceleb":
+            data = load_voxceleb(root, image_size, max_per_class=max_per_class, max_classes=max_classes, seed=seed,
+                                 crop=_photo_crop(crop, root))
         else:
-            box = FractionBox(LFW_FACE_BOX) if lfw_crop and is_lfw_root(root) else None
+            box = FractionBox(LFW_FACE_BOX) if kind == "lfw" else None
             data = load_folder(root, image_size, max_per_class=max_per_class, max_classes=max_classes, seed=seed,
-                               face_box=box)
+                               crop=_photo_crop(crop, root, box))
+        if kind != "cache":
+            data.face_crop = crop
     except OSError as e:  # a folder inside the data that cannot be listed (images themselves are skipped)
         raise DataError(f"{task}_data: cannot read {e.filename or spec} ({e.strerror or e}); make it "
                         f"readable") from None
@@ -127,6 +149,55 @@ def load_task(spec: str, task: str, image_size: int, max_per_class=None, max_cla
     if data.image_size != image_size:
         data.images = resize_images(data.images, image_size)
     return data
+
+
+FACE_SOURCES = ("vggface2", "lfw", "kdef", "voxceleb")  # the layouts (source_kind) that hold face photographs
+
+
+def source_kind(root: Path) -> str:
+    """Which of `load_task`'s layouts the folder `root` holds, the first that fits in load_task's order: 'cache',
+    'cifar10', 'vggface2', 'fer2013' (a folder holding fer2013.csv), 'kdef', 'voxceleb', 'lfw' (class folders of
+    LFW's photographs) or 'folder' (any other class-folder tree)."""
+    if (root / "meta.json").exists() and (root / "images.npy").exists():
+        return "cache"
+    if (root / "cifar-10-batches-py").is_dir():
+        return "cifar10"
+    if is_vggface2_root(root):
+        return "vggface2"
+    if (root / FER2013_CSV).is_file():
+        return "fer2013"
+    if is_kdef_root(root):
+        return "kdef"
+    if is_voxceleb_root(root):
+        return "voxceleb"
+    return "lfw" if is_lfw_root(root) else "folder"
+
+
+def face_crop_applies(spec: str, task: str) -> bool:
+    """Whether the face_crop setting changes what `load_task` reads for `task` from `spec`: yes for the
+    photographs of VGGFace2, LFW, KDEF and VoxCeleb, and for a class-folder tree read by a face task (one whose
+    name asks for identity or expression labels: face, identity, expression, ...); no for a cache (cropped when it
+    was written), CIFAR-10, FER2013's CSV, the demo sets, and a class-folder tree of any other task (objects)."""
+    spec = spec.strip()
+    if spec.startswith("demo"):
+        return False
+    root = Path(spec).expanduser()
+    try:
+        kind = source_kind(root) if root.is_dir() else None
+    except OSError:  # load_task names what cannot be read
+        return False
+    return kind in FACE_SOURCES or (kind == "folder" and label_kind_for_task(task) is not None)
+
+
+def _photo_crop(face_crop, root: Path, box=None):
+    """The crop of every photograph of a face source without boxes or landmarks of each image (taskdata's
+    _read_image): `box` (LFW's fixed box; None: whole) for "boxes", DETECT for "detect", None (whole) for "none"
+    and for images face_crop leaves alone (face_crop None); "align" is refused, having no landmarks to align on."""
+    if face_crop == "align":
+        raise DataError(f"face_crop='align': {root} has no facial landmarks to align on (only VGGFace2 has them, in "
+                        f"bb_landmark/loose_landmark_train.csv); use face_crop='detect' (OpenCV's face detector), "
+                        f"'boxes' or 'none'")
+    return {"boxes": box, "detect": DETECT}.get(face_crop)
 
 
 def demo_kind_for(task: str) -> str:
@@ -192,7 +263,7 @@ def task_view(data: TaskData, task: str) -> TaskData:
             extra[data.label_kind] = data.labels
             extra_classes[data.label_kind] = list(data.classes)
         return TaskData(task, list(data.extra_classes[kind]), data.images, np.asarray(data.extra[kind], np.int64),
-                        data.split, data.source, extra, data.native_size, kind, extra_classes)
+                        data.split, data.source, extra, data.native_size, kind, extra_classes, data.face_crop)
     has = [data.label_kind] if data.label_kind else []
     has += [k for k in data.extra_classes if k in data.extra and k not in has]
     unnamed = [k for k in data.extra if k == kind and k not in data.extra_classes]
@@ -219,58 +290,84 @@ def is_vggface2_root(root: Path) -> bool:
 
 
 _BOX_FORM = "expected a CSV with header NAME_ID,X,Y,W,H and rows like n000002/0001_01,60,60,79,109"
+LANDMARK_COLUMNS = ("P1X", "P1Y", "P2X", "P2Y", "P3X", "P3Y", "P4X", "P4Y", "P5X", "P5Y")
+_LANDMARK_FORM = ("expected a CSV with header NAME_ID,P1X,P1Y,...,P5X,P5Y (left eye, right eye, nose, mouth left, "
+                  "mouth right) and rows like n000002/0001_01,75.8,111.0,113.0,109.5,93.5,135.6,79.4,157.4,111.7,155.9")
+
+
+def _read_rows(csv_path: Path, columns, form: str, what: str, usable=None) -> dict:
+    """{NAME_ID: the row's numbers} of one of VGGFace2's CSV files (header NAME_ID followed by `columns`); None
+    for a row whose numbers are not all finite or fail `usable`, whose image is then cropped otherwise."""
+    rows, duplicates = {}, []
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:  # utf-8-sig: a byte-order mark is accepted
+            reader = csv.reader(f)
+            header = [h.strip() for h in next(reader, [])]
+            if header[:len(columns) + 1] != ["NAME_ID", *columns]:
+                raise DataError(f"{csv_path}: header is {','.join(header)}; {form}")
+            for row in reader:
+                if not any(v.strip() for v in row):
+                    continue
+                try:
+                    values = tuple(float(v) for v in row[1:len(columns) + 1])
+                    if len(values) < len(columns):
+                        raise ValueError
+                except ValueError:
+                    raise DataError(f"{csv_path}: line {reader.line_num} reads {','.join(row)!r:.80}; "
+                                    f"{','.join(columns)} must be {len(columns)} numbers; {form}") from None
+                name = row[0].strip()
+                # a NAME_ID twice comes from a file edited or appended to, not from VGGFace2 (one row per
+                # image): the first row is kept and the rest counted, rather than refusing millions of good rows
+                if name in rows:
+                    duplicates.append(name)
+                    continue
+                ok = all(math.isfinite(v) for v in values) and (usable is None or usable(values))
+                rows[name] = values if ok else None
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"{csv_path}: cannot read the {what} ({e}); {form}") from None
+    if duplicates:
+        _warn(f"{csv_path}: {len(duplicates)} row(s) repeat an earlier NAME_ID (first: {duplicates[0]}); each "
+              f"image uses its first row")
+    return rows
 
 
 def _read_boxes(csv_path: Path) -> dict:
     """{NAME_ID: (x, y, w, h)} of VGGFace2's box file; None for a box of zero or negative size or not a
     number, whose image is then used uncropped."""
-    boxes, duplicates = {}, []
-    try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as f:  # utf-8-sig: a byte-order mark is accepted
-            reader = csv.reader(f)
-            header = [h.strip() for h in next(reader, [])]
-            if header[:5] != ["NAME_ID", "X", "Y", "W", "H"]:
-                raise DataError(f"{csv_path}: header is {','.join(header)}; {_BOX_FORM}")
-            for row in reader:
-                if not any(v.strip() for v in row):
-                    continue
-                try:
-                    x, y, w, h = (float(v) for v in row[1:5])
-                except ValueError:
-                    raise DataError(f"{csv_path}: line {reader.line_num} reads {','.join(row)!r:.80}; X,Y,W,H must "
-                                    f"be 4 numbers; {_BOX_FORM}") from None
-                name = row[0].strip()
-                # a NAME_ID twice comes from a file edited or appended to, not from VGGFace2 (one row per
-                # image): the first row is kept and the rest counted, rather than refusing millions of good rows
-                if name in boxes:
-                    duplicates.append(name)
-                    continue
-                usable = all(math.isfinite(v) for v in (x, y, w, h)) and w > 0 and h > 0
-                boxes[name] = (x, y, w, h) if usable else None
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise DataError(f"{csv_path}: cannot read the bounding boxes ({e}); {_BOX_FORM}") from None
-    if duplicates:
-        _warn(f"{csv_path}: {len(duplicates)} row(s) repeat an earlier NAME_ID (first: {duplicates[0]}); each "
-              f"image uses its first row")
-    return boxes
+    return _read_rows(csv_path, ("X", "Y", "W", "H"), _BOX_FORM, "bounding boxes", lambda v: v[2] > 0 and v[3] > 0)
 
 
-def load_vggface2(root, image_size: int, identities=None, per_identity=None, seed: int = 0) -> TaskData:
+def _read_landmarks(csv_path: Path) -> dict:
+    """{NAME_ID: (x1, y1, ..., x5, y5)} of VGGFace2's landmark file; None for a row that is not all numbers."""
+    return _read_rows(csv_path, LANDMARK_COLUMNS, _LANDMARK_FORM, "landmarks")
+
+
+def load_vggface2(root, image_size: int, identities=None, per_identity=None, seed: int = 0,
+                  face_crop: str = "boxes") -> TaskData:
     """VGGFace2's train/ identities, each identity's images split into train / val / test.
 
-    Faces are cropped around `bb_landmark/loose_bb_train.csv`'s box enlarged by 30% (clipped to the image),
-    then resized. VGGFace2's test/ holds other people, so it cannot serve identity classification. Images
-    without a usable box (no row, zero or negative size, entirely outside the image) are used uncropped and
-    counted in a warning.
+    Faces are cropped as `face_crop` says, then resized: "boxes", around `bb_landmark/loose_bb_train.csv`'s box
+    enlarged by 30% (clipped to the image); "detect", around the largest face OpenCV's detector finds, enlarged
+    likewise; "align", aligned on the five points of `bb_landmark/loose_landmark_train.csv` (`align_face`);
+    "none", whole. VGGFace2's test/ holds other people, so it cannot serve identity classification. Images
+    cropped otherwise than asked are counted in a warning: without a usable box (no row, zero or negative size,
+    entirely outside the image) they are used uncropped; without usable landmarks they are cropped to their box
+    (whole without one); with no face found, whole.
     """
     root = Path(root)
     boxes_csv = root / "bb_landmark" / "loose_bb_train.csv"
+    landmarks_csv = root / "bb_landmark" / "loose_landmark_train.csv"
     layout = "VGGFace2's layout train/nXXXXXX/NNNN_NN.jpg with bb_landmark/loose_bb_train.csv (NAME_ID,X,Y,W,H)"
-    if not boxes_csv.exists():
-        raise DataError(f"{root}: no bounding-box file {boxes_csv.relative_to(root)}; expected {layout}")
+    if face_crop == "boxes" and not boxes_csv.exists():
+        raise DataError(f"{root}: no bounding-box file {boxes_csv.relative_to(root)}; expected {layout} (or "
+                        f"face_crop='detect' or 'none', which need no boxes)")
+    if face_crop == "align" and not landmarks_csv.exists():
+        raise DataError(f"face_crop='align': {root} has no landmark file {landmarks_csv.relative_to(root)}; "
+                        f"{_LANDMARK_FORM}; or use face_crop='boxes' or 'detect'")
     if not (root / "train").is_dir():
         raise DataError(f"{root}: no train/ folder; expected {layout}")
-    boxes = _read_boxes(boxes_csv)
+    use_boxes = face_crop == "boxes" or (face_crop == "align" and boxes_csv.exists())
+    boxes = _read_boxes(boxes_csv) if use_boxes else {}
     folders = sorted(d for d in (root / "train").iterdir() if d.is_dir() and _IDENTITY.match(d.name))
     files = {d.name: _list_images(d) for d in folders}
     names = [n for n in files if files[n]]
@@ -288,17 +385,31 @@ def load_vggface2(root, image_size: int, identities=None, per_identity=None, see
             paths.append(p)
             labels.append(ci)
             keys.append(f"{name}/{p.stem}")
-    n_nobox = sum(k not in boxes for k in keys)
-    if n_nobox:
-        _warn(f"{n_nobox} image(s) have no row in {boxes_csv.name}; used uncropped")
-    unusable = [k for k in keys if k in boxes and boxes[k] is None]
-    if unusable:
-        _warn(f"{len(unusable)} box(es) in {boxes_csv.name} have zero or negative size or are not numbers "
-              f"(first: {unusable[0]}); those images are used uncropped")
-    images, ok, native = _read_many(paths, image_size, [boxes.get(k) for k in keys], what=str(root / "train"))
+    if face_crop == "boxes":
+        n_nobox = sum(k not in boxes for k in keys)
+        if n_nobox:
+            _warn(f"{n_nobox} image(s) have no row in {boxes_csv.name}; used uncropped")
+        unusable = [k for k in keys if k in boxes and boxes[k] is None]
+        if unusable:
+            _warn(f"{len(unusable)} box(es) in {boxes_csv.name} have zero or negative size or are not numbers "
+                  f"(first: {unusable[0]}); those images are used uncropped")
+        crops = [boxes.get(k) for k in keys]
+    elif face_crop == "align":
+        landmarks = _read_landmarks(landmarks_csv)
+        lacking = [k for k in keys if landmarks.get(k) is None]
+        if lacking:
+            boxed = sum(boxes.get(k) is not None for k in lacking)
+            _warn(f"{len(lacking)} of {len(keys)} image(s) have no usable row in {landmarks_csv.name} (first: "
+                  f"{lacking[0]}); {boxed} of them are cropped to their box in {boxes_csv.name}, {len(lacking) - boxed} "
+                  f"used whole")
+        crops = [Landmarks(landmarks[k], boxes.get(k)) if landmarks.get(k) is not None else boxes.get(k)
+                 for k in keys]
+    else:
+        crops = [DETECT] * len(keys) if face_crop == "detect" else None
+    images, ok, native = _read_many(paths, image_size, crops, what=str(root / "train"))
     labels = np.asarray(labels, dtype=np.int64)[ok]
     data = TaskData("", names, images, labels, stratified_split(labels, seed, classes=names), f"vggface2:{root}",
-                    native_size=native, label_kind="identity")
+                    native_size=native, label_kind="identity", face_crop=face_crop)
     return _drop_untrainable(data, str(root / "train"))
 
 
@@ -362,7 +473,7 @@ def same_task(data: TaskData, seed: int) -> dict:
                              data.split[idx].copy(), f"same_task({data.source}, half {suffix})",
                              extra={k: np.asarray(v)[idx] for k, v in data.extra.items()},
                              native_size=data.native_size, label_kind=data.label_kind,
-                             extra_classes=dict(data.extra_classes))
+                             extra_classes=dict(data.extra_classes), face_crop=data.face_crop)
     return out
 
 
@@ -438,6 +549,11 @@ def _flag(text: str) -> bool:
 
 def _check_arguments(args) -> None:
     """Whole numbers in range, and an --out that can neither be nor hold nor sit inside --root."""
+    if args.lfw_crop is not None:  # the setting's name before face_crop replaced it
+        raise DataError(f"--lfw_crop={args.lfw_crop}: replaced by --face_crop: --face_crop=boxes for True, "
+                        f"--face_crop=none for False (or detect, align)")
+    if args.face_crop not in FACE_CROPS:
+        raise DataError(f"--face_crop={args.face_crop}: expected one of {', '.join(FACE_CROPS)}")
     for name, value, low in (("image_size", args.image_size, 1), ("identities", args.identities, 2),
                              ("per_identity", args.per_identity, 1), ("seed", args.seed, 0)):
         if value is not None and value < low:
@@ -465,15 +581,17 @@ def main(argv=None) -> int:
     parser.add_argument("--per_identity", type=int, default=None, help="images per identity; all if unset")
     parser.add_argument("--task", default="face", help="task name stored with the data")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling and the train/val/test split")
-    parser.add_argument("--lfw_crop", type=_flag, default=True, help="crop LFW's photographs to the face "
-                        "(LFWcrop's box enlarged by 30%%); False keeps the whole 250-px frame")
+    parser.add_argument("--face_crop", default="boxes", help="how face photographs are cropped: boxes (VGGFace2's "
+                        "loose boxes, LFW's fixed box, enlarged by 30%%), detect (the face OpenCV's detector finds, "
+                        "enlarged by 30%%), align (VGGFace2's five landmarks onto a template) or none (whole images)")
+    parser.add_argument("--lfw_crop", default=None, help=argparse.SUPPRESS)  # replaced by --face_crop: named if given
     try:
         args = parser.parse_args(argv)
         _check_arguments(args)
         out = Path(args.out).expanduser()
         _check_out(out, args.overwrite)  # before the long read, so a refused --out costs nothing
         data = load_task(args.root, args.task, args.image_size, max_per_class=args.per_identity,
-                         max_classes=args.identities, seed=args.seed, lfw_crop=args.lfw_crop)
+                         max_classes=args.identities, seed=args.seed, face_crop=args.face_crop)
         try:
             data.save(out, overwrite=args.overwrite)
         except OSError as e:  # permissions, a full disk
@@ -482,8 +600,9 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     c = data.counts()
+    faces = f", faces cropped by face_crop={data.face_crop}" if data.face_crop else ""
     print(f"wrote {out}: {len(data.classes)} classes, {c['train']} train / {c['val']} val / {c['test']} test "
-          f"images at {data.image_size} px")
+          f"images at {data.image_size} px{faces}")
     return 0
 
 

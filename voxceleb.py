@@ -77,7 +77,8 @@ def _identity_videos(root: Path) -> dict:
     return identities
 
 
-def load_voxceleb(root, image_size: int, max_per_class=None, max_classes=None, seed: int = 0) -> TaskData:
+def load_voxceleb(root, image_size: int, max_per_class=None, max_classes=None, seed: int = 0,
+                  crop=None) -> TaskData:
     """VoxCeleb face frames (identity/video/frame.jpg), labelled by identity (label_kind "identity").
 
     Split by video, never by frame: all frames of one video go to the same split, since frames of one video
@@ -92,7 +93,8 @@ def load_voxceleb(root, image_size: int, max_per_class=None, max_classes=None, s
     from its videos (one train, one test and one val video first, then the others), so the cap thins every
     video rather than dropping whole videos and splits. `extra["video"]` holds each frame's video (names
     "identity/video" in `extra_classes["video"]`), so the split can be checked. Image files lying directly in an
-    identity folder are not frames of a video and are skipped with a warning.
+    identity folder are not frames of a video and are skipped with a warning. `crop`: how every frame is cropped
+    (taskdata._read_image; DETECT: the face OpenCV's detector finds), None for the whole frames.
     """
     root = Path(root)
     identities = _identity_videos(root)
@@ -133,7 +135,7 @@ def load_voxceleb(root, image_size: int, max_per_class=None, max_classes=None, s
     if lonely:
         _warn(f"{len(lonely)} identit(y/ies) have a single video, which goes to training, so no test frames (their "
               f"accuracy goes unmeasured): {_few(lonely)}")
-    images, ok, native = _read_many(paths, image_size, what=str(root))
+    images, ok, native = _read_many(paths, image_size, None if crop is None else [crop] * len(paths), what=str(root))
     labels = np.array(labels, dtype=np.int64)[ok]
     split = np.array(splits, dtype=np.int8)[ok]
     video = np.array(video_ids, dtype=np.int64)[ok]

@@ -87,8 +87,8 @@ def main():
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lfw_crop", default="True", choices=("True", "False"),
-                   help="crop LFW's photographs to the face, as the scripts do (False: the whole 250-px frames)")
+    p.add_argument("--face_crop", default="boxes", choices=vggface2.FACE_CROPS,
+                   help="how LFW's photographs are cropped, as the scripts' face_crop (none: the whole 250-px frames)")
     p.add_argument("--out", default=str(ROOT / "runs" / "bench_accuracy"))
     args = p.parse_args()
     names = [v for v in args.variants.split(",") if v]
@@ -105,7 +105,7 @@ def main():
     budget = dict(face_data=args.face_data, object_data=args.object_data, image_size=args.image_size,
                   max_per_class=args.max_per_class or None, max_classes=args.max_classes or None,
                   epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, device=args.device,
-                  lfw_crop=args.lfw_crop == "True")
+                  face_crop=args.face_crop)
     dist = dualtask.Dist(args.device)
     datasets, images = None, None
     for name in names:

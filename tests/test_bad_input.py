@@ -96,6 +96,8 @@ SETTINGS = [
     ("unknown control", ["--controls=['shuffled']"], "controls=['shuffled']"),
     ("unknown launcher", ["--launcher=sge"], "launcher='sge'"),
     ("accuracy matching not a flag", ["--match_accuracy=1"], "match_accuracy"),
+    ("unknown face crop", ["--face_crop=mtcnn"], "face_crop='mtcnn'"),
+    ("face_crop's old name", ["--lfw_crop=False"], "lfw_crop was replaced by face_crop"),
 ]
 
 

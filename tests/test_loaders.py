@@ -332,7 +332,7 @@ def test_lfw_folders_are_cropped_to_the_face(tmp_path):
     root = make_lfw(tmp_path / "lfw")
     assert vggface2.is_lfw_root(root)
     cropped = load_task(str(root), "identity", 16)
-    whole = load_task(str(root), "identity", 16, lfw_crop=False)
+    whole = load_task(str(root), "identity", 16, face_crop="none")
     # the face box (LFWcrop's 83 px, enlarged by 30%: 108 px) holds the red square over 40% of its area; the
     # whole frame is 8% red
     assert red_fraction(cropped.images) > 0.35 and red_fraction(whole.images) < 0.12
@@ -351,7 +351,7 @@ def test_other_class_folders_are_not_cropped(tmp_path):
     assert load_task(str(aligned), "identity", 16).source.startswith("folder:")
 
 
-def test_lfw_crop_is_part_of_a_run_on_lfw_and_of_no_other(tmp_path):
+def test_face_crop_is_part_of_a_run_on_lfw_and_of_no_other(tmp_path):
     from test_pipeline import tiny_config
 
     import dualtask
@@ -360,19 +360,28 @@ def test_lfw_crop_is_part_of_a_run_on_lfw_and_of_no_other(tmp_path):
     out = tmp_path / "on_lfw"
     dualtask.run(tiny_config(out, epochs=1, face_data=str(lfw)))
     before = (out / "checkpoint.pt").read_bytes()
-    with pytest.raises(dualtask.UsageError, match=r"lfw_crop: True -> False.*--lfw_crop=True"):
-        dualtask.run(tiny_config(out, epochs=1, face_data=str(lfw), lfw_crop=False))
+    with pytest.raises(dualtask.UsageError, match=r"face_crop: 'boxes' -> 'none'.*--face_crop='boxes'"):
+        dualtask.run(tiny_config(out, epochs=1, face_data=str(lfw), face_crop="none"))
     assert (out / "checkpoint.pt").read_bytes() == before
-    # a run trained before the setting existed was trained on whole frames: it is used as such, or refused
+    # a run written with lfw_crop, face_crop's forerunner, is read by it: True is 'boxes', False 'none'
     state = torch.load(out / "checkpoint.pt", weights_only=True)
+    del state["config"]["face_crop"]
+    for lfw_crop, same in ((True, "boxes"), (False, "none")):
+        state["config"]["lfw_crop"] = lfw_crop
+        torch.save(state, out / "checkpoint.pt")
+        other = "none" if same == "boxes" else "boxes"
+        with pytest.raises(dualtask.UsageError, match=rf"face_crop: '{same}' -> '{other}'.*--face_crop='{same}'"):
+            dualtask.run(tiny_config(out, epochs=1, face_data=str(lfw), face_crop=other))
+        dualtask.run(tiny_config(out, epochs=1, face_data=str(lfw), face_crop=same))  # finished: nothing to train
+    # a run trained before either setting existed was trained on whole frames: it is used as such, or refused
     del state["config"]["lfw_crop"]
     torch.save(state, out / "checkpoint.pt")
-    with pytest.raises(dualtask.UsageError, match=r"lfw_crop: False -> True.*--lfw_crop=False"):
+    with pytest.raises(dualtask.UsageError, match=r"face_crop: 'none' -> 'boxes'.*--face_crop='none'"):
         dualtask.run(tiny_config(out, epochs=1, face_data=str(lfw)))
-    dualtask.run(tiny_config(out, epochs=1, face_data=str(lfw), lfw_crop=False))  # finished: nothing to train
+    dualtask.run(tiny_config(out, epochs=1, face_data=str(lfw), face_crop="none"))
     demo = tmp_path / "demo"
     dualtask.run(tiny_config(demo, epochs=1))
-    dualtask.run(tiny_config(demo, epochs=1, lfw_crop=False))  # no LFW folder: the setting changes nothing
+    dualtask.run(tiny_config(demo, epochs=1, face_crop="detect"))  # no face photographs: the setting changes nothing
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from pathlib import Path
 from conftest import ROOT
 
 # import names whose distribution on PyPI is called otherwise
-DISTRIBUTIONS = {"sklearn": "scikit-learn", "PIL": "pillow", "cv2": "opencv-python", "yaml": "pyyaml",
+DISTRIBUTIONS = {"sklearn": "scikit-learn", "PIL": "pillow", "cv2": "opencv-python-headless", "yaml": "pyyaml",
                  "skimage": "scikit-image", "submitit": "submitit", "scipy": "scipy"}
 SKIPPED_FOLDERS = {"runs", "venv", "__pycache__"}  # run outputs and environments, not the project's code
 
@@ -82,4 +82,4 @@ def test_imports_inside_functions_count(tmp_path):
     (tmp_path / "tool.py").write_text("import os\nimport helper\n\ndef f():\n    from PIL import Image\n"
                                       "    import cv2.data\n")
     (tmp_path / "helper.py").write_text("")
-    assert missing(tmp_path, "pillow>=9  # images\n") == ["opencv-python (imported in tool.py)"]
+    assert missing(tmp_path, "pillow>=9  # images\n") == ["opencv-python-headless (imported in tool.py)"]
