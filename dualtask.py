@@ -273,12 +273,14 @@ def run(config: dict) -> None:
             dist.barrier()
             model.load_state_dict(load_checkpoint(out_dir / "checkpoint.pt", dist.device)["model"])
         if "lesion" in config["stages"]:  # every process sweeps its share of the sites; process 0 writes
-            lesion_utils.lesion_stage(model, images, config, out_dir, dist.rank, dist.world, dist.gather)
+            # the fixed readouts score each lesion in the heads' own pass; their stage writes what that gave
+            reuse = {} if config.get("fixed_readout", False) else None
+            lesion_utils.lesion_stage(model, images, config, out_dir, dist.rank, dist.world, dist.gather, reuse)
             for kind in ("refit", "fixed"):  # the same lesions through linear readouts (readouts.py), when asked for
                 if config.get(f"{kind}_readout", False):
                     dist.barrier()  # rankings.json, which process 0 wrote last, is read by every process
                     lesion_utils.readout_stage(model, images, config, out_dir, kind, dist.rank, dist.world,
-                                               dist.gather)
+                                               dist.gather, reuse)
             if config.get("probes") and dist.main:
                 probes.probe_stage(model, images, config, out_dir, lambda spec, name: load_probe_task(spec, name, config))
             epoch_sweeps(model, images, config, out_dir, dist)

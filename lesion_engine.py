@@ -180,18 +180,29 @@ class SiteRunner:
     def suffix_with(self, cached: torch.Tensor, transform) -> dict:
         """{task: logits (B, classes)} of the rest of the network with `transform` applied to the site's output
         (the masks of a lesion, or a differentiable scaling for first-order scores from a cached prefix)."""
-        x = self.features_with(cached, transform)
+        return self._heads(self.features_with(cached, transform))
+
+    def _heads(self, x: torch.Tensor) -> dict:
         outputs = getattr(self.model, "head_outputs", None)  # DualTaskNet's, split or joint; a plain net: its heads
         return outputs(x) if outputs is not None else {t: head(x) for t, head in self.model.heads.items()}
+
+    def _head_inputs(self, x: torch.Tensor) -> dict:
+        inputs = getattr(self.model, "head_inputs", None)
+        return inputs(x) if inputs is not None else {t: x for t in self.model.heads}
 
     def readout_inputs(self, cached: torch.Tensor, keep: torch.Tensor, add: torch.Tensor) -> dict:
         """{task: what its readout reads (M, B, width)} for M masks applied to a cached batch: the trunk's
         features, or a branched network's task copy's part of them."""
+        return self.suffix_and_inputs(cached, keep, add, logits=False)[1]
+
+    def suffix_and_inputs(self, cached: torch.Tensor, keep: torch.Tensor, add: torch.Tensor,
+                          logits: bool = True) -> tuple:
+        """({task: logits (M, B, classes)} or None, {task: its readout's input (M, B, width)}) for M masks
+        applied to a cached batch, from one pass through the rest of the trunk."""
         m, b = keep.shape[0], cached.shape[0]
         x = self.features_with(cached.repeat(m, *([1] * (cached.ndim - 1))), lambda out: apply_mask(out, keep, add, m))
-        inputs = getattr(self.model, "head_inputs", None)
-        per_task = inputs(x) if inputs is not None else {t: x for t in self.model.heads}
-        return {t: v.reshape(m, b, -1) for t, v in per_task.items()}
+        inputs = {t: v.reshape(m, b, -1) for t, v in self._head_inputs(x).items()}
+        return ({t: out.view(m, b, -1) for t, out in self._heads(x).items()} if logits else None), inputs
 
     def features_with(self, cached: torch.Tensor, transform) -> torch.Tensor:
         """The trunk's features (B, width), the heads' input, with `transform` applied to the site's output."""
@@ -232,7 +243,8 @@ def image_batches(images: dict, split: str = "test", batch_size: int = 200, n_pe
 
 @torch.inference_mode()
 def evaluate_lesions(model: nn.Module, site: Site, lesions: list, batches: list, mode: str = "zero",
-                     means=None, masks_per_pass: int = 1, precision: str | None = None) -> list:
+                     means=None, masks_per_pass: int = 1, precision: str | None = None, read=None,
+                     heads: bool = True) -> list:
     """Evaluate many lesions of one site on the same images, computing the prefix once per batch.
 
     lesions: a list of channel-index arrays. Returns, per lesion, {task: {'correct': bool array, 'loss':
@@ -240,15 +252,20 @@ def evaluate_lesions(model: nn.Module, site: Site, lesions: list, batches: list,
     running the whole network once per lesion with `ablate` (exactly so with masks_per_pass=1 on the CPU).
     precision: None = the evaluation's (bf16 autocast on CUDA); 'fp32' or 'bf16' = a ranking's
     (`ranking_precision`).
+    read: a readout of the heads' inputs, read(task, inputs (B, width) float32 numpy, start) -> predicted labels
+    of the task's images start..start+B (in batch order): each task's entry also gets 'read', its correct
+    predictions, from the same pass as the heads' (readouts.fixed_reader); heads=False leaves the heads out.
     """
     model.eval()
     runner = SiteRunner(model, site)
     masks = [lesion_mask(ch, site.n_filters, None if mode == "zero" else means) for ch in lesions]
     results = [{} for _ in lesions]
     # batches holding the same image tensor (tasks that share their images) are run once, scored by each head
-    unique = {}
+    unique, start_of = {}, {}
     for task, x, y in batches:
-        unique.setdefault(id(x), (x, []))[1].append((task, y))
+        unique.setdefault(id(x), (x, []))[1].append((task, y, start_of.get(task, 0)))
+        start_of[task] = start_of.get(task, 0) + len(y)
+    parts = (("correct", "loss") if heads else ()) + (("read",) if read is not None else ())
     for x, scored in unique.values():
         with autocast(x.device) if precision is None else ranking_precision(x.device, precision):
             cached = runner.prefix(x)
@@ -256,17 +273,21 @@ def evaluate_lesions(model: nn.Module, site: Site, lesions: list, batches: list,
                 group = masks[start:start + masks_per_pass]
                 keep = torch.stack([k for k, _ in group])
                 add = torch.stack([a for _, a in group])
-                out = runner.suffix(cached, keep, add)
-                for task, y in scored:
-                    logits = out[task].float()
+                if read is None:
+                    out, inputs = runner.suffix(cached, keep, add), None
+                else:
+                    out, inputs = runner.suffix_and_inputs(cached, keep, add, logits=heads)
+                for task, y, first in scored:
+                    logits = out[task].float() if heads else None
                     for k in range(len(group)):
-                        loss = nn.functional.cross_entropy(logits[k], y, reduction="none")
-                        correct = logits[k].argmax(1) == y
-                        entry = results[start + k].setdefault(task, {"correct": [], "loss": []})
-                        entry["correct"].append(correct.cpu())
-                        entry["loss"].append(loss.cpu())
-    return [{t: {"correct": torch.cat(v["correct"]).numpy(), "loss": torch.cat(v["loss"]).numpy()}
-             for t, v in r.items()} for r in results]
+                        entry = results[start + k].setdefault(task, {p: [] for p in parts})
+                        if heads:
+                            entry["loss"].append(nn.functional.cross_entropy(logits[k], y, reduction="none").cpu())
+                            entry["correct"].append((logits[k].argmax(1) == y).cpu())
+                        if read is not None:
+                            predicted = read(task, inputs[task][k].float().cpu().numpy(), first)
+                            entry["read"].append(torch.from_numpy(predicted == y.cpu().numpy()))
+    return [{t: {p: torch.cat(v[p]).numpy() for p in parts} for t, v in r.items()} for r in results]
 
 
 @torch.inference_mode()

@@ -33,7 +33,7 @@ from lesion_engine import (ablate, apply_mask, cache_bytes, default_masks_per_pa
                            evaluate_lesions_naive, forward_chain, get_site, image_batches, lesion_mask,
                            lesion_sites, _order, ranking_precision, RANKING_PRECISIONS, select_sites, Site,
                            site_activations, SiteRunner)
-from readouts import FIXED_FOLDS, fixed_lesions, fixed_readouts, refit_lesions
+from readouts import as_scored, FIXED_FOLDS, fixed_lesions, fixed_reader, fixed_readouts, refit_lesions
 from rankings import (_entry, LOCALISER_FDR, loss_scores, MASK_DEFAULTS, merge_rankings, METHODS, NOT_RANKINGS, rank_by_activation,
                       rank_correlation, rank_site, RANKING_KEYS, same_top_sets, selectivity, split_half_reliability,
                       split_halves, _task_loss, taylor_scores, top_overlap)
@@ -162,7 +162,7 @@ def _one_process(obj):
 
 
 def lesion_stage(model: nn.Module, images: dict, config: dict, out_dir: Path, rank: int = 0, world: int = 1,
-                 gather=_one_process) -> Path:
+                 gather=_one_process, reuse: dict | None = None) -> Path:
     """The lesion sweep of a run: for each site, rank its filters for each task by every method in
     config['lesion_methods'] on training images, silence the top fraction of each ranking (and of each random
     order), evaluate both heads on the test images, and write lesion_results.csv, rankings.json and
@@ -170,33 +170,40 @@ def lesion_stage(model: nn.Module, images: dict, config: dict, out_dir: Path, ra
 
     Under torchrun every process calls it: the sites are shared out (process r sweeps every world-th site from
     the r-th), `gather(obj)` brings every process's result of a round to process 0 (a list in rank order; None
-    elsewhere), and process 0 alone prints and writes, in site order: the files are those of one process."""
-    return Sweep(model, images, config, Path(out_dir), rank, world, gather).run()
+    elsewhere), and process 0 alone prints and writes, in site order: the files are those of one process.
+
+    reuse: a dict to hand on to readout_stage(..., "fixed", reuse=): the sweep fits the fixed readouts and scores
+    every lesion by them in the heads' own pass (the rest of the trunk runs once per lesion, not twice); the
+    readout stage then writes those results and computes only what this sweep did not (sites finished earlier)."""
+    return Sweep(model, images, config, Path(out_dir), rank, world, gather, reuse=reuse).run()
 
 
 def readout_stage(model: nn.Module, images: dict, config: dict, run_dir: Path, kind: str, rank: int = 0,
-                  world: int = 1, gather=_one_process) -> Path:
+                  world: int = 1, gather=_one_process, reuse: dict | None = None) -> Path:
     """A readout sweep (readouts.py) of a run whose lesion sweep is done: the same sites, rankings (its
     rankings.json), lesions and statistics, every lesion scored by linear readouts instead of the network's heads:
     kind "refit", readouts fitted anew to each lesion's features (into run_dir/refit_readout/), or "fixed",
     readouts fitted once to the intact network's features of held-out images (into run_dir/fixed_readout/). It
-    resumes as the sweep."""
+    resumes as the sweep. reuse: what lesion_stage(..., reuse=) scored by the fixed readouts in its own pass."""
     folder = Path(run_dir) / READOUT_DIRS[kind]
     if rank == 0:
         folder.mkdir(exist_ok=True)
-    return Sweep(model, images, config, folder, rank, world, gather, rankings_of=Path(run_dir), readout=kind).run()
+    return Sweep(model, images, config, folder, rank, world, gather, rankings_of=Path(run_dir), readout=kind,
+                 reuse=reuse if kind == "fixed" else None).run()
 
 
 class Sweep:
     """One run's lesion sweep (`lesion_stage`): what its sites share, and the steps of one site."""
 
     def __init__(self, model, images: dict, config: dict, out_dir: Path, rank: int, world: int, gather,
-                 rankings_of: Path | None = None, readout: str | None = None):
+                 rankings_of: Path | None = None, readout: str | None = None, reuse: dict | None = None):
         """rankings_of: a run folder whose finished sweep's rankings this one lesions, scoring every lesion by
         the readouts `readout` names ("refit" or "fixed", readout_stage); None: the network's own heads, and
-        rankings of its own."""
+        rankings of its own. reuse: the fixed readouts and their scores of lesions, filled by the heads' sweep
+        (lesion_stage) and read by the fixed readouts' (readout_stage)."""
         self.model, self.images, self.config, self.rank, self.world, self.gather = \
             model, images, config, rank, world, gather
+        self.reuse = reuse
         self.main = rank == 0
         self.say = print if self.main else (lambda *a, **k: None)
         self.tasks = list(images)
@@ -250,11 +257,12 @@ class Sweep:
             finished += len(group)
             left = (time.perf_counter() - started) / finished * (len(self.todo) - finished)
             done = len(self.progress["done"]) - len(group)
+            what = READOUT_NAMES[self.readout] + ", site" if self.readout else "lesion site"
             for k, (site, got) in enumerate(zip(group, gathered)):
-                print(f"{READOUT_NAMES[self.readout] + ', site' if self.readout else 'lesion site'} {done + k + 1}/{len(self.sites)} "
-                      f"{site.name} ({site.n_filters} filters): ranked by "
+                reused = " (lesions scored in the lesion sweep's own pass)" if got["reused"] else ""
+                print(f"{what} {done + k + 1}/{len(self.sites)} {site.name} ({site.n_filters} filters): ranked by "
                       f"{', '.join(self.settings['methods'])}; {got['n_lesions']} lesions x {self.n_test} test images; "
-                      f"{got['seconds']:.1f} s; about {format_seconds(left)} left", flush=True)
+                      f"{got['seconds']:.1f} s{reused}; about {format_seconds(left)} left", flush=True)
         self.say(f"wrote {self.paths['results']} ({len(self.rows)} rows, {len(self.sites)} sites), "
                  f"{self.paths['dissociation'].name}, {self.paths['rankings'].name}")
         return self.paths["results"]
@@ -275,13 +283,17 @@ class Sweep:
                 f"{t}: {sum(len(y) for tb, _, y in self.fit if tb == t)} training images, penalty {a:g}"
                 for t, a in self.alphas.items()) + ")")
         elif self.readout == "fixed":
-            self.fixed = fixed_readouts(model, self.sites[0], test, config["seed"])
+            fitted = (self.reuse or {}).get("readouts")  # the heads' sweep's (the same images, seed and network)
+            self.fixed = fitted if fitted is not None else fixed_readouts(model, self.sites[0], test, config["seed"])
             intact = fixed_lesions(model, self.sites[0], [[]], self.fixed, test)[0]
             say("fixed readouts (ridge on standardised features of the intact network, each task's test images in "
                 "folds, each fold read by the readout fitted on the others: " + ", ".join(
                     f"{t}: {len(r['readouts'])} folds, penalty {r['alpha']:g}" for t, r in self.fixed.items()) + ")")
         else:
             intact = evaluate_lesions(model, self.sites[0], [[]], test)[0]
+            if self.reuse is not None:  # the fixed readouts, scored in this sweep's passes
+                self.fixed = self.reuse["readouts"] = fixed_readouts(model, self.sites[0], test, config["seed"])
+                self.reuse["sites"] = {}
         self.intact = intact
         self.chance = {t: images[t].data.chance for t in tasks}
         self.paired = len(tasks) >= 2 and images[tasks[0]].data.images is images[tasks[1]].data.images  # one set
@@ -372,20 +384,33 @@ class Sweep:
             means = np.concatenate(list(acts.values())).mean(0)
         conditions = lesion_conditions(site, ranking, self.settings["fractions"], self.settings["keep_only"])
         lesions = [c for *_, c in conditions]
-        if self.readout == "refit":
-            results, _ = refit_lesions(self.model, site, lesions, self.fit, self.test, self.alphas,
-                                       self.settings["mode"], means, self.masks_per_pass)
-        elif self.readout == "fixed":
-            results = fixed_lesions(self.model, site, lesions, self.fixed, self.test, self.settings["mode"], means,
-                                    self.masks_per_pass)
-        else:
-            results = evaluate_lesions(self.model, site, lesions, self.test, self.settings["mode"], means,
-                                       self.masks_per_pass)
-        out = {"ranking": ranking, "n_lesions": len(conditions), **self._site_rows(site, conditions, results),
+        results, reused = self._scored(site, lesions, means)
+        out = {"ranking": ranking, "n_lesions": len(conditions), "reused": reused,
+               **self._site_rows(site, conditions, results),
                "diss": self._site_dissociation(site, conditions, results),
                "per_image": per_image_arrays(site, conditions, results, self.tasks)}
         out["seconds"] = time.perf_counter() - start
         return out
+
+    def _scored(self, site, lesions: list, means) -> tuple:
+        """(per lesion {task: {'correct', 'loss'}}, whether the heads' sweep had already scored them) of the site's
+        lesions, through the heads or the readouts this sweep reads."""
+        mode, per_pass = self.settings["mode"], self.masks_per_pass
+        if self.readout == "refit":
+            return refit_lesions(self.model, site, lesions, self.fit, self.test, self.alphas, mode, means,
+                                 per_pass)[0], False
+        if self.readout == "fixed":
+            kept = (self.reuse or {}).get("sites", {}).get(site.name)
+            if kept is not None and len(kept["lesions"]) == len(lesions) and all(
+                    np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(kept["lesions"], lesions)):
+                return kept["results"], True
+            return fixed_lesions(self.model, site, lesions, self.fixed, self.test, mode, means, per_pass), False
+        if self.reuse is None:
+            return evaluate_lesions(self.model, site, lesions, self.test, mode, means, per_pass), False
+        both = evaluate_lesions(self.model, site, lesions, self.test, mode, means, per_pass,
+                                read=fixed_reader(self.fixed))
+        self.reuse["sites"][site.name] = {"lesions": lesions, "results": as_scored(both)}
+        return [{t: {"correct": r["correct"], "loss": r["loss"]} for t, r in res.items()} for res in both], False
 
     def _site_rows(self, site, conditions: list, results: list) -> dict:
         """lesion_results.csv's rows of a site (and lesion_per_class.csv's, when asked for)."""

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from common import autocast
-from lesion_engine import lesion_mask, SiteRunner
+from lesion_engine import evaluate_lesions, lesion_mask, SiteRunner
 
 ALPHAS = tuple(float(a) for a in np.logspace(-1, 5, 13))  # the ridge penalties leave-one-out chooses among
 FEATURE_BUDGET = 512 * 2**20  # bytes of readout inputs held at once (lesions are scored in groups that fit)
@@ -155,28 +155,32 @@ def fixed_readouts(model, site, test_batches: list, seed: int = 0, folds: int = 
     return out
 
 
+def fixed_reader(readouts: dict):
+    """The fixed readouts (`fixed_readouts`) as `lesion_engine.evaluate_lesions`' `read`: the predicted labels of a
+    task's test images start..start+B (in order) from their features, each image by its own fold's readout."""
+    def read(task: str, features: np.ndarray, start: int) -> np.ndarray:
+        fold, fitted = readouts[task]["fold"][start:start + len(features)], readouts[task]["readouts"]
+        predicted = np.empty(len(features), dtype=np.int64)
+        for f in np.unique(fold):  # fold f's images, read by the readout fitted without them
+            predicted[fold == f] = fitted[f].predict(features[fold == f])
+        return predicted
+    return read
+
+
+def as_scored(results: list) -> list:
+    """evaluate_lesions' results with `read` as the readouts' own: per lesion {task: {'correct': what the readout
+    read right, 'loss': NaN (a readout has none)}}."""
+    return [{t: {"correct": r["read"], "loss": np.full(len(r["read"]), np.nan)} for t, r in res.items()}
+            for res in results]
+
+
 def fixed_lesions(model, site, lesions: list, readouts: dict, test_batches: list, mode: str = "zero",
                   means=None, masks_per_pass: int = 1) -> list:
     """Score each lesion (channel-index arrays of `site`) by the fixed readouts (`fixed_readouts`: fitted once, to
     the intact network's features of held-out images, never refitted): each test image read by the readout of
     its fold, which did not see it. Two heads of one task share their readout's form (fitted to the same task on
     images the network never trained on), a branched network's task copy alone feeds its task's. Returns per
-    lesion {task: {'correct': bool array, 'loss': NaN array}}, as evaluate_lesions'."""
-    model.eval()
-    masks = [lesion_mask(ch, site.n_filters, None if mode == "zero" else means) for ch in lesions]
-    y_test = _labels(test_batches)
-    per_lesion = sum(len(v) for v in y_test.values()) * _width(model, site, test_batches) * 4
-    chunk = max(1, FEATURE_BUDGET // max(1, per_lesion))
-    results = []
-    for start in range(0, len(masks), chunk):
-        for features in readout_inputs(model, site, masks[start:start + chunk], test_batches, masks_per_pass):
-            scored = {}
-            for task, y in y_test.items():
-                fold, fitted = readouts[task]["fold"], readouts[task]["readouts"]
-                predicted = np.empty_like(y)
-                for f, readout in enumerate(fitted):  # fold f's images, read by the readout fitted without them
-                    if (fold == f).any():
-                        predicted[fold == f] = readout.predict(features[task][fold == f])
-                scored[task] = {"correct": predicted == y, "loss": np.full(len(y), np.nan)}
-            results.append(scored)
-    return results
+    lesion {task: {'correct': bool array, 'loss': NaN array}}, as evaluate_lesions'. The lesion sweep scores them
+    in the heads' own pass (evaluate_lesions with `read=fixed_reader(...)`) when it can."""
+    return as_scored(evaluate_lesions(model, site, lesions, test_batches, mode, means, masks_per_pass,
+                                      read=fixed_reader(readouts), heads=False))

@@ -6,7 +6,10 @@ Trains (once, then loads) a small demo VGG16 on the CPU, ranks each site's filte
 selectivity, and evaluates every site x target (face, object, random) x fraction lesion twice in one process:
 with `lesion_utils.evaluate_lesions` (the prefix once per image batch, then only the rest of the network per
 lesion) and with a naive sweep (the whole network per lesion, a forward hook silencing the channels), on the
-same preloaded tensors. It checks that both give the same correct counts and losses, and prints last:
+same preloaded tensors. It checks that both give the same correct counts and losses. It also times the fixed
+readouts (readouts.py, the verdict's second reading) scored in the heads' own pass (`evaluate_lesions(...,
+read=)`, as the lesion sweep does) against a pass of their own after the heads' (as before 2026-12-05), checks
+that both give the same results, and prints `fixed readouts in the heads' pass: speedup Z`. It prints last:
 `ideal: X` (the naive sweep's multiply-adds over those the suffix-only sweep cannot avoid, counted from the
 layer shapes) and `speedup: Y` (the measured ratio of wall times).
 """
@@ -23,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import dualtask  # noqa: E402
 import lesion_utils as L  # noqa: E402
+import readouts  # noqa: E402
 import vgg16  # noqa: E402
 
 
@@ -93,6 +97,24 @@ def main():
         naive_results[site.name] = L.evaluate_lesions_naive(model, site, conditions[site.name], batches)
     t_naive = time.perf_counter() - t0
 
+    fixed = readouts.fixed_readouts(model, sites[0], batches, config["seed"])
+    read = readouts.fixed_reader(fixed)
+    t0 = time.perf_counter()
+    apart = {s.name: (L.evaluate_lesions(model, s, conditions[s.name], batches, masks_per_pass=masks_per_pass),
+                      readouts.fixed_lesions(model, s, conditions[s.name], fixed, batches,
+                                             masks_per_pass=masks_per_pass)) for s in sites}
+    t_apart = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    together = {s.name: L.evaluate_lesions(model, s, conditions[s.name], batches, masks_per_pass=masks_per_pass,
+                                           read=read) for s in sites}
+    t_together = time.perf_counter() - t0
+    same = all(np.array_equal(h[t]["correct"], b[t]["correct"]) and np.array_equal(h[t]["loss"], b[t]["loss"])
+               and np.array_equal(f[t]["correct"], b[t]["read"])
+               for s in sites for h, f, b in zip(*apart[s.name], together[s.name]) for t in b)
+    print(f"fixed readouts: heads and readouts in one pass {t_together:.2f} s, the readouts in a pass of their own "
+          f"after the heads' {t_apart:.2f} s; results equal: {same}")
+    print(f"fixed readouts in the heads' pass: speedup {t_apart / t_together:.2f}")
+
     pairs = [(a[t], b[t]) for s in sites for a, b in zip(fast_results[s.name], naive_results[s.name]) for t in a]
     equal = all(np.array_equal(a["correct"], b["correct"]) and np.array_equal(a["loss"], b["loss"]) for a, b in pairs)
     agree = np.mean(np.concatenate([a["correct"] == b["correct"] for a, b in pairs]))
@@ -111,7 +133,7 @@ def main():
           f"{masks_per_pass} lesion(s) per pass")
     print(f"ideal: {naive_macs / unavoidable:.2f}")
     print(f"speedup: {t_naive / t_fast:.2f}")
-    if not equal and device.type == "cpu":  # float32 on the CPU must match exactly; bf16 on a GPU to rounding
+    if not same or (not equal and device.type == "cpu"):  # float32 on the CPU must match exactly; bf16 on a GPU to rounding
         sys.exit(1)
 
 

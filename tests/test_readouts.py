@@ -118,3 +118,62 @@ def test_fixed_readouts_read_each_image_by_a_readout_that_did_not_see_it_and_ign
 def features_intact(model, site, test):
     keep, add = L.lesion_mask([], site.n_filters)
     return readouts.readout_inputs(model, site, [(keep, add)], test[:1], 1)[0]["a"]
+
+
+def test_the_heads_pass_reads_the_fixed_readouts_as_their_own_pass_does():
+    """evaluate_lesions with `read`: the heads' results unchanged, and each image read by its fold's readout from
+    the same features a separate pass gives, across batches (the offsets) and several lesions per pass."""
+    torch.manual_seed(0)
+    model = dualtask.build_model(dict(backbone="vgg16", image_size=32, fc_width=32, branch_at=3),
+                                 {"face": 3, "object": 3}).eval()
+    x, y = _images(per_class=10, seed=2)
+    xo, yo = _images(per_class=8, seed=4)
+    test = [("face", x[:17], y[:17]), ("face", x[17:], y[17:]), ("object", xo, yo)]  # two batches, two image sets
+    site = L.lesion_sites(model)[-3]
+    fitted = readouts.fixed_readouts(model, site, test, seed=1, folds=4)
+    lesions = [[], np.arange(0, site.n_filters, 3), np.arange(site.n_filters // 2), np.arange(5)]
+    both = L.evaluate_lesions(model, site, lesions, test, masks_per_pass=3, read=readouts.fixed_reader(fitted))
+    heads = L.evaluate_lesions(model, site, lesions, test, masks_per_pass=3)
+    for b, h in zip(both, heads):
+        for t in ("face", "object"):
+            assert np.array_equal(b[t]["correct"], h[t]["correct"]) and np.array_equal(b[t]["loss"], h[t]["loss"])
+    labels = {"face": y.numpy(), "object": yo.numpy()}
+    for lesion, b in zip(lesions, both):  # the reference: the task's whole features, each fold's rows predicted
+        (features,) = readouts.readout_inputs(model, site, [L.lesion_mask(lesion, site.n_filters)], test, 1)
+        for t, r in fitted.items():
+            expected = np.empty(len(labels[t]), dtype=int)
+            for f, readout in enumerate(r["readouts"]):
+                expected[r["fold"] == f] = readout.predict(features[t][r["fold"] == f])
+            assert np.array_equal(b[t]["read"], expected == labels[t])
+    assert not np.array_equal(both[2]["face"]["read"], both[0]["face"]["read"])  # the face copy's half silenced
+    assert np.array_equal(both[2]["object"]["read"], both[0]["object"]["read"])  # the object copy untouched
+    alone = readouts.fixed_lesions(model, site, lesions, fitted, test, masks_per_pass=2)
+    assert all(np.array_equal(a[t]["correct"], b[t]["read"]) for a, b in zip(alone, both) for t in fitted)
+
+
+def test_the_fixed_readouts_stage_writes_what_the_heads_sweep_scored_and_equals_its_own_sweep(tmp_path, capsys):
+    import vggface2
+    from dualtask import TaskImages
+
+    data = {t: vggface2.load_task("demo", t, 32, max_per_class=30, max_classes=3) for t in ("face", "object")}
+    images = {t: TaskImages(d, torch.device("cpu")) for t, d in data.items()}
+    config = {"lesion_fractions": [0.0, 0.25], "lesion_methods": ["activation", "random"], "random_repeats": 3,
+              "lesion_layers": [0, 6, -1], "rank_images": 8, "seed": 0}
+    torch.manual_seed(0)
+    model = dualtask.DualTaskNet("vgg16", {t: len(d.classes) for t, d in data.items()}, fc_width=16).eval()
+    files = ("lesion_results.csv", "dissociation.csv", "rankings.json", "lesion_per_image.npz")
+    for name, reuse in (("apart", None), ("together", {})):
+        (tmp_path / name).mkdir()
+        L.lesion_stage(model, images, config, tmp_path / name, reuse=reuse)
+        L.readout_stage(model, images, config, tmp_path / name, "fixed", reuse=reuse)
+    printed = capsys.readouterr().out
+    assert printed.count("scored in the lesion sweep's own pass") == 3  # every site of the second run
+    for f in files:
+        for folder in ("", "fixed_readout"):
+            assert (tmp_path / "apart" / folder / f).read_bytes() == (tmp_path / "together" / folder / f).read_bytes(), f
+    # a fixed stage with nothing handed on (a sweep finished earlier) computes its sites itself, the same
+    (tmp_path / "together" / "fixed_readout" / "lesion_progress.json").unlink()
+    L.readout_stage(model, images, config, tmp_path / "together", "fixed")
+    assert "own pass" not in capsys.readouterr().out
+    assert (tmp_path / "apart" / "fixed_readout" / "lesion_results.csv").read_bytes() == \
+        (tmp_path / "together" / "fixed_readout" / "lesion_results.csv").read_bytes()
