@@ -51,3 +51,15 @@ def torchrun_tiny(out_dir, port: int, *args, script: str = "ResNet.py"):
                            "--random_repeats=2", "--rank_images=8", f"--out_dir={out_dir}",
                            "--stages=['train', 'lesion']", *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+
+
+def reproducible_rankings(sites, methods=("loss", "activation"), tasks=("face", "object"), overlap=1.0, share=1.0,
+                          fractions=(0.1, 0.2, 0.3)) -> dict:
+    """rankings.json's per-site entries the verdict reads beside the dissociation rows: every ranking's split-half
+    overlap (`overlap` at every top set) and the site's receptive field (`share` of the image's side, or {site:
+    share}); `sites`: names, or {name: share}."""
+    shares = sites if isinstance(sites, dict) else {s: share for s in sites}
+    return {s: {"reliability": {m: {t: {f"top{round(f * 100):g}": overlap for f in fractions} for t in tasks}
+                                for m in methods},
+                "receptive_field": {"pixels": round(32 * sh), "image_size": 32, "share": sh}}
+            for s, sh in shares.items()}
