@@ -34,7 +34,8 @@ from lesion_engine import (ablate, apply_mask, cache_bytes, default_masks_per_pa
                            lesion_sites, _order, ranking_precision, RANKING_PRECISIONS, receptive_fields,
                            select_sites, Site,
                            site_activations, SiteRunner)
-from readouts import as_scored, FIXED_FOLDS, fixed_lesions, fixed_reader, fixed_readouts, refit_lesions
+from readouts import (as_scored, FIXED_FOLDS, fixed_lesions, fixed_reader, fixed_readouts, penalty_range,
+                      PENALTY_RULE, refit_lesions)
 from rankings import (_entry, LOCALISER_FDR, loss_scores, MASK_DEFAULTS, merge_rankings, METHODS, NOT_RANKINGS,
                       rank_by_activation, RELIABILITY_FRACTIONS,
                       rank_correlation, rank_site, RANKING_KEYS, same_top_sets, selectivity, split_half_reliability,
@@ -216,7 +217,8 @@ class Sweep:
         if self.readout == "refit":
             self.settings.update(readout="refit", readout_images=int(config.get("readout_images", READOUT_IMAGES)))
         elif self.readout == "fixed":
-            self.settings.update(readout="fixed", readout_folds=FIXED_FOLDS)
+            # an earlier sweep without readout_penalty chose one penalty per task on all test images: it starts over
+            self.settings.update(readout="fixed", readout_folds=FIXED_FOLDS, readout_penalty=PENALTY_RULE)
         if self.readout:
             self.given = read_json(Path(rankings_of) / SWEEP_FILES["rankings"], lambda r: isinstance(r, dict) and all(
                 s.name in r for s in self.sites), "the lesion sweep's rankings of every site")
@@ -293,9 +295,11 @@ class Sweep:
             fitted = (self.reuse or {}).get("readouts")  # the heads' sweep's (the same images, seed and network)
             self.fixed = fitted if fitted is not None else fixed_readouts(model, self.sites[0], test, config["seed"])
             intact = fixed_lesions(model, self.sites[0], [[]], self.fixed, test)[0]
+            self.progress["readout_penalties"] = {t: r["alphas"] for t, r in self.fixed.items()}  # per fold
             say("fixed readouts (ridge on standardised features of the intact network, each task's test images in "
-                "folds, each fold read by the readout fitted on the others: " + ", ".join(
-                    f"{t}: {len(r['readouts'])} folds, penalty {r['alpha']:g}" for t, r in self.fixed.items()) + ")")
+                "folds, each fold read by the readout fitted on the others, its penalty chosen on those: " + ", ".join(
+                    f"{t}: {len(r['readouts'])} folds, {penalty_range(r['alphas'])}" for t, r in self.fixed.items())
+                + ")")
         else:
             intact = evaluate_lesions(model, self.sites[0], [[]], test)[0]
             if self.reuse is not None:  # the fixed readouts, scored in this sweep's passes

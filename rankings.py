@@ -132,11 +132,14 @@ def same_top_sets(a: dict, b: dict, methods, tasks, fraction: float = 0.2) -> di
 
 
 def rank_correlation(a, b) -> float:
-    """Spearman's rank correlation (Pearson correlation of ranks; ties get their order's rank)."""
-    ra, rb = np.argsort(np.argsort(a)).astype(float), np.argsort(np.argsort(b)).astype(float)
-    if ra.std() == 0 or rb.std() == 0:
+    """Spearman's rank correlation (scipy.stats.spearmanr: tied scores, such as filters that never fire, share
+    their average rank); NaN where either side is constant."""
+    from scipy import stats
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if len(a) < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
         return float("nan")
-    return float(np.corrcoef(ra, rb)[0, 1])
+    return float(stats.spearmanr(a, b).statistic)
 
 
 METHODS = ("activation", "localiser", "loss", "greedy", "taylor", "mask", "random")

@@ -39,12 +39,14 @@ Report = pages.Page
 
 
 def wilson(p: float, n: int, z: float = 1.96):
-    """95% Wilson interval of a proportion p observed on n trials."""
-    if n == 0:
+    """95% Wilson interval of a proportion p observed on n trials: scipy's, for round(p * n) successes."""
+    from scipy.special import ndtr
+    from scipy.stats import binomtest
+
+    if n == 0 or not math.isfinite(p):
         return float("nan"), float("nan")
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return centre - half, centre + half
+    ci = binomtest(int(round(p * n)), int(n)).proportion_ci(confidence_level=float(2 * ndtr(z) - 1), method="wilson")
+    return float(ci.low), float(ci.high)
 
 
 def intact_accuracies(lesion_rows: list) -> dict:

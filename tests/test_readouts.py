@@ -105,7 +105,8 @@ def test_fixed_readouts_read_each_image_by_a_readout_that_did_not_see_it_and_ign
     for f, readout in enumerate(fitted["a"]["readouts"]):
         expected[fold == f] = readout.predict(features["a"][fold == f])
         # and the readout of fold f never saw fold f's images: refitting it without them gives the same weights
-        again = readouts.probe(fitted["a"]["alpha"]).fit(features_intact(model, site, test)[fold != f], y[fold != f])
+        again = readouts.probe(fitted["a"]["alphas"][f]).fit(features_intact(model, site, test)[fold != f],
+                                                             y[fold != f])
         assert np.allclose(again[-1].coef_, readout[-1].coef_)
     assert np.array_equal(scored[2]["a"]["correct"], expected == y)
     # silencing the whole stem leaves every image the same features: one class for all
@@ -113,6 +114,36 @@ def test_fixed_readouts_read_each_image_by_a_readout_that_did_not_see_it_and_ign
     (silenced,) = readouts.fixed_lesions(model, stem, [np.arange(stem.n_filters)],
                                          readouts.fixed_readouts(model, stem, test[:1]), test[:1])
     assert silenced["a"]["correct"].mean() <= 0.5 + 1e-9
+
+
+def test_a_folds_penalty_and_readout_do_not_change_when_the_images_it_scores_are_replaced_by_noise():
+    """Nested choice: each fold's ridge penalty is chosen on the images its readout is fitted on, never on the
+    fold's own (scored) images."""
+    torch.manual_seed(0)
+    model = dualtask.DualTaskNet("vgg16", {"a": 3, "b": 3}, fc_width=32, image_size=32).eval()
+    x, y = _images(per_class=10, seed=2)
+    site = L.lesion_sites(model)[6]
+    clean = readouts.fixed_readouts(model, site, [("a", x, y)], seed=3, folds=5)["a"]
+    assert len(clean["alphas"]) == 5 and set(clean["alphas"]) <= set(readouts.ALPHAS)
+    for f in (0, 3):
+        scored = torch.from_numpy(clean["fold"] == f)
+        noisy_x = x.clone()
+        noisy_x[scored] = 2 * torch.randn(int(scored.sum()), 3, 32, 32, generator=torch.Generator().manual_seed(9))
+        noisy = readouts.fixed_readouts(model, site, [("a", noisy_x, y)], seed=3, folds=5)["a"]
+        assert np.array_equal(noisy["fold"], clean["fold"])
+        assert noisy["alphas"][f] == clean["alphas"][f]
+        same, before = noisy["readouts"][f], clean["readouts"][f]
+        for got, expected in ((same[0].mean_, before[0].mean_), (same[0].scale_, before[0].scale_),
+                              (same[-1].coef_, before[-1].coef_), (same[-1].intercept_, before[-1].intercept_)):
+            assert np.array_equal(got, expected)
+        # the noise matters where it is seen: the folds fitted on those images, and one penalty for all images
+        # (the rule before: chosen once per task by leave-one-out on every test image)
+        assert any(not np.array_equal(noisy["readouts"][g][-1].coef_, clean["readouts"][g][-1].coef_)
+                   for g in range(5) if g != f)
+        pooled = [readouts.choose_alpha(readouts.readout_inputs(model, site, [L.lesion_mask([], site.n_filters)],
+                                                                [("a", images, y)], 1)[0]["a"], y.numpy())
+                  for images in (x, noisy_x)]
+        assert pooled[0] != pooled[1]
 
 
 def features_intact(model, site, test):

@@ -155,3 +155,18 @@ def test_report_names_the_rankings_that_are_not_reproducible():
     assert report.unreproducible(rankings, 0.2) == ["trunk.layer1.0 loss face 30%"]
     assert len(report.unreproducible(rankings, 0.1)) == 1 and report.unreproducible(rankings, 0.3) == []
     assert report.unreproducible({"s": {"loss": {}}}, 0.2) == []
+
+
+def test_wilson_is_scipys_interval():
+    from scipy.special import ndtr
+    from scipy.stats import binomtest
+
+    for k, n in [(0, 1), (0, 3), (3, 3), (8, 9), (17, 40), (123, 1000), (9999, 10000)]:
+        test = binomtest(k, n)
+        ci = test.proportion_ci(confidence_level=2 * ndtr(1.96) - 1, method="wilson")  # z = 1.96, the default
+        assert report.wilson(k / n, n) == pytest.approx((ci.low, ci.high), rel=1e-12, abs=1e-15)
+        ci95 = test.proportion_ci(method="wilson")
+        assert report.wilson(k / n, n) == pytest.approx((ci95.low, ci95.high), abs=1e-5)
+        # an accuracy as lesion_results.csv writes it (4 decimals) gives the same interval
+        assert report.wilson(float(f"{k / n:.4f}"), n) == report.wilson(k / n, n)
+    assert all(np.isnan(report.wilson(0.5, 0))) and all(np.isnan(report.wilson(float("nan"), 10)))
