@@ -208,3 +208,51 @@ def test_the_fixed_readouts_stage_writes_what_the_heads_sweep_scored_and_equals_
     assert "own pass" not in capsys.readouterr().out
     assert (tmp_path / "apart" / "fixed_readout" / "lesion_results.csv").read_bytes() == \
         (tmp_path / "together" / "fixed_readout" / "lesion_results.csv").read_bytes()
+
+
+def test_each_accuracy_names_what_read_it_and_the_sweep_records_what_the_verdict_needs(tmp_path, capsys):
+    """lesion_results.csv's read_by, the log's intact accuracies by reader, and rankings.json's receptive fields
+    and split-half overlaps at every swept fraction (verdict.py's rules 3 and 5)."""
+    import json
+
+    import vggface2
+    from common import read_csv
+    from dualtask import TaskImages
+
+    data = {t: vggface2.load_task("demo", t, 32, max_per_class=20, max_classes=3) for t in ("face", "object")}
+    images = {t: TaskImages(d, torch.device("cpu")) for t, d in data.items()}
+    config = {"lesion_fractions": [0.0, 0.25, 0.5], "lesion_methods": ["activation", "random"], "random_repeats": 2,
+              "lesion_layers": [0, -1], "rank_images": 8, "seed": 0, "ranking_reliability": True}
+    torch.manual_seed(0)
+    model = dualtask.DualTaskNet("vgg16", {t: len(d.classes) for t, d in data.items()}, fc_width=16).eval()
+    L.lesion_stage(model, images, config, tmp_path)
+    L.readout_stage(model, images, config, tmp_path, "fixed")
+    printed = capsys.readouterr().out
+    assert "intact test accuracy through the heads: face" in printed
+    assert "intact test accuracy through the fixed readouts: face" in printed
+    assert {r["read_by"] for r in read_csv(tmp_path / "lesion_results.csv")} == {"heads"}
+    assert {r["read_by"] for r in read_csv(tmp_path / "fixed_readout" / "lesion_results.csv")} == {"fixed readouts"}
+    rankings = json.loads((tmp_path / "rankings.json").read_text())
+    first, last = rankings["trunk.features.2"], rankings["trunk.features.42"]
+    assert first["receptive_field"] == {"pixels": 3, "image_size": 32, "share": round(3 / 32, 4)}
+    assert last["receptive_field"]["share"] == 1.0  # VGG16's last conv sees the whole 32-px image
+    assert set(first["reliability"]["activation"]["face"]) == {"top10", "top20", "top25", "top30", "top50",
+                                                                "spearman"}
+
+
+def test_receptive_fields_are_the_theoretical_ones_and_leave_the_network_untouched():
+    import lesion_engine as E
+
+    model = dualtask.DualTaskNet("resnet50", {"a": 3, "b": 3}, fc_width=16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sites = E.lesion_sites(model)
+    rf = E.receptive_fields(model, sites, 224)
+    # stem 7x7 stride 2 (7), max pool 3x3 stride 2 (11, jump 4), each bottleneck's 3x3 conv adds 2 x jump
+    assert [rf[s.name]["pixels"] for s in sites[:9]] == [7, 19, 27, 35, 43, 59, 75, 91, 107]
+    assert rf[sites[-1].name] == {"pixels": 224, "image_size": 224, "share": 1.0}
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    vgg = dualtask.DualTaskNet("vgg16", {"a": 3, "b": 3}, fc_width=16, batch_norm=False)
+    rf = E.receptive_fields(vgg, E.lesion_sites(vgg), 64)
+    # conv1_1 3, conv1_2 5, pool 6, conv2_x 10 and 14, pool 16, conv3_x 24, 32, 40, pool 44; conv4_1's 60 pixels,
+    # centred on a unit off the 64-px image's centre (8 x 8 map), reach past its edge: 58 of them lie inside
+    assert [v["pixels"] for v in rf.values()][:8] == [3, 5, 10, 14, 24, 32, 40, 58]
