@@ -359,7 +359,8 @@ def judge(rows: list, roles_run: set, repeats: int, void_resolution: bool = Fals
             early=share < V.EARLY_RF_SHARE if share is not None else int(number(r["depth"])) == 0,
             control_matches=(p_control >= ALPHA) if matched_ran and math.isfinite(p_control) else None))
     n_tests = sum(math.isfinite(p) for a in adjusted.values() for p in a.values())
-    j = V.Judgement(answer=V.answer_of(findings), fraction=f, tasks=(real[0].get("task_a", "task a"), real[0].get("task_b", "task b")),
+    tasks = (real[0].get("task_a", "task a"), real[0].get("task_b", "task b"))
+    j = V.Judgement(answer=V.answer_of(findings), fraction=f, tasks=tasks,
                     findings=findings, decides=tuple(decides), rankings=_methods(list(at[f].values())),
                     n_sites=len({r["layer"] for r in at[f].values()}), readouts=False, neighbours=near,
                     rf_known=rf is not None and all(f.rf_share is not None for f in findings),
@@ -544,7 +545,8 @@ def _report_body(page, out: Path, runs: list, rows: list, accuracy: list, decodi
               "random lesions of the same size, combined over seeds (Fisher). p_vs_pseudo_task, p_vs_same_task "
               "and p_vs_resolution_matched: bootstrap p-value that the real index is not above the control's at the "
               "same site. These are uncorrected; p_corrected is the largest of a row's p-values after Holm's "
-              "correction over every site x ranking x comparison of its role at its fraction, the verdict's test.")
+              "correction over every site x ranking x comparison of its role at its fraction (the rankings that "
+              "decide the verdict apart from the selectivity rankings), the verdict's test.")
     if figure is not None:
         page.parts.append(pages.image(figure, figure.name))
     columns = ["role", "layer", "depth", "method", "fraction", "n_seeds", "index", "ci_low", "ci_high", "p_random"]

@@ -84,6 +84,9 @@ def sentence(j: Judgement, seeds: int | None = None) -> str:
     if not j.deciding_run:
         return (f"Task-specialised filters: not shown: no ranking here measures what a task needs (loss, greedy, "
                 f"taylor or mask); {_and(j.descriptive_run)} selectivity describes filters but cannot decide.")
+    if j.repeats < 2 and not j.experiment:
+        return ("Task-specialised filters: not shown: too few random lesions (random_repeats under 2, or 'random' "
+                "not among lesion_methods) to test any site against.")
     if j.floor >= ALPHA - 1e-12:
         return (f"Task-specialised filters: not shown: with {j.repeats} random orders no corrected p can go below "
                 f"{j.floor:.3f}, so no site could pass p < {ALPHA}.")
@@ -150,78 +153,111 @@ def table_rows(j: Judgement, experiment: bool = False) -> tuple:
 def rule_caveats(j: Judgement, control_hint: str) -> list:
     """What each rule took out of the answer, and what would decide it. control_hint: how to run a
     resolution-matched control (a run: an experiment's; an experiment: its controls setting)."""
-    out = []
-    f_text = f"{j.fraction:.0%}"
-    image = j.where(Counts.IMAGE_STATISTICS)
-    if image:
-        matched = [f for f in image if f.control_matches]
-        early = [f for f in image if not f.control_matches]
-        parts = []
-        if early:
-            share = "; ".join(f"{f.site}: its receptive field spans {f.rf_share:.0%} of the image's side"
-                              if f.rf_share is not None else f"{f.site}: the network's first site, receptive fields "
-                              f"not recorded" for f in early[:4])
-            parts.append(f"at {'an early site' if len(early) == 1 else 'early sites'} ({share}; early: under "
-                         f"{EARLY_RF_SHARE:.0%})")
-        if matched:
-            parts.append(f"where the resolution-matched network dissociates as much ({names(_sites(matched))})")
-        out.append(Caveat(f"Split by image statistics, not shown to be by task: the {_rankings(image)} dissociates "
-                          f"{' and '.join(parts)}. A split there may come from the tasks' image statistics "
-                          f"(sharpness, colour, size) rather than the tasks; {control_hint}.", True, 45))
-    shaky = j.where(Counts.NOT_REPRODUCIBLE)
-    if shaky:
-        listed = "; ".join(f"{f.site} ({f.ranking}, {f.reliable:.0%})" for f in shaky[:4])
-        out.append(Caveat(f"Not reproducible: ranked on two halves of the ranking images, the top-{f_text} sets "
-                          f"share less than {RELIABILITY_BAR:.0%} (random sets: {f_text}) at {listed}. These passes "
-                          f"do not count; raise rank_images.", True, 50))
-    unmeasured = j.where(Counts.UNMEASURED)
-    if unmeasured:
-        out.append(Caveat(f"Reproducibility not measured (ranking_reliability=False): {names(_sites(unmeasured))} "
-                          f"pass the test but cannot count until ranking_reliability=True shows their rankings "
-                          f"reproduce.", True, 52))
-    unstable = j.where(Counts.ONE_FRACTION)
-    if unstable:
-        listed = "; ".join(f"{f.ranking} {f.site} ({_holds(f, j.neighbours)})" for f in unstable[:4])
-        out.append(Caveat(f"One lesion size only: these pass at {f_text} but their interval does not stay above 0 at "
-                          f"the neighbouring fraction: {listed}. They do not count.", True, 55))
-    described = j.where(Counts.DESCRIPTION)
-    if described:
-        deciding, one = j.deciding_run, len(j.deciding_run) == 1
-        split_there = any(f.counts is Counts.SPLIT and f.site in _sites(described) for f in j.findings)
-        also = (f"; there the {_and(deciding)} ranking{'' if one else 's'}, which decide{'s' if one else ''}, "
-                + ("also split" + ("s" if one else "") if split_there else
-                   f"find{'s' if one else ''} no split that counts") if deciding else
-                "; add 'loss' (or greedy, taylor, mask) to lesion_methods for a verdict")
-        out.append(Caveat(f"Selectivity is description, not the test: the {_rankings(described)} dissociates at "
-                          f"{names(_sites(described))}{also}. What a task needs is measured by importance "
-                          f"rankings ({', '.join(IMPORTANCE)}); verdict_rankings widens the family on purpose.",
-                          True, 60))
-    heads_only = j.where(Counts.HEADS_ONLY)
-    if heads_only:
-        out.append(Caveat(f"Through the heads only at {names(_sites(heads_only))}: there each head reads its own "
-                          f"filters, but readouts fitted to the intact features do not lose the two tasks apart, "
-                          f"as two heads of one task also do. These do not count.", True, 65))
-    lost = [f for f in j.findings if f.decides and f.heads is Test.LOST_TO_CORRECTION]
-    if lost:
-        n_tests = j.family.get("n_tests") or len([f for f in j.findings if f.decides])
-        against = "every comparison" if j.experiment else "the random-lesion pairs alone"
-        out.append(Caveat(f"{len(lost)} site x ranking pair(s) pass p < {ALPHA} against {against} but not after "
-                          f"the correction for the {n_tests} tests at {f_text}: " + "; ".join(
-                              f"{f.ranking} {f.site} (p {_p(f.row.get('p_index'))}, corrected "
-                              f"{_p(f.row.get('p_corrected'))})" for f in lost[:4]) +
-                          ". More random orders (random_repeats) can sharpen them.", j.answer is not Answer.YES, 70))
+    found = [_image_statistics(j, control_hint), _unreproducible(j), _unmeasured(j), _one_fraction(j),
+             _description(j), _heads_only(j), _lost(j), _widened(j)]
     if j.answer is Answer.YES and not j.neighbours:
-        out.append(Caveat("Only one lesion fraction was swept: whether the split holds at other lesion sizes is "
-                          "untested (add 0.1 and 0.3 to lesion_fractions).", True, 72))
+        found.append(Caveat("Only one lesion fraction was swept: whether the split holds at other lesion sizes is "
+                            "untested (add 0.1 and 0.3 to lesion_fractions).", True, 72))
     if not j.rf_known and any(f.counts is not Counts.NO for f in j.findings):
-        out.append(Caveat("Receptive fields are not recorded in this run's rankings.json (a sweep made before "
-                          "them): only the network's first site is taken as early.", False, 75))
+        found.append(Caveat("Receptive fields are not recorded in this run's rankings.json (a sweep made before "
+                            "them): only the network's first site is taken as early.", False, 75))
+    return [c for c in found if c is not None]
+
+
+def _image_statistics(j: Judgement, control_hint: str) -> Caveat | None:
+    image = j.where(Counts.IMAGE_STATISTICS)
+    if not image:
+        return None
+    matched = [f for f in image if f.control_matches]
+    early = [f for f in image if not f.control_matches]
+    parts = []
+    if early:
+        share = "; ".join(f"{f.site}: its receptive field spans {f.rf_share:.0%} of the image's side"
+                          if f.rf_share is not None else f"{f.site}: the network's first site, receptive fields "
+                          f"not recorded" for f in early[:4])
+        parts.append(f"at {'an early site' if len(early) == 1 else 'early sites'} ({share}; early: under "
+                     f"{EARLY_RF_SHARE:.0%})")
+    if matched:
+        parts.append(f"where the resolution-matched network dissociates as much ({names(_sites(matched))})")
+    return Caveat(f"Split by image statistics, not shown to be by task: the {_rankings(image)} dissociates "
+                  f"{' and '.join(parts)}. A split there may come from the tasks' image statistics (sharpness, "
+                  f"colour, size) rather than the tasks; {control_hint}.", True, 45)
+
+
+def _unreproducible(j: Judgement) -> Caveat | None:
+    shaky = j.where(Counts.NOT_REPRODUCIBLE)
+    if not shaky:
+        return None
+    f_text = f"{j.fraction:.0%}"
+    listed = "; ".join(f"{f.site} ({f.ranking}, {f.reliable:.0%})" for f in shaky[:4])
+    return Caveat(f"Not reproducible: ranked on two halves of the ranking images, the top-{f_text} sets share less "
+                  f"than {RELIABILITY_BAR:.0%} (random sets: {f_text}) at {listed}. These passes do not count; raise "
+                  f"rank_images.", True, 50)
+
+
+def _unmeasured(j: Judgement) -> Caveat | None:
+    unmeasured = j.where(Counts.UNMEASURED)
+    if not unmeasured:
+        return None
+    return Caveat(f"Reproducibility not measured (ranking_reliability=False): {names(_sites(unmeasured))} pass the "
+                  f"test but cannot count until ranking_reliability=True shows their rankings reproduce.", True, 52)
+
+
+def _one_fraction(j: Judgement) -> Caveat | None:
+    unstable = j.where(Counts.ONE_FRACTION)
+    if not unstable:
+        return None
+    listed = "; ".join(f"{f.ranking} {f.site} ({_holds(f, j.neighbours)})" for f in unstable[:4])
+    return Caveat(f"One lesion size only: these pass at {j.fraction:.0%} but their interval does not stay above 0 "
+                  f"at the neighbouring fraction: {listed}. They do not count.", True, 55)
+
+
+def _description(j: Judgement) -> Caveat | None:
+    described = j.where(Counts.DESCRIPTION)
+    if not described:
+        return None
+    deciding, one = j.deciding_run, len(j.deciding_run) == 1
+    split_there = any(f.counts is Counts.SPLIT and f.site in _sites(described) for f in j.findings)
+    if deciding:
+        also = (f"; there the {_and(deciding)} ranking{'' if one else 's'}, which decide{'s' if one else ''}, " +
+                ("also split" + ("s" if one else "") if split_there else f"find{'s' if one else ''} no split that "
+                                                                        f"counts"))
+    else:
+        also = "; add 'loss' (or greedy, taylor, mask) to lesion_methods for a verdict"
+    return Caveat(f"Selectivity is description, not the test: the {_rankings(described)} dissociates at "
+                  f"{names(_sites(described))}{also}. What a task needs is measured by importance rankings "
+                  f"({', '.join(IMPORTANCE)}); verdict_rankings widens the family on purpose.", True, 60)
+
+
+def _heads_only(j: Judgement) -> Caveat | None:
+    heads_only = j.where(Counts.HEADS_ONLY)
+    if not heads_only:
+        return None
+    return Caveat(f"Through the heads only at {names(_sites(heads_only))}: there each head reads its own filters, "
+                  f"but readouts fitted to the intact features do not lose the two tasks apart, as two heads of one "
+                  f"task also do. These do not count.", True, 65)
+
+
+def _lost(j: Judgement) -> Caveat | None:
+    lost = [f for f in j.findings if f.decides and f.heads is Test.LOST_TO_CORRECTION]
+    if not lost:
+        return None
+    n_tests = j.family.get("n_tests") or len([f for f in j.findings if f.decides])
+    against = "every comparison" if j.experiment else "the random-lesion pairs alone"
+    listed = "; ".join(f"{f.ranking} {f.site} (p {_p(f.row.get('p_index'))}, corrected {_p(f.row.get('p_corrected'))})"
+                       for f in lost[:4])
+    return Caveat(f"{len(lost)} site x ranking pair(s) pass p < {ALPHA} against {against} but not after the "
+                  f"correction for the {n_tests} tests at {j.fraction:.0%}: {listed}. More random orders "
+                  f"(random_repeats) can sharpen them.", j.answer is not Answer.YES, 70)
+
+
+def _widened(j: Judgement) -> Caveat | None:
     widened = [m for m in j.decides if m in SELECTIVITY]
-    if widened:
-        out.append(Caveat(f"The verdict's family was widened on purpose (verdict_rankings): the selectivity "
-                          f"ranking{'s' if len(widened) > 1 else ''} {_and(widened)} decide"
-                          f"{'s' if len(widened) == 1 else ''} here beside the importance rankings.", True, 38))
-    return out
+    if not widened:
+        return None
+    return Caveat(f"The verdict's family was widened on purpose (verdict_rankings): the selectivity "
+                  f"ranking{'s' if len(widened) > 1 else ''} {_and(widened)} decide{'s' if len(widened) == 1 else ''} "
+                  f"here beside the importance rankings.", True, 38)
 
 
 def floor_caveat(j: Judgement, how_many: str = "random_repeats") -> Caveat | None:

@@ -368,15 +368,41 @@ def receptive_fields(model: nn.Module, sites: list, image_size: int) -> dict:
     unit sees the whole image). The verdict calls a site early, and a split there image statistics, when its
     share is below verdict.EARLY_RF_SHARE.
 
-    Measured, not tabulated, so that any network's sites get it: a float64 copy of the network whose every
-    weight is positive (each unit the mean of its inputs), BN the identity and max pools turned into average
-    pools of the same geometry (a max pool passes on one input's gradient only), so that every input pixel the
-    centre unit depends on gets a gradient above 0 and none cancels. Sites without a spatial map: the whole
-    image."""
+    Measured, not tabulated, so that any network's sites get it (`_probe`): every input pixel the centre unit
+    depends on gets a gradient above 0 and none cancels. Sites without a spatial map: the whole image."""
+    probe = _probe(model)
+    found = {s.name: s for s in lesion_sites(probe, inner=True)}
+    outputs, handles = {}, []
+
+    def keep(name, output):
+        outputs[name] = output
+        if len(outputs) == len(sites):
+            raise _Reached()  # nothing after the deepest site is run
+
+    for s in sites:
+        handles.append(found[s.name].module.register_forward_hook(lambda m, i, out, name=s.name: keep(name, out)))
+    x = torch.ones(1, 3, image_size, image_size, dtype=torch.float64, requires_grad=True)
+    try:
+        with torch.enable_grad():
+            with contextlib.suppress(_Reached):
+                probe(x)
+            missing = [s.name for s in sites if s.name not in outputs]
+            if missing:
+                raise RuntimeError(f"receptive_fields: the forward pass did not reach {missing[0]}")
+            out = {s.name: _extent(outputs[s.name], x) for s in sites}
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: {"pixels": px, "image_size": int(image_size), "share": round(px / image_size, 4)}
+            for name, px in out.items()}
+
+
+def _probe(model: nn.Module) -> nn.Module:
+    """A copy of the network for receptive fields: every conv weight positive (each unit the mean of its inputs),
+    in float64, BN the identity, max pools turned into average pools of the same geometry (a max pool passes on
+    one input's gradient only). It shares the network's tensors, none changed (its modules get new ones)."""
     import copy
 
-    # the copy shares the network's tensors (none is changed: the probe's modules get new ones), and its fully
-    # connected layers come after every spatial site, never run (the forward pass stops at the deepest site)
     memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
     probe = copy.deepcopy(model, memo=memo).eval()
     for name, module in list(probe.named_modules()):
@@ -392,40 +418,18 @@ def receptive_fields(model: nn.Module, sites: list, image_size: int) -> dict:
             parent, _, attr = name.rpartition(".")
             setattr(probe.get_submodule(parent) if parent else probe, attr,
                     nn.AvgPool2d(module.kernel_size, module.stride, module.padding, ceil_mode=module.ceil_mode))
-    found = {s.name: s for s in lesion_sites(probe, inner=True)}
-    outputs, handles = {}, []
-    deepest = max(sites, key=lambda s: s.depth).name if sites else None
+    return probe
 
-    def keep(name, output):
-        outputs[name] = output
-        if len(outputs) == len(sites):
-            raise _Reached()
 
-    for s in sites:
-        handles.append(found[s.name].module.register_forward_hook(lambda m, i, out, name=s.name: keep(name, out)))
-    x = torch.ones(1, 3, image_size, image_size, dtype=torch.float64, requires_grad=True)
-    try:
-        with torch.enable_grad():
-            with contextlib.suppress(_Reached):
-                probe(x)
-            if deepest is not None and deepest not in outputs:
-                raise RuntimeError(f"receptive_fields: the forward pass did not reach {deepest}")
-            out = {}
-            for s in sites:
-                o = outputs[s.name]
-                if o.ndim != 4:
-                    out[s.name] = image_size
-                    continue
-                centre = o[0, :, o.shape[2] // 2, o.shape[3] // 2].sum()
-                (grad,) = torch.autograd.grad(centre, x, retain_graph=True)
-                seen = grad[0].abs().sum(0) > 0
-                rows, cols = torch.nonzero(seen.any(1)).flatten(), torch.nonzero(seen.any(0)).flatten()
-                out[s.name] = int(max(rows.max() - rows.min() + 1, cols.max() - cols.min() + 1)) if len(rows) else 0
-    finally:
-        for h in handles:
-            h.remove()
-    return {name: {"pixels": px, "image_size": int(image_size), "share": round(px / image_size, 4)}
-            for name, px in out.items()}
+def _extent(output: torch.Tensor, x: torch.Tensor) -> int:
+    """The side (in pixels of x) of the input region the unit at the centre of `output`'s map depends on."""
+    if output.ndim != 4:
+        return int(x.shape[-1])
+    centre = output[0, :, output.shape[2] // 2, output.shape[3] // 2].sum()
+    (grad,) = torch.autograd.grad(centre, x, retain_graph=True)
+    seen = grad[0].abs().sum(0) > 0
+    rows, cols = torch.nonzero(seen.any(1)).flatten(), torch.nonzero(seen.any(0)).flatten()
+    return int(max(rows.max() - rows.min() + 1, cols.max() - cols.min() + 1)) if len(rows) else 0
 
 
 def _order(scores: np.ndarray) -> np.ndarray:

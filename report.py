@@ -377,10 +377,16 @@ def read_readout(run_dir: Path, kind: str, decides=V.IMPORTANCE) -> dict | None:
     folder = Path(run_dir) / READOUT_DIRS[kind]
     if not (folder / "dissociation.csv").exists():
         return None
-    results = read_csv(folder / "lesion_results.csv", INTACT_COLUMNS) if (folder / "lesion_results.csv").exists() else []
+    results = _results_of(folder)
     return {"dissociation": multiple_testing.corrected_rows(read_csv(folder / "dissociation.csv", DISSOCIATION_COLUMNS),
                                                             results, force=False, decides=decides),
             "results": results}
+
+
+def _results_of(folder: Path) -> list:
+    """The rows of a folder's lesion_results.csv, [] where it has none."""
+    path = folder / "lesion_results.csv"
+    return read_csv(path, INTACT_COLUMNS) if path.exists() else []
 
 
 def resolution_control(run_dir: Path, config: dict) -> list | None:
@@ -396,7 +402,7 @@ def resolution_control(run_dir: Path, config: dict) -> list | None:
     if read_json(folder / "config.json", lambda v: isinstance(v, dict), "a run's settings").get("role") != \
             "resolution_matched":
         return None
-    results = read_csv(folder / "lesion_results.csv", INTACT_COLUMNS) if (folder / "lesion_results.csv").exists() else []
+    results = _results_of(folder)
     return multiple_testing.corrected_rows(read_csv(path, DISSOCIATION_COLUMNS), results, force=False,
                                            decides=V.deciding(config))
 
@@ -533,24 +539,31 @@ def _dissociation_table(rows: list) -> str:
     for x in keep:
         null = (f"{_num(x.get('null_low')):.3f} to {_num(x.get('null_high')):.3f}"
                 if math.isfinite(_num(x.get("null_low"))) else "n/a")
-        row = {"site": x["layer"], "depth": x["depth"], "ranking": x["method"], "index [95% CI]": _ci(x),
-               "random pairs": null, "p_index": _p(x.get("p_index")), "p_corrected": _p(x.get("p_corrected"))}
+        row = {"site": x["layer"], "depth": x["depth"], "ranking": x["method"], "family": x.get("family", ""),
+               "index [95% CI]": _ci(x), "random pairs": null, "p_index": _p(x.get("p_index")),
+               "p_corrected": _p(x.get("p_corrected"))}
         row.update({new: _p(x[old]) for old, new in names.items()})  # drops and p-values: 3 decimals or n/a
         table.append(row)
     text = (f"<p class='what'>At {f:.0%} lesions. drop_X_by_Y: the chance-corrected drop of task X when the "
             f"filters ranked most important for task Y are silenced. p_index: the share of random-lesion pairs "
             f"whose index is at least as large: the other pairs of a ring of the two targeted and the R random lesions "
             f"(one-sided; the smallest is 1/(R+2)); "
-            f"p_corrected: p_index corrected for every site and ranking at this fraction "
+            f"p_corrected: p_index corrected for every site and ranking of its family at this fraction "
             f"({_correction_how(keep)}); p_X_by_X: the share of random lesions that cost the targeted task at "
             f"least as much (uncorrected; the smallest is 1/(R+1)).</p>")
-    return text + _table(table, ["site", "depth", "ranking", "index [95% CI]", "random pairs", "p_index",
+    return text + _table(table, ["site", "depth", "ranking", "family", "index [95% CI]", "random pairs", "p_index",
                                  "p_corrected", *names.values()], wide=True)
 
 
 def _correction_how(rows: list) -> str:
-    text = correction_text(multiple_testing.family(rows))
-    return text or "none: no p-value against random lesions"
+    """How each family of rows (the deciding rankings, the descriptive ones) was corrected, in words."""
+    parts = []
+    for kind, what in ((multiple_testing.VERDICT, "the rankings that decide the verdict"),
+                       (multiple_testing.DESCRIPTION, "the selectivity rankings, description")):
+        text = correction_text(multiple_testing.family([r for r in rows if r.get("family") == kind]))
+        if text:
+            parts.append(f"{what}: {text}")
+    return "; ".join(parts) or "none: no p-value against random lesions"
 
 
 def main(argv=None) -> int:
