@@ -11,8 +11,10 @@ Runs go one after another in this process (launcher="local"), or as SLURM jobs t
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -20,7 +22,9 @@ from pathlib import Path
 import aggregate
 import branching
 import dualtask
-from common import StageFailed, UsageError, format_seconds, read_json, write_text
+import preflight
+import vggface2
+from common import format_seconds, read_json, report_bugs, StageFailed, UsageError, write_text
 from vggface2 import DataError
 
 EXPERIMENT_FILE = "experiment.json"
@@ -36,7 +40,10 @@ def is_experiment(config: dict) -> bool:
     return config.get("seeds") is not None or bool(config.get("controls")) or config.get("branch_points") is not None
 
 
-def check_experiment(config: dict) -> None:
+def check_experiment(config: dict, launching: bool = False) -> None:
+    """The experiment's own settings (seeds, controls, branch_points, launcher, slurm), checked before anything is
+    written; `launching`: the runs are about to be launched (an experiment, not one run), so the launcher must be
+    able to start them here (SLURM's commands for launcher='slurm')."""
     seeds = config.get("seeds")
     if seeds is not None and not (isinstance(seeds, list) and seeds and len(set(seeds)) == len(seeds) and all(
             isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
@@ -44,25 +51,78 @@ def check_experiment(config: dict) -> None:
     controls = config.get("controls", [])
     if not (isinstance(controls, list) and all(c in CONTROLS for c in controls)):
         raise UsageError(f"controls={controls!r}; expected a list of names from {list(CONTROLS)}")
+    twice = next((c for k, c in enumerate(controls) if c in controls[:k]), None)
+    if twice is not None:
+        raise UsageError(f"controls={controls!r}: {twice!r} is named twice; expected each control once, from "
+                         f"{list(CONTROLS)}")
+    if "pseudo_task" in controls:
+        shared = [g for g in vggface2.source_groups(dualtask.task_specs(config)) if len(g) > 1]
+        if shared:
+            raise UsageError(f"controls={controls!r}: the pseudo_task control splits the tasks' classes into two tasks "
+                             f"over their images, and tasks {' and '.join('+'.join(g) for g in shared)} read the same "
+                             f"images, so an image would carry two labels in one pseudo-task; expected controls "
+                             f"without pseudo_task, or tasks that read their own images")
     points = config.get("branch_points")
     if points is not None and not (isinstance(points, list) and points and len(set(map(repr, points))) == len(points)
                                    and all(p is None or dualtask.SETTINGS["branch_at"][0](p) for p in points)):
         raise UsageError(f"branch_points={points!r}; expected None or a list of distinct branch points (None = fully "
                          f"shared, a site depth or module path), e.g. [None, 4, 8, 12]")
-    if points is not None:  # every branch point names a site of this backbone, before anything is trained
-        probe = dualtask.DualTaskNet(config["backbone"], {"a": 2, "b": 2}, config.get("batch_norm", True), 8)
+    if points is not None and any(p is not None for p in points) and config.get("head", "split") != "split":
+        raise UsageError(f"branch_points={points!r} with head={config.get('head')!r}: a branched network gives each "
+                         f"task its own copy of the trunk after the branch point, and a joint output layer would read "
+                         f"every copy; expected head='split', or branch_points=None")
+    if points is not None:  # every branch point names a site of this backbone, each once, before anything is trained
+        seen = {}
         for p in points:
-            if p is not None:
-                try:
-                    dualtask.branch_site(probe, p)
-                except UsageError as e:
-                    raise UsageError(f"branch_points: {e}") from None
-    if config.get("launcher", "local") not in LAUNCHERS:
-        raise UsageError(f"launcher={config.get('launcher')!r}; expected one of {', '.join(LAUNCHERS)}")
-    slurm = config.get("slurm", {})
+            site = None if p is None else preflight.branch_point(config["backbone"], config.get("batch_norm", True), p,
+                                                                "branch_points")
+            if site in seen:
+                raise UsageError(f"branch_points={points!r}: {seen[site]!r} and {p!r} both branch after "
+                                 f"{site or 'no site'}; expected each branch point once")
+            seen[site] = p
+    launcher = config.get("launcher", "local")
+    if launcher not in LAUNCHERS:
+        raise UsageError(f"launcher={launcher!r}; expected one of {', '.join(LAUNCHERS)}")
+    check_slurm(config.get("slurm", {}))
+    if launching and launcher == "slurm":
+        missing = [c for c in ("sbatch", "srun") if shutil.which(c) is None]
+        if missing:
+            raise UsageError(f"launcher='slurm', but this machine has no {' and no '.join(missing)} (SLURM's "
+                             f"commands): expected a machine of a SLURM cluster, or launcher='local' or "
+                             f"'submitit_local' to run the jobs here")
+    if launching and launcher != "local" and importlib.util.find_spec("submitit") is None:
+        raise UsageError(f"launcher={launcher!r} needs the submitit package, which is not installed: pip install -r "
+                         f"requirements.txt, or launcher='local'")
+
+
+SLURM_FORM = "a dict of submitit parameters, e.g. {'slurm_partition': 'gpu', 'gpus_per_node': 1, 'timeout_min': 1440}"
+# submitit's parameters shared by every cluster, and their types (submitit.AutoExecutor)
+GENERIC_PARAMETERS = {"name": str, "timeout_min": int, "mem_gb": (int, float), "nodes": int, "cpus_per_task": int,
+                      "gpus_per_node": int, "tasks_per_node": int, "stderr_to_stdout": bool}
+
+
+def check_slurm(slurm) -> None:
+    """The `slurm` setting under every launcher: a dict of submitit's shared parameters (of their types) and of
+    SLURM's own, prefixed slurm_ (submitit.SlurmExecutor's); a misspelled key is refused, not dropped."""
     if not (isinstance(slurm, dict) and all(isinstance(k, str) for k in slurm)):
-        raise UsageError(f"slurm={slurm!r}; expected a dict of submitit parameters, e.g. "
-                         f"{{'slurm_partition': 'gpu', 'gpus_per_node': 1, 'timeout_min': 1440}}")
+        raise UsageError(f"slurm={slurm!r}; expected {SLURM_FORM}")
+    try:
+        import submitit
+
+        own = set(submitit.SlurmExecutor._valid_parameters())
+    except ImportError:  # checked when a launcher that needs it is asked for
+        own = None
+    for key, value in slurm.items():
+        if key in GENERIC_PARAMETERS:
+            kind = GENERIC_PARAMETERS[key]
+            if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+                names = " or ".join(t.__name__ for t in (kind if isinstance(kind, tuple) else (kind,)))
+                raise UsageError(f"slurm: {key}={value!r}; expected a value of type {names} ({SLURM_FORM})")
+        elif not key.startswith("slurm_") or (own is not None and key[len("slurm_"):] not in own
+                                                 and key[len("slurm_"):] not in GENERIC_PARAMETERS):
+            raise UsageError(f"slurm: unknown parameter {key!r}; expected submitit's shared parameters "
+                             f"({', '.join(GENERIC_PARAMETERS)}) or SLURM's own prefixed slurm_ (e.g. slurm_partition)"
+                             f" in {SLURM_FORM}")
 
 
 def plan(config: dict) -> list:
@@ -264,14 +324,14 @@ def launch_submitit(config: dict, runs: list, status: dict, save) -> None:
 
 
 def run_experiment(config: dict) -> None:
-    check_experiment(config)
+    check_experiment(config, launching=True)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise UsageError("seeds/controls under torchrun: an experiment does not run its runs across processes "
                          "yet; run it without torchrun (launcher='slurm' gives each run its own job), or run each "
                          "seed's command under torchrun (e.g. --seed=1 --out_dir=.../seed_1)")
     runs = plan(config)
-    for run in runs:  # every run's settings are checked before anything is trained
-        dualtask.check_config(run["config"])
+    for run in runs:  # every run's settings and paths are checked before anything is written or trained
+        preflight.check_run(run["config"])
     out = Path(config["out_dir"])
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -314,12 +374,13 @@ def main(script_globals: dict, argv: list | None = None) -> None:
         dualtask.print_help(defaults, script_globals.get("__file__", "script.py"))
         return
     try:
-        config = dualtask.parse_overrides(defaults, argv)
-        if is_experiment(config):
-            run_experiment(config)
-        else:
-            check_experiment(config)
-            dualtask.run({k: v for k, v in config.items() if k not in EXPERIMENT_KEYS})
+        with report_bugs(DataError):
+            config = dualtask.parse_overrides(defaults, argv)
+            if is_experiment(config):
+                run_experiment(config)
+            else:
+                check_experiment(config)
+                dualtask.run({k: v for k, v in config.items() if k not in EXPERIMENT_KEYS})
     except (UsageError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
