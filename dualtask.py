@@ -198,7 +198,11 @@ def run(config: dict) -> None:
         datasets = load_datasets(config)
         probe = None  # the transfer probe's held-out task, loaded now so that bad probe_data stops the run here
         if "lesion" in config["stages"] and "transfer" in (config.get("probes") or []):
-            probe = load_probe_task(config["probe_data"], "probe", config)
+            try:
+                probe = load_probe_task(config["probe_data"], "probe", config)
+            except DataError as e:
+                raise UsageError(str(e) if str(e).startswith("probe_data") else
+                                 f"probe_data={config['probe_data']!r}: {e}") from None
         preflight.check_data(config, datasets, probe)  # subgroups, the fixed readouts' folds, the probe's classes
         if probe is not None and probe.images.nbytes > KEEP_PROBE_BYTES:
             probe = None  # read again by the probes stage rather than held through training

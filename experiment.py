@@ -323,15 +323,29 @@ def launch_submitit(config: dict, runs: list, status: dict, save) -> None:
         sys.exit(130)
 
 
-def run_experiment(config: dict) -> None:
-    check_experiment(config, launching=True)
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        raise UsageError("seeds/controls under torchrun: an experiment does not run its runs across processes "
-                         "yet; run it without torchrun (launcher='slurm' gives each run its own job), or run each "
-                         "seed's command under torchrun (e.g. --seed=1 --out_dir=.../seed_1)")
-    runs = plan(config)
-    for run in runs:  # every run's settings and paths are checked before anything is written or trained
+def check(config: dict) -> list:
+    """The one check of a whole configuration before anything is read, trained or written: an experiment's own
+    settings and every run it launches (each seed, control and branch point: preflight.check_run), or the one run
+    it is. A UsageError names the setting. Returns the runs (`plan`; for one run, [{'config': its settings}])."""
+    if not is_experiment(config):
+        check_experiment(config)
+        runs = [{"config": {k: v for k, v in config.items() if k not in EXPERIMENT_KEYS}}]
+    else:
+        check_experiment(config, launching=True)
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            raise UsageError("seeds/controls under torchrun: an experiment does not run its runs across processes "
+                             "yet; run it without torchrun (launcher='slurm' gives each run its own job), or run "
+                             "each seed's command under torchrun (e.g. --seed=1 --out_dir=.../seed_1)")
+        # what every run shares, and the experiment's own out_dir, which holds the runs' folders
+        preflight.check_run({k: v for k, v in config.items() if k not in EXPERIMENT_KEYS})
+        runs = plan(config)
+    for run in runs:
         preflight.check_run(run["config"])
+    return runs
+
+
+def run_experiment(config: dict) -> None:
+    runs = check(config)  # every run's settings and paths, before anything is written or trained
     out = Path(config["out_dir"])
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -379,8 +393,8 @@ def main(script_globals: dict, argv: list | None = None) -> None:
             if is_experiment(config):
                 run_experiment(config)
             else:
-                check_experiment(config)
-                dualtask.run({k: v for k, v in config.items() if k not in EXPERIMENT_KEYS})
+                (run,) = check(config)
+                dualtask.run(run["config"])
     except (UsageError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -264,7 +264,8 @@ def check_config(config: dict) -> None:
     tasks = task_specs(config)
     if config.get("role") == "single_task":
         if config.get("single_task") not in tasks:
-            raise UsageError(f"single_task={config.get('single_task')!r}; expected one of the tasks: {', '.join(tasks)}")
+            raise UsageError(f"role='single_task' with single_task={config.get('single_task')!r}; expected "
+                             f"single_task to name one of the tasks: {', '.join(tasks)}")
         tasks = {config["single_task"]: tasks[config["single_task"]]}
     elif len(tasks) < 2:
         raise UsageError(f"found {len(tasks)} task(s) ({', '.join(tasks) or 'none'}); expected at least two "

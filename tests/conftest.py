@@ -51,3 +51,11 @@ def torchrun_tiny(out_dir, port: int, *args, script: str = "ResNet.py"):
                            "--random_repeats=2", "--rank_images=8", f"--out_dir={out_dir}",
                            "--stages=['train', 'lesion']", *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+
+
+def tree_digest(folder: Path) -> dict:
+    """{relative path: sha256} of every file under folder: what a refused command must leave byte-identical."""
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(folder).rglob("*")) if p.is_file()}
