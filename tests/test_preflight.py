@@ -118,6 +118,8 @@ NEW = [
     ("shared images with the pseudo-task control", lambda t: ["--tasks={'identity': 'demo', 'expression': 'demo'}",
      "--controls=['pseudo_task']"], "controls=['pseudo_task']"),
     ("one control twice", lambda t: ["--controls=['pseudo_task', 'pseudo_task']"], "'pseudo_task' is named twice"),
+    ("a site the branched run of an experiment lacks", lambda t: ["--branch_points=[None, 14]",
+     "--lesion_layers=['trunk.layer4.2']"], "lesion_layers: unknown site 'trunk.layer4.2'"),
 ]
 
 
@@ -173,6 +175,19 @@ def test_a_damaged_probes_csv_is_computed_again_not_skipped(tmp_path, probed_run
     assert "computing the probes again" in p.stdout and "skipping" not in p.stdout.split("probes:")[-1]
     assert (run / "probes.csv").read_bytes() == (probed_run / "probes.csv").read_bytes()
     assert (run / "probes.json").read_bytes() == (probed_run / "probes.json").read_bytes()
+
+
+def test_a_sweep_result_that_is_not_a_number_is_refused_naming_the_file(tmp_path, capsys, probed_run):
+    run = shutil.copytree(probed_run, tmp_path / "run")
+    rows = (run / "lesion_results.csv").read_text().splitlines(keepends=True)
+    header = rows[0].rstrip().split(",")
+    cells = rows[1].rstrip().split(",")
+    cells[header.index("accuracy")] = "0.1O00"  # a letter O for a zero
+    (run / "lesion_results.csv").write_text("".join([rows[0], ",".join(cells) + "\n", *rows[2:]]))
+    before = tree_digest(run)
+    _refused(*_script(capsys, [*FAST, *PROBED, f"--out_dir={run}"]),
+             "lesion_results.csv: damaged (line 2: accuracy='0.1O00' is not a number)")
+    assert tree_digest(run) == before
 
 
 @pytest.mark.parametrize("damage", [_cut_mid_row, _cut_at_a_row], ids=["cut mid-row", "cut at a row's end"])
