@@ -204,8 +204,8 @@ def run(config: dict) -> None:
                 raise UsageError(str(e) if str(e).startswith("probe_data") else
                                  f"probe_data={config['probe_data']!r}: {e}") from None
         preflight.check_data(config, datasets, probe)  # subgroups, the fixed readouts' folds, the probe's classes
-        if probe is not None and probe.images.nbytes > KEEP_PROBE_BYTES:
-            probe = None  # read again by the probes stage rather than held through training
+        if probe is not None and (not dist.main or probe.images.nbytes > KEEP_PROBE_BYTES):
+            probe = None  # only process 0 probes; a large set is read again then rather than held through training
         # the init weights only matter to a training that starts afresh: a checkpoint replaces them otherwise
         fresh = "train" in config["stages"] and (config.get("retrain") or not (out_dir / "checkpoint.pt").exists())
         model = build_model(config, {t: len(d.classes) for t, d in datasets.items()}, load_init=fresh).to(dist.device)

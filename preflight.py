@@ -9,9 +9,11 @@ import functools
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import lesion_engine
+import lesion_utils
 import readouts
 import subgroups
 import vggface2
@@ -200,7 +202,7 @@ def _check_paths(config: dict) -> None:
 def check_data(config: dict, datasets: dict, probe=None) -> None:
     """What needs the tasks' images (TaskData by task, as the run's role has them), checked before anything is
     trained or written: the subgroups file against each task's test images, enough test images for the fixed
-    readouts' folds, and the transfer probe's data (`probe`, loaded from probe_data) with at least two classes and
+    readouts' folds, training images of two classes or more for the refitted readouts, and the transfer probe's data (`probe`, loaded from probe_data) with at least two classes and
     images to fit and to test on."""
     if "lesion" not in config["stages"]:
         return
@@ -212,6 +214,16 @@ def check_data(config: dict, datasets: dict, probe=None) -> None:
             if problem:
                 raise UsageError(f"fixed_readout=True: {task}: {problem}; expected more test images per class (raise "
                                  f"max_per_class or demo_per_class) or fixed_readout=False")
+    if config.get("refit_readout", False):  # the training images each task's refitted readouts are fitted on
+        n, rng = config.get("readout_images", lesion_utils.READOUT_IMAGES), np.random.default_rng(config["seed"])
+        for task, data in datasets.items():  # the sample lesion_engine.image_batches draws, task by task
+            idx = data.indices("train")
+            if n < len(idx):
+                idx = np.sort(rng.choice(idx, n, replace=False))
+            if len(np.unique(data.labels[idx])) < 2:
+                raise UsageError(f"refit_readout=True: {task}: the {len(idx)} training images its refitted readouts "
+                                 f"are fitted on (readout_images={n}) hold one class; expected readout_images large "
+                                 f"enough for two classes or more, or refit_readout=False")
     if probe is not None:
         counts = probe.counts()
         if len(probe.classes) < 2 or counts["train"] == 0 or counts["test"] == 0:
