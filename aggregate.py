@@ -19,10 +19,13 @@ from scipy.stats import combine_pvalues
 import branching
 import dualtask
 import figures
+import first_screen
 import inspection
 import lesion_utils
 import multiple_testing
+import pages
 import report
+import verdict as V
 from common import UsageError, number, read_csv, read_json, write_csv, write_text
 
 N_BOOT = 1000  # hierarchical bootstrap draws
@@ -35,7 +38,8 @@ SUMMARY_COLUMNS = ("role", "layer", "depth", "relative_depth", "method", "fracti
 # p_corrected: the p-value of "beyond random lesions and every control" at the row's site and ranking, corrected by
 # Holm over every site x ranking x comparison of its role at its fraction (`holm_family`); the p_ columns before it
 # are uncorrected
-ACCURACY_COLUMNS = ("role", "seed", "task", "accuracy", "ci_low", "ci_high", "n_images", "chance", "folder")
+ACCURACY_COLUMNS = ("role", "seed", "task", "accuracy", "ci_low", "ci_high", "n_images", "chance", "folder",
+                    "read_by")  # read_by: "heads", the networks' own output layers
 SINGLE_COLUMNS = ("trained_on", "seed", "decoded_task", "single_task_decoding", "joint_decoding", "chance",
                   "n_train", "n_test")
 SWEPT_ROLES = ("real", "pseudo_task", "resolution_matched", "same_task")  # two tasks and a lesion sweep
@@ -206,11 +210,12 @@ def holm_family(rows: list, keys) -> list:
     return [dict(zip(keys, flat[i * len(keys):(i + 1) * len(keys)])) for i in range(len(rows))]
 
 
-def summary_rows(stats: dict) -> list:
+def summary_rows(stats: dict, decides=multiple_testing.IMPORTANCE) -> list:
     """summary.csv's rows: every role's statistics, the real rows with their comparisons against the controls
     at the same site (the same relative depth: the runs share one architecture), and p_corrected: the largest of
-    a row's Holm-adjusted p-values (`holm_family` over its role and fraction), so that p_corrected < ALPHA is
-    the verdict's test of the row (beyond random lesions and every control, corrected)."""
+    a row's Holm-adjusted p-values (`holm_family` over its role, fraction and family: the rankings that decide the
+    verdict, `decides`, apart from the others), so that p_corrected < ALPHA says the row is beyond random lesions
+    and every control, corrected."""
     rows = []
     for role, per in stats.items():
         for (layer, method, f), s in sorted(per.items(), key=lambda kv: (kv[1]["depth"], kv[0][1], kv[0][2])):
@@ -229,8 +234,10 @@ def summary_rows(stats: dict) -> list:
     for role in stats:
         keys = ["p_random"] + ([f"p_vs_{c}" for c in COMPARED if c in stats]
                                if role == "real" else [])
-        for f in dict.fromkeys(r["fraction"] for r in rows if r["role"] == role):
-            family = [r for r in rows if r["role"] == role and r["fraction"] == f]
+        for f, kind in dict.fromkeys((r["fraction"], multiple_testing.family_of(r["method"], decides))
+                                     for r in rows if r["role"] == role):
+            family = [r for r in rows if r["role"] == role and r["fraction"] == f and
+                      multiple_testing.family_of(r["method"], decides) == kind]
             for row, adjusted in zip(family, holm_family(family, keys)):
                 row["p_corrected"] = _fmt(max(adjusted.values())) if all(
                     math.isfinite(p) for p in adjusted.values()) else ""
@@ -241,7 +248,8 @@ def _wilson_row(role, seed, task, correct, chance, folder) -> dict:
     acc = float(np.mean(correct))
     low, high = report.wilson(acc, len(correct))
     return {"role": role, "seed": seed, "task": task, "accuracy": _fmt(acc), "ci_low": _fmt(low),
-            "ci_high": _fmt(high), "n_images": len(correct), "chance": _fmt(chance), "folder": folder}
+            "ci_high": _fmt(high), "n_images": len(correct), "chance": _fmt(chance), "folder": folder,
+            "read_by": "heads"}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -298,51 +306,85 @@ def single_task_analysis(runs: list, out: Path) -> tuple:
 # the verdict and the report
 
 
-def _site_text(row: dict) -> str:
-    return f"{row['layer']} (depth {row['depth']}): index {row['index']} [{row['ci_low']}, {row['ci_high']}]"
+def _experiment_test(row: dict, adjusted: dict, keys: list) -> V.Test:
+    """A summary row's test: its interval above 0 and every comparison in `keys` (p_random and the controls' p_vs_
+    columns) below ALPHA after Holm's correction (`adjusted`)."""
+    if not math.isfinite(number(row.get("index"))):
+        return V.Test.UNDEFINED
+    if number(row.get("ci_low")) <= 0:
+        return V.Test.REVERSED if number(row.get("ci_high")) < 0 else V.Test.NO_SPLIT
+    if all(adjusted.get(k, float("nan")) < ALPHA for k in keys):
+        return V.Test.DISSOCIATES
+    if not math.isfinite(number(row.get("p_random"))):
+        return V.Test.NO_RANDOM
+    return V.Test.LOST_TO_CORRECTION if all(number(row.get(k)) < ALPHA for k in keys) else V.Test.NOT_BEYOND_RANDOM
 
 
-def verdict(rows: list, roles_run: set, n_seeds: int, repeats: int, void_resolution: bool = False) -> tuple:
-    """(answer, licence, caveats, passing rows) at the headline fraction. A site passes when the real index's
-    interval lies above 0, the index beats random lesions (Fisher-combined p) and every control that ran
-    (bootstrap p), each p-value below ALPHA after Holm's correction over the family: every site x ranking x
-    comparison at the headline fraction (`holm_family`)."""
+def judge(rows: list, roles_run: set, repeats: int, void_resolution: bool = False,
+          decides=multiple_testing.IMPORTANCE, reliability: dict | None = None, rf: dict | None = None):
+    """(verdict.Judgement or None, the comparisons [(name, column)]) of an experiment at the headline fraction.
+    A (site, ranking) passes the test when the real index's interval across seeds lies above 0 and it beats random
+    lesions (Fisher-combined p) and every control that ran but the resolution-matched one (bootstrap p), each
+    below ALPHA after Holm's correction over its family (`holm_family`: every site x ranking x comparison of the
+    deciding rankings at the fraction; the description rankings apart). The resolution-matched control, where it
+    ran, decides whether a split is the tasks' or their images' (verdict.py, rule 5). reliability: {(site,
+    ranking): the real runs' mean split-half overlap}; rf: {site: receptive field share} (None: not recorded)."""
     real = [r for r in rows if r["role"] == "real"]
+    tests = [("random lesions", "p_random")] + [(name, f"p_vs_{c}") for c, (name, _) in COMPARED.items()
+                                                 if c in roles_run]
     if not real:
+        return None, tests
+    f = V.headline_fraction(r["fraction"] for r in real)
+    at = {g: {(r["layer"], r["method"]): r for r in real if abs(number(r["fraction"]) - g) < 1e-6}
+          for g in V.neighbours(f, sorted({number(r["fraction"]) for r in real})) + [f]}
+    near = [g for g in at if g != f]
+    keys = [k for _, k in tests]
+    adjusted = {}
+    for kind in (multiple_testing.VERDICT, multiple_testing.DESCRIPTION):
+        family = [r for r in at[f].values() if multiple_testing.family_of(r["method"], decides) == kind]
+        adjusted.update({id(r): a for r, a in zip(family, holm_family(family, keys))})
+    matched_ran = "resolution_matched" in roles_run and not void_resolution
+    deciding_keys = [k for k in keys if k != "p_vs_resolution_matched"]
+    findings = []
+    for key, r in at[f].items():
+        adj = adjusted[id(r)]
+        p_control = adj.get("p_vs_resolution_matched", float("nan"))
+        share = (rf or {}).get(r["layer"])
+        findings.append(V.Finding(
+            site=r["layer"], depth=int(number(r["depth"])), ranking=r["method"],
+            row=dict(r, p_corrected=_fmt(max((adj[k] for k in deciding_keys), default=float("nan")))),
+            heads=_experiment_test(r, adj, deciding_keys), readouts=None, readout_row=None,
+            decides=r["method"] in decides, reliable=(reliability or {}).get(key),
+            holds={g: V.above_zero(at[g][key]) for g in near if key in at[g]}, rf_share=share,
+            early=share < V.EARLY_RF_SHARE if share is not None else int(number(r["depth"])) == 0,
+            control_matches=(p_control >= ALPHA) if matched_ran and math.isfinite(p_control) else None))
+    n_tests = sum(math.isfinite(p) for a in adjusted.values() for p in a.values())
+    j = V.Judgement(answer=V.answer_of(findings), fraction=f, tasks=(real[0].get("task_a", "task a"), real[0].get("task_b", "task b")),
+                    findings=findings, decides=tuple(decides), rankings=_methods(list(at[f].values())),
+                    n_sites=len({r["layer"] for r in at[f].values()}), readouts=False, neighbours=near,
+                    rf_known=rf is not None and all(f.rf_share is not None for f in findings),
+                    control=matched_ran, floor=0.0, repeats=0,
+                    family={"method": "holm", "n_tests": n_tests, "n_sites": len({r["layer"] for r in real}),
+                            "n_rankings": len(_methods(real)), "repeats": repeats}, experiment=True)
+    return j, tests
+
+
+def verdict(rows: list, roles_run: set, n_seeds: int, repeats: int, void_resolution: bool = False,
+            decides=multiple_testing.IMPORTANCE, reliability: dict | None = None, rf: dict | None = None) -> tuple:
+    """(answer, licence, caveats, passing rows) at the headline fraction (`judge`); caveats: first_screen.Caveat,
+    those that could change the answer first."""
+    j, _ = judge(rows, roles_run, repeats, void_resolution, decides, reliability, rf)
+    return words(j, roles_run, n_seeds, repeats, void_resolution)
+
+
+def words(j, roles_run: set, n_seeds: int, repeats: int, void_resolution: bool = False) -> tuple:
+    """(answer, licence, caveats, passing rows) of an experiment's judgement (`judge`; None: no real index)."""
+    if j is None:
         return ("No dissociation index from the real tasks (the lesion stage has not run, or it had no targeted "
                 "ranking or no fraction above 0): this experiment cannot say whether task-specialised filters "
                 "emerged.", "", [], [])
-    f = figures.headline_fraction(r["fraction"] for r in real)
-    real = [r for r in real if abs(number(r["fraction"]) - f) < 1e-6]
-    tests = [("random lesions", "p_random")] + [(name, f"p_vs_{c}") for c, (name, _) in COMPARED.items()
-                                                 if c in roles_run]
-
-    adjusted = {id(r): a for r, a in zip(real, holm_family(real, [k for _, k in tests]))}
-    n_tests = sum(math.isfinite(p) for a in adjusted.values() for p in a.values())
-    n_sites = len({r["layer"] for r in real})
-    n_methods = len(_methods(real))
-    correction = (f"Holm-corrected for the {n_tests} tests over {n_sites} site{'s' if n_sites != 1 else ''}, "
-                  f"{n_methods} ranking{'s' if n_methods != 1 else ''} and {len(tests)} "
-                  f"comparison{'s' if len(tests) != 1 else ''}, p < {ALPHA}" if n_tests else
-                  "with no p-value to correct (no random lesions)")
-
-    def beyond(r, key):  # a control without results at the site cannot be beaten there
-        return number(r["ci_low"]) > 0 and adjusted[id(r)][key] < ALPHA
-
-    passing = [r for r in real if all(beyond(r, k) for _, k in tests)]
-    methods = _methods(real)
-    parts = []
-    for name, key in tests:
-        sites = [r for r in real if beyond(r, key)]
-        listed = "; ".join(f"{r['method']} {r['layer']}" for r in sites[:5]) + ("; ..." if len(sites) > 5 else "")
-        parts.append(f"beyond {name} at {len(sites)} of {len(real)} site x ranking pairs" +
-                     (f" ({listed})" if sites else ""))
-    criteria = ", ".join(name for name, _ in tests)
+    passing = [f.row for f in j.where(V.Counts.SPLIT)]
     if passing:
-        answer = (f"Task-specialised filters: yes, at {len({r['layer'] for r in passing})} site(s), across "
-                  f"{n_seeds} seed(s), {correction}. At {f:.0%} lesions the real tasks dissociate beyond "
-                  f"{criteria} at: " +
-                  "; ".join(f"{r['method']} ranking, {_site_text(r)}" for r in passing) + ".")
         licence = (f"This licenses saying that, in these {n_seeds} trained {'network' if n_seeds == 1 else 'networks'}"
                    f" of this architecture, data and training budget, the filters a ranking assigns to one task "
                    f"matter more for that task than for the other at those depths, more than random filters of the "
@@ -351,50 +393,41 @@ def verdict(rows: list, roles_run: set, n_seeds: int, repeats: int, void_resolut
                    "architectures, data, image sizes or training budgets would split the same way, or how the "
                    "network computes either task: a lesion shows which damage hurts, not why.")
     else:
-        answer = (f"Task-specialised filters: not shown, {correction}. At {f:.0%} lesions no site dissociates the "
-                  f"real tasks beyond {criteria} with the {' or the '.join(methods)} ranking. In detail: " +
-                  "; ".join(parts) + ".")
         licence = ("This does not show that the networks lack task-specialised filters: more seeds, more random "
                    "repeats, better-trained heads, other rankings or finer lesion fractions could still find them. It "
                    "shows only that these runs give no evidence for them beyond the controls that ran.")
-    lost = [r for r in real if number(r["ci_low"]) > 0 and r not in passing and
-            all(number(r.get(k)) < ALPHA for _, k in tests)]
-    return answer, licence, _verdict_caveats(roles_run, n_seeds, repeats, void_resolution, lost, n_tests), passing
+    caveats = first_screen.rule_caveats(j, "controls=['resolution_matched'] decides")
+    caveats += _verdict_caveats(roles_run, n_seeds, repeats, void_resolution, j)
+    return first_screen.sentence(j, seeds=n_seeds), licence, caveats, passing
 
 
-def _verdict_caveats(roles_run: set, n_seeds: int, repeats: int, void_resolution: bool, lost: list,
-                     n_tests: int) -> list:
-    """What the experiment verdict cannot show: controls not run or void, too few seeds or random repeats, and
-    the site x ranking pairs (`lost`) that pass every comparison uncorrected but not after Holm's correction."""
+def _verdict_caveats(roles_run: set, n_seeds: int, repeats: int, void_resolution: bool, j) -> list:
+    """What the experiment verdict cannot show: controls not run or void, too few seeds or random repeats."""
+    Caveat, yes = first_screen.Caveat, j.answer is V.Answer.YES
     caveats = []
     if void_resolution:
-        caveats.append("The resolution-matched runs saw the same images as the real runs: no task's native "
-                       "resolution is below image_size, so that control tests nothing here.")
+        caveats.append(Caveat("The resolution-matched runs saw the same images as the real runs: no task's native "
+                              "resolution is below image_size, so that control tests nothing here.", True, 44))
     missing = [c for c in (*COMPARED, "single_task") if c not in roles_run]
     if missing:
-        caveats.append(f"Controls not run: {', '.join(missing)}. The verdict says nothing about them: "
-                       + "; ".join({"pseudo_task": "a split that any random division of the classes would show is "
-                                                   "not ruled out",
-                                    "resolution_matched": "a split made by the tasks' image statistics (sharpness, "
-                                                          "size) rather than the tasks is not ruled out",
-                                    "same_task": "a split that any two heads show, even two learning one task "
-                                                 "(each leans on its own filters), is not ruled out",
-                                    "single_task": "no single-task baseline tells what each task costs the other"}[c]
-                                   for c in missing) + ".")
+        caveats.append(Caveat(
+            f"Controls not run: {', '.join(missing)}. The verdict says nothing about them: " + "; ".join(
+                {"pseudo_task": "a split that any random division of the classes would show is not ruled out",
+                 "resolution_matched": "a split made by the tasks' image statistics (sharpness, size) rather than "
+                                       "the tasks is not ruled out (early sites count as image statistics)",
+                 "same_task": "a split that any two heads show, even two learning one task (each leans on its own "
+                              "filters), is not ruled out",
+                 "single_task": "no single-task baseline tells what each task costs the other"}[c] for c in missing)
+            + ".", yes and any(c in missing for c in ("pseudo_task", "same_task")), 42))
     if n_seeds < FEW_SEEDS:
-        caveats.append(f"{n_seeds} seed(s) per role: the hierarchical bootstrap resamples only these, so its "
-                       f"intervals and the p-values against the controls understate the spread between networks; "
-                       f"{FEW_SEEDS} or more seeds make them trustworthy.")
+        caveats.append(Caveat(f"{n_seeds} seed(s) per role: the hierarchical bootstrap resamples only these, so its "
+                              f"intervals and the p-values against the controls understate the spread between "
+                              f"networks; {FEW_SEEDS} or more seeds make them trustworthy.", yes, 48))
     floor = 1 / (repeats + 2) if repeats else 1.0  # p_index's: multiple_testing.pair_null's ring
     if floor >= ALPHA:
-        caveats.append(f"random_repeats={repeats}: each seed's p-value against random lesions cannot go below "
-                       f"{floor:.3f}; Fisher's combination over {n_seeds} seed(s) may still not reach p < {ALPHA}. "
-                       f"Use random_repeats={report.repeats_needed()} or more.")
-    if lost:
-        caveats.append(f"{len(lost)} site x ranking pair(s) pass every comparison at p < {ALPHA} uncorrected but not "
-                       f"after Holm's correction for the {n_tests} tests: " + "; ".join(
-                           f"{r['method']} {r['layer']}" for r in lost[:5]) + ("; ..." if len(lost) > 5 else "") +
-                       ". The table's p-values are uncorrected; p_corrected is the row's corrected p.")
+        caveats.append(Caveat(f"random_repeats={repeats}: each seed's p-value against random lesions cannot go below "
+                              f"{floor:.3f}; Fisher's combination over {n_seeds} seed(s) may still not reach p < "
+                              f"{ALPHA}. Use random_repeats={report.repeats_needed()} or more.", not yes, 30))
     return caveats
 
 
@@ -407,25 +440,63 @@ def _accuracy_caveats(accuracy: list) -> list:
             or number(r["ci_low"]) <= number(r["chance"])]
     if not weak:
         return []
-    return ["Heads near chance (their lesion effects mean little): " + "; ".join(
-        f"{r['role']} seed {r['seed']} {r['task']} {r['accuracy']} (chance {r['chance']})" for r in weak[:6]) + "."]
+    return [first_screen.Caveat("Heads near chance (their lesion effects mean little): " + "; ".join(
+        f"{r['role']} seed {r['seed']} {r['task']} {r['accuracy']} (chance {r['chance']})" for r in weak[:6]) + ".",
+        True, 10)]
 
 
-def _reliability_caveats(out: Path, runs: list) -> list:
-    """The runs whose rankings two halves of the ranking images do not reproduce (report.UNRELIABLE)."""
+def run_rankings(out: Path, runs: list) -> list:
+    """The rankings.json of every swept real run ({} where it is missing)."""
+    found = []
+    for run in runs:
+        path = out / run["folder"] / lesion_utils.SWEEP_FILES["rankings"]
+        if run["role"] == "real" and path.exists():
+            found.append(read_json(path, lambda v: isinstance(v, dict), "rankings by site"))
+    return found
+
+
+def reliability_across(rankings: list, rows: list) -> dict:
+    """{(site, ranking): the mean over the real runs of each run's split-half overlap (the smaller of the two
+    tasks') at the headline fraction}; a pair any run did not measure is left out (not measured)."""
+    real = [r for r in rows if r["role"] == "real"]
+    if not real or not rankings:
+        return {}
+    f = V.headline_fraction(r["fraction"] for r in real)
+    out = {}
+    for r in real:
+        key = (r["layer"], r["method"])
+        values = [V.reliability(per, r["layer"], r["method"], f, (r["task_a"], r["task_b"])) for per in rankings]
+        if values and all(v is not None for v in values):
+            out[key] = float(np.mean(values))
+    return out
+
+
+def receptive_across(rankings: list) -> dict | None:
+    """{site: share of the image's side its receptive field spans}, from the real runs' rankings.json (one
+    architecture), None where no run recorded them."""
+    shares = {}
+    for per in rankings:
+        for site in per:
+            share = V.receptive_share(per, site)
+            if share is not None:
+                shares.setdefault(site, share)
+    return shares or None
+
+
+def _unreproducible_runs(out: Path, runs: list) -> list:
+    """Notes naming the runs whose rankings two halves of the ranking images do not reproduce."""
     shaky = []
     for run in runs:
         path = out / run["folder"] / lesion_utils.SWEEP_FILES["rankings"]
-        if path.exists():
-            found = report._reliability_caveats(read_json(path, lambda v: isinstance(v, dict), "rankings by site"), 0.2)
-            if found:
-                shaky.append(run["folder"])
+        if path.exists() and report.unreproducible(read_json(path, lambda v: isinstance(v, dict), "rankings by site"),
+                                                   0.2):
+            shaky.append(run["folder"])
     if not shaky:
         return []
-    return [f"Rankings not reproducible in {len(shaky)} run(s) ({', '.join(shaky[:6])}"
-            f"{', ...' if len(shaky) > 6 else ''}): ranked on two halves of the ranking images, some sites share "
-            f"less than {report.UNRELIABLE:.0%} of their top-20% filters (each run's rankings.json and report name "
-            f"them); raise rank_images."]
+    return [first_screen.Caveat(
+        f"Rankings not reproducible in {len(shaky)} run(s) ({', '.join(shaky[:6])}{', ...' if len(shaky) > 6 else ''}"
+        f"): ranked on two halves of the ranking images, some sites share less than {report.UNRELIABLE:.0%} of their "
+        f"top-20% filters (each run's rankings.json and report name them); raise rank_images.", False, 82)]
 
 
 def build_report(out: Path, runs: list, rows: list, accuracy: list, decoding: list, figure: Path | None,
@@ -439,17 +510,34 @@ def build_report(out: Path, runs: list, rows: list, accuracy: list, decoding: li
     void = "resolution_matched" in roles_run and not any(
         "matched to" in str(v.get("source", "")) for r in runs if r["role"] == "resolution_matched"
         for v in read_json(out / r["folder"] / "config.json").get("tasks", {}).values())
-    answer, licence, caveats, _ = verdict(rows, roles_run, n_real or len(seeds), repeats, void)
+    decides = multiple_testing.deciding(runs[0]["config"]) if runs else multiple_testing.IMPORTANCE
+    rankings = run_rankings(out, runs)
+    j, _ = judge(rows, roles_run, repeats, void, decides, reliability_across(rankings, rows),
+                 receptive_across(rankings))
+    answer, licence, caveats, _ = words(j, roles_run, n_real or len(seeds), repeats, void)
     unswept = [r["folder"] for r in runs if r["role"] != "single_task" and
                not (out / r["folder"] / "dissociation.csv").exists()]
     if unswept:
-        caveats.append(f"Runs without a lesion sweep, left out of every statistic: {', '.join(unswept)}.")
-    caveats = _accuracy_caveats(accuracy) + caveats + _reliability_caveats(out, runs)
-    page = report.Report(out, {})
+        caveats.append(first_screen.Caveat(f"Runs without a lesion sweep, left out of every statistic: "
+                                           f"{', '.join(unswept)}.", False, 90))
+    caveats = _accuracy_caveats(accuracy) + caveats + _unreproducible_runs(out, runs)
+    page = pages.Page(out, {})
     page.raw(f"<h1>Experiment: {html.escape(out.name)}</h1>")
-    page.raw(f'<div class="answer"><p class="verdict">{html.escape(answer)}</p><p>{html.escape(licence)}</p>'
-             "<p><b>Caveats</b></p><ul class='caveats'>" + "".join(f"<li>{html.escape(c)}</li>" for c in caveats) +
-             "</ul></div>")
+    table = first_screen.table_rows(j, experiment=True) if j is not None else None
+    page.raw(first_screen.render(j, answer, table, "", caveats))
+    page.section("Notes on the verdict", first_screen.NOTES)
+    page.raw(f"<p>{html.escape(licence)}</p>" if licence else "")
+    page.raw(first_screen.notes(caveats, first_screen.method_notes(j, "", experiment=True)))
+    _report_body(page, out, runs, rows, accuracy, decoding, figure, branched, roles_run)
+    path = out / "report.html"
+    write_text(path, pages.document(f"Experiment {out.name}", "".join(page.parts)))
+    return path
+
+
+def _report_body(page, out: Path, runs: list, rows: list, accuracy: list, decoding: list, figure: Path | None,
+                 branched: tuple | None, roles_run: set) -> None:
+    """Everything below the experiment report's verdict: the index across seeds, accuracy, single-task networks,
+    branch points and the runs."""
     page.section("The index across seeds")
     page.what("Double-dissociation index per site (mean over seeds, 95% hierarchical bootstrap interval: seeds "
               "resampled, then test images within each seed). p_random: each seed's index against indices made of "
@@ -458,26 +546,26 @@ def build_report(out: Path, runs: list, rows: list, accuracy: list, decoding: li
               "same site. These are uncorrected; p_corrected is the largest of a row's p-values after Holm's "
               "correction over every site x ranking x comparison of its role at its fraction, the verdict's test.")
     if figure is not None:
-        page.parts.append(report._image(figure, figure.name))
+        page.parts.append(pages.image(figure, figure.name))
     columns = ["role", "layer", "depth", "method", "fraction", "n_seeds", "index", "ci_low", "ci_high", "p_random"]
     real_columns = columns + [k for c in COMPARED if c in roles_run for k in (f"{c}_index", f"p_vs_{c}")] + \
         ["p_corrected"]
     if any(r.get("matched_index") for r in rows):
         real_columns.append("matched_index")
     shown = [dict(r, index=r["index"] or "undefined (a head at chance)") for r in rows]
-    page.raw(report._table([r for r in shown if r["role"] == "real"], real_columns, wide=True))
+    page.raw(pages.table([r for r in shown if r["role"] == "real"], real_columns, wide=True))
     controls = [r for r in shown if r["role"] != "real"]
     if controls:
         page.raw("<details><summary>The control networks' own indices</summary>" +
-                 report._table(controls, columns + ["p_corrected"], wide=True) + "</details>")
+                 pages.table(controls, columns + ["p_corrected"], wide=True) + "</details>")
     page.section("Intact test accuracy")
-    page.raw(report._table(accuracy, list(ACCURACY_COLUMNS)))
+    page.raw(pages.table(accuracy, list(ACCURACY_COLUMNS)))
     if "single_task" in roles_run:
         page.section("Single-task networks")
         page.what("Each single-task network trained on one task alone; a linear probe on its penultimate layer, "
                   "fitted on training images and scored on test images, decodes each task, beside the joint "
                   "network of the same seed: how much of the other task a network trained without it carries.")
-        page.raw(report._table(decoding, list(SINGLE_COLUMNS)))
+        page.raw(pages.table(decoding, list(SINGLE_COLUMNS)))
     else:
         page.section("Single-task networks")
         page.skip("the single_task control was not run")
@@ -493,8 +581,8 @@ def build_report(out: Path, runs: list, rows: list, accuracy: list, decoding: li
         page.raw("<ul>" + "".join(f"<li>{html.escape(t)}</li>" for t in said) + "</ul>" if said else
                  "<p>Only one branch point has results: no cost to compare.</p>")
         if branch_figure is not None:
-            page.parts.append(report._image(branch_figure, branch_figure.name))
-        page.raw(report._table(branch_rows, [c for c in branching.BRANCHING_COLUMNS if c != "correct"]))
+            page.parts.append(pages.image(branch_figure, branch_figure.name))
+        page.raw(pages.table(branch_rows, [c for c in branching.BRANCHING_COLUMNS if c != "correct"]))
     page.section("Runs")
     page.raw("<ul>" + "".join(
         f"<li>{html.escape(r['role'])} seed {r['seed']}{' (' + html.escape(r['task']) + ')' if r['task'] else ''}: " +
@@ -503,10 +591,6 @@ def build_report(out: Path, runs: list, rows: list, accuracy: list, decoding: li
         for r in runs) +
         "</ul>")
     page.raw(f"<p class='what'>Settings: {html.escape(str({k: v for k, v in runs[0]['config'].items() if k not in ('out_dir', 'role', 'seed')}))}</p>")
-    path = out / "report.html"
-    write_text(path, f"<!doctype html><html><head><meta charset='utf-8'><title>Experiment {html.escape(out.name)}"
-                     f"</title><style>{report.STYLE}</style></head><body>{''.join(page.parts)}</body></html>")
-    return path
 
 
 def aggregate(out: Path, runs: list, seed: int = 0) -> list:
@@ -526,7 +610,7 @@ def aggregate(out: Path, runs: list, seed: int = 0) -> list:
                     accuracy.append(_wilson_row(role, r["seed"], t, correct, float(v["chance"]), r["folder"]))
         if role_runs:
             stats[role] = role_statistics(role_runs, rng)
-    rows = summary_rows(stats)
+    rows = summary_rows(stats, multiple_testing.deciding(runs[0]["config"]) if runs else multiple_testing.IMPORTANCE)
     written = [out / "summary.csv", out / "accuracy.csv"]
     write_csv(written[0], SUMMARY_COLUMNS, rows)
     decoding = []

@@ -194,6 +194,12 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 CHECKPOINT_KEYS = ("model", "epoch", "config", "classes")
 # a run's sweeps through linear readouts (readouts.py), inside the run folder: refitted to every lesion, or fixed
+def reliability_key(fraction: float) -> str:
+    """rankings.json's name of a top set's split-half overlap: 'top20' for the top 20% (rankings.split_half_reliability
+    writes it, verdict.reliability reads it)."""
+    return f"top{round(float(fraction) * 100, 2):g}"
+
+
 READOUT_DIRS = {"refit": "refit_readout", "fixed": "fixed_readout"}
 READOUT_NAMES = {"refit": "refitted readouts", "fixed": "fixed readouts"}
 

@@ -27,21 +27,25 @@ def _fraction_key(f) -> str:
 LESION_COLUMNS = ("layer", "depth", "n_filters", "target", "method", "fraction", "n_lesioned", "repeat",
                   "eval_task", "accuracy", "loss", "intact_accuracy", "chance", "intact_loss", "n_images",
                   "corrected_drop", "matched_accuracy", "matched_intact_accuracy", "matched_n_images",
-                  "beyond_greedy_stop")
+                  "beyond_greedy_stop", "read_by")
 # beyond_greedy_stop: 1 on a greedy lesion silencing filters past those the greedy steps chose (just past
 # greedy_stop of the site): they follow in the order of the last step's scores; 0 on every other row
+# read_by: what read the accuracies, HEADS (the network's own output layers) or a readout kind's name
+# (common.READOUT_NAMES: "fixed readouts", "refitted readouts"); a file written before the column is filled in
 # an earlier sweep's files may lack these: they are filled in. p_corrected, correction: p_index corrected for every
-# site x ranking at the row's fraction, and how (multiple_testing.corrected_rows); written once the sweep's last
+# site x ranking of the row's family at its fraction, and how (multiple_testing.corrected_rows; family: "verdict"
+# for the rankings that decide the verdict, "description" for the others); written once the sweep's last
 # site is done, computed by the report where absent; index_null: "ring" where p_index, null_low and null_high come
 # from the closed ring of lesions (multiple_testing.pair_null), absent in a sweep made before it (the report then
 # makes them again from lesion_results.csv's drops)
-ADDED_LESION_COLUMNS = ("beyond_greedy_stop", "p_corrected", "correction", "index_null")
+ADDED_LESION_COLUMNS = ("beyond_greedy_stop", "p_corrected", "correction", "family", "index_null", "read_by")
 DISSOCIATION_COLUMNS = ("layer", "depth", "method", "fraction", "task_a", "task_b", "index", "ci_low", "ci_high",
-                        "p_index", "p_corrected", "correction", "index_null", "drop_a_by_a", "drop_a_by_b", "drop_b_by_b",
+                        "p_index", "p_corrected", "correction", "family", "index_null", "drop_a_by_a", "drop_a_by_b", "drop_b_by_b",
                         "drop_b_by_a", "p_a_by_a", "p_b_by_b", "random_drop_a", "random_drop_b", "n_random",
                         "null_low", "null_high", "matched_index", "matched_ci_low", "matched_ci_high", "matched_p_index", "beyond_greedy_stop")
 PER_CLASS_COLUMNS = ("layer", "method", "target", "repeat", "fraction", "eval_task", "class", "accuracy",
-                     "n_images")
+                     "n_images", "read_by")
+HEADS = "heads"  # read_by of accuracies read by the network's own output layers
 
 
 def lesion_conditions(site: Site, rankings: dict, fractions, keep_only: bool = False) -> list:
@@ -225,7 +229,7 @@ def read_per_image(path: Path) -> dict:
 
 
 def _result_rows(site, method, target, repeat, f, n_silenced, res, summary, chance, tasks, matched=None,
-                 intact=None, beyond=0):
+                 intact=None, beyond=0, read_by=HEADS):
     rows = []
     for e in tasks:
         acc, loss = float(res[e]["correct"].mean()), float(res[e]["loss"].mean())
@@ -242,19 +246,20 @@ def _result_rows(site, method, target, repeat, f, n_silenced, res, summary, chan
             "intact_accuracy": f"{summary[e]['accuracy']:.4f}", "chance": f"{chance[e]:.4f}",
             "intact_loss": f"{summary[e]['loss']:.4f}", "n_images": len(res[e]["correct"]),
             "corrected_drop": f"{corrected_drop(summary[e]['accuracy'], acc, chance[e]):.4f}", **extra,
-            "beyond_greedy_stop": int(beyond),
+            "beyond_greedy_stop": int(beyond), "read_by": read_by,
         })
     return rows
 
 
-def _per_class_rows(site, method, target, repeat, f, res, labels, classes):
+def _per_class_rows(site, method, target, repeat, f, res, labels, classes, read_by=HEADS):
     rows = []
     for e, names in classes.items():
         for k, name in enumerate(names):
             hit = res[e]["correct"][labels[e] == k]
             rows.append({"layer": site.name, "method": method, "target": target, "repeat": repeat,
                          "fraction": _fraction_key(f), "eval_task": e, "class": name,
-                         "accuracy": f"{hit.mean() if len(hit) else float('nan'):.4f}", "n_images": len(hit)})
+                         "accuracy": f"{hit.mean() if len(hit) else float('nan'):.4f}", "n_images": len(hit),
+                         "read_by": read_by})
     return rows
 
 

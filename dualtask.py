@@ -344,7 +344,10 @@ def figures_stage(model: DualTaskNet, images: dict, config: dict, out_dir: Path)
 
 
 def provenance(device: torch.device) -> dict:
-    """What made the run, for config.json: package versions, the device, the command line and the git commit."""
+    """What made the run, for config.json: the versions of python and of every library that shapes the numbers
+    (torch, torchvision, numpy, scikit-learn, scipy, pandas, OpenCV, Pillow), the device, the command line and the
+    git commit."""
+    import importlib
     import platform
     import subprocess
     from importlib import metadata
@@ -353,6 +356,12 @@ def provenance(device: torch.device) -> dict:
         try:
             return metadata.version(dist)
         except metadata.PackageNotFoundError:
+            return None
+
+    def module_version(name):  # OpenCV ships under several distribution names (headless, contrib): ask cv2
+        try:
+            return importlib.import_module(name).__version__
+        except ImportError:
             return None
 
     if device.type == "cuda":
@@ -375,7 +384,8 @@ def provenance(device: torch.device) -> dict:
         commit = None
     return {"versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "torchvision": version("torchvision"), "numpy": np.__version__,
-                         "scikit-learn": version("scikit-learn")},
+                         "scikit-learn": version("scikit-learn"), "scipy": version("scipy"),
+                         "pandas": version("pandas"), "opencv": module_version("cv2"), "pillow": version("pillow")},
             "device_name": device_name, "command": [Path(sys.executable).name] + sys.argv, "git_commit": commit}
 
 

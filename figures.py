@@ -17,6 +17,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from common import atomic_write, exit_on_damaged_files, read_json, report_bugs  # noqa: E402
+from verdict import headline_fraction  # noqa: E402
 
 PALETTE = "colorblind"
 
@@ -64,12 +65,6 @@ def training_curves(run_dir: Path) -> Path | None:
     fig.suptitle(f"Training: {run_dir.name}")
     fig.tight_layout()
     return _save(fig, run_dir / "figures" / "training_curves.png")
-
-
-def headline_fraction(fractions) -> float:
-    """The reference study's headline is the 20% lesion; else the nearest fraction swept."""
-    fractions = sorted(f for f in {float(f) for f in fractions} if f > 0)
-    return min(fractions, key=lambda f: abs(f - 0.2))
 
 
 def lesion_effects(run_dir: Path) -> Path | None:

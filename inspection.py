@@ -17,6 +17,7 @@ import figures
 import lesion_utils as L
 import vggface2
 from common import write_csv, write_text
+from readouts import ALPHAS
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -334,19 +335,21 @@ def stimuli_analysis(model, images: dict, sites: list, out_dir: Path, n_filters:
 
 def linear_probe():
     """The project's linear probe: a scikit-learn ridge classifier on standardised features (closed form, so
-    every site of a large network takes seconds)."""
-    from sklearn.linear_model import RidgeClassifier
+    every site of a large network takes seconds), its penalty chosen among readouts.ALPHAS by leave-one-out on
+    the images it is fitted on (RidgeClassifierCV): within a cross-validation, on the training folds only."""
+    from sklearn.linear_model import RidgeClassifierCV
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    return make_pipeline(StandardScaler(), RidgeClassifier(alpha=100.0))
+    return make_pipeline(StandardScaler(), RidgeClassifierCV(alphas=ALPHAS))
 
 
 def decoding_analysis(model, images: dict, sites: list, out_dir: Path, n_per_task: int = 400, folds: int = 5,
                       seed: int = 0) -> Path:
     """Cross-validated linear probes (scikit-learn ridge classifiers on standardised, spatially pooled
-    activations: closed form, so every site of a large network takes seconds) for each task's labels at each
-    site, on the task's test images. Writes decoding.csv."""
+    activations: closed form, so every site of a large network takes seconds; each fold's penalty chosen on its
+    training folds, `linear_probe`) for each task's labels at each site, on the task's test images. Writes
+    decoding.csv."""
     from sklearn.model_selection import StratifiedKFold, cross_val_score
 
     batches = L.image_batches(images, "test", n_per_task=n_per_task, seed=seed)

@@ -351,6 +351,83 @@ def _pool(output: torch.Tensor) -> torch.Tensor:
     """Spatial mean after ReLU (an inner BN site is read as its ReLU will see it; other sites are >= 0)."""
     out = output.float().clamp(min=0)
     return out.mean(dim=(2, 3)) if out.ndim == 4 else out
+def _constant(module: nn.Module, key: str, value: float) -> None:
+    """Replace a module's parameter or buffer by a float64 constant of its shape (None stays None), not trained."""
+    for table in (module._parameters, module._buffers):
+        if table.get(key) is not None:
+            table[key] = torch.full(table[key].shape, value, dtype=torch.float64)
+
+
+class _Reached(Exception):
+    """Raised by receptive_fields' hook once every site's output is in hand: nothing after them is run."""
+
+
+def receptive_fields(model: nn.Module, sites: list, image_size: int) -> dict:
+    """{site name: {'pixels': the side of the image region one unit at the centre of the site's map can see,
+    'image_size', 'share': pixels / image_size}}: the theoretical receptive field, clipped to the image (1.0: the
+    unit sees the whole image). The verdict calls a site early, and a split there image statistics, when its
+    share is below verdict.EARLY_RF_SHARE.
+
+    Measured, not tabulated, so that any network's sites get it: a float64 copy of the network whose every
+    weight is positive (each unit the mean of its inputs), BN the identity and max pools turned into average
+    pools of the same geometry (a max pool passes on one input's gradient only), so that every input pixel the
+    centre unit depends on gets a gradient above 0 and none cancels. Sites without a spatial map: the whole
+    image."""
+    import copy
+
+    # the copy shares the network's tensors (none is changed: the probe's modules get new ones), and its fully
+    # connected layers come after every spatial site, never run (the forward pass stops at the deepest site)
+    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    probe = copy.deepcopy(model, memo=memo).eval()
+    for name, module in list(probe.named_modules()):
+        if isinstance(module, nn.Conv2d):
+            _constant(module, "weight", 1.0 / module.weight[0].numel())
+            _constant(module, "bias", 0.0)
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            for key, value in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0), ("running_var", 1.0)):
+                _constant(module, key, value)
+        elif isinstance(module, nn.ReLU):
+            module.inplace = False
+        elif isinstance(module, nn.MaxPool2d) and name:
+            parent, _, attr = name.rpartition(".")
+            setattr(probe.get_submodule(parent) if parent else probe, attr,
+                    nn.AvgPool2d(module.kernel_size, module.stride, module.padding, ceil_mode=module.ceil_mode))
+    found = {s.name: s for s in lesion_sites(probe, inner=True)}
+    outputs, handles = {}, []
+    deepest = max(sites, key=lambda s: s.depth).name if sites else None
+
+    def keep(name, output):
+        outputs[name] = output
+        if len(outputs) == len(sites):
+            raise _Reached()
+
+    for s in sites:
+        handles.append(found[s.name].module.register_forward_hook(lambda m, i, out, name=s.name: keep(name, out)))
+    x = torch.ones(1, 3, image_size, image_size, dtype=torch.float64, requires_grad=True)
+    try:
+        with torch.enable_grad():
+            with contextlib.suppress(_Reached):
+                probe(x)
+            if deepest is not None and deepest not in outputs:
+                raise RuntimeError(f"receptive_fields: the forward pass did not reach {deepest}")
+            out = {}
+            for s in sites:
+                o = outputs[s.name]
+                if o.ndim != 4:
+                    out[s.name] = image_size
+                    continue
+                centre = o[0, :, o.shape[2] // 2, o.shape[3] // 2].sum()
+                (grad,) = torch.autograd.grad(centre, x, retain_graph=True)
+                seen = grad[0].abs().sum(0) > 0
+                rows, cols = torch.nonzero(seen.any(1)).flatten(), torch.nonzero(seen.any(0)).flatten()
+                out[s.name] = int(max(rows.max() - rows.min() + 1, cols.max() - cols.min() + 1)) if len(rows) else 0
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: {"pixels": px, "image_size": int(image_size), "share": round(px / image_size, 4)}
+            for name, px in out.items()}
+
+
 def _order(scores: np.ndarray) -> np.ndarray:
     """Channels from highest to lowest score (ties broken by channel index)."""
     return np.argsort(-np.asarray(scores), kind="stable")

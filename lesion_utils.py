@@ -23,7 +23,7 @@ import common
 import multiple_testing
 import subgroups
 from common import READOUT_DIRS, READOUT_NAMES, UsageError, format_seconds, read_csv, read_json, write_csv, write_text
-from dissociation import (ADDED_LESION_COLUMNS, corrected_drop, DISSOCIATION_COLUMNS, dissociation_rows,
+from dissociation import (ADDED_LESION_COLUMNS, corrected_drop, DISSOCIATION_COLUMNS, dissociation_rows, HEADS,
                           LESION_COLUMNS, lesion_conditions, matched_subsets, PER_CLASS_COLUMNS, _per_class_rows,
                           per_image_arrays, per_image_key, random_pair_indices, read_per_image, _restrict,
                           _result_rows, _summary, write_per_image)
@@ -31,10 +31,13 @@ from greedy import (all_gather_objects, beyond_greedy_stop, _cache_budget, GREED
                     GREEDY_DEFAULTS, greedy_order, greedy_settings, GREEDY_STEP, race, RankingImages)
 from lesion_engine import (ablate, apply_mask, cache_bytes, default_masks_per_pass, evaluate_lesions,
                            evaluate_lesions_naive, forward_chain, get_site, image_batches, lesion_mask,
-                           lesion_sites, _order, ranking_precision, RANKING_PRECISIONS, select_sites, Site,
+                           lesion_sites, _order, ranking_precision, RANKING_PRECISIONS, receptive_fields,
+                           select_sites, Site,
                            site_activations, SiteRunner)
-from readouts import as_scored, FIXED_FOLDS, fixed_lesions, fixed_reader, fixed_readouts, refit_lesions
-from rankings import (_entry, LOCALISER_FDR, loss_scores, MASK_DEFAULTS, merge_rankings, METHODS, NOT_RANKINGS, rank_by_activation,
+from readouts import (as_scored, FIXED_FOLDS, fixed_lesions, fixed_reader, fixed_readouts, penalty_range,
+                      PENALTY_RULE, refit_lesions)
+from rankings import (_entry, LOCALISER_FDR, loss_scores, MASK_DEFAULTS, merge_rankings, METHODS, NOT_RANKINGS,
+                      rank_by_activation, RELIABILITY_FRACTIONS,
                       rank_correlation, rank_site, RANKING_KEYS, same_top_sets, selectivity, split_half_reliability,
                       split_halves, _task_loss, taylor_scores, top_overlap)
 
@@ -121,8 +124,9 @@ def earlier_sweep(settings: dict, out_dir: Path) -> dict:
         return dict(nothing, restart=f"{paths['per_image'].name} is missing (the sweep predates it, or it was "
                                      f"removed): the sweep starts over")
     columns = {"results": tuple(c for c in LESION_COLUMNS if c not in ADDED_LESION_COLUMNS),
-               "dissociation": ("layer", "method", "fraction", "index"), "per_class": PER_CLASS_COLUMNS,
-               "subgroups": subgroups.SUBGROUP_COLUMNS}
+               "dissociation": ("layer", "method", "fraction", "index"),
+               "per_class": tuple(c for c in PER_CLASS_COLUMNS if c not in ADDED_LESION_COLUMNS),
+               "subgroups": tuple(c for c in subgroups.SUBGROUP_COLUMNS if c not in ADDED_LESION_COLUMNS)}
     numbers = {"results": ("depth", "n_filters", "fraction", "n_lesioned", "repeat", "accuracy", "loss",
                            "intact_accuracy", "chance"), "dissociation": ("fraction", "index"),
                "per_class": ("repeat", "fraction", "accuracy", "n_images"),
@@ -217,7 +221,8 @@ class Sweep:
         if self.readout == "refit":
             self.settings.update(readout="refit", readout_images=int(config.get("readout_images", READOUT_IMAGES)))
         elif self.readout == "fixed":
-            self.settings.update(readout="fixed", readout_folds=FIXED_FOLDS)
+            # an earlier sweep without readout_penalty chose one penalty per task on all test images: it starts over
+            self.settings.update(readout="fixed", readout_folds=FIXED_FOLDS, readout_penalty=PENALTY_RULE)
         if self.readout:
             self.given = read_json(Path(rankings_of) / SWEEP_FILES["rankings"], lambda r: isinstance(r, dict) and all(
                 s.name in r for s in self.sites), "the lesion sweep's rankings of every site")
@@ -230,6 +235,10 @@ class Sweep:
         self.rows, self.diss, self.per_class, self.subgroup_rows, self.rankings = earlier["rows"], \
             earlier["dissociation"], earlier["per_class"], earlier["subgroups"], earlier["rankings"]
         self.per_image = dict(earlier["per_image"])
+        self.read_by = READOUT_NAMES[self.readout] if self.readout else HEADS  # what reads every accuracy
+        for row in self.rows + self.per_class + self.subgroup_rows:  # files written before the column
+            if row.get("read_by") in (None, ""):
+                row["read_by"] = self.read_by
         if earlier["done"]:
             self.say(f"lesion sweep: {len(set(earlier['done']))} of {len(self.sites)} sites finished earlier; "
                      f"continuing")
@@ -290,9 +299,11 @@ class Sweep:
             fitted = (self.reuse or {}).get("readouts")  # the heads' sweep's (the same images, seed and network)
             self.fixed = fitted if fitted is not None else fixed_readouts(model, self.sites[0], test, config["seed"])
             intact = fixed_lesions(model, self.sites[0], [[]], self.fixed, test)[0]
+            self.progress["readout_penalties"] = {t: r["alphas"] for t, r in self.fixed.items()}  # per fold
             say("fixed readouts (ridge on standardised features of the intact network, each task's test images in "
-                "folds, each fold read by the readout fitted on the others: " + ", ".join(
-                    f"{t}: {len(r['readouts'])} folds, penalty {r['alpha']:g}" for t, r in self.fixed.items()) + ")")
+                "folds, each fold read by the readout fitted on the others, its penalty chosen on those: " + ", ".join(
+                    f"{t}: {len(r['readouts'])} folds, {penalty_range(r['alphas'])}" for t, r in self.fixed.items())
+                + ")")
         else:
             intact = evaluate_lesions(model, self.sites[0], [[]], test)[0]
             if self.reuse is not None:  # the fixed readouts, scored in this sweep's passes
@@ -312,7 +323,7 @@ class Sweep:
             say("accuracy-matched test images: " + ", ".join(
                 f"{t} {len(self.matched[t])} images at {intact[t]['correct'][self.matched[t]].mean():.3f}"
                 for t in tasks))
-        say("intact test accuracy: " + ", ".join(f"{t} {self.summary[t]['accuracy']:.3f} (chance "
+        say(f"intact test accuracy through the {self.read_by}: " + ", ".join(f"{t} {self.summary[t]['accuracy']:.3f} (chance "
                                                  f"{self.chance[t]:.3f})" for t in tasks))
         batch = max(len(x) for _, x, _ in test)
         caches = cache_bytes(model, self.todo, test[0][1].shape[1:], batch)
@@ -320,6 +331,8 @@ class Sweep:
         say(f"activation cache: at most {max(caches.values()) / 2**20:.1f} MiB per image batch ({batch} images), "
             f"{self.masks_per_pass} lesion(s) per pass"
             + (f"; sites shared out across {self.world} processes" if self.world > 1 else ""))
+        if not self.readout:
+            self.receptive = receptive_fields(model, self.todo, int(test[0][1].shape[-1]))
         self.labels = {t: torch.cat([y for tb, _, y in test if tb == t]).cpu().numpy() for t in tasks}
         self.classes = {t: list(images[t].data.classes) for t in tasks}
         self.n_test = sum(len(y) for _, _, y in test)
@@ -343,10 +356,12 @@ class Sweep:
             self.say(f"greedy rankings: each step's candidates shared out across {self.world} processes (fp32)")
 
     def _ranked(self, site, methods, how: str, reliability: bool, share=None) -> dict:
+        tops = sorted(set(RELIABILITY_FRACTIONS) | {f for f in self.settings["fractions"] if f > 0})
         return rank_site(self.model, site, self.train_sample, self.tasks, methods, self.settings["random_repeats"],
                          self.config["seed"], self.masks_per_pass, reliability=reliability, greedy=self.greedy,
                          precision=how, localiser_fdr=self.settings.get("localiser_fdr", LOCALISER_FDR),
-                         mask=self.settings.get("mask"), **({"share": share} if share else {}))
+                         mask=self.settings.get("mask"), reliability_fractions=tops,
+                         **({"share": share} if share else {}))
 
     def _shared_greedy(self, site) -> dict:
         """The site's greedy rankings, every process scoring a share of each step's candidates (in fp32: the
@@ -379,6 +394,8 @@ class Sweep:
             ranking = self.given[site.name]
         else:
             ranking = self._rank_filters(site) if given is None else merge_rankings(self._rank_filters(site), given)
+        if not self.readout:  # how much of the image the site sees (the verdict's early sites)
+            ranking["receptive_field"] = self.receptive[site.name]
         if site.name.startswith(branches.BRANCH_PREFIX):  # after a branch point: each filter's task copy
             ranking["branch"] = {"copy_of_filter": branches.copy_of_filter(
                 site.n_filters, list(getattr(self.model, "task_names", self.tasks)))}
@@ -427,13 +444,14 @@ class Sweep:
                 n_silenced, res = (0, self.intact) if f == 0 else keyed[(method, target, repeat, f)]
                 out["rows"] += _result_rows(site, method, target, repeat, f, n_silenced, res, self.summary,
                                             self.chance, self.tasks, self.matched, self.intact,
-                                            beyond_greedy_stop(method, f, site.n_filters, self.greedy_stop))
+                                            beyond_greedy_stop(method, f, site.n_filters, self.greedy_stop),
+                                            self.read_by)
                 if self.settings["per_class"]:
                     out["per_class"] += _per_class_rows(site, method, target, repeat, f, res, self.labels,
-                                                        self.classes)
+                                                        self.classes, self.read_by)
                 if self.groups:
                     out["subgroups"] += subgroups.subgroup_rows(site, method, target, repeat, f"{float(f):.4f}", res,
-                                                                self.intact, self.groups)
+                                                                self.intact, self.groups, self.read_by)
         return out
 
     def _site_dissociation(self, site, conditions: list, results: list) -> list:
@@ -462,7 +480,8 @@ class Sweep:
         # after the last site: the headline's multiple-test correction over every site, from the sweep's own
         # numbers, written before the progress says the sweep is done (a sweep killed in between redoes that site)
         if len(self.progress["done"]) == len(self.sites):
-            self.diss = multiple_testing.corrected_rows(self.diss, self.rows)
+            self.diss = multiple_testing.corrected_rows(self.diss, self.rows,
+                                                        decides=multiple_testing.deciding(self.config))
         write_csv(self.paths["dissociation"], DISSOCIATION_COLUMNS, self.diss)
         if self.settings["per_class"]:
             write_csv(self.paths["per_class"], PER_CLASS_COLUMNS, self.per_class)

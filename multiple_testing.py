@@ -7,8 +7,10 @@ R + 1 null indices, p = (1 + #{null >= index}) / (R + 2)). Uncorrected, a networ
 without task-specialised filters passes at some site far more often than 5% of the time: about 20% for 5
 sites and 1 ranking, about 40% for 5 sites and 2 rankings (tests/test_multiple_testing.py simulates it).
 
-The correction (`corrected_rows`), per lesion fraction, over the family of every site x ranking at that fraction
-(the report's verdict reads the headline fraction, 20% or the nearest swept):
+The correction (`corrected_rows`), per lesion fraction, over the family of every site x ranking that decides the
+verdict at that fraction (IMPORTANCE by default; the selectivity rankings are corrected as a family of their own,
+described beside the verdict, never deciding it; the report's verdict reads the headline fraction, 20% or the
+nearest swept):
 
 - max-statistic (Westfall & Young 1993, single step): the random orders already give a joint null across sites,
   since random order r is one draw at every site (and a ranking's targeted lesions one at every site). At each
@@ -38,6 +40,11 @@ from common import number as _num
 
 ALPHA = 0.05
 MAX_STATISTIC, HOLM = "max-statistic", "holm"
+# the verdict's family: rankings that measure what a task needs decide (docs/method.md, "The verdict"); selectivity
+# rankings (activation, localiser) describe filters and are corrected as a family of their own
+IMPORTANCE = ("loss", "greedy", "taylor", "mask")
+SELECTIVITY = ("activation", "localiser")
+VERDICT, DESCRIPTION = "verdict", "description"  # dissociation.csv's family column
 RING = "ring"  # dissociation.csv's index_null: p_index, null_low and null_high come from pair_null's closed ring
 TIE = 1e-9  # z values this close count as equal (at least as large), as the uncorrected p-value counts ties
 
@@ -235,23 +242,39 @@ def correct_family(rows: list, result_rows: list) -> tuple:
             for r, p in zip(rows, p_index)], MAX_STATISTIC
 
 
-def needs_correction(rows: list) -> bool:
-    """Whether dissociation.csv's rows lack the corrected p (a file written before it, or a sweep not finished)
-    or have a p_index from before the closed ring (`pair_null`; index_null is not 'ring')."""
-    return any(r.get("p_corrected") in (None, "") or
+def deciding(config: dict) -> tuple:
+    """The rankings whose rows decide a run's verdict: its verdict_rankings setting, or IMPORTANCE."""
+    asked = config.get("verdict_rankings")
+    return IMPORTANCE if asked is None else tuple(asked)
+
+
+def family_of(method: str, decides=IMPORTANCE) -> str:
+    """The family a ranking's rows are corrected in: VERDICT for the rankings that decide (`decides`: the
+    verdict_rankings setting, IMPORTANCE by default), DESCRIPTION for the others."""
+    return VERDICT if method in tuple(decides) else DESCRIPTION
+
+
+def needs_correction(rows: list, decides=IMPORTANCE) -> bool:
+    """Whether dissociation.csv's rows lack the corrected p (a file written before it, or a sweep not finished),
+    have a p_index from before the closed ring (`pair_null`; index_null is not 'ring'), or were corrected in
+    another family than `decides` gives them (a file from before the families, or another verdict_rankings)."""
+    return any(r.get("p_corrected") in (None, "") or r.get("family") != family_of(r.get("method"), decides) or
                (math.isfinite(_num(r.get("p_index"))) and r.get("index_null") != RING) for r in rows)
 
 
-def corrected_rows(diss_rows: list, result_rows: list, force: bool = True) -> list:
-    """dissociation.csv's rows with `p_corrected` and `correction` filled in, each fraction's rows one family
-    (computed from lesion_results.csv's random drops, `result_rows`), and p_index made from the closed ring where
-    the drops allow (`correct_family`); force=False keeps rows that have them."""
-    if not force and not needs_correction(diss_rows):
+def corrected_rows(diss_rows: list, result_rows: list, force: bool = True, decides=IMPORTANCE) -> list:
+    """dissociation.csv's rows with `p_corrected`, `correction` and `family` filled in: at each fraction the
+    rankings that decide the verdict (`decides`) form one family and the others (description) another, each
+    corrected on its own (from lesion_results.csv's random drops, `result_rows`), and p_index made from the closed
+    ring where the drops allow (`correct_family`); force=False keeps rows that have them, corrected as `decides`
+    says."""
+    if not force and not needs_correction(diss_rows, decides):
         return diss_rows
     out = [dict(r) for r in diss_rows]
     families = {}
     for r in out:
-        families.setdefault(round(_num(r.get("fraction")), 6), []).append(r)
+        r["family"] = family_of(r.get("method"), decides)
+        families.setdefault((round(_num(r.get("fraction")), 6), r["family"]), []).append(r)
     for rows in families.values():
         corrected, method = correct_family(rows, result_rows)
         for r, p in zip(rows, corrected):

@@ -79,7 +79,8 @@ def _row(probe, task, site, method, target, repeat, f, up, down, rng) -> dict:
     return {"probe": probe, "task": task, "layer": site.name if site else "", "depth": site.depth if site else "",
             "method": method, "target": target, "repeat": repeat, "fraction": f"{f:.4f}",
             "accuracy": f"{up.mean():.4f}", "inverted_accuracy": f"{down.mean():.4f}", "effect": f"{effect:.4f}",
-            "effect_low": f"{low:.4f}", "effect_high": f"{high:.4f}", "n_images": len(up), "p_vs_random": ""}
+            "effect_low": f"{low:.4f}", "effect_high": f"{high:.4f}", "n_images": len(up), "p_vs_random": "",
+            "read_by": "heads"}
 
 
 def _against_random(rows: list, key: str) -> list:
@@ -123,7 +124,7 @@ def transfer_rows(model, sites: list, rankings: dict, fit: list, test: list, fra
         return {"probe": "transfer", "task": name, "layer": site.name if site else "",
                 "depth": site.depth if site else "", "method": method, "target": target, "repeat": repeat,
                 "fraction": f"{f:.4f}", "accuracy": f"{acc:.4f}", "inverted_accuracy": "", "effect": "",
-                "effect_low": "", "effect_high": "", "n_images": len(y_test), "p_vs_random": ""}
+                "effect_low": "", "effect_high": "", "n_images": len(y_test), "p_vs_random": "", "read_by": "linear probe"}
 
     (intact,) = trunk_features(model, sites[0], [[]], test)
     rows = [row(None, "intact", "", 0, 0.0, intact)]

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from common import UsageError, autocast
+from common import reliability_key, UsageError, autocast
 from greedy import GREEDY_DEFAULTS, greedy_order
 from lesion_engine import evaluate_lesions, _order, Site, SiteRunner, site_activations
 
@@ -132,16 +132,22 @@ def same_top_sets(a: dict, b: dict, methods, tasks, fraction: float = 0.2) -> di
 
 
 def rank_correlation(a, b) -> float:
-    """Spearman's rank correlation (Pearson correlation of ranks; ties get their order's rank)."""
-    ra, rb = np.argsort(np.argsort(a)).astype(float), np.argsort(np.argsort(b)).astype(float)
-    if ra.std() == 0 or rb.std() == 0:
+    """Spearman's rank correlation (scipy.stats.spearmanr: tied scores, such as filters that never fire, share
+    their average rank); NaN where either side is constant."""
+    from scipy import stats
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if len(a) < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
         return float("nan")
-    return float(np.corrcoef(ra, rb)[0, 1])
+    return float(stats.spearmanr(a, b).statistic)
 
 
 METHODS = ("activation", "localiser", "loss", "greedy", "taylor", "mask", "random")
-NOT_RANKINGS = ("agreement", "reliability", "precision", "branch")  # the entries of a site's rankings that are about rankings
-RELIABILITY_FRACTIONS = (0.1, 0.2)  # the top sets whose split-half overlap is reported
+# the entries of a site's rankings.json that are about its rankings, or about the site
+NOT_RANKINGS = ("agreement", "reliability", "precision", "branch", "receptive_field")
+# the top sets whose split-half overlap is reported (a sweep adds its lesion fractions: the verdict reads the top set
+# of its headline fraction, verdict.reliability)
+RELIABILITY_FRACTIONS = (0.1, 0.2, 0.3)
 
 
 def split_halves(batches: list) -> tuple:
@@ -157,9 +163,10 @@ def top_overlap(order_a, order_b, fraction: float) -> float:
     return len(set(list(order_a)[:k]) & set(list(order_b)[:k])) / k
 
 
-def split_half_reliability(halves: tuple) -> dict:
+def split_half_reliability(halves: tuple, fractions=RELIABILITY_FRACTIONS) -> dict:
     """How reproducible a ranking is: the same method on two disjoint halves of the ranking images. Per method
-    and task: top-10% and top-20% overlap, and Spearman's correlation of the scores by channel."""
+    and task: the overlap of the top sets at each of `fractions` ('top10', 'top20', ...: `reliability_key`), and
+    Spearman's correlation of the scores by channel."""
     first, second = halves
     out = {}
     for method, per_task in first.items():
@@ -168,8 +175,8 @@ def split_half_reliability(halves: tuple) -> dict:
         out[method] = {}
         for t, entry in per_task.items():
             other = second[method][t]
-            row = {f"top{int(round(f * 100))}": round(top_overlap(entry["order"], other["order"], f), 4)
-                   for f in RELIABILITY_FRACTIONS}
+            row = {reliability_key(f): round(top_overlap(entry["order"], other["order"], f), 4)
+                   for f in sorted(set(fractions))}
             row["spearman"] = round(rank_correlation(entry["by_channel"], other["by_channel"]), 4)
             out[method][t] = row
     return out
@@ -178,7 +185,7 @@ def split_half_reliability(halves: tuple) -> dict:
 def rank_site(model, site: Site, rank_batches: list, tasks: list, methods, random_repeats: int = 10,
               seed: int = 0, masks_per_pass: int = 1, reliability: bool = False, greedy: dict | None = None,
               precision: str = "fp32", share=None, localiser_fdr: float = LOCALISER_FDR,
-              mask: dict | None = None) -> dict:
+              mask: dict | None = None, reliability_fractions=RELIABILITY_FRACTIONS) -> dict:
     """{method: {target: {'order': [...], 'scores': [...]}}} for one site; 'random' holds repeat_0..R-1, and
     'agreement' the rank correlation of taylor with loss per task when both were computed. With `reliability`,
     'reliability' holds each ranking's split-half reliability (`split_half_reliability`): every ranking is
@@ -187,7 +194,8 @@ def rank_site(model, site: Site, rank_batches: list, tasks: list, methods, rando
     precision: how the loss and greedy rankings score lesions (`ranking_precision`);
     share: (rank, world, all_gather) shares each greedy step's candidates out across processes (`greedy_order`),
     so every process must call it for the same site. localiser_fdr: the localiser's false discovery rate
-    (`localiser`); mask: the mask ranking's settings (MASK_DEFAULTS' keys; None = those)."""
+    (`localiser`); mask: the mask ranking's settings (MASK_DEFAULTS' keys; None = those); reliability_fractions:
+    the top sets whose split-half overlap `reliability` reports."""
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise UsageError(f"unknown lesion method(s) {bad}; expected some of {list(METHODS)}")
@@ -237,7 +245,7 @@ def rank_site(model, site: Site, rank_batches: list, tasks: list, methods, rando
             out["reliability"] = split_half_reliability(tuple(
                 rank_site(model, site, half, tasks, ranked, masks_per_pass=masks_per_pass, greedy=greedy,
                           precision=precision, share=share, localiser_fdr=localiser_fdr, mask=mask)
-                for half in halves))
+                for half in halves), reliability_fractions)
     return out
 
 

@@ -7,7 +7,8 @@ benchmarks/verdict_calibration.py found it on 6 of 6 networks whose two heads le
 
 Fixed readouts (`fixed_readouts`, `fixed_lesions`; fixed_readout=True, the default): per task, linear readouts
 fitted once to the intact network's features of held-out images (the task's test images in 10 folds: every test
-image is read by the readout fitted on the other nine) and never refitted. A lesion then costs a task what
+image is read by the readout fitted on the other nine, its ridge penalty chosen on those nine alone) and never
+refitted. A lesion then costs a task what
 it takes from the features its readout reads. Two heads of one task get readouts of one form (fitted to the same
 task, on images the network never trained on), so the filters each head happens to read cannot split them, while
 in a branched network a task's copy alone feeds its readout. The verdict asks a site to dissociate through them
@@ -19,8 +20,8 @@ small networks stay linearly readable after a 20% lesion, so this reading has li
 
 The readout is the project's linear probe (inspection.linear_probe's form: standardised features, a ridge
 classifier, closed form) on the heads' own input (the trunk's features, a branched network's task copy), its
-ridge penalty chosen once per task on the intact network's features by leave-one-out and then kept for every
-lesion. Results have the form of `lesion_engine.evaluate_lesions`'s (a loss is not defined: NaN), so the sweep's
+ridge penalty chosen by leave-one-out on the intact network's features of the images the readout is fitted on
+(never on the images it scores) and then kept for every lesion. Results have the form of `lesion_engine.evaluate_lesions`'s (a loss is not defined: NaN), so the sweep's
 rows, index, ring null and correction apply as they are; they go to common.READOUT_DIRS' folder inside the run
 folder.
 """
@@ -33,6 +34,7 @@ from common import autocast, UsageError
 from lesion_engine import evaluate_lesions, lesion_mask, SiteRunner
 
 ALPHAS = tuple(float(a) for a in np.logspace(-1, 5, 13))  # the ridge penalties leave-one-out chooses among
+PENALTY_RULE = "per_fold"  # the fixed readouts' penalty: chosen per fold on its own training images (nested)
 FEATURE_BUDGET = 512 * 2**20  # bytes of readout inputs held at once (lesions are scored in groups that fit)
 
 
@@ -45,13 +47,18 @@ def probe(alpha: float):
     return make_pipeline(StandardScaler(), RidgeClassifier(alpha=alpha))
 
 
-def choose_alphas(features: dict, labels: dict) -> dict:
-    """{task: the ridge penalty among ALPHAS with the best leave-one-out accuracy on its (intact) features}."""
+def choose_alpha(features: np.ndarray, labels: np.ndarray) -> float:
+    """The ridge penalty among ALPHAS that predicts the (one-hot) labels best by leave-one-out over these images
+    (scikit-learn's RidgeClassifierCV on the standardised features): only the images given are looked at."""
     from sklearn.linear_model import RidgeClassifierCV
     from sklearn.preprocessing import StandardScaler
 
-    return {t: float(RidgeClassifierCV(alphas=ALPHAS).fit(StandardScaler().fit_transform(features[t]), labels[t])
-                     .alpha_) for t in features}
+    return float(RidgeClassifierCV(alphas=ALPHAS).fit(StandardScaler().fit_transform(features), labels).alpha_)
+
+
+def choose_alphas(features: dict, labels: dict) -> dict:
+    """{task: `choose_alpha` on that task's (intact) features}."""
+    return {t: choose_alpha(features[t], labels[t]) for t in features}
 
 
 def _labels(batches: list) -> dict:
@@ -127,12 +134,13 @@ FIXED_FOLDS = 10  # the fixed readouts' folds of each task's test images (fewer 
 
 def fixed_readouts(model, site, test_batches: list, seed: int = 0, folds: int = FIXED_FOLDS) -> dict:
     """The fixed readouts `fixed_lesions` scores lesions with: per task, its test images dealt into `folds` folds
-    (seeded, in turn within each class), and per fold a linear readout (`probe`, penalty by `choose_alphas`) fitted
-    to the intact network's readout inputs of the other folds' images. Every test image is later read by the
-    readout that did not see it, so no image a readout saw, and no image the network trained on, is scored; with
-    many folds each readout sees most of the images and a task's accuracy averages over many readouts, so the
-    noise of any one readout's fit weighs little.
-    Returns {task: {'fold': int array (per test image, in order), 'readouts': [per fold], 'alpha': penalty}}."""
+    (seeded, in turn within each class), and per fold a linear readout (`probe`) fitted to the intact network's
+    readout inputs of the other folds' images, its penalty chosen (`choose_alpha`) on those images alone. Every
+    test image is later read by the readout that did not see it, and whose penalty it did not help choose, so no
+    image a readout saw, and no image the network trained on, is scored; with many folds each readout sees most
+    of the images and a task's accuracy averages over many readouts, so the noise of any one readout's fit weighs
+    little. Returns {task: {'fold': int array (per test image, in order), 'readouts': [per fold],
+    'alphas': [each fold's penalty]}}."""
     keep, add = lesion_mask([], site.n_filters)
     (features,) = readout_inputs(model, site, [(keep, add)], test_batches, 1)
     labels = _labels(test_batches)
@@ -140,13 +148,14 @@ def fixed_readouts(model, site, test_batches: list, seed: int = 0, folds: int = 
         problem = folds_problem(y, seed, folds)
         if problem:
             raise UsageError(f"fixed_readout: {task}: {problem}")
-    alphas = choose_alphas(features, labels)
     out = {}
     for task, y in labels.items():
         fold, k = deal_folds(y, seed, folds)
-        out[task] = {"fold": fold, "alpha": alphas[task],
-                     "readouts": [probe(alphas[task]).fit(features[task][fold != f], y[fold != f])
-                                  for f in range(k)]}
+        out[task] = {"fold": fold, "alphas": [], "readouts": []}
+        for f in range(k):  # fold f's readout and its penalty see the other folds' images only
+            x, y_fit = features[task][fold != f], y[fold != f]
+            out[task]["alphas"].append(choose_alpha(x, y_fit))
+            out[task]["readouts"].append(probe(out[task]["alphas"][-1]).fit(x, y_fit))
     return out
 
 
@@ -175,6 +184,12 @@ def folds_problem(y: np.ndarray, seed: int = 0, folds: int = FIXED_FOLDS) -> str
         return (f"too few test images ({len(y)} in {len(np.unique(y))} class(es)) to fit a readout without each of "
                 f"{k} folds (each fold's readout is fitted on the other folds' images, at least two classes)")
     return None
+
+
+def penalty_range(alphas: list) -> str:
+    """The fixed readouts' penalties of one task in words, for the log: one value, or the range over folds."""
+    low, high = min(alphas), max(alphas)
+    return f"penalty {low:g} in every fold" if low == high else f"penalty {low:g} to {high:g} by fold"
 
 
 def fixed_reader(readouts: dict):

@@ -214,6 +214,9 @@ SETTINGS = {
     "health_check": _choice(health.ACTIONS),
     "match_accuracy": _FLAG,
     "ranking_reliability": _FLAG,
+    "verdict_rankings": ((lambda v: v is None or (isinstance(v, list) and len(v) > 0 and len(set(v)) == len(v) and all(
+        m in lesion_utils.METHODS and m != "random" for m in v))),
+        f"None or a non-empty list of distinct rankings from {[m for m in lesion_utils.METHODS if m != 'random']}"),
     "greedy_racing": _FLAG,
     "greedy_margin": _number(0, strict=False),
     "greedy_candidates": _optional(_integer(1)),

@@ -17,7 +17,7 @@ import numpy as np
 from common import UsageError
 
 SUBGROUP_COLUMNS = ("layer", "method", "target", "repeat", "fraction", "eval_task", "group", "accuracy",
-                    "intact_accuracy", "n_images")
+                    "intact_accuracy", "n_images", "read_by")  # read_by: as lesion_results.csv's
 FORM = ("a CSV file with a header row task,image,group: the task's name, the image's position among that task's "
         "test images (0-based) and its group's name, one row per image")
 
@@ -63,7 +63,7 @@ def read_groups(path, n_test: dict) -> dict:
 
 
 def subgroup_rows(site, method: str, target: str, repeat: int, fraction: str, res: dict, intact: dict,
-                  groups: dict) -> list:
+                  groups: dict, read_by: str = "heads") -> list:
     """lesion_subgroups.csv's rows of one lesion (res: evaluate_lesions' result of it; fraction: its key)."""
     rows = []
     for task, per_group in groups.items():
@@ -72,5 +72,5 @@ def subgroup_rows(site, method: str, target: str, repeat: int, fraction: str, re
             rows.append({"layer": site.name, "method": method, "target": target, "repeat": repeat,
                          "fraction": fraction, "eval_task": task, "group": group,
                          "accuracy": f"{hit.mean():.4f}", "intact_accuracy": f"{base.mean():.4f}",
-                         "n_images": len(idx)})
+                         "n_images": len(idx), "read_by": read_by})
     return rows

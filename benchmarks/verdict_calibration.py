@@ -146,6 +146,7 @@ sys.path.insert(0, str(ROOT))
 import lesion_utils as L  # noqa: E402
 import multiple_testing as M  # noqa: E402
 import report  # noqa: E402
+import verdict as V  # noqa: E402
 
 BENCH_DIR = ROOT / ".bench" / "verdict_calibration"
 SCRIPTS = {"resnet50": "ResNet", "resnext50": "ResNeXt", "vgg16": "vgg16", "vgg19": "vgg19"}
@@ -159,23 +160,58 @@ READOUT_KINDS = {"refit": "refitted readouts", "fixed": "fixed readouts"}  # rea
 
 
 def run_verdict(diss_rows: list, result_rows: list, fixed: list | None = None) -> dict:
-    """A run's verdict from its dissociation.csv and lesion_results.csv rows, by the report's own functions:
-    {'yes', 'yes_uncorrected', 'fraction', 'rows': the headline fraction's rows, each with 'verdict' and
-    'verdict_uncorrected'}. fixed: the fixed readouts' rows (report.read_readout), which a site must dissociate
-    through too (report.confirmed); None: the heads alone. The correction is filled in where the rows lack it (a
-    sweep's file has it)."""
-    diss = M.corrected_rows(diss_rows, result_rows, force=False)
+    """The statistics layer's verdict (rule 2 of verdict.py: the test, corrected) of a run's dissociation.csv and
+    lesion_results.csv rows: {'yes', 'yes_uncorrected', 'fraction', 'rows': the headline fraction's rows, each
+    with 'verdict' ('dissociates' where the row passes the test, through the heads and, with `fixed`, the fixed
+    readouts' rows too) and 'verdict_uncorrected'}. The simulation has no rankings to check the other rules
+    against: `trained_verdict` applies them all."""
+    decides = tuple(dict.fromkeys(r["method"] for r in diss_rows))  # every simulated ranking decides
+    diss = M.corrected_rows(diss_rows, result_rows, force=False, decides=decides)
     if not diss:
         return {"yes": False, "yes_uncorrected": False, "fraction": float("nan"), "rows": []}
-    f = report.headline_fraction(r["fraction"] for r in diss)
+    f = V.headline_fraction(r["fraction"] for r in diss)
     rows = [r for r in diss if abs(float(r["fraction"]) - f) <= 1e-6]
-    uncorrected = lambda rs: None if rs is None else [dict(r, p_corrected=r.get("p_index")) for r in rs]
-    ok, ok_u = report.confirmed(rows, fixed), report.confirmed(uncorrected(rows), uncorrected(fixed))
-    rows = [dict(r, verdict=YES if ok[(r["layer"], r["method"])] else report.verdict(r) if report.verdict(r) != YES
-                 else "through the heads only",
-                 verdict_uncorrected=YES if ok_u[(r["layer"], r["method"])] else "no") for r in rows]
+    through = None if fixed is None else {(r["layer"], r["method"]): r for r in
+                                          M.corrected_rows(fixed, [], force=False, decides=decides)
+                                          if abs(float(r["fraction"]) - f) <= 1e-6}
+
+    def passes(r, key="p_corrected"):
+        ok = V.test(dict(r, p_corrected=r[key])) is V.Test.DISSOCIATES
+        other = None if through is None else through.get((r["layer"], r["method"]))
+        return ok and (through is None or (other is not None and
+                                           V.test(dict(other, p_corrected=other[key])) is V.Test.DISSOCIATES))
+
+    def said(r):  # a row passing through the heads but not the readouts is not YES
+        return YES if passes(r) else V.Counts.HEADS_ONLY.value if V.test(r) is V.Test.DISSOCIATES else V.test(r).value
+
+    rows = [dict(r, verdict=said(r), verdict_uncorrected=YES if passes(r, "p_index") else "no") for r in rows]
     return {"yes": any(r["verdict"] == YES for r in rows),
             "yes_uncorrected": any(r["verdict_uncorrected"] == YES for r in rows), "fraction": f, "rows": rows}
+
+
+def trained_verdict(out_dir: Path, fixed: bool = True) -> dict:
+    """A trained run's verdict under every rule of verdict.py, as its report reaches it (verdict.judge_run on the
+    run's files): {'yes', 'answer', 'fraction', 'rows': the headline fraction's rows, each with 'verdict' (what it
+    counts as: verdict.Counts' value, YES for a split by task) and 'verdict_uncorrected' (the same rules with
+    p_index in place of the corrected p)}; fixed=False: through the heads alone."""
+    from common import read_csv, read_json
+
+    diss, results = read_csv(out_dir / "dissociation.csv"), read_csv(out_dir / "lesion_results.csv")
+    config = read_json(out_dir / "config.json")
+    rankings = read_json(out_dir / "rankings.json") if (out_dir / "rankings.json").exists() else {}
+    decides = V.deciding(config)
+    readout = report.read_readout(out_dir, "fixed", decides) if fixed else None
+    judged = V.judge_run(diss, results, rankings, config, readout and readout["dissociation"],
+                         readout and readout["results"])
+    loose_rows = [dict(r, p_corrected=r["p_index"]) for r in M.corrected_rows(diss, results, decides=decides)]
+    loose_fixed = readout and [dict(r, p_corrected=r["p_index"]) for r in readout["dissociation"]]
+    loose = V.judge_run(loose_rows, results, rankings, config, loose_fixed, readout and readout["results"])
+    uncorrected = {(f.site, f.ranking): f.counts for f in loose.findings}
+    rows = [dict(f.row, verdict=YES if f.counts is V.Counts.SPLIT else f.counts.value,
+                 verdict_uncorrected=YES if uncorrected[f.site, f.ranking] is V.Counts.SPLIT else "no",
+                 reliability=f.reliable) for f in judged.findings]
+    return {"yes": judged.answer is V.Answer.YES, "answer": judged.answer.value, "fraction": judged.fraction,
+            "yes_uncorrected": loose.answer is V.Answer.YES, "rows": rows}
 
 
 def rate(hits: int, n: int) -> tuple:
@@ -234,7 +270,7 @@ def simulate_network(rng: np.random.Generator, n_sites: int = 5, n_rankings: int
         fragility[t] = rng.standard_normal(n_images)
     summary = {t: L._summary(intact[t]) for t in tasks}
     rho = 0.5
-    rankings = [f"rank{k}" for k in range(n_rankings)]
+    rankings = list(V.IMPORTANCE[:n_rankings])  # named as rankings that decide
     diss, random_rows = [], []
     for s in range(n_sites):
         n_filters = 64 * 2 ** min(s, 5)
@@ -316,8 +352,8 @@ def base_config(args, seed: int, out_dir: Path) -> dict:
                   max_classes=args.classes, health_check="warn", seed=seed, out_dir=str(out_dir),
                   stages=["train", "lesion"],
                   lesion_methods=[args.ranking, "random"], lesion_layers=list(args.lesion_layers),
-                  random_repeats=args.repeats, rank_images=args.rank_images, ranking_reliability=False,
-                  lesion_fractions=[0.0, args.fraction], face_data="demo", object_data="demo", tasks=None,
+                  random_repeats=args.repeats, rank_images=args.rank_images, ranking_reliability=True,
+                  lesion_fractions=[0.0, *args.fractions], face_data="demo", object_data="demo", tasks=None,
                   branch_at=None, retrain=False, readout_images=args.readout_images,
                   **{f"{kind}_readout": kind in args.readouts for kind in READOUT_KINDS})
     return config
@@ -368,7 +404,9 @@ def train_and_sweep(config: dict, log: Path) -> float:
 
 
 def read_run(out_dir: Path) -> dict:
-    """A finished run's verdict (run_verdict) and intact accuracies, checked against report.summary's sentence."""
+    """A finished run's verdict under every rule (trained_verdict: heads and fixed readouts, where run) and its
+    intact accuracies, checked against report.summary's sentence; 'heads': the same rules through the heads alone;
+    'refit', 'fixed': the statistics layer's test through each kind of readout alone, where run."""
     import html
     import re
 
@@ -376,30 +414,32 @@ def read_run(out_dir: Path) -> dict:
 
     results = read_csv(out_dir / "lesion_results.csv")
     diss = read_csv(out_dir / "dissociation.csv")
-    readouts = {kind: report.read_readout(out_dir, kind) for kind in READOUT_KINDS}
-    v = run_verdict(diss, results, readouts["fixed"])  # the report's verdict: heads and fixed readouts, where run
     config = read_json(out_dir / "config.json")
+    readouts = {kind: report.read_readout(out_dir, kind, V.deciding(config)) for kind in READOUT_KINDS}
+    v = trained_verdict(out_dir)
     rankings = read_json(out_dir / "rankings.json") if (out_dir / "rankings.json").exists() else {}
     checkup = read_json(out_dir / "train_health.json") if (out_dir / "train_health.json").exists() else {}
     page = html.unescape(re.sub(r"<[^>]+>", " ", report.summary(config, {}, results, diss, rankings, checkup,
                                                                  readouts)))
-    said = re.search(r"Task-specialised filters: (yes|not shown)", page)
+    said = re.search(r"Task-specialised filters: (yes|not shown|split by image statistics)", page)
     v["report_says"] = said.group(1) if said else "?"
     if said and (said.group(1) == "yes") != v["yes"]:
-        print(f"warning: {out_dir}: report.summary says '{said.group(1)}', run_verdict says yes={v['yes']}",
+        print(f"warning: {out_dir}: report.summary says '{said.group(1)}', trained_verdict says yes={v['yes']}",
               file=sys.stderr)
     v["intact"] = {t: a for t, (a, _, _) in report.intact_accuracies(results).items()}
-    v["heads"] = run_verdict(diss, results)  # the heads alone, as before the fixed readouts
+    v["heads"] = trained_verdict(out_dir, fixed=False)  # the heads alone, as before the fixed readouts
     for kind in READOUT_KINDS:  # the same lesions through linear readouts (readouts.py) alone, when run
         if readouts[kind] is not None:
-            v[kind] = run_verdict(readouts[kind], read_csv(out_dir / report.READOUT_DIRS[kind] / "lesion_results.csv"))
+            v[kind] = run_verdict(readouts[kind]["dissociation"], readouts[kind]["results"])
     return v
 
 
 def site_line(r: dict) -> str:
+    rel = r.get("reliability")
     return (f"    {r['layer']:<24} {r['method']:<10} index {float(r['index']):7.3f} "
             f"[{float(r['ci_low']):7.3f}, {float(r['ci_high']):7.3f}]  p {float(r['p_index']):.3f}  "
-            f"p_corr {float(r['p_corrected']):.3f}  {r['verdict']}")
+            f"p_corr {float(r['p_corrected']):.3f}" + (f"  split-half {rel:.2f}" if rel is not None else "") +
+            f"  {r['verdict']}")
 
 
 def trained(args) -> dict:
@@ -447,7 +487,7 @@ def trained(args) -> dict:
 
 
 def experiment_verdict(real: list, control: list, repeats: int) -> dict:
-    """The experiment verdict (aggregate.verdict, as an experiment's report reaches it) of the `real` runs with the
+    """The experiment verdict (aggregate.judge, as an experiment's report reaches it) of the `real` runs with the
     `control` runs as their same_task control, one network per seed each: {'yes', 'answer'}."""
     import aggregate
 
@@ -457,8 +497,11 @@ def experiment_verdict(real: list, control: list, repeats: int) -> dict:
         data = [{"seed": v["seed"], "folder": v["out_dir"], "data": aggregate.read_swept_run(Path(v["out_dir"]))}
                 for v in runs]
         stats[role] = aggregate.role_statistics(data, rng)
-    answer, _, _, passing = aggregate.verdict(aggregate.summary_rows(stats), {"real", "same_task"}, len(real),
-                                              repeats)
+    rows = aggregate.summary_rows(stats)
+    rankings = aggregate.run_rankings(Path("/"), [{"role": "real", "folder": v["out_dir"]} for v in real])
+    answer, _, _, passing = aggregate.verdict(rows, {"real", "same_task"}, len(real), repeats,
+                                              reliability=aggregate.reliability_across(rankings, rows),
+                                              rf=aggregate.receptive_across(rankings))
     return {"yes": bool(passing), "answer": answer}
 
 
@@ -477,7 +520,11 @@ def both_yes(v: dict, kind: str) -> bool:
     return any(r["verdict"] == YES for r in both_rows([v], kind)[0]["rows"])
 
 
-def site_power(runs: list, depths: set, key: str = "verdict") -> tuple:
+TESTED = {YES, V.Counts.IMAGE_STATISTICS.value, V.Counts.UNMEASURED.value, V.Counts.NOT_REPRODUCIBLE.value,
+          V.Counts.ONE_FRACTION.value}  # trained_verdict's rows that pass the test itself (rule 2, and 1)
+
+
+def site_power(runs: list, depths: set, key: str = "verdict", passing=(YES,)) -> tuple:
     """(dissociating sites, sites) over runs at the given depths: a site dissociates when any ranking's row there
     does (key: 'verdict', or 'verdict_uncorrected' for the verdict before the correction)."""
     hits = n = 0
@@ -485,7 +532,7 @@ def site_power(runs: list, depths: set, key: str = "verdict") -> tuple:
         by_site = {}
         for r in v["rows"]:
             if int(r["depth"]) in depths:
-                by_site[r["layer"]] = by_site.get(r["layer"], False) or r[key] == YES
+                by_site[r["layer"]] = by_site.get(r["layer"], False) or r[key] in passing
         hits += sum(by_site.values())
         n += len(by_site)
     return hits, n
@@ -520,7 +567,9 @@ def parse(argv=None):
                              "faster: see the module's docstring)")
     parser.add_argument("--repeats", type=int, default=None, help="random orders (20: corrected p can reach 1/22)")
     parser.add_argument("--rank_images", type=int, default=None)
-    parser.add_argument("--fraction", type=float, default=0.2)
+    parser.add_argument("--fractions", type=literal, default=[0.1, 0.2, 0.3],
+                        help="lesion fractions swept (the verdict reads 20%, or the nearest, and asks a split to hold "
+                             "at its neighbours)")
     parser.add_argument("--null", default="halves", choices=["halves", "identical"])
     parser.add_argument("--control_seeds", type=literal, default=None,
                         help="seeds of the further null networks that serve as the same_task control of the "
@@ -529,6 +578,8 @@ def parse(argv=None):
                         "these linear readouts (refit_readout, fixed_readout), e.g. \"['fixed']\"; [] for none")
     parser.add_argument("--readout_images", type=int, default=500, help="training images per task of each readout")
     parser.add_argument("--seed", type=int, default=0, help="seed of the simulation")
+    parser.add_argument("--record", action="store_true", help="write benchmarks/results/verdict_calibration.json "
+                        "even with --out_root (a full run with the default folders always writes it)")
     parser.add_argument("--out_root", default=None, help="folder of the trained runs (default: "
                         ".bench/verdict_calibration/<hash of the training settings>)")
     args = parser.parse_args(argv)
@@ -579,6 +630,11 @@ def main(argv=None) -> int:
         hits_s, n_s = site_power(runs["shared"], post)
         hits_u, _ = site_power(runs["branched"], post, "verdict_uncorrected")
         print(f"power_uncorrected: {fmt_rate(hits_u, n)} (branched networks, before the correction)")
+        print(f"power_test_only: {fmt_rate(*site_power(runs['branched'], post, passing=TESTED))} (branched networks: "
+              f"the test alone, without the reproducibility, neighbouring-fraction and early-site rules)")
+        print(f"false_positive_rate_trained_test_only: "
+              f"{fmt_rate(sum(any(r['verdict'] in TESTED for r in v['rows']) for v in nulls), len(nulls))} "
+              f"(the null networks, the test alone)")
         heads = [v["heads"] for v in runs["branched"] if "fixed" in v]
         if heads:
             print(f"power_heads_only: {fmt_rate(*site_power(heads, post))} (branched networks, the heads' lesions "
@@ -613,7 +669,32 @@ def main(argv=None) -> int:
         print(f"power: {fmt_rate(hits, n)} (branched at depth {args.branch_at}, post-branch sites "
               f"{sorted(post)} x {len(args.seeds)} seed(s), corrected verdict)")
         print(f"power_shared: {fmt_rate(hits_s, n_s)} (the same sites of the fully shared networks)")
+        if not args.quick and args.out_root is None or args.record:
+            record(args, sim, nulls, (hits, n), time.perf_counter() - start)
     return 0
+
+
+def record(args, sim: dict, nulls: list, power: tuple, seconds: float) -> Path:
+    """benchmarks/results/verdict_calibration.json: what the report's calibration note quotes
+    (first_screen.calibration_note), with the date, machine and command that measured it."""
+    import platform
+
+    from common import write_text
+
+    def entry(hits, n):
+        p, low, high = rate(hits, n)
+        return {"hits": hits, "n": n, "rate": p, "low": low, "high": high}
+
+    out = {"date": time.strftime("%Y-%m-%d"), "command": "python " + " ".join(sys.argv),
+           "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "seconds": round(seconds),
+           "networks": f"{args.backbone} at {args.image_size} px, {len(args.seeds)} seeds per kind, branched at depth "
+                       f"{args.branch_at}, the {args.ranking} ranking",
+           "false_positive_rate_trained": entry(sum(v["yes"] for v in nulls), len(nulls)),
+           "power": entry(*power), "false_positive_rate": entry(sim["yes"], sim["draws"])}
+    path = Path(__file__).resolve().parent / "results" / "verdict_calibration.json"
+    write_text(path, json.dumps(out, indent=1))
+    print(f"wrote {path}")
+    return path
 
 
 if __name__ == "__main__":

@@ -71,6 +71,20 @@ def test_help_lists_hyperparameters_with_comments():
     assert p.returncode == 0 and "--face_data='demo'" in p.stdout and "cap on images per class" in p.stdout
 
 
+def test_provenance_lists_every_library_that_shapes_the_numbers():
+    import cv2
+    import PIL
+    import scipy
+    import torch
+
+    versions = dualtask.provenance(torch.device("cpu"))["versions"]
+    expected = {"torch": torch.__version__, "scipy": scipy.__version__, "opencv": cv2.__version__,
+                "pillow": PIL.__version__}
+    assert {k: versions[k] for k in expected} == expected
+    for library in ("python", "torchvision", "numpy", "scikit-learn", "pandas"):
+        assert versions[library], library
+
+
 # -- properties of the override parser -------------------------------------------------------------------
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402

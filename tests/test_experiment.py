@@ -254,16 +254,17 @@ def test_planted_real_split_dissociates_and_a_pseudo_task_split_does_not():
     assert float(real_row["p_vs_pseudo_task"]) < 0.01
     assert abs(float(rows["same_task"]["index"])) < 0.2 and float(real_row["p_vs_same_task"]) < 0.01
     assert float(real_row["p_random"]) < 0.01  # three seeds at 1/21 each, combined (Fisher)
+    late = {(real_row["layer"], real_row["method"]): 0.9}, {real_row["layer"]: 1.0}  # reproducible, a late site
     answer, licence, caveats, passing = aggregate.verdict(list(rows.values()), {"real", "pseudo_task", "same_task"},
-                                                          3, 19)
+                                                          3, 19, reliability=late[0], rf=late[1])
     assert answer.startswith("Task-specialised filters: yes") and len(passing) == 1
-    assert "beyond random lesions, pseudo-tasks, two heads on one task at" in answer
+    assert "across 3 seeds, beyond random lesions and the controls" in answer
     assert "more than two heads learning one task lean on different filters" in licence
     # the real split, judged as a same-task network's: not beyond the control
     as_same = dict(real_row, p_vs_same_task="0.6")
-    answer, *_ = aggregate.verdict([as_same], {"real", "same_task"}, 3, 19)
+    answer, *_ = aggregate.verdict([as_same], {"real", "same_task"}, 3, 19, reliability=late[0], rf=late[1])
     assert answer.startswith("Task-specialised filters: not shown")
-    assert any("resolution_matched" in c for c in caveats)  # the control that did not run is named
+    assert any("resolution_matched" in c.text for c in caveats)  # the control that did not run is named
 
 
 # -- whole experiments ----------------------------------------------------------------------------------

@@ -265,6 +265,20 @@ def test_figures_stage_writes_the_report_and_report_py_rebuilds_it(tmp_path):
     assert (cmp_dir / "compare.png").stat().st_size > 10_000
 
 
+def test_the_linear_probe_chooses_its_penalty_on_the_training_folds_only():
+    from sklearn.model_selection import cross_validate, StratifiedKFold
+
+    import readouts
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 20)
+    x = rng.normal(size=(60, 40)) + 0.8 * np.eye(3)[y] @ rng.normal(size=(3, 40))
+    folds = list(StratifiedKFold(5, shuffle=True, random_state=0).split(x, y))
+    fitted = cross_validate(inspection.linear_probe(), x, y, cv=folds, return_estimator=True)["estimator"]
+    for probe, (train, _) in zip(fitted, folds):
+        assert probe[-1].alpha_ == readouts.choose_alpha(x[train], y[train])  # the fold's scored rows unseen
+
+
 def test_not_a_run_folder_exits_2(tmp_path):
     for script, args in (("report.py", [str(tmp_path)]), ("compare.py", [str(tmp_path), "--out_dir=" + str(tmp_path / "c")])):
         p = subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True)

@@ -91,3 +91,21 @@ def test_dissociation_is_undefined_for_a_head_at_chance():
     at_chance["face"]["correct"] = np.arange(200) % 4 == 0  # exactly a quarter right, as chance predicts
     (row,) = L.dissociation_rows(site, conditions, results, at_chance, chance, ["face", "object"], n_boot=200)
     assert np.isnan(float(row["index"])) and np.isnan(float(row["ci_low"])) and np.isnan(float(row["ci_high"]))
+
+
+def test_rank_correlation_is_spearmans_with_ties_averaged():
+    from scipy import stats
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):  # filters tied at zero (never active) on either side, as in early layers
+        a = np.where(rng.random(40) < 0.5, 0.0, rng.random(40))
+        b = np.where(rng.random(40) < 0.5, 0.0, a + 0.3 * rng.random(40))
+        assert L.rank_correlation(a, b) == pytest.approx(stats.spearmanr(a, b).statistic, abs=1e-12)
+    small = ([0, 0, 0, 1, 2], [0, 1, 0, 2, 3])  # sort-order ranks for the ties gave 0.9 here, not 0.918
+    assert L.rank_correlation(*small) == pytest.approx(stats.spearmanr(*small).statistic)
+    assert np.isnan(L.rank_correlation(np.zeros(5), np.arange(5)))  # a constant side: no correlation
+    # the split-half reliability reports it
+    entry = {"order": [3, 4, 1, 0, 2], "by_channel": small[0]}
+    other = {"order": [4, 3, 1, 0, 2], "by_channel": small[1]}
+    rel = L.split_half_reliability(({"loss": {"face": entry}}, {"loss": {"face": other}}))
+    assert rel["loss"]["face"]["spearman"] == round(stats.spearmanr(*small).statistic, 4)

@@ -9,6 +9,7 @@ import aggregate
 import lesion_utils as L
 import multiple_testing as M
 import report
+from conftest import reproducible_rankings
 
 
 def diss_row(layer, method, index, p_index, ci_low=0.1, n_random=20, fraction="0.2000"):
@@ -178,7 +179,8 @@ def _summary_text(diss, results, repeats=20, methods=("loss", "random")):
     config = {"seed": 0, "lesion_methods": list(methods), "random_repeats": repeats}
     intact = [{"layer": "s0", "eval_task": t, "intact_accuracy": "0.8", "n_images": 200, "chance": "0.1"}
               for t in ("face", "object")]
-    page = report.summary(config, {}, intact + results, diss, {})
+    rankings = reproducible_rankings([r["layer"] for r in diss], methods=methods)  # late sites that reproduce
+    page = report.summary(config, {}, intact + results, diss, rankings)
     return html.unescape(re.sub(r"<[^>]+>", " ", page))
 
 
@@ -198,22 +200,30 @@ def test_report_decides_with_the_corrected_p_and_names_the_correction():
 
     # s4's index far beyond every null draw anywhere: corrected p = 1/22 < 0.05, so yes
     text = _summary_text(rows_with(1.0), results)
-    assert "Task-specialised filters: yes, at 1 of 5 sites, corrected for 5 tests over 5 sites and 1 ranking by " \
-           "a max-statistic test over the 20 random orders." in text
-    assert "p vs random pairs" in text and "p corrected" in text
+    assert "Task-specialised filters: yes, at 1 of 5 sites (s4), loss ranking, 20% lesions, through the heads; " \
+           "corrected p = 0.045 at each, the smallest 20 random orders allow." in text
+    assert "p corrected" in text
     # the same index beating its own site's 21 draws (p_index = 1/22) but inside the others' range after
     # standardising: uncorrected it would pass, corrected it does not
     modest = float(np.max(ring(drops["s4"], 0.1)) + 1e-3)
     assert (ring(drops["s4"], modest) < modest).all()  # p_index = 1/22
     text = _summary_text(rows_with(modest), results)
-    assert "Task-specialised filters: not shown, corrected for 5 tests" in text
-    assert "1 site x ranking pair(s) pass p < 0.05 against the random-lesion pairs alone but not after" in text
-    assert "interval above 0, not beyond random lesions after the correction" in text
-    # two rankings at 20 repeats: the floor 2/22 is above 0.05, so nothing can pass and the caveat says what would
+    assert "Task-specialised filters: not shown. At 20% lesions no site's face and object filters" in text
+    assert "1 site x ranking pair(s) pass p < 0.05 against the random-lesion pairs alone but not after the " \
+           "correction for the 5 tests" in text
+    assert "no (lost to the correction)" in text
+    # a selectivity ranking beside it is corrected as a family of its own: the loss ranking keeps its floor 1/22
     rows = rows_with(1.0) + [dict(r, method="activation") for r in rows_with(1.0)]
+    corrected = M.corrected_rows(rows, results)
+    assert {(r["method"], r["family"]) for r in corrected} == {("loss", "verdict"), ("activation", "description")}
     text = _summary_text(rows, results, methods=("activation", "loss", "random"))
-    assert "not shown, corrected for 10 tests over 5 sites and 2 rankings" in text and "Bonferroni" in text
+    assert "yes, at 1 of 5 sites (s4), loss ranking" in text and "activation (description)" in text
+    # two rankings that decide at 20 repeats: the floor 2/22 is above 0.05, so nothing can pass and it says so
+    rows = rows_with(1.0) + [dict(r, method="taylor") for r in rows_with(1.0)]
+    text = _summary_text(rows, results, methods=("taylor", "loss", "random"))
+    assert "not shown: with 20 random orders no corrected p can go below 0.091" in text
     assert "no corrected p-value can go below 2/(20+2) = 0.091" in text and "random_repeats=39" in text
+    assert "Bonferroni over 2 rankings" in text
 
 
 def test_experiment_verdict_and_summary_control_the_family_wise_error():
@@ -224,12 +234,14 @@ def test_experiment_verdict_and_summary_control_the_family_wise_error():
 
     rows = [row("s0", "0.001", "0.002"), row("s1", "0.01", "0.02"), row("s2", "0.3", "0.5")]
     # Holm: 0.001 x6, 0.002 x5, 0.01 x4, 0.02 x3 = 0.006, 0.01, 0.04, 0.06: s0 passes both, s1 not the second
-    answer, _, caveats, passing = aggregate.verdict(rows, {"real", "pseudo_task"}, 3, 99)
+    late = {(f"s{k}", "loss"): 0.8 for k in range(3)}, {f"s{k}": 1.0 for k in range(3)}  # reproducible, late
+    answer, _, caveats, passing = aggregate.verdict(rows, {"real", "pseudo_task"}, 3, 99, reliability=late[0],
+                                                    rf=late[1])
     assert [r["layer"] for r in passing] == ["s0"]
-    assert "yes, at 1 site(s), across 3 seed(s), Holm-corrected for the 6 tests over 3 sites, 1 ranking and 2 " \
-           "comparisons, p < 0.05" in answer
-    assert any("1 site x ranking pair(s) pass every comparison at p < 0.05 uncorrected but not after Holm's" in c
-               and "loss s1" in c for c in caveats)
+    assert "yes, at 1 of 3 sites (s0), loss ranking, 20% lesions, across 3 seeds, beyond random lesions and the " \
+           "controls; Holm-corrected p <= 0.010" in answer
+    assert any("1 site x ranking pair(s) pass p < 0.05 against every comparison but not after the correction for "
+               "the 6 tests" in c.text and "loss s1" in c.text for c in caveats)
     adjusted = aggregate.holm_family(rows, ["p_random", "p_vs_pseudo_task"])
     assert [max(a.values()) for a in adjusted] == pytest.approx([0.01, 0.06, 0.6])  # 0.3 x 2, 0.5 x 1
 

@@ -36,7 +36,8 @@ def test_demo_end_to_end_writes_every_output(tmp_path, script):
     assert config["image_size"] == 32 and config["tasks"]["face"]["classes"] == 10
     # provenance: what made the run
     assert config["versions"]["torch"] == torch.__version__ and config["versions"]["scikit-learn"]
-    assert set(config["versions"]) == {"python", "torch", "torchvision", "numpy", "scikit-learn"}
+    assert set(config["versions"]) == {"python", "torch", "torchvision", "numpy", "scikit-learn", "scipy", "pandas",
+                                       "opencv", "pillow"}
     assert config["device_name"].startswith("cpu") and config["command"][1].endswith(script)
     if (ROOT / ".git").exists():
         head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout

@@ -105,7 +105,8 @@ def test_fixed_readouts_read_each_image_by_a_readout_that_did_not_see_it_and_ign
     for f, readout in enumerate(fitted["a"]["readouts"]):
         expected[fold == f] = readout.predict(features["a"][fold == f])
         # and the readout of fold f never saw fold f's images: refitting it without them gives the same weights
-        again = readouts.probe(fitted["a"]["alpha"]).fit(features_intact(model, site, test)[fold != f], y[fold != f])
+        again = readouts.probe(fitted["a"]["alphas"][f]).fit(features_intact(model, site, test)[fold != f],
+                                                             y[fold != f])
         assert np.allclose(again[-1].coef_, readout[-1].coef_)
     assert np.array_equal(scored[2]["a"]["correct"], expected == y)
     # silencing the whole stem leaves every image the same features: one class for all
@@ -113,6 +114,36 @@ def test_fixed_readouts_read_each_image_by_a_readout_that_did_not_see_it_and_ign
     (silenced,) = readouts.fixed_lesions(model, stem, [np.arange(stem.n_filters)],
                                          readouts.fixed_readouts(model, stem, test[:1]), test[:1])
     assert silenced["a"]["correct"].mean() <= 0.5 + 1e-9
+
+
+def test_a_folds_penalty_and_readout_do_not_change_when_the_images_it_scores_are_replaced_by_noise():
+    """Nested choice: each fold's ridge penalty is chosen on the images its readout is fitted on, never on the
+    fold's own (scored) images."""
+    torch.manual_seed(0)
+    model = dualtask.DualTaskNet("vgg16", {"a": 3, "b": 3}, fc_width=32, image_size=32).eval()
+    x, y = _images(per_class=10, seed=2)
+    site = L.lesion_sites(model)[6]
+    clean = readouts.fixed_readouts(model, site, [("a", x, y)], seed=3, folds=5)["a"]
+    assert len(clean["alphas"]) == 5 and set(clean["alphas"]) <= set(readouts.ALPHAS)
+    for f in (0, 3):
+        scored = torch.from_numpy(clean["fold"] == f)
+        noisy_x = x.clone()
+        noisy_x[scored] = 2 * torch.randn(int(scored.sum()), 3, 32, 32, generator=torch.Generator().manual_seed(9))
+        noisy = readouts.fixed_readouts(model, site, [("a", noisy_x, y)], seed=3, folds=5)["a"]
+        assert np.array_equal(noisy["fold"], clean["fold"])
+        assert noisy["alphas"][f] == clean["alphas"][f]
+        same, before = noisy["readouts"][f], clean["readouts"][f]
+        for got, expected in ((same[0].mean_, before[0].mean_), (same[0].scale_, before[0].scale_),
+                              (same[-1].coef_, before[-1].coef_), (same[-1].intercept_, before[-1].intercept_)):
+            assert np.array_equal(got, expected)
+        # the noise matters where it is seen: the folds fitted on those images, and one penalty for all images
+        # (the rule before: chosen once per task by leave-one-out on every test image)
+        assert any(not np.array_equal(noisy["readouts"][g][-1].coef_, clean["readouts"][g][-1].coef_)
+                   for g in range(5) if g != f)
+        pooled = [readouts.choose_alpha(readouts.readout_inputs(model, site, [L.lesion_mask([], site.n_filters)],
+                                                                [("a", images, y)], 1)[0]["a"], y.numpy())
+                  for images in (x, noisy_x)]
+        assert pooled[0] != pooled[1]
 
 
 def features_intact(model, site, test):
@@ -177,3 +208,51 @@ def test_the_fixed_readouts_stage_writes_what_the_heads_sweep_scored_and_equals_
     assert "own pass" not in capsys.readouterr().out
     assert (tmp_path / "apart" / "fixed_readout" / "lesion_results.csv").read_bytes() == \
         (tmp_path / "together" / "fixed_readout" / "lesion_results.csv").read_bytes()
+
+
+def test_each_accuracy_names_what_read_it_and_the_sweep_records_what_the_verdict_needs(tmp_path, capsys):
+    """lesion_results.csv's read_by, the log's intact accuracies by reader, and rankings.json's receptive fields
+    and split-half overlaps at every swept fraction (verdict.py's rules 3 and 5)."""
+    import json
+
+    import vggface2
+    from common import read_csv
+    from dualtask import TaskImages
+
+    data = {t: vggface2.load_task("demo", t, 32, max_per_class=20, max_classes=3) for t in ("face", "object")}
+    images = {t: TaskImages(d, torch.device("cpu")) for t, d in data.items()}
+    config = {"lesion_fractions": [0.0, 0.25, 0.5], "lesion_methods": ["activation", "random"], "random_repeats": 2,
+              "lesion_layers": [0, -1], "rank_images": 8, "seed": 0, "ranking_reliability": True}
+    torch.manual_seed(0)
+    model = dualtask.DualTaskNet("vgg16", {t: len(d.classes) for t, d in data.items()}, fc_width=16).eval()
+    L.lesion_stage(model, images, config, tmp_path)
+    L.readout_stage(model, images, config, tmp_path, "fixed")
+    printed = capsys.readouterr().out
+    assert "intact test accuracy through the heads: face" in printed
+    assert "intact test accuracy through the fixed readouts: face" in printed
+    assert {r["read_by"] for r in read_csv(tmp_path / "lesion_results.csv")} == {"heads"}
+    assert {r["read_by"] for r in read_csv(tmp_path / "fixed_readout" / "lesion_results.csv")} == {"fixed readouts"}
+    rankings = json.loads((tmp_path / "rankings.json").read_text())
+    first, last = rankings["trunk.features.2"], rankings["trunk.features.42"]
+    assert first["receptive_field"] == {"pixels": 3, "image_size": 32, "share": round(3 / 32, 4)}
+    assert last["receptive_field"]["share"] == 1.0  # VGG16's last conv sees the whole 32-px image
+    assert set(first["reliability"]["activation"]["face"]) == {"top10", "top20", "top25", "top30", "top50",
+                                                                "spearman"}
+
+
+def test_receptive_fields_are_the_theoretical_ones_and_leave_the_network_untouched():
+    import lesion_engine as E
+
+    model = dualtask.DualTaskNet("resnet50", {"a": 3, "b": 3}, fc_width=16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sites = E.lesion_sites(model)
+    rf = E.receptive_fields(model, sites, 224)
+    # stem 7x7 stride 2 (7), max pool 3x3 stride 2 (11, jump 4), each bottleneck's 3x3 conv adds 2 x jump
+    assert [rf[s.name]["pixels"] for s in sites[:9]] == [7, 19, 27, 35, 43, 59, 75, 91, 107]
+    assert rf[sites[-1].name] == {"pixels": 224, "image_size": 224, "share": 1.0}
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    vgg = dualtask.DualTaskNet("vgg16", {"a": 3, "b": 3}, fc_width=16, batch_norm=False)
+    rf = E.receptive_fields(vgg, E.lesion_sites(vgg), 64)
+    # conv1_1 3, conv1_2 5, pool 6, conv2_x 10 and 14, pool 16, conv3_x 24, 32, 40, pool 44; conv4_1's 60 pixels,
+    # centred on a unit off the 64-px image's centre (8 x 8 map), reach past its edge: 58 of them lie inside
+    assert [v["pixels"] for v in rf.values()][:8] == [3, 5, 10, 14, 24, 32, 40, 58]

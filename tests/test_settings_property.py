@@ -119,6 +119,9 @@ RULES = {
     "ranking_precision": choice(lesion_utils.RANKING_PRECISIONS),
     "lesion_epochs": either(st.one_of(st.none(), st.lists(st.integers(1, 6), max_size=3, unique=True)),
                             st.sampled_from([[0], [1, 1], "1", [True], [1.5]])),
+    "verdict_rankings": either(st.one_of(st.none(), st.lists(st.sampled_from([m for m in lesion_utils.METHODS
+                                                                            if m != "random"]), min_size=1, unique=True)),
+                               st.sampled_from([[], ["random"], ["loss", "loss"], "loss", ["nonsense"]])),
     "role": choice(dualtask.ROLES), "kdef_views": names(list(vggface2.KDEF_VIEWS)),
     "face_crop": choice(vggface2.FACE_CROPS), "lfw_crop": FLAG,
     # paths: made in a temporary folder (PLACES); the bad ones are refused where a stage reads them
