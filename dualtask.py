@@ -200,9 +200,8 @@ def run(config: dict) -> None:
         if "lesion" in config["stages"] and "transfer" in (config.get("probes") or []):
             try:
                 probe = load_probe_task(config["probe_data"], "probe", config)
-            except DataError as e:
-                raise UsageError(str(e) if str(e).startswith("probe_data") else
-                                 f"probe_data={config['probe_data']!r}: {e}") from None
+            except DataError as e:  # its path was checked (preflight): what is wrong is inside
+                raise UsageError(f"probe_data={config['probe_data']!r}: {e}") from None
         preflight.check_data(config, datasets, probe)  # subgroups, the fixed readouts' folds, the probe's classes
         if probe is not None and (not dist.main or probe.images.nbytes > KEEP_PROBE_BYTES):
             probe = None  # only process 0 probes; a large set is read again then rather than held through training
