@@ -15,6 +15,7 @@ import importlib.util
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -85,14 +86,31 @@ def check_experiment(config: dict, launching: bool = False) -> None:
         raise UsageError(f"launcher={launcher!r}; expected one of {', '.join(LAUNCHERS)}")
     check_slurm(config.get("slurm", {}))
     if launching and launcher == "slurm":
-        missing = [c for c in ("sbatch", "srun") if shutil.which(c) is None]
+        missing = [c for c in ("sbatch", "srun", "sinfo") if shutil.which(c) is None]
         if missing:
             raise UsageError(f"launcher='slurm', but this machine has no {' and no '.join(missing)} (SLURM's "
                              f"commands): expected a machine of a SLURM cluster, or launcher='local' or "
                              f"'submitit_local' to run the jobs here")
+        said = _cluster_silence()
+        if said:
+            raise UsageError(f"launcher='slurm', but SLURM's commands reach no cluster here (sinfo: {said}): "
+                             f"expected a machine whose SLURM commands reach a cluster (sinfo lists its partitions), "
+                             f"or launcher='local' or 'submitit_local' to run the jobs here")
     if launching and launcher != "local" and importlib.util.find_spec("submitit") is None:
         raise UsageError(f"launcher={launcher!r} needs the submitit package, which is not installed: pip install -r "
                          f"requirements.txt, or launcher='local'")
+
+
+def _cluster_silence() -> str | None:
+    """Why SLURM's commands reach no cluster from here (sinfo's last line), or None when sinfo answers."""
+    try:
+        p = subprocess.run(["sinfo", "--noheader", "--summarize"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"{type(e).__name__}: {e}"
+    if p.returncode == 0:
+        return None
+    lines = [line.strip() for line in (p.stderr or p.stdout).splitlines() if line.strip()]
+    return lines[-1] if lines else f"exit status {p.returncode}"
 
 
 SLURM_FORM = "a dict of submitit parameters, e.g. {'slurm_partition': 'gpu', 'gpus_per_node': 1, 'timeout_min': 1440}"
@@ -278,6 +296,8 @@ def _job_error(job, error: Exception) -> str:
 def launch_submitit(config: dict, runs: list, status: dict, save) -> None:
     """Each run a job (SLURM, or local processes): submit what is missing, wait for all, record each outcome.
     Ctrl-C stops the waiting, not the jobs: a rerun waits for them again."""
+    from submitit.core.utils import FailedJobError, FailedSubmissionError
+
     folder = Path(config["out_dir"]) / "jobs"
     executor = _executor(config, folder)
     # a job imports this project's modules wherever it runs: their folder goes with the job's environment
@@ -288,7 +308,14 @@ def launch_submitit(config: dict, runs: list, status: dict, save) -> None:
     for run in runs:
         job = _still_queued(config, folder, status.get(run["folder"], {}).get("job_id"))
         if job is None:
-            job = executor.submit(run_one, run["config"])
+            try:
+                job = executor.submit(run_one, run["config"])
+            except (FailedJobError, FailedSubmissionError) as e:  # sbatch refused it: the cluster, not this tool
+                save()
+                said = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+                raise StageFailed(f"launcher={config['launcher']!r}: submitting {run['folder']} failed ({said[-1]}); "
+                                  f"the jobs submitted before it go on; rerun the same command once the cluster "
+                                  f"takes jobs") from None
             print(f"submitted job {job.job_id}: {_describe(run)}", flush=True)
         else:
             print(f"waiting for job {job.job_id} submitted earlier: {_describe(run)}", flush=True)

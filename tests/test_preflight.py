@@ -145,6 +145,38 @@ def test_launcher_slurm_without_slurm_is_refused_before_experiment_json(tmp_path
     assert not out.exists()
 
 
+def test_launcher_slurm_whose_commands_reach_no_cluster_is_refused_before_experiment_json(tmp_path, capsys,
+                                                                                           monkeypatch):
+    bin_dir = tmp_path / "bin"  # SLURM's commands installed, no cluster configured: what sinfo says then
+    bin_dir.mkdir()
+    for name in ("sbatch", "srun", "sinfo"):
+        (bin_dir / name).write_text("#!/bin/sh\necho 'sinfo: fatal: Could not establish a configuration source' >&2\n"
+                                    "exit 1\n")
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    out = tmp_path / "exp"
+    code, said, err = _script(capsys, [*FAST, "--seeds=[0]", "--launcher=slurm", f"--out_dir={out}"])
+    _refused(code, said, err, "launcher='slurm', but SLURM's commands reach no cluster here (sinfo: sinfo: fatal: "
+                              "Could not establish a configuration source)")
+    assert not out.exists()
+
+
+def test_a_submission_the_cluster_refuses_is_one_line_not_a_traceback(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("submitit")
+    bin_dir = tmp_path / "bin"  # a cluster that answers sinfo but refuses every job
+    bin_dir.mkdir()
+    scripts = {"sinfo": "echo 'debug* up infinite 1 idle node'", "srun": "exit 0",
+               "sbatch": "echo 'sbatch: error: Batch job submission failed: Invalid account' >&2; exit 1"}
+    for name, body in scripts.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    code, out, err = _script(capsys, [*FAST, "--seeds=[0]", "--launcher=slurm", f"--out_dir={tmp_path / 'exp'}"])
+    assert code == 1 and "Traceback" not in err, err  # sbatch's own words (echoed by submitit), then ours
+    assert "submitting seed_0 failed (sbatch: error: Batch job submission failed: Invalid account)" in \
+        err.strip().splitlines()[-1]
+
+
 # -- a finished run asked again with a bad probe_data: config.json and everything else unchanged --------------
 @pytest.mark.parametrize("make, culprit", [(_empty, "an empty folder"), (_one_class, "1 class folder"),
                                            (_file, "a file, not a folder")], ids=["empty folder", "one class", "a file"])
