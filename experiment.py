@@ -127,7 +127,7 @@ def check_slurm(slurm) -> None:
     try:
         import submitit
 
-        own = set(submitit.SlurmExecutor._valid_parameters())
+        own = set(submitit.SlurmExecutor._valid_parameters())  # what AutoExecutor checks slurm_ keys against
     except ImportError:  # checked when a launcher that needs it is asked for
         own = None
     for key, value in slurm.items():
