@@ -12,6 +12,7 @@ import pickle
 import re
 import shutil
 import sys
+import traceback
 from pathlib import Path
 
 import torch
@@ -40,18 +41,45 @@ def exit_on_damaged_files(what: str):
         sys.exit(2)
 
 
+@contextlib.contextmanager
+def report_bugs(*worded):
+    """Around a command line's work: an error no check foresaw still prints its traceback, then a line saying that
+    it is a bug of this tool to report, and exits with status 1. UsageError, StageFailed and the types in `worded`
+    (vggface2.DataError) pass through: the command words them as one line itself."""
+    try:
+        yield
+    except (UsageError, StageFailed, *worded):
+        raise
+    except Exception:
+        traceback.print_exc()
+        print("error: the traceback above is a bug of this tool, not a mistake in the command: please report it "
+              "with the command line and the traceback", file=sys.stderr)
+        sys.exit(1)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # files
 
 
-TEMPORARY = re.compile(r"^\..+\.tmp(\d+)$")  # what atomic_write leaves behind when it is killed
+# A temporary of atomic_write: a name only this tool makes, TEMPORARY_PREFIX + the writing process's id + "." +
+# the file's name + TEMPORARY_SUFFIX. remove_stale_temporaries deletes nothing else, so a user's own file in a run
+# folder survives whatever its name (an older version's ".name.tmp<pid>" leftovers among them: they cannot be told
+# from a user's file, and stay).
+TEMPORARY_PREFIX = ".dualtask-partial."
+TEMPORARY_SUFFIX = ".part"
+TEMPORARY = re.compile(r"^" + re.escape(TEMPORARY_PREFIX) + r"(\d+)\.(.+)" + re.escape(TEMPORARY_SUFFIX) + r"$")
+
+
+def temporary_name(name: str, pid: int | None = None) -> str:
+    """The name of atomic_write's temporary for the file `name`, written by process `pid` (this one)."""
+    return f"{TEMPORARY_PREFIX}{os.getpid() if pid is None else pid}.{name}{TEMPORARY_SUFFIX}"
 
 
 def atomic_write(path: Path, write) -> None:
     """Write through a temporary file in the same folder and rename it into place: a reader sees the old file
     or the new one, never a part. A write that fails (a full disk) leaves the old file as it was."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(temporary_name(path.name))
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -69,14 +97,14 @@ def atomic_write(path: Path, write) -> None:
 
 
 def remove_stale_temporaries(folder: Path) -> list:
-    """Delete the temporary files that killed atomic writes left in `folder` (those of processes that no longer
-    run); returns their names."""
+    """Delete the temporary files that killed atomic writes of this tool left in `folder` (named by
+    temporary_name, of processes that no longer run); returns their names. Nothing else is ever deleted."""
     removed = []
     if not Path(folder).is_dir():
         return removed
     for p in Path(folder).iterdir():
         m = TEMPORARY.match(p.name)
-        if m and p.is_file() and not _running(int(m.group(1))):
+        if m and p.is_file() and not p.is_symlink() and not _running(int(m.group(1))):
             p.unlink(missing_ok=True)
             removed.append(p.name)
     return removed
@@ -108,9 +136,10 @@ def write_csv(path: Path, columns, rows: list) -> None:
     atomic_write(path, write)
 
 
-def read_csv(path: Path, columns=()) -> list:
-    """A CSV this tool wrote, as a list of dicts; a damaged one (unreadable, or lacking one of `columns`) is a
-    UsageError naming the file."""
+def read_csv(path: Path, columns=(), numbers=(), n_rows: int | None = None) -> list:
+    """A CSV this tool wrote, as a list of dicts; a damaged one is a UsageError naming the file: unreadable,
+    lacking one of `columns`, a row cut short or with extra fields (a write cut mid-row), a cell of `numbers` that
+    is neither a number nor empty, or (when `n_rows` is given) another number of rows than its settings say."""
     try:
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
@@ -120,12 +149,32 @@ def read_csv(path: Path, columns=()) -> list:
         raise UsageError(f"{path}: cannot be read as the CSV this tool writes ({e}); move it away and run "
                          f"again to write it anew") from None
     lacking = [c for c in columns if c not in header]
-    ragged = any(None in row or any(row.get(c) is None for c in columns) for row in rows)
-    if lacking or ragged:
-        problem = f"lacks the column(s) {', '.join(lacking)}" if lacking else "rows with missing or extra fields"
+    ragged = next((k for k, row in enumerate(rows, start=2) if None in row or any(v is None for v in row.values())),
+                  None)
+    problem = None
+    if lacking:
+        problem = f"lacks the column(s) {', '.join(lacking)}"
+    elif ragged is not None:
+        problem = f"line {ragged} has missing or extra fields, as a write cut short leaves it"
+    else:
+        bad = next(((k, c, row[c]) for k, row in enumerate(rows, start=2) for c in numbers
+                    if c in row and row[c].strip() != "" and not _is_number(row[c])), None)
+        if bad:
+            problem = f"line {bad[0]}: {bad[1]}={bad[2]!r} is not a number"
+        elif n_rows is not None and len(rows) != n_rows:
+            problem = f"{len(rows)} rows where its settings say {n_rows}"
+    if problem:
         raise UsageError(f"{path}: damaged ({problem}); expected the CSV this tool writes; move it away and run "
                          f"again to write it anew")
     return rows
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def read_json(path: Path, check=lambda value: True, expected: str = "the JSON this tool writes"):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import figures
 import report
-from common import exit_on_damaged_files, read_csv, read_json, write_csv
+from common import exit_on_damaged_files, read_csv, read_json, report_bugs, UsageError, write_csv
 
 COLUMNS = ("run", "backbone", "kind", "task_or_method", "layer", "relative_depth", "value", "ci_low", "ci_high",
            "fraction", "n_images")
@@ -46,23 +46,72 @@ def collect(run_dir: Path) -> list:
     return out
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and status 2, not argparse's usage block
+        raise UsageError(f"{message} (python compare.py --help lists the arguments)")
+
+
+def check_arguments(runs: list, out_dir: Path) -> None:
+    """Before anything is read or written: each run folder once, folders of distinct names (a run's folder name
+    labels it in compare.csv and compare.png), and an out_dir that is a folder where compare.csv and compare.png
+    are new or this tool's own."""
+    bad = [str(r) for r in runs if not (r / "config.json").is_file()]
+    if bad:
+        raise UsageError(f"not a run folder (no config.json): {', '.join(bad)}; expected folders written by a "
+                         f"backbone script, e.g. runs/vgg16")
+    seen, names = {}, {}
+    for r in runs:
+        real = r.resolve()
+        if real in seen:
+            raise UsageError(f"{seen[real]} and {r} are the same run folder, named twice; expected each run once")
+        if real.name in names:
+            raise UsageError(f"{names[real.name]} and {r} share the folder name {real.name!r}, which "
+                             f"labels a run in compare.csv and compare.png; expected runs whose folders have "
+                             f"distinct names (e.g. link one under another name)")
+        seen[real], names[real.name] = r, r
+    if not str(out_dir).strip():
+        raise UsageError("--out_dir='': expected a folder path for compare.csv and compare.png")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--out_dir={out_dir}: exists and is not a folder; expected a folder path for compare.csv "
+                         f"and compare.png")
+    table, figure = out_dir / "compare.csv", out_dir / "compare.png"
+    ours = table.is_file() and _header(table) == ",".join(COLUMNS)
+    for path in (table, figure):
+        if (path.exists() or path.is_symlink()) and not ours:
+            raise UsageError(f"--out_dir={out_dir}: {path} exists and was not written by compare.py"
+                             f"{'' if path == table else ' (no compare.csv of this tool beside it)'}, so it is never "
+                             f"replaced; expected an --out_dir without it (move it away or choose another --out_dir)")
+
+
+def _header(path: Path) -> str:
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            return f.readline().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError):
+        return ""
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = _Parser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="run folders written by the backbone scripts")
     parser.add_argument("--out_dir", default="runs/compare", help="where compare.csv and compare.png go")
-    args = parser.parse_args(argv)
-    runs = [Path(r) for r in args.runs]
-    bad = [str(r) for r in runs if not (r / "config.json").exists()]
-    if bad:
-        print(f"error: not a run folder (no config.json): {', '.join(bad)}; expected folders written by a "
-              f"backbone script, e.g. runs/vgg16", file=sys.stderr)
+    try:
+        with report_bugs():
+            args = parser.parse_args(argv)
+            runs, out_dir = [Path(r) for r in args.runs], Path(args.out_dir)
+            check_arguments(runs, out_dir)
+            with exit_on_damaged_files("cannot compare the runs"):
+                rows = [row for r in runs for row in collect(r)]
+            try:
+                out_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise UsageError(f"--out_dir={out_dir}: cannot be created ({e.strerror}); expected a writable folder "
+                                 f"path") from None
+            write_csv(out_dir / "compare.csv", COLUMNS, rows)
+            figure = figures.compare_figure(rows, out_dir / "compare.png")
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    with exit_on_damaged_files("cannot compare the runs"):
-        rows = [row for r in runs for row in collect(r)]
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_csv(out_dir / "compare.csv", COLUMNS, rows)
-    figure = figures.compare_figure(rows, out_dir / "compare.png")
     print(f"wrote {out_dir / 'compare.csv'} ({len(rows)} rows) and {figure}")
     return 0
 

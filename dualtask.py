@@ -30,9 +30,9 @@ import torch
 import figures
 import inspection
 import lesion_utils
+import preflight
 import probes
 import report
-import subgroups
 import vggface2
 from common import (StageFailed, UsageError, autocast, format_seconds, load_checkpoint, remove_stale_temporaries,
                     write_text)
@@ -46,9 +46,13 @@ from vggface2 import DataError
 
 # dualtask is the one name notebooks, tests and the README use: the names of its parts (settings.py, model.py,
 # training.py) that the pipeline does not use itself stay importable from here
+source_groups = vggface2.source_groups  # now in vggface2, where preflight reads it too
 REEXPORTED = (autocast, BACKBONES, DEFAULT_LR, HEADS, LABEL_SMOOTHING, ROLES, SETTINGS, _epoch_order, _lr_lambda, base_lr,
-              branch_site, evaluate, hyperparameters, joint_order, load_trunk_weights, make_optimizer,
+              branch_site, check_config, evaluate, hyperparameters, joint_order, load_trunk_weights, make_optimizer,
               parse_overrides, print_help, warmup_steps)
+
+
+KEEP_PROBE_BYTES = 512 * 2**20  # a transfer probe's images up to this size are held from the check to the probes
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -107,28 +111,6 @@ def _check_out_dir(out_dir: Path, config: dict) -> int:
     return recipe
 
 
-def source_groups(specs: dict) -> list:
-    """The tasks grouped by the images they read, in task order: [[task, ...], ...]. Tasks whose specs name the
-    same folder or file share one set of images (each image then carries every task's label); 'demo' read by an
-    identity task ('identity', 'face') and an expression task ('expression', 'emotion') is the demo faces,
-    which carry both labels, for both. Every other demo task draws its own set, as before."""
-    kinds = {t: vggface2.label_kind_for_task(t) for t in specs}
-    plain_demo = [t for t, s in specs.items() if s.strip() == "demo"]
-    faces_shared = {"identity", "expression"} <= {kinds[t] for t in plain_demo}
-    groups = {}
-    for task, spec in specs.items():
-        spec = spec.strip()
-        if spec == "demo":
-            key = ("demo", "faces" if faces_shared and kinds[task] in ("identity", "expression")
-                   else vggface2.demo_kind_for(task))
-        elif spec.startswith("demo:"):
-            key = ("demo", spec.split(":", 1)[1])
-        else:
-            key = ("path", str(Path(spec).expanduser().resolve()))
-        groups.setdefault(key, []).append(task)
-    return list(groups.values())
-
-
 def _load_group(tasks: list, specs: dict, config: dict) -> dict:
     """{task: TaskData} of tasks that read one source: loaded once, each task a view with its own labels."""
     first = tasks[0]
@@ -162,7 +144,7 @@ def load_datasets(config: dict) -> dict:
     if role == "single_task":
         specs = {config["single_task"]: specs[config["single_task"]]}
     datasets = {}
-    for group in source_groups(specs):
+    for group in vggface2.source_groups(specs):
         datasets.update(_load_group(group, specs, config))
     datasets = {t: datasets[t] for t in specs}
     for task, data in datasets.items():
@@ -207,15 +189,22 @@ def load_probe_task(spec: str, name: str, config: dict):
 
 def run(config: dict) -> None:
     """The whole pipeline: data, training, lesion sweep, figures (the stages named in config['stages'])."""
-    check_config(config)
+    preflight.check_run(config)
     dist = Dist(config.get("device", "auto"))
     try:
         torch.manual_seed(config["seed"])
         out_dir = Path(config["out_dir"])
         config = dict(config, recipe=_check_out_dir(out_dir, config))
         datasets = load_datasets(config)
-        if config.get("subgroups") and "lesion" in config["stages"]:  # a bad subgroups file stops the run before training
-            subgroups.read_groups(config["subgroups"], {t: d.counts()["test"] for t, d in datasets.items()})
+        probe = None  # the transfer probe's held-out task, loaded now so that bad probe_data stops the run here
+        if "lesion" in config["stages"] and "transfer" in (config.get("probes") or []):
+            try:
+                probe = load_probe_task(config["probe_data"], "probe", config)
+            except DataError as e:  # its path was checked (preflight): what is wrong is inside
+                raise UsageError(f"probe_data={config['probe_data']!r}: {e}") from None
+        preflight.check_data(config, datasets, probe)  # subgroups, the fixed readouts' folds, the probe's classes
+        if probe is not None and (not dist.main or probe.images.nbytes > KEEP_PROBE_BYTES):
+            probe = None  # only process 0 probes; a large set is read again then rather than held through training
         # the init weights only matter to a training that starts afresh: a checkpoint replaces them otherwise
         fresh = "train" in config["stages"] and (config.get("retrain") or not (out_dir / "checkpoint.pt").exists())
         model = build_model(config, {t: len(d.classes) for t, d in datasets.items()}, load_init=fresh).to(dist.device)
@@ -223,9 +212,6 @@ def run(config: dict) -> None:
             lesion_utils.select_sites(model, config)  # an unknown lesion site stops the run before training
             if not config.get("retrain"):  # a damaged file of an earlier sweep stops it too (retrain replaces them)
                 lesion_utils.earlier_sweep(lesion_utils.sweep_settings(model, config), out_dir)
-        if "transfer" in (config.get("probes") or []) and not config.get("probe_data"):
-            raise UsageError("probes=['transfer'] needs probe_data: the held-out task's data (a class-folder tree, "
-                             "a CIFAR-10 root, a cache folder or 'demo:objects')")
         if "figures" in config["stages"] and config.get("gradcam_site"):
             lesion_utils.get_site(model, config["gradcam_site"])
         if "train" not in config["stages"] and not (out_dir / "checkpoint.pt").exists():
@@ -244,8 +230,9 @@ def run(config: dict) -> None:
             except OSError as e:
                 raise UsageError(f"out_dir={str(out_dir)!r} cannot be created ({e.strerror}); expected a writable "
                                  f"folder path")
-            for folder in (out_dir, out_dir / "figures"):
-                for name in remove_stale_temporaries(folder):
+            for folder in (out_dir, out_dir / "figures", *(out_dir / f for f in lesion_utils.READOUT_DIRS.values()),
+                           *sorted(out_dir.glob("epoch_*"))):
+                for name in remove_stale_temporaries(folder):  # only this tool's own (common.temporary_name)
                     print(f"removed {folder / name}, left by an interrupted write")
             write_text(out_dir / "config.json", json.dumps(resolved, indent=1))
             summary = ", ".join(f"{t}: {len(d.classes)} classes, {d.counts()['train']} train / "
@@ -282,7 +269,8 @@ def run(config: dict) -> None:
                     lesion_utils.readout_stage(model, images, config, out_dir, kind, dist.rank, dist.world,
                                                dist.gather, reuse)
             if config.get("probes") and dist.main:
-                probes.probe_stage(model, images, config, out_dir, lambda spec, name: load_probe_task(spec, name, config))
+                probes.probe_stage(model, images, config, out_dir,
+                                   lambda spec, name: probe if probe is not None else load_probe_task(spec, name, config))
             epoch_sweeps(model, images, config, out_dir, dist)
         if not dist.main:
             return

@@ -11,8 +11,11 @@ Runs go one after another in this process (launcher="local"), or as SLURM jobs t
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,7 +23,9 @@ from pathlib import Path
 import aggregate
 import branching
 import dualtask
-from common import StageFailed, UsageError, format_seconds, read_json, write_text
+import preflight
+import vggface2
+from common import format_seconds, read_json, report_bugs, StageFailed, UsageError, write_text
 from vggface2 import DataError
 
 EXPERIMENT_FILE = "experiment.json"
@@ -36,7 +41,10 @@ def is_experiment(config: dict) -> bool:
     return config.get("seeds") is not None or bool(config.get("controls")) or config.get("branch_points") is not None
 
 
-def check_experiment(config: dict) -> None:
+def check_experiment(config: dict, launching: bool = False) -> None:
+    """The experiment's own settings (seeds, controls, branch_points, launcher, slurm), checked before anything is
+    written; `launching`: the runs are about to be launched (an experiment, not one run), so the launcher must be
+    able to start them here (SLURM's commands for launcher='slurm')."""
     seeds = config.get("seeds")
     if seeds is not None and not (isinstance(seeds, list) and seeds and len(set(seeds)) == len(seeds) and all(
             isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
@@ -44,25 +52,95 @@ def check_experiment(config: dict) -> None:
     controls = config.get("controls", [])
     if not (isinstance(controls, list) and all(c in CONTROLS for c in controls)):
         raise UsageError(f"controls={controls!r}; expected a list of names from {list(CONTROLS)}")
+    twice = next((c for k, c in enumerate(controls) if c in controls[:k]), None)
+    if twice is not None:
+        raise UsageError(f"controls={controls!r}: {twice!r} is named twice; expected each control once, from "
+                         f"{list(CONTROLS)}")
+    if "pseudo_task" in controls:
+        shared = [g for g in vggface2.source_groups(dualtask.task_specs(config)) if len(g) > 1]
+        if shared:
+            raise UsageError(f"controls={controls!r}: the pseudo_task control splits the tasks' classes into two tasks "
+                             f"over their images, and tasks {' and '.join('+'.join(g) for g in shared)} read the same "
+                             f"images, so an image would carry two labels in one pseudo-task; expected controls "
+                             f"without pseudo_task, or tasks that read their own images")
     points = config.get("branch_points")
     if points is not None and not (isinstance(points, list) and points and len(set(map(repr, points))) == len(points)
                                    and all(p is None or dualtask.SETTINGS["branch_at"][0](p) for p in points)):
         raise UsageError(f"branch_points={points!r}; expected None or a list of distinct branch points (None = fully "
                          f"shared, a site depth or module path), e.g. [None, 4, 8, 12]")
-    if points is not None:  # every branch point names a site of this backbone, before anything is trained
-        probe = dualtask.DualTaskNet(config["backbone"], {"a": 2, "b": 2}, config.get("batch_norm", True), 8)
+    if points is not None and any(p is not None for p in points) and config.get("head", "split") != "split":
+        raise UsageError(f"branch_points={points!r} with head={config.get('head')!r}: a branched network gives each "
+                         f"task its own copy of the trunk after the branch point, and a joint output layer would read "
+                         f"every copy; expected head='split', or branch_points=None")
+    if points is not None:  # every branch point names a site of this backbone, each once, before anything is trained
+        seen = {}
         for p in points:
-            if p is not None:
-                try:
-                    dualtask.branch_site(probe, p)
-                except UsageError as e:
-                    raise UsageError(f"branch_points: {e}") from None
-    if config.get("launcher", "local") not in LAUNCHERS:
-        raise UsageError(f"launcher={config.get('launcher')!r}; expected one of {', '.join(LAUNCHERS)}")
-    slurm = config.get("slurm", {})
+            site = None if p is None else preflight.branch_point(config["backbone"], config.get("batch_norm", True), p,
+                                                                "branch_points")
+            if site in seen:
+                raise UsageError(f"branch_points={points!r}: {seen[site]!r} and {p!r} both branch after "
+                                 f"{site or 'no site'}; expected each branch point once")
+            seen[site] = p
+    launcher = config.get("launcher", "local")
+    if launcher not in LAUNCHERS:
+        raise UsageError(f"launcher={launcher!r}; expected one of {', '.join(LAUNCHERS)}")
+    check_slurm(config.get("slurm", {}))
+    if launching and launcher == "slurm":
+        missing = [c for c in ("sbatch", "srun", "sinfo") if shutil.which(c) is None]
+        if missing:
+            raise UsageError(f"launcher='slurm', but this machine has no {' and no '.join(missing)} (SLURM's "
+                             f"commands): expected a machine of a SLURM cluster, or launcher='local' or "
+                             f"'submitit_local' to run the jobs here")
+        said = _cluster_silence()
+        if said:
+            raise UsageError(f"launcher='slurm', but SLURM's commands reach no cluster here (sinfo: {said}): "
+                             f"expected a machine whose SLURM commands reach a cluster (sinfo lists its partitions), "
+                             f"or launcher='local' or 'submitit_local' to run the jobs here")
+    if launching and launcher != "local" and importlib.util.find_spec("submitit") is None:
+        raise UsageError(f"launcher={launcher!r} needs the submitit package, which is not installed: pip install -r "
+                         f"requirements.txt, or launcher='local'")
+
+
+def _cluster_silence() -> str | None:
+    """Why SLURM's commands reach no cluster from here (sinfo's last line), or None when sinfo answers."""
+    try:
+        p = subprocess.run(["sinfo", "--noheader", "--summarize"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"{type(e).__name__}: {e}"
+    if p.returncode == 0:
+        return None
+    lines = [line.strip() for line in (p.stderr or p.stdout).splitlines() if line.strip()]
+    return lines[-1] if lines else f"exit status {p.returncode}"
+
+
+SLURM_FORM = "a dict of submitit parameters, e.g. {'slurm_partition': 'gpu', 'gpus_per_node': 1, 'timeout_min': 1440}"
+# submitit's parameters shared by every cluster, and their types (submitit.AutoExecutor)
+GENERIC_PARAMETERS = {"name": str, "timeout_min": int, "mem_gb": (int, float), "nodes": int, "cpus_per_task": int,
+                      "gpus_per_node": int, "tasks_per_node": int, "stderr_to_stdout": bool}
+
+
+def check_slurm(slurm) -> None:
+    """The `slurm` setting under every launcher: a dict of submitit's shared parameters (of their types) and of
+    SLURM's own, prefixed slurm_ (submitit.SlurmExecutor's); a misspelled key is refused, not dropped."""
     if not (isinstance(slurm, dict) and all(isinstance(k, str) for k in slurm)):
-        raise UsageError(f"slurm={slurm!r}; expected a dict of submitit parameters, e.g. "
-                         f"{{'slurm_partition': 'gpu', 'gpus_per_node': 1, 'timeout_min': 1440}}")
+        raise UsageError(f"slurm={slurm!r}; expected {SLURM_FORM}")
+    try:
+        import submitit
+
+        own = set(submitit.SlurmExecutor._valid_parameters())  # what AutoExecutor checks slurm_ keys against
+    except ImportError:  # checked when a launcher that needs it is asked for
+        own = None
+    for key, value in slurm.items():
+        if key in GENERIC_PARAMETERS:
+            kind = GENERIC_PARAMETERS[key]
+            if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+                names = " or ".join(t.__name__ for t in (kind if isinstance(kind, tuple) else (kind,)))
+                raise UsageError(f"slurm: {key}={value!r}; expected a value of type {names} ({SLURM_FORM})")
+        elif not key.startswith("slurm_") or (own is not None and key[len("slurm_"):] not in own
+                                                 and key[len("slurm_"):] not in GENERIC_PARAMETERS):
+            raise UsageError(f"slurm: unknown parameter {key!r}; expected submitit's shared parameters "
+                             f"({', '.join(GENERIC_PARAMETERS)}) or SLURM's own prefixed slurm_ (e.g. slurm_partition)"
+                             f" in {SLURM_FORM}")
 
 
 def plan(config: dict) -> list:
@@ -218,6 +296,8 @@ def _job_error(job, error: Exception) -> str:
 def launch_submitit(config: dict, runs: list, status: dict, save) -> None:
     """Each run a job (SLURM, or local processes): submit what is missing, wait for all, record each outcome.
     Ctrl-C stops the waiting, not the jobs: a rerun waits for them again."""
+    from submitit.core.utils import FailedJobError, FailedSubmissionError
+
     folder = Path(config["out_dir"]) / "jobs"
     executor = _executor(config, folder)
     # a job imports this project's modules wherever it runs: their folder goes with the job's environment
@@ -228,7 +308,14 @@ def launch_submitit(config: dict, runs: list, status: dict, save) -> None:
     for run in runs:
         job = _still_queued(config, folder, status.get(run["folder"], {}).get("job_id"))
         if job is None:
-            job = executor.submit(run_one, run["config"])
+            try:
+                job = executor.submit(run_one, run["config"])
+            except (FailedJobError, FailedSubmissionError) as e:  # sbatch refused it: the cluster, not this tool
+                save()
+                said = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+                raise StageFailed(f"launcher={config['launcher']!r}: submitting {run['folder']} failed ({said[-1]}); "
+                                  f"the jobs submitted before it go on; rerun the same command once the cluster "
+                                  f"takes jobs") from None
             print(f"submitted job {job.job_id}: {_describe(run)}", flush=True)
         else:
             print(f"waiting for job {job.job_id} submitted earlier: {_describe(run)}", flush=True)
@@ -263,15 +350,29 @@ def launch_submitit(config: dict, runs: list, status: dict, save) -> None:
         sys.exit(130)
 
 
+def check(config: dict) -> list:
+    """The one check of a whole configuration before anything is read, trained or written: an experiment's own
+    settings and every run it launches (each seed, control and branch point: preflight.check_run), or the one run
+    it is. A UsageError names the setting. Returns the runs (`plan`; for one run, [{'config': its settings}])."""
+    if not is_experiment(config):
+        check_experiment(config)
+        runs = [{"config": {k: v for k, v in config.items() if k not in EXPERIMENT_KEYS}}]
+    else:
+        check_experiment(config, launching=True)
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            raise UsageError("seeds/controls under torchrun: an experiment does not run its runs across processes "
+                             "yet; run it without torchrun (launcher='slurm' gives each run its own job), or run "
+                             "each seed's command under torchrun (e.g. --seed=1 --out_dir=.../seed_1)")
+        # what every run shares, and the experiment's own out_dir, which holds the runs' folders
+        preflight.check_run({k: v for k, v in config.items() if k not in EXPERIMENT_KEYS})
+        runs = plan(config)
+    for run in runs:
+        preflight.check_run(run["config"])
+    return runs
+
+
 def run_experiment(config: dict) -> None:
-    check_experiment(config)
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        raise UsageError("seeds/controls under torchrun: an experiment does not run its runs across processes "
-                         "yet; run it without torchrun (launcher='slurm' gives each run its own job), or run each "
-                         "seed's command under torchrun (e.g. --seed=1 --out_dir=.../seed_1)")
-    runs = plan(config)
-    for run in runs:  # every run's settings are checked before anything is trained
-        dualtask.check_config(run["config"])
+    runs = check(config)  # every run's settings and paths, before anything is written or trained
     out = Path(config["out_dir"])
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -314,12 +415,13 @@ def main(script_globals: dict, argv: list | None = None) -> None:
         dualtask.print_help(defaults, script_globals.get("__file__", "script.py"))
         return
     try:
-        config = dualtask.parse_overrides(defaults, argv)
-        if is_experiment(config):
-            run_experiment(config)
-        else:
-            check_experiment(config)
-            dualtask.run({k: v for k, v in config.items() if k not in EXPERIMENT_KEYS})
+        with report_bugs(DataError):
+            config = dualtask.parse_overrides(defaults, argv)
+            if is_experiment(config):
+                run_experiment(config)
+            else:
+                (run,) = check(config)
+                dualtask.run(run["config"])
     except (UsageError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

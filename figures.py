@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from common import atomic_write, exit_on_damaged_files, read_json  # noqa: E402
+from common import atomic_write, exit_on_damaged_files, read_json, report_bugs  # noqa: E402
 from verdict import headline_fraction  # noqa: E402
 
 PALETTE = "colorblind"
@@ -391,7 +391,7 @@ if __name__ == "__main__":
     if len(sys.argv) != 2 or not (Path(sys.argv[1]) / "config.json").exists():
         print("usage: python figures.py RUN_DIR (a folder holding config.json)", file=sys.stderr)
         sys.exit(2)
-    with exit_on_damaged_files(f"cannot draw the figures of {sys.argv[1]}"):
+    with report_bugs(), exit_on_damaged_files(f"cannot draw the figures of {sys.argv[1]}"):
         read_json(Path(sys.argv[1]) / "config.json", lambda v: isinstance(v, dict), "a run's settings")
         written = make_figures(sys.argv[1])
     for p in written:

@@ -127,13 +127,17 @@ def earlier_sweep(settings: dict, out_dir: Path) -> dict:
                "dissociation": ("layer", "method", "fraction", "index"),
                "per_class": tuple(c for c in PER_CLASS_COLUMNS if c not in ADDED_LESION_COLUMNS),
                "subgroups": tuple(c for c in subgroups.SUBGROUP_COLUMNS if c not in ADDED_LESION_COLUMNS)}
+    numbers = {"results": ("depth", "n_filters", "fraction", "n_lesioned", "repeat", "accuracy", "loss",
+                           "intact_accuracy", "chance"), "dissociation": ("fraction", "index"),
+               "per_class": ("repeat", "fraction", "accuracy", "n_images"),
+               "subgroups": ("repeat", "fraction", "accuracy", "intact_accuracy", "n_images")}
     stop = settings.get("greedy", GREEDY_DEFAULTS)["stop"]
     n_filters = {}  # by site, from the results: what an earlier file's dissociation rows need
 
     def rows_of(key):  # the rows of finished sites, from a file that must be as this tool wrote it
         if not done or not paths[key].exists():
             return []
-        rows = [r for r in read_csv(paths[key], columns[key]) if r["layer"] in done]
+        rows = [r for r in read_csv(paths[key], columns[key], numbers[key]) if r["layer"] in done]
         for r in rows if key in ("results", "dissociation") else []:  # a column added since the file was written
             n = r.get("n_filters") or n_filters.get(r["layer"])  # None: its site lacks results (restarted below)
             if r.get("beyond_greedy_stop") in (None, "") and n is not None:

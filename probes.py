@@ -22,14 +22,12 @@ import torch
 import figures
 import vggface2
 from common import autocast, read_json, UsageError, write_csv, write_text
+from probes_report import PROBE_COLUMNS, PROBES_FILE, PROBES_SETTINGS, read_rows
 from dissociation import lesion_conditions
 from inspection import linear_probe
 from lesion_engine import apply_mask, evaluate_lesions, image_batches, lesion_mask, select_sites, SiteRunner
 
 PROBES = ("inversion", "transfer")
-PROBE_COLUMNS = ("probe", "task", "layer", "depth", "method", "target", "repeat", "fraction", "accuracy",
-                 "inverted_accuracy", "effect", "effect_low", "effect_high", "n_images", "p_vs_random", "read_by")
-# read_by: what read the accuracies: "heads" (inversion: the network's own output layers) or "linear probe" (transfer)
 N_BOOT = 1000
 
 
@@ -149,10 +147,18 @@ def probe_stage(model, images: dict, config: dict, run_dir: Path, load_task=None
     settings = {"probes": asked, "probe_data": config.get("probe_data"), "fraction": fraction, "seed": config["seed"],
                 "sites": [s.name for s in sites], "readout_images": config.get("readout_images", 500),
                 "sweep": read_json(run_dir / "lesion_progress.json").get("settings")}
-    path, done = run_dir / "probes.csv", run_dir / "probes.json"
-    if path.exists() and done.exists() and read_json(done) == json.loads(json.dumps(settings)):
-        print(f"probes: {', '.join(asked)} done earlier under the same settings ({path.name}); skipping", flush=True)
-        return path
+    path, done = run_dir / PROBES_FILE, run_dir / PROBES_SETTINGS
+    if path.exists() and done.exists():
+        earlier = read_json(done, lambda d: isinstance(d, dict), "the probes' settings")
+        if {k: v for k, v in earlier.items() if k != "rows"} == json.loads(json.dumps(settings)):
+            try:  # trusted only as written: every column, numbers, and the rows these settings make
+                read_rows(run_dir, expected_rows(asked, list(images), sites, rankings, fraction))
+            except UsageError as e:  # its inputs (rankings.json, the network) are intact: it is made again
+                print(f"probes: {str(e).split('; expected')[0]}; computing the probes again", flush=True)
+            else:
+                print(f"probes: {', '.join(asked)} done earlier under the same settings ({path.name}); skipping",
+                      flush=True)
+                return path
     rows = []
     if "inversion" in asked:
         rows += inversion_rows(model, sites, rankings, image_batches(images, "test"), fraction, config["seed"])
@@ -171,8 +177,15 @@ def probe_stage(model, images: dict, config: dict, run_dir: Path, load_task=None
         print(f"probe transfer: {data.source or config['probe_data']}, {len(data.classes)} classes", flush=True)
     write_csv(path, PROBE_COLUMNS, rows)
     figures.probes_figure(rows, run_dir / "figures" / "probes.png")
-    write_text(done, json.dumps(settings, indent=1))  # last: what probes.csv was made under
+    write_text(done, json.dumps(dict(settings, rows=len(rows)), indent=1))  # last: what probes.csv was made under
     return path
+
+
+def expected_rows(asked: list, tasks: list, sites: list, rankings: dict, fraction: float) -> int:
+    """The number of probes.csv's rows that `probe_stage` writes: per probe the intact network (per task for the
+    inversion probe), then every lesion of every site at `fraction`."""
+    lesions = sum(len(headline_conditions(site, rankings[site.name], fraction)) for site in sites)
+    return (len(tasks) * (1 + lesions) if "inversion" in asked else 0) + (1 + lesions if "transfer" in asked else 0)
 
 
 class _TaskView:

@@ -2,9 +2,29 @@
 lesions, and the held-out task's transfer probe, each in a sentence."""
 from __future__ import annotations
 
-from common import number as _num
+from pathlib import Path
+
+from common import number as _num, read_csv, read_json
 
 ALPHA = 0.05
+PROBES_FILE, PROBES_SETTINGS = "probes.csv", "probes.json"  # the rows, and what they were made under (last)
+PROBE_COLUMNS = ("probe", "task", "layer", "depth", "method", "target", "repeat", "fraction", "accuracy",
+                 "inverted_accuracy", "effect", "effect_low", "effect_high", "n_images", "p_vs_random", "read_by")
+# read_by: what read the accuracies: "heads" (inversion: the network's own output layers) or "linear probe" (transfer)
+ADDED_PROBE_COLUMNS = ("read_by",)  # columns added since probes.csv was first written: an earlier file lacks them
+NUMBER_COLUMNS = ("depth", "repeat", "fraction", "accuracy", "inverted_accuracy", "effect", "effect_low",
+                  "effect_high", "n_images", "p_vs_random")
+
+
+def read_rows(run_dir, n_rows: int | None = None) -> list:
+    """probes.csv's rows, checked as they are read: every column, numbers where numbers belong, and as many rows
+    as `n_rows`, else as its settings file (probes.json) records; a damaged file is a UsageError naming it."""
+    run_dir = Path(run_dir)
+    if n_rows is None and (run_dir / PROBES_SETTINGS).exists():
+        recorded = read_json(run_dir / PROBES_SETTINGS, lambda d: isinstance(d, dict), "the probes' settings")
+        n_rows = recorded.get("rows") if isinstance(recorded.get("rows"), int) else None
+    columns = tuple(c for c in PROBE_COLUMNS if c not in ADDED_PROBE_COLUMNS)
+    return read_csv(run_dir / PROBES_FILE, columns, NUMBER_COLUMNS, n_rows)
 
 
 def _targeted(rows: list) -> dict:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from common import autocast
+from common import autocast, UsageError
 from lesion_engine import evaluate_lesions, lesion_mask, SiteRunner
 
 ALPHAS = tuple(float(a) for a in np.logspace(-1, 5, 13))  # the ridge penalties leave-one-out chooses among
@@ -144,24 +144,46 @@ def fixed_readouts(model, site, test_batches: list, seed: int = 0, folds: int = 
     keep, add = lesion_mask([], site.n_filters)
     (features,) = readout_inputs(model, site, [(keep, add)], test_batches, 1)
     labels = _labels(test_batches)
+    for task, y in labels.items():  # preflight.check_data asks the same before a run trains
+        problem = folds_problem(y, seed, folds)
+        if problem:
+            raise UsageError(f"fixed_readout: {task}: {problem}")
     out = {}
     for task, y in labels.items():
-        k = max(2, min(folds, len(y) // 2))
-        rng = np.random.default_rng(seed)  # the same deal for every task: tasks of one image set split alike
-        fold = np.zeros(len(y), dtype=int)
-        start = 0
-        for c in np.unique(y):  # one deal running on from class to class: every fold gets its share of each
-            members = rng.permutation(np.flatnonzero(y == c))
-            fold[members] = (start + np.arange(len(members))) % k
-            start += len(members)
-        if any(len(np.unique(y[fold != f])) < 2 for f in range(k)):
-            raise ValueError(f"{task}: too few test images ({len(y)}) to fit a readout without each fold")
+        fold, k = deal_folds(y, seed, folds)
         out[task] = {"fold": fold, "alphas": [], "readouts": []}
         for f in range(k):  # fold f's readout and its penalty see the other folds' images only
             x, y_fit = features[task][fold != f], y[fold != f]
             out[task]["alphas"].append(choose_alpha(x, y_fit))
             out[task]["readouts"].append(probe(out[task]["alphas"][-1]).fit(x, y_fit))
     return out
+
+
+def deal_folds(y: np.ndarray, seed: int = 0, folds: int = FIXED_FOLDS) -> tuple:
+    """(the fold of each of a task's test images (labels `y`, in order), the number of folds) for the fixed
+    readouts: max(2, min(folds, n // 2)) folds, dealt seeded and in turn within each class, one deal running on
+    from class to class so that every fold gets its share of each (the same deal for every task: tasks of one
+    image set split alike)."""
+    k = max(2, min(folds, len(y) // 2))
+    rng = np.random.default_rng(seed)
+    fold = np.zeros(len(y), dtype=int)
+    start = 0
+    for c in np.unique(y):
+        members = rng.permutation(np.flatnonzero(y == c))
+        fold[members] = (start + np.arange(len(members))) % k
+        start += len(members)
+    return fold, k
+
+
+def folds_problem(y: np.ndarray, seed: int = 0, folds: int = FIXED_FOLDS) -> str | None:
+    """Why a task's test images (labels `y`) cannot have fixed readouts, or None: each fold's readout is fitted on
+    the other folds' images, which must hold at least two classes."""
+    y = np.asarray(y)
+    fold, k = deal_folds(y, seed, folds)
+    if any(len(np.unique(y[fold != f])) < 2 for f in range(k)):
+        return (f"too few test images ({len(y)} in {len(np.unique(y))} class(es)) to fit a readout without each of "
+                f"{k} folds (each fold's readout is fitted on the other folds' images, at least two classes)")
+    return None
 
 
 def penalty_range(alphas: list) -> str:

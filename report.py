@@ -314,8 +314,7 @@ def build_report(run_dir) -> Path:
         for text in (selective, masks):
             if text:
                 r.what(text)
-    probe_rows = read_csv(run_dir / "probes.csv", ("probe", "task", "method")) if (run_dir / "probes.csv").exists() \
-        else []
+    probe_rows = probes_report.read_rows(run_dir) if (run_dir / "probes.csv").exists() else []
     if probe_rows:
         r.section("Behavioural probes")
         for text in (probes_report.inversion_sentence(probe_rows), probes_report.transfer_sentence(probe_rows)):

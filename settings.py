@@ -231,6 +231,8 @@ SETTINGS = {
     "face_crop": _choice(vggface2.FACE_CROPS),
     "lfw_crop": _FLAG,  # face_crop's forerunner: read from the config of a run written before face_crop existed
 }
+# list settings whose items must be distinct (lesion_layers: by the site they name, preflight.resolve_sites)
+DISTINCT = ("lesion_fractions", "lesion_methods", "probes", "stages", "kdef_views", "lesion_epochs")
 # settings renamed or replaced: their old names, in a command line, are answered with what replaced them
 REPLACED = {"lfw_crop": "face_crop: use --face_crop=boxes for lfw_crop=True, --face_crop=none for False"}
 
@@ -256,10 +258,17 @@ def check_config(config: dict) -> None:
                 raise UsageError(f"{name}={value!r}; expected 'demo' or a data folder path")
         elif name in SETTINGS and not SETTINGS[name][0](value):
             raise UsageError(f"{name}={value!r}; expected {SETTINGS[name][1]}")
+    for name in DISTINCT:  # a list that names one thing twice would run it twice, or once without saying so
+        value = config.get(name)
+        if isinstance(value, list):
+            twice = next((v for k, v in enumerate(value) if v in value[:k]), None)
+            if twice is not None:
+                raise UsageError(f"{name}={value!r}: {twice!r} is named twice; expected each once ({SETTINGS[name][1]})")
     tasks = task_specs(config)
     if config.get("role") == "single_task":
         if config.get("single_task") not in tasks:
-            raise UsageError(f"single_task={config.get('single_task')!r}; expected one of the tasks: {', '.join(tasks)}")
+            raise UsageError(f"role='single_task' with single_task={config.get('single_task')!r}; expected "
+                             f"single_task to name one of the tasks: {', '.join(tasks)}")
         tasks = {config["single_task"]: tasks[config["single_task"]]}
     elif len(tasks) < 2:
         raise UsageError(f"found {len(tasks)} task(s) ({', '.join(tasks) or 'none'}); expected at least two "

@@ -37,7 +37,7 @@ def read_groups(path, n_test: dict) -> dict:
     p = Path(path).expanduser()
     where = f"subgroups={str(path)!r}"
     try:
-        with open(p, newline="", encoding="utf-8") as f:
+        with open(p, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's "CSV UTF-8" starts with a BOM
             rows = list(csv.DictReader(f))
             header = set(rows[0]) if rows else set()
     except (OSError, UnicodeDecodeError, csv.Error) as e:
@@ -50,7 +50,7 @@ def read_groups(path, n_test: dict) -> dict:
         if task not in n_test:
             raise UsageError(f"{where}, line {line}: task {task!r} is not one of the run's tasks "
                              f"({', '.join(n_test)}); expected {FORM}")
-        if not image.isdigit() or int(image) >= n_test[task]:
+        if not (image.isascii() and image.isdigit()) or int(image) >= n_test[task]:  # not '²', which int() refuses
             raise UsageError(f"{where}, line {line}: image {image!r} is not a position among {task}'s "
                              f"{n_test[task]} test images (0 to {n_test[task] - 1}); expected {FORM}")
         if not group:

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from cifar10 import CIFAR_CLASSES, CIFAR_URL, load_cifar10
+from common import report_bugs, UsageError
 from demo import DEMO_EXPRESSIONS, DEMO_OBJECTS, make_demo
 from fer2013 import FER2013_CLASSES, FER2013_CSV, load_fer2013_csv
 from folders import LFW_FACE_BOX, LFW_FRAME, is_lfw_root, load_folder
@@ -228,6 +229,28 @@ def shared_groups(datasets: dict) -> list:
 _TASK_LABEL_KINDS = {"identity": "identity", "face": "identity", "faces": "identity", "id": "identity",
                      "expression": "expression", "expressions": "expression", "emotion": "expression",
                      "emotions": "expression"}
+
+
+def source_groups(specs: dict) -> list:
+    """The tasks grouped by the images they read, in task order: [[task, ...], ...]. Tasks whose specs name the
+    same folder or file share one set of images (each image then carries every task's label); 'demo' read by an
+    identity task ('identity', 'face') and an expression task ('expression', 'emotion') is the demo faces,
+    which carry both labels, for both. Every other demo task draws its own set, as before."""
+    kinds = {t: label_kind_for_task(t) for t in specs}
+    plain_demo = [t for t, s in specs.items() if s.strip() == "demo"]
+    faces_shared = {"identity", "expression"} <= {kinds[t] for t in plain_demo}
+    groups = {}
+    for task, spec in specs.items():
+        spec = spec.strip()
+        if spec == "demo":
+            key = ("demo", "faces" if faces_shared and kinds[task] in ("identity", "expression")
+                   else demo_kind_for(task))
+        elif spec.startswith("demo:"):
+            key = ("demo", spec.split(":", 1)[1])
+        else:
+            key = ("path", str(Path(spec).expanduser().resolve()))
+        groups.setdefault(key, []).append(task)
+    return list(groups.values())
 
 
 def label_kind_for_task(task: str) -> str | None:
@@ -558,6 +581,12 @@ def _check_arguments(args) -> None:
                              ("per_identity", args.per_identity, 1), ("seed", args.seed, 0)):
         if value is not None and value < low:
             raise DataError(f"--{name}={value}: expected a whole number of at least {low}")
+    if not args.out.strip():
+        raise DataError(f"--out={args.out!r}: empty; expected the path of the cache folder to write (new or empty, "
+                        f"or an earlier cache with --overwrite)")
+    if not Path(os.path.abspath(Path(args.out).expanduser())).name:
+        raise DataError(f"--out={args.out}: the file system's root; expected the path of the cache folder to write "
+                        f"(new or empty, or an earlier cache with --overwrite)")
     if args.root.startswith("demo"):
         return
     root, out = Path(args.root).expanduser().resolve(), Path(args.out).expanduser().resolve()
@@ -586,17 +615,20 @@ def main(argv=None) -> int:
                         "enlarged by 30%%), align (VGGFace2's five landmarks onto a template) or none (whole images)")
     parser.add_argument("--lfw_crop", default=None, help=argparse.SUPPRESS)  # replaced by --face_crop: named if given
     try:
-        args = parser.parse_args(argv)
-        _check_arguments(args)
-        out = Path(args.out).expanduser()
-        _check_out(out, args.overwrite)  # before the long read, so a refused --out costs nothing
-        data = load_task(args.root, args.task, args.image_size, max_per_class=args.per_identity,
-                         max_classes=args.identities, seed=args.seed, face_crop=args.face_crop)
-        try:
-            data.save(out, overwrite=args.overwrite)
-        except OSError as e:  # permissions, a full disk
-            raise DataError(f"--out: cannot write {out} ({e}); choose a writable --out with enough space") from None
-    except DataError as e:
+        with report_bugs(DataError):
+            args = parser.parse_args(argv)
+            _check_arguments(args)
+            out = Path(args.out).expanduser()
+            if out.name in ("", ".", ".."):  # "." or "..": the folder it names, by its own name
+                out = Path(os.path.abspath(out))
+            _check_out(out, args.overwrite)  # before the long read, so a refused --out costs nothing
+            data = load_task(args.root, args.task, args.image_size, max_per_class=args.per_identity,
+                             max_classes=args.identities, seed=args.seed, face_crop=args.face_crop)
+            try:
+                data.save(out, overwrite=args.overwrite)
+            except OSError as e:  # permissions, a full disk
+                raise DataError(f"--out: cannot write {out} ({e}); choose a writable --out with enough space") from None
+    except (DataError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     c = data.counts()

@@ -53,6 +53,14 @@ def torchrun_tiny(out_dir, port: int, *args, script: str = "ResNet.py"):
                           cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
 
 
+def tree_digest(folder: Path) -> dict:
+    """{relative path: sha256} of every file under folder: what a refused command must leave byte-identical."""
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
 def reproducible_rankings(sites, methods=("loss", "activation"), tasks=("face", "object"), overlap=1.0, share=1.0,
                           fractions=(0.1, 0.2, 0.3)) -> dict:
     """rankings.json's per-site entries the verdict reads beside the dissociation rows: every ranking's split-half

@@ -233,15 +233,18 @@ def test_leftover_temporaries_are_removed_and_nothing_else(tmp_path, finished_ru
     run = copy_run(finished_run, tmp_path / "run")
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()  # a process that has ended
-    (run / f".checkpoint.pt.tmp{dead}").write_bytes(b"half a checkpoint")
+    ours = {run / common.temporary_name("checkpoint.pt", int(dead)): b"half a checkpoint",
+            run / "figures" / common.temporary_name("lesion_effects.png", int(dead)): b"half a figure"}
+    # a user's files, named like temporaries (an older version's among them): this tool did not make these names
+    theirs = {run / ".mine.tmp": b"not this tool's", run / ".thesis.tex.tmp4000000": b"\\chapter{one}",
+              run / f".checkpoint.pt.tmp{dead}": b"a name of an older version", run / "notes.dualtask-partial": b"x"}
     (run / "figures").mkdir(exist_ok=True)
-    (run / "figures" / f".lesion_effects.png.tmp{dead}").write_bytes(b"half a figure")
-    (run / ".mine.tmp").write_text("not this tool's")
+    for path, data in {**ours, **theirs}.items():
+        path.write_bytes(data)
     p = run_script("ResNet.py", *FAST, *LESIONED, f"--out_dir={run}")
     assert p.returncode == 0, p.stderr[-2000:]
-    assert not (run / f".checkpoint.pt.tmp{dead}").exists()
-    assert not (run / "figures" / f".lesion_effects.png.tmp{dead}").exists()
-    assert (run / ".mine.tmp").read_text() == "not this tool's" and "left by an interrupted write" in p.stdout
+    assert not [path for path in ours if path.exists()] and "left by an interrupted write" in p.stdout
+    assert {path: path.read_bytes() for path in theirs} == theirs
 
 
 # -- kill -9 at chosen moments, then a rerun equals a run that was never killed ---------------------------
