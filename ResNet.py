@@ -67,6 +67,6 @@ launcher = "local"  # an experiment's runs: "local" one after another here, "slu
 slurm = {"timeout_min": 1440, "gpus_per_node": 1, "cpus_per_task": 8}  # submitit parameters of each job, e.g. add "slurm_partition": "gpu"
 
 if __name__ == "__main__":
-    from experiment import main
+    from dualtask.experiment.experiment import main
 
     main(globals())

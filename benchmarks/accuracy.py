@@ -29,10 +29,15 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import dualtask  # noqa: E402
-import vggface2  # noqa: E402
-from common import write_text  # noqa: E402
+from dualtask.config import settings
+from dualtask.core.common import write_text  # noqa: E402
+from dualtask.data import (
+    taskdata,
+    transforms,  # noqa: E402
+)
+from dualtask.experiment import pipeline as dualtask
+from dualtask.model import network
+from dualtask.training import trainer  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 # name -> (backbone, batch_norm)
@@ -43,7 +48,7 @@ SCRIPTS = {"vgg16": "vgg16", "vgg19": "vgg19", "resnet50": "ResNet", "resnext50"
 
 def script_defaults(backbone: str) -> dict:
     module = __import__(SCRIPTS[backbone])
-    return dualtask.hyperparameters(vars(module))
+    return settings.hyperparameters(vars(module))
 
 
 def train_plain(model, images: dict, config: dict, dist) -> None:
@@ -60,17 +65,17 @@ def train_plain(model, images: dict, config: dict, dist) -> None:
     model.train()
     for epoch in range(config["epochs"]):
         gen = torch.Generator().manual_seed(config["seed"] * 1_000_003 + epoch * 1009)
-        order = {t: dualtask._epoch_order(train_idx[t], config["seed"], epoch, k, steps * per_task, 0, 1)
+        order = {t: trainer.epoch_order(train_idx[t], config["seed"], epoch, k, steps * per_task, 0, 1)
                  for k, t in enumerate(tasks)}
         for step in range(steps):
             xs, ys = zip(*(images[t].batch(order[t][step * per_task:(step + 1) * per_task]) for t in tasks))
-            out = model(vggface2.normalize(vggface2.augment(torch.cat(xs), gen)))
+            out = model(transforms.normalize(transforms.augment(torch.cat(xs), gen)))
             loss = sum(F.cross_entropy(out[t][k * per_task:(k + 1) * per_task], ys[k]) for k, t in enumerate(tasks))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
-        val = dualtask.evaluate(model, images, "val", dist)
+        val = trainer.evaluate(model, images, "val", dist)
         print(f"  plain epoch {epoch + 1}/{config['epochs']}: " +
               ", ".join(f"{t} val {v['accuracy']:.3f}" for t, v in val.items()), flush=True)
 
@@ -87,7 +92,7 @@ def main():
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--face_crop", default="boxes", choices=vggface2.FACE_CROPS,
+    p.add_argument("--face_crop", default="boxes", choices=taskdata.FACE_CROPS,
                    help="how LFW's photographs are cropped, as the scripts' face_crop (none: the whole 250-px frames)")
     p.add_argument("--out", default=str(ROOT / "runs" / "bench_accuracy"))
     args = p.parse_args()
@@ -106,19 +111,19 @@ def main():
                   max_per_class=args.max_per_class or None, max_classes=args.max_classes or None,
                   epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, device=args.device,
                   face_crop=args.face_crop)
-    dist = dualtask.Dist(args.device)
+    dist = trainer.Dist(args.device)
     datasets, images = None, None
     for name in names:
-        key = json.dumps(dict(budget, variant=name, recipe=dualtask.RECIPE), sort_keys=True)
+        key = json.dumps(dict(budget, variant=name, recipe=settings.RECIPE), sort_keys=True)
         if key in results:
             continue
         backbone, batch_norm = VARIANTS[name]
         config = dict(script_defaults(backbone), **budget, backbone=backbone, batch_norm=batch_norm,
                       out_dir=str(out / name), retrain=True, health_check="warn", stages=["train"])
-        dualtask.check_config(config)
+        settings.check_config(config)
         if datasets is None:
             datasets = dualtask.load_datasets(config)
-            images = {t: dualtask.TaskImages(d, dist.device) for t, d in datasets.items()}
+            images = {t: trainer.TaskImages(d, dist.device) for t, d in datasets.items()}
             print(", ".join(f"{t}: {len(d.classes)} classes, {d.counts()['train']} train / {d.counts()['test']} test"
                             for t, d in datasets.items()), flush=True)
         classes = {t: len(d.classes) for t, d in datasets.items()}
@@ -127,14 +132,14 @@ def main():
             torch.manual_seed(args.seed)
             start = time.perf_counter()
             if recipe == "defaults":
-                config["recipe"] = dualtask.RECIPE
-                model = dualtask.build_model(config, classes).to(dist.device)
+                config["recipe"] = settings.RECIPE
+                model = network.build_model(config, classes).to(dist.device)
                 Path(config["out_dir"]).mkdir(parents=True, exist_ok=True)
-                dualtask.train(model, images, config, Path(config["out_dir"]), dist)
+                trainer.train(model, images, config, Path(config["out_dir"]), dist)
             else:
-                model = dualtask.build_model(dict(config, recipe=1), classes).to(dist.device)
+                model = network.build_model(dict(config, recipe=1), classes).to(dist.device)
                 train_plain(model, images, config, dist)
-            test = dualtask.evaluate(model, images, "test", dist)
+            test = trainer.evaluate(model, images, "test", dist)
             row[recipe] = {t: v["accuracy"] for t, v in test.items()}
             row[recipe + "_seconds"] = round(time.perf_counter() - start, 1)
             print(f"{name} {recipe}: " + ", ".join(f"{t} test {a:.3f}" for t, a in row[recipe].items()) +
@@ -146,7 +151,7 @@ def main():
     print(f"{'backbone':<12} {'task':<8} {'chance':>7} {'defaults':>9} {'plain':>7}")
     wins = 0
     for name in names:
-        row = results[json.dumps(dict(budget, variant=name, recipe=dualtask.RECIPE), sort_keys=True)]
+        row = results[json.dumps(dict(budget, variant=name, recipe=settings.RECIPE), sort_keys=True)]
         for t, chance in row["chance"].items():
             print(f"{name:<12} {t:<8} {chance:7.3f} {row['defaults'][t]:9.3f} {row['plain'][t]:7.3f}")
         wins += all(row["defaults"][t] >= row["plain"][t] for t in row["chance"])

@@ -22,10 +22,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import taskdata  # noqa: E402
-from folders import LFW_FACE_BOX  # noqa: E402
-from taskdata import DETECT, FractionBox  # noqa: E402
+from dualtask.data import taskdata  # noqa: E402
+from dualtask.data.folders import LFW_FACE_BOX  # noqa: E402
+from dualtask.data.taskdata import DETECT, FractionBox  # noqa: E402
 
 
 def pil_read(path: Path, size: int, box):
@@ -34,8 +33,8 @@ def pil_read(path: Path, size: int, box):
     from PIL import Image
 
     with Image.open(path) as im:
-        img = taskdata._to_rgb(im)
-        rect = taskdata._crop_box(box, img.width, img.height)
+        img = taskdata.to_rgb(im)
+        rect = taskdata.crop_box(box, img.width, img.height)
         if rect is not None:
             img = img.crop(rect)
         w, h = img.size
@@ -47,7 +46,7 @@ def pil_read(path: Path, size: int, box):
 
 
 def opencv_read(path: Path, size: int, box):
-    return taskdata._read_image(path, size, box)[0]
+    return taskdata.read_image(path, size, box)[0]
 
 
 def timed(read, paths, size, box, repeats: int):
@@ -110,13 +109,13 @@ def main() -> int:
     print(f"speedup: {pil_s / cv_s:.2f}")
 
     start = time.perf_counter()
-    found = [taskdata.detect_face(taskdata._decode(p)) is not None for p in paths]
+    found = [taskdata.detect_face(taskdata.decode_image(p)) is not None for p in paths]
     detect_s = time.perf_counter() - start
     print(f"detect: {detect_s:.1f} s ({detect_s / len(paths) * 1000:.1f} ms per image, one thread)")
     print(f"detected: {sum(found)}/{len(paths)} ({sum(found) / len(paths):.1%})")
     if args.grid:
         picks = np.linspace(0, len(paths) - 1, min(36, len(paths))).round().astype(int)
-        crops = np.stack([taskdata._read_image(paths[k], size, DETECT)[0] for k in picks])
+        crops = np.stack([taskdata.read_image(paths[k], size, DETECT)[0] for k in picks])
         Image.fromarray(grid(crops, [found[k] for k in picks])).save(args.grid)
         print(f"wrote {args.grid}: {len(picks)} detect crops, evenly spaced over the images (no face: red frame)")
     return 0

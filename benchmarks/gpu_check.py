@@ -57,13 +57,20 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import dualtask  # noqa: E402
-import lesion_utils as L  # noqa: E402
-import vggface2  # noqa: E402
-import vgg16  # noqa: E402
-import ResNet  # noqa: E402
-from common import autocast, write_text  # noqa: E402
+from dualtask.config import settings
+from dualtask.core import names
+from dualtask.data import loading as vggface2
+from dualtask.data import transforms  # noqa: E402
+from dualtask.experiment import pipeline as dualtask
+from dualtask.lesion import engine, greedy, rankings
+from dualtask.model import network
+from dualtask.model import sites as sites_mod  # noqa: E402
+from dualtask.training import trainer as trainer_mod  # noqa: E402
+
+vgg16 = settings.load_script(ROOT / "vgg16.py")
+ResNet = settings.load_script(ROOT / "ResNet.py")
+from dualtask.core.common import write_text  # noqa: E402
+from dualtask.core.device import autocast
 
 # Sizes: on one H200 each section should take 10-90 s (estimated from the H100 figures; greedy, the longest,
 # fits itself to greedy_s); --tiny runs the same code on a CPU in seconds.
@@ -164,9 +171,9 @@ def site_flops(model, sites: list, image_shape, device) -> dict:
     x = torch.zeros((1,) + tuple(image_shape), device=device)
     out = {}
     for site in sites:
-        runner = L.SiteRunner(model, site)
+        runner = engine.SiteRunner(model, site)
         cached = runner.prefix(x)
-        keep, add = L.lesion_mask([0], site.n_filters)
+        keep, add = engine.lesion_mask([0], site.n_filters)
         out[site.name] = (forward_flops(lambda: runner.prefix(x)),
                           forward_flops(lambda: runner.suffix(cached, keep[None], add[None])))
     return out
@@ -197,7 +204,7 @@ class Check:
 
     def config(self, script) -> dict:
         """A backbone script's settings at this check's sizes."""
-        c = dualtask.hyperparameters(vars(script))
+        c = settings.hyperparameters(vars(script))
         c.update(image_size=self.S["image_size"], batch_size=self.S["batch_size"], device=str(self.device), seed=0)
         if self.S["fc_width"]:
             c["fc_width"] = self.S["fc_width"]
@@ -214,7 +221,7 @@ class Check:
     def lesion_model(self):
         """(the prepared VGG16 in eval mode, a note): a freshly initialised one when `prepare` failed."""
         if self.model is None:
-            model = dualtask.build_model(self.config(vgg16), self.num_classes()).to(self.device).eval()
+            model = network.build_model(self.config(vgg16), self.num_classes()).to(self.device).eval()
             self.model, self.model_note = model, "untrained (prepare did not run)"
         return self.model, getattr(self, "model_note", "prepared")
 
@@ -245,11 +252,11 @@ class Trainer:
         self.channels_last = device.type == "cuda"
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
-        self.optimizer = dualtask.make_optimizer(model, config, dualtask.peak_lr(config))
+        self.optimizer = trainer_mod.make_optimizer(model, config, trainer_mod.peak_lr(config))
         per_epoch = max(1, math.ceil(max(len(i) for i in self.train_idx.values()) / self.per_group))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, dualtask._lr_lambda(total_steps, dualtask.warmup_steps(config, per_epoch)))
-        self.smoothing = dualtask.LABEL_SMOOTHING if config.get("recipe", dualtask.RECIPE) >= 2 else 0.0
+            self.optimizer, trainer_mod.lr_lambda(total_steps, trainer_mod.warmup_steps(config, per_epoch)))
+        self.smoothing = trainer_mod.LABEL_SMOOTHING if config.get("recipe", settings.RECIPE) >= 2 else 0.0
         self.clip = config.get("grad_clip", 0)
         self.gen, self.rng = torch.Generator().manual_seed(0), np.random.default_rng(0)
         model.train()
@@ -265,7 +272,7 @@ class Trainer:
                 rows[t] = slice(k * self.per_group, (k + 1) * self.per_group)
                 if t != g[0]:
                     ys[t] = self.images[t].labels[torch.from_numpy(idx).to(self.images[t].labels.device)]
-        x = vggface2.normalize(vggface2.augment(torch.cat(xs), self.gen))
+        x = transforms.normalize(transforms.augment(torch.cat(xs), self.gen))
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, ys, rows
@@ -350,7 +357,7 @@ def section_data(ck: Check) -> list:
     for data in datasets.values():
         if data.image_size != size:
             data.images = upsample(data.images, size, ck.device)
-    ck.images = {t: dualtask.TaskImages(d, ck.device) for t, d in datasets.items()}
+    ck.images = {t: trainer_mod.TaskImages(d, ck.device) for t, d in datasets.items()}
     return [metric(f"{t} images (train / val / test)", "/".join(str(v) for v in d.counts().values()),
                    f"at {size} px") for t, d in datasets.items()]
 
@@ -358,7 +365,7 @@ def section_data(ck: Check) -> list:
 def section_train(ck: Check, script, name: str) -> list:
     S = ck.S
     config = ck.config(script)
-    model = dualtask.build_model(config, ck.num_classes()).to(ck.device)
+    model = network.build_model(config, ck.num_classes()).to(ck.device)
     total = S["warmup_steps"] + S["timed_steps"] + (S["prepare_steps"] if script is vgg16 else 0)
     trainer = Trainer(model, ck.need_images(), config, ck.device, total)
     for _ in range(S["warmup_steps"]):
@@ -371,7 +378,7 @@ def section_train(ck: Check, script, name: str) -> list:
     rows = [metric(f"{name} training throughput", ips, "img/s",
                    f">= {RESNET_TARGET_IPS:.0f} img/s" if script is ResNet else None,
                    ck.judged(ips >= RESNET_TARGET_IPS) if script is ResNet else None,
-                   batch=trainer.batch, steps=S["timed_steps"], optimizer=dualtask.optimizer_name(config)),
+                   batch=trainer.batch, steps=S["timed_steps"], optimizer=trainer_mod.optimizer_name(config)),
             metric(f"{name} training FLOPs per image (3 x forward)", flops / 1e9, "GFLOP")]
     rows.append(metric(f"{name} training % of matmul peak", None if share is None else 100 * share, "%",
                        f">= {100 * VGG_TARGET_PEAK:.0f}%" if script is vgg16 else None,
@@ -384,7 +391,7 @@ def section_prepare(ck: Check) -> list:
     S = ck.S
     if ck.trainer is None:
         config = ck.config(vgg16)
-        model = dualtask.build_model(config, ck.num_classes()).to(ck.device)
+        model = network.build_model(config, ck.num_classes()).to(ck.device)
         ck.trainer = Trainer(model, ck.need_images(), config, ck.device, S["prepare_steps"])
     trainer, steps, start = ck.trainer, 0, time.perf_counter()
     while steps < S["prepare_steps"] and time.perf_counter() - start < S["prepare_s"]:
@@ -396,7 +403,7 @@ def section_prepare(ck: Check) -> list:
     seconds = time.perf_counter() - start
     model = trainer.model.to(memory_format=torch.contiguous_format).eval()  # as dualtask.train leaves it
     ck.trainer, ck.model, ck.model_note = None, model, f"trained {S['warmup_steps'] + S['timed_steps'] + steps} steps"
-    val = dualtask.evaluate(model, ck.need_images(), "val")
+    val = trainer_mod.evaluate(model, ck.need_images(), "val")
     rows = [metric("prepare: training steps", steps, f"x {trainer.batch} images in {seconds:.0f} s")]
     for t, v in val.items():
         rows.append(metric(f"prepare: {t} validation accuracy", v["accuracy"],
@@ -405,13 +412,13 @@ def section_prepare(ck: Check) -> list:
 
 
 def chosen_sites(model, depths) -> list:
-    sites = L.lesion_sites(model)
+    sites = sites_mod.lesion_sites(model)
     return [sites[d] for d in depths if -len(sites) <= d < len(sites)]
 
 
 def masks_per_pass(ck: Check, model, sites, batches) -> int:
-    caches = L.cache_bytes(model, sites, batches[0][1].shape[1:], max(len(x) for _, x, _ in batches))
-    return L.default_masks_per_pass(ck.device, max(caches.values()))
+    caches = engine.cache_bytes(model, sites, batches[0][1].shape[1:], max(len(x) for _, x, _ in batches))
+    return engine.default_masks_per_pass(ck.device, max(caches.values()))
 
 
 def random_lesions(site, count: int, rng) -> list:
@@ -443,18 +450,18 @@ def section_suffix_sweep(ck: Check) -> list:
     S = ck.S
     model, note = ck.lesion_model()
     sites = chosen_sites(model, S["sweep_sites"])
-    batches = L.image_batches(ck.need_images(), "test", n_per_task=S["sweep_images"], seed=0)
+    batches = engine.image_batches(ck.need_images(), "test", n_per_task=S["sweep_images"], seed=0)
     n_images = sum(len(y) for _, _, y in batches)
     rng = np.random.default_rng(0)
     lesions = {s.name: random_lesions(s, S["sweep_lesions"], rng) for s in sites}
     mpp = masks_per_pass(ck, model, sites, batches)
     warm = [batches[0], batches[-1]]  # first calls (kernel choice, allocations) out of the timing
     for s in sites:
-        L.evaluate_lesions(model, s, lesions[s.name][:mpp], warm, masks_per_pass=mpp)
-        L.evaluate_lesions_naive(model, s, lesions[s.name][:1], warm)
-    fast, t_fast = timed(ck, lambda: [L.evaluate_lesions(model, s, lesions[s.name], batches, masks_per_pass=mpp)
+        engine.evaluate_lesions(model, s, lesions[s.name][:mpp], warm, masks_per_pass=mpp)
+        engine.evaluate_lesions_naive(model, s, lesions[s.name][:1], warm)
+    fast, t_fast = timed(ck, lambda: [engine.evaluate_lesions(model, s, lesions[s.name], batches, masks_per_pass=mpp)
                                       for s in sites])
-    naive, t_naive = timed(ck, lambda: [L.evaluate_lesions_naive(model, s, lesions[s.name], batches)
+    naive, t_naive = timed(ck, lambda: [engine.evaluate_lesions_naive(model, s, lesions[s.name], batches)
                                         for s in sites])
     cmp = compare_results(fast, naive)
     flops = ck.flops(model, sites)
@@ -488,22 +495,22 @@ def section_ranking_precision(ck: Check) -> list:
     S = ck.S
     model, note = ck.lesion_model()
     sites = chosen_sites(model, S["rank_sites"])
-    batches = L.image_batches(ck.need_images(), "train", n_per_task=S["rank_images"], seed=0)
+    batches = engine.image_batches(ck.need_images(), "train", n_per_task=S["rank_images"], seed=0)
     tasks = list(ck.images)
     mpp = masks_per_pass(ck, model, sites, batches)
     rows = []
     for site in sites:
-        for how in L.RANKING_PRECISIONS:  # first calls out of the timing
-            L.evaluate_lesions(model, site, [[0]], batches[:1], precision=how)
+        for how in names.RANKING_PRECISIONS:  # first calls out of the timing
+            engine.evaluate_lesions(model, site, [[0]], batches[:1], precision=how)
         rank = {}
         seconds = {}
-        for how in L.RANKING_PRECISIONS:
-            rank[how], seconds[how] = timed(ck, lambda how=how: L.rank_site(
+        for how in names.RANKING_PRECISIONS:
+            rank[how], seconds[how] = timed(ck, lambda how=how: rankings.rank_site(
                 model, site, batches, tasks, ["loss"], masks_per_pass=mpp, precision=how))
         a, b = rank["fp32"]["loss"], rank["bf16"]["loss"]
-        spearman = {t: L.rank_correlation(a[t]["by_channel"], b[t]["by_channel"]) for t in tasks}
-        overlap = {t: L.top_overlap(a[t]["order"], b[t]["order"], 0.2) for t in tasks}
-        same = L.same_top_sets(rank["fp32"], rank["bf16"], ["loss"], tasks, 0.2)
+        spearman = {t: rankings.rank_correlation(a[t]["by_channel"], b[t]["by_channel"]) for t in tasks}
+        overlap = {t: rankings.top_overlap(a[t]["order"], b[t]["order"], 0.2) for t in tasks}
+        same = rankings.same_top_sets(rank["fp32"], rank["bf16"], ["loss"], tasks, 0.2)
         where = f"{site.name} ({site.n_filters})"
         rows += [metric(f"{where} spearman fp32 vs bf16 (worst task)", min(spearman.values()), "",
                         per_task=spearman, model=note),
@@ -517,8 +524,8 @@ def section_ranking_precision(ck: Check) -> list:
 
 def greedy_steps_of(site, stop: float) -> list:
     """[remaining filters at each greedy step] of a whole ranking (as benchmarks/greedy_speed.py counts)."""
-    step = max(1, int(round(L.GREEDY_STEP * site.n_filters)))
-    return [site.n_filters - s * step for s in range(L.greedy_chosen(site.n_filters, stop) // step)]
+    step = max(1, int(round(greedy.GREEDY_STEP * site.n_filters)))
+    return [site.n_filters - s * step for s in range(greedy.greedy_chosen(site.n_filters, stop) // step)]
 
 
 def project_greedy(all_sites, factors: dict, flops: dict, n_images: int, stop: float, tasks: int) -> dict:
@@ -538,7 +545,7 @@ def probe_seconds(model, site, batches, task: str, precision: str, mpp: int) -> 
     """Seconds per candidate-image evaluation at a site (the exhaustive rate): a few single-filter lesions on one
     batch of ranking images, after one untimed call."""
     first = [next(b for b in batches if b[0] == task)]
-    images = L.RankingImages(model, site, first, task, precision, mpp)
+    images = greedy.RankingImages(model, site, first, task, precision, mpp)
     images.losses([[0]])
     count = min(site.n_filters, max(2 * mpp, 4))
     device = first[0][1].device
@@ -558,19 +565,19 @@ def section_greedy(ck: Check) -> list:
     deadline = min(start + S["greedy_s"], ck.t0 + ck.args.limit_s)
     model, note = ck.lesion_model()
     config = ck.config(vgg16)
-    g = dict(L.GREEDY_DEFAULTS, **L.greedy_settings(config))
+    g = dict(greedy.GREEDY_DEFAULTS, **greedy.greedy_settings(config))
     precision = ck.args.greedy_precision or config.get("ranking_precision", "fp32")
-    all_sites = L.lesion_sites(model)
+    all_sites = sites_mod.lesion_sites(model)
     sites = chosen_sites(model, S["greedy_sites"])
-    batches = L.image_batches(ck.need_images(), "train", n_per_task=S["greedy_images"], seed=0)
+    batches = engine.image_batches(ck.need_images(), "train", n_per_task=S["greedy_images"], seed=0)
     task = list(ck.images)[0]
     n_images = sum(len(y) for t, _, y in batches if t == task)
     flops = ck.flops(model, all_sites)
-    caches = L.cache_bytes(model, sites, batches[0][1].shape[1:], max(len(x) for _, x, _ in batches))
+    caches = engine.cache_bytes(model, sites, batches[0][1].shape[1:], max(len(x) for _, x, _ in batches))
     factors, rows, kept = {}, [], 1.0
     for site in sites:
-        remaining, step = greedy_steps_of(site, g["stop"]), max(1, int(round(L.GREEDY_STEP * site.n_filters)))
-        mpp = L.default_masks_per_pass(ck.device, caches[site.name])
+        remaining, step = greedy_steps_of(site, g["stop"]), max(1, int(round(greedy.GREEDY_STEP * site.n_filters)))
+        mpp = engine.default_masks_per_pass(ck.device, caches[site.name])
         per_eval = probe_seconds(model, site, batches, task, precision, mpp)
         k = min(S["greedy_steps"], len(remaining))
         while k > 0 and time.perf_counter() + per_eval * n_images * (kept * sum(remaining[:k]) + 3 * k) > deadline:
@@ -580,9 +587,9 @@ def section_greedy(ck: Check) -> list:
                                us_per_evaluation=1e6 * per_eval))
             continue
         stats = {}
-        _, seconds = timed(ck, lambda: L.greedy_order(
+        _, seconds = timed(ck, lambda: greedy.greedy_order(
             model, site, batches, task, stop_fraction=(k * step - 0.5) / site.n_filters, masks_per_pass=mpp,
-            racing=g["racing"], margin=g.get("margin", L.GREEDY_DEFAULTS["margin"]), candidates=g["candidates"],
+            racing=g["racing"], margin=g.get("margin", greedy.GREEDY_DEFAULTS["margin"]), candidates=g["candidates"],
             precision=precision, stats=stats))
         done = stats.get("steps", k)
         exhaustive = sum(remaining[:done]) * n_images
@@ -738,7 +745,7 @@ def parse(argv=None):
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {','.join(SECTIONS)}")
     p.add_argument("--budget_s", type=float, default=420.0, help="no section starts after this many seconds")
     p.add_argument("--limit_s", type=float, default=450.0, help="the greedy section ends its sites by then")
-    p.add_argument("--greedy_precision", default=None, choices=L.RANKING_PRECISIONS,
+    p.add_argument("--greedy_precision", default=None, choices=names.RANKING_PRECISIONS,
                    help="the greedy section's ranking precision (default: the scripts' ranking_precision)")
     p.add_argument("--cudnn_benchmark", action="store_true",
                    help="cuDNN autotuning (dualtask.train does not turn it on, so neither does this by default)")

@@ -24,7 +24,6 @@ racing and Taylor-pruned from --steps whole steps timed, scaled by the whole ran
 the steps timed. It prints `projected_speedup: X` last and compares no sets.
 """
 import argparse
-import sys
 import threading
 import time
 from pathlib import Path
@@ -33,11 +32,14 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import dualtask  # noqa: E402
-import lesion_utils as L  # noqa: E402
-import vgg16  # noqa: E402
+from dualtask.config import settings
+from dualtask.core import names
+from dualtask.experiment import pipeline as dualtask
+from dualtask.lesion import engine, greedy
+from dualtask.model import sites as sites_mod  # noqa: E402
+from dualtask.training import trainer  # noqa: E402
+
+vgg16 = settings.load_script(ROOT / "vgg16.py")
 from lesion_speed import multiply_adds, split_macs  # noqa: E402
 
 
@@ -69,7 +71,7 @@ def trained_model(args, device):
     """The demo VGG16-BN of benchmarks/lesion_speed.py, trained once into run_dir with enough training images per
     class for --rank_images (the demo keeps 70% of a class for training)."""
     per_class = max(60, int(np.ceil(args.rank_images / 10 / 0.7)) + 1)
-    config = dualtask.hyperparameters(vars(vgg16))
+    config = settings.hyperparameters(vars(vgg16))
     config.update(image_size=args.image_size, fc_width=256, epochs=args.epochs, max_per_class=per_class,
                   demo_per_class=max(100, per_class), batch_size=32, device=args.device, out_dir=args.run_dir,
                   stages=["train"], health_check="warn")
@@ -77,7 +79,7 @@ def trained_model(args, device):
         dualtask.run(config)
     model, config = dualtask.load_run(args.run_dir, args.device)
     datasets = dualtask.load_datasets(config)
-    images = {t: dualtask.TaskImages(d, device) for t, d in datasets.items()}
+    images = {t: trainer.TaskImages(d, device) for t, d in datasets.items()}
     return model.eval(), config, images
 
 
@@ -96,8 +98,8 @@ def macs_of(stats, prefix, suffix):
 
 def steps_of(site, stop=0.2):
     """[remaining filters at each greedy step] of a whole ranking."""
-    step = max(1, int(round(L.GREEDY_STEP * site.n_filters)))
-    n_steps = L.greedy_chosen(site.n_filters, stop) // step
+    step = max(1, int(round(greedy.GREEDY_STEP * site.n_filters)))
+    n_steps = greedy.greedy_chosen(site.n_filters, stop) // step
     return [site.n_filters - s * step for s in range(n_steps)]
 
 
@@ -111,7 +113,7 @@ def measure(model, sites, batches, tasks, counts, args, masks):
             for name, kw in variants(site, args):
                 stats = {}
                 start, cpu = CLOCK(), time.process_time()
-                order, _ = L.greedy_order(model, site, batches, task, masks_per_pass=masks[site.name],
+                order, _ = greedy.greedy_order(model, site, batches, task, masks_per_pass=masks[site.name],
                                           precision=args.precision, stats=stats, **kw)
                 seconds, cpu = CLOCK() - start, time.process_time() - cpu
                 got = out.setdefault(name, {"seconds": 0.0, "cpu": 0.0, "macs": 0, "sets": {}, "evaluations": 0})
@@ -133,12 +135,12 @@ def project(model, sites, batches, counts, args, masks):
         prefix, suffix = split_macs(model, site, counts)
         remaining = steps_of(site)
         n_images = sum(len(y) for t, _, y in batches if t == "face")
-        step = max(1, int(round(L.GREEDY_STEP * site.n_filters)))
+        step = max(1, int(round(greedy.GREEDY_STEP * site.n_filters)))
         k = min(args.steps, len(remaining))
         for name, kw in variants(site, args):
             stats = {}
             if name == "exhaustive":  # linear in candidates x images: time --probe candidates of the first step
-                images = L.RankingImages(model, site, batches, "face", args.precision, masks[site.name])
+                images = greedy.RankingImages(model, site, batches, "face", args.precision, masks[site.name])
                 images.losses([[0]])  # fills the prefix cache and warms up
                 start = CLOCK()
                 images.losses([[c] for c in range(min(args.probe, site.n_filters))])
@@ -149,7 +151,7 @@ def project(model, sites, batches, counts, args, masks):
                 exhaustive_per_eval = per_eval
             else:
                 start = CLOCK()
-                L.greedy_order(model, site, batches, "face", stop_fraction=(k * step - 0.5) / site.n_filters,
+                greedy.greedy_order(model, site, batches, "face", stop_fraction=(k * step - 0.5) / site.n_filters,
                                masks_per_pass=masks[site.name], precision=args.precision, stats=stats, **kw)
                 measured = CLOCK() - start
                 share = sum(remaining) / sum(remaining[:k])  # the whole ranking's candidates over those timed
@@ -175,9 +177,9 @@ def main(argv=None):
                    help="site depths, e.g. 10,11,12 (the default on the CPU: block 5); 'all' (the default on a GPU)")
     p.add_argument("--run_dir", default=None, help="default: runs/bench_greedy_vgg16[_<image_size>]")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: 10 at 32 px, else 2)")
-    p.add_argument("--margin", type=float, default=L.GREEDY_DEFAULTS["margin"])
+    p.add_argument("--margin", type=float, default=greedy.GREEDY_DEFAULTS["margin"])
     p.add_argument("--candidates", type=float, default=0.125, help="Taylor-pruned: share of a site's filters scored")
-    p.add_argument("--precision", default="fp32", choices=L.RANKING_PRECISIONS)
+    p.add_argument("--precision", default="fp32", choices=names.RANKING_PRECISIONS)
     p.add_argument("--project", action="store_true", help="time a few steps and project (the default on a GPU)")
     p.add_argument("--steps", type=int, default=1, help="greedy steps timed per site and variant when projecting")
     p.add_argument("--probe", type=int, default=16, help="candidates timed for the exhaustive projection")
@@ -191,13 +193,13 @@ def main(argv=None):
                                                                      f"_{args.image_size}")))
     model, config, images = trained_model(args, device)
     tasks = list(images)
-    batches = L.image_batches(images, "train", n_per_task=args.rank_images, seed=0)
-    all_sites = L.lesion_sites(model)
+    batches = engine.image_batches(images, "train", n_per_task=args.rank_images, seed=0)
+    all_sites = sites_mod.lesion_sites(model)
     wanted = args.sites or ("all" if args.project else "10,11,12")
     sites = all_sites if wanted == "all" else [all_sites[int(d)] for d in wanted.split(",")]
     counts = multiply_adds(model, config["image_size"], device)
-    caches = L.cache_bytes(model, sites, batches[0][1].shape[1:], max(len(x) for _, x, _ in batches))
-    masks = {s.name: L.default_masks_per_pass(device, caches[s.name]) for s in sites}
+    caches = engine.cache_bytes(model, sites, batches[0][1].shape[1:], max(len(x) for _, x, _ in batches))
+    masks = {s.name: engine.default_masks_per_pass(device, caches[s.name]) for s in sites}
     n_images = {t: sum(len(y) for tb, _, y in batches if tb == t) for t in tasks}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(f"VGG16-BN at {config['image_size']} px on {name}; ranking images per task: "

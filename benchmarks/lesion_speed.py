@@ -23,11 +23,17 @@ import torch
 import torch.nn as nn
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import dualtask  # noqa: E402
-import lesion_utils as L  # noqa: E402
-import readouts  # noqa: E402
-import vgg16  # noqa: E402
+from dualtask.config import settings
+from dualtask.experiment import pipeline as dualtask
+from dualtask.lesion import (
+    engine,
+    rankings,
+    readouts,  # noqa: E402
+)
+from dualtask.model import sites as sites_mod  # noqa: E402
+from dualtask.training import trainer  # noqa: E402
+
+vgg16 = settings.load_script(ROOT / "vgg16.py")
 
 
 def multiply_adds(model, image_size, device):
@@ -50,7 +56,7 @@ def multiply_adds(model, image_size, device):
 
 def split_macs(model, site, counts):
     """(prefix, suffix) multiply-adds per image around a site; the heads count to the suffix."""
-    runner = L.SiteRunner(model, site)
+    runner = engine.SiteRunner(model, site)
     prefix_names = [n for n, _ in runner.prefix_steps]
     prefix = sum(c for name, c in counts.items() if any(name == p or name.startswith(p + ".") for p in prefix_names))
     return prefix, sum(counts.values()) - prefix
@@ -62,7 +68,7 @@ def main():
     p.add_argument("--fractions", default="0.1,0.2,0.3,0.5")
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
-    config = dualtask.hyperparameters(vars(vgg16))
+    config = settings.hyperparameters(vars(vgg16))
     config.update(image_size=32, fc_width=256, epochs=2, max_per_class=60, batch_size=32,
                   device=args.device, out_dir=args.run_dir, stages=["train"], health_check="warn")
     if not (Path(args.run_dir) / "checkpoint.pt").exists():
@@ -70,42 +76,42 @@ def main():
     model, config = dualtask.load_run(args.run_dir, args.device)
     device = torch.device(args.device)
     datasets = dualtask.load_datasets(config)
-    images = {t: dualtask.TaskImages(d, device) for t, d in datasets.items()}
-    batches = L.image_batches(images, "test")
+    images = {t: trainer.TaskImages(d, device) for t, d in datasets.items()}
+    batches = engine.image_batches(images, "test")
     n_images = sum(len(y) for _, _, y in batches)
-    sites = L.lesion_sites(model)
-    acts = L.site_activations(model, sites, L.image_batches(images, "train", n_per_task=128))
+    sites = sites_mod.lesion_sites(model)
+    acts = engine.site_activations(model, sites, engine.image_batches(images, "train", n_per_task=128))
     fractions = [float(f) for f in args.fractions.split(",")]
     conditions = {}
     for site in sites:
-        order = {t: L.rank_by_activation(acts[site.name], t) for t in images}
+        order = {t: rankings.rank_by_activation(acts[site.name], t) for t in images}
         order["random"] = np.random.default_rng(site.depth).permutation(site.n_filters)
         conditions[site.name] = [order[t][:max(1, int(round(f * site.n_filters)))] for f in fractions for t in order]
     n_conditions = sum(len(c) for c in conditions.values())
     print(f"{len(sites)} sites, {n_conditions} lesions, {n_images} test images, device {device}")
 
-    caches = L.cache_bytes(model, sites, batches[0][1].shape[1:], max(len(x) for _, x, _ in batches))
-    masks_per_pass = L.default_masks_per_pass(device, max(caches.values()))
+    caches = engine.cache_bytes(model, sites, batches[0][1].shape[1:], max(len(x) for _, x, _ in batches))
+    masks_per_pass = engine.default_masks_per_pass(device, max(caches.values()))
     fast_results, naive_results = {}, {}
     t0 = time.perf_counter()
     for site in sites:
-        fast_results[site.name] = L.evaluate_lesions(model, site, conditions[site.name], batches,
+        fast_results[site.name] = engine.evaluate_lesions(model, site, conditions[site.name], batches,
                                                      masks_per_pass=masks_per_pass)
     t_fast = time.perf_counter() - t0
     t0 = time.perf_counter()
     for site in sites:
-        naive_results[site.name] = L.evaluate_lesions_naive(model, site, conditions[site.name], batches)
+        naive_results[site.name] = engine.evaluate_lesions_naive(model, site, conditions[site.name], batches)
     t_naive = time.perf_counter() - t0
 
     fixed = readouts.fixed_readouts(model, sites[0], batches, config["seed"])
     read = readouts.fixed_reader(fixed)
     t0 = time.perf_counter()
-    apart = {s.name: (L.evaluate_lesions(model, s, conditions[s.name], batches, masks_per_pass=masks_per_pass),
+    apart = {s.name: (engine.evaluate_lesions(model, s, conditions[s.name], batches, masks_per_pass=masks_per_pass),
                       readouts.fixed_lesions(model, s, conditions[s.name], fixed, batches,
                                              masks_per_pass=masks_per_pass)) for s in sites}
     t_apart = time.perf_counter() - t0
     t0 = time.perf_counter()
-    together = {s.name: L.evaluate_lesions(model, s, conditions[s.name], batches, masks_per_pass=masks_per_pass,
+    together = {s.name: engine.evaluate_lesions(model, s, conditions[s.name], batches, masks_per_pass=masks_per_pass,
                                            read=read) for s in sites}
     t_together = time.perf_counter() - t0
     same = all(np.array_equal(h[t]["correct"], b[t]["correct"]) and np.array_equal(h[t]["loss"], b[t]["loss"])

@@ -18,9 +18,10 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import dualtask  # noqa: E402
-import lesion_utils as L  # noqa: E402
+from dualtask.experiment import pipeline as dualtask
+from dualtask.lesion import engine, rankings as rankings_mod
+from dualtask.model import sites as sites_mod  # noqa: E402
+from dualtask.training import trainer  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -34,9 +35,9 @@ def main(argv=None) -> int:
     sizes, methods, wanted = (ast.literal_eval(v) for v in (args.sizes, args.methods, args.sites))
     model, config = dualtask.load_run(args.run_dir)
     datasets = dualtask.load_datasets(config)
-    images = {t: dualtask.TaskImages(d, torch.device("cpu")) for t, d in datasets.items()}
+    images = {t: trainer.TaskImages(d, torch.device("cpu")) for t, d in datasets.items()}
     tasks = list(images)
-    sites = L.select_sites(model, dict(config, lesion_layers=wanted, lesion_inner=False))
+    sites = sites_mod.select_sites(model, dict(config, lesion_layers=wanted, lesion_inner=False))
     available = min(len(d.indices("train")) for d in datasets.values())
     print(f"{args.run_dir}: {config['backbone']}, {len(sites)} sites, at most {available} training images per task")
     print("rank_images  method      top10 (worst)   top20 (worst)   spearman (worst)")
@@ -44,12 +45,12 @@ def main(argv=None) -> int:
         if n > available:
             print(f"{n:>11}  skipped: a task has only {available} training images")
             continue
-        batches = L.image_batches(images, "train", n_per_task=n, seed=args.seed)
-        halves = L.split_halves(batches)
+        batches = engine.image_batches(images, "train", n_per_task=n, seed=args.seed)
+        halves = rankings_mod.split_halves(batches)
         per_method = {m: {"top10": [], "top20": [], "spearman": []} for m in methods}
         for site in sites:
-            rankings = [L.rank_site(model, site, half, tasks, methods) for half in halves]
-            for method, per_task in L.split_half_reliability(tuple(rankings)).items():
+            rankings = [rankings_mod.rank_site(model, site, half, tasks, methods) for half in halves]
+            for method, per_task in rankings_mod.split_half_reliability(tuple(rankings)).items():
                 for rel in per_task.values():
                     for key in per_method[method]:
                         per_method[method][key].append(rel[key])

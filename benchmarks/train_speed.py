@@ -6,16 +6,14 @@ Times the same step (augment, normalise, forward through both heads, backward, S
 and prints images/s for each and their ratio. On CPU only the float32 path runs.
 """
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import vggface2  # noqa: E402
-from dualtask import DualTaskNet, autocast  # noqa: E402
+from dualtask.core.device import autocast  # noqa: E402
+from dualtask.data import transforms  # noqa: E402
+from dualtask.model.network import DualTaskNet
 
 
 def time_steps(backbone, image_size, batch_size, steps, device, fast):
@@ -31,7 +29,7 @@ def time_steps(backbone, image_size, batch_size, steps, device, fast):
     gen = torch.Generator().manual_seed(0)
 
     def step():
-        x = vggface2.normalize(vggface2.augment(vggface2.to_float(raw), gen))
+        x = transforms.normalize(transforms.augment(transforms.to_float(raw), gen))
         if fast:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device) if fast else torch.autocast(device.type, enabled=False):

@@ -142,11 +142,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import lesion_utils as L  # noqa: E402
-import multiple_testing as M  # noqa: E402
-import report  # noqa: E402
-import verdict as V  # noqa: E402
+from dualtask.lesion import dissociation
+from dualtask.model import sites  # noqa: E402
+from dualtask.report import build as report  # noqa: E402
+from dualtask.stats import multiple_testing as M  # noqa: E402
+from dualtask.stats import verdict as V  # noqa: E402
 
 BENCH_DIR = ROOT / ".bench" / "verdict_calibration"
 SCRIPTS = {"resnet50": "ResNet", "resnext50": "ResNeXt", "vgg16": "vgg16", "vgg19": "vgg19"}
@@ -194,7 +194,7 @@ def trained_verdict(out_dir: Path, fixed: bool = True) -> dict:
     run's files): {'yes', 'answer', 'fraction', 'rows': the headline fraction's rows, each with 'verdict' (what it
     counts as: verdict.Counts' value, YES for a split by task) and 'verdict_uncorrected' (the same rules with
     p_index in place of the corrected p)}; fixed=False: through the heads alone."""
-    from common import read_csv, read_json
+    from dualtask.core.common import read_csv, read_json
 
     diss, results = read_csv(out_dir / "dissociation.csv"), read_csv(out_dir / "lesion_results.csv")
     config = read_json(out_dir / "config.json")
@@ -268,13 +268,13 @@ def simulate_network(rng: np.random.Generator, n_sites: int = 5, n_rankings: int
             correct[0] = not correct[0]
         intact[t] = {"correct": correct, "loss": np.zeros(n_images)}
         fragility[t] = rng.standard_normal(n_images)
-    summary = {t: L._summary(intact[t]) for t in tasks}
+    summary = {t: dissociation.per_image_summary(intact[t]) for t in tasks}
     rho = 0.5
     rankings = list(V.IMPORTANCE[:n_rankings])  # named as rankings that decide
     diss, random_rows = [], []
     for s in range(n_sites):
         n_filters = 64 * 2 ** min(s, 5)
-        site = L.Site(f"site{s}", None, n_filters, s)
+        site = sites.Site(f"site{s}", None, n_filters, s)
         typical = _logit(math.exp(rng.uniform(math.log(0.02), math.log(0.6))))
         spread_general, spread_task = rng.uniform(0.1, 1.0), rng.uniform(0.1, 0.8)
 
@@ -300,9 +300,9 @@ def simulate_network(rng: np.random.Generator, n_sites: int = 5, n_rankings: int
         for r in range(repeats):
             conditions.append(("random", "random", r, fraction, chosen))
             results.append(lesion())
-            random_rows += L._result_rows(site, "random", "random", r, fraction, len(chosen), results[-1], summary,
+            random_rows += dissociation.result_rows(site, "random", "random", r, fraction, len(chosen), results[-1], summary,
                                           chance, tasks)
-        diss += L.dissociation_rows(site, conditions, results, intact, chance, tasks, n_boot=n_boot, seed=seed)
+        diss += dissociation.dissociation_rows(site, conditions, results, intact, chance, tasks, n_boot=n_boot, seed=seed)
     return diss, random_rows
 
 
@@ -342,11 +342,10 @@ def describe_simulation(sim: dict) -> str:
 
 def base_config(args, seed: int, out_dir: Path) -> dict:
     """A run's settings: the backbone script's hyperparameters with the benchmark's changes."""
-    import importlib
 
-    import dualtask
+    from dualtask.config import settings
 
-    config = dualtask.hyperparameters(vars(importlib.import_module(SCRIPTS[args.backbone])))
+    config = settings.hyperparameters(vars(settings.load_script(ROOT / f"{SCRIPTS[args.backbone]}.py")))
     config.update(backbone=args.backbone, image_size=args.image_size, device="cpu", batch_size=args.batch_size,
                   epochs=args.epochs, demo_per_class=args.demo_per_class, max_per_class=None,
                   max_classes=args.classes, health_check="warn", seed=seed, out_dir=str(out_dir),
@@ -363,20 +362,21 @@ def null_data(args, seed: int, folder: Path) -> dict:
     """The null's two tasks as cache folders ({task: path}): one demo face set (`--classes` identities) dealt in
     two halves to face_a and face_b by `vggface2.same_task`, the experiments' same_task control (`halves`), or the
     whole set twice (`identical`)."""
-    import vggface2
+    from dualtask.data import demo, taskdata
+    from dualtask.data import loading as vggface2
 
     paths = {t: folder / f"{args.null}_seed{seed}_{t}" for t in ("face_a", "face_b")}
     if all((p / "meta.json").exists() for p in paths.values()):
         return {t: str(p) for t, p in paths.items()}
     per_class = args.demo_per_class * (2 if args.null == "halves" else 1)
-    data = vggface2.make_demo("faces", n_classes=args.classes, per_class=per_class, image_size=args.image_size,
+    data = demo.make_demo("faces", n_classes=args.classes, per_class=per_class, image_size=args.image_size,
                               seed=seed)
     if args.null == "halves":
         parts = list(vggface2.same_task(data, seed).values())
     else:
         parts = [data, data]
     for (task, path), part in zip(paths.items(), parts):
-        vggface2.TaskData(task, list(part.classes), np.ascontiguousarray(part.images), part.labels.copy(),
+        taskdata.TaskData(task, list(part.classes), np.ascontiguousarray(part.images), part.labels.copy(),
                           part.split.copy(), source=f"demo:faces ({args.null} null, {task})",
                           native_size=part.native_size, label_kind="").save(path, overwrite=True)
     return {t: str(p) for t, p in paths.items()}
@@ -393,7 +393,7 @@ def settings_tag(args) -> str:
 
 def train_and_sweep(config: dict, log: Path) -> float:
     """dualtask.run(config) with its output in `log`; seconds taken (a finished run is reused)."""
-    import dualtask
+    from dualtask.experiment import pipeline as dualtask
 
     start = time.perf_counter()
     Path(config["out_dir"]).mkdir(parents=True, exist_ok=True)
@@ -410,7 +410,7 @@ def read_run(out_dir: Path) -> dict:
     import html
     import re
 
-    from common import read_csv, read_json
+    from dualtask.core.common import read_csv, read_json
 
     results = read_csv(out_dir / "lesion_results.csv")
     diss = read_csv(out_dir / "dissociation.csv")
@@ -489,7 +489,7 @@ def trained(args) -> dict:
 def experiment_verdict(real: list, control: list, repeats: int) -> dict:
     """The experiment verdict (aggregate.judge, as an experiment's report reaches it) of the `real` runs with the
     `control` runs as their same_task control, one network per seed each: {'yes', 'answer'}."""
-    import aggregate
+    from dualtask.experiment import aggregate
 
     rng = np.random.default_rng([0, 2022])
     stats = {}
@@ -679,7 +679,7 @@ def record(args, sim: dict, nulls: list, power: tuple, seconds: float) -> Path:
     (first_screen.calibration_note), with the date, machine and command that measured it."""
     import platform
 
-    from common import write_text
+    from dualtask.core.common import write_text
 
     def entry(hits, n):
         p, low, high = rate(hits, n)

@@ -6,7 +6,6 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
@@ -22,11 +21,13 @@ def write_jpeg(path: Path, array: np.ndarray) -> None:
 
 
 def run_script(script: str, *args, cwd=ROOT, timeout=600, env=None):
-    """Run a backbone script as a user would; returns the CompletedProcess."""
+    """Run a backbone script (`ResNet.py`) or a module's command line (`dualtask.report`, run with -m) as a user
+    would, from the repository root; returns the CompletedProcess."""
     import subprocess
 
+    command = [str(ROOT / script)] if script.endswith(".py") else ["-m", script]
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, capture_output=True, text=True,
+    return subprocess.run([sys.executable, *command, *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=full_env)
 
 

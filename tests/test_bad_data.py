@@ -16,12 +16,14 @@ from urllib.error import URLError
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
-
-import vggface2
 from conftest import run_script, write_jpeg
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_data import make_class_folders, make_vggface2_tree, write_cifar_root
-from vggface2 import DataError, TaskData, load_task
+
+from dualtask.data import cifar10, taskdata
+from dualtask.data.loading import load_task
+from dualtask.data.taskdata import DataError, TaskData
 
 # the unreadable-image warning also goes to stderr, where the cases read it
 pytestmark = pytest.mark.filterwarnings("ignore:skipped .* unreadable image:UserWarning")
@@ -116,7 +118,7 @@ def killed_save(tmp):
 
 def check_replaced(proc, err, tmp):
     assert proc.returncode == 0, proc.stderr
-    cache = vggface2.load_cache(tmp / "faces")
+    cache = taskdata.load_cache(tmp / "faces")
     assert cache.classes == ["n000001", "n000002"] and cache.images.shape == (6, SIZE, SIZE, 3)
     assert not (tmp / "faces.tmp").exists() and not (tmp / "faces.old").exists()
 
@@ -196,7 +198,7 @@ def check_bad_boxes(data, err, tmp):
     got = {k: data.images[first][k] for k in range(6)}  # images stay in file order within an identity
 
     def read(name, box=None):
-        return vggface2._read_image(folder / name, SIZE, box)[0]
+        return taskdata.read_image(folder / name, SIZE, box)[0]
     for k in range(4):  # unusable boxes: the whole image, uncropped
         assert np.array_equal(got[k], read(f"{k + 1:04d}_01.jpg")), k
     assert np.array_equal(got[4], read("0005_01.jpg", (22, 28, 50, 50)))  # the first of the duplicated rows
@@ -210,7 +212,7 @@ def check_bad_boxes(data, err, tmp):
 def check_bom(data, err, tmp):
     assert "no row" not in err and data.classes == ["n000001", "n000002"]
     img = tmp / "vgf2" / "train" / "n000001" / "0002_01.jpg"
-    assert np.array_equal(data.images[1], vggface2._read_image(img, SIZE, (13, 22, 50, 50))[0])
+    assert np.array_equal(data.images[1], taskdata.read_image(img, SIZE, (13, 22, 50, 50))[0])
 
 
 def damaged_cache(damage):
@@ -405,21 +407,21 @@ CASES = [
      refused("data_batch_2", "-1, 10", "outside 0..9")),
     ("cifar: images and labels disagree", cifar(repickle("data_batch_1", labels=[0] * 19)),
      refused("data_batch_1", "20 images but 19 labels")),
-    ("cifar: batches.meta is a list", cifar(write_meta(list(vggface2.CIFAR_CLASSES))),
+    ("cifar: batches.meta is a list", cifar(write_meta(list(cifar10.CIFAR_CLASSES))),
      refused("batches.meta", "got a list")),
     ("cifar: label_names are not str", cifar(write_meta({"label_names": list(range(10))})),
      refused("batches.meta", "label_names")),
-    ("cifar: label_names holds lists", cifar(write_meta({"label_names": [[c] for c in vggface2.CIFAR_CLASSES]})),
+    ("cifar: label_names holds lists", cifar(write_meta({"label_names": [[c] for c in cifar10.CIFAR_CLASSES]})),
      refused("batches.meta", "label_names")),
-    ("cifar: label_names of length 9", cifar(write_meta({"label_names": list(vggface2.CIFAR_CLASSES[:9])})),
+    ("cifar: label_names of length 9", cifar(write_meta({"label_names": list(cifar10.CIFAR_CLASSES[:9])})),
      refused("batches.meta", "10 distinct class names")),
     ("cifar: batches.meta runs code", cifar(write_meta(lambda f: {"label_names": Evil(f.parent.parent / "pwned")})),
      refused("batches.meta", "refusing to load")),
     ("cifar: download without network (URLError)",
      cifar_offline(URLError("[Errno -3] Temporary failure in name resolution")),
-     refused(vggface2.CIFAR_URL, "cifar-10-batches-py", "by hand")),
+     refused(cifar10.CIFAR_URL, "cifar-10-batches-py", "by hand")),
     ("cifar: download fails (OSError)", cifar_offline(OSError("Network is unreachable")),
-     refused(vggface2.CIFAR_URL, "cifar-10-batches-py")),
+     refused(cifar10.CIFAR_URL, "cifar-10-batches-py")),
     # -- VGGFace2 boxes ------------------------------------------------------------------------------------
     ("boxes: non-numeric row", boxes(true_rows()[:1] + ["n000001/0002_01,13,22,fifty,50"]),
      refused("loose_bb_train.csv", "line 3", "4 numbers")),
@@ -508,7 +510,7 @@ def documented_counts(n, val_fraction, test_fraction):
     return min(n_val, n - 1 - n_test), n_test
 
 
-FRACTIONS = [(vggface2.VAL_FRACTION, vggface2.TEST_FRACTION), (0.125, 0.0), (0.0, 0.2), (0.3, 0.3), (0.5, 0.45),
+FRACTIONS = [(taskdata.VAL_FRACTION, taskdata.TEST_FRACTION), (0.125, 0.0), (0.0, 0.2), (0.3, 0.3), (0.5, 0.45),
              (0.2, 0.7)]  # the last two reach the caps that keep a training and a validation image
 
 
@@ -519,8 +521,8 @@ def test_stratified_split_properties(labels, seed, fractions):
     labels = np.array(labels)
     val_fraction, test_fraction = fractions
     with contextlib.redirect_stderr(io.StringIO()):
-        split = vggface2.stratified_split(labels, seed, val_fraction, test_fraction)
-        again = vggface2.stratified_split(labels, seed, val_fraction, test_fraction)
+        split = taskdata.stratified_split(labels, seed, val_fraction, test_fraction)
+        again = taskdata.stratified_split(labels, seed, val_fraction, test_fraction)
     assert split.shape == labels.shape and set(np.unique(split)) <= {0, 1, 2}  # one split value per index
     assert np.array_equal(split, again)  # deterministic for a seed
     for c in np.unique(labels):
@@ -536,8 +538,8 @@ def test_stratified_split_properties(labels, seed, fractions):
 @given(n=st.integers(3, 400))
 def test_default_split_rounds_to_the_nearest_count(n):
     with contextlib.redirect_stderr(io.StringIO()):
-        split = vggface2.stratified_split(np.zeros(n, np.int64), seed=n)
+        split = taskdata.stratified_split(np.zeros(n, np.int64), seed=n)
     n_val, n_test = (split == 1).sum(), (split == 2).sum()
-    assert n_test == 1 or abs(n_test - n * vggface2.TEST_FRACTION) <= 0.5
-    assert n_val == 1 or abs(n_val - n * vggface2.VAL_FRACTION) <= 0.5
+    assert n_test == 1 or abs(n_test - n * taskdata.TEST_FRACTION) <= 0.5
+    assert n_val == 1 or abs(n_val - n * taskdata.VAL_FRACTION) <= 0.5
     assert n - n_val - n_test >= 1

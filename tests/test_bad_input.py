@@ -14,11 +14,11 @@ import textwrap
 
 import pytest
 import torch
-
-import common
-import experiment
-import vgg16
 from conftest import ROOT, TINY, run_script
+
+import vgg16
+from dualtask.core import common, device
+from dualtask.experiment import experiment
 
 FAST = [*TINY, "--epochs=2", "--max_per_class=8", "--lesion_methods=['activation', 'random']",
         "--lesion_layers=[0, -1]", "--random_repeats=2", "--rank_images=4"]  # a whole run in a few seconds
@@ -196,18 +196,18 @@ def test_damaged_or_foreign_run_files(tmp_path, capfd, finished_run, damage, ext
 
 
 @pytest.mark.parametrize("script, damage, culprit", [
-    ("report.py", lambda r: (r / "config.json").write_text("{not json"), "config.json: cannot be read"),
-    ("report.py", lambda r: _drop_column(r / "dissociation.csv", "ci_low"), "dissociation.csv: damaged"),
-    ("report.py", lambda r: (r / "lesion_results.csv").write_bytes(b"\xff\xfe\x00bad"), "lesion_results.csv"),
-    ("compare.py", lambda r: (r / "config.json").write_text("[]"), "config.json: damaged"),
-    ("figures.py", lambda r: (r / "config.json").write_text(""), "config.json: cannot be read"),
+    ("dualtask.report", lambda r: (r / "config.json").write_text("{not json"), "config.json: cannot be read"),
+    ("dualtask.report", lambda r: _drop_column(r / "dissociation.csv", "ci_low"), "dissociation.csv: damaged"),
+    ("dualtask.report", lambda r: (r / "lesion_results.csv").write_bytes(b"\xff\xfe\x00bad"), "lesion_results.csv"),
+    ("dualtask.report.compare", lambda r: (r / "config.json").write_text("[]"), "config.json: damaged"),
+    ("dualtask.report.figures", lambda r: (r / "config.json").write_text(""), "config.json: cannot be read"),
 ], ids=["report: config not JSON", "report: dissociation lacking a column", "report: results not UTF-8",
         "compare: config of another shape", "figures: empty config"])
 def test_report_tools_name_the_damaged_file(tmp_path, finished_run, script, damage, culprit):
     run = copy_run(finished_run, tmp_path / "run")
     damage(run)
     before = tree_digest(run)
-    args = [str(run), f"--out_dir={tmp_path / 'cmp'}"] if script == "compare.py" else [str(run)]
+    args = [str(run), f"--out_dir={tmp_path / 'cmp'}"] if script == "dualtask.report.compare" else [str(run)]
     p = subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True)
     assert p.returncode == 2 and culprit in p.stderr and "Traceback" not in p.stderr, p.stderr
     assert tree_digest(run) == before
@@ -215,7 +215,7 @@ def test_report_tools_name_the_damaged_file(tmp_path, finished_run, script, dama
 
 def test_full_disk_keeps_the_previous_file(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
-    common.save_checkpoint(path, {"epoch": 1})
+    device.save_checkpoint(path, {"epoch": 1})
     before = path.read_bytes()
 
     def full(obj, f):
@@ -224,7 +224,7 @@ def test_full_disk_keeps_the_previous_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", full)
     with pytest.raises(common.UsageError) as e:
-        common.save_checkpoint(path, {"epoch": 2})
+        device.save_checkpoint(path, {"epoch": 2})
     assert "cannot write" in str(e.value) and "disk full" in str(e.value) and "MiB free" in str(e.value)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
 
@@ -249,10 +249,12 @@ def test_leftover_temporaries_are_removed_and_nothing_else(tmp_path, finished_ru
 
 # -- kill -9 at chosen moments, then a rerun equals a run that was never killed ---------------------------
 KILLER = textwrap.dedent("""
-    import os, signal, sys
-    sys.path.insert(0, {root!r})
-    import common, experiment, lesion_utils, torch, training, ResNet
-    target = {{"training": training, "lesion_utils": lesion_utils, "torch": torch}}[{module!r}]
+    import os, signal
+    import torch, ResNet
+    from dualtask.experiment import experiment
+    from dualtask.lesion import sweep
+    from dualtask.training import trainer
+    target = {{"trainer": trainer, "sweep": sweep, "torch": torch}}[{module!r}]
     real, calls = getattr(target, {name!r}), []
 
     def patched(*args, **kwargs):
@@ -269,10 +271,10 @@ KILLER = textwrap.dedent("""
 """)
 
 KILLS = [
-    ("after the checkpoint, before the log", "training", "write_csv", 1, "before", False),
+    ("after the checkpoint, before the log", "trainer", "write_csv", 1, "before", False),
     ("inside the second checkpoint write", "torch", "save", 2, "after", True),
-    ("at the second site's ranking", "lesion_utils", "rank_site", 2, "before", True),
-    ("after a site's results, before its progress", "lesion_utils", "write_text", 4, "before", False),
+    ("at the second site's ranking", "sweep", "rank_site", 2, "before", True),
+    ("after a site's results, before its progress", "sweep", "write_text", 4, "before", False),
 ]
 
 
@@ -287,7 +289,7 @@ def without_speed(path):
 def test_kill_then_rerun_equals_an_unbroken_run(tmp_path, finished_run, module, name, n, when):
     out = tmp_path / "run"
     argv = [*FAST, *LESIONED, f"--out_dir={out}"]
-    code = KILLER.format(root=str(ROOT), module=module, name=name, n=n, when=when, argv=argv)
+    code = KILLER.format(module=module, name=name, n=n, when=when, argv=argv)
     killed = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     again = run_script("ResNet.py", *argv)

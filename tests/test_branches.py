@@ -8,10 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import branches
-import dualtask
-import lesion_utils as L
-from common import UsageError
+from dualtask.config import settings
+from dualtask.core.common import UsageError
+from dualtask.experiment import pipeline as dualtask
+from dualtask.lesion import engine, rankings
+from dualtask.model import branches, network, sites
 
 TASKS = {"face": 5, "object": 4}
 
@@ -19,14 +20,14 @@ TASKS = {"face": 5, "object": 4}
 def branched(backbone="resnet50", branch_at=8, **extra):
     torch.manual_seed(0)
     config = dict(backbone=backbone, image_size=32, fc_width=32, branch_at=branch_at, **extra)
-    return dualtask.build_model(config, TASKS)
+    return network.build_model(config, TASKS)
 
 
-@pytest.mark.parametrize("backbone", dualtask.BACKBONES)
+@pytest.mark.parametrize("backbone", settings.BACKBONES)
 def test_sites_after_the_branch_point_are_pairs_numbered_across_the_copies(backbone):
-    shared = dualtask.DualTaskNet(backbone, TASKS, fc_width=32)
+    shared = network.DualTaskNet(backbone, TASKS, fc_width=32)
     model = branched(backbone, branch_at=4)
-    plain, split = L.lesion_sites(shared), L.lesion_sites(model)
+    plain, split = sites.lesion_sites(shared), sites.lesion_sites(model)
     assert len(plain) == len(split)
     for before, after in zip(plain, split):
         if after.depth <= 4:
@@ -48,20 +49,20 @@ def test_sites_after_the_branch_point_are_pairs_numbered_across_the_copies(backb
 def test_silencing_one_copy_leaves_the_other_heads_logits_bit_identical(backbone):
     model = branched(backbone, branch_at=3).eval()
     x = torch.randn(6, 3, 32, 32)
-    site = L.lesion_sites(model)[-2]
+    site = sites.lesion_sites(model)[-2]
     half = site.n_filters // 2
     with torch.no_grad():
         intact = model(x)
-        with L.ablate(model, {site.name: np.arange(half)}):  # every filter of the face copy
+        with engine.ablate(model, {site.name: np.arange(half)}):  # every filter of the face copy
             face_silenced = model(x)
-        with L.ablate(model, {site.name: np.arange(half, 2 * half)}):
+        with engine.ablate(model, {site.name: np.arange(half, 2 * half)}):
             object_silenced = model(x)
     assert torch.equal(face_silenced["object"], intact["object"])
     assert not torch.equal(face_silenced["face"], intact["face"])
     assert torch.equal(object_silenced["face"], intact["face"])
     # the sweep's engine (prefix cached, masks stacked) agrees
     y = torch.zeros(6, dtype=torch.long)
-    res = L.evaluate_lesions(model, site, [np.arange(0, half, 3), []], [("object", x, y)], masks_per_pass=2)
+    res = engine.evaluate_lesions(model, site, [np.arange(0, half, 3), []], [("object", x, y)], masks_per_pass=2)
     assert np.array_equal(res[0]["object"]["loss"], res[1]["object"]["loss"])
 
 
@@ -98,7 +99,7 @@ def test_branch_parameters_get_gradients_only_from_their_own_task():
 
 def test_both_copies_start_from_the_init_file(tmp_path):
     torch.manual_seed(1)
-    donor = dualtask.DualTaskNet("resnet50", TASKS, fc_width=32)
+    donor = network.DualTaskNet("resnet50", TASKS, fc_width=32)
     path = tmp_path / "trunk.pt"
     torch.save(donor.trunk.state_dict(), path)
     model = branched("resnet50", branch_at=14, init=str(path))
@@ -117,14 +118,14 @@ def test_bad_branch_settings_are_refused():
     with pytest.raises(UsageError, match="trunk.layer9"):
         branched("resnet50", branch_at="trunk.layer9")
     model = branched("resnet50", branch_at="trunk.layer3.0")
-    assert L.lesion_sites(model)[8].name == "trunk.layer3.0"
-    assert L.lesion_sites(model)[9].name.startswith(branches.BRANCH_PREFIX)
+    assert sites.lesion_sites(model)[8].name == "trunk.layer3.0"
+    assert sites.lesion_sites(model)[9].name.startswith(branches.BRANCH_PREFIX)
 
 
 def branched_config(out_dir, **changes):
     import ResNet
 
-    config = dualtask.hyperparameters(vars(ResNet))
+    config = settings.hyperparameters(vars(ResNet))
     config.update(face_data="demo", object_data="demo", image_size=32, epochs=2, max_per_class=8, device="cpu",
                   batch_size=16, out_dir=str(out_dir), stages=["train"], health_check="warn", branch_at=14,
                   lesion_methods=["loss", "random"], lesion_layers=[14, 16], random_repeats=2, rank_images=8,
@@ -135,11 +136,11 @@ def branched_config(out_dir, **changes):
 
 def test_a_tasks_loss_ranking_after_the_branch_point_puts_its_own_copy_first():
     model = branched("vgg16", branch_at=10).eval()
-    site = L.lesion_sites(model)[12]
+    site = sites.lesion_sites(model)[12]
     torch.manual_seed(2)
     batches = [("face", torch.randn(8, 3, 32, 32), torch.arange(8) % 5),
                ("object", torch.randn(8, 3, 32, 32), torch.arange(8) % 4)]
-    ranking = L.rank_site(model, site, batches, ["face", "object"], ["loss"])
+    ranking = rankings.rank_site(model, site, batches, ["face", "object"], ["loss"])
     half = site.n_filters // 2
     for task, own in (("face", range(0, half)), ("object", range(half, 2 * half))):
         scores = np.asarray(ranking["loss"][task]["by_channel"])
@@ -172,9 +173,7 @@ def test_a_branched_run_resumes_to_the_same_weights_and_records_each_filters_cop
 
 
 def test_the_branching_point_experiment_writes_accuracy_by_branch_point(tmp_path):
-    import aggregate
-    import branching
-    import experiment
+    from dualtask.experiment import aggregate, branching, experiment
 
     out = tmp_path / "exp"
     config = branched_config(out, branch_at=None, branch_points=[None, 14], seeds=[0], epochs=1, max_classes=4,
@@ -205,7 +204,7 @@ def test_the_branching_point_experiment_writes_accuracy_by_branch_point(tmp_path
 
 
 def test_branching_costs_are_read_against_the_least_shared_network():
-    import branching
+    from dualtask.experiment import branching
 
     def row(point, shared, task, correct, n=100):
         return {"branch_point": point, "shared_sites": shared, "seed": 0, "task": task, "correct": correct,

@@ -1,8 +1,10 @@
 import pytest
-
-import dualtask
 from conftest import run_script
-from dualtask import UsageError, check_config, parse_overrides, task_specs
+
+from dualtask.config import settings as settings_table
+from dualtask.config.settings import check_config, parse_overrides, task_specs
+from dualtask.core.common import UsageError
+from dualtask.experiment import pipeline as dualtask
 
 DEFAULTS = {"backbone": "vgg16", "epochs": 30, "lr": 0.02, "face_data": "demo", "object_data": "demo",
             "max_per_class": None, "lesion_fractions": [0.0, 0.2], "compile": False, "device": "auto"}
@@ -41,7 +43,7 @@ def test_tasks_come_from_data_settings():
 def test_values_that_make_no_sense_are_refused(key, value):
     import vgg16
 
-    config = dict(dualtask.hyperparameters(vars(vgg16)), **{key: value})
+    config = dict(settings_table.hyperparameters(vars(vgg16)), **{key: value})
     with pytest.raises(UsageError, match=key if key != "backbone" else "backbone"):
         check_config(config)
 

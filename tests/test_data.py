@@ -3,10 +3,11 @@ import pickle
 import numpy as np
 import pytest
 import torch
-
-import vggface2
 from conftest import SHARED_DATA, run_script, write_jpeg
-from vggface2 import DataError, load_task
+
+from dualtask.data import cifar10, demo, taskdata, transforms
+from dualtask.data.loading import load_task
+from dualtask.data.taskdata import DataError
 
 
 def make_vggface2_tree(root, identities=3, per_identity=6, with_boxes=True):
@@ -50,7 +51,7 @@ def test_vggface2_cache_round_trip_and_caps(tmp_path):
                    "--per_identity=5")
     assert p.returncode == 0, p.stderr
     assert "3 classes" in p.stdout
-    cached = vggface2.load_cache(out)
+    cached = taskdata.load_cache(out)
     assert cached.images.shape == (15, 24, 24, 3) and len(cached.classes) == 3
     again = load_task(str(out), "face", 16)
     assert again.images.shape == (15, 16, 16, 3) and again.name == "face"
@@ -135,14 +136,14 @@ def write_cifar_root(root, per_batch=20):
             pickle.dump({"batch_label": name, "labels": labels, "data": data,
                          "filenames": [f"{k}.png" for k in range(per_batch)]}, f, protocol=2)
     with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": list(vggface2.CIFAR_CLASSES), "num_cases_per_batch": per_batch}, f)
+        pickle.dump({"label_names": list(cifar10.CIFAR_CLASSES), "num_cases_per_batch": per_batch}, f)
     return expected
 
 
 def test_cifar_batches_are_read_exactly(tmp_path):
     expected = write_cifar_root(tmp_path / "cifar")
     data = load_task(str(tmp_path / "cifar"), "object", 32)
-    assert data.classes == list(vggface2.CIFAR_CLASSES)
+    assert data.classes == list(cifar10.CIFAR_CLASSES)
     assert data.counts()["test"] == 20 and sum(data.counts().values()) == 120
     test = data.indices("test")
     raw, labels = expected["test_batch"]
@@ -169,16 +170,16 @@ def test_cifar_reader_refuses_code_in_a_pickle(tmp_path):
 
 
 def test_demo_is_deterministic_and_labelled():
-    a = vggface2.make_demo("faces", n_classes=5, per_class=6, image_size=32, seed=1)
-    b = vggface2.make_demo("faces", n_classes=5, per_class=6, image_size=32, seed=1)
-    c = vggface2.make_demo("faces", n_classes=5, per_class=6, image_size=32, seed=2)
+    a = demo.make_demo("faces", n_classes=5, per_class=6, image_size=32, seed=1)
+    b = demo.make_demo("faces", n_classes=5, per_class=6, image_size=32, seed=1)
+    c = demo.make_demo("faces", n_classes=5, per_class=6, image_size=32, seed=2)
     assert np.array_equal(a.images, b.images) and not np.array_equal(a.images, c.images)
     assert a.images.shape == (30, 32, 32, 3) and len(a.classes) == 5
-    assert set(a.extra["expression"]) <= set(range(len(vggface2.DEMO_EXPRESSIONS)))
+    assert set(a.extra["expression"]) <= set(range(len(demo.DEMO_EXPRESSIONS)))
     objects = load_task("demo", "object", 40, max_per_class=3)
-    assert objects.classes == list(vggface2.DEMO_OBJECTS) and objects.images.shape == (30, 40, 40, 3)
+    assert objects.classes == list(demo.DEMO_OBJECTS) and objects.images.shape == (30, 40, 40, 3)
     expr = load_task("demo", "expression", 32, max_per_class=4)
-    assert expr.classes == list(vggface2.DEMO_EXPRESSIONS)
+    assert expr.classes == list(demo.DEMO_EXPRESSIONS)
     assert np.array_equal(expr.labels, expr.extra["expression"])
     # same identity, different images: nuisance varies
     assert not np.array_equal(a.images[0], a.images[1])
@@ -187,13 +188,13 @@ def test_demo_is_deterministic_and_labelled():
 def test_augment_works_on_whole_batches():
     x = torch.rand(64, 3, 24, 24)
     gen = torch.Generator().manual_seed(0)
-    y = vggface2.augment(x, gen, grayscale_p=1.0)
+    y = transforms.augment(x, gen, grayscale_p=1.0)
     assert y.shape == x.shape
     assert torch.allclose(y[:, 0], y[:, 1]) and torch.allclose(y[:, 1], y[:, 2])  # all grey at p = 1
-    z = vggface2.augment(x, torch.Generator().manual_seed(0), grayscale_p=0.0)
+    z = transforms.augment(x, torch.Generator().manual_seed(0), grayscale_p=0.0)
     assert not torch.allclose(z[:, 0], z[:, 1])
     # a crop of a reflect-padded image: every output row is a row of the padded input
-    plain = vggface2.augment(x[:1], torch.Generator().manual_seed(5), grayscale_p=0.0)
+    plain = transforms.augment(x[:1], torch.Generator().manual_seed(5), grayscale_p=0.0)
     padded = torch.nn.functional.pad(x[:1], (3, 3, 3, 3), mode="reflect")
     found = any(torch.equal(plain, padded[..., i:i + 24, j:j + 24]) or
                 torch.equal(plain, padded[..., i:i + 24, j:j + 24].flip(3)) for i in range(7) for j in range(7))

@@ -6,22 +6,23 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-
-import aggregate
-import experiment
-import figures
-import lesion_utils as L
-import vggface2
-from common import read_csv
 from conftest import run_script
-from vggface2 import TaskData
+
+from dualtask.core.common import read_csv
+from dualtask.data import loading as vggface2
+from dualtask.data import taskdata
+from dualtask.data.taskdata import TaskData
+from dualtask.experiment import aggregate, experiment
+from dualtask.lesion import dissociation, engine, rankings
+from dualtask.model import sites
+from dualtask.report import figures
 
 
 def _task(name, n_classes, per_class, size, seed, native=None):
     rng = np.random.default_rng(seed)
     labels = np.repeat(np.arange(n_classes), per_class)
     images = rng.integers(0, 256, (len(labels), size, size, 3), dtype=np.uint8)
-    split = vggface2.stratified_split(labels, seed)
+    split = taskdata.stratified_split(labels, seed)
     return TaskData(name, [f"c{k}" for k in range(n_classes)], images, labels, split, name, native_size=native)
 
 
@@ -89,7 +90,7 @@ def test_resolution_matched_images_carry_no_detail_above_the_target():
         assert d.images.shape == sharp.images.shape and d.native_size == 32
         assert _high_frequency_share(d.images, 32) < 0.05
         # nothing is left for a second pass through 32 px to remove: the images are (up to rounding) what 32 px holds
-        again = vggface2.resize_images(vggface2.resize_images(d.images, 32), 64).astype(float)
+        again = taskdata.resize_images(taskdata.resize_images(d.images, 32), 64).astype(float)
         assert np.abs(again - d.images).mean() < 0.25 * np.abs(sharp.images.astype(float) - d.images).mean()
     unchanged, _ = vggface2.match_resolution({"face": _task("face", 3, 4, 32, 0, native=64),
                                               "object": _task("object", 3, 4, 32, 1, native=64)})
@@ -99,7 +100,7 @@ def test_resolution_matched_images_carry_no_detail_above_the_target():
 def test_accuracy_matching_gives_equal_intact_accuracies():
     rng = np.random.default_rng(0)
     correct = {"face": rng.random(400) < 0.9, "object": rng.random(300) < 0.55, "scene": rng.random(250) < 0.7}
-    subsets = L.matched_subsets(correct, seed=1)
+    subsets = dissociation.matched_subsets(correct, seed=1)
     low = correct["object"].mean()
     assert np.array_equal(subsets["object"], np.arange(300))  # the weakest task keeps all its images
     for task in ("face", "scene"):
@@ -107,7 +108,7 @@ def test_accuracy_matching_gives_equal_intact_accuracies():
         assert len(set(sub)) == len(sub) and np.all(~correct[task][np.setdiff1d(np.arange(len(correct[task])), sub)]
                                                     == False)  # noqa: E712 (only correct images are left out)
         assert abs(correct[task][sub].mean() - low) <= 1 / len(sub)
-    assert not np.array_equal(L.matched_subsets(correct, seed=2)["face"], subsets["face"])  # seeded sample
+    assert not np.array_equal(dissociation.matched_subsets(correct, seed=2)["face"], subsets["face"])  # seeded sample
 
 
 def _correct(accuracy, n, rng):
@@ -211,18 +212,18 @@ def _batches(images, groups):
 def _swept(groups, seed):
     """One 'run' of the planted network: its dissociation rows at 25% lesions and its per-image results."""
     model = CopiesNet(groups).eval()
-    site = L.lesion_sites(model)[0]
+    site = sites.lesion_sites(model)[0]
     assert site.n_filters == 16
     tasks = list(groups)
     train, test = _batches(_images(30, seed), groups), _batches(_images(50, seed + 100), groups)
-    intact = L.evaluate_lesions(model, site, [[]], test)[0]
-    ranking = L.rank_site(model, site, train, tasks, ["loss", "random"], random_repeats=19, seed=seed)
-    conditions = L.lesion_conditions(site, ranking, [0.25])
-    results = L.evaluate_lesions(model, site, [c for *_, c in conditions], test)
+    intact = engine.evaluate_lesions(model, site, [[]], test)[0]
+    ranking = rankings.rank_site(model, site, train, tasks, ["loss", "random"], random_repeats=19, seed=seed)
+    conditions = dissociation.lesion_conditions(site, ranking, [0.25])
+    results = engine.evaluate_lesions(model, site, [c for *_, c in conditions], test)
     chance = {t: 1 / N_CLASSES for t in tasks}
-    rows = L.dissociation_rows(site, conditions, results, intact, chance, tasks, n_boot=200, seed=seed)
+    rows = dissociation.dissociation_rows(site, conditions, results, intact, chance, tasks, n_boot=200, seed=seed)
     per_image = {f"intact|{t}": intact[t]["correct"] for t in tasks}
-    per_image.update(L.per_image_arrays(site, conditions, results, tasks))
+    per_image.update(dissociation.per_image_arrays(site, conditions, results, tasks))
     return {"config": {"tasks": {t: {"chance": chance[t]} for t in tasks}, "n_lesion_sites": 1},
             "dissociation": rows, "per_image": per_image}
 
@@ -349,8 +350,8 @@ def test_experiment_with_every_control(tmp_path):
 
 def test_lesion_epochs_keep_and_sweep_earlier_weights(tmp_path, capsys):
     import ResNet
-    import figures
-    from common import load_checkpoint
+    from dualtask.core.device import load_checkpoint
+    from dualtask.report import figures
 
     out = tmp_path / "run"
     experiment.main(vars(ResNet), [*FAST, "--epochs=2", "--lesion_epochs=[1, 2, 7]", f"--out_dir={out}"])
@@ -359,8 +360,8 @@ def test_lesion_epochs_keep_and_sweep_earlier_weights(tmp_path, capsys):
     assert kept["epoch"] == 1 and final["epoch"] == 2
     assert not torch.equal(kept["model"]["trunk.conv1.weight"], final["model"]["trunk.conv1.weight"])
     assert not (out / "checkpoint_epoch2.pt").exists()  # the last epoch's sweep is the run's own
-    early = read_csv(out / "epoch_1" / "lesion_results.csv", L.LESION_COLUMNS)
-    late = read_csv(out / "lesion_results.csv", L.LESION_COLUMNS)
+    early = read_csv(out / "epoch_1" / "lesion_results.csv", dissociation.LESION_COLUMNS)
+    late = read_csv(out / "lesion_results.csv", dissociation.LESION_COLUMNS)
     assert len(early) == len(late) and early != late
     assert (out / "epoch_1" / "dissociation.csv").exists()
     assert figures.dissociation_by_epoch(out).exists()
@@ -375,7 +376,7 @@ def test_lesion_epochs_keep_and_sweep_earlier_weights(tmp_path, capsys):
 
 def test_matching_is_refused_when_a_task_has_no_errors_and_the_verdict_survives_a_missing_control():
     perfect = {"face": np.ones(50, dtype=bool), "object": np.arange(40) % 2 == 0}
-    assert L.matched_subsets(perfect) is None  # nothing misclassified to keep: it cannot be brought down
+    assert dissociation.matched_subsets(perfect) is None  # nothing misclassified to keep: it cannot be brought down
     row = {"role": "real", "layer": "trunk.relu", "depth": 0, "method": "loss", "fraction": "0.2000", "index": "1.0",
            "ci_low": "0.5", "ci_high": "1.5", "p_random": "0.01"}  # the pseudo-task runs have no result here
     answer, _, _, passing = aggregate.verdict([row], {"real", "pseudo_task"}, 3, 19)
@@ -389,7 +390,7 @@ def test_a_run_is_not_finished_while_it_runs_again(tmp_path, monkeypatch):
     (run,) = experiment.plan(config)
     folder = tmp_path / run["folder"]
     folder.mkdir(parents=True)
-    (folder / experiment.DONE_FILE).write_text(json.dumps({"config": experiment._what_counts(run["config"])}))
+    (folder / experiment.DONE_FILE).write_text(json.dumps({"config": experiment.what_counts(run["config"])}))
     assert experiment.finished(run)
 
     def killed(config):

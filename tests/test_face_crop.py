@@ -6,13 +6,14 @@ import math
 
 import numpy as np
 import pytest
-
-import taskdata
-import vggface2
 from conftest import SHARED_DATA, write_jpeg
 from test_data import make_class_folders, make_vggface2_tree
 from test_loaders import make_lfw
-from vggface2 import DataError, load_task
+
+import vggface2
+from dualtask.data import loading, taskdata
+from dualtask.data.loading import load_task
+from dualtask.data.taskdata import DataError
 
 SIZE = 112
 # the five points' colours (VGGFace2's order: left eye, right eye, nose, mouth left, mouth right)
@@ -119,7 +120,7 @@ def test_detect_leaves_object_folders_alone_and_counts_faceless_photographs(tmp_
     faces = load_task(str(root), "face", 16, face_crop="detect")
     assert faces.face_crop == "detect" and faces.source.startswith("face-detected folder:")
     assert "warning: no face found in 12 of 12 image(s)" in capsys.readouterr().err
-    assert vggface2.face_crop_applies(str(root), "face") and not vggface2.face_crop_applies(str(root), "object")
+    assert loading.face_crop_applies(str(root), "face") and not loading.face_crop_applies(str(root), "object")
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "lfw_min20").is_dir(), reason="shared LFW sample not present")
@@ -127,7 +128,7 @@ def test_detect_finds_the_faces_of_real_photographs():
     root = SHARED_DATA / "lfw_min20"
     people = sorted(d for d in root.iterdir() if d.is_dir())[:6]
     paths = [p for d in people for p in sorted(d.glob("*.jpg"))[:2]]
-    boxes = [taskdata.detect_face(taskdata._decode(p)) for p in paths]
+    boxes = [taskdata.detect_face(taskdata.decode_image(p)) for p in paths]
     assert sum(b is not None for b in boxes) >= len(paths) - 1
     for x, y, w, h in (b for b in boxes if b is not None):  # LFW's frames: a face of about 110 px in the middle
         assert 70 < w < 170 and abs(x + w / 2 - 125) < 35 and abs(y + h / 2 - 125) < 40
@@ -142,18 +143,18 @@ def test_the_cache_records_its_face_crop_and_an_older_cache_loads_as_boxes(tmp_p
     assert vggface2.main([f"--root={root}", f"--out={out}", "--image_size=16", "--face_crop=none"]) == 0
     assert "face_crop=none" in capsys.readouterr().out
     meta = json.loads((out / "meta.json").read_text())
-    assert meta["face_crop"] == "none" and vggface2.load_cache(out).face_crop == "none"
+    assert meta["face_crop"] == "none" and taskdata.load_cache(out).face_crop == "none"
     load_task(str(out), "face", 16, face_crop="detect")  # a cache is never cropped again: said so
     assert "cache written with face_crop='none'" in capsys.readouterr().err
     load_task(str(out), "object", 16, face_crop="detect")  # ... to a face task only
     assert "face_crop" not in capsys.readouterr().err
     del meta["face_crop"]  # as caches were written before the setting
     (out / "meta.json").write_text(json.dumps(meta))
-    assert vggface2.load_cache(out).face_crop == "boxes"
+    assert taskdata.load_cache(out).face_crop == "boxes"
     meta["face_crop"] = "mtcnn"
     (out / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(DataError, match=r"'face_crop' is 'mtcnn'"):
-        vggface2.load_cache(out)
+        taskdata.load_cache(out)
 
 
 @pytest.mark.parametrize("args, culprit", [(["--face_crop=mtcnn"], "--face_crop=mtcnn: expected one of boxes, "

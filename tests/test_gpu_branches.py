@@ -6,15 +6,19 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-
-import common
-import dualtask
-import lesion_utils as L
-import vggface2
 from conftest import torchrun_tiny
 from test_greedy import RandomNet, random_batches, top
 from test_pipeline import read_rows, tiny_config
 from test_planted import PlantedNet, planted_batches
+
+from dualtask.core import device as device_mod
+from dualtask.core import device as device_policy
+from dualtask.data import loading as vggface2
+from dualtask.experiment import pipeline as dualtask
+from dualtask.lesion import engine, greedy, rankings as rankings_mod
+from dualtask.lesion import sweep as L
+from dualtask.model import network, sites
+from dualtask.training import trainer
 
 CPU = torch.device("cpu")
 
@@ -23,11 +27,11 @@ def gpu_like(monkeypatch, bf16=True, channels_last=True, pinned=True, tf32=True,
     """CUDA's answers from common's policy functions, on the CPU; free: the bytes common.free_memory reports (None:
     the CPU's answer, no GPU memory to size things by). Without a CUDA driver pin_memory cannot run: each call is
     recorded in the list returned and the tensor passes as it is."""
-    monkeypatch.setattr(common, "use_bf16", lambda device: bf16)
-    monkeypatch.setattr(common, "use_channels_last", lambda device: channels_last)
-    monkeypatch.setattr(common, "use_pinned_memory", lambda device: pinned)
-    monkeypatch.setattr(common, "use_tf32", lambda device: tf32)
-    monkeypatch.setattr(common, "free_memory", lambda device, reserved=False: free)
+    monkeypatch.setattr(device_policy, "use_bf16", lambda device: bf16)
+    monkeypatch.setattr(device_policy, "use_channels_last", lambda device: channels_last)
+    monkeypatch.setattr(device_policy, "use_pinned_memory", lambda device: pinned)
+    monkeypatch.setattr(device_policy, "use_tf32", lambda device: tf32)
+    monkeypatch.setattr(device_policy, "free_memory", lambda device, reserved=False: free)
     pins = []
     if not torch.cuda.is_available():
         monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a, **k: pins.append(len(self)) or self)
@@ -37,7 +41,7 @@ def gpu_like(monkeypatch, bf16=True, channels_last=True, pinned=True, tf32=True,
 @pytest.fixture(scope="module")
 def demo_images():
     data = {t: vggface2.load_task("demo", t, 32, max_per_class=8) for t in ("face", "object")}
-    return {t: dualtask.TaskImages(d, CPU) for t, d in data.items()}
+    return {t: trainer.TaskImages(d, CPU) for t, d in data.items()}
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +49,7 @@ def resnet():
     """ResNet50 with torchvision's initialisation (recipe 1: no residual branch starts at zero, so lesions change
     the outputs); built in a fraction of VGG16's time."""
     torch.manual_seed(1)
-    return dualtask.DualTaskNet("resnet50", {"face": 10, "object": 10}, recipe=1).eval()
+    return network.DualTaskNet("resnet50", {"face": 10, "object": 10}, recipe=1).eval()
 
 
 class TinyNet(nn.Module):
@@ -75,25 +79,25 @@ def test_stacked_lesions_sized_from_free_memory_equal_the_naive_sweep(monkeypatc
     the same and its loss within 1e-5: a stacked batch has other shapes, for which the CPU's kernels may round
     otherwise (exact on the 2-core development machine for these 16-image batches, not for batches of 8 there, and
     not with 32 stacked on the H200 machine's CPU: one reason the CPU stacks no lesions)."""
-    batches = L.image_batches(demo_images, batch_size=16, n_per_task=16)[:1]  # 16 face images
-    site = L.lesion_sites(resnet)[15]  # trunk.layer4.1: a bottleneck block after it
-    cached = L.cache_bytes(resnet, [site], batches[0][1].shape[1:], 16)[site.name]
-    assert L.default_masks_per_pass(CPU, cached) == 1  # the CPU's own answer
+    batches = engine.image_batches(demo_images, batch_size=16, n_per_task=16)[:1]  # 16 face images
+    site = sites.lesion_sites(resnet)[15]  # trunk.layer4.1: a bottleneck block after it
+    cached = engine.cache_bytes(resnet, [site], batches[0][1].shape[1:], 16)[site.name]
+    assert engine.default_masks_per_pass(CPU, cached) == 1  # the CPU's own answer
     rng = np.random.default_rng(0)
     lesions = [rng.permutation(site.n_filters)[:k] for k in rng.integers(1, site.n_filters, 33)]
     sweeps = {}
     for fit, expected in ((1, 1), (7, 7), (64, 32)):
         gpu_like(monkeypatch, bf16=False, free=16 * cached * fit)  # a quarter of it: fit x 4 x the cached batch
-        per_pass = L.default_masks_per_pass(CPU, cached)
+        per_pass = engine.default_masks_per_pass(CPU, cached)
         monkeypatch.undo()
         assert per_pass == expected
-        sweeps[per_pass] = L.evaluate_lesions(resnet, site, lesions, batches, masks_per_pass=per_pass)
+        sweeps[per_pass] = engine.evaluate_lesions(resnet, site, lesions, batches, masks_per_pass=per_pass)
     for stacked in (sweeps[7], sweeps[32]):
         for a, b in zip(stacked, sweeps[1]):
             assert np.array_equal(a["face"]["correct"], b["face"]["correct"])
             assert np.allclose(a["face"]["loss"], b["face"]["loss"], rtol=0, atol=1e-5)
     few = [0, 31, 32]  # the first and last lesion of the first stack of 32, and the one after it
-    naive = L.evaluate_lesions_naive(resnet, site, [lesions[i] for i in few], batches)
+    naive = engine.evaluate_lesions_naive(resnet, site, [lesions[i] for i in few], batches)
     assert same_results([sweeps[1][i] for i in few], naive)
     assert not same_results(sweeps[1][:1], sweeps[1][1:2])  # lesions that change something
 
@@ -102,18 +106,18 @@ def test_bf16_sweep_is_the_naive_sweep_within_tolerance(monkeypatch, resnet, dem
     """Under bf16 autocast (the CPU's, where a GPU's would be) the sweep with 1 and 7 masks stacked per pass and
     the naive sweep agree on every lesion's correctness for at least 95% of the images, and on each image's loss
     within 0.05."""
-    batches = L.image_batches(demo_images, batch_size=16, n_per_task=8)
-    site = L.lesion_sites(resnet)[14]  # trunk.layer4.0
+    batches = engine.image_batches(demo_images, batch_size=16, n_per_task=8)
+    site = sites.lesion_sites(resnet)[14]  # trunk.layer4.0
     rng = np.random.default_rng(1)
     lesions = [[]] + [rng.permutation(site.n_filters)[:k] for k in (5, 200, 1000, 1800)]
-    fp32 = L.evaluate_lesions(resnet, site, lesions, batches)
+    fp32 = engine.evaluate_lesions(resnet, site, lesions, batches)
     gpu_like(monkeypatch)
     dtypes = []
     hook = site.module.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
     try:
-        naive = L.evaluate_lesions_naive(resnet, site, lesions, batches)
+        naive = engine.evaluate_lesions_naive(resnet, site, lesions, batches)
         for per_pass in (1, 7):
-            fast = L.evaluate_lesions(resnet, site, lesions, batches, masks_per_pass=per_pass)
+            fast = engine.evaluate_lesions(resnet, site, lesions, batches, masks_per_pass=per_pass)
             for a, b in zip(fast, naive):
                 for task in ("face", "object"):
                     assert np.mean(a[task]["correct"] == b[task]["correct"]) >= 0.95
@@ -129,22 +133,22 @@ def test_racing_greedy_with_a_prefix_cache_that_does_not_fit(monkeypatch):
     none: what does not fit is computed again when needed, with the losses of a full cache bit for bit, and
     racing still chooses the exhaustive search's set."""
     model, batches = RandomNet().eval(), random_batches()
-    site = L.lesion_sites(model)[1]  # 48 filters at 8 x 8: 983,040 bytes per batch of 80 images, 393,216 per 32
+    site = sites.lesion_sites(model)[1]  # 48 filters at 8 x 8: 983,040 bytes per batch of 80 images, 393,216 per 32
     lesions = [[], [3], [3, 5, 7]]
-    full = L.RankingImages(model, site, batches, "a")
+    full = greedy.RankingImages(model, site, batches, "a")
     expected = full.losses(lesions)
     assert len(full.cache) == 3  # the CPU's budget (a quarter of the free RAM) holds them all
     for free, n_cached in ((0, 0), (int(1.5 * 983_040 / 0.4), 2)):
         gpu_like(monkeypatch, bf16=False, free=free)
-        assert L._cache_budget(CPU) == int(0.4 * free)
-        images = L.RankingImages(model, site, batches, "a")
+        assert greedy.cache_budget(CPU) == int(0.4 * free)
+        images = greedy.RankingImages(model, site, batches, "a")
         assert np.array_equal(images.losses(lesions), expected) and len(images.cache) == n_cached
         assert np.array_equal(images.losses(lesions), expected) and images.counts["prefix_images"] == 384 - 112 * (
             n_cached == 2)  # the uncached batches' prefixes twice
     exhaustive, raced = {}, {}
-    order, scores = L.greedy_order(model, site, batches, "a", racing=False, stats=exhaustive)
-    raced_order, raced_scores = L.greedy_order(model, site, batches, "a", racing=True, stats=raced)
-    k = L.greedy_chosen(site.n_filters)
+    order, scores = greedy.greedy_order(model, site, batches, "a", racing=False, stats=exhaustive)
+    raced_order, raced_scores = greedy.greedy_order(model, site, batches, "a", racing=True, stats=raced)
+    k = greedy.greedy_chosen(site.n_filters)
     assert top(raced_order, site.n_filters) == top(order, site.n_filters)
     assert np.allclose(np.sort(raced_scores[:k]), np.sort(scores[:k]), rtol=1e-6, atol=0)
     assert exhaustive["prefix_images"] > 192 and raced["evaluations"] < exhaustive["evaluations"]
@@ -155,19 +159,19 @@ def test_ranking_precision_on_a_bf16_device(monkeypatch):
     (inside the evaluation's autocast too) and allows TF32 only while it is open, and scores exactly as the CPU
     does by default."""
     model, batches = PlantedNet("split").eval(), planted_batches(40, seed=0)
-    site = L.lesion_sites(model)[1]
-    plain = L.loss_scores(model, site, batches, "face", precision="fp32")
+    site = sites.lesion_sites(model)[1]
+    plain = rankings_mod.loss_scores(model, site, batches, "face", precision="fp32")
     flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     gpu_like(monkeypatch)
-    with L.ranking_precision(CPU, "bf16"):
+    with engine.ranking_precision(CPU, "bf16"):
         assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-    with common.autocast(CPU), L.ranking_precision(CPU, "fp32"):
+    with device_mod.autocast(CPU), engine.ranking_precision(CPU, "fp32"):
         assert not torch.is_autocast_enabled("cpu")
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == flags
-    assert np.array_equal(L.loss_scores(model, site, batches, "face", precision="fp32"), plain)
-    bf16 = L.loss_scores(model, site, batches, "face", precision="bf16")
-    assert not np.array_equal(bf16, plain) and set(L._order(bf16)[:4]) == {0, 1, 2, 3}
+    assert np.array_equal(rankings_mod.loss_scores(model, site, batches, "face", precision="fp32"), plain)
+    bf16 = rankings_mod.loss_scores(model, site, batches, "face", precision="bf16")
+    assert not np.array_equal(bf16, plain) and set(engine.order_of(bf16)[:4]) == {0, 1, 2, 3}
 
 
 @pytest.mark.parametrize("agree", [True, False])
@@ -178,11 +182,11 @@ def test_bf16_ranking_check_records_its_precision_in_rankings_json(monkeypatch, 
     model = TinyNet().eval()
     config = {"lesion_fractions": [0.0, 0.2], "lesion_methods": ["loss", "random"], "random_repeats": 2,
               "rank_images": 8, "lesion_layers": [-2, -1], "seed": 0, "ranking_precision": "bf16"}
-    first, second = L.select_sites(model, config)
-    train = L.image_batches(demo_images, "train", n_per_task=8, seed=0)
-    plain = L.rank_site(model, first, train, ["face", "object"], ["loss"], precision="fp32")
+    first, second = sites.select_sites(model, config)
+    train = engine.image_batches(demo_images, "train", n_per_task=8, seed=0)
+    plain = rankings_mod.rank_site(model, first, train, ["face", "object"], ["loss"], precision="fp32")
     gpu_like(monkeypatch)
-    real_check, real_rank, asked = L.same_top_sets, L.rank_site, []
+    real_check, real_rank, asked = rankings_mod.same_top_sets, rankings_mod.rank_site, []
     monkeypatch.setattr(L, "same_top_sets", lambda *a, **k: {key: agree for key in real_check(*a, **k)})
     monkeypatch.setattr(L, "rank_site", lambda model, site, *a, **k: asked.append((site.name, k["precision"])) or
                         real_rank(model, site, *a, **k))
@@ -204,10 +208,10 @@ def test_images_on_the_device_and_pinned_copies_give_the_same_batches(monkeypatc
     data = demo_images["face"].data
     expected = demo_images["face"].batch(idx)
     gpu_like(monkeypatch, bf16=False, free=4 * data.images.nbytes + 1)
-    resident = dualtask.TaskImages(data, CPU)
+    resident = trainer.TaskImages(data, CPU)
     assert resident.on_device is not None
     pins = gpu_like(monkeypatch, bf16=False, free=4 * data.images.nbytes - 1)
-    copied = dualtask.TaskImages(data, CPU)
+    copied = trainer.TaskImages(data, CPU)
     assert copied.on_device is None
     for images in (resident, copied):
         x, y = images.batch(idx)
@@ -222,7 +226,7 @@ def test_every_parameter_takes_part_in_a_training_step(layout):
     """DistributedDataParallel runs without find_unused_parameters: in each head layout every parameter gets a
     gradient from a training step's loss (every task's images are in every step)."""
     torch.manual_seed(0)
-    model = dualtask.build_model(dict(backbone="resnet50", image_size=32, **layout), {"face": 3, "object": 4},
+    model = network.build_model(dict(backbone="resnet50", image_size=32, **layout), {"face": 3, "object": 4},
                                  load_init=False)
     out = model(torch.randn(4, 3, 32, 32))
     loss = sum(nn.functional.cross_entropy(out[t][rows], torch.zeros(2, dtype=torch.long))
@@ -237,7 +241,7 @@ def test_training_with_bf16_and_channels_last(monkeypatch, tmp_path):
     (finite losses, a checkpoint, the model back in the contiguous layout)."""
     pins = gpu_like(monkeypatch)
     seen, models = [], []
-    real_forward = dualtask.DualTaskNet.forward
+    real_forward = network.DualTaskNet.forward
 
     def forward(self, x):
         models.append(self)
@@ -246,7 +250,7 @@ def test_training_with_bf16_and_channels_last(monkeypatch, tmp_path):
                          memory_format=torch.channels_last)))
         return real_forward(self, x)
 
-    monkeypatch.setattr(dualtask.DualTaskNet, "forward", forward)
+    monkeypatch.setattr(network.DualTaskNet, "forward", forward)
     out = tmp_path / "run"
     dualtask.run(tiny_config(out, backbone="resnet50", epochs=1, max_per_class=6))
     assert any(s[0] for s in seen) and any(not s[0] for s in seen)  # training steps, and validation

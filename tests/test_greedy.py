@@ -8,12 +8,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-
-import experiment
-import lesion_utils as L
-import vgg16
 from conftest import TINY, TINY_LESION, run_script
 from test_planted import PlantedNet, planted_batches
+
+import vgg16
+from dualtask.core import common, names
+from dualtask.experiment import experiment
+from dualtask.lesion import dissociation, engine, greedy, rankings
+from dualtask.lesion import sweep as L
+from dualtask.model import sites as sites_mod
 
 
 def exhaustive_reference(model, site, batches, task, step_fraction=0.016, stop_fraction=0.2):
@@ -23,8 +26,8 @@ def exhaustive_reference(model, site, batches, task, step_fraction=0.016, stop_f
     stop = max(1, int(np.ceil(stop_fraction * site.n_filters)))
     chosen, scores, remaining, last = [], [], list(range(site.n_filters)), None
     while len(chosen) < stop and remaining:
-        losses = L._task_loss(L.evaluate_lesions(model, site, [chosen + [c] for c in remaining], own), task)
-        best = L._order(losses)[:step]
+        losses = rankings.task_loss(engine.evaluate_lesions(model, site, [chosen + [c] for c in remaining], own), task)
+        best = engine.order_of(losses)[:step]
         chosen += [remaining[i] for i in best]
         scores += [float(losses[i]) for i in best]
         last = {remaining[i]: float(losses[i]) for i in range(len(remaining))}
@@ -64,24 +67,24 @@ def random_batches(n_per_task=192, seed=0, batch=80):
 @pytest.fixture(scope="module")
 def random_net():
     model = RandomNet().eval()
-    return model, L.lesion_sites(model), random_batches()
+    return model, sites_mod.lesion_sites(model), random_batches()
 
 
 def planted_cases():
     for head in ("split", "joint"):
         model = PlantedNet(head).eval()
-        yield model, L.lesion_sites(model), planted_batches(40, seed=0)
+        yield model, sites_mod.lesion_sites(model), planted_batches(40, seed=0)
 
 
 def top(order, n_filters, stop=0.2):
-    return set(np.asarray(order)[:L.greedy_chosen(n_filters, stop)].tolist())
+    return set(np.asarray(order)[:greedy.greedy_chosen(n_filters, stop)].tolist())
 
 
 def test_exhaustive_greedy_is_as_before_bit_for_bit(random_net):
     for model, sites, batches in [*planted_cases(), random_net]:
         for site in sites:
             for task in model.tasks:
-                order, scores = L.greedy_order(model, site, batches, task, racing=False)
+                order, scores = greedy.greedy_order(model, site, batches, task, racing=False)
                 ref_order, ref_scores = exhaustive_reference(model, site, batches, task)
                 assert np.array_equal(order, ref_order) and np.array_equal(scores, ref_scores), (site.name, task)
 
@@ -91,9 +94,9 @@ def test_racing_chooses_the_exhaustive_set(random_net):
     for site in sites:
         for task in model.tasks:
             exhaustive, race_stats = {}, {}
-            order, scores = L.greedy_order(model, site, batches, task, racing=False, stats=exhaustive)
-            raced, raced_scores = L.greedy_order(model, site, batches, task, racing=True, stats=race_stats)
-            k = L.greedy_chosen(site.n_filters)
+            order, scores = greedy.greedy_order(model, site, batches, task, racing=False, stats=exhaustive)
+            raced, raced_scores = greedy.greedy_order(model, site, batches, task, racing=True, stats=race_stats)
+            k = greedy.greedy_chosen(site.n_filters)
             assert top(raced, site.n_filters) == top(order, site.n_filters), (site.name, task)
             # each step chose by the survivors' exact losses: the chosen filters' scores are the exhaustive ones
             # (to float rounding: racing scores images in batches of other shapes)
@@ -107,8 +110,8 @@ def test_racing_chooses_the_exhaustive_set(random_net):
     for model, sites, batches in planted_cases():
         for site in sites:
             for task in model.tasks:
-                raced, _ = L.greedy_order(model, site, batches, task, racing=True)
-                order, _ = L.greedy_order(model, site, batches, task, racing=False)
+                raced, _ = greedy.greedy_order(model, site, batches, task, racing=True)
+                order, _ = greedy.greedy_order(model, site, batches, task, racing=False)
                 assert top(raced, site.n_filters) == top(order, site.n_filters), (model.head, site.name, task)
 
 
@@ -118,44 +121,44 @@ def test_aggressive_racing_and_pruning_still_give_valid_orders(random_net):
             for task in model.tasks:
                 for kw in ({"racing": True, "margin": 0.0}, {"racing": False, "candidates": 1},
                            {"racing": True, "margin": 0.0, "candidates": 2}):
-                    order, scores = L.greedy_order(model, site, batches, task, **kw)
+                    order, scores = greedy.greedy_order(model, site, batches, task, **kw)
                     assert sorted(order.tolist()) == list(range(site.n_filters)), kw
                     assert len(scores) == site.n_filters and np.isfinite(scores).all()
     model = PlantedNet("split").eval()
-    site = L.lesion_sites(model)[1]
-    order, _ = L.greedy_order(model, site, planted_batches(40, seed=0), "face", racing=True, margin=0.0)
+    site = sites_mod.lesion_sites(model)[1]
+    order, _ = greedy.greedy_order(model, site, planted_batches(40, seed=0), "face", racing=True, margin=0.0)
     assert set(order[:4].tolist()) == {0, 1, 2, 3}  # the planted face detectors even so
 
 
 def test_taylor_pruning_with_every_filter_a_candidate_is_exhaustive(random_net):
     model, sites, batches = random_net
     for site in sites:
-        exhaustive = L.greedy_order(model, site, batches, "b", racing=False)
-        pruned = L.greedy_order(model, site, batches, "b", racing=False, candidates=site.n_filters)
+        exhaustive = greedy.greedy_order(model, site, batches, "b", racing=False)
+        pruned = greedy.greedy_order(model, site, batches, "b", racing=False, candidates=site.n_filters)
         assert all(np.array_equal(a, b) for a, b in zip(exhaustive, pruned))
     model = PlantedNet("split").eval()
-    site = L.lesion_sites(model)[1]
+    site = sites_mod.lesion_sites(model)[1]
     for task, planted in (("face", {0, 1, 2, 3}), ("object", {4, 5, 6, 7})):
-        order, _ = L.greedy_order(model, site, planted_batches(40, seed=0), task, racing=False, candidates=4)
+        order, _ = greedy.greedy_order(model, site, planted_batches(40, seed=0), task, racing=False, candidates=4)
         assert set(order[:4].tolist()) == planted
 
 
 def test_ranking_images_cache_the_prefix_once_and_score_as_evaluate_lesions(random_net):
     model, sites, batches = random_net
     site = sites[1]
-    images = L.RankingImages(model, site, batches, "a")
+    images = greedy.RankingImages(model, site, batches, "a")
     lesions = [[], [3], [3, 5, 7]]
     full = images.losses(lesions)
-    ref = L.evaluate_lesions(model, site, lesions, [b for b in batches if b[0] == "a"])
+    ref = engine.evaluate_lesions(model, site, lesions, [b for b in batches if b[0] == "a"])
     assert all(np.array_equal(full[i], r["a"]["loss"]) for i, r in enumerate(ref))
     part = images.losses(lesions, [5, 150, 151, 191])
     assert np.isnan(part[:, 0]).all() and np.allclose(part[:, [5, 150, 151, 191]], full[:, [5, 150, 151, 191]],
                                                       rtol=1e-6, atol=1e-6)
     assert images.counts["prefix_images"] == 192 and len(images.cache) == 3  # each batch's prefix once
-    tight = L.RankingImages(model, site, batches, "a", budget=0)  # no memory for a cache: computed when needed
+    tight = greedy.RankingImages(model, site, batches, "a", budget=0)  # no memory for a cache: computed when needed
     assert np.array_equal(tight.losses(lesions), full) and not tight.cache
     scores = images.taylor([])
-    assert np.allclose(scores, L.taylor_scores(model, site, batches, "a"), rtol=1e-4, atol=1e-7)
+    assert np.allclose(scores, rankings.taylor_scores(model, site, batches, "a"), rtol=1e-4, atol=1e-7)
     assert images.taylor(list(range(32)))[:32].max() == 0  # silenced filters: no first-order effect left
     # the first-order estimates predict each image's loss change of a single-filter lesion closely
     predicted, changes = images.first_order([]), full[1] - full[0]
@@ -164,26 +167,26 @@ def test_ranking_images_cache_the_prefix_once_and_score_as_evaluate_lesions(rand
 
 def test_ranking_precision():
     cpu = torch.device("cpu")
-    for precision in L.RANKING_PRECISIONS:
-        with L.ranking_precision(cpu, precision):
+    for precision in names.RANKING_PRECISIONS:
+        with engine.ranking_precision(cpu, precision):
             assert not torch.is_autocast_enabled()
-    with pytest.raises(L.UsageError, match="ranking_precision='fp16'"):
-        with L.ranking_precision(cpu, "fp16"):
+    with pytest.raises(common.UsageError, match="ranking_precision='fp16'"):
+        with engine.ranking_precision(cpu, "fp16"):
             pass
     a = {"loss": {"x": {"order": [3, 1, 2, 0, 4]}}}
     b = {"loss": {"x": {"order": [3, 2, 1, 0, 4]}}}
-    assert L.same_top_sets(a, b, ["loss"], ["x"], 0.2) == {"loss|x": True}
-    assert L.same_top_sets(a, b, ["loss"], ["x"], 0.4) == {"loss|x": False}
+    assert rankings.same_top_sets(a, b, ["loss"], ["x"], 0.2) == {"loss|x": True}
+    assert rankings.same_top_sets(a, b, ["loss"], ["x"], 0.4) == {"loss|x": False}
 
 
 def test_greedy_stop_counts_and_marking():
-    assert L.greedy_chosen(64) == 13 and L.greedy_chosen(512) == 104 and L.greedy_chosen(2048, 0.1) == 231
-    assert L.greedy_chosen(8, 1.0) == 8
-    assert L.beyond_greedy_stop("greedy", 0.2, 512, 0.2) == 0 and L.beyond_greedy_stop("greedy", 0.3, 512, 0.2) == 1
-    assert L.beyond_greedy_stop("loss", 0.5, 512, 0.2) == 0 and L.beyond_greedy_stop("greedy", 0.0, 512, 0.2) == 0
+    assert greedy.greedy_chosen(64) == 13 and greedy.greedy_chosen(512) == 104 and greedy.greedy_chosen(2048, 0.1) == 231
+    assert greedy.greedy_chosen(8, 1.0) == 8
+    assert greedy.beyond_greedy_stop("greedy", 0.2, 512, 0.2) == 0 and greedy.beyond_greedy_stop("greedy", 0.3, 512, 0.2) == 1
+    assert greedy.beyond_greedy_stop("loss", 0.5, 512, 0.2) == 0 and greedy.beyond_greedy_stop("greedy", 0.0, 512, 0.2) == 0
     model = PlantedNet("split").eval()
-    site = L.lesion_sites(model)[1]
-    order, _ = L.greedy_order(model, site, planted_batches(40, seed=0), "face", stop_fraction=0.5)
+    site = sites_mod.lesion_sites(model)[1]
+    order, _ = greedy.greedy_order(model, site, planted_batches(40, seed=0), "face", stop_fraction=0.5)
     assert sorted(order.tolist()) == list(range(16))
 
 
@@ -199,8 +202,8 @@ def test_sweep_settings_name_the_greedy_settings_and_read_earlier_sweeps_sensibl
                                               greedy_margin=1.0))
     assert exhaustive["greedy"] == {"racing": False, "candidates": None, "stop": 0.2}  # the margin plays no part
     older = {k: v for k, v in exhaustive.items() if k != "greedy"}  # written before the greedy settings existed
-    assert L._as_now(older) == exhaustive and L._as_now(older) != greedy
-    assert L._as_now(plain) == plain
+    assert L.as_now(older) == exhaustive and L.as_now(older) != greedy
+    assert L.as_now(plain) == plain
 
 
 def test_an_earlier_greedy_sweep_without_the_new_column_resumes(tmp_path):
@@ -212,16 +215,16 @@ def test_an_earlier_greedy_sweep_without_the_new_column_resumes(tmp_path):
     older = {k: v for k, v in settings.items() if k != "greedy"}
     site = "trunk.3"
     (tmp_path / "lesion_progress.json").write_text(json.dumps({"settings": older, "done": [site]}))
-    old_columns = [c for c in L.LESION_COLUMNS if c not in L.ADDED_LESION_COLUMNS]
+    old_columns = [c for c in dissociation.LESION_COLUMNS if c not in dissociation.ADDED_LESION_COLUMNS]
     row = {c: "" for c in old_columns}
     row.update(layer=site, depth=1, n_filters=16, target="face", method="greedy", fraction="0.3000", eval_task="face")
-    L.write_csv(tmp_path / "lesion_results.csv", old_columns, [row])
-    old_diss = [c for c in L.DISSOCIATION_COLUMNS if c not in L.ADDED_LESION_COLUMNS]
+    common.write_csv(tmp_path / "lesion_results.csv", old_columns, [row])
+    old_diss = [c for c in dissociation.DISSOCIATION_COLUMNS if c not in dissociation.ADDED_LESION_COLUMNS]
     diss = {c: "" for c in old_diss}
     diss.update(layer=site, depth=1, method="greedy", fraction="0.3000", index="0.1")
-    L.write_csv(tmp_path / "dissociation.csv", old_diss, [diss])
+    common.write_csv(tmp_path / "dissociation.csv", old_diss, [diss])
     (tmp_path / "rankings.json").write_text(json.dumps({site: {"greedy": {}}}))
-    L.write_per_image(tmp_path / "lesion_per_image.npz", {"intact|face": np.ones(3, dtype=bool)})
+    dissociation.write_per_image(tmp_path / "lesion_per_image.npz", {"intact|face": np.ones(3, dtype=bool)})
     earlier = L.earlier_sweep(settings, tmp_path)
     assert earlier["restart"] is None and earlier["done"] == [site]
     assert earlier["rows"][0]["beyond_greedy_stop"] == 1  # 5 of 16 filters; the greedy steps chose 4
@@ -282,12 +285,12 @@ def _shared_greedy(rank, world, port, path):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         model, batches = RandomNet().eval(), random_batches()
-        site = L.lesion_sites(model)[1]
-        share = (rank, world, L.all_gather_objects)
+        site = sites_mod.lesion_sites(model)[1]
+        share = (rank, world, greedy.all_gather_objects)
         out = {}
         for name, kw in VARIANTS:
             stats = {}
-            order, scores = L.greedy_order(model, site, batches, "a", share=share, stats=stats, **kw)
+            order, scores = greedy.greedy_order(model, site, batches, "a", share=share, stats=stats, **kw)
             out[name] = (order.tolist(), scores.tolist(), stats["evaluations"])
         torch.save(out, f"{path}.{rank}")
         dist.barrier()  # neither process tears the group down while the other still talks to it
@@ -306,10 +309,10 @@ def test_candidates_shared_across_two_processes_choose_as_one(tmp_path):
     mp.spawn(_shared_greedy, args=(2, port, str(tmp_path / "out")), nprocs=2, join=True)
     got = [torch.load(tmp_path / f"out.{r}", weights_only=False) for r in (0, 1)]
     model, batches = RandomNet().eval(), random_batches()
-    site = L.lesion_sites(model)[1]
+    site = sites_mod.lesion_sites(model)[1]
     for name, kw in VARIANTS:
         stats = {}
-        order, scores = L.greedy_order(model, site, batches, "a", stats=stats, **kw)
+        order, scores = greedy.greedy_order(model, site, batches, "a", stats=stats, **kw)
         for r in (0, 1):
             assert got[r][name][0] == order.tolist() and got[r][name][1] == scores.tolist(), (name, r)
         assert got[0][name][2] + got[1][name][2] == stats["evaluations"]  # the work was shared, not repeated

@@ -9,11 +9,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-import dualtask
-from common import UsageError
 from conftest import TINY, TINY_LESION, run_script
-from dualtask import BACKBONES, DualTaskNet
+
+from dualtask.config.settings import BACKBONES
+from dualtask.core.common import UsageError
+from dualtask.experiment import pipeline as dualtask
+from dualtask.model import network
+from dualtask.model.network import DualTaskNet
+from dualtask.training import trainer
 
 # ResNet50 in the fast suite; the other backbones (each model built and saved takes seconds) with -m slow
 EVERY_BACKBONE = [b if b == "resnet50" else pytest.param(b, marks=pytest.mark.slow) for b in BACKBONES]
@@ -65,7 +68,7 @@ def test_joint_head_is_one_softmax_over_every_tasks_classes(backbone):
         model.joint.bias.zero_()
         model.joint.bias[3 + 1] = 10.0  # every image: object class 1
     images = {t: FixedImages(torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 1, 0])) for t in CLASSES}
-    scores = dualtask.evaluate(model, images, "test")
+    scores = trainer.evaluate(model, images, "test")
     assert scores["face"]["accuracy"] == 0 and scores["scene"]["accuracy"] == 0  # labels 1 of theirs: still wrong
     assert scores["object"]["accuracy"] == 0.5
     joint_loss = -torch.log_softmax(model.joint.bias, 0)
@@ -74,7 +77,7 @@ def test_joint_head_is_one_softmax_over_every_tasks_classes(backbone):
 
 
 def test_split_head_is_the_default_and_a_bad_head_is_refused():
-    model = dualtask.build_model({"backbone": "vgg16", "fc_width": 16, "image_size": 32}, {"a": 2, "b": 3})
+    model = network.build_model({"backbone": "vgg16", "fc_width": 16, "image_size": 32}, {"a": 2, "b": 3})
     assert model.head == "split" and set(model.heads) == {"a", "b"} and not hasattr(model, "joint")
     with pytest.raises(UsageError, match="head='both'"):
         tiny("vgg16", head="both")
@@ -102,7 +105,7 @@ def test_init_from_a_local_file_loads_every_matching_tensor_of_the_trunk(backbon
     path = tmp_path / f"{backbone}.pt"
     torch.save(state, path)
     torch.manual_seed(0)
-    model = dualtask.build_model({"backbone": backbone, "fc_width": 16, "image_size": 32, "init": str(path)},
+    model = network.build_model({"backbone": backbone, "fc_width": 16, "image_size": 32, "init": str(path)},
                                  CLASSES)
     line = capsys.readouterr().out
     theirs, ours = source.trunk.state_dict(), model.trunk.state_dict()
@@ -127,23 +130,23 @@ def test_init_errors_name_the_file_and_the_expected_form(tmp_path, monkeypatch):
     resnet = tmp_path / "resnet.pt"  # names of a ResNet's tensors, none of them in VGG
     torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7), "layer1.0.conv1.weight": torch.zeros(64, 64, 1, 1)}, resnet)
     with pytest.raises(UsageError, match=r"resnet\.pt.*none of its 2 tensors.*matches the vgg16_bn trunk"):
-        dualtask.load_trunk_weights(model, str(resnet))
+        network.load_trunk_weights(model, str(resnet))
     with pytest.raises(UsageError, match=r"missing\.pt'?: no such file; expected 'random', 'imagenet' or a path"):
-        dualtask.load_trunk_weights(model, str(tmp_path / "missing.pt"))
+        network.load_trunk_weights(model, str(tmp_path / "missing.pt"))
     (tmp_path / "noise.pt").write_bytes(b"not a torch file")  # neither a zip nor a pickle
     with pytest.raises(UsageError, match=r"noise\.pt'?: cannot be read"):
-        dualtask.load_trunk_weights(model, str(tmp_path / "noise.pt"))
+        network.load_trunk_weights(model, str(tmp_path / "noise.pt"))
     torch.save(SimpleNamespace(a=1), tmp_path / "code.pt")  # a Python object, not tensors
     with pytest.raises(UsageError, match=r"code\.pt'?: refused: it holds Python objects"):
-        dualtask.load_trunk_weights(model, str(tmp_path / "code.pt"))
+        network.load_trunk_weights(model, str(tmp_path / "code.pt"))
     torch.save({"epochs": 3, "note": "no tensors"}, tmp_path / "plain.pt")
     with pytest.raises(UsageError, match=r"plain\.pt'?: not a state dict"):
-        dualtask.load_trunk_weights(model, str(tmp_path / "plain.pt"))
+        network.load_trunk_weights(model, str(tmp_path / "plain.pt"))
     torch.save([torch.zeros(3)], tmp_path / "list.pt")
     with pytest.raises(UsageError, match=r"list\.pt'?: not a state dict"):
-        dualtask.load_trunk_weights(model, str(tmp_path / "list.pt"))
+        network.load_trunk_weights(model, str(tmp_path / "list.pt"))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    assert dualtask.load_trunk_weights(model, "random") == 0
+    assert network.load_trunk_weights(model, "random") == 0
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
     # init="imagenet" without a network: never a download here, torchvision's fetch is replaced by a failing one
@@ -155,7 +158,7 @@ def test_init_errors_name_the_file_and_the_expected_form(tmp_path, monkeypatch):
     monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", offline)
     with pytest.raises(UsageError, match=r"init='imagenet': cannot get torchvision's ImageNet weights of vgg16_bn "
                                          r".*network access.*--init=<path"):
-        dualtask.load_trunk_weights(model, "imagenet")
+        network.load_trunk_weights(model, "imagenet")
 
 
 def test_a_file_of_another_architecture_exits_2_naming_it(tmp_path):

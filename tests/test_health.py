@@ -4,11 +4,13 @@ import math
 
 import pytest
 import torch
-
-import health
-import report
 from conftest import TINY, run_script
-from dualtask import DualTaskNet
+
+from dualtask.core import names as names_mod
+from dualtask.model.network import DualTaskNet
+from dualtask.report import build as report
+from dualtask.report import train_health
+from dualtask.training import health
 
 CONFIG = {"backbone": "vgg16", "batch_norm": False, "lr": None, "grad_clip": 2.0, "lesion_layers": None}
 
@@ -52,7 +54,7 @@ def test_dead_conv_filters_are_counted_per_site():
     assert dead["trunk.features.1"] == pytest.approx(0.25)
     assert health.diagnose(1, _train(), _val(0.6, 0.6), {"face": 1 / 3, "object": 0.25}, dead,
                            {"mean": 1.0, "max": 1.0}, CONFIG, 0.01) == []  # a quarter dead is a caveat, not a stop
-    caveats = health.caveats({"epochs": [health.epoch_record(3, dead, {"mean": 1, "max": 1})], "problems": []},
+    caveats = train_health.caveats({"epochs": [health.epoch_record(3, dead, {"mean": 1, "max": 1})], "problems": []},
                              {"trunk.features.1"})
     assert len(caveats) == 1 and "trunk.features.1 25%" in caveats[0]
 
@@ -127,7 +129,7 @@ def test_run_at_chance_stops_with_the_cause_and_keeps_its_checkpoint(tmp_path, c
     assert "health: grad norm mean" in p.stdout and "dead units trunk.classifier.0" in p.stdout
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["epoch"] == health.CHANCE_EPOCH  # the epoch that showed it is kept, nothing after it ran
-    record = json.loads((out / health.HEALTH_FILE).read_text())
+    record = json.loads((out / names_mod.HEALTH_FILE).read_text())
     assert [e["epoch"] for e in record["epochs"]] == [1, 2, 3]
     assert all(math.isfinite(e["grad_norm_mean"]) for e in record["epochs"])
     assert set(record["epochs"][0]["dead"]) == {"trunk.classifier.0", "trunk.classifier.3", "trunk.features.2"}
@@ -136,8 +138,8 @@ def test_run_at_chance_stops_with_the_cause_and_keeps_its_checkpoint(tmp_path, c
     # run again: it resumes, trains the last epoch, is still at chance and stops; a third run does not skip
     # to the lesions of a network that never learned
     # (the script's entry point in this process: the shell's view was checked above)
-    import experiment
     import vgg16
+    from dualtask.experiment import experiment
 
     for expected in ("resuming from epoch 3", "training stopped after its last epoch (4)"):
         with pytest.raises(SystemExit) as exit_:
@@ -155,7 +157,7 @@ def test_warn_goes_on_and_the_report_says_why(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     assert "warning: the " in p.stderr and "head is at chance" in p.stderr
     assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 4
-    record = health.read(out)
+    record = train_health.read(out)
     assert {p["epoch"] for p in record["problems"]} == {3, 4}
     page = report.build_report(out).read_text()
     summary = page[page.index("Summary"):page.index("Intact accuracy")]

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-
-import inspection
-import lesion_utils as L
 from conftest import ROOT
+
+from dualtask.analysis import inspection
+from dualtask.model import sites as sites_mod
 
 
 class OneQuadrantNet(nn.Module):
@@ -37,7 +37,7 @@ class OneQuadrantNet(nn.Module):
 
 def test_gradcam_finds_the_only_quadrant_the_model_sees():
     model = OneQuadrantNet().eval()
-    site = L.lesion_sites(model)[-1]
+    site = sites_mod.lesion_sites(model)[-1]
     x = torch.randn(16, 3, 32, 32)
     for head in ("face", "object"):
         maps = inspection.gradcam(model, x, site, head)
@@ -91,23 +91,23 @@ def test_overlap_permutation_test_does_not_count_a_shared_centre_bias():
 def shared_face_images(n=30, n_test=20, copy_for_object=False):
     """{'face', 'object'} TaskImages over the same 32-px images (or, with copy_for_object, equal copies of them)
     with different labels."""
-    import dualtask
-    import vggface2
+    from dualtask.data import taskdata
+    from dualtask.training import trainer
 
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
     split = np.array([0] * (n - n_test) + [2] * n_test, np.int8)
-    face = vggface2.TaskData("face", ["ann", "bob", "cy"], pixels, rng.integers(0, 3, n), split)
+    face = taskdata.TaskData("face", ["ann", "bob", "cy"], pixels, rng.integers(0, 3, n), split)
     other = pixels.copy() if copy_for_object else pixels
-    obj = vggface2.TaskData("object", ["happy", "sad", "calm"], other, rng.integers(0, 3, n), split)
-    return {t: dualtask.TaskImages(d, torch.device("cpu")) for t, d in (("face", face), ("object", obj))}
+    obj = taskdata.TaskData("object", ["happy", "sad", "calm"], other, rng.integers(0, 3, n), split)
+    return {t: trainer.TaskImages(d, torch.device("cpu")) for t, d in (("face", face), ("object", obj))}
 
 
 def test_gradcam_overlap_computes_a_shared_image_set_once(tmp_path):
     import csv
 
     model = OneQuadrantNet().eval()
-    site = L.lesion_sites(model)[-1]
+    site = sites_mod.lesion_sites(model)[-1]
     inspection.gradcam_analysis(model, shared_face_images(), site, tmp_path, n_perm=200)
     with open(tmp_path / "gradcam_overlap.csv") as f:
         reader = csv.DictReader(f)
@@ -137,10 +137,10 @@ def test_gradcam_overlap_computes_a_shared_image_set_once(tmp_path):
 
 
 def test_report_reads_the_overlap_test_and_runs_written_before_it(tmp_path):
-    from common import write_csv
     from test_report import make_run
 
-    import report
+    from dualtask.core.common import write_csv
+    from dualtask.report import build as report
 
     columns = ("images", "head_a", "head_b", "site", "mean_iou_top5", "ci_low", "ci_high", "null_mean",
                "p_permutation", "n_permutations", "n")
@@ -176,9 +176,9 @@ def html_text(page):
 
 
 def test_preferred_stimuli_at_the_last_site_of_every_stage():
-    import dualtask
+    from dualtask.model import network
 
-    vgg = dualtask.DualTaskNet("vgg16", {"a": 3, "b": 4}, image_size=32, fc_width=32)
+    vgg = network.DualTaskNet("vgg16", {"a": 3, "b": 4}, image_size=32, fc_width=32)
     sites = inspection.stage_sites(vgg)
     assert [s.name for s in sites] == ["trunk.features.5", "trunk.features.12", "trunk.features.22",
                                        "trunk.features.32", "trunk.features.42"]
@@ -186,7 +186,7 @@ def test_preferred_stimuli_at_the_last_site_of_every_stage():
         assert isinstance(vgg.trunk.features[int(s.name.rsplit(".", 1)[1]) + 1], nn.MaxPool2d)
     assert [n for n, _ in inspection.conv_stages(vgg)] == [f"block{k}" for k in range(1, 6)]
 
-    resnet = dualtask.DualTaskNet("resnet50", {"a": 3, "b": 4}, image_size=32)
+    resnet = network.DualTaskNet("resnet50", {"a": 3, "b": 4}, image_size=32)
     assert [s.name for s in inspection.stage_sites(resnet)] == ["trunk.relu", "trunk.layer1.2", "trunk.layer2.3",
                                                                  "trunk.layer3.5", "trunk.layer4.2"]
     assert [n for n, _ in inspection.conv_stages(resnet)] == ["stem", "layer1", "layer2", "layer3", "layer4"]
@@ -198,7 +198,7 @@ def test_preferred_stimuli_at_the_last_site_of_every_stage():
 
 def test_preferred_stimuli_list_every_stage_and_count_shared_images_once(tmp_path):
     model = OneQuadrantNet().eval()
-    first, last = L.lesion_sites(model)
+    first, last = sites_mod.lesion_sites(model)
     order = {"face": {"order": [0, 1, 2, 3, 4, 5, 6, 7]}, "object": {"order": [7, 6, 5, 4, 3, 2, 1, 0]}}
     (tmp_path / "rankings.json").write_text(json.dumps({last.name: {"activation": order}}))
     images = shared_face_images()
@@ -243,7 +243,7 @@ def test_figures_stage_writes_the_report_and_report_py_rebuilds_it(tmp_path):
     # rebuilt from the files alone, without the model; a missing file becomes a one-line reason
     (out / "report.html").unlink()
     (out / "figures" / "decoding_by_depth.png").unlink()
-    rebuilt = subprocess.run([sys.executable, str(ROOT / "report.py"), str(out)], capture_output=True, text=True)
+    rebuilt = subprocess.run([sys.executable, "-m", "dualtask.report", str(out)], capture_output=True, text=True)
     assert rebuilt.returncode == 0, rebuilt.stderr
     page = (out / "report.html").read_text()
     assert "Skipped: figures/decoding_by_depth.png is missing" in page and "Grad-CAM" in page
@@ -253,7 +253,7 @@ def test_figures_stage_writes_the_report_and_report_py_rebuilds_it(tmp_path):
     p = run_script("vgg16.py", *TINY, *TINY_LESION, "--fc_width=32", f"--out_dir={other}")
     assert p.returncode == 0, p.stderr[-3000:]
     cmp_dir = tmp_path / "compare"
-    c = subprocess.run([sys.executable, str(ROOT / "compare.py"), str(out), str(other), f"--out_dir={cmp_dir}"],
+    c = subprocess.run([sys.executable, "-m", "dualtask.report.compare", str(out), str(other), f"--out_dir={cmp_dir}"],
                        capture_output=True, text=True)
     assert c.returncode == 0, c.stderr
     import csv
@@ -266,9 +266,9 @@ def test_figures_stage_writes_the_report_and_report_py_rebuilds_it(tmp_path):
 
 
 def test_the_linear_probe_chooses_its_penalty_on_the_training_folds_only():
-    from sklearn.model_selection import cross_validate, StratifiedKFold
+    from sklearn.model_selection import StratifiedKFold, cross_validate
 
-    import readouts
+    from dualtask.lesion import readouts
 
     rng = np.random.default_rng(0)
     y = np.repeat(np.arange(3), 20)
@@ -280,7 +280,7 @@ def test_the_linear_probe_chooses_its_penalty_on_the_training_folds_only():
 
 
 def test_not_a_run_folder_exits_2(tmp_path):
-    for script, args in (("report.py", [str(tmp_path)]), ("compare.py", [str(tmp_path), "--out_dir=" + str(tmp_path / "c")])):
+    for script, args in (("dualtask.report", [str(tmp_path)]), ("dualtask.report.compare", [str(tmp_path), "--out_dir=" + str(tmp_path / "c")])):
         p = subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True)
         assert p.returncode == 2 and "not a run folder" in p.stderr and "Traceback" not in p.stderr
 
@@ -289,9 +289,10 @@ def test_not_a_run_folder_exits_2(tmp_path):
 def test_a_failing_analysis_costs_nothing_else(tmp_path, monkeypatch, capsys):
     """scikit-learn missing (the decoding's import fails): everything else and report.html are still written,
     the failure is named on stderr and in the report, and the run exits non-zero."""
-    import experiment
-    import vgg16
     from conftest import TINY, TINY_LESION
+
+    import vgg16
+    from dualtask.experiment import experiment
 
     for name in [m for m in sys.modules if m == "sklearn" or m.startswith("sklearn.")] + ["sklearn"]:
         monkeypatch.setitem(sys.modules, name, None)  # `import sklearn...` now raises ImportError

@@ -2,9 +2,12 @@ import numpy as np
 import pytest
 import torch
 
-import lesion_utils as L
-import vggface2
-from dualtask import DualTaskNet, TaskImages
+from dualtask.core import common
+from dualtask.data import loading as vggface2
+from dualtask.lesion import dissociation, engine, rankings
+from dualtask.model import sites as sites_mod
+from dualtask.model.network import DualTaskNet
+from dualtask.training.trainer import TaskImages
 
 
 @pytest.fixture(scope="module")
@@ -19,14 +22,14 @@ def test_suffix_only_sweep_equals_the_naive_sweep_exactly(backbone, demo_images)
     # recipe 1 (torchvision's initialisation): recipe 2 starts every residual branch at zero, so an untrained
     # ResNet's inner lesions would change nothing and the comparison would prove little
     model = DualTaskNet(backbone, {"face": 10, "object": 10}, fc_width=32, recipe=1).eval()
-    batches = L.image_batches(demo_images, batch_size=16)
-    sites = L.lesion_sites(model, inner=True)
+    batches = engine.image_batches(demo_images, batch_size=16)
+    sites = sites_mod.lesion_sites(model, inner=True)
     rng = np.random.default_rng(0)
     for site in sites[:: max(1, len(sites) // 4)]:  # the first, the last-but-few and three between
         lesions = [rng.permutation(site.n_filters)[:k] for k in (1, site.n_filters // 4, site.n_filters - 1)]
-        naive = L.evaluate_lesions_naive(model, site, lesions, batches)
+        naive = engine.evaluate_lesions_naive(model, site, lesions, batches)
         for masks_per_pass in (1, 3):
-            fast = L.evaluate_lesions(model, site, lesions, batches, masks_per_pass=masks_per_pass)
+            fast = engine.evaluate_lesions(model, site, lesions, batches, masks_per_pass=masks_per_pass)
             for a, b in zip(fast, naive):
                 for task in ("face", "object"):
                     assert np.array_equal(a[task]["correct"], b[task]["correct"]), site.name
@@ -37,21 +40,21 @@ def test_suffix_only_sweep_equals_the_naive_sweep_exactly(backbone, demo_images)
 def test_inner_sites_and_mean_ablation():
     torch.manual_seed(0)
     model = DualTaskNet("resnet50", {"a": 2, "b": 3}).eval()
-    plain, inner = L.lesion_sites(model), L.lesion_sites(model, inner=True)
+    plain, inner = sites_mod.lesion_sites(model), sites_mod.lesion_sites(model, inner=True)
     assert len(plain) == 17 and len(inner) == 17 + 2 * 16
-    site = L.get_site(model, "trunk.layer2.1.bn2")
+    site = sites_mod.get_site(model, "trunk.layer2.1.bn2")
     x = torch.randn(2, 3, 32, 32)
     means = torch.arange(site.n_filters, dtype=torch.float32)
     seen = {}
-    with L.ablate(model, {site.name: [3, 7]}, mode="mean", means={site.name: means}):
+    with engine.ablate(model, {site.name: [3, 7]}, mode="mean", means={site.name: means}):
         h = model.trunk.layer2[1].conv3.register_forward_pre_hook(lambda m, i: seen.__setitem__("in", i[0]))
         with torch.no_grad():
             model(x)
         h.remove()
     # after the shared ReLU, the lesioned channels hold their mean everywhere
     assert torch.all(seen["in"][:, 3] == 3.0) and torch.all(seen["in"][:, 7] == 7.0)
-    with pytest.raises(L.UsageError, match="unknown lesion site"):
-        with L.ablate(model, {"trunk.layer9": [0]}):
+    with pytest.raises(common.UsageError, match="unknown lesion site"):
+        with engine.ablate(model, {"trunk.layer9": [0]}):
             pass
 
 
@@ -62,19 +65,19 @@ def test_forward_chain_reproduces_the_trunk():
         x = torch.randn(2, 3, 32, 32)
         with torch.no_grad():
             y = x
-            for _, step in L.forward_chain(model):
+            for _, step in sites_mod.forward_chain(model):
                 y = step(y)
             assert torch.equal(y, model.trunk(x))
 
 
 def test_chance_corrected_drop():
-    assert L.corrected_drop(0.9, 0.5, 0.1) == pytest.approx(0.5)
-    assert L.corrected_drop(0.9, 0.9, 0.1) == 0 and L.corrected_drop(0.6, 0.1, 0.1) == pytest.approx(1.0)
-    assert np.isnan(L.corrected_drop(0.1, 0.1, 0.1))
+    assert dissociation.corrected_drop(0.9, 0.5, 0.1) == pytest.approx(0.5)
+    assert dissociation.corrected_drop(0.9, 0.9, 0.1) == 0 and dissociation.corrected_drop(0.6, 0.1, 0.1) == pytest.approx(1.0)
+    assert np.isnan(dissociation.corrected_drop(0.1, 0.1, 0.1))
 
 
 def test_dissociation_is_undefined_for_a_head_at_chance():
-    site = L.Site("layer", None, 10, 0)
+    site = sites_mod.Site("layer", None, 10, 0)
     rng = np.random.default_rng(0)
 
     def result(p_face, p_object):
@@ -85,11 +88,11 @@ def test_dissociation_is_undefined_for_a_head_at_chance():
                   ("random", "random", 0, 0.2, np.arange(2)), ("random", "random", 1, 0.2, np.arange(2))]
     chance = {"face": 0.25, "object": 0.25}
     results = [result(0.3, 0.9), result(0.9, 0.3), result(0.85, 0.85), result(0.85, 0.85)]
-    (row,) = L.dissociation_rows(site, conditions, results, result(0.95, 0.95), chance, ["face", "object"])
+    (row,) = dissociation.dissociation_rows(site, conditions, results, result(0.95, 0.95), chance, ["face", "object"])
     assert float(row["index"]) > 1.5 and float(row["ci_low"]) > 1.0 and float(row["ci_high"]) < 2.5
     at_chance = result(0.25, 0.95)
     at_chance["face"]["correct"] = np.arange(200) % 4 == 0  # exactly a quarter right, as chance predicts
-    (row,) = L.dissociation_rows(site, conditions, results, at_chance, chance, ["face", "object"], n_boot=200)
+    (row,) = dissociation.dissociation_rows(site, conditions, results, at_chance, chance, ["face", "object"], n_boot=200)
     assert np.isnan(float(row["index"])) and np.isnan(float(row["ci_low"])) and np.isnan(float(row["ci_high"]))
 
 
@@ -100,12 +103,12 @@ def test_rank_correlation_is_spearmans_with_ties_averaged():
     for _ in range(20):  # filters tied at zero (never active) on either side, as in early layers
         a = np.where(rng.random(40) < 0.5, 0.0, rng.random(40))
         b = np.where(rng.random(40) < 0.5, 0.0, a + 0.3 * rng.random(40))
-        assert L.rank_correlation(a, b) == pytest.approx(stats.spearmanr(a, b).statistic, abs=1e-12)
+        assert rankings.rank_correlation(a, b) == pytest.approx(stats.spearmanr(a, b).statistic, abs=1e-12)
     small = ([0, 0, 0, 1, 2], [0, 1, 0, 2, 3])  # sort-order ranks for the ties gave 0.9 here, not 0.918
-    assert L.rank_correlation(*small) == pytest.approx(stats.spearmanr(*small).statistic)
-    assert np.isnan(L.rank_correlation(np.zeros(5), np.arange(5)))  # a constant side: no correlation
+    assert rankings.rank_correlation(*small) == pytest.approx(stats.spearmanr(*small).statistic)
+    assert np.isnan(rankings.rank_correlation(np.zeros(5), np.arange(5)))  # a constant side: no correlation
     # the split-half reliability reports it
     entry = {"order": [3, 4, 1, 0, 2], "by_channel": small[0]}
     other = {"order": [4, 3, 1, 0, 2], "by_channel": small[1]}
-    rel = L.split_half_reliability(({"loss": {"face": entry}}, {"loss": {"face": other}}))
+    rel = rankings.split_half_reliability(({"loss": {"face": entry}}, {"loss": {"face": other}}))
     assert rel["loss"]["face"]["spearman"] == round(stats.spearmanr(*small).statistic, 4)

@@ -6,10 +6,12 @@ import re
 import numpy as np
 import pytest
 import torch
-
-import vggface2
 from conftest import SHARED_DATA, write_jpeg
-from vggface2 import DataError, TaskData, load_task, task_view
+
+from dualtask.data import demo, fer2013, folders, kdef, taskdata, voxceleb
+from dualtask.data import loading as vggface2
+from dualtask.data.loading import load_task, task_view
+from dualtask.data.taskdata import DataError, TaskData
 
 FER_HEADER = "emotion,pixels,Usage"
 
@@ -39,7 +41,7 @@ def fer_fixture(path):
 def test_fer_csv_keeps_the_official_split_and_the_pixels(tmp_path):
     path = fer_fixture(tmp_path / "fer" / "fer2013.csv")
     data = load_task(str(path), "expression", 48)
-    assert data.classes == list(vggface2.FER2013_CLASSES)
+    assert data.classes == list(fer2013.FER2013_CLASSES)
     assert data.label_kind == "expression" and data.native_size == 48
     assert data.images.shape == (42, 48, 48, 3) and data.images.dtype == np.uint8
     assert data.counts() == {"train": 14, "val": 14, "test": 14}
@@ -169,7 +171,7 @@ KDEF_PEOPLE = ("F01", "F02", "M01", "M02")
 def make_kdef(root, people=KDEF_PEOPLE, expressions=("AF", "AN", "HA", "NE"), views=("S", "HL"), sessions="AB"):
     """The release's layout (one folder per session and person); each photograph's colour encodes its person
     (red), expression (green) and view (blue), so labels can be checked against pixels."""
-    codes = list(vggface2.KDEF_EXPRESSIONS)
+    codes = list(kdef.KDEF_EXPRESSIONS)
     for session in sessions:
         for pi, person in enumerate(people):
             for expr in expressions:
@@ -199,7 +201,7 @@ def test_kdef_labels_both_identity_and_expression_from_the_names(tmp_path):
 
 def test_kdef_views_setting_picks_other_views(tmp_path):
     root = make_kdef(tmp_path / "KDEF")
-    half = vggface2.load_kdef(root, 12, views=("HL",))
+    half = kdef.load_kdef(root, 12, views=("HL",))
     blue = half.images.reshape(len(half.images), -1, 3).mean(1)[:, 2]
     assert len(half.images) == 32 and np.abs(blue - 180).max() < 6
     both = load_task(str(root), "face", 12, kdef_views=("S", "HL"))
@@ -236,7 +238,7 @@ def test_bad_kdef_views_are_refused(tmp_path, views):
 def test_kdef_without_the_views_asked_for_is_refused(tmp_path):
     root = make_kdef(tmp_path / "KDEF", people=("F01", "M01"), expressions=("HA",), views=("S",))
     with pytest.raises(DataError, match=re.escape(str(root)) + r": no KDEF photographs with view\(s\) FR"):
-        vggface2.load_kdef(root, 12, views=("FR",))
+        kdef.load_kdef(root, 12, views=("FR",))
 
 
 def test_kdef_expression_view_shares_the_images(tmp_path):
@@ -300,11 +302,11 @@ def test_voxceleb_without_enough_videos_for_val_is_refused(tmp_path):
 
 def test_voxceleb_detection_leaves_class_folders_alone(tmp_path):
     make_voxceleb(tmp_path / "vox")
-    assert vggface2.is_voxceleb_root(tmp_path / "vox")
+    assert voxceleb.is_voxceleb_root(tmp_path / "vox")
     make_fer_folders(tmp_path / "fer", n_train=1, n_public=1, n_private=1)  # train/<class>/ looks two-level too
-    assert not vggface2.is_voxceleb_root(tmp_path / "fer")
+    assert not voxceleb.is_voxceleb_root(tmp_path / "fer")
     make_kdef(tmp_path / "kdef", people=("F01", "M01"), expressions=("HA",))
-    assert vggface2.is_kdef_root(tmp_path / "kdef") and not vggface2.is_kdef_root(tmp_path / "vox")
+    assert kdef.is_kdef_root(tmp_path / "kdef") and not kdef.is_kdef_root(tmp_path / "vox")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -330,7 +332,7 @@ def red_fraction(images):
 
 def test_lfw_folders_are_cropped_to_the_face(tmp_path):
     root = make_lfw(tmp_path / "lfw")
-    assert vggface2.is_lfw_root(root)
+    assert folders.is_lfw_root(root)
     cropped = load_task(str(root), "identity", 16)
     whole = load_task(str(root), "identity", 16, face_crop="none")
     # the face box (LFWcrop's 83 px, enlarged by 30%: 108 px) holds the red square over 40% of its area; the
@@ -343,24 +345,25 @@ def test_lfw_folders_are_cropped_to_the_face(tmp_path):
 
 def test_other_class_folders_are_not_cropped(tmp_path):
     root = make_lfw(tmp_path / "other", names="img_{i:04d}.jpg")
-    assert not vggface2.is_lfw_root(root)
+    assert not folders.is_lfw_root(root)
     data = load_task(str(root), "identity", 16)
     assert data.source.startswith("folder:") and red_fraction(data.images) < 0.12
     aligned = make_lfw(tmp_path / "aligned", size=200)  # LFW's names, but not its 250-px frames
-    assert not vggface2.is_lfw_root(aligned)
+    assert not folders.is_lfw_root(aligned)
     assert load_task(str(aligned), "identity", 16).source.startswith("folder:")
 
 
 def test_face_crop_is_part_of_a_run_on_lfw_and_of_no_other(tmp_path):
     from test_pipeline import tiny_config
 
-    import dualtask
+    from dualtask.core import common
+    from dualtask.experiment import pipeline as dualtask
 
     lfw = make_lfw(tmp_path / "lfw", people=("Ann_Lee", "Bo_Ray", "Cy_Dee"))
     out = tmp_path / "on_lfw"
     dualtask.run(tiny_config(out, epochs=1, face_data=str(lfw)))
     before = (out / "checkpoint.pt").read_bytes()
-    with pytest.raises(dualtask.UsageError, match=r"face_crop: 'boxes' -> 'none'.*--face_crop='boxes'"):
+    with pytest.raises(common.UsageError, match=r"face_crop: 'boxes' -> 'none'.*--face_crop='boxes'"):
         dualtask.run(tiny_config(out, epochs=1, face_data=str(lfw), face_crop="none"))
     assert (out / "checkpoint.pt").read_bytes() == before
     # a run written with lfw_crop, face_crop's forerunner, is read by it: True is 'boxes', False 'none'
@@ -370,13 +373,13 @@ def test_face_crop_is_part_of_a_run_on_lfw_and_of_no_other(tmp_path):
         state["config"]["lfw_crop"] = lfw_crop
         torch.save(state, out / "checkpoint.pt")
         other = "none" if same == "boxes" else "boxes"
-        with pytest.raises(dualtask.UsageError, match=rf"face_crop: '{same}' -> '{other}'.*--face_crop='{same}'"):
+        with pytest.raises(common.UsageError, match=rf"face_crop: '{same}' -> '{other}'.*--face_crop='{same}'"):
             dualtask.run(tiny_config(out, epochs=1, face_data=str(lfw), face_crop=other))
         dualtask.run(tiny_config(out, epochs=1, face_data=str(lfw), face_crop=same))  # finished: nothing to train
     # a run trained before either setting existed was trained on whole frames: it is used as such, or refused
     del state["config"]["lfw_crop"]
     torch.save(state, out / "checkpoint.pt")
-    with pytest.raises(dualtask.UsageError, match=r"face_crop: 'none' -> 'boxes'.*--face_crop='none'"):
+    with pytest.raises(common.UsageError, match=r"face_crop: 'none' -> 'boxes'.*--face_crop='none'"):
         dualtask.run(tiny_config(out, epochs=1, face_data=str(lfw)))
     dualtask.run(tiny_config(out, epochs=1, face_data=str(lfw), face_crop="none"))
     demo = tmp_path / "demo"
@@ -428,11 +431,11 @@ def test_task_view_refuses_a_missing_label_kind(data, task, has):
 
 
 def test_demo_label_kinds():
-    faces = vggface2.make_demo("faces", n_classes=3, per_class=4, image_size=16)
-    assert faces.label_kind == "identity" and faces.extra_classes == {"expression": list(vggface2.DEMO_EXPRESSIONS)}
+    faces = demo.make_demo("faces", n_classes=3, per_class=4, image_size=16)
+    assert faces.label_kind == "identity" and faces.extra_classes == {"expression": list(demo.DEMO_EXPRESSIONS)}
     assert task_view(faces, "expression").images is faces.images
-    assert vggface2.make_demo("expression", n_classes=4, per_class=3, image_size=16).label_kind == "expression"
-    assert vggface2.make_demo("objects", n_classes=3, per_class=3, image_size=16).label_kind == ""
+    assert demo.make_demo("expression", n_classes=4, per_class=3, image_size=16).label_kind == "expression"
+    assert demo.make_demo("objects", n_classes=3, per_class=3, image_size=16).label_kind == ""
     assert load_task("demo", "emotion", 16, max_per_class=3).source == "demo:expression"
 
 
@@ -441,7 +444,7 @@ def test_cache_round_trip_keeps_label_kind_and_extra_classes(tmp_path):
     data.save(tmp_path / "cache")
     meta = json.loads((tmp_path / "cache" / "meta.json").read_text())
     assert meta["label_kind"] == "identity" and meta["extra_classes"]["expression"][0] == "afraid"
-    again = vggface2.load_cache(tmp_path / "cache")
+    again = taskdata.load_cache(tmp_path / "cache")
     assert again.label_kind == "identity" and again.extra_classes == data.extra_classes
     assert np.array_equal(again.extra["expression"], data.extra["expression"])
     capped = load_task(str(tmp_path / "cache"), "face", 12, max_per_class=6)  # caps keep them too
@@ -450,7 +453,7 @@ def test_cache_round_trip_keeps_label_kind_and_extra_classes(tmp_path):
     for key in ("label_kind", "extra_classes"):
         del meta[key]
     (tmp_path / "cache" / "meta.json").write_text(json.dumps(meta))
-    old = vggface2.load_cache(tmp_path / "cache")
+    old = taskdata.load_cache(tmp_path / "cache")
     assert old.label_kind == "" and old.extra_classes == {}
 
 
@@ -462,12 +465,12 @@ def test_damaged_extra_classes_in_a_cache_are_refused(tmp_path):
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(DataError, match=re.escape(str(tmp_path / "cache")) + r": extra_expression.npy is not "
                        r"integer labels within 0..1"):
-        vggface2.load_cache(tmp_path / "cache")
+        taskdata.load_cache(tmp_path / "cache")
 
 
 def test_controls_carry_label_kinds():
-    faces = vggface2.make_demo("faces", n_classes=3, per_class=6, image_size=32)
-    objects = vggface2.make_demo("objects", n_classes=3, per_class=6, image_size=32)
+    faces = demo.make_demo("faces", n_classes=3, per_class=6, image_size=32)
+    objects = demo.make_demo("objects", n_classes=3, per_class=6, image_size=32)
     matched, size = vggface2.match_resolution({"face": faces, "object": objects}, size=8)
     assert size == 8 and matched["face"].label_kind == "identity"
     assert matched["face"].extra_classes == faces.extra_classes and matched["face"].extra.keys() == {"expression"}

@@ -2,8 +2,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dualtask import BACKBONES, DualTaskNet
-from lesion_utils import ablate, lesion_sites
+from dualtask.config.settings import BACKBONES
+from dualtask.lesion.engine import ablate
+from dualtask.model.network import DualTaskNet
+from dualtask.model.sites import lesion_sites
 
 SITES = {"vgg16": 13, "vgg19": 16, "resnet50": 17, "resnext50": 17}
 

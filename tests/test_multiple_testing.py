@@ -4,12 +4,13 @@ import re
 
 import numpy as np
 import pytest
-
-import aggregate
-import lesion_utils as L
-import multiple_testing as M
-import report
 from conftest import reproducible_rankings
+
+from dualtask.experiment import aggregate
+from dualtask.lesion import dissociation
+from dualtask.lesion import sweep as L
+from dualtask.report import build as report
+from dualtask.stats import multiple_testing as M
 
 
 def diss_row(layer, method, index, p_index, ci_low=0.1, n_random=20, fraction="0.2000"):
@@ -43,7 +44,7 @@ def test_holm_matches_the_textbook():
 
 
 def test_pair_null_is_lesion_utils_random_pair_indices_and_a_closed_ring():
-    assert L.random_pair_indices is M.pair_null
+    assert dissociation.random_pair_indices is M.pair_null
     a, b = np.array([0.1, 0.3, 0.0, 0.2]), np.array([0.05, 0.2, 0.1, 0.0])
     a_filters, b_filters = (0.5, 0.05), (0.1, 0.4)  # (drop of a, drop of b) under each ranking's filters
     null = M.pair_null(a, b, a_filters, b_filters)
@@ -273,19 +274,21 @@ def test_the_lesion_stage_writes_the_corrected_p(tmp_path, monkeypatch):
     taken as 0 so that its heads, right on about a third of the images, have defined drops."""
     import torch
 
-    import vggface2
-    from common import read_csv
-    from dualtask import DualTaskNet, TaskImages
+    from dualtask.core.common import read_csv
+    from dualtask.data import loading as vggface2
+    from dualtask.data import taskdata
+    from dualtask.model.network import DualTaskNet
+    from dualtask.training.trainer import TaskImages
 
     torch.manual_seed(0)
-    monkeypatch.setattr(vggface2.TaskData, "chance", property(lambda self: 0.0))
+    monkeypatch.setattr(taskdata.TaskData, "chance", property(lambda self: 0.0))
     data = {t: vggface2.load_task("demo", t, 32, max_per_class=4, max_classes=3) for t in ("face", "object")}
     images = {t: TaskImages(d, torch.device("cpu")) for t, d in data.items()}
     model = DualTaskNet("vgg16", {t: len(d.classes) for t, d in data.items()}, fc_width=16).eval()
     config = {"lesion_fractions": [0.0, 0.25], "lesion_methods": ["activation", "random"], "random_repeats": 3,
               "lesion_layers": [0, -1], "rank_images": 8, "seed": 0}
     L.lesion_stage(model, images, config, tmp_path)
-    diss = read_csv(tmp_path / "dissociation.csv", L.DISSOCIATION_COLUMNS)
+    diss = read_csv(tmp_path / "dissociation.csv", dissociation.DISSOCIATION_COLUMNS)
     assert len(diss) == 2 and all(r["correction"] == "max-statistic" for r in diss)
     results = read_csv(tmp_path / "lesion_results.csv")
     again = M.corrected_rows([{k: v for k, v in r.items() if k not in ("p_corrected", "correction")} for r in diss],

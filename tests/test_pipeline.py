@@ -1,19 +1,23 @@
 import csv
 import json
 import math
-import re
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
-
-import dualtask
-import training
-import vgg16
-import vggface2
 from conftest import ROOT, SHARED_DATA, TINY, TINY_LESION, run_script
+
+import vgg16
+from dualtask.config import settings
+from dualtask.core import common
+from dualtask.data import demo
+from dualtask.experiment import pipeline as dualtask
+from dualtask.model import network
+from dualtask.training import trainer
+from dualtask.training import trainer as training
 
 LESION_COLUMNS = ["layer", "depth", "n_filters", "target", "method", "fraction", "n_lesioned", "repeat",
                   "eval_task", "accuracy", "loss", "intact_accuracy", "chance"]
@@ -116,7 +120,7 @@ def interrupted_at_call(n, function):
 
 
 def tiny_config(out_dir, **changes):
-    config = dualtask.hyperparameters(vars(vgg16))
+    config = settings.hyperparameters(vars(vgg16))
     config.update(face_data="demo", object_data="demo", image_size=32, epochs=2, max_per_class=12, fc_width=32,
                   device="cpu", batch_size=16, out_dir=str(out_dir), stages=["train"], health_check="warn")
     config.update(changes)
@@ -152,7 +156,7 @@ def test_changed_settings_do_not_overwrite_a_run(tmp_path):
     out = tmp_path / "run"
     dualtask.run(tiny_config(out, epochs=1))
     before = (out / "checkpoint.pt").read_bytes()
-    with pytest.raises(dualtask.UsageError, match="image_size"):
+    with pytest.raises(common.UsageError, match="image_size"):
         dualtask.run(tiny_config(out, epochs=1, image_size=48))
     assert (out / "checkpoint.pt").read_bytes() == before
 
@@ -181,13 +185,14 @@ def test_bad_input_exits_2_and_keeps_earlier_files(tmp_path, make_bad, culprit):
 
 @pytest.mark.slow  # about two minutes; the kill -9 table kills a sweep at a site in the default run
 def test_killed_lesion_sweep_resumes_at_the_unfinished_site(tmp_path, monkeypatch, capsys):
-    import lesion_utils
+    from dualtask.lesion import rankings
+    from dualtask.lesion import sweep as lesion_utils
 
     lesion = dict(stages=["train", "lesion"], epochs=1, lesion_fractions=[0.0, 0.2], lesion_layers=[0, 5, -1],
                   lesion_methods=["activation", "loss", "random"], random_repeats=2, rank_images=6,
                   ranking_reliability=False)  # one rank_site call per site: the second call is the second site
     dualtask.run(tiny_config(tmp_path / "straight", **lesion))
-    real = lesion_utils.rank_site
+    real = rankings.rank_site
     monkeypatch.setattr(lesion_utils, "rank_site", interrupted_at_call(2, real))  # at the second site
     with pytest.raises(KeyboardInterrupt):
         dualtask.run(tiny_config(tmp_path / "killed", **lesion))
@@ -209,7 +214,7 @@ def test_keep_only_and_per_class_outputs(tmp_path):
     kept = [r for r in rows if r["fraction"] == "0.2500"]
     assert kept and all(int(r["n_lesioned"]) == int(r["n_filters"]) - round(0.25 * int(r["n_filters"])) for r in kept)
     per_class = read_rows(out / "lesion_per_class.csv")
-    assert {r["class"] for r in per_class if r["eval_task"] == "object"} == set(vggface2.DEMO_OBJECTS)
+    assert {r["class"] for r in per_class if r["eval_task"] == "object"} == set(demo.DEMO_OBJECTS)
     assert len(per_class) == len(rows) // 2 * 10 + len(rows) // 2 * 10  # every row of both tasks x 10 classes
     counted = sum(int(r["n_images"]) for r in per_class if r["eval_task"] == "face" and r["target"] == "random"
                   and r["fraction"] == "0.0000")
@@ -246,7 +251,7 @@ def test_torchrun_two_cpu_processes(tmp_path):
                  "lesion_per_image.npz"):
         (one / name).unlink()
     import ResNeXt
-    import experiment
+    from dualtask.experiment import experiment
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each torchrun process had
@@ -273,8 +278,8 @@ def test_real_photographs_both_heads_beat_chance(tmp_path):
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     model, config = dualtask.load_run(out)
     datasets = dualtask.load_datasets(config)
-    images = {t: dualtask.TaskImages(d, torch.device("cpu")) for t, d in datasets.items()}
-    test = dualtask.evaluate(model, images, "test")
+    images = {t: trainer.TaskImages(d, torch.device("cpu")) for t, d in datasets.items()}
+    test = trainer.evaluate(model, images, "test")
     print({t: round(r["accuracy"], 3) for t, r in test.items()})
     for task, data in datasets.items():
         assert test[task]["accuracy"] > data.chance + 0.1, (task, test[task], state["epoch"])
@@ -286,9 +291,9 @@ def test_run_of_an_older_recipe_is_rebuilt_as_trained(tmp_path):
     out = tmp_path / "old"
     dualtask.run(tiny_config(out, epochs=1))
     state = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert state["config"]["recipe"] == dualtask.RECIPE
+    assert state["config"]["recipe"] == settings.RECIPE
     assert state["model"]["trunk.classifier.0.weight"].shape[1] == 512  # 32 px: a 1 x 1 map, not 7 x 7 copies
-    old = dualtask.DualTaskNet("vgg16", {t: len(c) for t, c in state["classes"].items()}, fc_width=32,
+    old = network.DualTaskNet("vgg16", {t: len(c) for t, c in state["classes"].items()}, fc_width=32,
                                image_size=32, recipe=1)
     assert old.trunk.classifier[0].in_features == 512 * 49
     del state["config"]["recipe"], state["config"]["optimizer"]  # SGD, before the setting existed
@@ -296,12 +301,12 @@ def test_run_of_an_older_recipe_is_rebuilt_as_trained(tmp_path):
     state["model"] = old.state_dict()
     torch.save(state, out / "checkpoint.pt")
     before = (out / "checkpoint.pt").read_bytes()
-    with pytest.raises(dualtask.UsageError, match="older recipe"):
+    with pytest.raises(common.UsageError, match="older recipe"):
         dualtask.run(tiny_config(out, epochs=2))
     lesion = dict(epochs=1, stages=["train", "lesion"], lesion_layers=[0, -1], lesion_fractions=[0.0, 0.2],
                   random_repeats=2, rank_images=8)
     as_trained = "pass --optimizer='sgd' --lr=0.01 --weight_decay=0.0005 --grad_clip=2.0 to use it as it was trained"
-    with pytest.raises(dualtask.UsageError, match=re.escape(as_trained)):
+    with pytest.raises(common.UsageError, match=re.escape(as_trained)):
         dualtask.run(tiny_config(out, **lesion))
     dualtask.run(tiny_config(out, optimizer="sgd", lr=0.01, weight_decay=5e-4, grad_clip=2.0, **lesion))
     assert (out / "checkpoint.pt").read_bytes() == before

@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-import dualtask
-import lesion_utils as L
+from dualtask.lesion import dissociation, engine, rankings
+from dualtask.model import network
+from dualtask.model import sites as sites_mod
 
 N_CLASSES = 4  # per task; a class is which of four positions lights up
 
@@ -41,7 +42,7 @@ class PlantedNet(nn.Module):
             layers = ((self.heads["face"], 0, 0), (self.heads["object"], 4, 0))
         else:  # one softmax over all 8 classes, as dualtask's head="joint": face classes 0-3, object classes 4-7
             self.joint = nn.Linear(16, 2 * N_CLASSES)
-            self.register_buffer("joint_order", dualtask.joint_order([N_CLASSES, N_CLASSES]), persistent=False)
+            self.register_buffer("joint_order", network.joint_order([N_CLASSES, N_CLASSES]), persistent=False)
             layers = ((self.joint, 0, 0), (self.joint, 4, N_CLASSES))
         with torch.no_grad():
             for layer, first, row in layers:
@@ -75,7 +76,7 @@ def planted_batches(n_per_class, seed, noise=0.3):
 def planted(request):
     """The planted network with one head per task, and with one joint softmax over both tasks' classes."""
     model = PlantedNet(request.param).eval()
-    sites = L.lesion_sites(model)
+    sites = sites_mod.lesion_sites(model)
     assert [s.name for s in sites] == ["trunk.1", "trunk.3"] and [s.n_filters for s in sites] == [8, 16]
     return model, sites, planted_batches(40, seed=0), planted_batches(60, seed=1)
 
@@ -83,7 +84,7 @@ def planted(request):
 @pytest.mark.parametrize("method", ["loss", "greedy", "activation", "localiser", "mask"])
 def test_planted_channels_rank_first(planted, method):
     model, sites, train, _ = planted
-    ranking = L.rank_site(model, sites[1], train, ["face", "object"], [method], seed=0)[method]
+    ranking = rankings.rank_site(model, sites[1], train, ["face", "object"], [method], seed=0)[method]
     for task, planted_channels in (("face", {0, 1, 2, 3}), ("object", {4, 5, 6, 7})):
         top = set(ranking[task]["order"][:4])
         assert len(top & planted_channels) / 4 >= 0.9, (method, task, ranking[task]["order"])
@@ -91,7 +92,7 @@ def test_planted_channels_rank_first(planted, method):
 
 def test_planted_taylor_agrees_with_loss(planted):
     model, sites, train, _ = planted
-    ranking = L.rank_site(model, sites[1], train, ["face", "object"], ["loss", "taylor"], seed=0)
+    ranking = rankings.rank_site(model, sites[1], train, ["face", "object"], ["loss", "taylor"], seed=0)
     assert set(ranking["taylor"]["face"]["order"][:4]) == {0, 1, 2, 3}
     if model.head == "split":
         # with a joint softmax the other task's detectors also move a face's loss (its object logits), by amounts
@@ -101,21 +102,21 @@ def test_planted_taylor_agrees_with_loss(planted):
 
 def test_planted_lesion_dissociates_only_where_planted(planted):
     model, sites, train, test = planted
-    intact = L.evaluate_lesions(model, sites[1], [[]], test)[0]
+    intact = engine.evaluate_lesions(model, sites[1], [[]], test)[0]
     chance = {"face": 1 / N_CLASSES, "object": 1 / N_CLASSES}
     assert intact["face"]["correct"].mean() > 0.8 and intact["object"]["correct"].mean() > 0.8
     index = {}
     for site in sites:
-        ranking = L.rank_site(model, site, train, ["face", "object"], ["loss", "random"], random_repeats=6, seed=0)
-        conditions = L.lesion_conditions(site, ranking, [0.25])
-        results = L.evaluate_lesions(model, site, [c for *_, c in conditions], test)
+        ranking = rankings.rank_site(model, site, train, ["face", "object"], ["loss", "random"], random_repeats=6, seed=0)
+        conditions = dissociation.lesion_conditions(site, ranking, [0.25])
+        results = engine.evaluate_lesions(model, site, [c for *_, c in conditions], test)
         by = {(m, t, r): res for (m, t, r, _, _), res in zip(conditions, results)}
         if site.name == "trunk.3":
             face_lesion = by[("loss", "face", 0)]
             assert face_lesion["face"]["correct"].mean() < 0.5  # face filters silenced: faces fail
             drop_object = intact["object"]["correct"].mean() - face_lesion["object"]["correct"].mean()
             assert abs(drop_object) <= 0.03  # objects within a few points
-        rows = L.dissociation_rows(site, conditions, results, intact, chance, ["face", "object"], n_boot=300)
+        rows = dissociation.dissociation_rows(site, conditions, results, intact, chance, ["face", "object"], n_boot=300)
         (row,) = rows
         index[site.name] = row
     planted_row, plain_row = index["trunk.3"], index["trunk.1"]
@@ -128,9 +129,9 @@ def test_planted_lesion_dissociates_only_where_planted(planted):
 
 def test_planted_rankings_are_reproducible_across_halves_and_random_scores_are_not(planted):
     model, sites, train, _ = planted
-    first, second = L.split_halves(train)
+    first, second = rankings.split_halves(train)
     assert sum(len(x) for _, x, _ in first) + sum(len(x) for _, x, _ in second) == sum(len(x) for _, x, _ in train)
-    ranking = L.rank_site(model, sites[1], train, ["face", "object"], ["loss", "activation", "random"], seed=0,
+    ranking = rankings.rank_site(model, sites[1], train, ["face", "object"], ["loss", "activation", "random"], seed=0,
                           reliability=True)
     rel = ranking["reliability"]
     assert set(rel) == {"loss", "activation"}  # random orders have nothing to reproduce
@@ -138,16 +139,16 @@ def test_planted_rankings_are_reproducible_across_halves_and_random_scores_are_n
         for task in ("face", "object"):
             # the top 20% (3 of 16) are planted channels in both halves; which 3 of the 4 may vary
             assert rel[method][task]["top20"] >= 2 / 3, (method, task, rel[method][task])
-    assert L.top_overlap([0, 1, 2, 3, 4], [4, 3, 2, 1, 0], 0.4) == 0.0
-    assert L.top_overlap(list(range(10)), [1, 0] + list(range(2, 10)), 0.2) == 1.0
-    assert L.split_half_reliability(({"x": {"t": L._entry(np.arange(10), -np.arange(10.0))}},
-                                     {"x": {"t": L._entry(np.arange(10)[::-1], np.arange(10.0))}}))["x"]["t"][
+    assert rankings.top_overlap([0, 1, 2, 3, 4], [4, 3, 2, 1, 0], 0.4) == 0.0
+    assert rankings.top_overlap(list(range(10)), [1, 0] + list(range(2, 10)), 0.2) == 1.0
+    assert rankings.split_half_reliability(({"x": {"t": rankings.ranking_entry(np.arange(10), -np.arange(10.0))}},
+                                     {"x": {"t": rankings.ranking_entry(np.arange(10)[::-1], np.arange(10.0))}}))["x"]["t"][
         "spearman"] == pytest.approx(-1.0)
 
 
 def test_the_localiser_selects_exactly_the_planted_channels_and_the_mask_opens_only_them(planted):
     model, sites, train, _ = planted
-    ranking = L.rank_site(model, sites[1], train, ["face", "object"], ["localiser", "mask"], seed=0)
+    ranking = rankings.rank_site(model, sites[1], train, ["face", "object"], ["localiser", "mask"], seed=0)
     for task, planted_channels in (("face", [0, 1, 2, 3]), ("object", [4, 5, 6, 7])):
         localiser = ranking["localiser"][task]
         assert localiser["n_selective"] == 4 and localiser["fdr"] == 0.05
@@ -155,12 +156,12 @@ def test_the_localiser_selects_exactly_the_planted_channels_and_the_mask_opens_o
         gates = np.asarray(ranking["mask"][task]["by_channel"])
         assert ranking["mask"][task]["n_open"] == 4 and sorted(np.flatnonzero(gates > 0.5)) == planted_channels
     # the copies of trunk.1 respond to both tasks alike: nothing is face- or object-selective there
-    early = L.rank_site(model, sites[0], train, ["face", "object"], ["localiser"])
+    early = rankings.rank_site(model, sites[0], train, ["face", "object"], ["localiser"])
     assert early["localiser"]["face"]["n_selective"] == 0 and early["localiser"]["object"]["n_selective"] == 0
 
 
 def test_the_localiser_on_noise_passes_no_more_than_its_false_discovery_rate_allows():
-    import rankings
+    from dualtask.lesion import rankings
 
     any_passing = []
     for seed in range(40):  # 500 channels of noise, the same for both tasks: every channel is a true null
@@ -182,11 +183,11 @@ def test_the_localiser_on_noise_passes_no_more_than_its_false_discovery_rate_all
 
 def test_the_localisers_selective_set_is_lesioned_exactly_beside_random_sets_of_its_size(planted):
     model, sites, train, _ = planted
-    ranking = L.rank_site(model, sites[1], train, ["face", "object"], ["localiser", "random"], random_repeats=3)
-    conditions = L.lesion_conditions(sites[1], ranking, [0.0, 0.5])  # 8 of 16: not the selective sets' size
+    ranking = rankings.rank_site(model, sites[1], train, ["face", "object"], ["localiser", "random"], random_repeats=3)
+    conditions = dissociation.lesion_conditions(sites[1], ranking, [0.0, 0.5])  # 8 of 16: not the selective sets' size
     extra = [(m, t, r, f, sorted(c.tolist())) for m, t, r, f, c in conditions if f == 4 / 16]
     assert [(m, t) for m, t, *_ in extra] == [("localiser", "face"), ("localiser", "object")] + [("random", "random")] * 3
     assert extra[0][4] == [0, 1, 2, 3] and extra[1][4] == [4, 5, 6, 7]
     assert all(len(c) == 4 for *_, c in extra)
     # a fraction asked that gives the same number of filters already lesions them: nothing is added
-    assert all(f == 0.25 for *_, f, _ in L.lesion_conditions(sites[1], ranking, [0.25]))
+    assert all(f == 0.25 for *_, f, _ in dissociation.lesion_conditions(sites[1], ranking, [0.25]))

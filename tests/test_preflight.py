@@ -11,15 +11,15 @@ import subprocess
 import sys
 
 import pytest
-
-import common
-import compare
-import experiment
-import report
-import subgroups
-import vggface2
-from common import UsageError
 from conftest import TINY, run_script, tree_digest, write_jpeg
+
+import vggface2
+from dualtask.core import common
+from dualtask.core.common import UsageError
+from dualtask.experiment import experiment
+from dualtask.lesion import subgroups
+from dualtask.report import build as report
+from dualtask.report import compare
 
 FAST = [*TINY, "--epochs=2", "--max_per_class=8", "--lesion_methods=['activation', 'random']",
         "--lesion_layers=[0, -1]", "--random_repeats=2", "--rank_images=4"]  # a whole run in a few seconds
@@ -267,9 +267,9 @@ COMPARE = [
     ("two runs of one folder name", lambda t: [*_runs(t, "x/seed_0", "y/seed_0"), f"--out_dir={t / 'cmp'}"],
      "share the folder name 'seed_0'"),
     ("a compare.csv it did not write", lambda t: [*_runs(t, "a", "b"), f"--out_dir={_theirs(t, 'compare.csv')}"],
-     "was not written by compare.py"),
+     "was not written by dualtask.report.compare"),
     ("a compare.png it did not write", lambda t: [*_runs(t, "a", "b"), f"--out_dir={_theirs(t, 'compare.png')}"],
-     "was not written by compare.py"),
+     "was not written by dualtask.report.compare"),
 ]
 
 
@@ -334,7 +334,7 @@ def test_a_users_files_in_a_run_folder_survive_every_command(tmp_path, probed_ru
         (run / name).write_bytes(data)
     commands = [["ResNet.py", *FAST, *PROBED[1:], "--stages=['train', 'lesion', 'figures']", "--stimulus_steps=5",
                  "--retrain=True", f"--out_dir={run}"],
-                ["report.py", str(run)], ["figures.py", str(run)], ["compare.py", str(run), f"--out_dir={run}"]]
+                ["dualtask.report", str(run)], ["dualtask.report.figures", str(run)], ["dualtask.report.compare", str(run), f"--out_dir={run}"]]
     for command in commands:
         p = run_script(*command)
         assert p.returncode == 0, (command[0], p.stderr[-2000:])
@@ -343,7 +343,7 @@ def test_a_users_files_in_a_run_folder_survive_every_command(tmp_path, probed_ru
 
 # -- an error no check foresaw ---------------------------------------------------------------------------------
 def test_an_unexpected_error_prints_its_traceback_and_says_it_is_a_bug(tmp_path, capsys, monkeypatch):
-    import dualtask
+    from dualtask.experiment import pipeline as dualtask
 
     def broken(config):
         raise ZeroDivisionError("a slip in the code")

@@ -5,11 +5,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-
-import lesion_utils as L
-import probes
-import probes_report
 from test_planted import N_CLASSES, PlantedNet, planted_batches
+
+from dualtask.analysis import probes
+from dualtask.lesion import rankings
+from dualtask.model import sites as sites_mod
+from dualtask.report import probes_report
 
 
 class Symmetric(nn.Module):
@@ -27,13 +28,13 @@ def orientation_blind():
 
 
 def rankings_of(model, sites, train):
-    return {s.name: L.rank_site(model, s, train, ["face", "object"], ["loss", "random"], random_repeats=20, seed=0)
+    return {s.name: rankings.rank_site(model, s, train, ["face", "object"], ["loss", "random"], random_repeats=20, seed=0)
             for s in sites}
 
 
 def test_an_orientation_blind_network_shows_no_inversion_effect_under_any_lesion():
     model = orientation_blind()
-    sites = L.lesion_sites(model)
+    sites = sites_mod.lesion_sites(model)
     train, test = planted_batches(20, seed=0), planted_batches(30, seed=1)
     rows = probes.inversion_rows(model, sites, rankings_of(model, sites, train), test, 0.25)
     assert len(rows) == 2 + 2 * 2 * (2 + 20)  # intact, then sites x tasks x (2 targeted + 20 random)
@@ -44,7 +45,7 @@ def test_an_orientation_blind_network_shows_no_inversion_effect_under_any_lesion
 
 def test_the_planted_network_is_orientation_bound_and_its_face_filters_carry_the_faces_inversion_effect():
     model = PlantedNet().eval()  # a face at position k, flipped, lights position 3 - k: always another class
-    sites = L.lesion_sites(model)
+    sites = sites_mod.lesion_sites(model)
     train, test = planted_batches(20, seed=0), planted_batches(30, seed=1)
     rows = probes.inversion_rows(model, sites, rankings_of(model, sites, train), test, 0.25)
     intact = {r["task"]: r for r in rows if r["method"] == "intact"}
@@ -63,7 +64,7 @@ def test_the_planted_network_is_orientation_bound_and_its_face_filters_carry_the
 
 def test_a_transfer_probe_of_a_copy_of_the_face_task_loses_most_with_the_face_filters():
     model = PlantedNet().eval()
-    sites = L.lesion_sites(model)
+    sites = sites_mod.lesion_sites(model)
     train = planted_batches(20, seed=0)
     copy_fit = [("probe", x, y) for t, x, y in planted_batches(25, seed=2) if t == "face"]
     copy_test = [("probe", x, y) for t, x, y in planted_batches(25, seed=3) if t == "face"]
@@ -87,7 +88,7 @@ def test_probes_are_flipped_top_to_bottom_and_shared_images_stay_shared():
 
 @pytest.mark.slow  # about 70 s on 2 cores: a tiny run with the mask ranking and both probes, then its rerun
 def test_a_run_with_the_probes_and_the_new_rankings_reads_each_in_its_report(tmp_path):
-    from conftest import run_script, TINY
+    from conftest import TINY, run_script
 
     out = tmp_path / "run"
     args = [*TINY, "--lesion_methods=['loss', 'localiser', 'mask', 'random']", "--lesion_layers=[0, -1]",

@@ -2,9 +2,10 @@
 import numpy as np
 import torch
 
-import dualtask
-import lesion_utils as L
-import readouts
+from dualtask.lesion import engine, readouts
+from dualtask.lesion import sweep as L
+from dualtask.model import network
+from dualtask.model import sites as sites_mod
 
 
 def _images(n_classes=3, per_class=12, seed=0):
@@ -18,12 +19,12 @@ def _images(n_classes=3, per_class=12, seed=0):
 
 def test_two_heads_of_one_task_get_the_same_refitted_readout_whatever_their_heads_read():
     torch.manual_seed(0)
-    model = dualtask.DualTaskNet("vgg16", {"a": 3, "b": 3}, fc_width=32, image_size=32).eval()
+    model = network.DualTaskNet("vgg16", {"a": 3, "b": 3}, fc_width=32, image_size=32).eval()
     x_fit, y_fit = _images(seed=1)
     x_test, y_test = _images(per_class=6, seed=2)
     fit = [("a", x_fit, y_fit), ("b", x_fit, y_fit)]  # the very same images and labels for both heads
     test = [("a", x_test, y_test), ("b", x_test, y_test)]
-    site = L.lesion_sites(model)[6]
+    site = sites_mod.lesion_sites(model)[6]
     lesions = [[], np.arange(0, site.n_filters, 3), np.arange(site.n_filters // 2)]
     refit, alphas = readouts.refit_lesions(model, site, lesions, fit, test)
     assert alphas["a"] == alphas["b"] and alphas["a"] in readouts.ALPHAS
@@ -32,16 +33,16 @@ def test_two_heads_of_one_task_get_the_same_refitted_readout_whatever_their_head
         assert np.array_equal(res["a"]["correct"], res["b"]["correct"])
         assert np.isnan(res["a"]["loss"]).all()
     # through the network's own heads (different initial weights) the same lesions score differently
-    fixed = L.evaluate_lesions(model, site, lesions, test)
+    fixed = engine.evaluate_lesions(model, site, lesions, test)
     assert not np.array_equal(fixed[1]["a"]["loss"], fixed[1]["b"]["loss"])
 
 
 def test_a_refitted_readout_reads_the_features_and_loses_the_task_with_every_filter():
     torch.manual_seed(0)
-    model = dualtask.DualTaskNet("vgg16", {"a": 3, "b": 3}, fc_width=32, image_size=32).eval()
+    model = network.DualTaskNet("vgg16", {"a": 3, "b": 3}, fc_width=32, image_size=32).eval()
     x_fit, y_fit = _images(seed=1)
     x_test, y_test = _images(per_class=10, seed=2)
-    site = L.lesion_sites(model)[0]
+    site = sites_mod.lesion_sites(model)[0]
     everything = np.arange(site.n_filters)
     (intact, silenced), _ = readouts.refit_lesions(model, site, [[], everything], [("a", x_fit, y_fit)],
                                                    [("a", x_test, y_test)])
@@ -61,14 +62,14 @@ def test_a_refitted_readout_reads_the_features_and_loses_the_task_with_every_fil
 
 def test_in_a_branched_network_silencing_one_copy_leaves_the_other_tasks_readout_unchanged():
     torch.manual_seed(0)
-    model = dualtask.build_model(dict(backbone="vgg16", image_size=32, fc_width=32, branch_at=3),
+    model = network.build_model(dict(backbone="vgg16", image_size=32, fc_width=32, branch_at=3),
                                  {"face": 3, "object": 3}).eval()
     x_fit, y_fit = _images(seed=1)
     x_test, y_test = _images(per_class=6, seed=2)
-    site = L.lesion_sites(model)[-3]
+    site = sites_mod.lesion_sites(model)[-3]
     half = site.n_filters // 2
-    keep, add = L.lesion_mask([], site.n_filters)
-    face_copy = L.lesion_mask(np.arange(half), site.n_filters)
+    keep, add = engine.lesion_mask([], site.n_filters)
+    face_copy = engine.lesion_mask(np.arange(half), site.n_filters)
     inputs = readouts.readout_inputs(model, site, [(keep, add), face_copy], [("face", x_test, y_test),
                                                                              ("object", x_test, y_test)], 2)
     assert inputs[0]["object"].shape == (len(y_test), 32)  # the object copy's features only
@@ -82,10 +83,10 @@ def test_in_a_branched_network_silencing_one_copy_leaves_the_other_tasks_readout
 
 def test_fixed_readouts_read_each_image_by_a_readout_that_did_not_see_it_and_ignore_the_heads():
     torch.manual_seed(0)
-    model = dualtask.DualTaskNet("vgg16", {"a": 3, "b": 3}, fc_width=32, image_size=32).eval()
+    model = network.DualTaskNet("vgg16", {"a": 3, "b": 3}, fc_width=32, image_size=32).eval()
     x_test, y_test = _images(per_class=10, seed=2)
     test = [("a", x_test, y_test), ("b", x_test, y_test)]  # two heads of one task, on the same images
-    site = L.lesion_sites(model)[6]
+    site = sites_mod.lesion_sites(model)[6]
     fitted = readouts.fixed_readouts(model, site, test, seed=3, folds=5)
     fold, y = fitted["a"]["fold"], y_test.numpy()
     assert len(fitted["a"]["readouts"]) == 5
@@ -99,7 +100,7 @@ def test_fixed_readouts_read_each_image_by_a_readout_that_did_not_see_it_and_ign
         assert np.array_equal(res["a"]["correct"], res["b"]["correct"])
         assert np.isnan(res["a"]["loss"]).all()
     # the readouts are fitted once: each image's prediction is its fold's readout's, on the lesioned features
-    keep, add = L.lesion_mask(lesions[2], site.n_filters)
+    keep, add = engine.lesion_mask(lesions[2], site.n_filters)
     (features,) = readouts.readout_inputs(model, site, [(keep, add)], test[:1], 1)
     expected = np.empty(len(y), dtype=int)
     for f, readout in enumerate(fitted["a"]["readouts"]):
@@ -110,7 +111,7 @@ def test_fixed_readouts_read_each_image_by_a_readout_that_did_not_see_it_and_ign
         assert np.allclose(again[-1].coef_, readout[-1].coef_)
     assert np.array_equal(scored[2]["a"]["correct"], expected == y)
     # silencing the whole stem leaves every image the same features: one class for all
-    stem = L.lesion_sites(model)[0]
+    stem = sites_mod.lesion_sites(model)[0]
     (silenced,) = readouts.fixed_lesions(model, stem, [np.arange(stem.n_filters)],
                                          readouts.fixed_readouts(model, stem, test[:1]), test[:1])
     assert silenced["a"]["correct"].mean() <= 0.5 + 1e-9
@@ -120,9 +121,9 @@ def test_a_folds_penalty_and_readout_do_not_change_when_the_images_it_scores_are
     """Nested choice: each fold's ridge penalty is chosen on the images its readout is fitted on, never on the
     fold's own (scored) images."""
     torch.manual_seed(0)
-    model = dualtask.DualTaskNet("vgg16", {"a": 3, "b": 3}, fc_width=32, image_size=32).eval()
+    model = network.DualTaskNet("vgg16", {"a": 3, "b": 3}, fc_width=32, image_size=32).eval()
     x, y = _images(per_class=10, seed=2)
-    site = L.lesion_sites(model)[6]
+    site = sites_mod.lesion_sites(model)[6]
     clean = readouts.fixed_readouts(model, site, [("a", x, y)], seed=3, folds=5)["a"]
     assert len(clean["alphas"]) == 5 and set(clean["alphas"]) <= set(readouts.ALPHAS)
     for f in (0, 3):
@@ -140,14 +141,14 @@ def test_a_folds_penalty_and_readout_do_not_change_when_the_images_it_scores_are
         # (the rule before: chosen once per task by leave-one-out on every test image)
         assert any(not np.array_equal(noisy["readouts"][g][-1].coef_, clean["readouts"][g][-1].coef_)
                    for g in range(5) if g != f)
-        pooled = [readouts.choose_alpha(readouts.readout_inputs(model, site, [L.lesion_mask([], site.n_filters)],
+        pooled = [readouts.choose_alpha(readouts.readout_inputs(model, site, [engine.lesion_mask([], site.n_filters)],
                                                                 [("a", images, y)], 1)[0]["a"], y.numpy())
                   for images in (x, noisy_x)]
         assert pooled[0] != pooled[1]
 
 
 def features_intact(model, site, test):
-    keep, add = L.lesion_mask([], site.n_filters)
+    keep, add = engine.lesion_mask([], site.n_filters)
     return readouts.readout_inputs(model, site, [(keep, add)], test[:1], 1)[0]["a"]
 
 
@@ -155,22 +156,22 @@ def test_the_heads_pass_reads_the_fixed_readouts_as_their_own_pass_does():
     """evaluate_lesions with `read`: the heads' results unchanged, and each image read by its fold's readout from
     the same features a separate pass gives, across batches (the offsets) and several lesions per pass."""
     torch.manual_seed(0)
-    model = dualtask.build_model(dict(backbone="vgg16", image_size=32, fc_width=32, branch_at=3),
+    model = network.build_model(dict(backbone="vgg16", image_size=32, fc_width=32, branch_at=3),
                                  {"face": 3, "object": 3}).eval()
     x, y = _images(per_class=10, seed=2)
     xo, yo = _images(per_class=8, seed=4)
     test = [("face", x[:17], y[:17]), ("face", x[17:], y[17:]), ("object", xo, yo)]  # two batches, two image sets
-    site = L.lesion_sites(model)[-3]
+    site = sites_mod.lesion_sites(model)[-3]
     fitted = readouts.fixed_readouts(model, site, test, seed=1, folds=4)
     lesions = [[], np.arange(0, site.n_filters, 3), np.arange(site.n_filters // 2), np.arange(5)]
-    both = L.evaluate_lesions(model, site, lesions, test, masks_per_pass=3, read=readouts.fixed_reader(fitted))
-    heads = L.evaluate_lesions(model, site, lesions, test, masks_per_pass=3)
+    both = engine.evaluate_lesions(model, site, lesions, test, masks_per_pass=3, read=readouts.fixed_reader(fitted))
+    heads = engine.evaluate_lesions(model, site, lesions, test, masks_per_pass=3)
     for b, h in zip(both, heads):
         for t in ("face", "object"):
             assert np.array_equal(b[t]["correct"], h[t]["correct"]) and np.array_equal(b[t]["loss"], h[t]["loss"])
     labels = {"face": y.numpy(), "object": yo.numpy()}
     for lesion, b in zip(lesions, both):  # the reference: the task's whole features, each fold's rows predicted
-        (features,) = readouts.readout_inputs(model, site, [L.lesion_mask(lesion, site.n_filters)], test, 1)
+        (features,) = readouts.readout_inputs(model, site, [engine.lesion_mask(lesion, site.n_filters)], test, 1)
         for t, r in fitted.items():
             expected = np.empty(len(labels[t]), dtype=int)
             for f, readout in enumerate(r["readouts"]):
@@ -183,15 +184,15 @@ def test_the_heads_pass_reads_the_fixed_readouts_as_their_own_pass_does():
 
 
 def test_the_fixed_readouts_stage_writes_what_the_heads_sweep_scored_and_equals_its_own_sweep(tmp_path, capsys):
-    import vggface2
-    from dualtask import TaskImages
+    from dualtask.data import loading as vggface2
+    from dualtask.training.trainer import TaskImages
 
     data = {t: vggface2.load_task("demo", t, 32, max_per_class=30, max_classes=3) for t in ("face", "object")}
     images = {t: TaskImages(d, torch.device("cpu")) for t, d in data.items()}
     config = {"lesion_fractions": [0.0, 0.25], "lesion_methods": ["activation", "random"], "random_repeats": 3,
               "lesion_layers": [0, 6, -1], "rank_images": 8, "seed": 0}
     torch.manual_seed(0)
-    model = dualtask.DualTaskNet("vgg16", {t: len(d.classes) for t, d in data.items()}, fc_width=16).eval()
+    model = network.DualTaskNet("vgg16", {t: len(d.classes) for t, d in data.items()}, fc_width=16).eval()
     files = ("lesion_results.csv", "dissociation.csv", "rankings.json", "lesion_per_image.npz")
     for name, reuse in (("apart", None), ("together", {})):
         (tmp_path / name).mkdir()
@@ -215,16 +216,16 @@ def test_each_accuracy_names_what_read_it_and_the_sweep_records_what_the_verdict
     and split-half overlaps at every swept fraction (verdict.py's rules 3 and 5)."""
     import json
 
-    import vggface2
-    from common import read_csv
-    from dualtask import TaskImages
+    from dualtask.core.common import read_csv
+    from dualtask.data import loading as vggface2
+    from dualtask.training.trainer import TaskImages
 
     data = {t: vggface2.load_task("demo", t, 32, max_per_class=20, max_classes=3) for t in ("face", "object")}
     images = {t: TaskImages(d, torch.device("cpu")) for t, d in data.items()}
     config = {"lesion_fractions": [0.0, 0.25, 0.5], "lesion_methods": ["activation", "random"], "random_repeats": 2,
               "lesion_layers": [0, -1], "rank_images": 8, "seed": 0, "ranking_reliability": True}
     torch.manual_seed(0)
-    model = dualtask.DualTaskNet("vgg16", {t: len(d.classes) for t, d in data.items()}, fc_width=16).eval()
+    model = network.DualTaskNet("vgg16", {t: len(d.classes) for t, d in data.items()}, fc_width=16).eval()
     L.lesion_stage(model, images, config, tmp_path)
     L.readout_stage(model, images, config, tmp_path, "fixed")
     printed = capsys.readouterr().out
@@ -241,18 +242,18 @@ def test_each_accuracy_names_what_read_it_and_the_sweep_records_what_the_verdict
 
 
 def test_receptive_fields_are_the_theoretical_ones_and_leave_the_network_untouched():
-    import lesion_engine as E
+    from dualtask.model import sites as sites_mod
 
-    model = dualtask.DualTaskNet("resnet50", {"a": 3, "b": 3}, fc_width=16)
+    model = network.DualTaskNet("resnet50", {"a": 3, "b": 3}, fc_width=16)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    sites = E.lesion_sites(model)
-    rf = E.receptive_fields(model, sites, 224)
+    sites = sites_mod.lesion_sites(model)
+    rf = sites_mod.receptive_fields(model, sites, 224)
     # stem 7x7 stride 2 (7), max pool 3x3 stride 2 (11, jump 4), each bottleneck's 3x3 conv adds 2 x jump
     assert [rf[s.name]["pixels"] for s in sites[:9]] == [7, 19, 27, 35, 43, 59, 75, 91, 107]
     assert rf[sites[-1].name] == {"pixels": 224, "image_size": 224, "share": 1.0}
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    vgg = dualtask.DualTaskNet("vgg16", {"a": 3, "b": 3}, fc_width=16, batch_norm=False)
-    rf = E.receptive_fields(vgg, E.lesion_sites(vgg), 64)
+    vgg = network.DualTaskNet("vgg16", {"a": 3, "b": 3}, fc_width=16, batch_norm=False)
+    rf = sites_mod.receptive_fields(vgg, sites_mod.lesion_sites(vgg), 64)
     # conv1_1 3, conv1_2 5, pool 6, conv2_x 10 and 14, pool 16, conv3_x 24, 32, 40, pool 44; conv4_1's 60 pixels,
     # centred on a unit off the 64-px image's centre (8 x 8 map), reach past its edge: 58 of them lie inside
     assert [v["pixels"] for v in rf.values()][:8] == [3, 5, 10, 14, 24, 32, 40, 58]

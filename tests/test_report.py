@@ -5,11 +5,12 @@ import re
 
 import numpy as np
 import pytest
-
-import lesion_utils as L
-import report
-from common import write_csv
 from conftest import reproducible_rankings
+
+from dualtask.core import common
+from dualtask.core.common import write_csv
+from dualtask.lesion import dissociation as dissociation_mod
+from dualtask.report import build as report
 
 
 def random_rows(drops: dict, fraction="0.2000") -> list:
@@ -32,7 +33,7 @@ def make_run(path, dissociation, intact=(("face", 0.8, 0.1), ("object", 0.7, 0.1
     config = {"backbone": "vgg16", "seed": 0, "lesion_methods": ["activation", "loss", "random"],
               "random_repeats": repeats, "tasks": tasks}
     (path / "config.json").write_text(json.dumps(config))
-    write_csv(path / "lesion_results.csv", L.LESION_COLUMNS,
+    write_csv(path / "lesion_results.csv", dissociation_mod.LESION_COLUMNS,
               [{"eval_task": t, "intact_accuracy": a, "n_images": 200, "chance": c} for t, a, c in intact] +
               random_rows(random_drops or {}))
     rows = []
@@ -43,7 +44,7 @@ def make_run(path, dissociation, intact=(("face", 0.8, 0.1), ("object", 0.7, 0.1
                      "drop_a_by_a": f"{index / 2:.4f}", "drop_a_by_b": 0.0, "drop_b_by_b": f"{index / 2:.4f}",
                      "drop_b_by_a": 0.0,
                      "p_a_by_a": p, "p_b_by_b": p, "n_random": repeats, "null_low": -0.1, "null_high": 0.1})
-    write_csv(path / "dissociation.csv", L.DISSOCIATION_COLUMNS, rows)
+    write_csv(path / "dissociation.csv", dissociation_mod.DISSOCIATION_COLUMNS, rows)
     if rankings:
         (path / "rankings.json").write_text(json.dumps(rankings))
     return path
@@ -110,16 +111,16 @@ def test_enough_repeats_gives_a_verdict_and_counts_the_tests(tmp_path):
 def test_greedy_sets_past_the_greedy_stop_are_a_caveat(tmp_path):
     run = make_run(tmp_path / "run", [("trunk.s2", 2, "greedy", 0.3, 0.1, 0.5, 0.01),
                                       ("trunk.s4", 4, "greedy", 0.2, 0.05, 0.4, 0.01)])
-    rows = list(L.read_csv(run / "dissociation.csv"))
+    rows = list(common.read_csv(run / "dissociation.csv"))
     rows[1]["beyond_greedy_stop"] = 1  # trunk.s4's greedy steps stopped short of 20%
-    write_csv(run / "dissociation.csv", L.DISSOCIATION_COLUMNS, rows)
+    write_csv(run / "dissociation.csv", dissociation_mod.DISSOCIATION_COLUMNS, rows)
     config = json.loads((run / "config.json").read_text())
     (run / "config.json").write_text(json.dumps(dict(config, greedy_stop=0.15)))
     (text,) = [html.unescape(c) for c in re.findall(r"<li>([^<]*)</li>", first_screen(run)[1])
                if "reach past its stop" in c]
     assert "reach past its stop (greedy_stop 0.15) at 1 site(s), trunk.s4" in text and "trunk.s2" not in text
     rows[1]["beyond_greedy_stop"] = 0
-    write_csv(run / "dissociation.csv", L.DISSOCIATION_COLUMNS, rows)
+    write_csv(run / "dissociation.csv", dissociation_mod.DISSOCIATION_COLUMNS, rows)
     assert "reach past its stop" not in first_screen(run)[1]
 
 
@@ -141,11 +142,11 @@ def test_no_lesions_says_so(tmp_path):
 
 
 def test_random_pair_null_has_one_draw_per_order_and_one_more():
-    null = L.random_pair_indices([0.1, 0.2, 0.3], [0.3, 0.1, 0.0], (0.6, 0.0), (0.0, 0.5))
+    null = dissociation_mod.random_pair_indices([0.1, 0.2, 0.3], [0.3, 0.1, 0.0], (0.6, 0.0), (0.0, 0.5))
     # the ring face filters, object filters, order 0, 1, 2: each pair's first lesion as the face filters
     assert null.tolist() == pytest.approx([0.0 - 0.1 + 0.3 - 0.5, 0.1 - 0.2 + 0.1 - 0.3, 0.2 - 0.3 + 0.0 - 0.1,
                                            0.3 - 0.6 + 0.0 - 0.0])
-    assert len(L.random_pair_indices([0.1], [0.2], (0.6, 0.0), (0.0, 0.5))) == 0
+    assert len(dissociation_mod.random_pair_indices([0.1], [0.2], (0.6, 0.0), (0.0, 0.5))) == 0
 
 
 def test_report_names_the_rankings_that_are_not_reproducible():

@@ -8,16 +8,16 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st
-
-import dualtask
-import experiment
-import health
-import lesion_utils
-import settings
-import vggface2
-from common import UsageError
 from conftest import tree_digest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
+
+from dualtask.config import settings
+from dualtask.core import names as names_mod
+from dualtask.core.common import UsageError
+from dualtask.data import kdef, taskdata
+from dualtask.experiment import experiment
 
 EXAMPLES = 500
 
@@ -95,15 +95,15 @@ def data_setting():
 
 
 RULES = {
-    "backbone": choice(dualtask.BACKBONES), "batch_norm": FLAG, "fc_width": integer(8),
-    "head": choice(dualtask.HEADS), "branch_at": BRANCH,
+    "backbone": choice(settings.BACKBONES), "batch_norm": FLAG, "fc_width": integer(8),
+    "head": choice(settings.HEADS), "branch_at": BRANCH,
     "init": either(st.sampled_from(["random", "imagenet"]), st.sampled_from(["", "  "])),
     "download": FLAG, "image_size": integer(16), "max_per_class": integer(1, optional=True),
     "max_classes": integer(2, optional=True), "demo_per_class": integer(3), "epochs": integer(0),
     "lr": number(0, strict=True, optional=True), "grad_clip": number(0, strict=False),
     "weight_decay": number(0, strict=False, optional=True), "optimizer": choice(settings.OPTIMIZERS),
     "seed": integer(0), "compile": FLAG, "retrain": FLAG,
-    "lesion_fractions": FRACTIONS, "lesion_methods": names(list(lesion_utils.METHODS)),
+    "lesion_fractions": FRACTIONS, "lesion_methods": names(list(names_mod.METHODS)),
     "random_repeats": integer(1), "rank_images": integer(1), "refit_readout": FLAG, "fixed_readout": FLAG,
     "localiser_fdr": either(st.floats(0, 1, exclude_min=True, exclude_max=True),
                             st.sampled_from([0, 1, 1.5, -0.1, "0.05", None])),
@@ -112,18 +112,18 @@ RULES = {
     "lesion_mode": choice(("zero", "mean")), "lesion_keep_only": FLAG, "lesion_per_class": FLAG,
     "lesion_inner": FLAG, "gradcam_site": either(st.one_of(st.none(), st.sampled_from(SITE_NAMES)),
                                                  st.sampled_from([5, ""])),
-    "stimulus_steps": integer(1), "stages": names(list(settings.STAGES)), "health_check": choice(health.ACTIONS),
+    "stimulus_steps": integer(1), "stages": names(list(settings.STAGES)), "health_check": choice(names_mod.ACTIONS),
     "match_accuracy": FLAG, "ranking_reliability": FLAG, "greedy_racing": FLAG, "greedy_margin": number(0, False),
     "greedy_candidates": integer(1, optional=True),
     "greedy_stop": either(st.floats(0, 1, exclude_min=True), st.sampled_from([0, 1.01, -1, None, "0.2"])),
-    "ranking_precision": choice(lesion_utils.RANKING_PRECISIONS),
+    "ranking_precision": choice(names_mod.RANKING_PRECISIONS),
     "lesion_epochs": either(st.one_of(st.none(), st.lists(st.integers(1, 6), max_size=3, unique=True)),
                             st.sampled_from([[0], [1, 1], "1", [True], [1.5]])),
-    "verdict_rankings": either(st.one_of(st.none(), st.lists(st.sampled_from([m for m in lesion_utils.METHODS
+    "verdict_rankings": either(st.one_of(st.none(), st.lists(st.sampled_from([m for m in names_mod.METHODS
                                                                             if m != "random"]), min_size=1, unique=True)),
                                st.sampled_from([[], ["random"], ["loss", "loss"], "loss", ["nonsense"]])),
-    "role": choice(dualtask.ROLES), "kdef_views": names(list(vggface2.KDEF_VIEWS)),
-    "face_crop": choice(vggface2.FACE_CROPS), "lfw_crop": FLAG,
+    "role": choice(settings.ROLES), "kdef_views": names(list(kdef.KDEF_VIEWS)),
+    "face_crop": choice(taskdata.FACE_CROPS), "lfw_crop": FLAG,
     # paths: made in a temporary folder (PLACES); the bad ones are refused where a stage reads them
     "out_dir": either(folder_of(["new", "run"]), st.one_of(st.just(""), folder_of(["file", "under_file"]))),
     "face_data": data_setting(), "object_data": data_setting(),
@@ -185,7 +185,7 @@ def base():
     """A configuration the check accepts: a backbone script's settings for a tiny run."""
     import ResNet
 
-    config = dualtask.hyperparameters(vars(ResNet))
+    config = settings.hyperparameters(vars(ResNet))
     config.update(face_data="demo", object_data="demo", image_size=32, epochs=1, max_per_class=8, device="cpu",
                   batch_size=16, out_dir=str(PLACES["run"]), lesion_layers=[0, -1], lesion_fractions=[0.0, 0.2],
                   slurm={}, seeds=None, controls=[], launcher="local", branch_points=None)

@@ -11,7 +11,6 @@ import sys
 import time
 
 import pytest
-
 from conftest import ROOT, run_script
 from test_experiment import FAST  # the same tiny runs as the submitit_local test: seconds per job
 
@@ -67,8 +66,8 @@ def _sacct(job_ids, env, timeout=60):
 
 @pytest.mark.slow
 def test_a_two_seed_experiment_runs_as_slurm_jobs_and_is_aggregated(tmp_path, cluster):
-    import aggregate
-    from common import read_csv
+    from dualtask.core.common import read_csv
+    from dualtask.experiment import aggregate
 
     out = tmp_path / "exp"
     start = time.perf_counter()
@@ -92,7 +91,7 @@ def test_a_two_seed_experiment_runs_as_slurm_jobs_and_is_aggregated(tmp_path, cl
 
 @pytest.mark.slow
 def test_a_cancelled_job_is_resubmitted_alone_and_resumes_from_its_checkpoint(tmp_path, cluster):
-    from common import load_checkpoint
+    from dualtask.core.device import load_checkpoint
 
     out, epochs = tmp_path / "exp", 8
     args = [*SLURM, f"--epochs={epochs}", "--seeds=[0, 1]", f"--out_dir={out}"]
@@ -161,8 +160,9 @@ def test_a_failing_job_is_named_with_the_reason_from_its_log(tmp_path, cluster):
 
 def test_the_reason_of_a_failed_job_is_its_exception_and_of_a_killed_job_its_state_and_log():
     pytest.importorskip("submitit")
-    import experiment
     from submitit.core.utils import FailedJobError, UncompletedJobError
+
+    from dualtask.experiment import experiment
 
     class Job:  # what _job_error reads of a submitit job: SLURM's state and the job's error log
         state = "CANCELLED by 0"
@@ -179,9 +179,9 @@ def test_the_reason_of_a_failed_job_is_its_exception_and_of_a_killed_job_its_sta
     said = (f"Job (task=0) failed during processing with trace:\n----------------------\n{trace}\n"
             f"----------------------\nYou can check full logs with 'job.stderr(0)' and 'job.stdout(0)'or at "
             f"paths:\n  - /x/4_0_log.err\n  - /x/4_0_log.out")  # submitit's FailedJobError
-    assert experiment._job_error(Job(), FailedJobError(said)) == "/x/checkpoint.pt: cannot be read"
-    assert experiment._job_error(Job(), FailedJobError(said.replace("common.UsageError", "ValueError"))) == \
+    assert experiment.job_error(Job(), FailedJobError(said)) == "/x/checkpoint.pt: cannot be read"
+    assert experiment.job_error(Job(), FailedJobError(said.replace("common.UsageError", "ValueError"))) == \
         "ValueError: /x/checkpoint.pt: cannot be read"
-    assert experiment._job_error(Job(), UncompletedJobError("Job 4 has not produced any output")) == (
+    assert experiment.job_error(Job(), UncompletedJobError("Job 4 has not produced any output")) == (
         "the job ended without a result (state CANCELLED by 0): "
         "slurmstepd-vm: error: *** JOB 4 ON vm CANCELLED AT 2026-12-04T15:41:44 ***")

@@ -4,11 +4,11 @@ import json
 
 import numpy as np
 import pytest
-
-import dualtask
-import subgroups
-from common import UsageError
 from test_pipeline import read_rows, tiny_config
+
+from dualtask.core.common import UsageError
+from dualtask.experiment import pipeline as dualtask
+from dualtask.lesion import subgroups
 
 
 def write_groups(path, rows):

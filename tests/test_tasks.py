@@ -4,23 +4,25 @@ import json
 
 import numpy as np
 import pytest
-
-import aggregate
-import dualtask
-import vggface2
 from conftest import run_script
-from dualtask import UsageError
+
+from dualtask.config import settings
+from dualtask.core.common import UsageError
+from dualtask.data import loading as vggface2
+from dualtask.data import taskdata
+from dualtask.experiment import aggregate
+from dualtask.experiment import pipeline as dualtask
 
 
 def test_source_groups_share_one_source_and_keep_separate_demo_sets_apart(tmp_path):
-    assert dualtask.source_groups({"identity": "demo", "expression": "demo"}) == [["identity", "expression"]]
-    assert dualtask.source_groups({"face": "demo", "object": "demo"}) == [["face"], ["object"]]
+    assert vggface2.source_groups({"identity": "demo", "expression": "demo"}) == [["identity", "expression"]]
+    assert vggface2.source_groups({"face": "demo", "object": "demo"}) == [["face"], ["object"]]
     # a third task of its own beside a shared pair
-    assert dualtask.source_groups({"face": "demo", "object": "demo", "emotion": "demo"}) == [["face", "emotion"],
+    assert vggface2.source_groups({"face": "demo", "object": "demo", "emotion": "demo"}) == [["face", "emotion"],
                                                                                            ["object"]]
     folder = tmp_path / "kdef"
     folder.mkdir()
-    assert dualtask.source_groups({"identity": str(folder), "expression": str(folder) + "/",
+    assert vggface2.source_groups({"identity": str(folder), "expression": str(folder) + "/",
                                    "object": "demo"}) == [["identity", "expression"], ["object"]]
 
 
@@ -37,7 +39,7 @@ def test_shared_demo_faces_carry_both_labels_on_one_image_array():
     # the resolution-matched control keeps them on one array; the pseudo-task control is refused
     matched = dualtask.load_datasets(dict(config, role="resolution_matched"))
     assert matched["identity"].images is matched["expression"].images
-    with pytest.raises(dualtask.DataError, match="share their images"):
+    with pytest.raises(taskdata.DataError, match="share their images"):
         dualtask.load_datasets(dict(config, role="pseudo_task"))
 
 
@@ -48,15 +50,15 @@ def test_shared_demo_faces_carry_both_labels_on_one_image_array():
     ({"a": "", "b": "demo"}, "a=''"),
 ])
 def test_bad_tasks_settings_are_refused(tasks, culprit):
-    config = {**dualtask.hyperparameters(vars(__import__("ResNet"))), "tasks": tasks}
+    config = {**settings.hyperparameters(vars(__import__("ResNet"))), "tasks": tasks}
     with pytest.raises(UsageError, match=culprit):
-        dualtask.check_config(config)
+        settings.check_config(config)
 
 
 def test_two_tasks_choosing_the_same_labels_of_one_source_are_refused():
     config = {"tasks": {"identity": "demo:faces", "face": "demo:faces"}, "image_size": 32, "seed": 0,
               "max_per_class": 6, "max_classes": None, "demo_per_class": 6, "role": "real"}
-    with pytest.raises(dualtask.DataError, match="both choose"):
+    with pytest.raises(taskdata.DataError, match="both choose"):
         dualtask.load_datasets(config)
 
 

@@ -4,12 +4,12 @@ import html
 import re
 
 import pytest
-
-import aggregate
-import first_screen
-import report
-import verdict as V
 from conftest import reproducible_rankings
+
+from dualtask.experiment import aggregate
+from dualtask.report import build as report
+from dualtask.report import first_screen
+from dualtask.stats import verdict as V
 
 SITES = {"trunk.relu": 0.22, "trunk.layer3.0": 1.0, "trunk.layer4.2": 1.0}  # receptive field shares
 DEPTH = {"trunk.relu": 0, "trunk.layer3.0": 8, "trunk.layer4.2": 16}
@@ -161,8 +161,8 @@ def test_the_sentence_stays_within_forty_words_with_long_names(answer):
 def test_the_report_opens_on_the_sentence_then_a_table_then_three_caveats(tmp_path):
     import json
 
-    from common import write_csv
-    from dissociation import DISSOCIATION_COLUMNS, LESION_COLUMNS
+    from dualtask.core.common import write_csv
+    from dualtask.lesion.dissociation import DISSOCIATION_COLUMNS, LESION_COLUMNS
 
     run = tmp_path / "run"
     run.mkdir()

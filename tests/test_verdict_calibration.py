@@ -8,14 +8,13 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, reproducible_rankings
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import verdict_calibration as V  # noqa: E402
 
-import multiple_testing  # noqa: E402
-import report  # noqa: E402
+from dualtask.report import build as report  # noqa: E402
+from dualtask.stats import multiple_testing  # noqa: E402
 
 
 def test_simulation_returns_rates_in_range_with_wilson_intervals():
