@@ -2,10 +2,12 @@
 import html
 import json
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
-from conftest import reproducible_rankings
+from conftest import ROOT, reproducible_rankings
 
 from dualtask.core import common
 from dualtask.core.common import write_csv
@@ -171,3 +173,16 @@ def test_wilson_is_scipys_interval():
         # an accuracy as lesion_results.csv writes it (4 decimals) gives the same interval
         assert report.wilson(float(f"{k / n:.4f}"), n) == report.wilson(k / n, n)
     assert all(np.isnan(report.wilson(0.5, 0))) and all(np.isnan(report.wilson(float("nan"), 10)))
+
+
+def test_the_report_command_imports_neither_torch_nor_an_image_library(tmp_path):
+    """`python -m dualtask.report RUN` builds report.html from the run's files alone (import-linter's forbidden
+    contract checks the imports; this checks the command as run)."""
+    run = make_run(tmp_path / "run", [("trunk.layer3.0", 8, "loss", 0.30, 0.20, 0.40, 0.01)])
+    code = ("import runpy, sys\nsys.argv = ['dualtask.report', sys.argv[1]]\ntry:\n"
+            "    runpy.run_module('dualtask.report', run_name='__main__')\nexcept SystemExit as e:\n"
+            "    status = e.code\nprint('heavy:', sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('torch', 'torchvision', 'cv2', 'sklearn')), 'status:', status)")
+    p = subprocess.run([sys.executable, "-c", code, str(run)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.stdout.strip().splitlines()[-1] == "heavy: [] status: 0", p.stdout + p.stderr
+    assert (run / "report.html").exists()

@@ -5,6 +5,8 @@ import re
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import ROOT
 
 # import names whose distribution on PyPI is called otherwise
@@ -75,7 +77,7 @@ def test_a_missing_line_is_named():
     without = "\n".join(line for line in text.splitlines() if not line.lower().startswith("scikit-learn"))
     assert without != text
     gaps = missing(ROOT, without)
-    assert gaps == ["scikit-learn (imported in inspection.py)"]
+    assert gaps == ["scikit-learn (imported in dualtask/analysis/inspection.py)"]
 
 
 def test_imports_inside_functions_count(tmp_path):
@@ -83,3 +85,17 @@ def test_imports_inside_functions_count(tmp_path):
                                       "    import cv2.data\n")
     (tmp_path / "helper.py").write_text("")
     assert missing(tmp_path, "pillow>=9  # images\n") == ["opencv-python-headless (imported in tool.py)"]
+
+
+def requirement_lines(lines) -> set:
+    """The requirement specifiers of a list of lines (comments and blanks left out), spaces removed."""
+    return {line.split("#", 1)[0].replace(" ", "") for line in lines if line.split("#", 1)[0].strip()}
+
+
+def test_requirements_txt_is_pyproject_dependencies_and_test_extra():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11 on
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = requirement_lines(project["dependencies"] + project["optional-dependencies"]["test"])
+    have = requirement_lines((ROOT / "requirements.txt").read_text().splitlines())
+    assert have == wanted, f"only in requirements.txt: {sorted(have - wanted)}; only in pyproject.toml: " \
+                           f"{sorted(wanted - have)}"

@@ -127,7 +127,8 @@ def transfer_rows(model, sites: list, rankings: dict, fit: list, test: list, fra
         return {"probe": "transfer", "task": name, "layer": site.name if site else "",
                 "depth": site.depth if site else "", "method": method, "target": target, "repeat": repeat,
                 "fraction": f"{f:.4f}", "accuracy": f"{acc:.4f}", "inverted_accuracy": "", "effect": "",
-                "effect_low": "", "effect_high": "", "n_images": len(y_test), "p_vs_random": "", "read_by": "linear probe"}
+                "effect_low": "", "effect_high": "", "n_images": len(y_test), "p_vs_random": "",
+                "read_by": "linear probe"}
 
     (intact,) = trunk_features(model, sites[0], [[]], test)
     rows = [row(None, "intact", "", 0, 0.0, intact)]

@@ -23,8 +23,8 @@ STAGES = ("train", "lesion", "figures")
 TRAIN_LOG_COLUMNS = ("epoch", "task", "split", "loss", "accuracy", "images_per_s")
 # settings that make a checkpoint belong to a run: changing one needs --retrain=True or another out_dir
 RUN_IDENTITY = ("backbone", "batch_norm", "fc_width", "image_size", "max_per_class", "max_classes", "seed",
-                "batch_size", "epochs", "optimizer", "lr", "weight_decay", "grad_clip", "demo_per_class", "role", "single_task", "tasks", "kdef_views", "face_crop", "head", "init",
-                "branch_at")
+                "batch_size", "epochs", "optimizer", "lr", "weight_decay", "grad_clip", "demo_per_class", "role",
+                "single_task", "tasks", "kdef_views", "face_crop", "head", "init", "branch_at")
 # what a run trains on, set by an experiment (experiment.py) for each of its runs; a plain run is "real":
 # real: the tasks as given; pseudo_task: the union of their classes split at random into two halves, each half a
 # task (Dobs et al. 2022); single_task: the task named by the `single_task` setting alone; resolution_matched:
@@ -273,7 +273,8 @@ def check_config(config: dict) -> None:
         if isinstance(value, list):
             twice = next((v for k, v in enumerate(value) if v in value[:k]), None)
             if twice is not None:
-                raise UsageError(f"{name}={value!r}: {twice!r} is named twice; expected each once ({SETTINGS[name][1]})")
+                raise UsageError(f"{name}={value!r}: {twice!r} is named twice; expected each once "
+                                 f"({SETTINGS[name][1]})")
     tasks = task_specs(config)
     if config.get("role") == "single_task":
         if config.get("single_task") not in tasks:

@@ -29,7 +29,8 @@ def augment(x: torch.Tensor, generator: torch.Generator | None = None, pad_fract
     flip = (torch.rand(b, generator=generator) < 0.5).to(dev)
     out = torch.where(flip[:, None, None, None], out.flip(3), out)
     gray = (torch.rand(b, generator=generator) < grayscale_p).to(dev)
-    lum = (out * torch.tensor([0.299, 0.587, 0.114], device=dev, dtype=out.dtype)[None, :, None, None]).sum(1, keepdim=True)
+    weights = torch.tensor([0.299, 0.587, 0.114], device=dev, dtype=out.dtype)[None, :, None, None]
+    lum = (out * weights).sum(1, keepdim=True)
     return torch.where(gray[:, None, None, None], lum.expand_as(out), out)
 
 

@@ -31,7 +31,8 @@ EXPERIMENT_FILE = "experiment.json"
 DONE_FILE = "run_done.json"  # written into a run's folder when the run finished every stage it was asked for
 CONTROLS = tuple(r for r in settings.ROLES if r != "real")
 LAUNCHERS = ("local", "slurm", "submitit_local")
-EXPERIMENT_KEYS = ("seeds", "controls", "launcher", "slurm", "branch_points")  # settings of the experiment, not of its runs
+# settings of the experiment, not of its runs
+EXPERIMENT_KEYS = ("seeds", "controls", "launcher", "slurm", "branch_points")
 # settings that do not change what a finished run holds: a rerun that changes only these skips it
 NOT_RESULTS = ("device", "compile", "retrain", "out_dir", "health_check")
 
@@ -299,10 +300,7 @@ def launch_submitit(config: dict, runs: list, status: dict, save) -> None:
 
     folder = Path(config["out_dir"]) / "jobs"
     executor = _executor(config, folder)
-    # a job imports this project's modules wherever it runs: their folder goes with the job's environment
-    here = str(Path(__file__).resolve().parent)
-    os.environ["PYTHONPATH"] = os.pathsep.join([here] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
-                                                         if p and p != here])
+    # a job imports this package wherever it runs: the same Python environment, where `pip install -e .` put it
     jobs = {}
     for run in runs:
         job = _still_queued(config, folder, status.get(run["folder"], {}).get("job_id"))

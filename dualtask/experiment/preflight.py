@@ -202,7 +202,8 @@ def _check_paths(config: dict) -> None:
 def check_data(config: dict, datasets: dict, probe=None) -> None:
     """What needs the tasks' images (TaskData by task, as the run's role has them), checked before anything is
     trained or written: the subgroups file against each task's test images, enough test images for the fixed
-    readouts' folds, training images of two classes or more for the refitted readouts, and the transfer probe's data (`probe`, loaded from probe_data) with at least two classes and
+    readouts' folds, training images of two classes or more for the refitted readouts, and the transfer probe's data
+    (`probe`, loaded from probe_data) with at least two classes and
     images to fit and to test on."""
     if "lesion" not in config["stages"]:
         return

@@ -21,7 +21,8 @@ small networks stay linearly readable after a 20% lesion, so this reading has li
 The readout is the project's linear probe (inspection.linear_probe's form: standardised features, a ridge
 classifier, closed form) on the heads' own input (the trunk's features, a branched network's task copy), its
 ridge penalty chosen by leave-one-out on the intact network's features of the images the readout is fitted on
-(never on the images it scores) and then kept for every lesion. Results have the form of `lesion_engine.evaluate_lesions`'s (a loss is not defined: NaN), so the sweep's
+(never on the images it scores) and then kept for every lesion. Results have the form of
+`lesion_engine.evaluate_lesions`'s (a loss is not defined: NaN), so the sweep's
 rows, index, ring null and correction apply as they are; they go to common.READOUT_DIRS' folder inside the run
 folder.
 """

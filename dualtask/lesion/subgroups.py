@@ -43,7 +43,8 @@ def read_groups(path, n_test: dict) -> dict:
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise UsageError(f"{where}: cannot be read ({getattr(e, 'strerror', None) or e}); expected {FORM}") from None
     if not rows or not {"task", "image", "group"} <= header:
-        raise UsageError(f"{where}: {'no rows' if not rows else 'columns ' + ', '.join(sorted(header))}; expected {FORM}")
+        found = "no rows" if not rows else "columns " + ", ".join(sorted(header))
+        raise UsageError(f"{where}: {found}; expected {FORM}")
     groups, seen = {}, set()
     for line, row in enumerate(rows, start=2):
         task, image, group = ((row.get(k) or "").strip() for k in ("task", "image", "group"))

@@ -36,10 +36,12 @@ def localiser_rows(rankings: dict, results: list) -> list:
                     row[f"drop_{e}"] = d[0]
                     null = np.asarray(rand.get(e, []), dtype=float)
                     row[f"random_drop_{e}"] = float(null.mean()) if len(null) else float("nan")
-                    row[f"p_{e}"] = (1 + int(np.sum(null >= d[0] - 1e-9))) / (len(null) + 1) if len(null) else float("nan")
+                    beyond = int(np.sum(null >= d[0] - 1e-9))
+                    row[f"p_{e}"] = (1 + beyond) / (len(null) + 1) if len(null) else float("nan")
                 other = next((m for m in TOP_RANKINGS if task in ranking.get(m, {})), None)
                 if other:
-                    row.update(compared_with=other, shared=len(set(entry["order"][:k]) & set(ranking[other][task]["order"][:k])),
+                    shared = len(set(entry["order"][:k]) & set(ranking[other][task]["order"][:k]))
+                    row.update(compared_with=other, shared=shared,
                                shared_by_chance=k * k / n)
             rows.append(row)
     return rows
@@ -67,7 +69,8 @@ def mask_rows(rankings: dict, draws: int = 2000, seed: int = 0) -> list:
         null = np.asarray(null)
         rows.append({"layer": layer, "task_a": a, "task_b": b, "n_filters": n, "open_a": len(open_a),
                      "open_b": len(open_b), "jaccard": jaccard, "random_mean": float(np.nanmean(null)),
-                     "random_low": float(np.nanpercentile(null, 2.5)), "random_high": float(np.nanpercentile(null, 97.5))})
+                     "random_low": float(np.nanpercentile(null, 2.5)),
+                     "random_high": float(np.nanpercentile(null, 97.5))})
     return rows
 
 

@@ -30,7 +30,7 @@ from dualtask.stats.verdict import (
 MAX_WORDS = 40  # the verdict sentence's length at most
 SHOWN = 3  # caveats on the first screen
 NOTES = "notes"  # the anchor of the section holding the other caveats and the method notes
-CALIBRATION = Path(__file__).resolve().parent / "benchmarks" / "results" / "verdict_calibration.json"
+CALIBRATION = Path(__file__).resolve().parent / "verdict_calibration.json"  # package data
 
 
 @dataclass
@@ -254,7 +254,8 @@ def _lost(j: Judgement) -> Caveat | None:
         return None
     n_tests = j.family.get("n_tests") or len([f for f in j.findings if f.decides])
     against = "every comparison" if j.experiment else "the random-lesion pairs alone"
-    listed = "; ".join(f"{f.ranking} {f.site} (p {p_text(f.row.get('p_index'))}, corrected {p_text(f.row.get('p_corrected'))})"
+    listed = "; ".join(f"{f.ranking} {f.site} (p {p_text(f.row.get('p_index'))}, "
+                       f"corrected {p_text(f.row.get('p_corrected'))})"
                        for f in lost[:4])
     return Caveat(f"{len(lost)} site x ranking pair(s) pass p < {ALPHA} against {against} but not after the "
                   f"correction for the {n_tests} tests at {j.fraction:.0%}: {listed}. More random orders "
@@ -299,7 +300,7 @@ def calibration_note() -> str:
         sim = got.get("false_positive_rate")
     except (OSError, ValueError, KeyError, TypeError):
         return ("How often these rules are wrong has not been measured with this copy of the tool "
-                "(benchmarks/verdict_calibration.py writes benchmarks/results/verdict_calibration.json).")
+                "(benchmarks/verdict_calibration.py --record writes dualtask/report/verdict_calibration.json).")
     text = (f"benchmarks/verdict_calibration.py measured these rules ({got.get('date', '?')}, "
             f"{got.get('networks', 'trained networks')}): 'yes' on {null['hits']} of {null['n']} networks whose "
             f"two heads learn one task (95% interval {null['low']:.2f} to {null['high']:.2f}); "

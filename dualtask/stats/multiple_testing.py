@@ -98,7 +98,8 @@ def standardise(null, observed: float) -> tuple:
     one more pair of the ring, as the null hypothesis says it is: the standardised ring stays as symmetric as the
     raw one (`pair_null`), so the maximum over sites keeps its level exactly (standardising by the null alone
     shrinks the null z values, which set the mean and sd, against the observed one, which did not, and rejects too
-    often: about 8% instead of 5% for 5 sites and 20 orders). Values without spread (sd 0) are all z 0. The map is increasing, so a site's own
+    often: about 8% instead of 5% for 5 sites and 20 orders). Values without spread (sd 0) are all z 0. The map is
+    increasing, so a site's own
     ordering of observed and null values, and its own p-value, are kept."""
     null = np.asarray(null, dtype=float)
     pooled = np.append(null, float(observed))

@@ -8,7 +8,8 @@ measures, on fixed probe images (the first validation images of every task, eval
 - the gradient norm of the whole network (mean and largest over the epoch's steps, before clipping).
 Then `diagnose` names what is wrong: a loss that exploded (not finite, or above twice the chance-level loss
 ln C both over the epoch's training steps and on the validation images at its end: a spike the network
-recovers from within the epoch is not a run that fails), a dead layer, or a head still at chance from first_chance_epoch on. What the run does then is the
+recovers from within the epoch is not a run that fails), a dead layer, or a head still at chance from first_chance_epoch
+on. What the run does then is the
 `health_check` setting: "stop" (the default: the epoch's checkpoint is kept and the run exits 1 with the
 cause and what to change) or "warn" (go on; the report's summary carries the problem as a caveat).
 Everything is written to train_health.json, and rides in the checkpoint, so a resumed run keeps it.
