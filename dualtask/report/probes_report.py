@@ -1,13 +1,13 @@
-"""What the report says of probes.csv (probes.py): the inversion effect of each task, intact and under the sweep's
-lesions, and the held-out task's transfer probe, each in a sentence."""
+"""What the report says of probes.csv (analysis/probes.py): the inversion effect of each task, intact and under
+the sweep's lesions, and the held-out task's transfer probe, each in a sentence."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from dualtask.core.common import number as _num
 from dualtask.core.common import read_csv, read_json
+from dualtask.stats.multiple_testing import ALPHA
 
-ALPHA = 0.05
 PROBES_FILE, PROBES_SETTINGS = "probes.csv", "probes.json"  # the rows, and what they were made under (last)
 PROBE_COLUMNS = ("probe", "task", "layer", "depth", "method", "target", "repeat", "fraction", "accuracy",
                  "inverted_accuracy", "effect", "effect_low", "effect_high", "n_images", "p_vs_random", "read_by")
