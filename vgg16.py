@@ -61,7 +61,7 @@ gradcam_site = None  # site whose output Grad-CAM reads (a module path); None = 
 stimulus_steps = 200  # gradient-ascent steps of each synthetic preferred stimulus
 stages = ["train", "lesion", "figures"]  # which parts of the pipeline to run
 seeds = None  # an experiment's training seeds, each its own network in out_dir/seed_<N>/; None = one run of `seed` into out_dir
-controls = []  # control runs of the experiment: "pseudo_task" (classes split at random into two tasks), "single_task" (one network per task), "resolution_matched" (all images at the lowest native resolution)
+controls = []  # control runs of the experiment: "pseudo_task" (classes split at random into two tasks), "single_task" (one network per task), "resolution_matched" (all images at the lowest native resolution), "same_task" (the first task's images dealt to both heads: a null with a known answer)
 branch_points = None  # an experiment over branch points, e.g. [None, 4, 8, 12]: one network per branch point (None = fully shared) and seed, with branching.csv (accuracy against branch depth) in out_dir; None = the networks of branch_at
 match_accuracy = False  # also score every lesion on test images where the tasks' intact accuracies are equal (Dobs et al. 2022)
 launcher = "local"  # an experiment's runs: "local" one after another here, "slurm" one SLURM job each (submitit), "submitit_local" as local jobs
