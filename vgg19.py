@@ -23,7 +23,7 @@ demo_per_class = 100  # images per class of the procedural demo set
 batch_size = 128  # images per step, split evenly between the tasks
 epochs = 30  # passes over the larger task's training images
 optimizer = "adamw"  # "adamw" (the default recipe) or "sgd" (Nesterov momentum 0.9)
-lr = None  # peak learning rate per 256 images (AdamW: scaled with the square root of batch_size/256; SGD: linearly), warm-up then cosine; None = the backbone and optimizer default (dualtask.DEFAULT_LR)
+lr = None  # peak learning rate per 256 images (AdamW: scaled with the square root of batch_size/256; SGD: linearly), warm-up then cosine; None = the backbone and optimizer default (DEFAULT_LR in dualtask/training/trainer.py)
 grad_clip = 0.0  # largest gradient norm per step (0 = no clipping, as torchvision's recipes: warm-up keeps early steps small)
 weight_decay = None  # decay of weights (not of biases and BN parameters); None = 0.05 with AdamW (decoupled), 5e-4 with SGD (L2)
 health_check = "stop"  # a run that does not learn (head at chance from epoch 3 or half of training, dead layer, exploding loss): "stop" naming the cause, or "warn"
