@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from dualtask.data.taskdata import DataError, TaskData, resize_images, stratified_split
+from dualtask.data.images import resize_images
+from dualtask.data.taskdata import DataError, TaskData, stratified_split
 
 # ----------------------------------------------------------------------------------------------------------
 # the offline demo set

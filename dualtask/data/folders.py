@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dualtask.data.images import DETECT, read_many
 from dualtask.data.taskdata import (
-    DETECT,
     IMAGE_EXTENSIONS,
     DataError,
     TaskData,
@@ -22,7 +22,6 @@ from dualtask.data.taskdata import (
     official_split_caps,
     presplit_caps,
     printable,
-    read_many,
     split_off_val,
     stratified_split,
     warn_data,
@@ -133,7 +132,7 @@ def load_folder(root, image_size: int, max_per_class=None, max_classes=None, see
     PublicTest_* or PrivateTest_*), which keep FER2013's official split: train/ all train, PublicTest_* val,
     PrivateTest_* test, so results compare with published FER2013 numbers; that data is labelled by expression
     (label_kind "expression"), any other folder's labels are of unknown kind ("").
-    crop: how every image is cropped before resizing (taskdata._read_image): a FractionBox (enlarged by
+    crop: how every image is cropped before resizing (images.read_image): a FractionBox (enlarged by
     VGGFACE2_BOX_MARGIN), DETECT (the face OpenCV's detector finds), or None, the whole images.
     """
     root = Path(root)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dualtask.data.images import read_many
 from dualtask.data.taskdata import (
     IMAGE_EXTENSIONS,
     DataError,
@@ -15,7 +16,6 @@ from dualtask.data.taskdata import (
     choose_images,
     drop_untrainable,
     printable,
-    read_many,
     stratified_split,
     warn_data,
 )
@@ -120,7 +120,7 @@ def load_kdef(root, image_size: int, views=("S",), max_per_class=None, max_class
     person's photographs (a seeded sample). Image files whose names do not read as KDEF's are skipped with one
     warning (the release holds a few, and a copied-in file should not become a person); a name found twice
     (a copy) is loaded once, so one photograph cannot land in train and test. `crop`: how every photograph is
-    cropped (taskdata._read_image; DETECT: the face OpenCV's detector finds), None for the whole photographs.
+    cropped (images.read_image; DETECT: the face OpenCV's detector finds), None for the whole photographs.
     """
     root = Path(root)
     views = parse_kdef_views(views)

@@ -16,20 +16,16 @@ from dualtask.data.cifar10 import load_cifar10
 from dualtask.data.demo import make_demo
 from dualtask.data.fer2013 import FER2013_CSV, load_fer2013_csv
 from dualtask.data.folders import LFW_FACE_BOX, is_lfw_root, load_folder
+from dualtask.data.images import DETECT, FractionBox, Landmarks, read_many, resize_images
 from dualtask.data.kdef import is_kdef_root, load_kdef, parse_kdef_views
 from dualtask.data.taskdata import (
-    DETECT,
     FACE_CROPS,
     DataError,
-    FractionBox,
-    Landmarks,
     TaskData,
     cap_classes,
     drop_untrainable,
     list_images,
     load_cache,
-    read_many,
-    resize_images,
     stratified_split,
     warn_data,
 )

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dualtask.data.images import read_many
 from dualtask.data.taskdata import (
     IMAGE_EXTENSIONS,
     SPLITS,
@@ -17,7 +18,6 @@ from dualtask.data.taskdata import (
     few,
     list_images,
     printable,
-    read_many,
     warn_data,
 )
 
@@ -126,7 +126,7 @@ def load_voxceleb(root, image_size: int, max_per_class=None, max_classes=None, s
     video rather than dropping whole videos and splits. `extra["video"]` holds each frame's video (names
     "identity/video" in `extra_classes["video"]`), so the split can be checked. Image files lying directly in an
     identity folder are not frames of a video and are skipped with a warning. `crop`: how every frame is cropped
-    (taskdata._read_image; DETECT: the face OpenCV's detector finds), None for the whole frames.
+    (images.read_image; DETECT: the face OpenCV's detector finds), None for the whole frames.
     """
     root = Path(root)
     identities = _identity_videos(root)
