@@ -34,7 +34,6 @@ from dualtask.data.demo import make_demo
 from dualtask.data.loading import (
     PSEUDO_TASKS,
     load_task,
-    load_vggface2,
     match_resolution,
     pseudo_tasks,
     same_task,
@@ -51,6 +50,7 @@ from dualtask.data.taskdata import (
     stratified_split,
 )
 from dualtask.data.transforms import augment, normalize, to_float
+from dualtask.data.vggface2_reader import load_vggface2
 
 __all__ = ["CIFAR_CLASSES", "DataError", "PSEUDO_TASKS", "TaskData", "augment", "load_cache", "load_cifar10",
            "load_task", "load_vggface2", "make_demo", "main", "match_resolution", "normalize", "pseudo_tasks",

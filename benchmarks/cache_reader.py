@@ -24,7 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 from dualtask.data import taskdata  # noqa: E402
 from dualtask.data.folders import LFW_FACE_BOX  # noqa: E402
-from dualtask.data.taskdata import DETECT, FractionBox  # noqa: E402
+from dualtask.data.images import DETECT, FractionBox  # noqa: E402
 
 
 def pil_read(path: Path, size: int, box):

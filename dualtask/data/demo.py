@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from dualtask.data.taskdata import DataError, TaskData, resize_images, stratified_split
+from dualtask.data.images import resize_images
+from dualtask.data.taskdata import DataError, TaskData, stratified_split
 
 # ----------------------------------------------------------------------------------------------------------
 # the offline demo set
@@ -114,6 +115,41 @@ def _demo_object(u, v, kind, rng):
     return img
 
 
+def _demo_classes(kind: str, n_classes: int) -> tuple[int, list]:
+    """(n_classes, class names) of a demo set: objects and expressions are capped at the kinds there are."""
+    if kind == "objects":
+        n_classes = min(n_classes, len(DEMO_OBJECTS))
+        return n_classes, list(DEMO_OBJECTS[:n_classes])
+    if kind == "expression":
+        n_classes = min(n_classes, len(DEMO_EXPRESSIONS))
+        return n_classes, list(DEMO_EXPRESSIONS[:n_classes])
+    return n_classes, [f"id{i:03d}" for i in range(n_classes)]
+
+
+def _demo_image(kind: str, label: int, classes: list, identities: list, gx, gy, rng) -> tuple[np.ndarray, int]:
+    """One demo image (uint8, at the drawing resolution of gx, gy) and its expression index (0 for objects):
+    a random pose, the object or face, then lighting and noise. The draws from `rng` come in a fixed order, so
+    a set is the same for a seed."""
+    angle = rng.uniform(-0.35, 0.35) if kind != "objects" else rng.uniform(-np.pi, np.pi)
+    scale = rng.uniform(0.8, 1.1) if kind != "objects" else rng.uniform(0.7, 1.05)
+    dx, dy = rng.uniform(-0.15, 0.15, 2)
+    c, s = np.cos(angle), np.sin(angle)
+    u = (c * (gx - dx) + s * (gy - dy)) / scale
+    v = (-s * (gx - dx) + c * (gy - dy)) / scale
+    expr = 0
+    if kind == "objects":
+        img = _demo_object(u, v, classes[label], rng)
+    else:
+        expr = int(label) if kind == "expression" else int(rng.integers(len(DEMO_EXPRESSIONS)))
+        who = identities[int(rng.integers(len(identities)))] if kind == "expression" else identities[label]
+        jitter = {k: val * rng.uniform(0.7, 1.0) for k, val in _EXPRESSION_SHAPES[DEMO_EXPRESSIONS[expr]].items()}
+        img = _demo_face(u, v, who, jitter, rng)
+    # lighting: a random linear gradient and overall gain, then sensor noise
+    light = rng.uniform(0.7, 1.2) + rng.uniform(-0.25, 0.25) * gx + rng.uniform(-0.25, 0.25) * gy
+    img = img * light[..., None] + rng.normal(0, 0.04, img.shape)
+    return np.clip(img * 255, 0, 255).astype(np.uint8), expr
+
+
 def make_demo(kind: str, n_classes: int = 10, per_class: int = 100, image_size: int = 64, seed: int = 0) -> TaskData:
     """The procedural offline set: 'faces' (identities), 'expression' (the same faces labelled by expression)
     or 'objects' (10 shape and texture classes). Deterministic for a seed.
@@ -124,14 +160,7 @@ def make_demo(kind: str, n_classes: int = 10, per_class: int = 100, image_size: 
     """
     if kind not in ("faces", "objects", "expression"):
         raise DataError(f"demo:{kind}: unknown demo set; expected demo:faces, demo:objects or demo:expression")
-    if kind == "objects":
-        n_classes = min(n_classes, len(DEMO_OBJECTS))
-        classes = list(DEMO_OBJECTS[:n_classes])
-    elif kind == "expression":
-        n_classes = min(n_classes, len(DEMO_EXPRESSIONS))
-        classes = list(DEMO_EXPRESSIONS[:n_classes])
-    else:
-        classes = [f"id{i:03d}" for i in range(n_classes)]
+    n_classes, classes = _demo_classes(kind, n_classes)
     if n_classes < 2 or per_class < 1:
         raise DataError(f"demo:{kind}: needs at least 2 classes and 1 image per class")
     # draw at a fixed working resolution, then resize, so a demo set looks the same at any image_size
@@ -147,24 +176,7 @@ def make_demo(kind: str, n_classes: int = 10, per_class: int = 100, image_size: 
     expressions = np.zeros(len(labels), np.int64)
     rng = np.random.default_rng([seed, 11, {"faces": 0, "objects": 1, "expression": 2}[kind]])
     for i, label in enumerate(labels):
-        angle = rng.uniform(-0.35, 0.35) if kind != "objects" else rng.uniform(-np.pi, np.pi)
-        scale = rng.uniform(0.8, 1.1) if kind != "objects" else rng.uniform(0.7, 1.05)
-        dx, dy = rng.uniform(-0.15, 0.15, 2)
-        c, s = np.cos(angle), np.sin(angle)
-        u = (c * (gx - dx) + s * (gy - dy)) / scale
-        v = (-s * (gx - dx) + c * (gy - dy)) / scale
-        if kind == "objects":
-            img = _demo_object(u, v, classes[label], rng)
-        else:
-            expr = int(label) if kind == "expression" else int(rng.integers(len(DEMO_EXPRESSIONS)))
-            who = identities[int(rng.integers(len(identities)))] if kind == "expression" else identities[label]
-            expressions[i] = expr
-            jitter = {k: val * rng.uniform(0.7, 1.0) for k, val in _EXPRESSION_SHAPES[DEMO_EXPRESSIONS[expr]].items()}
-            img = _demo_face(u, v, who, jitter, rng)
-        # lighting: a random linear gradient and overall gain, then sensor noise
-        light = rng.uniform(0.7, 1.2) + rng.uniform(-0.25, 0.25) * gx + rng.uniform(-0.25, 0.25) * gy
-        img = img * light[..., None] + rng.normal(0, 0.04, img.shape)
-        images[i] = np.clip(img * 255, 0, 255).astype(np.uint8)
+        images[i], expressions[i] = _demo_image(kind, label, classes, identities, gx, gy, rng)
     if draw != image_size:
         images = resize_images(images, image_size)
     split = stratified_split(labels, seed, classes=classes)

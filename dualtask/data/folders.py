@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dualtask.data.images import DETECT, read_many
 from dualtask.data.taskdata import (
-    DETECT,
     IMAGE_EXTENSIONS,
     DataError,
     TaskData,
@@ -22,7 +22,6 @@ from dualtask.data.taskdata import (
     official_split_caps,
     presplit_caps,
     printable,
-    read_many,
     split_off_val,
     stratified_split,
     warn_data,
@@ -104,6 +103,26 @@ def is_lfw_root(root: Path, look: int = 20) -> bool:
         return False
 
 
+def _pool_files(files: dict, classes: list) -> tuple[list, np.ndarray]:
+    """(image files, class indices) of one pool's class folders, class by class in the order of `classes`."""
+    paths, labels = [], []
+    for ci, c in enumerate(classes):
+        paths += files.get(c, [])
+        labels += [ci] * len(files.get(c, []))
+    return paths, np.array(labels, dtype=np.int64)
+
+
+def _fer_test_choice(paths: list, labels: np.ndarray, cap_val, cap_test, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(each file's official set, 1 val or 2 test, from its name; the indices kept) of FER2013's test/ folder:
+    each official set is capped on its own."""
+    official = np.array([next(s for p, s in FER_TEST_PREFIXES.items() if f.name.startswith(p))
+                         for f in paths], dtype=np.int8)
+    idx = np.sort(np.concatenate([np.flatnonzero(official == s)[choose_images(labels[official == s], cap, None,
+                                                                        seed)[0]]
+                                  for s, cap in ((1, cap_val), (2, cap_test))]))
+    return official, idx
+
+
 def load_folder(root, image_size: int, max_per_class=None, max_classes=None, seed: int = 0,
                 crop=None) -> TaskData:
     """A folder with one subfolder per class, or with train/ and test/ each holding the class subfolders.
@@ -113,7 +132,7 @@ def load_folder(root, image_size: int, max_per_class=None, max_classes=None, see
     PublicTest_* or PrivateTest_*), which keep FER2013's official split: train/ all train, PublicTest_* val,
     PrivateTest_* test, so results compare with published FER2013 numbers; that data is labelled by expression
     (label_kind "expression"), any other folder's labels are of unknown kind ("").
-    crop: how every image is cropped before resizing (taskdata._read_image): a FractionBox (enlarged by
+    crop: how every image is cropped before resizing (images.read_image): a FractionBox (enlarged by
     VGGFACE2_BOX_MARGIN), DETECT (the face OpenCV's detector finds), or None, the whole images.
     """
     root = Path(root)
@@ -133,17 +152,9 @@ def load_folder(root, image_size: int, max_per_class=None, max_classes=None, see
         cap_train, cap_test = presplit_caps(max_per_class) if presplit else (max_per_class, None)
     parts, natives = [], []
     for pool, (_, files) in listed.items():
-        paths, labels = [], []
-        for ci, c in enumerate(classes):
-            paths += files.get(c, [])
-            labels += [ci] * len(files.get(c, []))
-        labels = np.array(labels, dtype=np.int64)
-        if fer and pool == "test":  # each file's official set from its name; each set capped on its own
-            official = np.array([next(s for p, s in FER_TEST_PREFIXES.items() if f.name.startswith(p))
-                                 for f in paths], dtype=np.int8)
-            idx = np.sort(np.concatenate([np.flatnonzero(official == s)[choose_images(labels[official == s], cap, None,
-                                                                                seed)[0]]
-                                          for s, cap in ((1, cap_val), (2, cap_test))]))
+        paths, labels = _pool_files(files, classes)
+        if fer and pool == "test":
+            official, idx = _fer_test_choice(paths, labels, cap_val, cap_test, seed)
         else:
             idx, _ = choose_images(labels, cap_test if pool == "test" else cap_train, None, seed)
         images, ok, native = read_many([paths[i] for i in idx], image_size,

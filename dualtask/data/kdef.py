@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dualtask.data.images import read_many
 from dualtask.data.taskdata import (
     IMAGE_EXTENSIONS,
     DataError,
@@ -15,7 +16,6 @@ from dualtask.data.taskdata import (
     choose_images,
     drop_untrainable,
     printable,
-    read_many,
     stratified_split,
     warn_data,
 )
@@ -71,26 +71,9 @@ def is_kdef_root(root: Path) -> bool:
     return bool(names) and sum(bool(_KDEF_NAME.match(n)) for n in names) > len(names) / 2
 
 
-def load_kdef(root, image_size: int, views=("S",), max_per_class=None, max_classes=None, seed: int = 0,
-              crop=None) -> TaskData:
-    """KDEF's photographs, each labelled with its person and its expression.
-
-    The photographs may lie anywhere below `root` (the release has one folder per session and person,
-    AF01/AF01ANS.JPG). `labels` are the people (label_kind "identity"; classes like "F01": sex and number, the
-    two sessions A and B being the same person), `extra["expression"]` the expression of the same photograph
-    (class names in `extra_classes["expression"]`: afraid, angry, disgusted, happy, neutral, sad, surprised),
-    so one image array serves an identity and an expression task (`task_view`). Only the views in `views` are
-    loaded; by default the frontal ones ("S"), as face-identity studies use.
-
-    The split is stratified by person (`stratified_split`), so every person has photographs in train, val and
-    test, as identity classification needs. max_classes keeps the first people by name, max_per_class caps each
-    person's photographs (a seeded sample). Image files whose names do not read as KDEF's are skipped with one
-    warning (the release holds a few, and a copied-in file should not become a person); a name found twice
-    (a copy) is loaded once, so one photograph cannot land in train and test. `crop`: how every photograph is
-    cropped (taskdata._read_image; DETECT: the face OpenCV's detector finds), None for the whole photographs.
-    """
-    root = Path(root)
-    views = parse_kdef_views(views)
+def _find_kdef_photographs(root: Path) -> list:
+    """(path, session, sex, number, expression, view) of every KDEF-named photograph below `root`, walked in
+    name order; other image files and second copies of a name are skipped, each kind with one warning."""
 
     def fail(e):  # os.walk ignores unreadable folders unless told: a folder of photographs must not vanish
         raise e
@@ -118,6 +101,30 @@ def load_kdef(root, image_size: int, views=("S",), max_per_class=None, max_class
     if copies:
         warn_data(f"{root}: {len(copies)} KDEF file name(s) occur twice; each photograph is loaded once (first copy "
               f"skipped: {printable(copies[0])})")
+    return found
+
+
+def load_kdef(root, image_size: int, views=("S",), max_per_class=None, max_classes=None, seed: int = 0,
+              crop=None) -> TaskData:
+    """KDEF's photographs, each labelled with its person and its expression.
+
+    The photographs may lie anywhere below `root` (the release has one folder per session and person,
+    AF01/AF01ANS.JPG). `labels` are the people (label_kind "identity"; classes like "F01": sex and number, the
+    two sessions A and B being the same person), `extra["expression"]` the expression of the same photograph
+    (class names in `extra_classes["expression"]`: afraid, angry, disgusted, happy, neutral, sad, surprised),
+    so one image array serves an identity and an expression task (`task_view`). Only the views in `views` are
+    loaded; by default the frontal ones ("S"), as face-identity studies use.
+
+    The split is stratified by person (`stratified_split`), so every person has photographs in train, val and
+    test, as identity classification needs. max_classes keeps the first people by name, max_per_class caps each
+    person's photographs (a seeded sample). Image files whose names do not read as KDEF's are skipped with one
+    warning (the release holds a few, and a copied-in file should not become a person); a name found twice
+    (a copy) is loaded once, so one photograph cannot land in train and test. `crop`: how every photograph is
+    cropped (images.read_image; DETECT: the face OpenCV's detector finds), None for the whole photographs.
+    """
+    root = Path(root)
+    views = parse_kdef_views(views)
+    found = _find_kdef_photographs(root)
     found = [f for f in found if f[5] in views]
     if not found:
         raise DataError(f"{root}: no KDEF photographs with view(s) {' '.join(views)}; expected {_KDEF_FORM}, "

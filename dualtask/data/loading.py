@@ -1,12 +1,9 @@
-"""The data API behind `vggface2.py`: `load_task` (every source to one `TaskData`), VGGFace2 itself, the tasks'
-views of shared images, and the experiments' control data sets (pseudo-tasks, same-task splits,
-resolution matching). The format and the cache are in taskdata.py, each other source in its own module."""
+"""The data API behind `vggface2.py`: `load_task` (every source to one `TaskData`), the tasks' views of shared
+images, and the experiments' control data sets (pseudo-tasks, same-task splits, resolution matching). The format
+and the cache are in taskdata.py, VGGFace2 in vggface2_reader.py, each other source in its own module."""
 from __future__ import annotations
 
-import csv
-import math
 import os
-import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,23 +13,18 @@ from dualtask.data.cifar10 import load_cifar10
 from dualtask.data.demo import make_demo
 from dualtask.data.fer2013 import FER2013_CSV, load_fer2013_csv
 from dualtask.data.folders import LFW_FACE_BOX, is_lfw_root, load_folder
+from dualtask.data.images import DETECT, FractionBox, resize_images
 from dualtask.data.kdef import is_kdef_root, load_kdef, parse_kdef_views
 from dualtask.data.taskdata import (
-    DETECT,
     FACE_CROPS,
     DataError,
-    FractionBox,
-    Landmarks,
     TaskData,
     cap_classes,
     drop_untrainable,
-    list_images,
     load_cache,
-    read_many,
-    resize_images,
-    stratified_split,
     warn_data,
 )
+from dualtask.data.vggface2_reader import is_vggface2_root, load_vggface2
 from dualtask.data.voxceleb import is_voxceleb_root, load_voxceleb
 
 # ----------------------------------------------------------------------------------------------------------
@@ -88,50 +80,61 @@ def load_task(spec: str, task: str, image_size: int, max_per_class=None, max_cla
                         f"(identity/video/frame.jpg), or a folder with one subfolder per class")
     if root.is_file() and root.suffix.lower() == ".csv":  # FER2013 comes as one CSV file
         data = load_fer2013_csv(root, max_per_class=max_per_class, max_classes=max_classes, seed=seed)
-        data.name = task
-        if data.image_size != image_size:
-            data.images = resize_images(data.images, image_size)
-        return data
+        return _named_and_sized(data, task, image_size)
     if not root.is_dir() or not os.access(root, os.R_OK | os.X_OK):
         raise DataError(f"{task}_data: {spec} is not a readable folder (nor a FER2013 .csv file)")
     try:
-        kind = "cifar10" if download and not any(root.iterdir()) else source_kind(root)
-        crop = face_crop if kind in FACE_SOURCES or (kind == "folder" and label_kind_for_task(task)) else None
-        if kind == "cache":
-            data = load_cache(root)
-            if data.face_crop is not None and label_kind_for_task(task) and data.face_crop != face_crop:
-                warn_data(f"{root} is a cache written with face_crop={data.face_crop!r}, which face_crop={face_crop!r} "
-                      f"does not change; write it again with vggface2.py --face_crop={face_crop} to crop its "
-                      f"faces so")
-            if max_per_class is not None or max_classes is not None:  # a cap may take a class's training images
-                data = drop_untrainable(cap_classes(data, max_per_class, max_classes, seed), str(root))
-        elif kind == "cifar10":
-            data = load_cifar10(root, max_per_class=max_per_class, max_classes=max_classes, seed=seed,
-                                download=download)
-        elif kind == "vggface2":
-            data = load_vggface2(root, image_size, identities=max_classes, per_identity=max_per_class, seed=seed,
-                                 face_crop=face_crop)
-        elif kind == "fer2013":  # the Kaggle archive unpacks to fer2013/fer2013.csv
-            data = load_fer2013_csv(root / FER2013_CSV, max_per_class=max_per_class, max_classes=max_classes,
-                                    seed=seed)
-        elif kind == "kdef":
-            data = load_kdef(root, image_size, views=kdef_views, max_per_class=max_per_class,
-                             max_classes=max_classes, seed=seed, crop=_photo_crop(crop, root))
-        elif kind == "voxceleb":
-            data = load_voxceleb(root, image_size, max_per_class=max_per_class, max_classes=max_classes, seed=seed,
-                                 crop=_photo_crop(crop, root))
-        else:
-            box = FractionBox(LFW_FACE_BOX) if kind == "lfw" else None
-            data = load_folder(root, image_size, max_per_class=max_per_class, max_classes=max_classes, seed=seed,
-                               crop=_photo_crop(crop, root, box))
-        if kind != "cache":
-            data.face_crop = crop
+        data = _load_folder_source(root, task, image_size, max_per_class, max_classes, seed, download, kdef_views,
+                                   face_crop)
     except OSError as e:  # a folder inside the data that cannot be listed (images themselves are skipped)
         raise DataError(f"{task}_data: cannot read {e.filename or spec} ({e.strerror or e}); make it "
                         f"readable") from None
+    return _named_and_sized(data, task, image_size)
+
+
+def _named_and_sized(data: TaskData, task: str, image_size: int) -> TaskData:
+    """`data` named after the task, its images resized to `image_size` unless they are that size already."""
     data.name = task
     if data.image_size != image_size:
         data.images = resize_images(data.images, image_size)
+    return data
+
+
+def _load_folder_source(root: Path, task: str, image_size: int, max_per_class, max_classes, seed: int,
+                        download: bool, kdef_views: tuple, face_crop: str) -> TaskData:
+    """`load_task` for a folder: the layout it holds (`source_kind`; an empty folder asked to download is
+    CIFAR-10) read by that layout's loader, face photographs cropped as `face_crop` says."""
+    kind = "cifar10" if download and not any(root.iterdir()) else source_kind(root)
+    crop = face_crop if kind in FACE_SOURCES or (kind == "folder" and label_kind_for_task(task)) else None
+    if kind == "cache":
+        data = load_cache(root)
+        if data.face_crop is not None and label_kind_for_task(task) and data.face_crop != face_crop:
+            warn_data(f"{root} is a cache written with face_crop={data.face_crop!r}, which face_crop={face_crop!r} "
+                  f"does not change; write it again with vggface2.py --face_crop={face_crop} to crop its "
+                  f"faces so")
+        if max_per_class is not None or max_classes is not None:  # a cap may take a class's training images
+            data = drop_untrainable(cap_classes(data, max_per_class, max_classes, seed), str(root))
+    elif kind == "cifar10":
+        data = load_cifar10(root, max_per_class=max_per_class, max_classes=max_classes, seed=seed,
+                            download=download)
+    elif kind == "vggface2":
+        data = load_vggface2(root, image_size, identities=max_classes, per_identity=max_per_class, seed=seed,
+                             face_crop=face_crop)
+    elif kind == "fer2013":  # the Kaggle archive unpacks to fer2013/fer2013.csv
+        data = load_fer2013_csv(root / FER2013_CSV, max_per_class=max_per_class, max_classes=max_classes,
+                                seed=seed)
+    elif kind == "kdef":
+        data = load_kdef(root, image_size, views=kdef_views, max_per_class=max_per_class,
+                         max_classes=max_classes, seed=seed, crop=_photo_crop(crop, root))
+    elif kind == "voxceleb":
+        data = load_voxceleb(root, image_size, max_per_class=max_per_class, max_classes=max_classes, seed=seed,
+                             crop=_photo_crop(crop, root))
+    else:
+        box = FractionBox(LFW_FACE_BOX) if kind == "lfw" else None
+        data = load_folder(root, image_size, max_per_class=max_per_class, max_classes=max_classes, seed=seed,
+                           crop=_photo_crop(crop, root, box))
+    if kind != "cache":
+        data.face_crop = crop
     return data
 
 
@@ -174,8 +177,8 @@ def face_crop_applies(spec: str, task: str) -> bool:
 
 
 def _photo_crop(face_crop, root: Path, box=None):
-    """The crop of every photograph of a face source without boxes or landmarks of each image (taskdata's
-    _read_image): `box` (LFW's fixed box; None: whole) for "boxes", DETECT for "detect", None (whole) for "none"
+    """The crop of every photograph of a face source without boxes or landmarks of each image (images.py's
+    read_image): `box` (LFW's fixed box; None: whole) for "boxes", DETECT for "detect", None (whole) for "none"
     and for images face_crop leaves alone (face_crop None); "align" is refused, having no landmarks to align on."""
     if face_crop == "align":
         raise DataError(f"face_crop='align': {root} has no facial landmarks to align on (only VGGFace2 has them, in "
@@ -282,144 +285,6 @@ def task_view(data: TaskData, task: str) -> TaskData:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# VGGFace2
-
-
-_IDENTITY = re.compile(r"^n\d{6}$")
-
-
-def is_vggface2_root(root: Path) -> bool:
-    train = root / "train"
-    if (root / "bb_landmark").is_dir():
-        return True
-    return train.is_dir() and any(_IDENTITY.match(d.name) for d in train.iterdir() if d.is_dir())
-
-
-_BOX_FORM = "expected a CSV with header NAME_ID,X,Y,W,H and rows like n000002/0001_01,60,60,79,109"
-LANDMARK_COLUMNS = ("P1X", "P1Y", "P2X", "P2Y", "P3X", "P3Y", "P4X", "P4Y", "P5X", "P5Y")
-_LANDMARK_FORM = ("expected a CSV with header NAME_ID,P1X,P1Y,...,P5X,P5Y (left eye, right eye, nose, mouth left, "
-                  "mouth right) and rows like n000002/0001_01,75.8,111.0,113.0,109.5,93.5,135.6,79.4,157.4,111.7,155.9")
-
-
-def _read_rows(csv_path: Path, columns, form: str, what: str, usable=None) -> dict:
-    """{NAME_ID: the row's numbers} of one of VGGFace2's CSV files (header NAME_ID followed by `columns`); None
-    for a row whose numbers are not all finite or fail `usable`, whose image is then cropped otherwise."""
-    rows, duplicates = {}, []
-    try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as f:  # utf-8-sig: a byte-order mark is accepted
-            reader = csv.reader(f)
-            header = [h.strip() for h in next(reader, [])]
-            if header[:len(columns) + 1] != ["NAME_ID", *columns]:
-                raise DataError(f"{csv_path}: header is {','.join(header)}; {form}")
-            for row in reader:
-                if not any(v.strip() for v in row):
-                    continue
-                try:
-                    values = tuple(float(v) for v in row[1:len(columns) + 1])
-                    if len(values) < len(columns):
-                        raise ValueError
-                except ValueError:
-                    raise DataError(f"{csv_path}: line {reader.line_num} reads {','.join(row)!r:.80}; "
-                                    f"{','.join(columns)} must be {len(columns)} numbers; {form}") from None
-                name = row[0].strip()
-                # a NAME_ID twice comes from a file edited or appended to, not from VGGFace2 (one row per
-                # image): the first row is kept and the rest counted, rather than refusing millions of good rows
-                if name in rows:
-                    duplicates.append(name)
-                    continue
-                ok = all(math.isfinite(v) for v in values) and (usable is None or usable(values))
-                rows[name] = values if ok else None
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise DataError(f"{csv_path}: cannot read the {what} ({e}); {form}") from None
-    if duplicates:
-        warn_data(f"{csv_path}: {len(duplicates)} row(s) repeat an earlier NAME_ID (first: {duplicates[0]}); each "
-              f"image uses its first row")
-    return rows
-
-
-def _read_boxes(csv_path: Path) -> dict:
-    """{NAME_ID: (x, y, w, h)} of VGGFace2's box file; None for a box of zero or negative size or not a
-    number, whose image is then used uncropped."""
-    return _read_rows(csv_path, ("X", "Y", "W", "H"), _BOX_FORM, "bounding boxes", lambda v: v[2] > 0 and v[3] > 0)
-
-
-def _read_landmarks(csv_path: Path) -> dict:
-    """{NAME_ID: (x1, y1, ..., x5, y5)} of VGGFace2's landmark file; None for a row that is not all numbers."""
-    return _read_rows(csv_path, LANDMARK_COLUMNS, _LANDMARK_FORM, "landmarks")
-
-
-def load_vggface2(root, image_size: int, identities=None, per_identity=None, seed: int = 0,
-                  face_crop: str = "boxes") -> TaskData:
-    """VGGFace2's train/ identities, each identity's images split into train / val / test.
-
-    Faces are cropped as `face_crop` says, then resized: "boxes", around `bb_landmark/loose_bb_train.csv`'s box
-    enlarged by 30% (clipped to the image); "detect", around the largest face OpenCV's detector finds, enlarged
-    likewise; "align", aligned on the five points of `bb_landmark/loose_landmark_train.csv` (`align_face`);
-    "none", whole. VGGFace2's test/ holds other people, so it cannot serve identity classification. Images
-    cropped otherwise than asked are counted in a warning: without a usable box (no row, zero or negative size,
-    entirely outside the image) they are used uncropped; without usable landmarks they are cropped to their box
-    (whole without one); with no face found, whole.
-    """
-    root = Path(root)
-    boxes_csv = root / "bb_landmark" / "loose_bb_train.csv"
-    landmarks_csv = root / "bb_landmark" / "loose_landmark_train.csv"
-    layout = "VGGFace2's layout train/nXXXXXX/NNNN_NN.jpg with bb_landmark/loose_bb_train.csv (NAME_ID,X,Y,W,H)"
-    if face_crop == "boxes" and not boxes_csv.exists():
-        raise DataError(f"{root}: no bounding-box file {boxes_csv.relative_to(root)}; expected {layout} (or "
-                        f"face_crop='detect' or 'none', which need no boxes)")
-    if face_crop == "align" and not landmarks_csv.exists():
-        raise DataError(f"face_crop='align': {root} has no landmark file {landmarks_csv.relative_to(root)}; "
-                        f"{_LANDMARK_FORM}; or use face_crop='boxes' or 'detect'")
-    if not (root / "train").is_dir():
-        raise DataError(f"{root}: no train/ folder; expected {layout}")
-    use_boxes = face_crop == "boxes" or (face_crop == "align" and boxes_csv.exists())
-    boxes = _read_boxes(boxes_csv) if use_boxes else {}
-    folders = sorted(d for d in (root / "train").iterdir() if d.is_dir() and _IDENTITY.match(d.name))
-    files = {d.name: list_images(d) for d in folders}
-    names = [n for n in files if files[n]]
-    if identities is not None:
-        names = names[:identities]
-    if len(names) < 2:
-        raise DataError(f"{root / 'train'}: found {len(names)} identity folder(s) with images; need at least 2")
-    paths, labels, keys = [], [], []
-    rng = np.random.default_rng(seed)
-    for ci, name in enumerate(names):
-        chosen = files[name]
-        if per_identity is not None and len(chosen) > per_identity:
-            chosen = [chosen[i] for i in sorted(rng.choice(len(chosen), per_identity, replace=False))]
-        for p in chosen:
-            paths.append(p)
-            labels.append(ci)
-            keys.append(f"{name}/{p.stem}")
-    if face_crop == "boxes":
-        n_nobox = sum(k not in boxes for k in keys)
-        if n_nobox:
-            warn_data(f"{n_nobox} image(s) have no row in {boxes_csv.name}; used uncropped")
-        unusable = [k for k in keys if k in boxes and boxes[k] is None]
-        if unusable:
-            warn_data(f"{len(unusable)} box(es) in {boxes_csv.name} have zero or negative size or are not numbers "
-                  f"(first: {unusable[0]}); those images are used uncropped")
-        crops = [boxes.get(k) for k in keys]
-    elif face_crop == "align":
-        landmarks = _read_landmarks(landmarks_csv)
-        lacking = [k for k in keys if landmarks.get(k) is None]
-        if lacking:
-            boxed = sum(boxes.get(k) is not None for k in lacking)
-            warn_data(f"{len(lacking)} of {len(keys)} image(s) have no usable row in {landmarks_csv.name} (first: "
-                  f"{lacking[0]}); {boxed} of them are cropped to their box in {boxes_csv.name}, {len(lacking) - boxed} "
-                  f"used whole")
-        crops = [Landmarks(landmarks[k], boxes.get(k)) if landmarks.get(k) is not None else boxes.get(k)
-                 for k in keys]
-    else:
-        crops = [DETECT] * len(keys) if face_crop == "detect" else None
-    images, ok, native = read_many(paths, image_size, crops, what=str(root / "train"))
-    labels = np.asarray(labels, dtype=np.int64)[ok]
-    data = TaskData("", names, images, labels, stratified_split(labels, seed, classes=names), f"vggface2:{root}",
-                    native_size=native, label_kind="identity", face_crop=face_crop)
-    return drop_untrainable(data, str(root / "train"))
-
-
-# ----------------------------------------------------------------------------------------------------------
 # the experiment's control data sets
 
 
@@ -500,17 +365,3 @@ def match_resolution(datasets: dict, size: int | None = None) -> tuple:
         out[task] = replace(d, images=images, source=f"{d.source} (matched to {size} px)",
                             native_size=min(size, d.native_size or d.image_size))
     return out, size
-
-
-# ----------------------------------------------------------------------------------------------------------
-# batches on the device
-
-
-
-
-
-
-
-
-# ----------------------------------------------------------------------------------------------------------
-# command line: preprocess VGGFace2 (or any source) into a cache folder

@@ -1,41 +1,42 @@
 """The one format every data source becomes: `TaskData` (uint8 images (N, H, W, 3), int64 labels, class names,
 a split per image: 0 train, 1 val, 2 test), its cache folder (images.npy, labels.npy, split.npy, meta.json,
-loaded memory-mapped), the stratified split and the caps on classes and images, and the image reading, resizing
-and face cropping the sources share (OpenCV's face detector, the five-point alignment). The ground of the data
-modules: it imports none of them.
+loaded memory-mapped), and the stratified split and the caps on classes and images. The image reading, resizing
+and face cropping the sources share are in images.py, `DataError` and `warn_data` in errors.py: both lie below
+this module, which imports no other data module.
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
-import sys
-import threading
-import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+
+from dualtask.data.errors import DataError, warn_data
+
+# the image functions tests and benchmarks call as taskdata.<name>, from before they moved to images.py
+from dualtask.data.images import ARCFACE_TEMPLATE as ARCFACE_TEMPLATE
+from dualtask.data.images import align_face as align_face
+from dualtask.data.images import crop_box as crop_box
+from dualtask.data.images import decode_image as decode_image
+from dualtask.data.images import detect_face as detect_face
+from dualtask.data.images import face_template as face_template
+from dualtask.data.images import read_image as read_image
+from dualtask.data.images import resize_images as resize_images
+from dualtask.data.images import to_rgb as to_rgb
 
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 VAL_FRACTION = 0.1  # of each class's images, for sources that come without a validation split
 TEST_FRACTION = 0.2  # of each class's images, for sources that come without a test split
-VGGFACE2_BOX_MARGIN = 0.3  # the dataset authors enlarge the loose box by 30% before cropping
 # how face photographs are cropped (the face_crop setting): "boxes", the source's own face boxes (VGGFace2's loose
 # boxes, LFW's fixed box) enlarged by VGGFACE2_BOX_MARGIN; "detect", the largest face OpenCV's detector finds,
 # enlarged likewise; "align", VGGFace2's five landmarks mapped onto a fixed template; "none", the whole images
 FACE_CROPS = ("boxes", "detect", "align", "none")
 NORM_MEAN = NORM_STD = 0.5  # the reference study's normalisation
-
-
-class DataError(ValueError):
-    """Bad data input: the message names the path or value and the expected form."""
 
 
 @dataclass
@@ -248,357 +249,98 @@ def drop_untrainable(data: TaskData, what: str) -> TaskData:
                    split=data.split[idx], extra={k: v[idx] for k, v in data.extra.items()})
 
 
-def warn_data(message: str) -> None:
-    """One 'warning: ...' line on stderr: data loaded, but not quite as given."""
-    print(f"warning: {message}", file=sys.stderr)
-
-
 def few(names, k: int = 5) -> str:
     """The first k names, and how many more."""
     names = [str(n) for n in names]
     return ", ".join(names[:k]) + (f" and {len(names) - k} more" if len(names) > k else "")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# images
-
-
-def resize_images(images: np.ndarray, size: int, chunk: int = 512) -> np.ndarray:
-    """Resize (N, H, W, 3) uint8 images to size x size (bilinear, antialiased), in chunks."""
-    out = np.empty((len(images), size, size, 3), dtype=np.uint8)
-    for start in range(0, len(images), chunk):
-        x = torch.from_numpy(np.array(images[start:start + chunk])).permute(0, 3, 1, 2).float()
-        y = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        out[start:start + chunk] = y.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    return out
-
-
-def _square_resize(img: np.ndarray, size: int) -> np.ndarray:
-    """Resize the shorter side of an (H, W, 3) array to `size` and crop the centre square. OpenCV's area averaging
-    when shrinking (each output pixel the mean of the pixels it covers: no aliasing), bilinear when enlarging."""
-    import cv2
-
-    h, w = img.shape[:2]
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    if (nw, nh) != (w, h):
-        img = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return np.ascontiguousarray(img[top:top + size, left:left + size])
-
-
-def to_rgb(im):
-    """Any PIL image as 8-bit RGB, scaled by its format's range (PIL's own convert clips deeper images)."""
-    from PIL import Image
-
-    if im.mode == "I" or im.mode.startswith("I;16"):
-        a = np.asarray(im).astype(np.float64)
-        if a.size and (a.min() < 0 or a.max() > 65535):
-            # 32-bit values proper: scaled by their own range, since the format's 2^32 levels would leave
-            # any real image black; "I" usually holds 16-bit data (how PIL opens many 16-bit files)
-            a = (a - a.min()) / max(a.max() - a.min(), 1) * 255
-        else:
-            a = a / 257  # 16 bit: 65535 -> 255, so a 16-bit gradient becomes the same 8-bit gradient
-        return Image.fromarray(np.round(a).astype(np.uint8), "L").convert("RGB")
-    if im.mode == "F":
-        # float images have no fixed range: [0, 1] (the usual convention) and [0, 255] are taken as they
-        # stand, anything else is stretched from its min..max; NaN becomes 0
-        a = np.nan_to_num(np.asarray(im, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-        lo, hi = (a.min(), a.max()) if a.size else (0.0, 1.0)
-        if lo >= 0 and hi <= 1:
-            a = a * 255
-        elif lo < 0 or hi > 255:
-            a = (a - lo) / max(hi - lo, 1e-12) * 255
-        return Image.fromarray(np.round(a).clip(0, 255).astype(np.uint8), "L").convert("RGB")
-    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
-        # transparent pixels are shown on white, as a viewer shows them, not as the hidden colour under them
-        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, im.convert("RGBA")).convert("RGB")
-    return im.convert("RGB")  # L, 1, P, CMYK, YCbCr, RGB: PIL converts these correctly
-
-
-class FractionBox(tuple):
-    """A face box (x, y, w, h) given as fractions of the image's width and height (one box for many images)."""
-
-
-def crop_box(box, width: int, height: int):
-    """The box (pixels, or a FractionBox) enlarged by the margin and clipped to the image as (left, top, right,
-    bottom), or None when less than 2 x 2 pixels of it lie inside the image."""
-    x, y, w, h = box
-    if isinstance(box, FractionBox):
-        x, y, w, h = x * width, y * height, w * width, h * height
-    cx, cy = x + w / 2, y + h / 2
-    w, h = w * (1 + VGGFACE2_BOX_MARGIN), h * (1 + VGGFACE2_BOX_MARGIN)
-    left, top = max(0, int(round(cx - w / 2))), max(0, int(round(cy - h / 2)))
-    right, bottom = min(width, int(round(cx + w / 2))), min(height, int(round(cy + h / 2)))
-    return (left, top, right, bottom) if right - left >= 2 and bottom - top >= 2 else None
-
-
-# ----------------------------------------------------------------------------------------------------------
-# face crops: OpenCV's face detector and the five-point alignment
-
-
-DETECT = "detect"  # a crop (see _read_image) that asks for the face the detector finds
-FACE_CASCADE = "haarcascade_frontalface_default.xml"  # OpenCV's frontal-face Haar cascade, shipped in cv2.data
-# the detector looks at a copy whose shorter side is at most DETECT_SIDE pixels, so it finds faces of at least 15% of
-# that side (its 24-px window) in a photograph of any size, at 60% of the time the 250-px LFW frames take (and the
-# same rate); the scale step and neighbour count are OpenCV's usual values. On ../shared/data/lfw_min20 it finds a
-# face in 3,010 of 3,023 frames (BENCHMARKS.md, benchmarks/cache_reader.py)
-DETECT_SIDE = 160
-DETECT_SCALE_FACTOR = 1.1
-DETECT_MIN_NEIGHBORS = 5
-# ArcFace's five-point template (Deng et al. 2019, insightface) in its 112 x 112 frame, in VGGFace2's order: left
-# eye, right eye, nose tip, left and right mouth corners (left and right as seen in the image)
-ARCFACE_TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655],
-                             [70.7299, 92.2041]])
-_detectors = threading.local()  # one detector per reading thread: OpenCV does not promise that one can be shared
-
-
-@dataclass(frozen=True)
-class Landmarks:
-    """A crop (see _read_image): five facial points (x1, y1, ..., x5, y5) in pixels, in VGGFace2's order (left eye,
-    right eye, nose, mouth left, mouth right), the face aligned on them; `box` is the crop used when no
-    similarity fits them (None: the whole image)."""
-
-    points: tuple
-    box: tuple | None = None
-
-
-def _face_detector():
-    """This thread's copy of OpenCV's frontal-face cascade (DataError when OpenCV lacks it)."""
-    import cv2
-
-    detector = getattr(_detectors, "cascade", None)
-    if detector is None:
-        path = os.path.join(getattr(getattr(cv2, "data", None), "haarcascades", ""), FACE_CASCADE)
-        detector = cv2.CascadeClassifier(path) if hasattr(cv2, "CascadeClassifier") else None
-        if detector is None or detector.empty():
-            raise DataError(f"face_crop='detect': OpenCV {cv2.__version__} has no frontal-face cascade ({path}); "
-                            f"expected opencv-python-headless 4.x, which ships it: pip install -r requirements.txt")
-        _detectors.cascade = detector
-    return detector
-
-
-def detect_face(img: np.ndarray):
-    """The largest face OpenCV's frontal-face cascade finds in an (H, W, 3) RGB array, as a box (x, y, w, h) in
-    pixels, or None when it finds none."""
-    import cv2
-
-    grey = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
-    scale = min(1.0, DETECT_SIDE / min(grey.shape))
-    if scale < 1:
-        grey = cv2.resize(grey, (max(1, round(grey.shape[1] * scale)), max(1, round(grey.shape[0] * scale))),
-                          interpolation=cv2.INTER_AREA)
-    faces = _face_detector().detectMultiScale(grey, scaleFactor=DETECT_SCALE_FACTOR, minNeighbors=DETECT_MIN_NEIGHBORS)
-    if len(faces) == 0:
-        return None
-    x, y, w, h = max(faces, key=lambda f: f[2] * f[3])
-    return x / scale, y / scale, w / scale, h / scale
-
-
-def face_template(size: int) -> np.ndarray:
-    """Where an aligned face's five points lie in a size x size image, (5, 2) in pixels: ArcFace's template, its
-    112-px frame enlarged by VGGFACE2_BOX_MARGIN (a face as loose as the boxes' crops), scaled to `size`."""
-    return ((ARCFACE_TEMPLATE / 112 - 0.5) / (1 + VGGFACE2_BOX_MARGIN) + 0.5) * size
-
-
-def align_face(img: np.ndarray, points, size: int):
-    """The face of an (H, W, 3) array aligned on its five points (x1, y1, ..., x5, y5): the similarity transform
-    (rotation, uniform scale, shift) that maps them closest onto `face_template(size)` (least squares), applied by
-    OpenCV's warpAffine; what falls outside the image is black. Returns (the size x size array, the side in
-    pixels of the image region it shows), or None when the points are not finite or no similarity fits them."""
-    import cv2
-
-    src = np.asarray(points, dtype=np.float64).reshape(5, 2)
-    if not np.isfinite(src).all():
-        return None
-    # a threshold as large as the output keeps every point an inlier, so the refined fit is the least-squares
-    # similarity over all five points (as ArcFace's alignment), not a subset's
-    matrix, _ = cv2.estimateAffinePartial2D(src.astype(np.float32), face_template(size).astype(np.float32),
-                                            method=cv2.RANSAC, ransacReprojThreshold=float(size))
-    if matrix is None or not np.isfinite(matrix).all():
-        return None
-    scale = math.sqrt(abs(np.linalg.det(matrix[:, :2])))
-    if not scale > 1e-6:
-        return None
-    region = size / scale
-    if scale < 1:  # shrinking: average the pixels down first (warpAffine alone would alias), then warp at ~1:1
-        h, w = img.shape[:2]
-        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-        img = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA)
-        matrix = matrix.copy()
-        matrix[:, 0] *= w / nw
-        matrix[:, 1] *= h / nh
-    face = cv2.warpAffine(img, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
-                          borderValue=(0, 0, 0))
-    return face, max(1, int(round(region)))
-
-
-def decode_image(path: Path):
-    """The image file as an (H, W, 3) uint8 RGB array. JPEG files (told by their first bytes, whatever their name)
-    are decoded by OpenCV, faster than PIL (benchmarks/cache_reader.py), with the EXIF orientation ignored as PIL
-    ignores it; every other format by PIL, whose modes `_to_rgb` scales (16-bit, float, transparency)."""
-    import io
-
-    import cv2
-    from PIL import Image
-
-    data = np.fromfile(path, dtype=np.uint8)
-    if data[:2].tobytes() == b"\xff\xd8":
-        bgr = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-        if bgr is not None:
-            return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-    with Image.open(io.BytesIO(data.tobytes())) as im:  # a JPEG OpenCV refused gets PIL's judgement too
-        return np.asarray(to_rgb(im))
-
-
-def read_image(path: Path, size: int, crop=None):
-    """Decode one image and bring it to a (size, size, 3) uint8 array, cropped as `crop` says:
-
-    - None: the whole image;
-    - a box (x, y, w, h) in pixels, or a FractionBox: that box enlarged by VGGFACE2_BOX_MARGIN, clipped to the image;
-    - DETECT: the largest face OpenCV's detector finds (`detect_face`), enlarged and clipped likewise;
-    - Landmarks: the face aligned on its five points (`align_face`).
-
-    Returns the array (None when the image cannot be read); what went otherwise than asked, the image then used
-    whole or, for landmarks, cropped to their box: "" (nothing), "outside" (the box lay outside the image),
-    "no face" (none found) or "unaligned" (no similarity fits the points); and the shorter side in pixels of
-    what was resized (the crop's, or for an alignment the side of the image region it shows).
-    """
-    try:
-        img = decode_image(path)
-        note = ""
-        if isinstance(crop, Landmarks):
-            aligned = align_face(img, crop.points, size)
-            if aligned is not None:
-                return aligned[0], "", aligned[1]
-            note, crop = "unaligned", crop.box
-        elif isinstance(crop, str) and crop == DETECT:
-            crop = detect_face(img)
-            note = "no face" if crop is None else ""
-        if crop is not None:
-            rect = crop_box(crop, img.shape[1], img.shape[0])
-            if rect is None:
-                note = note or "outside"
-            else:
-                left, top, right, bottom = rect
-                img = img[top:bottom, left:right]
-        return _square_resize(img, size), note, min(img.shape[:2])
-    except Exception:  # PIL and OpenCV raise many types for damaged files; any of them means "skip this image"
-        return None, "", 0
-
-
-def read_many(paths, size: int, crops=None, what: str = "images"):
-    """Decode and crop images (`_read_image`; `crops`: one per path, or None for whole images) in threads (OpenCV
-    and PIL release the GIL while decoding); skip unreadable ones with a warning, and count in warnings the
-    images cropped otherwise than asked. Returns the images, which paths were read, and the median shorter side
-    of what was resized."""
-    import cv2
-    from tqdm import tqdm
-
-    crops = crops if crops is not None else [None] * len(paths)
-    if any(isinstance(c, str) and c == DETECT for c in crops):
-        _face_detector()  # a detector that cannot load is one clear error, not every image "unreadable"
-    threads = cv2.getNumThreads()
-    cv2.setNumThreads(1)  # the pool's threads keep the cores busy: OpenCV's own threads would only compete
-    try:
-        with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) + 2)) as pool:
-            results = list(tqdm(pool.map(lambda pc: read_image(pc[0], size, pc[1]), zip(paths, crops)),
-                                total=len(paths), desc=f"reading {what}", leave=False,
-                                disable=True if len(paths) < 500 else None))
-    finally:
-        cv2.setNumThreads(threads)
-    arrays = [a for a, _, _ in results]
-    ok = np.array([a is not None for a in arrays], dtype=bool)
-    bad = [str(p) for p, a in zip(paths, arrays) if a is None]
-    if bad:
-        warnings.warn(f"skipped {len(bad)} unreadable image(s) in {what}, e.g. {bad[0]}", stacklevel=2)
-        print(f"warning: skipped {len(bad)} unreadable image(s) in {what} (first: {bad[0]})", file=sys.stderr)
-    notes = {note: [str(p) for p, (_, n, _) in zip(paths, results) if n == note]
-             for note in ("outside", "no face", "unaligned")}
-    detected = sum(a is not None and isinstance(c, str) and c == DETECT for a, c in zip(arrays, crops))
-    aligned = sum(a is not None and isinstance(c, Landmarks) for a, c in zip(arrays, crops))
-    if notes["outside"]:
-        warn_data(f"{len(notes['outside'])} face box(es) lie outside their image in {what}; those images are used "
-              f"uncropped (first: {notes['outside'][0]})")
-    if notes["no face"]:
-        warn_data(f"no face found in {len(notes['no face'])} of {detected} image(s) in {what}; those images are used whole "
-              f"(first: {notes['no face'][0]})")
-    if notes["unaligned"]:
-        warn_data(f"{len(notes['unaligned'])} of {aligned} image(s) in {what} have landmarks no similarity transform fits; "
-              f"those images are cropped to their box, or used whole without one (first: {notes['unaligned'][0]})")
-    images = np.stack([a for a in arrays if a is not None]) if ok.any() else np.zeros((0, size, size, 3), np.uint8)
-    natives = [n for a, _, n in results if a is not None]
-    return images, ok, int(np.median(natives)) if natives else None
-
-
 def list_images(folder: Path):
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-def load_cache(folder) -> TaskData:
-    """A folder written by `TaskData.save` (memory-mapped, so data larger than memory works)."""
-    folder = Path(folder)
+def _damaged_cache(folder: Path, problem: str) -> DataError:
+    return DataError(f"{folder}: {problem}; expected a cache as vggface2.py writes it (images.npy (N, H, W, 3) "
+                     f"uint8, labels.npy, split.npy with 0 train / 1 val / 2 test, meta.json); write it again "
+                     f"with vggface2.py")
 
-    def damaged(problem):
-        return DataError(f"{folder}: {problem}; expected a cache as vggface2.py writes it (images.npy (N, H, W, 3) "
-                         f"uint8, labels.npy, split.npy with 0 train / 1 val / 2 test, meta.json); write it again "
-                         f"with vggface2.py")
 
-    try:
-        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise damaged(f"meta.json is not readable JSON ({e})") from None
-    classes = meta.get("classes") if isinstance(meta, dict) else None
-    if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)
-            and len(set(classes)) == len(classes)):
-        raise damaged("meta.json lacks 'classes', a list of distinct class names")
-    extra_keys = meta.get("extra", [])
-    if not (isinstance(extra_keys, list) and all(isinstance(k, str) and re.fullmatch(r"\w+", k) for k in extra_keys)):
-        raise damaged("meta.json's 'extra' is not a list of array names")
+def _cache_arrays(folder: Path, n_classes: int, extra_keys: list) -> dict:
+    """{name: array} of a cache's .npy files (images memory-mapped), each checked for its shape, type and range."""
     arrays = {}
     for key in ["images", "labels", "split"] + [f"extra_{k}" for k in extra_keys]:
         try:  # allow_pickle stays off: a cache holds plain arrays, never objects to unpickle
             arrays[key] = np.load(folder / f"{key}.npy", mmap_mode="r" if key == "images" else None)
         except (OSError, ValueError) as e:
-            raise damaged(f"{key}.npy is not a readable array ({e})") from None
+            raise _damaged_cache(folder, f"{key}.npy is not a readable array ({e})") from None
     images, labels, split = arrays["images"], arrays["labels"], arrays["split"]
     if images.ndim != 4 or images.shape[3] != 3 or images.dtype != np.uint8 or 0 in images.shape[1:3]:
-        raise damaged(f"images.npy is {images.dtype} of shape {images.shape}")
+        raise _damaged_cache(folder, f"images.npy is {images.dtype} of shape {images.shape}")
     for key, values in arrays.items():
         if key != "images" and (values.ndim == 0 or len(values) != len(images)):
-            raise damaged(f"{key}.npy has shape {values.shape}, not one entry for each of the {len(images)} images")
-    for key, values, top in (("labels", labels, len(classes) - 1), ("split", split, 2)):
+            raise _damaged_cache(folder, f"{key}.npy has shape {values.shape}, not one entry for each of the "
+                                         f"{len(images)} images")
+    for key, values, top in (("labels", labels, n_classes - 1), ("split", split, 2)):
         if values.ndim != 1 or values.dtype.kind not in "iu":
-            raise damaged(f"{key}.npy is {values.dtype} of shape {values.shape}, not one integer per image")
+            raise _damaged_cache(folder, f"{key}.npy is {values.dtype} of shape {values.shape}, not one integer "
+                                         f"per image")
         wrong = np.unique(values[(values < 0) | (values > top)])
         if len(wrong):
-            raise damaged(f"{key}.npy holds {few(wrong.tolist())}, outside 0..{top}"
-                          + (f" (meta.json names {len(classes)} classes)" if key == "labels" else ""))
-    extra = {k: arrays[f"extra_{k}"] for k in extra_keys}
-    native = meta.get("native_size")
-    native = native if isinstance(native, int) and not isinstance(native, bool) and native > 0 else None
+            raise _damaged_cache(folder, f"{key}.npy holds {few(wrong.tolist())}, outside 0..{top}"
+                                 + (f" (meta.json names {n_classes} classes)" if key == "labels" else ""))
+    return arrays
+
+
+def _cache_labels(folder: Path, meta: dict, extra: dict) -> tuple:
+    """(label_kind, extra_classes, face_crop) of a cache's meta.json, checked against its extra arrays."""
     # label_kind and extra_classes came later: a cache written before them loads with the defaults
     label_kind = meta.get("label_kind", "")
     if not isinstance(label_kind, str):
-        raise damaged(f"meta.json's 'label_kind' is {label_kind!r}, not a string such as \"identity\"")
+        raise _damaged_cache(folder, f"meta.json's 'label_kind' is {label_kind!r}, not a string such as "
+                                     f"\"identity\"")
     extra_classes = meta.get("extra_classes", {})
     if not (isinstance(extra_classes, dict)
             and all(k in extra and isinstance(v, list) and all(isinstance(c, str) for c in v)
                     for k, v in extra_classes.items())):
-        raise damaged("meta.json's 'extra_classes' is not a mapping from names in 'extra' to lists of class names")
+        raise _damaged_cache(folder, "meta.json's 'extra_classes' is not a mapping from names in 'extra' to lists "
+                                     "of class names")
     for key, names in extra_classes.items():  # a label beyond its class list would name no class
         values = extra[key]
         if values.dtype.kind not in "iu" or (len(values) and (values.min() < 0 or values.max() >= len(names))):
-            raise damaged(f"extra_{key}.npy is not integer labels within 0..{len(names) - 1} (meta.json names "
-                          f"{len(names)} {key} classes)")
+            raise _damaged_cache(folder, f"extra_{key}.npy is not integer labels within 0..{len(names) - 1} "
+                                         f"(meta.json names {len(names)} {key} classes)")
     face_crop = meta.get("face_crop", "boxes")  # a cache from before the setting: VGGFace2's boxes, LFW's box
     if face_crop is not None and face_crop not in FACE_CROPS:
-        raise damaged(f"meta.json's 'face_crop' is {face_crop!r}, not null or one of {', '.join(FACE_CROPS)}")
+        raise _damaged_cache(folder, f"meta.json's 'face_crop' is {face_crop!r}, not null or one of "
+                                     f"{', '.join(FACE_CROPS)}")
+    return label_kind, extra_classes, face_crop
+
+
+def load_cache(folder) -> TaskData:
+    """A folder written by `TaskData.save` (memory-mapped, so data larger than memory works)."""
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise _damaged_cache(folder, f"meta.json is not readable JSON ({e})") from None
+    classes = meta.get("classes") if isinstance(meta, dict) else None
+    if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)
+            and len(set(classes)) == len(classes)):
+        raise _damaged_cache(folder, "meta.json lacks 'classes', a list of distinct class names")
+    extra_keys = meta.get("extra", [])
+    if not (isinstance(extra_keys, list) and all(isinstance(k, str) and re.fullmatch(r"\w+", k) for k in extra_keys)):
+        raise _damaged_cache(folder, "meta.json's 'extra' is not a list of array names")
+    arrays = _cache_arrays(folder, len(classes), extra_keys)
+    images, labels, split = arrays["images"], arrays["labels"], arrays["split"]
+    extra = {k: arrays[f"extra_{k}"] for k in extra_keys}
+    native = meta.get("native_size")
+    native = native if isinstance(native, int) and not isinstance(native, bool) and native > 0 else None
+    label_kind, extra_classes, face_crop = _cache_labels(folder, meta, extra)
     data = TaskData(str(meta.get("name", "")), classes, images, labels.astype(np.int64), split.astype(np.int8),
                     str(meta.get("source", "")), extra, native or int(images.shape[1]), label_kind, extra_classes,
                     face_crop)
     return drop_untrainable(data, str(folder))
+
 
 def printable(name: str) -> str:
     """A file name as text any writer accepts: bytes that are not UTF-8 (kept by os.fsdecode as surrogates,

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dualtask.data.images import read_many
 from dualtask.data.taskdata import (
     IMAGE_EXTENSIONS,
     SPLITS,
@@ -17,7 +18,6 @@ from dualtask.data.taskdata import (
     few,
     list_images,
     printable,
-    read_many,
     warn_data,
 )
 
@@ -89,6 +89,26 @@ def _identity_videos(root: Path) -> dict:
     return identities
 
 
+def _take_frames(videos: dict, assigned: dict, max_per_class, rng) -> dict:
+    """{video: indices of its frames taken} for one identity, its videos in the order frames are taken in under
+    a cap: a video of each split first (train, test, val), then the rest; round robin over the videos, one
+    seeded-random frame each per round, until the cap or the frames run out."""
+    leads = [next((v for v, s in assigned.items() if s == want), None) for want in (0, 2, 1)]
+    order = [v for v in leads if v is not None] + [v for v in assigned if v not in leads]
+    picks = {v: rng.permutation(len(videos[v])) for v in order}
+    total = sum(len(f) for f in videos.values())
+    cap = total if max_per_class is None else min(total, max_per_class)
+    taken = {v: [] for v in order}
+    n, r = 0, 0
+    while n < cap:  # round robin over the videos, one frame each per round
+        for v in order:
+            if r < len(picks[v]) and n < cap:
+                taken[v].append(picks[v][r])
+                n += 1
+        r += 1
+    return taken
+
+
 def load_voxceleb(root, image_size: int, max_per_class=None, max_classes=None, seed: int = 0,
                   crop=None) -> TaskData:
     """VoxCeleb face frames (identity/video/frame.jpg), labelled by identity (label_kind "identity").
@@ -106,7 +126,7 @@ def load_voxceleb(root, image_size: int, max_per_class=None, max_classes=None, s
     video rather than dropping whole videos and splits. `extra["video"]` holds each frame's video (names
     "identity/video" in `extra_classes["video"]`), so the split can be checked. Image files lying directly in an
     identity folder are not frames of a video and are skipped with a warning. `crop`: how every frame is cropped
-    (taskdata._read_image; DETECT: the face OpenCV's detector finds), None for the whole frames.
+    (images.read_image; DETECT: the face OpenCV's detector finds), None for the whole frames.
     """
     root = Path(root)
     identities = _identity_videos(root)
@@ -123,23 +143,10 @@ def load_voxceleb(root, image_size: int, max_per_class=None, max_classes=None, s
         assigned = _assign_videos(list(videos), rng)
         if len(videos) == 1:
             lonely.append(name)
-        # the order frames are taken in under a cap: a video of each split first, then the rest
-        leads = [next((v for v, s in assigned.items() if s == want), None) for want in (0, 2, 1)]
-        order = [v for v in leads if v is not None] + [v for v in assigned if v not in leads]
-        picks = {v: rng.permutation(len(videos[v])) for v in order}
-        total = sum(len(f) for f in videos.values())
-        cap = total if max_per_class is None else min(total, max_per_class)
-        taken = {v: [] for v in order}
-        n, r = 0, 0
-        while n < cap:  # round robin over the videos, one frame each per round
-            for v in order:
-                if r < len(picks[v]) and n < cap:
-                    taken[v].append(picks[v][r])
-                    n += 1
-            r += 1
-        for v in order:
+        taken = _take_frames(videos, assigned, max_per_class, rng)
+        for v, frames in taken.items():
             video_names.append(f"{name}/{v}")
-            for i in sorted(taken[v]):
+            for i in sorted(frames):
                 paths.append(videos[v][i])
                 labels.append(ci)
                 splits.append(assigned[v])

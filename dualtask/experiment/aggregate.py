@@ -1,6 +1,6 @@
 """The aggregate of an experiment (experiment.py): the dissociation index across training seeds with a
 hierarchical bootstrap interval, the real tasks weighed against the control networks, single-task baselines,
-and the experiment's report.html, which opens on the verdict.
+and the experiment's report.html, which opens on the verdict (judgement.py judges and words it).
 
 Writes into the experiment's folder: summary.csv (per role, site, ranking and fraction), accuracy.csv
 (intact test accuracy per role, seed and task), single_task.csv (when that control ran), figures/ and
@@ -21,16 +21,25 @@ from dualtask.core import names
 from dualtask.core.common import UsageError, number, read_csv, read_json, write_csv, write_text
 from dualtask.experiment import branching
 from dualtask.experiment import pipeline as dualtask
+from dualtask.experiment.judgement import (
+    COMPARED,
+    accuracy_caveats,
+    fmt,
+    holm_family,
+    judge,
+    receptive_across,
+    reliability_across,
+    run_rankings,
+    unreproducible_runs,
+    words,
+)
 from dualtask.lesion import dissociation, engine
 from dualtask.report import build as report
 from dualtask.report import figures, first_screen, pages
 from dualtask.stats import multiple_testing
-from dualtask.stats import verdict as V
 from dualtask.training import trainer
 
 N_BOOT = 1000  # hierarchical bootstrap draws
-ALPHA = report.ALPHA
-FEW_SEEDS = 5  # below this many seeds per role, an across-seed interval is a rough guide
 SUMMARY_COLUMNS = ("role", "layer", "depth", "relative_depth", "method", "fraction", "task_a", "task_b", "n_seeds",
                    "index", "ci_low", "ci_high", "seed_indices", "p_random", "pseudo_task_index",
                    "p_vs_pseudo_task", "resolution_matched_index", "p_vs_resolution_matched", "p_corrected",
@@ -43,11 +52,6 @@ ACCURACY_COLUMNS = ("role", "seed", "task", "accuracy", "ci_low", "ci_high", "n_
 SINGLE_COLUMNS = ("trained_on", "seed", "decoded_task", "single_task_decoding", "joint_decoding", "chance",
                   "n_train", "n_test")
 SWEPT_ROLES = ("real", "pseudo_task", "resolution_matched", "same_task")  # two tasks and a lesion sweep
-# the controls whose index the real one must beat, each with its name in the verdict and what beating it rules out
-COMPARED = {"pseudo_task": ("pseudo-tasks", "more than for random splits of the same classes"),
-            "same_task": ("two heads on one task", "more than two heads learning one task lean on different filters"),
-            "resolution_matched": ("resolution-matched training", "more than when every task's images share one "
-                                                                  "resolution")}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -196,20 +200,6 @@ def role_statistics(role_runs: list, rng) -> dict:
     return stats
 
 
-def _fmt(x, digits: int = 4) -> str:
-    return f"{x:.{digits}f}" if isinstance(x, (int, float)) and math.isfinite(x) else ""
-
-
-def holm_family(rows: list, keys) -> list:
-    """Holm's adjusted p-values of one family, every row x key (the site x ranking x comparison tests the
-    verdict reads: their p-values come from bootstrap draws and Fisher's combination, not from shared random
-    orders, so no joint null is at hand and Holm's step-down controls the family-wise error under any
-    dependence): [{key: adjusted p}] in the rows' order, NaN where the row has no p-value for a key."""
-    keys = list(keys)
-    flat = multiple_testing.holm([number(r.get(k)) for r in rows for k in keys])
-    return [dict(zip(keys, flat[i * len(keys):(i + 1) * len(keys)])) for i in range(len(rows))]
-
-
 def summary_rows(stats: dict, decides=multiple_testing.IMPORTANCE) -> list:
     """summary.csv's rows: every role's statistics, the real rows with their comparisons against the controls
     at the same site (the same relative depth: the runs share one architecture), and p_corrected: the largest of
@@ -219,17 +209,17 @@ def summary_rows(stats: dict, decides=multiple_testing.IMPORTANCE) -> list:
     rows = []
     for role, per in stats.items():
         for (layer, method, f), s in sorted(per.items(), key=lambda kv: (kv[1]["depth"], kv[0][1], kv[0][2])):
-            row = {"role": role, "layer": layer, "depth": s["depth"], "relative_depth": _fmt(s["relative_depth"], 3),
+            row = {"role": role, "layer": layer, "depth": s["depth"], "relative_depth": fmt(s["relative_depth"], 3),
                    "method": method, "fraction": f, "task_a": s["task_a"], "task_b": s["task_b"],
-                   "n_seeds": len(s["seeds"]), "index": _fmt(s["index"]), "ci_low": _fmt(s["ci_low"]),
-                   "ci_high": _fmt(s["ci_high"]), "seed_indices": ";".join(_fmt(p) for p in s["points"]),
-                   "p_random": _fmt(s["p_random"]), "matched_index": _fmt(s["matched_index"])}
+                   "n_seeds": len(s["seeds"]), "index": fmt(s["index"]), "ci_low": fmt(s["ci_low"]),
+                   "ci_high": fmt(s["ci_high"]), "seed_indices": ";".join(fmt(p) for p in s["points"]),
+                   "p_random": fmt(s["p_random"]), "matched_index": fmt(s["matched_index"])}
             if role == "real":
                 for control in COMPARED:
                     c = stats.get(control, {}).get((layer, method, f))
                     if c is not None:
-                        row[f"{control}_index"] = _fmt(c["index"])
-                        row[f"p_vs_{control}"] = _fmt(p_greater(s["boot"], c["boot"]))
+                        row[f"{control}_index"] = fmt(c["index"])
+                        row[f"p_vs_{control}"] = fmt(p_greater(s["boot"], c["boot"]))
             rows.append(row)
     for role in stats:
         keys = ["p_random"] + ([f"p_vs_{c}" for c in COMPARED if c in stats]
@@ -239,7 +229,7 @@ def summary_rows(stats: dict, decides=multiple_testing.IMPORTANCE) -> list:
             family = [r for r in rows if r["role"] == role and r["fraction"] == f and
                       multiple_testing.family_of(r["method"], decides) == kind]
             for row, adjusted in zip(family, holm_family(family, keys)):
-                row["p_corrected"] = _fmt(max(adjusted.values())) if all(
+                row["p_corrected"] = fmt(max(adjusted.values())) if all(
                     math.isfinite(p) for p in adjusted.values()) else ""
     return rows
 
@@ -247,8 +237,8 @@ def summary_rows(stats: dict, decides=multiple_testing.IMPORTANCE) -> list:
 def _wilson_row(role, seed, task, correct, chance, folder) -> dict:
     acc = float(np.mean(correct))
     low, high = report.wilson(acc, len(correct))
-    return {"role": role, "seed": seed, "task": task, "accuracy": _fmt(acc), "ci_low": _fmt(low),
-            "ci_high": _fmt(high), "n_images": len(correct), "chance": _fmt(chance), "folder": folder,
+    return {"role": role, "seed": seed, "task": task, "accuracy": fmt(acc), "ci_low": fmt(low),
+            "ci_high": fmt(high), "n_images": len(correct), "chance": fmt(chance), "folder": folder,
             "read_by": "heads"}
 
 
@@ -296,78 +286,14 @@ def single_task_analysis(runs: list, out: Path) -> tuple:
             for task in images:
                 single, n_train, n_test = _decode(model, images, task, seed)
                 decoding_rows.append({"trained_on": own, "seed": seed, "decoded_task": task,
-                                      "single_task_decoding": _fmt(single),
-                                      "joint_decoding": _fmt(joint_decoding[task]),
-                                      "chance": _fmt(datasets[task].chance), "n_train": n_train, "n_test": n_test})
+                                      "single_task_decoding": fmt(single),
+                                      "joint_decoding": fmt(joint_decoding[task]),
+                                      "chance": fmt(datasets[task].chance), "n_train": n_train, "n_test": n_test})
     return accuracy_rows, decoding_rows
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the verdict and the report
-
-
-def _experiment_test(row: dict, adjusted: dict, keys: list) -> V.Test:
-    """A summary row's test: its interval above 0 and every comparison in `keys` (p_random and the controls' p_vs_
-    columns) below ALPHA after Holm's correction (`adjusted`)."""
-    if not math.isfinite(number(row.get("index"))):
-        return V.Test.UNDEFINED
-    if number(row.get("ci_low")) <= 0:
-        return V.Test.REVERSED if number(row.get("ci_high")) < 0 else V.Test.NO_SPLIT
-    if all(adjusted.get(k, float("nan")) < ALPHA for k in keys):
-        return V.Test.DISSOCIATES
-    if not math.isfinite(number(row.get("p_random"))):
-        return V.Test.NO_RANDOM
-    return V.Test.LOST_TO_CORRECTION if all(number(row.get(k)) < ALPHA for k in keys) else V.Test.NOT_BEYOND_RANDOM
-
-
-def judge(rows: list, roles_run: set, repeats: int, void_resolution: bool = False,
-          decides=multiple_testing.IMPORTANCE, reliability: dict | None = None, rf: dict | None = None):
-    """(verdict.Judgement or None, the comparisons [(name, column)]) of an experiment at the headline fraction.
-    A (site, ranking) passes the test when the real index's interval across seeds lies above 0 and it beats random
-    lesions (Fisher-combined p) and every control that ran but the resolution-matched one (bootstrap p), each
-    below ALPHA after Holm's correction over its family (`holm_family`: every site x ranking x comparison of the
-    deciding rankings at the fraction; the description rankings apart). The resolution-matched control, where it
-    ran, decides whether a split is the tasks' or their images' (verdict.py, rule 5). reliability: {(site,
-    ranking): the real runs' mean split-half overlap}; rf: {site: receptive field share} (None: not recorded)."""
-    real = [r for r in rows if r["role"] == "real"]
-    tests = [("random lesions", "p_random")] + [(name, f"p_vs_{c}") for c, (name, _) in COMPARED.items()
-                                                 if c in roles_run]
-    if not real:
-        return None, tests
-    f = V.headline_fraction(r["fraction"] for r in real)
-    at = {g: {(r["layer"], r["method"]): r for r in real if abs(number(r["fraction"]) - g) < 1e-6}
-          for g in V.neighbours(f, sorted({number(r["fraction"]) for r in real})) + [f]}
-    near = [g for g in at if g != f]
-    keys = [k for _, k in tests]
-    adjusted = {}
-    for kind in (multiple_testing.VERDICT, multiple_testing.DESCRIPTION):
-        family = [r for r in at[f].values() if multiple_testing.family_of(r["method"], decides) == kind]
-        adjusted.update({id(r): a for r, a in zip(family, holm_family(family, keys))})
-    matched_ran = "resolution_matched" in roles_run and not void_resolution
-    deciding_keys = [k for k in keys if k != "p_vs_resolution_matched"]
-    findings = []
-    for key, r in at[f].items():
-        adj = adjusted[id(r)]
-        p_control = adj.get("p_vs_resolution_matched", float("nan"))
-        share = (rf or {}).get(r["layer"])
-        findings.append(V.Finding(
-            site=r["layer"], depth=int(number(r["depth"])), ranking=r["method"],
-            row=dict(r, p_corrected=_fmt(max((adj[k] for k in deciding_keys), default=float("nan")))),
-            heads=_experiment_test(r, adj, deciding_keys), readouts=None, readout_row=None,
-            decides=r["method"] in decides, reliable=(reliability or {}).get(key),
-            holds={g: V.above_zero(at[g][key]) for g in near if key in at[g]}, rf_share=share,
-            early=share < V.EARLY_RF_SHARE if share is not None else int(number(r["depth"])) == 0,
-            control_matches=(p_control >= ALPHA) if matched_ran and math.isfinite(p_control) else None))
-    n_tests = sum(math.isfinite(p) for a in adjusted.values() for p in a.values())
-    tasks = (real[0].get("task_a", "task a"), real[0].get("task_b", "task b"))
-    j = V.Judgement(answer=V.answer_of(findings), fraction=f, tasks=tasks,
-                    findings=findings, decides=tuple(decides), rankings=_methods(list(at[f].values())),
-                    n_sites=len({r["layer"] for r in at[f].values()}), readouts=False, neighbours=near,
-                    rf_known=rf is not None and all(f.rf_share is not None for f in findings),
-                    control=matched_ran, floor=0.0, repeats=0,
-                    family={"method": "holm", "n_tests": n_tests, "n_sites": len({r["layer"] for r in real}),
-                            "n_rankings": len(_methods(real)), "repeats": repeats}, experiment=True)
-    return j, tests
+# the verdict and the report (the verdict's tests and words: judgement.py)
 
 
 def verdict(rows: list, roles_run: set, n_seeds: int, repeats: int, void_resolution: bool = False,
@@ -376,128 +302,6 @@ def verdict(rows: list, roles_run: set, n_seeds: int, repeats: int, void_resolut
     those that could change the answer first."""
     j, _ = judge(rows, roles_run, repeats, void_resolution, decides, reliability, rf)
     return words(j, roles_run, n_seeds, repeats, void_resolution)
-
-
-def words(j, roles_run: set, n_seeds: int, repeats: int, void_resolution: bool = False) -> tuple:
-    """(answer, licence, caveats, passing rows) of an experiment's judgement (`judge`; None: no real index)."""
-    if j is None:
-        return ("No dissociation index from the real tasks (the lesion stage has not run, or it had no targeted "
-                "ranking or no fraction above 0): this experiment cannot say whether task-specialised filters "
-                "emerged.", "", [], [])
-    passing = [f.row for f in j.where(V.Counts.SPLIT)]
-    if passing:
-        licence = (f"This licenses saying that, in these {n_seeds} trained {'network' if n_seeds == 1 else 'networks'}"
-                   f" of this architecture, data and training budget, the filters a ranking assigns to one task "
-                   f"matter more for that task than for the other at those depths, more than random filters of the "
-                   f"same number" + "".join(f", {more}" for c, (_, more) in COMPARED.items() if c in roles_run) +
-                   ". It does not license saying that the network holds a module in the brain's sense, that other "
-                   "architectures, data, image sizes or training budgets would split the same way, or how the "
-                   "network computes either task: a lesion shows which damage hurts, not why.")
-    else:
-        licence = ("This does not show that the networks lack task-specialised filters: more seeds, more random "
-                   "repeats, better-trained heads, other rankings or finer lesion fractions could still find them. It "
-                   "shows only that these runs give no evidence for them beyond the controls that ran.")
-    caveats = first_screen.rule_caveats(j, "controls=['resolution_matched'] decides")
-    caveats += _verdict_caveats(roles_run, n_seeds, repeats, void_resolution, j)
-    return first_screen.sentence(j, seeds=n_seeds), licence, caveats, passing
-
-
-def _verdict_caveats(roles_run: set, n_seeds: int, repeats: int, void_resolution: bool, j) -> list:
-    """What the experiment verdict cannot show: controls not run or void, too few seeds or random repeats."""
-    Caveat, yes = first_screen.Caveat, j.answer is V.Answer.YES
-    caveats = []
-    if void_resolution:
-        caveats.append(Caveat("The resolution-matched runs saw the same images as the real runs: no task's native "
-                              "resolution is below image_size, so that control tests nothing here.", True, 44))
-    missing = [c for c in (*COMPARED, "single_task") if c not in roles_run]
-    if missing:
-        caveats.append(Caveat(
-            f"Controls not run: {', '.join(missing)}. The verdict says nothing about them: " + "; ".join(
-                {"pseudo_task": "a split that any random division of the classes would show is not ruled out",
-                 "resolution_matched": "a split made by the tasks' image statistics (sharpness, size) rather than "
-                                       "the tasks is not ruled out (early sites count as image statistics)",
-                 "same_task": "a split that any two heads show, even two learning one task (each leans on its own "
-                              "filters), is not ruled out",
-                 "single_task": "no single-task baseline tells what each task costs the other"}[c] for c in missing)
-            + ".", yes and any(c in missing for c in ("pseudo_task", "same_task")), 42))
-    if n_seeds < FEW_SEEDS:
-        caveats.append(Caveat(f"{n_seeds} seed(s) per role: the hierarchical bootstrap resamples only these, so its "
-                              f"intervals and the p-values against the controls understate the spread between "
-                              f"networks; {FEW_SEEDS} or more seeds make them trustworthy.", yes, 48))
-    floor = 1 / (repeats + 2) if repeats else 1.0  # p_index's: multiple_testing.pair_null's ring
-    if floor >= ALPHA:
-        caveats.append(Caveat(f"random_repeats={repeats}: each seed's p-value against random lesions cannot go below "
-                              f"{floor:.3f}; Fisher's combination over {n_seeds} seed(s) may still not reach p < "
-                              f"{ALPHA}. Use random_repeats={report.repeats_needed()} or more.", not yes, 30))
-    return caveats
-
-
-def _methods(rows: list) -> list:
-    return list(dict.fromkeys(r["method"] for r in rows))
-
-
-def _accuracy_caveats(accuracy: list) -> list:
-    weak = [r for r in accuracy if number(r["accuracy"]) - number(r["chance"]) < report.NEAR_CHANCE
-            or number(r["ci_low"]) <= number(r["chance"])]
-    if not weak:
-        return []
-    return [first_screen.Caveat("Heads near chance (their lesion effects mean little): " + "; ".join(
-        f"{r['role']} seed {r['seed']} {r['task']} {r['accuracy']} (chance {r['chance']})" for r in weak[:6]) + ".",
-        True, 10)]
-
-
-def run_rankings(out: Path, runs: list) -> list:
-    """The rankings.json of every swept real run ({} where it is missing)."""
-    found = []
-    for run in runs:
-        path = out / run["folder"] / names.SWEEP_FILES["rankings"]
-        if run["role"] == "real" and path.exists():
-            found.append(read_json(path, lambda v: isinstance(v, dict), "rankings by site"))
-    return found
-
-
-def reliability_across(rankings: list, rows: list) -> dict:
-    """{(site, ranking): the mean over the real runs of each run's split-half overlap (the smaller of the two
-    tasks') at the headline fraction}; a pair any run did not measure is left out (not measured)."""
-    real = [r for r in rows if r["role"] == "real"]
-    if not real or not rankings:
-        return {}
-    f = V.headline_fraction(r["fraction"] for r in real)
-    out = {}
-    for r in real:
-        key = (r["layer"], r["method"])
-        values = [V.reliability(per, r["layer"], r["method"], f, (r["task_a"], r["task_b"])) for per in rankings]
-        if values and all(v is not None for v in values):
-            out[key] = float(np.mean(values))
-    return out
-
-
-def receptive_across(rankings: list) -> dict | None:
-    """{site: share of the image's side its receptive field spans}, from the real runs' rankings.json (one
-    architecture), None where no run recorded them."""
-    shares = {}
-    for per in rankings:
-        for site in per:
-            share = V.receptive_share(per, site)
-            if share is not None:
-                shares.setdefault(site, share)
-    return shares or None
-
-
-def _unreproducible_runs(out: Path, runs: list) -> list:
-    """Notes naming the runs whose rankings two halves of the ranking images do not reproduce."""
-    shaky = []
-    for run in runs:
-        path = out / run["folder"] / names.SWEEP_FILES["rankings"]
-        if path.exists() and report.unreproducible(read_json(path, lambda v: isinstance(v, dict), "rankings by site"),
-                                                   0.2):
-            shaky.append(run["folder"])
-    if not shaky:
-        return []
-    return [first_screen.Caveat(
-        f"Rankings not reproducible in {len(shaky)} run(s) ({', '.join(shaky[:6])}{', ...' if len(shaky) > 6 else ''}"
-        f"): ranked on two halves of the ranking images, some sites share less than {report.UNRELIABLE:.0%} of their "
-        f"top-20% filters (each run's rankings.json and report name them); raise rank_images.", False, 82)]
 
 
 def build_report(out: Path, runs: list, rows: list, accuracy: list, decoding: list, figure: Path | None,
@@ -521,7 +325,7 @@ def build_report(out: Path, runs: list, rows: list, accuracy: list, decoding: li
     if unswept:
         caveats.append(first_screen.Caveat(f"Runs without a lesion sweep, left out of every statistic: "
                                            f"{', '.join(unswept)}.", False, 90))
-    caveats = _accuracy_caveats(accuracy) + caveats + _unreproducible_runs(out, runs)
+    caveats = accuracy_caveats(accuracy) + caveats + unreproducible_runs(out, runs)
     page = pages.Page(out, {})
     page.raw(f"<h1>Experiment: {html.escape(out.name)}</h1>")
     table = first_screen.table_rows(j, experiment=True) if j is not None else None
@@ -592,7 +396,8 @@ def _report_body(page, out: Path, runs: list, rows: list, accuracy: list, decodi
          if (out / r["folder"] / "report.html").exists() else f"{html.escape(r['folder'])} (no report)</li>")
         for r in runs) +
         "</ul>")
-    page.raw(f"<p class='what'>Settings: {html.escape(str({k: v for k, v in runs[0]['config'].items() if k not in ('out_dir', 'role', 'seed')}))}</p>")
+    settings = {k: v for k, v in runs[0]["config"].items() if k not in ("out_dir", "role", "seed")}
+    page.raw(f"<p class='what'>Settings: {html.escape(str(settings))}</p>")
 
 
 def aggregate(out: Path, runs: list, seed: int = 0) -> list:

@@ -195,49 +195,17 @@ def run(config: dict) -> None:
         out_dir = Path(config["out_dir"])
         config = dict(config, recipe=_check_out_dir(out_dir, config))
         datasets = load_datasets(config)
-        probe = None  # the transfer probe's held-out task, loaded now so that bad probe_data stops the run here
-        if "lesion" in config["stages"] and "transfer" in (config.get("probes") or []):
-            try:
-                probe = load_probe_task(config["probe_data"], "probe", config)
-            except DataError as e:  # its path was checked (preflight): what is wrong is inside
-                raise UsageError(f"probe_data={config['probe_data']!r}: {e}") from None
+        probe = _transfer_probe(config)  # loaded now, so that bad probe_data stops the run here
         preflight.check_data(config, datasets, probe)  # subgroups, the fixed readouts' folds, the probe's classes
         if probe is not None and (not dist.main or probe.images.nbytes > KEEP_PROBE_BYTES):
             probe = None  # only process 0 probes; a large set is read again then rather than held through training
         # the init weights only matter to a training that starts afresh: a checkpoint replaces them otherwise
         fresh = "train" in config["stages"] and (config.get("retrain") or not (out_dir / "checkpoint.pt").exists())
         model = build_model(config, {t: len(d.classes) for t, d in datasets.items()}, load_init=fresh).to(dist.device)
-        if "lesion" in config["stages"]:
-            sites.select_sites(model, config)  # an unknown lesion site stops the run before training
-            if not config.get("retrain"):  # a damaged file of an earlier sweep stops it too (retrain replaces them)
-                lesion_utils.earlier_sweep(lesion_utils.sweep_settings(model, config), out_dir)
-        if "figures" in config["stages"] and config.get("gradcam_site"):
-            sites.get_site(model, config["gradcam_site"])
-        if "train" not in config["stages"] and not (out_dir / "checkpoint.pt").exists():
-            raise UsageError(f"{out_dir}: no checkpoint.pt to lesion or draw; run the 'train' stage first")
-        resolved = dict(config, tasks={t: {"classes": len(d.classes), "chance": d.chance, "source": d.source,
-                                           "counts": d.counts(), "face_crop": d.face_crop}
-                                       for t, d in datasets.items()},
-                        resolved_device=str(dist.device), world_size=dist.world, lr_per_step=peak_lr(config, dist.world),
-                        optimizer_used=optimizer_name(config), weight_decay_used=weight_decay(config),
-                        shared_images=[g for g in vggface2.shared_groups(datasets) if len(g) > 1],
-                        n_lesion_sites=len(sites.lesion_sites(model, config.get("lesion_inner", False))),
-                        **provenance(dist.device))
+        _check_stages(model, config, out_dir)
+        resolved = _resolved(config, datasets, model, dist)
         if dist.main:
-            try:
-                out_dir.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise UsageError(f"out_dir={str(out_dir)!r} cannot be created ({e.strerror}); expected a writable "
-                                 f"folder path")
-            for folder in (out_dir, out_dir / "figures", *(out_dir / f for f in names.READOUT_DIRS.values()),
-                           *sorted(out_dir.glob("epoch_*"))):
-                for name in remove_stale_temporaries(folder):  # only this tool's own (common.temporary_name)
-                    print(f"removed {folder / name}, left by an interrupted write")
-            write_text(out_dir / "config.json", json.dumps(resolved, indent=1))
-            summary = ", ".join(f"{t}: {len(d.classes)} classes, {d.counts()['train']} train / "
-                                f"{d.counts()['test']} test" for t, d in datasets.items())
-            shared = "".join(f"; {' and '.join(g)} on the same images" for g in resolved["shared_images"])
-            print(f"{config['backbone']} on {dist.device} (x{dist.world}), {config['image_size']} px; {summary}{shared}")
+            _start_run_folder(out_dir, resolved, datasets, dist)
         dist.barrier()
         images = {}
         for group in vggface2.shared_groups(datasets):  # a shared group's images go to the device once
@@ -245,38 +213,105 @@ def run(config: dict) -> None:
                 images[t] = TaskImages(datasets[t], dist.device, images.get(group[0]))
         images = {t: images[t] for t in datasets}
         if "train" in config["stages"]:
-            if dist.main and config["epochs"] > 0 and (config.get("retrain") or not _finished(out_dir, config)):
-                for stale in names.SWEEP_FILES.values():  # results of an older model no longer hold
-                    (out_dir / stale).unlink(missing_ok=True)
-                    for folder in names.READOUT_DIRS.values():
-                        (out_dir / folder / stale).unlink(missing_ok=True)
-                for stale in ("probes.csv", "probes.json"):
-                    (out_dir / stale).unlink(missing_ok=True)
-            train(model, images, config, out_dir, dist)
+            _train_stage(model, images, config, out_dir, dist)
         # the checkpoint's weights in every process (under DDP each process's batch-norm statistics end on its
         # own last batch): a sweep shared out across processes is the sweep of one
         if "train" not in config["stages"] or ("lesion" in config["stages"] and dist.world > 1):
             dist.barrier()
             model.load_state_dict(load_checkpoint(out_dir / "checkpoint.pt", dist.device)["model"])
-        if "lesion" in config["stages"]:  # every process sweeps its share of the sites; process 0 writes
-            # the fixed readouts score each lesion in the heads' own pass; their stage writes what that gave
-            reuse = {} if config.get("fixed_readout", False) else None
-            lesion_utils.lesion_stage(model, images, config, out_dir, dist.rank, dist.world, dist.gather, reuse)
-            for kind in ("refit", "fixed"):  # the same lesions through linear readouts (readouts.py), when asked for
-                if config.get(f"{kind}_readout", False):
-                    dist.barrier()  # rankings.json, which process 0 wrote last, is read by every process
-                    lesion_utils.readout_stage(model, images, config, out_dir, kind, dist.rank, dist.world,
-                                               dist.gather, reuse)
-            if config.get("probes") and dist.main:
-                probes.probe_stage(model, images, config, out_dir,
-                                   lambda spec, name: probe if probe is not None else load_probe_task(spec, name, config))
-            epoch_sweeps(model, images, config, out_dir, dist)
+        if "lesion" in config["stages"]:
+            _lesion_stages(model, images, config, out_dir, dist, probe)
         if not dist.main:
             return
         if "figures" in config["stages"]:
             figures_stage(model, images, config, out_dir)
     finally:
         dist.close()
+
+
+def _transfer_probe(config: dict):
+    """The transfer probe's held-out task when the run probes transfer after its lesion stage, else None."""
+    if "lesion" in config["stages"] and "transfer" in (config.get("probes") or []):
+        try:
+            return load_probe_task(config["probe_data"], "probe", config)
+        except DataError as e:  # its path was checked (preflight): what is wrong is inside
+            raise UsageError(f"probe_data={config['probe_data']!r}: {e}") from None
+    return None
+
+
+def _check_stages(model: DualTaskNet, config: dict, out_dir: Path) -> None:
+    """Stop the run before training on what would stop a later stage: an unknown lesion or Grad-CAM site, a
+    damaged file of an earlier sweep, no checkpoint for stages that need one."""
+    if "lesion" in config["stages"]:
+        sites.select_sites(model, config)  # an unknown lesion site stops the run before training
+        if not config.get("retrain"):  # a damaged file of an earlier sweep stops it too (retrain replaces them)
+            lesion_utils.earlier_sweep(lesion_utils.sweep_settings(model, config), out_dir)
+    if "figures" in config["stages"] and config.get("gradcam_site"):
+        sites.get_site(model, config["gradcam_site"])
+    if "train" not in config["stages"] and not (out_dir / "checkpoint.pt").exists():
+        raise UsageError(f"{out_dir}: no checkpoint.pt to lesion or draw; run the 'train' stage first")
+
+
+def _resolved(config: dict, datasets: dict, model: DualTaskNet, dist: Dist) -> dict:
+    """config.json's contents: the settings, and what the data, the device and the model made of them."""
+    return dict(config, tasks={t: {"classes": len(d.classes), "chance": d.chance, "source": d.source,
+                                   "counts": d.counts(), "face_crop": d.face_crop}
+                               for t, d in datasets.items()},
+                resolved_device=str(dist.device), world_size=dist.world,
+                lr_per_step=peak_lr(config, dist.world), optimizer_used=optimizer_name(config),
+                weight_decay_used=weight_decay(config),
+                shared_images=[g for g in vggface2.shared_groups(datasets) if len(g) > 1],
+                n_lesion_sites=len(sites.lesion_sites(model, config.get("lesion_inner", False))),
+                **provenance(dist.device))
+
+
+def _start_run_folder(out_dir: Path, resolved: dict, datasets: dict, dist: Dist) -> None:
+    """Create out_dir (process 0), remove what interrupted writes left in it, write config.json and say what
+    the run trains on."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"out_dir={str(out_dir)!r} cannot be created ({e.strerror}); expected a writable "
+                         f"folder path")
+    for folder in (out_dir, out_dir / "figures", *(out_dir / f for f in names.READOUT_DIRS.values()),
+                   *sorted(out_dir.glob("epoch_*"))):
+        for name in remove_stale_temporaries(folder):  # only this tool's own (common.temporary_name)
+            print(f"removed {folder / name}, left by an interrupted write")
+    write_text(out_dir / "config.json", json.dumps(resolved, indent=1))
+    summary = ", ".join(f"{t}: {len(d.classes)} classes, {d.counts()['train']} train / "
+                        f"{d.counts()['test']} test" for t, d in datasets.items())
+    shared = "".join(f"; {' and '.join(g)} on the same images" for g in resolved["shared_images"])
+    print(f"{resolved['backbone']} on {dist.device} (x{dist.world}), {resolved['image_size']} px; {summary}{shared}")
+
+
+def _train_stage(model: DualTaskNet, images: dict, config: dict, out_dir: Path, dist: Dist) -> None:
+    """Train (or resume); a training that starts or goes on removes the lesion and probe results of an older
+    model first."""
+    if dist.main and config["epochs"] > 0 and (config.get("retrain") or not _finished(out_dir, config)):
+        for stale in names.SWEEP_FILES.values():  # results of an older model no longer hold
+            (out_dir / stale).unlink(missing_ok=True)
+            for folder in names.READOUT_DIRS.values():
+                (out_dir / folder / stale).unlink(missing_ok=True)
+        for stale in ("probes.csv", "probes.json"):
+            (out_dir / stale).unlink(missing_ok=True)
+    train(model, images, config, out_dir, dist)
+
+
+def _lesion_stages(model: DualTaskNet, images: dict, config: dict, out_dir: Path, dist: Dist, probe) -> None:
+    """The lesion sweep, the readout sweeps and probes asked for, and the sweeps of earlier epochs; every
+    process sweeps its share of the sites, process 0 writes. probe: the transfer probe's task, if still held."""
+    # the fixed readouts score each lesion in the heads' own pass; their stage writes what that gave
+    reuse = {} if config.get("fixed_readout", False) else None
+    lesion_utils.lesion_stage(model, images, config, out_dir, dist.rank, dist.world, dist.gather, reuse)
+    for kind in ("refit", "fixed"):  # the same lesions through linear readouts (readouts.py), when asked for
+        if config.get(f"{kind}_readout", False):
+            dist.barrier()  # rankings.json, which process 0 wrote last, is read by every process
+            lesion_utils.readout_stage(model, images, config, out_dir, kind, dist.rank, dist.world,
+                                       dist.gather, reuse)
+    if config.get("probes") and dist.main:
+        probes.probe_stage(model, images, config, out_dir,
+                           lambda spec, name: probe if probe is not None else load_probe_task(spec, name, config))
+    epoch_sweeps(model, images, config, out_dir, dist)
 
 
 def epoch_sweeps(model: DualTaskNet, images: dict, config: dict, out_dir: Path, dist: Dist) -> None:

@@ -40,9 +40,10 @@ LESION_COLUMNS = ("layer", "depth", "n_filters", "target", "method", "fraction",
 # makes them again from lesion_results.csv's drops)
 ADDED_LESION_COLUMNS = ("beyond_greedy_stop", "p_corrected", "correction", "family", "index_null", "read_by")
 DISSOCIATION_COLUMNS = ("layer", "depth", "method", "fraction", "task_a", "task_b", "index", "ci_low", "ci_high",
-                        "p_index", "p_corrected", "correction", "family", "index_null", "drop_a_by_a", "drop_a_by_b", "drop_b_by_b",
-                        "drop_b_by_a", "p_a_by_a", "p_b_by_b", "random_drop_a", "random_drop_b", "n_random",
-                        "null_low", "null_high", "matched_index", "matched_ci_low", "matched_ci_high", "matched_p_index", "beyond_greedy_stop")
+                        "p_index", "p_corrected", "correction", "family", "index_null", "drop_a_by_a", "drop_a_by_b",
+                        "drop_b_by_b", "drop_b_by_a", "p_a_by_a", "p_b_by_b", "random_drop_a", "random_drop_b",
+                        "n_random", "null_low", "null_high", "matched_index", "matched_ci_low", "matched_ci_high",
+                        "matched_p_index", "beyond_greedy_stop")
 PER_CLASS_COLUMNS = ("layer", "method", "target", "repeat", "fraction", "eval_task", "class", "accuracy",
                      "n_images", "read_by")
 HEADS = "heads"  # read_by of accuracies read by the network's own output layers
@@ -96,7 +97,8 @@ random_pair_indices = multiple_testing.pair_null
 
 
 def dissociation_rows(site: Site, conditions: list, results: list, intact: dict, chance: dict, tasks: list,
-                      n_boot: int = 1000, seed: int = 0, paired: bool = False, greedy_stop: float | None = None) -> list:
+                      n_boot: int = 1000, seed: int = 0, paired: bool = False,
+                      greedy_stop: float | None = None) -> list:
     """Per method and fraction: the double-dissociation index
     [drop_a(a-filters) - drop_a(b-filters)] + [drop_b(b-filters) - drop_b(a-filters)] of chance-corrected
     accuracy drops, its 95% bootstrap interval over test images, and where random lesions of the same size
@@ -130,46 +132,59 @@ def dissociation_rows(site: Site, conditions: list, results: list, intact: dict,
         return np.where(above > 1e-9, (boot_base[t] - correct[samples[t]].mean(1)) / np.where(above > 1e-9, above, 1),
                         np.nan)
 
-    def interval(boot, value):  # 95% bootstrap interval; none when the index itself or most resamples are undefined
-        if not np.isfinite(value) or np.isfinite(boot).mean() < 0.95:
-            return float("nan"), float("nan")
-        return float(np.nanpercentile(boot, 2.5)), float(np.nanpercentile(boot, 97.5))
-
-    def p_value(value, null):  # undefined where the value or a null draw is (a head at chance)
-        null = np.asarray(null, dtype=float)
-        if not len(null) or not np.isfinite(value) or not np.isfinite(null).all():
-            return float("nan")
-        return (1 + int(np.sum(null >= value - 1e-9 * max(1.0, abs(value))))) / (len(null) + 1)  # float ties count
-
     rows = []
     for method in [m for m in dict.fromkeys(m for m, *_ in conditions) if m != "random"]:
         for f in fractions:
             res_a, res_b = by_key.get((method, a, 0, f)), by_key.get((method, b, 0, f))
             if res_a is None or res_b is None:
                 continue
-            d = {(e, t): drop(r[e]["correct"], e) for t, r in ((a, res_a), (b, res_b)) for e in (a, b)}
-            index = d[a, a] - d[a, b] + d[b, b] - d[b, a]
-            boot = (boot_drop(res_a[a]["correct"], a) - boot_drop(res_b[a]["correct"], a) +
-                    boot_drop(res_b[b]["correct"], b) - boot_drop(res_a[b]["correct"], b))
             rand = [by_key[("random", "random", r, f)] for r in repeats if ("random", "random", r, f) in by_key]
-            rand_drop = {e: np.array([drop(r[e]["correct"], e) for r in rand]) for e in (a, b)}
-            null = random_pair_indices(rand_drop[a], rand_drop[b], (d[a, a], d[b, a]), (d[a, b], d[b, b]))
-            rows.append({
-                "layer": site.name, "depth": site.depth, "method": method, "fraction": _fraction_key(f),
-                "task_a": a, "task_b": b, "index": f"{index:.4f}",
-                "ci_low": f"{interval(boot, index)[0]:.4f}", "ci_high": f"{interval(boot, index)[1]:.4f}",
-                "p_index": f"{p_value(index, null):.4f}", "drop_a_by_a": f"{d[a, a]:.4f}",
-                "drop_a_by_b": f"{d[a, b]:.4f}", "drop_b_by_b": f"{d[b, b]:.4f}", "drop_b_by_a": f"{d[b, a]:.4f}",
-                "p_a_by_a": f"{p_value(d[a, a], rand_drop[a]):.4f}",
-                "p_b_by_b": f"{p_value(d[b, b], rand_drop[b]):.4f}",
-                "random_drop_a": f"{rand_drop[a].mean() if len(rand) else float('nan'):.4f}",
-                "random_drop_b": f"{rand_drop[b].mean() if len(rand) else float('nan'):.4f}", "n_random": len(rand),
-                "null_low": f"{np.min(null) if len(null) else float('nan'):.4f}",
-                "null_high": f"{np.max(null) if len(null) else float('nan'):.4f}",
-                "index_null": multiple_testing.RING if len(null) else "",
-                "beyond_greedy_stop": beyond_greedy_stop(method, f, site.n_filters, greedy_stop),
-            })
+            row = {"layer": site.name, "depth": site.depth, "method": method, "fraction": _fraction_key(f),
+                   "task_a": a, "task_b": b}
+            rows.append({**row, **_index_columns(a, b, res_a, res_b, rand, drop, boot_drop),
+                         "beyond_greedy_stop": beyond_greedy_stop(method, f, site.n_filters, greedy_stop)})
     return rows
+
+
+def _index_columns(a: str, b: str, res_a: dict, res_b: dict, rand: list, drop, boot_drop) -> dict:
+    """The index columns of one dissociation row: the index of the lesions of a's filters (`res_a`) and of b's
+    (`res_b`), its bootstrap interval, its own-task drops and where the random lesions `rand` of the same size
+    place them. `drop(correct, task)` is a chance-corrected drop, `boot_drop` the same in each resample."""
+    d = {(e, t): drop(r[e]["correct"], e) for t, r in ((a, res_a), (b, res_b)) for e in (a, b)}
+    index = d[a, a] - d[a, b] + d[b, b] - d[b, a]
+    boot = (boot_drop(res_a[a]["correct"], a) - boot_drop(res_b[a]["correct"], a) +
+            boot_drop(res_b[b]["correct"], b) - boot_drop(res_a[b]["correct"], b))
+    rand_drop = {e: np.array([drop(r[e]["correct"], e) for r in rand]) for e in (a, b)}
+    null = random_pair_indices(rand_drop[a], rand_drop[b], (d[a, a], d[b, a]), (d[a, b], d[b, b]))
+    return {
+        "index": f"{index:.4f}",
+        "ci_low": f"{_interval(boot, index)[0]:.4f}", "ci_high": f"{_interval(boot, index)[1]:.4f}",
+        "p_index": f"{_p_value(index, null):.4f}", "drop_a_by_a": f"{d[a, a]:.4f}",
+        "drop_a_by_b": f"{d[a, b]:.4f}", "drop_b_by_b": f"{d[b, b]:.4f}", "drop_b_by_a": f"{d[b, a]:.4f}",
+        "p_a_by_a": f"{_p_value(d[a, a], rand_drop[a]):.4f}",
+        "p_b_by_b": f"{_p_value(d[b, b], rand_drop[b]):.4f}",
+        "random_drop_a": f"{rand_drop[a].mean() if len(rand) else float('nan'):.4f}",
+        "random_drop_b": f"{rand_drop[b].mean() if len(rand) else float('nan'):.4f}", "n_random": len(rand),
+        "null_low": f"{np.min(null) if len(null) else float('nan'):.4f}",
+        "null_high": f"{np.max(null) if len(null) else float('nan'):.4f}",
+        "index_null": multiple_testing.RING if len(null) else "",
+    }
+
+
+def _interval(boot, value):
+    """95% bootstrap interval; none when the index itself or most resamples are undefined."""
+    if not np.isfinite(value) or np.isfinite(boot).mean() < 0.95:
+        return float("nan"), float("nan")
+    return float(np.nanpercentile(boot, 2.5)), float(np.nanpercentile(boot, 97.5))
+
+
+def _p_value(value, null):
+    """Empirical p of `value` against the `null` draws; undefined where the value or a null draw is (a head at
+    chance)."""
+    null = np.asarray(null, dtype=float)
+    if not len(null) or not np.isfinite(value) or not np.isfinite(null).all():
+        return float("nan")
+    return (1 + int(np.sum(null >= value - 1e-9 * max(1.0, abs(value))))) / (len(null) + 1)  # float ties count
 
 
 def matched_subsets(correct: dict, seed: int = 0) -> dict:

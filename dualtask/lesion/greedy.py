@@ -349,12 +349,19 @@ def greedy_order(model, site: Site, batches: list, task: str, step_fraction: flo
         picked = {survivors[i] for i in best}
         remaining = [c for c in remaining if c not in picked]
         steps += 1
+    rest, rest_scores = _unchosen_order(images, remaining, last, before_last, taylor)
+    if stats is not None:
+        stats.update(images.counts, steps=steps, n_chosen=len(chosen), n_images=images.n)
+    return np.array(chosen + rest), np.array(scores + rest_scores)
+
+
+def _unchosen_order(images, remaining: list, last: dict | None, before_last: list, taylor) -> tuple[list, list]:
+    """The filters the greedy steps never chose, ordered by their loss at the last step (`last`; ties by their
+    first-order score, where the last step pruned), and those scores."""
     pruned = [c for c in remaining if last is not None and c not in last]
     if pruned:  # left out by the first-order pruning at the last step: the chosen set's loss before that step
         base = float(images.mean_losses([before_last])[0])
         last.update({c: base for c in pruned})
     tie = (lambda c: -taylor[c]) if taylor is not None else (lambda c: 0.0)
     rest = sorted(remaining, key=lambda c: (-last[c], tie(c))) if last else remaining
-    if stats is not None:
-        stats.update(images.counts, steps=steps, n_chosen=len(chosen), n_images=images.n)
-    return np.array(chosen + rest), np.array(scores + [last[c] if last else 0.0 for c in rest])
+    return rest, [last[c] if last else 0.0 for c in rest]

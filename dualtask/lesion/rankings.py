@@ -198,13 +198,7 @@ def rank_site(model, site: Site, rank_batches: list, tasks: list, methods, rando
     so every process must call it for the same site. localiser_fdr: the localiser's false discovery rate
     (`localiser`); mask: the mask ranking's settings (MASK_DEFAULTS' keys; None = those); reliability_fractions:
     the top sets whose split-half overlap `reliability` reports."""
-    bad = [m for m in methods if m not in METHODS]
-    if bad:
-        raise UsageError(f"unknown lesion method(s) {bad}; expected some of {list(METHODS)}")
-    known = list(getattr(model, "tasks", None) or model.heads)  # a joint output layer has no per-task heads
-    unknown = [t for t in tasks if t not in known]
-    if unknown:
-        raise UsageError(f"unknown task(s) {unknown}; the model's tasks are {known}")
+    _check_methods_and_tasks(model, methods, tasks)
     out = {}
     acts = site_activations(model, [site], rank_batches)[site.name] if {"activation", "localiser"} & set(methods) \
         else None
@@ -249,6 +243,17 @@ def rank_site(model, site: Site, rank_batches: list, tasks: list, methods, rando
                           precision=precision, share=share, localiser_fdr=localiser_fdr, mask=mask)
                 for half in halves), reliability_fractions)
     return out
+
+
+def _check_methods_and_tasks(model, methods, tasks) -> None:
+    """UsageError for a lesion method not in METHODS or a task the model does not have."""
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise UsageError(f"unknown lesion method(s) {bad}; expected some of {list(METHODS)}")
+    known = list(getattr(model, "tasks", None) or model.heads)  # a joint output layer has no per-task heads
+    unknown = [t for t in tasks if t not in known]
+    if unknown:
+        raise UsageError(f"unknown task(s) {unknown}; the model's tasks are {known}")
 
 
 RANKING_KEYS = (*METHODS, "agreement", "reliability")  # the order of a site's entries in rankings.json

@@ -1,7 +1,8 @@
 """The lesion engine's front: the sweep over a run's sites (`lesion_stage`: rank, lesion, evaluate, write the
 files after every site, resume), and every name of the engine's parts, importable from here as before:
-lesion_engine.py (sites, masks, evaluation), rankings.py (the rankings), greedy.py (the greedy ranking) and
-dissociation.py (the index, its statistics and the result rows).
+engine.py (sites, masks, evaluation), rankings.py (the rankings), greedy.py (the greedy ranking),
+dissociation.py (the index, its statistics and the result rows) and resume.py (the sweep's settings and what an
+earlier sweep finished under them).
 
 A lesion silences chosen output channels of one site by multiplying the site's output, after its BN and
 ReLU, by a mask (never by editing weights: a BN shift would keep a zeroed filter's channel alive). Sites are
@@ -19,11 +20,10 @@ import torch
 import torch.nn as nn
 
 from dualtask.core import device
-from dualtask.core.common import UsageError, format_seconds, read_csv, read_json, write_csv, write_text
+from dualtask.core.common import format_seconds, read_json, write_csv, write_text
 from dualtask.core.names import READOUT_DIRS, READOUT_NAMES, SWEEP_FILES
 from dualtask.lesion import subgroups
 from dualtask.lesion.dissociation import (
-    ADDED_LESION_COLUMNS,
     DISSOCIATION_COLUMNS,
     HEADS,
     LESION_COLUMNS,
@@ -34,7 +34,6 @@ from dualtask.lesion.dissociation import (
     per_class_rows,
     per_image_arrays,
     per_image_summary,
-    read_per_image,
     restrict,
     result_rows,
     write_per_image,
@@ -47,15 +46,12 @@ from dualtask.lesion.engine import (
     site_activations,
 )
 from dualtask.lesion.greedy import (
-    GREEDY_BEFORE,
     GREEDY_DEFAULTS,
     all_gather_objects,
     beyond_greedy_stop,
-    greedy_settings,
 )
 from dualtask.lesion.rankings import (
     LOCALISER_FDR,
-    MASK_DEFAULTS,
     RELIABILITY_FRACTIONS,
     merge_rankings,
     rank_site,
@@ -71,120 +67,16 @@ from dualtask.lesion.readouts import (
     penalty_range,
     refit_lesions,
 )
+
+# as_now and mask_settings, unused here, stay importable from here as before (tests call L.as_now)
+from dualtask.lesion.resume import as_now as as_now
+from dualtask.lesion.resume import earlier_sweep, no_earlier_sweep, sweep_settings
+from dualtask.lesion.resume import mask_settings as mask_settings
 from dualtask.model import branches
 from dualtask.model.sites import receptive_fields, select_sites
 from dualtask.stats import multiple_testing
 
 READOUT_IMAGES = 500  # training images per task a refitted readout is fitted on (readout_images)
-
-
-def sweep_settings(model: nn.Module, config: dict) -> dict:
-    """What a sweep's results depend on: a sweep under other settings starts over."""
-    settings = {"fractions": sorted({float(f) for f in config["lesion_fractions"]} | {0.0}),
-            "methods": list(config.get("lesion_methods", ["activation", "random"])),
-            "random_repeats": int(config.get("random_repeats", 1)),
-            "keep_only": bool(config.get("lesion_keep_only", False)), "mode": config.get("lesion_mode", "zero"),
-            "rank_images": config.get("rank_images"), "sites": [s.name for s in select_sites(model, config)],
-            "seed": config["seed"], "per_class": bool(config.get("lesion_per_class", False))}
-    if config.get("match_accuracy"):  # named only when set, so that sweeps made before the setting still resume
-        settings["match_accuracy"] = True
-    if config.get("ranking_reliability"):
-        settings["reliability"] = True
-    if "greedy" in settings["methods"]:  # named only for a greedy sweep (an earlier one without them: _as_now)
-        settings["greedy"] = greedy_settings(config)
-    if "localiser" in settings["methods"]:
-        settings["localiser_fdr"] = float(config.get("localiser_fdr", LOCALISER_FDR))
-    if "mask" in settings["methods"]:
-        settings["mask"] = mask_settings(config)
-    if config.get("subgroups"):
-        settings["subgroups"] = subgroups.file_settings(config["subgroups"])
-    if config.get("ranking_precision", "fp32") != "fp32" and {"loss", "greedy"} & set(settings["methods"]):
-        settings["ranking_precision"] = config["ranking_precision"]
-    return settings
-
-
-def mask_settings(config: dict) -> dict:
-    """The mask ranking's optimisation (rankings.mask_gates) from a run's settings."""
-    return {"steps": int(config.get("mask_steps", MASK_DEFAULTS["steps"])),
-            "l1": float(config.get("mask_l1", MASK_DEFAULTS["l1"])), "lr": MASK_DEFAULTS["lr"]}
-
-
-def as_now(earlier: dict) -> dict:
-    """An earlier sweep's settings as this version names them: a greedy sweep from before the greedy settings
-    ran the exhaustive greedy ranking, stopping just past 20% (GREEDY_BEFORE)."""
-    earlier = dict(earlier)
-    if "greedy" in (earlier.get("methods") or []) and "greedy" not in earlier:
-        earlier["greedy"] = dict(GREEDY_BEFORE)
-    return earlier
-
-
-def no_earlier_sweep(restart: str | None = None) -> dict:
-    """What `earlier_sweep` returns when nothing of an earlier sweep is kept (and why, when there was one)."""
-    return {"done": [], "rows": [], "dissociation": [], "per_class": [], "subgroups": [], "rankings": {}, "per_image": {},
-            "restart": restart}
-
-
-def earlier_sweep(settings: dict, out_dir: Path) -> dict:
-    """What an earlier sweep in out_dir finished under the same settings (`sweep_settings`): {'done': site names,
-    'rows', 'dissociation', 'per_class': their CSV rows, 'rankings': by site, 'restart': why an earlier sweep is not
-    continued, or None}; nothing when there is none or its settings differ. Its files may be damaged or foreign:
-    each is checked, and a bad one is a UsageError naming it. Reads only, so the pipeline calls it before it writes
-    anything."""
-    paths = {k: Path(out_dir) / f for k, f in SWEEP_FILES.items()}
-    nothing = no_earlier_sweep()
-    if not paths["progress"].exists():
-        return nothing
-    progress = read_json(paths["progress"], lambda p: isinstance(p, dict) and isinstance(p.get("settings"), dict)
-                         and isinstance(p.get("done"), list) and all(isinstance(s, str) for s in p["done"]),
-                         "the sweep's progress ({'settings': {...}, 'done': [site names]})")
-    if as_now(progress["settings"]) != settings or not paths["results"].exists():
-        return dict(nothing, restart=f"lesion settings differ from the earlier sweep's "
-                                     f"({paths['progress'].name}): the sweep starts over and replaces its files"
-                    if progress["done"] else None)
-    done = set(progress["done"])
-    if done and not paths["per_image"].exists():
-        return dict(nothing, restart=f"{paths['per_image'].name} is missing (the sweep predates it, or it was "
-                                     f"removed): the sweep starts over")
-    columns = {"results": tuple(c for c in LESION_COLUMNS if c not in ADDED_LESION_COLUMNS),
-               "dissociation": ("layer", "method", "fraction", "index"),
-               "per_class": tuple(c for c in PER_CLASS_COLUMNS if c not in ADDED_LESION_COLUMNS),
-               "subgroups": tuple(c for c in subgroups.SUBGROUP_COLUMNS if c not in ADDED_LESION_COLUMNS)}
-    numbers = {"results": ("depth", "n_filters", "fraction", "n_lesioned", "repeat", "accuracy", "loss",
-                           "intact_accuracy", "chance"), "dissociation": ("fraction", "index"),
-               "per_class": ("repeat", "fraction", "accuracy", "n_images"),
-               "subgroups": ("repeat", "fraction", "accuracy", "intact_accuracy", "n_images")}
-    stop = settings.get("greedy", GREEDY_DEFAULTS)["stop"]
-    n_filters = {}  # by site, from the results: what an earlier file's dissociation rows need
-
-    def rows_of(key):  # the rows of finished sites, from a file that must be as this tool wrote it
-        if not done or not paths[key].exists():
-            return []
-        rows = [r for r in read_csv(paths[key], columns[key], numbers[key]) if r["layer"] in done]
-        for r in rows if key in ("results", "dissociation") else []:  # a column added since the file was written
-            n = r.get("n_filters") or n_filters.get(r["layer"])  # None: its site lacks results (restarted below)
-            if r.get("beyond_greedy_stop") in (None, "") and n is not None:
-                try:
-                    r["beyond_greedy_stop"] = beyond_greedy_stop(r["method"], float(r["fraction"]), int(n), stop)
-                except ValueError:
-                    raise UsageError(f"{paths[key]}: damaged (a row's fraction or n_filters is not a number); "
-                                     f"move it away and run again to write it anew") from None
-        return rows
-
-    rankings = read_json(paths["rankings"], lambda r: isinstance(r, dict) and all(
-        isinstance(v, dict) for v in r.values()), "rankings by site") if done and paths["rankings"].exists() else {}
-    per_image = read_per_image(paths["per_image"]) if done and paths["per_image"].exists() else {}
-    results = rows_of("results")
-    n_filters.update({r["layer"]: r["n_filters"] for r in results})
-    earlier = {"done": [s for s in settings["sites"] if s in done], "rows": results,
-               "dissociation": rows_of("dissociation"), "per_class": rows_of("per_class"),
-               "subgroups": rows_of("subgroups"),
-               "rankings": {k: v for k, v in rankings.items() if k in done},
-               "per_image": {k: v for k, v in per_image.items() if k.split("|")[0] in done | {"intact"}},
-               "restart": None}
-    if done - set(earlier["rankings"]) or done - {r["layer"] for r in earlier["rows"]}:
-        return dict(nothing, restart=f"{paths['progress'].name} lists sites whose results or rankings are "
-                                     f"missing: the sweep starts over")
-    return earlier
 
 
 def _one_process(obj):
@@ -275,7 +167,8 @@ class Sweep:
         self._ranking_plan()
         started, finished = time.perf_counter(), 0
         rounds = [self.todo[k:k + self.world] for k in range(0, len(self.todo), self.world)]
-        for group in tqdm(rounds, desc=READOUT_NAMES[self.readout] if self.readout else "lesion sweep", leave=False, disable=None if self.main else True):
+        for group in tqdm(rounds, desc=READOUT_NAMES[self.readout] if self.readout else "lesion sweep", leave=False,
+                          disable=None if self.main else True):
             given, spent = {}, {}
             for site in group if self.share else []:  # every process, every site of the round, together
                 spent[site.name] = time.perf_counter()
@@ -345,8 +238,8 @@ class Sweep:
             say("accuracy-matched test images: " + ", ".join(
                 f"{t} {len(self.matched[t])} images at {intact[t]['correct'][self.matched[t]].mean():.3f}"
                 for t in tasks))
-        say(f"intact test accuracy through the {self.read_by}: " + ", ".join(f"{t} {self.summary[t]['accuracy']:.3f} (chance "
-                                                 f"{self.chance[t]:.3f})" for t in tasks))
+        say(f"intact test accuracy through the {self.read_by}: " + ", ".join(
+            f"{t} {self.summary[t]['accuracy']:.3f} (chance {self.chance[t]:.3f})" for t in tasks))
         batch = max(len(x) for _, x, _ in test)
         caches = cache_bytes(model, self.todo, test[0][1].shape[1:], batch)
         self.masks_per_pass = default_masks_per_pass(self.device, max(caches.values()))

@@ -8,7 +8,6 @@ whose files are missing says so in one line instead.
 from __future__ import annotations
 
 import html
-import json
 import math
 import sys
 from datetime import datetime, timezone
@@ -17,8 +16,8 @@ from pathlib import Path
 from dualtask.core.common import exit_on_damaged_files, read_csv, read_json, write_text
 from dualtask.core.common import number as _num
 from dualtask.core.names import READOUT_DIRS, reliability_key
-from dualtask.report import filter_sets, first_screen, pages, probes_report, train_health
-from dualtask.report.figures import stimuli_file
+from dualtask.report import filter_sets, first_screen, pages, probes_report, sections, train_health
+from dualtask.report.sections import correction_text
 from dualtask.stats import multiple_testing
 from dualtask.stats import verdict as V
 
@@ -55,7 +54,7 @@ def intact_accuracies(lesion_rows: list) -> dict:
     return intact
 
 
-_ci, _p = first_screen.ci_text, first_screen.p_text
+_ci = first_screen.ci_text
 
 
 def verdict(row: dict) -> str:
@@ -79,20 +78,6 @@ def _top_overlap(rankings: dict, site: str, methods: list, task: str, fraction: 
     if k == 0:
         return None
     return len(set(orders[0][:k]) & set(orders[1][:k])), k, k * k / n
-
-
-def correction_text(family: dict) -> str:
-    """How the headline's p-values were corrected (multiple_testing.family of its rows), in words."""
-    n, m, k, r = (family[key] for key in ("n_tests", "n_sites", "n_rankings", "repeats"))
-    tests = (f"corrected for {n} test{'s' if n != 1 else ''} over {m} site{'s' if m != 1 else ''} and {k} "
-             f"ranking{'s' if k != 1 else ''}")
-    if family["method"] == multiple_testing.MAX_STATISTIC:
-        return (f"{tests} by a max-statistic test over the {r} random orders" +
-                (" (Bonferroni over the rankings)" if k > 1 else ""))
-    if family["method"] == multiple_testing.HOLM:
-        return (f"{tests} by Holm's method on the per-site p-values (no joint null across sites: "
-                f"{family['why']})")
-    return ""
 
 
 def summary(config: dict, status: dict, results: list, diss: list, rankings: dict, checkup: dict | None = None,
@@ -270,21 +255,8 @@ def build_report(run_dir) -> Path:
     """Write run_dir/report.html from the run's files and return its path. It opens on the answer and its
     caveats; the figures, tables and settings follow."""
     run_dir = Path(run_dir)
-    config = read_json(run_dir / "config.json", lambda v: isinstance(v, dict) and isinstance(v.get("tasks", {}), dict),
-                       "a run's settings")
-    status_path = run_dir / FIGURES_STATUS
-    status = read_json(status_path, lambda v: isinstance(v, dict) and all(isinstance(e, dict) for e in v.values()),
-                       "the figures stage's status") if status_path.exists() else {}
+    config, status, results, diss, rankings, readouts = _run_files(run_dir)
     tasks = list(config.get("tasks", {}))
-    results_path, diss_path, rankings_path = (run_dir / n for n in ("lesion_results.csv", "dissociation.csv",
-                                                                     "rankings.json"))
-    results = read_csv(results_path, INTACT_COLUMNS) if results_path.exists() else []
-    diss = read_csv(diss_path, DISSOCIATION_COLUMNS) if diss_path.exists() else []
-    decides = V.deciding(config)
-    diss = multiple_testing.corrected_rows(diss, results, force=False, decides=decides)  # an older sweep's file
-    rankings = read_json(rankings_path, lambda v: isinstance(v, dict), "rankings by site") \
-        if rankings_path.exists() else {}
-    readouts = {kind: read_readout(run_dir, kind, decides) for kind in READOUT_DIRS}
     r = Report(run_dir, status)
     r.section("Summary")
     screen, notes, _ = summary_parts(config, status, results, diss, rankings, train_health.read(run_dir), readouts,
@@ -293,49 +265,11 @@ def build_report(run_dir) -> Path:
 
     _intact_section(r, config, results)
 
-    r.section("Lesions by depth")
-    r.figure("lesion_effects.png", "Chance-corrected drop of each task's accuracy when the most task-important "
-             "20% of a site's filters are silenced, per site and ranking method; shading is the range over random "
-             "lesions of the same size. A task-specific site hurts the targeted task above the random band and "
-             "spares the other.", "lesion effects")
-
-    r.section("Dissociation by depth")
-    r.figure("dissociation_by_depth.png", "The double-dissociation index per site (0 = no task split) with its "
-             "95% bootstrap interval over test images, beside the range of indices built from pairs of random "
-             "lesions (grey).", "dissociation by depth")
-    r.raw(_dissociation_table(diss))
-    selective = filter_sets.localiser_sentence(filter_sets.localiser_rows(rankings, results))
-    masks = filter_sets.mask_sentence(filter_sets.mask_rows(rankings))
-    if selective or masks:
-        r.section("Localiser and learned masks")
-        for text in (selective, masks):
-            if text:
-                r.what(text)
-    probe_rows = probes_report.read_rows(run_dir) if (run_dir / "probes.csv").exists() else []
-    if probe_rows:
-        r.section("Behavioural probes")
-        for text in (probes_report.inversion_sentence(probe_rows), probes_report.transfer_sentence(probe_rows)):
-            if text:
-                r.what(text)
-        r.figure("probes.png", "Each probe across the swept sites: the inversion effect (upright minus upside-down "
-                 "accuracy, 95% interval) or the held-out task's probe accuracy, under each task's filters' lesions; "
-                 "grey: the random lesions' range; dashed: the intact network.", "probes")
+    _lesion_sections(r, results, diss, rankings)
+    _probes_section(r, run_dir)
     r.section("Notes on the verdict", first_screen.NOTES)
     r.raw(notes)
-    if readouts["fixed"]:
-        r.section("Fixed readouts")
-        r.what("The same lesions, each task scored by linear readouts (ridge on standardised features) fitted once "
-               "to the intact network's features of its test images in 10 folds, each image read by the readout "
-               "fitted on the other nine, never refitted: whether the filters a head needs carry its task for any readout of it, where two heads "
-               "of one task cannot differ (fixed_readout/). The summary's verdict asks a site to dissociate here "
-               "too.")
-        r.raw(_dissociation_table(readouts["fixed"]["dissociation"]))
-    if readouts["refit"]:
-        r.section("Refitted readouts")
-        r.what("The same lesions, each task scored by a linear readout (ridge on standardised features) fitted anew "
-               "to the lesioned network's features on its training images: what the features still hold for the "
-               "task, rather than what its head reads (refit_readout/).")
-        r.raw(_dissociation_table(readouts["refit"]["dissociation"]))
+    _readout_sections(r, readouts)
     if config.get("lesion_epochs"):
         r.section("Dissociation by epoch")
         r.figure("dissociation_by_epoch.png", "The index by depth for each swept epoch (epoch_<N>/ holds each "
@@ -346,16 +280,16 @@ def build_report(run_dir) -> Path:
     r.figure("training_curves.png", "Accuracy and loss of each head on its own task, per epoch, on training "
              "batches (augmented) and on the validation images.", "training curves")
 
-    _gradcam_section(r, run_dir, tasks)
+    sections.gradcam_section(r, run_dir, tasks)
 
-    _stimuli_section(r, run_dir)
+    sections.stimuli_section(r, run_dir)
 
     r.section("Layer-wise decoding")
     r.figure("decoding_by_depth.png", "Cross-validated accuracy of a linear probe reading each task's labels "
              "from each site's spatially pooled activations: where task information becomes linearly "
              "separable, to set beside where lesions dissociate.", "decoding")
 
-    _settings_section(r, config)
+    sections.settings_section(r, config)
 
     title = f"Dual-task lesion report: {run_dir.name} ({config.get('backbone', '?')})"
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -364,6 +298,80 @@ def build_report(run_dir) -> Path:
     out = run_dir / "report.html"
     write_text(out, page)
     return out
+
+
+def _run_files(run_dir: Path) -> tuple:
+    """(config, figures status, lesion_results.csv's rows, dissociation.csv's rows (corrected as the verdict's
+    family says, where an older sweep's file lacks it), rankings, {kind: read_readout(...)}) of a run; a file
+    missing is empty (the config excepted)."""
+    config = read_json(run_dir / "config.json", lambda v: isinstance(v, dict) and isinstance(v.get("tasks", {}), dict),
+                       "a run's settings")
+    status_path = run_dir / FIGURES_STATUS
+    status = read_json(status_path, lambda v: isinstance(v, dict) and all(isinstance(e, dict) for e in v.values()),
+                       "the figures stage's status") if status_path.exists() else {}
+    results_path, diss_path, rankings_path = (run_dir / n for n in ("lesion_results.csv", "dissociation.csv",
+                                                                     "rankings.json"))
+    results = read_csv(results_path, INTACT_COLUMNS) if results_path.exists() else []
+    diss = read_csv(diss_path, DISSOCIATION_COLUMNS) if diss_path.exists() else []
+    decides = V.deciding(config)
+    diss = multiple_testing.corrected_rows(diss, results, force=False, decides=decides)  # an older sweep's file
+    rankings = read_json(rankings_path, lambda v: isinstance(v, dict), "rankings by site") \
+        if rankings_path.exists() else {}
+    readouts = {kind: read_readout(run_dir, kind, decides) for kind in READOUT_DIRS}
+    return config, status, results, diss, rankings, readouts
+
+
+def _lesion_sections(r: Report, results: list, diss: list, rankings: dict) -> None:
+    """Lesions by depth, dissociation by depth (with its table) and, where run, the localiser and masks."""
+    r.section("Lesions by depth")
+    r.figure("lesion_effects.png", "Chance-corrected drop of each task's accuracy when the most task-important "
+             "20% of a site's filters are silenced, per site and ranking method; shading is the range over random "
+             "lesions of the same size. A task-specific site hurts the targeted task above the random band and "
+             "spares the other.", "lesion effects")
+
+    r.section("Dissociation by depth")
+    r.figure("dissociation_by_depth.png", "The double-dissociation index per site (0 = no task split) with its "
+             "95% bootstrap interval over test images, beside the range of indices built from pairs of random "
+             "lesions (grey).", "dissociation by depth")
+    r.raw(sections.dissociation_table(diss))
+    selective = filter_sets.localiser_sentence(filter_sets.localiser_rows(rankings, results))
+    masks = filter_sets.mask_sentence(filter_sets.mask_rows(rankings))
+    if selective or masks:
+        r.section("Localiser and learned masks")
+        for text in (selective, masks):
+            if text:
+                r.what(text)
+
+
+def _probes_section(r: Report, run_dir: Path) -> None:
+    """The behavioural probes (probes.csv), where they ran."""
+    probe_rows = probes_report.read_rows(run_dir) if (run_dir / "probes.csv").exists() else []
+    if probe_rows:
+        r.section("Behavioural probes")
+        for text in (probes_report.inversion_sentence(probe_rows), probes_report.transfer_sentence(probe_rows)):
+            if text:
+                r.what(text)
+        r.figure("probes.png", "Each probe across the swept sites: the inversion effect (upright minus upside-down "
+                 "accuracy, 95% interval) or the held-out task's probe accuracy, under each task's filters' lesions; "
+                 "grey: the random lesions' range; dashed: the intact network.", "probes")
+
+
+def _readout_sections(r: Report, readouts: dict) -> None:
+    """The dissociation tables of the fixed and the refitted readouts, where they ran."""
+    if readouts["fixed"]:
+        r.section("Fixed readouts")
+        r.what("The same lesions, each task scored by linear readouts (ridge on standardised features) fitted once "
+               "to the intact network's features of its test images in 10 folds, each image read by the readout "
+               "fitted on the other nine, never refitted: whether the filters a head needs carry its task for any "
+               "readout of it, where two heads of one task cannot differ (fixed_readout/). The summary's verdict "
+               "asks a site to dissociate here too.")
+        r.raw(sections.dissociation_table(readouts["fixed"]["dissociation"]))
+    if readouts["refit"]:
+        r.section("Refitted readouts")
+        r.what("The same lesions, each task scored by a linear readout (ridge on standardised features) fitted anew "
+               "to the lesioned network's features on its training images: what the features still hold for the "
+               "task, rather than what its head reads (refit_readout/).")
+        r.raw(sections.dissociation_table(readouts["refit"]["dissociation"]))
 
 
 def read_readout(run_dir: Path, kind: str, decides=V.IMPORTANCE) -> dict | None:
@@ -419,147 +427,6 @@ def _intact_section(r: Report, config: dict, results: list) -> None:
             row.update({"accuracy": f"{a:.3f}", "95% interval": "{:.3f} to {:.3f}".format(*wilson(a, n))})
         rows.append(row)
     r.raw(_table(rows, ["task", "accuracy", "95% interval", "chance", "classes", "train", "val", "test", "source"]))
-
-
-def _gradcam_section(r: Report, run_dir: Path, tasks: list) -> None:
-    r.section("Where each head looks (Grad-CAM)")
-    if not r.failed("Grad-CAM"):
-        overlap = run_dir / "gradcam_overlap.csv"
-        overlap_rows = read_csv(overlap, ("images", "head_a", "head_b", "mean_iou_top5")) if overlap.exists() else []
-        # one set of test images per task, or one set shared by tasks labelling the same images ('a+b')
-        for t in list(dict.fromkeys(row["images"] for row in overlap_rows)) or tasks:
-            shared = " (the same images for these tasks)" if "+" in t else ""
-            r.figure(f"gradcam_{t}_images.png", f"{t.replace('+', ' and ')} test images{shared} and, below them, "
-                     f"each head's Grad-CAM map: the regions whose activation raises that head's predicted score.")
-        r.figure("gradcam_mean.png", "Each head's mean map over each set of test images, drawn on that set's "
-                 "mean image.")
-        if overlap_rows and "p_permutation" in overlap_rows[0]:
-            r.what("Overlap (intersection over union, IoU) of two heads' top-5% regions on the same image, averaged "
-                   "over the images (1 = they attend to the same pixels), with its 95% bootstrap interval over "
-                   "images; null_mean is the mean IoU when one head's map of an image is paired with the other "
-                   "head's map of another image (random permutations of the images), which keeps each head's own "
-                   "spatial prior such as a centre bias, and p_permutation is the one-sided permutation p-value of "
-                   "the overlap exceeding that chance pairing.")
-        elif overlap_rows:
-            r.what("Overlap (intersection over union) of the two heads' top-5% regions on the same images: 1 = "
-                   "they attend to the same pixels.")
-        if overlap_rows:
-            shown = [c for c in OVERLAP_SHOWN if c in overlap_rows[0]]
-            r.raw(_table(overlap_rows, shown))
-            r.raw(f"<p>{html.escape(overlap_reading(overlap_rows))}</p>")
-
-
-def _stimuli_section(r: Report, run_dir: Path) -> None:
-    r.section("Preferred stimuli")
-    if not r.failed("preferred stimuli"):
-        stimuli = sorted((run_dir / "figures").glob("stimuli_*.png")) if (run_dir / "figures").exists() else []
-        stages = _stimuli_stages(run_dir)  # {figure name: (site, stage)} in depth order, from stimuli.json
-        stimuli.sort(key=lambda path: list(stages).index(path.name) if path.name in stages else len(stages))
-        for path in stimuli:
-            site, stage, _ = stages.get(path.name, (None, None, None))
-            where = f"Stage {stage}, {site}: f" if stage else "F"
-            r.figure(path.name, f"{where}or the most task-ranked filters of this site: the test images that "
-                     "activate each most (labelled with their task and class) and a synthetic image grown by "
-                     "gradient ascent from noise.")
-        unranked = [f"{stage} ({site})" for site, stage, skipped in stages.values() if skipped and stage]
-        if unranked:
-            r.what(f"No preferred stimuli at stage(s) {', '.join(unranked)}: none of the stage's sites was lesioned "
-                   f"(lesion_layers), so none has a filter ranking.")
-        if not stimuli:
-            r.skip("no figures/stimuli_*.png: they need rankings.json from the lesion stage and the figures stage")
-
-
-def _settings_section(r: Report, config: dict) -> None:
-    r.section("Settings and provenance")
-    r.what("The resolved settings of this run (config.json): backbone, data, training and lesion parameters, "
-           "package versions, device, command line and git commit.")
-    shown = {k: v for k, v in config.items() if k != "tasks"}
-    r.raw("<details><summary>All settings</summary>" +
-          _table([{"setting": k, "value": json.dumps(v)} for k, v in shown.items()], ["setting", "value"]) +
-          "</details>")
-
-
-# gradcam_overlap.csv's columns as the report shows them; a run written before the permutation test has sd
-# instead of ci_low .. n_permutations, and the report shows what it has
-OVERLAP_SHOWN = ("images", "head_a", "head_b", "site", "mean_iou_top5", "ci_low", "ci_high", "sd", "null_mean",
-                 "p_permutation", "n_permutations", "n")
-
-
-def _p_small(p: float) -> str:
-    return f"{p:.3f}" if p >= 0.001 else f"{p:.1g}"
-
-
-def overlap_reading(rows: list) -> str:
-    """One sentence reading gradcam_overlap.csv: for each set of images and pair of heads, whether the heads
-    attend to the same image-specific regions more than chance pairing of images (p_permutation < ALPHA)."""
-    if not rows or "p_permutation" not in rows[0]:
-        return ("These overlaps predate the permutation test over images (rerun the figures stage for it), so they "
-                "cannot tell heads that attend to the same image-specific regions from heads that share a spatial "
-                "prior such as a centre bias.")
-    parts = []
-    for row in rows:
-        iou, low, high = _num(row["mean_iou_top5"]), _num(row.get("ci_low")), _num(row.get("ci_high"))
-        null, p = _num(row.get("null_mean")), _num(row["p_permutation"])
-        who = f"on {row['images'].replace('+', ' and ')} images the {row['head_a']} and {row['head_b']} heads"
-        numbers = (f"IoU {iou:.2f} [{low:.2f}, {high:.2f}] against {null:.2f} under chance pairing, "
-                   f"p = {_p_small(p)}" if math.isfinite(p) else "no p-value")
-        if p < ALPHA:
-            parts.append(f"{who} attend to the same image-specific regions more than chance pairing ({numbers})")
-        else:
-            parts.append(f"{who} are not shown to attend to the same image-specific regions more than chance "
-                         f"pairing ({numbers})")
-    text = "; ".join(parts)
-    return f"{text[0].upper()}{text[1:]} (one-sided permutation test over images, p < {ALPHA})."
-
-
-def _stimuli_stages(run_dir: Path) -> dict:
-    """{figure name: (site, stage name, skipped)} of stimuli.json in its (depth) order; the stage is None for a
-    run written before stimuli.json named stages; {} without the file."""
-    path = run_dir / "stimuli.json"
-    summary = read_json(path, lambda v: isinstance(v, dict), "preferred stimuli by site") if path.exists() else {}
-    return {stimuli_file(site): (site, entry.get("stage"), "skipped" in entry)
-            for site, entry in summary.items() if isinstance(entry, dict)}
-
-
-def _dissociation_table(rows: list) -> str:
-    """The dissociation table at the headline fraction, with the tasks' names in its columns."""
-    if not rows:
-        return ""
-    f = V.headline_fraction(r["fraction"] for r in rows)
-    keep = [x for x in rows if abs(_num(x["fraction"]) - f) < 1e-6]
-    a, b = keep[0]["task_a"], keep[0]["task_b"]
-    names = {"drop_a_by_a": f"drop_{a}_by_{a}", "drop_a_by_b": f"drop_{a}_by_{b}",
-             "drop_b_by_b": f"drop_{b}_by_{b}", "drop_b_by_a": f"drop_{b}_by_{a}",
-             "p_a_by_a": f"p_{a}_by_{a}", "p_b_by_b": f"p_{b}_by_{b}"}
-    table = []
-    for x in keep:
-        null = (f"{_num(x.get('null_low')):.3f} to {_num(x.get('null_high')):.3f}"
-                if math.isfinite(_num(x.get("null_low"))) else "n/a")
-        row = {"site": x["layer"], "depth": x["depth"], "ranking": x["method"], "family": x.get("family", ""),
-               "index [95% CI]": _ci(x), "random pairs": null, "p_index": _p(x.get("p_index")),
-               "p_corrected": _p(x.get("p_corrected"))}
-        row.update({new: _p(x[old]) for old, new in names.items()})  # drops and p-values: 3 decimals or n/a
-        table.append(row)
-    text = (f"<p class='what'>At {f:.0%} lesions. drop_X_by_Y: the chance-corrected drop of task X when the "
-            f"filters ranked most important for task Y are silenced. p_index: the share of random-lesion pairs "
-            f"whose index is at least as large: the other pairs of a ring of the two targeted and the R random lesions "
-            f"(one-sided; the smallest is 1/(R+2)); "
-            f"p_corrected: p_index corrected for every site and ranking of its family at this fraction "
-            f"({_correction_how(keep)}); p_X_by_X: the share of random lesions that cost the targeted task at "
-            f"least as much (uncorrected; the smallest is 1/(R+1)).</p>")
-    return text + _table(table, ["site", "depth", "ranking", "family", "index [95% CI]", "random pairs", "p_index",
-                                 "p_corrected", *names.values()], wide=True)
-
-
-def _correction_how(rows: list) -> str:
-    """How each family of rows (the deciding rankings, the descriptive ones) was corrected, in words."""
-    parts = []
-    for kind, what in ((multiple_testing.VERDICT, "the rankings that decide the verdict"),
-                       (multiple_testing.DESCRIPTION, "the selectivity rankings, description")):
-        text = correction_text(multiple_testing.family([r for r in rows if r.get("family") == kind]))
-        if text:
-            parts.append(f"{what}: {text}")
-    return "; ".join(parts) or "none: no p-value against random lesions"
 
 
 def main(argv=None) -> int:
