@@ -184,7 +184,7 @@ def _p_value(value, null):
     null = np.asarray(null, dtype=float)
     if not len(null) or not np.isfinite(value) or not np.isfinite(null).all():
         return float("nan")
-    return (1 + int(np.sum(null >= value - 1e-9 * max(1.0, abs(value))))) / (len(null) + 1)  # float ties count
+    return multiple_testing.empirical_p(null, value)
 
 
 def matched_subsets(correct: dict, seed: int = 0) -> dict:

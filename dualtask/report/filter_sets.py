@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from dualtask.core.common import number as _num
+from dualtask.stats.multiple_testing import empirical_p
 
 TOP_RANKINGS = ("loss", "greedy", "taylor", "activation")  # the ranking a selective set is set beside, by preference
 
@@ -36,8 +37,7 @@ def localiser_rows(rankings: dict, results: list) -> list:
                     row[f"drop_{e}"] = d[0]
                     null = np.asarray(rand.get(e, []), dtype=float)
                     row[f"random_drop_{e}"] = float(null.mean()) if len(null) else float("nan")
-                    beyond = int(np.sum(null >= d[0] - 1e-9))
-                    row[f"p_{e}"] = (1 + beyond) / (len(null) + 1) if len(null) else float("nan")
+                    row[f"p_{e}"] = empirical_p(null, d[0]) if len(null) else float("nan")
                 other = next((m for m in TOP_RANKINGS if task in ranking.get(m, {})), None)
                 if other:
                     shared = len(set(entry["order"][:k]) & set(ranking[other][task]["order"][:k]))

@@ -46,7 +46,18 @@ IMPORTANCE = ("loss", "greedy", "taylor", "mask")
 SELECTIVITY = ("activation", "localiser")
 VERDICT, DESCRIPTION = "verdict", "description"  # dissociation.csv's family column
 RING = "ring"  # dissociation.csv's index_null: p_index, null_low and null_high come from pair_null's closed ring
-TIE = 1e-9  # z values this close count as equal (at least as large), as the uncorrected p-value counts ties
+TIE = 1e-9  # values within TIE x max(1, |value|) of each other count as equal: the one tie rule of every p-value
+
+
+def count_at_least(null, value: float) -> int:
+    """How many `null` draws are at least `value`, a draw within the tie tolerance counting as equal: the count
+    behind every empirical p-value here (dissociation, corrected and filter-set p), so that one rule decides ties."""
+    return int(np.sum(np.asarray(null, dtype=float) >= value - TIE * max(1.0, abs(float(value)))))
+
+
+def empirical_p(null, value: float) -> float:
+    """(1 + draws at least `value`) / (draws + 1): the permutation p-value, never 0."""
+    return (1 + count_at_least(null, value)) / (len(null) + 1)
 
 
 def holm(p_values) -> np.ndarray:
@@ -132,7 +143,7 @@ def max_statistic(observed: dict, nulls: dict) -> dict:
             z_null.append(zn)
         max_null = np.max(np.stack(z_null), axis=0)  # (R + 1,): the largest null z over the sites, per position
         for k in keys:
-            p = (1 + int(np.sum(max_null >= z_obs[k] - TIE))) / (len(max_null) + 1)
+            p = empirical_p(max_null, z_obs[k])
             out[k] = min(1.0, len(rankings) * p)
     return out
 
@@ -236,7 +247,7 @@ def correct_family(rows: list, result_rows: list) -> tuple:
         null = nulls.get((r["layer"], r["method"]))
         if null is not None and (r["layer"], r["method"]) in keyed:
             value = keyed[r["layer"], r["method"]]
-            r.update(p_index=f"{(1 + int(np.sum(null >= value - TIE))) / (len(null) + 1):.4f}",
+            r.update(p_index=f"{empirical_p(null, value):.4f}",
                      null_low=f"{np.min(null):.4f}", null_high=f"{np.max(null):.4f}", index_null=RING)
     corrected = max_statistic(keyed, nulls)
     return [corrected.get((r["layer"], r["method"]), float("nan")) if math.isfinite(p) else float("nan")
