@@ -114,3 +114,12 @@ def test_every_setting_of_each_script_is_in_settings_doc():
         names = settings.hyperparameters(vars(settings.load_script(ROOT / script)))
         missing = [n for n in names if n not in rows]
         assert not missing, f"docs/settings.md has no row for {script}'s setting(s) {', '.join(missing)}"
+
+
+def test_architecture_names_every_module_of_the_package():
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    package = ROOT / "dualtask"
+    modules = [p.relative_to(package).as_posix() for p in sorted(package.rglob("*.py"))
+               if p.name not in ("__init__.py", "__main__.py")]
+    missing = [m for m in modules if f"`{m}`" not in text]
+    assert not missing, f"docs/architecture.md does not name: {missing}"
