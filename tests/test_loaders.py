@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import SHARED_DATA, write_jpeg
+from helpers import make_lfw
 
 from dualtask.data import demo, fer2013, folders, kdef, taskdata, voxceleb
 from dualtask.data import loading as vggface2
@@ -311,18 +312,6 @@ def test_voxceleb_detection_leaves_class_folders_alone(tmp_path):
 
 # ----------------------------------------------------------------------------------------------------------
 # LFW: cropped to the face
-
-
-def make_lfw(root, people=("Ann_Lee", "Bo_Ray"), per=10, names=None, size=250):
-    """LFW's layout: 250 x 250 frames, blue, with a red square (90..160) in the middle where LFW's face is."""
-    frame = np.zeros((250, 250, 3), np.uint8)
-    frame[..., 2] = 255
-    frame[90:160, 90:160] = (255, 0, 0)
-    frame = frame[:size, :size]
-    for person in people:
-        for i in range(per):
-            write_jpeg(root / person / (names or "{p}_{i:04d}.jpg").format(p=person, i=i + 1), frame)
-    return root
 
 
 def red_fraction(images):
