@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from conftest import ROOT
+from conftest import run_script
 
 from dualtask.analysis import inspection
 from dualtask.model import sites as sites_mod
@@ -280,8 +280,9 @@ def test_the_linear_probe_chooses_its_penalty_on_the_training_folds_only():
 
 
 def test_not_a_run_folder_exits_2(tmp_path):
-    for script, args in (("dualtask.report", [str(tmp_path)]), ("dualtask.report.compare", [str(tmp_path), "--out_dir=" + str(tmp_path / "c")])):
-        p = subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True)
+    for module, args in (("dualtask.report", [str(tmp_path)]),
+                         ("dualtask.report.compare", [str(tmp_path), "--out_dir=" + str(tmp_path / "c")])):
+        p = run_script(module, *args)
         assert p.returncode == 2 and "not a run folder" in p.stderr and "Traceback" not in p.stderr
 
 
