@@ -172,7 +172,7 @@ def parse(argv=None):
     parser.add_argument("--repeats", type=int, default=None, help="random orders (20: corrected p can reach 1/22)")
     parser.add_argument("--rank_images", type=int, default=None)
     parser.add_argument("--fractions", type=literal, default=[0.1, 0.2, 0.3],
-                        help="lesion fractions swept (the verdict reads 20%, or the nearest, and asks a split to hold "
+                        help="lesion fractions swept (the verdict reads 20%%, or the nearest, and asks a split to hold "
                              "at its neighbours)")
     parser.add_argument("--null", default="halves", choices=["halves", "identical"])
     parser.add_argument("--control_seeds", type=literal, default=None,
