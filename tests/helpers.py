@@ -193,6 +193,7 @@ def _script(name: str):
         _SCRIPTS[name] = settings.load_script(ROOT / f"{name}.py")
     return _SCRIPTS[name]
 
+
 # the tiny runs of the experiment tests (and of the SLURM ones): seconds per job
 FAST = ["--image_size=16", "--epochs=1", "--max_per_class=8", "--max_classes=3", "--batch_size=24", "--device=cpu",
         "--health_check=warn", "--lesion_layers=[0, -1]", "--lesion_fractions=[0.0, 0.25]", "--random_repeats=2",
