@@ -1,9 +1,11 @@
 """Builders that several test files share: fake data-set trees on disk, tiny networks with their batches, tiny
-run settings, and the table runner of the bad-data cases. (conftest.py holds what must load before any test
-module: the thread count, the marks, the subprocess runners and the benchmark loader; this module imports torch,
-so it is imported by the test files that need it, after conftest.py has set OMP_NUM_THREADS.)"""
+run settings and resumed runs, run folders written directly, and the table runner of the bad-data cases.
+(conftest.py holds what must load before any test module: the thread count, the marks, the subprocess runners and
+the benchmark loader; this module imports torch, so the test files that need it import it, after conftest.py has
+set OMP_NUM_THREADS.)"""
 import csv
 import hashlib
+import json
 import os
 import pickle
 from dataclasses import dataclass
@@ -15,10 +17,14 @@ import torch.nn as nn
 from conftest import ROOT, run_script, write_jpeg
 
 from dualtask.config import settings
-from dualtask.data import cifar10
+from dualtask.core.common import write_csv
+from dualtask.data import cifar10, kdef
 from dualtask.data.taskdata import DataError
+from dualtask.experiment import pipeline as dualtask
+from dualtask.lesion import dissociation as dissociation_mod
 from dualtask.lesion import greedy
 from dualtask.model import network
+from dualtask.training import trainer as training
 
 # ----------------------------------------------------------------------------------------------------------
 # data sets on disk
@@ -80,6 +86,22 @@ def make_lfw(root, people=("Ann_Lee", "Bo_Ray"), per=10, names=None, size=250):
             write_jpeg(root / person / (names or "{p}_{i:04d}.jpg").format(p=person, i=i + 1), frame)
     return root
 
+
+KDEF_PEOPLE = ("F01", "F02", "M01", "M02")
+
+
+def make_kdef(root, people=KDEF_PEOPLE, expressions=("AF", "AN", "HA", "NE"), views=("S", "HL"), sessions="AB"):
+    """The release's layout (one folder per session and person); each photograph's colour encodes its person
+    (red), expression (green) and view (blue), so labels can be checked against pixels."""
+    codes = list(kdef.KDEF_EXPRESSIONS)
+    for session in sessions:
+        for pi, person in enumerate(people):
+            for expr in expressions:
+                for view in views:
+                    colour = (40 + 40 * pi, 30 + 30 * codes.index(expr), 60 + 120 * (view != "S"))
+                    write_jpeg(root / f"{session}{person}" / f"{session}{person}{expr}{view}.JPG",
+                               np.tile(np.array(colour, np.uint8), (12, 10, 1)))
+    return root
 
 # ----------------------------------------------------------------------------------------------------------
 # tiny networks and their batches
@@ -213,6 +235,76 @@ def read_rows(path):
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
 
+
+def interrupted_at_call(n, function):
+    """`function`, except that its n-th call raises KeyboardInterrupt (a run killed at that moment)."""
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return function(*args, **kwargs)
+
+    return wrapped
+
+
+def straight_and_resumed(make_config, tmp_path, monkeypatch, capsys) -> tuple:
+    """Train a 2-epoch run straight through, and again killed in its second epoch then resumed: the two
+    checkpoints' weights (the resumed run's output checked to say it resumed)."""
+    dualtask.run(make_config(tmp_path / "straight"))
+    real_evaluate = training.evaluate
+    monkeypatch.setattr(training, "evaluate", interrupted_at_call(2, real_evaluate))  # in epoch 2
+    with pytest.raises(KeyboardInterrupt):
+        dualtask.run(make_config(tmp_path / "resumed"))
+    assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    monkeypatch.setattr(training, "evaluate", real_evaluate)
+    capsys.readouterr()
+    dualtask.run(make_config(tmp_path / "resumed"))
+    assert "resuming from epoch 1" in capsys.readouterr().out
+    return tuple(torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)["model"]
+                 for name in ("straight", "resumed"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# a run folder's files, written directly (what the report reads)
+
+
+def random_rows(drops: dict, fraction="0.2000") -> list:
+    """lesion_results.csv's rows of random lesions: drops {site: (face drops, object drops), one per order}."""
+    return [{"layer": site, "method": "random", "target": "random", "repeat": r, "fraction": fraction,
+             "eval_task": task, "corrected_drop": f"{d:.4f}", "intact_accuracy": 0.8, "n_images": 200,
+             "chance": 0.1}
+            for site, per_task in drops.items() for task, ds in zip(("face", "object"), per_task)
+            for r, d in enumerate(ds)]
+
+
+def make_run(path, dissociation, intact=(("face", 0.8, 0.1), ("object", 0.7, 0.1)), repeats=5, rankings=None,
+             random_drops=None):
+    """A run folder with the files the report reads: config.json, lesion_results.csv, dissociation.csv;
+    random_drops: the random lesions' drops by site (`random_rows`), without which the report has no joint null
+    and corrects by Holm."""
+    path.mkdir()
+    tasks = {t: {"classes": 10, "chance": c, "source": "demo", "counts": {"train": 80, "val": 20, "test": 200}}
+             for t, _, c in intact}
+    config = {"backbone": "vgg16", "seed": 0, "lesion_methods": ["activation", "loss", "random"],
+              "random_repeats": repeats, "tasks": tasks}
+    (path / "config.json").write_text(json.dumps(config))
+    write_csv(path / "lesion_results.csv", dissociation_mod.LESION_COLUMNS,
+              [{"eval_task": t, "intact_accuracy": a, "n_images": 200, "chance": c} for t, a, c in intact] +
+              random_rows(random_drops or {}))
+    rows = []
+    for layer, depth, method, index, low, high, p in dissociation:
+        rows.append({"layer": layer, "depth": depth, "method": method, "fraction": "0.2000", "task_a": "face",
+                     "task_b": "object", "index": index, "ci_low": low, "ci_high": high, "p_index": p,
+                     # each task's own filters cost it index/2, the other's nothing: the drops make the index
+                     "drop_a_by_a": f"{index / 2:.4f}", "drop_a_by_b": 0.0, "drop_b_by_b": f"{index / 2:.4f}",
+                     "drop_b_by_a": 0.0,
+                     "p_a_by_a": p, "p_b_by_b": p, "n_random": repeats, "null_low": -0.1, "null_high": 0.1})
+    write_csv(path / "dissociation.csv", dissociation_mod.DISSOCIATION_COLUMNS, rows)
+    if rankings:
+        (path / "rankings.json").write_text(json.dumps(rankings))
+    return path
 
 # ----------------------------------------------------------------------------------------------------------
 # the bad-data table (tests/test_bad_data_caches.py, tests/test_bad_data_sources.py): each case builds its input

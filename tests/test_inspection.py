@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 from conftest import run_script
+from helpers import make_run
 
 from dualtask.analysis import inspection
 from dualtask.model import sites as sites_mod
@@ -137,8 +138,6 @@ def test_gradcam_overlap_computes_a_shared_image_set_once(tmp_path):
 
 
 def test_report_reads_the_overlap_test_and_runs_written_before_it(tmp_path):
-    from test_report import make_run
-
     from dualtask.core.common import write_csv
     from dualtask.report import build as report
 

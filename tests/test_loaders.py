@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import SHARED_DATA, write_jpeg
-from helpers import make_lfw
+from helpers import KDEF_PEOPLE, make_kdef, make_lfw, tiny_config
 
 from dualtask.data import demo, fer2013, folders, kdef, taskdata, voxceleb
 from dualtask.data import loading as vggface2
@@ -164,23 +164,6 @@ def test_shared_fer2013_folder_split(monkeypatch):
 
 # ----------------------------------------------------------------------------------------------------------
 # KDEF
-
-
-KDEF_PEOPLE = ("F01", "F02", "M01", "M02")
-
-
-def make_kdef(root, people=KDEF_PEOPLE, expressions=("AF", "AN", "HA", "NE"), views=("S", "HL"), sessions="AB"):
-    """The release's layout (one folder per session and person); each photograph's colour encodes its person
-    (red), expression (green) and view (blue), so labels can be checked against pixels."""
-    codes = list(kdef.KDEF_EXPRESSIONS)
-    for session in sessions:
-        for pi, person in enumerate(people):
-            for expr in expressions:
-                for view in views:
-                    colour = (40 + 40 * pi, 30 + 30 * codes.index(expr), 60 + 120 * (view != "S"))
-                    write_jpeg(root / f"{session}{person}" / f"{session}{person}{expr}{view}.JPG",
-                               np.tile(np.array(colour, np.uint8), (12, 10, 1)))
-    return root
 
 
 def test_kdef_labels_both_identity_and_expression_from_the_names(tmp_path):
@@ -343,8 +326,6 @@ def test_other_class_folders_are_not_cropped(tmp_path):
 
 
 def test_face_crop_is_part_of_a_run_on_lfw_and_of_no_other(tmp_path):
-    from test_pipeline import tiny_config
-
     from dualtask.core import common
     from dualtask.experiment import pipeline as dualtask
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 from conftest import ROOT, SHARED_DATA, TINY, TINY_LESION, run_script
-from helpers import read_rows, tiny_config
+from helpers import interrupted_at_call, make_vggface2_tree, read_rows, straight_and_resumed, tiny_config
 
 from dualtask.config import settings
 from dualtask.core import common
@@ -17,7 +17,6 @@ from dualtask.data import demo
 from dualtask.experiment import pipeline as dualtask
 from dualtask.model import network
 from dualtask.training import trainer
-from dualtask.training import trainer as training
 
 LESION_COLUMNS = ["layer", "depth", "n_filters", "target", "method", "fraction", "n_lesioned", "repeat",
                   "eval_task", "accuracy", "loss", "intact_accuracy", "chance"]
@@ -118,36 +117,6 @@ def test_demo_end_to_end_writes_every_output(tmp_path, script):
         assert model(torch.zeros(1, 3, 32, 32))["object"].shape == (1, 10)
 
 
-def interrupted_at_call(n, function):
-    """`function`, except that its n-th call raises KeyboardInterrupt (a run killed at that moment)."""
-    calls = []
-
-    def wrapped(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == n:
-            raise KeyboardInterrupt
-        return function(*args, **kwargs)
-
-    return wrapped
-
-
-def straight_and_resumed(make_config, tmp_path, monkeypatch, capsys) -> tuple:
-    """Train a 2-epoch run straight through, and again killed in its second epoch then resumed: the two
-    checkpoints' weights (the resumed run's output checked to say it resumed)."""
-    dualtask.run(make_config(tmp_path / "straight"))
-    real_evaluate = training.evaluate
-    monkeypatch.setattr(training, "evaluate", interrupted_at_call(2, real_evaluate))  # in epoch 2
-    with pytest.raises(KeyboardInterrupt):
-        dualtask.run(make_config(tmp_path / "resumed"))
-    assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["epoch"] == 1
-    monkeypatch.setattr(training, "evaluate", real_evaluate)
-    capsys.readouterr()
-    dualtask.run(make_config(tmp_path / "resumed"))
-    assert "resuming from epoch 1" in capsys.readouterr().out
-    return tuple(torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)["model"]
-                 for name in ("straight", "resumed"))
-
-
 @pytest.mark.slow  # about a minute; the kill -9 table (test_bad_input.py) resumes training in the default run
 def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch, capsys):
     a, b = straight_and_resumed(tiny_config, tmp_path, monkeypatch, capsys)
@@ -175,8 +144,6 @@ def test_changed_settings_do_not_overwrite_a_run(tmp_path):
     (lambda d: ["--stages=['lesion']"], "no checkpoint.pt"),
 ])
 def test_bad_input_exits_2_and_keeps_earlier_files(tmp_path, make_bad, culprit):
-    from test_data import make_vggface2_tree
-
     make_vggface2_tree(tmp_path / "vgf2", with_boxes=False)
     out = tmp_path / "run"
     out.mkdir()
