@@ -9,6 +9,7 @@ import torch.nn as nn
 from conftest import run_script
 from helpers import FAST
 
+from dualtask.config import settings
 from dualtask.core.common import read_csv
 from dualtask.data import loading as vggface2
 from dualtask.data import taskdata
@@ -274,7 +275,7 @@ def test_planted_real_split_dissociates_and_a_pseudo_task_split_does_not():
 def test_plan_names_every_run_with_its_role_seed_and_folder(tmp_path):
     import ResNet
 
-    config = dict(experiment.dualtask.hyperparameters(vars(ResNet)), seeds=[3, 5], out_dir=str(tmp_path),
+    config = dict(settings.hyperparameters(vars(ResNet)), seeds=[3, 5], out_dir=str(tmp_path),
                   controls=["resolution_matched", "single_task", "pseudo_task"])
     runs = experiment.plan(config)
     assert [(r["role"], r["seed"], r["folder"]) for r in runs] == [
@@ -382,7 +383,7 @@ def test_matching_is_refused_when_a_task_has_no_errors_and_the_verdict_survives_
 def test_a_run_is_not_finished_while_it_runs_again(tmp_path, monkeypatch):
     import ResNet
 
-    config = dict(experiment.dualtask.hyperparameters(vars(ResNet)), seeds=[0], out_dir=str(tmp_path))
+    config = dict(settings.hyperparameters(vars(ResNet)), seeds=[0], out_dir=str(tmp_path))
     (run,) = experiment.plan(config)
     folder = tmp_path / run["folder"]
     folder.mkdir(parents=True)
