@@ -26,8 +26,6 @@ RESNET_TARGET_IPS = 3000.0
 AGREE_TARGET_GPU = 0.999  # bf16 suffix passes round differently from whole-network ones (other batch shapes)
 
 
-
-
 def section_peak(ck: Check) -> list:
     """The matrix-product peak: bf16 on CUDA (what autocast computes in), fp32 on the CPU."""
     n, reps = ck.S["matmul"], ck.S["matmul_reps"]

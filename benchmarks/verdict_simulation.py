@@ -54,7 +54,6 @@ def run_verdict(diss_rows: list, result_rows: list, fixed: list | None = None) -
             "yes_uncorrected": any(r["verdict_uncorrected"] == YES for r in rows), "fraction": f, "rows": rows}
 
 
-
 def rate(hits: int, n: int) -> tuple:
     """(rate, Wilson 95% low, high)."""
     if n == 0:
@@ -66,7 +65,6 @@ def rate(hits: int, n: int) -> tuple:
 def fmt_rate(hits: int, n: int) -> str:
     p, low, high = rate(hits, n)
     return f"{p:.4f} [{low:.4f}, {high:.4f}] ({hits}/{n})"
-
 
 
 # ----------------------------------------------------------------------------------------------------------

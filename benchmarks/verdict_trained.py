@@ -53,7 +53,6 @@ def trained_verdict(out_dir: Path, fixed: bool = True) -> dict:
             "yes_uncorrected": loose.answer is V.Answer.YES, "rows": rows}
 
 
-
 # ----------------------------------------------------------------------------------------------------------
 # 2 and 3. trained networks through the project's own pipeline
 

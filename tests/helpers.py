@@ -106,6 +106,7 @@ def make_kdef(root, people=KDEF_PEOPLE, expressions=("AF", "AN", "HA", "NE"), vi
 # ----------------------------------------------------------------------------------------------------------
 # tiny networks and their batches
 
+
 N_CLASSES = 4  # per task; a class is which of four positions lights up
 
 
@@ -309,6 +310,7 @@ def make_run(path, dissociation, intact=(("face", 0.8, 0.1), ("object", 0.7, 0.1
 # ----------------------------------------------------------------------------------------------------------
 # the bad-data table (tests/test_bad_data_caches.py, tests/test_bad_data_sources.py): each case builds its input
 # in tmp_path and is either refused or loaded right, and leaves every file present before it byte-identical
+
 
 SIZE = 16  # pixels of every loaded image: the cases stay fast
 

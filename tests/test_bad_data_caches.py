@@ -20,6 +20,7 @@ def tiny_cache(folder, classes=("a", "b", "c"), labels=(0, 1, 2, 0, 1, 2), split
     TaskData("face", list(classes), images, np.array(labels), np.array(split, np.int8), "test").save(folder)
     return folder
 
+
 def cli(*args, out="my_results", setup=None):
     """vggface2.py on a tiny VGGFace2 tree into tmp/out, after setup(tmp)."""
     def build(tmp):
@@ -29,9 +30,11 @@ def cli(*args, out="my_results", setup=None):
         return [f"--root={src}", f"--out={tmp / out}", f"--image_size={SIZE}", *args]
     return build
 
+
 def user_folder(tmp, name="my_results"):
     (tmp / name).mkdir()
     (tmp / name / "notes.txt").write_text("three weeks of notes")
+
 
 def cli_out_is(where):
     """vggface2.py with --out at `where` relative to the tree's root (which lives at tmp/data/vgf2)."""
@@ -40,9 +43,11 @@ def cli_out_is(where):
         return [f"--root={root}", f"--out={(root / where).resolve()}", "--overwrite", f"--image_size={SIZE}"]
     return build
 
+
 def cli_root_is_out_tmp(tmp):
     tiny_cache(tmp / "faces.tmp")
     return [f"--root={tmp / 'faces.tmp'}", f"--out={tmp / 'faces'}", "--overwrite"]
+
 
 def killed_save(tmp):
     """What a save killed at the renames leaves: <out>.tmp half written, <out>.old the earlier cache."""
@@ -51,11 +56,13 @@ def killed_save(tmp):
     (tmp / "faces.tmp" / "meta.json").write_text((tmp / "faces.old" / "meta.json").read_text())
     (tmp / "faces.tmp" / "images.npy").write_bytes(b"\x93NUMPY half")
 
+
 def check_replaced(proc, err, tmp):
     assert proc.returncode == 0, proc.stderr
     cache = taskdata.load_cache(tmp / "faces")
     assert cache.classes == ["n000001", "n000002"] and cache.images.shape == (6, SIZE, SIZE, 3)
     assert not (tmp / "faces.tmp").exists() and not (tmp / "faces.old").exists()
+
 
 def damaged_cache(damage):
     """A tiny cache, damaged by damage(folder); loading it is what runs."""
@@ -65,14 +72,18 @@ def damaged_cache(damage):
         return lambda: load_task(str(folder), "face", 8)
     return build
 
+
 def save_array(name, value):
     return lambda folder: np.save(folder / f"{name}.npy", value)
+
 
 def write_text(name, text):
     return lambda folder: (folder / name).write_text(text)
 
+
 def pickled_labels(folder):
     np.save(folder / "labels.npy", np.array([Evil(folder.parent / "pwned")] * 6, dtype=object), allow_pickle=True)
+
 
 def cache_with_empty_class(tmp):
     folder = tiny_cache(tmp / "cache", classes=("a", "b", "c", "d"), labels=(0, 1, 3, 0, 1, 3, 0, 1, 3),

@@ -50,6 +50,7 @@ def cifar(damage):
         return lambda: load_task(str(tmp / "cifar"), "object", 32)
     return build
 
+
 def repickle(name, **changes):
     """The batch `name` with these entries changed."""
     def damage(folder):
@@ -60,12 +61,14 @@ def repickle(name, **changes):
             pickle.dump(batch, f)
     return damage
 
+
 def write_meta(meta):
     """batches.meta holding `meta`, or meta(folder) when it is a function."""
     def damage(folder):
         with open(folder / "batches.meta", "wb") as f:
             pickle.dump(meta(folder) if callable(meta) else meta, f)
     return damage
+
 
 def cifar_offline(error):
     """download=True into an empty folder while torchvision's download fails as it does without network."""
@@ -85,6 +88,7 @@ def cifar_offline(error):
         return run
     return build
 
+
 def boxes(rows, bom=False):
     """The tiny VGGFace2 tree (2 identities x 6 images) with these box rows instead of the real ones."""
     def build(tmp):
@@ -94,15 +98,18 @@ def boxes(rows, bom=False):
         return lambda: load_task(str(root), "face", SIZE)
     return build
 
+
 def true_rows(identities=2, per_identity=6):
     """make_vggface2_tree's own box rows."""
     return [f"n{i + 1:06d}/{j + 1:04d}_01,{10 + 3 * j},{20 + 2 * j},50,50"
             for i in range(identities) for j in range(per_identity)]
 
+
 BAD_BOXES = [  # identity 1's first six images: zero width, NaN, negative height, outside, duplicated, clipped
     "n000001/0001_01,10,20,0,50", "n000001/0002_01,nan,22,50,50", "n000001/0003_01,16,24,50,-5",
     "n000001/0004_01,1000,1000,50,50", "n000001/0005_01,22,28,50,50", "n000001/0005_01,0,0,5,5",
     "n000001/0006_01,-20,-20,60,60", *true_rows()[6:]]
+
 
 def check_bad_boxes(data, err, tmp):
     folder = tmp / "vgf2" / "train" / "n000001"
@@ -120,10 +127,12 @@ def check_bad_boxes(data, err, tmp):
     assert "1 row(s) repeat an earlier NAME_ID (first: n000001/0005_01)" in err
     assert "no row" not in err
 
+
 def check_bom(data, err, tmp):
     assert "no row" not in err and data.classes == ["n000001", "n000002"]
     img = tmp / "vgf2" / "train" / "n000001" / "0002_01.jpg"
     assert np.array_equal(data.images[1], taskdata.read_image(img, SIZE, (13, 22, 50, 50))[0])
+
 
 def folders(classes, broken=()):
     """Class folders of three tiny JPEGs each; the classes in `broken` hold only an empty and a damaged file."""
@@ -137,11 +146,13 @@ def folders(classes, broken=()):
         return lambda: load_task(str(root), "object", SIZE)
     return build
 
+
 def class_only_in_test(tmp):
     root = tmp / "folders"
     make_class_folders(root / "train", classes=("cat", "dog"), per_class=3, size=SIZE)
     make_class_folders(root / "test", classes=("cat", "dog", "emu"), per_class=2, size=SIZE)
     return lambda: load_task(str(root), "object", SIZE)
+
 
 def image_mode(write, expected):
     """Class 'a' holds three copies of the image write(path) makes, class 'b' ordinary JPEGs."""
@@ -160,6 +171,7 @@ def image_mode(write, expected):
             assert np.abs(img.astype(np.int64) - want).max() <= 1, img[0, :, 0]
     return build, Loaded(check)
 
+
 def pil_save(array, suffix, mode=None, **kwargs):
     """PIL's own file of `array` (converted to `mode`), as a user's tools would write it."""
     def write(path):
@@ -169,6 +181,7 @@ def pil_save(array, suffix, mode=None, **kwargs):
         img.save(path.with_suffix(suffix), **kwargs)
     return write
 
+
 def palette_png(path):
     """A palette image of the grey ramp whose index 0 (the first column) is transparent."""
     from PIL import Image
@@ -176,6 +189,7 @@ def palette_png(path):
     img = Image.fromarray(np.tile(np.arange(16, dtype=np.uint8), (16, 1)), "P")
     img.putpalette([v for i in range(256) for v in (min(i * 17, 255),) * 3])
     img.save(path.with_suffix(".png"), transparency=0)
+
 
 LA = np.stack([GRADIENT, np.where(np.arange(16) < 8, 255, 0).astype(np.uint8)[None].repeat(16, 0)], -1)
 RAMP = np.stack([GRADIENT, 255 - GRADIENT, np.full_like(GRADIENT, 77)], -1)
@@ -196,11 +210,13 @@ MODES = {  # id: (how the file is written, the RGB or grey values expected after
     "grey PNG (L)": (pil_save(GRADIENT, ".png"), GRADIENT),
 }
 
+
 def vgf2_broken_identity(tmp):
     root = vgf2(tmp, identities=3)
     for p in (root / "train" / "n000002").iterdir():
         p.write_bytes(p.read_bytes()[:40])  # truncated JPEGs
     return lambda: load_task(str(root), "face", SIZE)
+
 
 def non_utf8_folder(tmp):
     root = tmp / "folders"
@@ -213,11 +229,13 @@ def non_utf8_folder(tmp):
         write_jpeg(Path(os.fsdecode(os.fsencode(root) + b"/caf\xe9")) / f"{k}.jpg", np.full((SIZE, SIZE, 3), 200))
     return lambda: load_task(str(root), "object", SIZE)
 
+
 def check_non_utf8(data, err, tmp):
     assert data.classes == ["caf\\xe9", "dog"] and len(data.labels) == 6
     json.dumps(data.classes, ensure_ascii=False).encode("utf-8")  # config.json and the report can hold them
     assert "not UTF-8" in err and "caf\\xe9" in err
     assert np.abs(data.images[data.labels == 0].astype(int) - 200).max() <= 2
+
 
 def check_small_classes(data, err, tmp):
     assert "2 class(es) have fewer than 3 images, so no validation or test images" in err
@@ -225,6 +243,7 @@ def check_small_classes(data, err, tmp):
     for k in (0, 1):
         assert set(data.split[data.labels == k]) == {0}
     assert set(data.split[data.labels == 2]) == {0, 1, 2}
+
 
 def small_classes(tmp):
     root = make_class_folders(tmp / "folders", classes=("fox",), per_class=5, size=SIZE)
@@ -293,8 +312,10 @@ def documented_counts(n, val_fraction, test_fraction):
     n_test = min(n_test, n - 1 - (n_val > 0))
     return min(n_val, n - 1 - n_test), n_test
 
+
 FRACTIONS = [(taskdata.VAL_FRACTION, taskdata.TEST_FRACTION), (0.125, 0.0), (0.0, 0.2), (0.3, 0.3), (0.5, 0.45),
              (0.2, 0.7)]  # the last two reach the caps that keep a training and a validation image
+
 
 @settings(max_examples=100, deadline=None, database=None)
 @given(labels=st.lists(st.sampled_from([0, 1, 3, 7, 42]), min_size=1, max_size=80),
@@ -314,6 +335,7 @@ def test_stratified_split_properties(labels, seed, fractions):
         assert ((mine == 1).sum(), (mine == 2).sum()) == documented_counts(n, val_fraction, test_fraction)
         if n >= 3:
             assert (mine == 1).any() == (val_fraction > 0) and (mine == 2).any() == (test_fraction > 0)
+
 
 @settings(max_examples=100, deadline=None, database=None)
 @given(n=st.integers(3, 400))
