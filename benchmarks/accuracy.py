@@ -28,17 +28,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
 from dualtask.config import settings
-from dualtask.core.common import write_text  # noqa: E402
-from dualtask.data import (
-    taskdata,
-    transforms,  # noqa: E402
-)
+from dualtask.core.common import write_text
+from dualtask.data import taskdata, transforms
 from dualtask.experiment import pipeline as dualtask
 from dualtask.model import network
-from dualtask.training import trainer  # noqa: E402
+from dualtask.training import trainer
 
+ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 # name -> (backbone, batch_norm)
 VARIANTS = {"vgg16": ("vgg16", True), "vgg16_no_bn": ("vgg16", False), "vgg19": ("vgg19", True),
@@ -47,8 +44,7 @@ SCRIPTS = {"vgg16": "vgg16", "vgg19": "vgg19", "resnet50": "ResNet", "resnext50"
 
 
 def script_defaults(backbone: str) -> dict:
-    module = __import__(SCRIPTS[backbone])
-    return settings.hyperparameters(vars(module))
+    return settings.hyperparameters(vars(settings.load_script(ROOT / f"{SCRIPTS[backbone]}.py")))
 
 
 def train_plain(model, images: dict, config: dict, dist) -> None:
@@ -80,7 +76,8 @@ def train_plain(model, images: dict, config: dict, dist) -> None:
               ", ".join(f"{t} val {v['accuracy']:.3f}" for t, v in val.items()), flush=True)
 
 
-def main():
+def parse() -> tuple:
+    """(the command line's arguments, the variants asked for); exits naming what is wrong."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {', '.join(VARIANTS)}")
     p.add_argument("--face_data", default=str(SHARED / "lfw_min20"))
@@ -103,6 +100,54 @@ def main():
     for spec in (args.face_data, args.object_data):
         if not Path(spec).exists():
             sys.exit(f"error: {spec} does not exist; expected a folder of class folders (../shared/data holds them)")
+    return args, names
+
+
+def result_key(budget: dict, name: str) -> str:
+    """A variant's entry in results.json: its budget, name and the current recipe."""
+    return json.dumps(dict(budget, variant=name, recipe=settings.RECIPE), sort_keys=True)
+
+
+def both_recipes(name: str, config: dict, datasets: dict, images: dict, seed: int, dist) -> dict:
+    """One variant trained under the defaults and under the plain recipe, each scored on the test images:
+    {'chance', 'defaults', 'plain' ({task: test accuracy}), '<recipe>_seconds'}."""
+    classes = {t: len(d.classes) for t, d in datasets.items()}
+    row = {"chance": {t: d.chance for t, d in datasets.items()}}
+    for recipe in ("defaults", "plain"):
+        torch.manual_seed(seed)
+        start = time.perf_counter()
+        if recipe == "defaults":
+            config["recipe"] = settings.RECIPE
+            model = network.build_model(config, classes).to(dist.device)
+            Path(config["out_dir"]).mkdir(parents=True, exist_ok=True)
+            trainer.train(model, images, config, Path(config["out_dir"]), dist)
+        else:
+            model = network.build_model(dict(config, recipe=1), classes).to(dist.device)
+            train_plain(model, images, config, dist)
+        test = trainer.evaluate(model, images, "test", dist)
+        row[recipe] = {t: v["accuracy"] for t, v in test.items()}
+        row[recipe + "_seconds"] = round(time.perf_counter() - start, 1)
+        print(f"{name} {recipe}: " + ", ".join(f"{t} test {a:.3f}" for t, a in row[recipe].items()) +
+              f" ({row[recipe + '_seconds']:.0f} s)", flush=True)
+    return row
+
+
+def print_table(args, names: list, budget: dict, results: dict) -> None:
+    """Every variant's test accuracy under both recipes, and last `defaults_at_least_plain: k/n`."""
+    print(f"\ntest accuracy, {args.image_size} px, {args.epochs} epochs, batch {args.batch_size}, "
+          f"{args.max_per_class or 'all'} images per class, {args.device}:")
+    print(f"{'backbone':<12} {'task':<8} {'chance':>7} {'defaults':>9} {'plain':>7}")
+    wins = 0
+    for name in names:
+        row = results[result_key(budget, name)]
+        for t, chance in row["chance"].items():
+            print(f"{name:<12} {t:<8} {chance:7.3f} {row['defaults'][t]:9.3f} {row['plain'][t]:7.3f}")
+        wins += all(row["defaults"][t] >= row["plain"][t] for t in row["chance"])
+    print(f"defaults_at_least_plain: {wins}/{len(names)}")
+
+
+def main():
+    args, names = parse()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
@@ -114,7 +159,7 @@ def main():
     dist = trainer.Dist(args.device)
     datasets, images = None, None
     for name in names:
-        key = json.dumps(dict(budget, variant=name, recipe=settings.RECIPE), sort_keys=True)
+        key = result_key(budget, name)
         if key in results:
             continue
         backbone, batch_norm = VARIANTS[name]
@@ -126,36 +171,9 @@ def main():
             images = {t: trainer.TaskImages(d, dist.device) for t, d in datasets.items()}
             print(", ".join(f"{t}: {len(d.classes)} classes, {d.counts()['train']} train / {d.counts()['test']} test"
                             for t, d in datasets.items()), flush=True)
-        classes = {t: len(d.classes) for t, d in datasets.items()}
-        row = {"chance": {t: d.chance for t, d in datasets.items()}}
-        for recipe in ("defaults", "plain"):
-            torch.manual_seed(args.seed)
-            start = time.perf_counter()
-            if recipe == "defaults":
-                config["recipe"] = settings.RECIPE
-                model = network.build_model(config, classes).to(dist.device)
-                Path(config["out_dir"]).mkdir(parents=True, exist_ok=True)
-                trainer.train(model, images, config, Path(config["out_dir"]), dist)
-            else:
-                model = network.build_model(dict(config, recipe=1), classes).to(dist.device)
-                train_plain(model, images, config, dist)
-            test = trainer.evaluate(model, images, "test", dist)
-            row[recipe] = {t: v["accuracy"] for t, v in test.items()}
-            row[recipe + "_seconds"] = round(time.perf_counter() - start, 1)
-            print(f"{name} {recipe}: " + ", ".join(f"{t} test {a:.3f}" for t, a in row[recipe].items()) +
-                  f" ({row[recipe + '_seconds']:.0f} s)", flush=True)
-        results[key] = dict(row, variant=name)
+        results[key] = dict(both_recipes(name, config, datasets, images, args.seed, dist), variant=name)
         write_text(results_path, json.dumps(results, indent=1))
-    print(f"\ntest accuracy, {args.image_size} px, {args.epochs} epochs, batch {args.batch_size}, "
-          f"{args.max_per_class or 'all'} images per class, {args.device}:")
-    print(f"{'backbone':<12} {'task':<8} {'chance':>7} {'defaults':>9} {'plain':>7}")
-    wins = 0
-    for name in names:
-        row = results[json.dumps(dict(budget, variant=name, recipe=settings.RECIPE), sort_keys=True)]
-        for t, chance in row["chance"].items():
-            print(f"{name:<12} {t:<8} {chance:7.3f} {row['defaults'][t]:9.3f} {row['plain'][t]:7.3f}")
-        wins += all(row["defaults"][t] >= row["plain"][t] for t in row["chance"])
-    print(f"defaults_at_least_plain: {wins}/{len(names)}")
+    print_table(args, names, budget, results)
 
 
 if __name__ == "__main__":

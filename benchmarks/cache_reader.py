@@ -21,10 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
+from dualtask.data import taskdata
+from dualtask.data.folders import LFW_FACE_BOX
+from dualtask.data.images import DETECT, FractionBox
+
 ROOT = Path(__file__).resolve().parents[1]
-from dualtask.data import taskdata  # noqa: E402
-from dualtask.data.folders import LFW_FACE_BOX  # noqa: E402
-from dualtask.data.images import DETECT, FractionBox  # noqa: E402
 
 
 def pil_read(path: Path, size: int, box):

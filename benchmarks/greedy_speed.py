@@ -30,17 +30,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from lesion_speed import multiply_adds, split_macs
 
-ROOT = Path(__file__).resolve().parents[1]
 from dualtask.config import settings
 from dualtask.core import names
 from dualtask.experiment import pipeline as dualtask
 from dualtask.lesion import engine, greedy
-from dualtask.model import sites as sites_mod  # noqa: E402
-from dualtask.training import trainer  # noqa: E402
+from dualtask.model import sites as sites_mod
+from dualtask.training import trainer
 
+ROOT = Path(__file__).resolve().parents[1]
 vgg16 = settings.load_script(ROOT / "vgg16.py")
-from lesion_speed import multiply_adds, split_macs  # noqa: E402
 
 
 class ActiveClock:
@@ -206,15 +206,23 @@ def main(argv=None):
           f"{', '.join(f'{t} {n}' for t, n in n_images.items())}; sites: "
           f"{', '.join(f'{s.name} ({s.n_filters})' for s in sites)}; ranking precision {args.precision}")
     if args.project:
-        out = project(model, sites, batches, counts, args, masks)
-        base = out["exhaustive"]
-        for variant, got in out.items():
-            print(f"{variant:<38} projected {got['macs'] / 1e12:10.1f} TMAC  {got['seconds']:10.1f} s  "
-                  f"({base['seconds'] / got['seconds']:.2f}x)")
-        racing = next(v for v in out if v.startswith("racing"))
-        print(f"projected_speedup: {base['seconds'] / out[racing]['seconds']:.2f}")
-        return
-    out = measure(model, sites, batches, tasks, counts, args, masks)
+        print_projected(project(model, sites, batches, counts, args, masks))
+    else:
+        print_measured(measure(model, sites, batches, tasks, counts, args, masks))
+
+
+def print_projected(out: dict) -> None:
+    """project's result, a line per variant, and last `projected_speedup: X`."""
+    base = out["exhaustive"]
+    for variant, got in out.items():
+        print(f"{variant:<38} projected {got['macs'] / 1e12:10.1f} TMAC  {got['seconds']:10.1f} s  "
+              f"({base['seconds'] / got['seconds']:.2f}x)")
+    racing = next(v for v in out if v.startswith("racing"))
+    print(f"projected_speedup: {base['seconds'] / out[racing]['seconds']:.2f}")
+
+
+def print_measured(out: dict) -> None:
+    """measure's result as a table against the exhaustive ranking, and last `speedup: X` and `same_sets: Y`."""
     base = out["exhaustive"]
     print(f"{'variant':<38} {'multiply-adds':>14} {'wall':>10} {'CPU time':>10} {'same 20% sets':>14} "
           f"{'overlap':>8}")

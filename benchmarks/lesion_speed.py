@@ -22,17 +22,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-ROOT = Path(__file__).resolve().parents[1]
 from dualtask.config import settings
 from dualtask.experiment import pipeline as dualtask
-from dualtask.lesion import (
-    engine,
-    rankings,
-    readouts,  # noqa: E402
-)
-from dualtask.model import sites as sites_mod  # noqa: E402
-from dualtask.training import trainer  # noqa: E402
+from dualtask.lesion import engine, rankings, readouts
+from dualtask.model import sites as sites_mod
+from dualtask.training import trainer
 
+ROOT = Path(__file__).resolve().parents[1]
 vgg16 = settings.load_script(ROOT / "vgg16.py")
 
 
@@ -62,48 +58,31 @@ def split_macs(model, site, counts):
     return prefix, sum(counts.values()) - prefix
 
 
-def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--run_dir", default=str(ROOT / "runs" / "bench_lesion_vgg16"))
-    p.add_argument("--fractions", default="0.1,0.2,0.3,0.5")
-    p.add_argument("--device", default="cpu")
-    args = p.parse_args()
+def trained_model(args) -> tuple:
+    """(model, config) of the small demo VGG16, trained into --run_dir once and loaded."""
     config = settings.hyperparameters(vars(vgg16))
     config.update(image_size=32, fc_width=256, epochs=2, max_per_class=60, batch_size=32,
                   device=args.device, out_dir=args.run_dir, stages=["train"], health_check="warn")
     if not (Path(args.run_dir) / "checkpoint.pt").exists():
         dualtask.run(config)
-    model, config = dualtask.load_run(args.run_dir, args.device)
-    device = torch.device(args.device)
-    datasets = dualtask.load_datasets(config)
-    images = {t: trainer.TaskImages(d, device) for t, d in datasets.items()}
-    batches = engine.image_batches(images, "test")
-    n_images = sum(len(y) for _, _, y in batches)
-    sites = sites_mod.lesion_sites(model)
+    return dualtask.load_run(args.run_dir, args.device)
+
+
+def lesion_conditions(model, sites, images: dict, fractions: list) -> dict:
+    """{site name: every target's (each task's activation ranking, a random order) top filters at each fraction}."""
     acts = engine.site_activations(model, sites, engine.image_batches(images, "train", n_per_task=128))
-    fractions = [float(f) for f in args.fractions.split(",")]
     conditions = {}
     for site in sites:
         order = {t: rankings.rank_by_activation(acts[site.name], t) for t in images}
         order["random"] = np.random.default_rng(site.depth).permutation(site.n_filters)
         conditions[site.name] = [order[t][:max(1, int(round(f * site.n_filters)))] for f in fractions for t in order]
-    n_conditions = sum(len(c) for c in conditions.values())
-    print(f"{len(sites)} sites, {n_conditions} lesions, {n_images} test images, device {device}")
+    return conditions
 
-    caches = engine.cache_bytes(model, sites, batches[0][1].shape[1:], max(len(x) for _, x, _ in batches))
-    masks_per_pass = engine.default_masks_per_pass(device, max(caches.values()))
-    fast_results, naive_results = {}, {}
-    t0 = time.perf_counter()
-    for site in sites:
-        fast_results[site.name] = engine.evaluate_lesions(model, site, conditions[site.name], batches,
-                                                     masks_per_pass=masks_per_pass)
-    t_fast = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for site in sites:
-        naive_results[site.name] = engine.evaluate_lesions_naive(model, site, conditions[site.name], batches)
-    t_naive = time.perf_counter() - t0
 
-    fixed = readouts.fixed_readouts(model, sites[0], batches, config["seed"])
+def time_fixed_readouts(model, sites, conditions: dict, batches, seed: int, masks_per_pass: int) -> bool:
+    """The fixed readouts scored in the heads' own pass against a pass of their own after the heads'; prints both
+    times and the speedup; whether both give the same results."""
+    fixed = readouts.fixed_readouts(model, sites[0], batches, seed)
     read = readouts.fixed_reader(fixed)
     t0 = time.perf_counter()
     apart = {s.name: (engine.evaluate_lesions(model, s, conditions[s.name], batches, masks_per_pass=masks_per_pass),
@@ -112,7 +91,7 @@ def main():
     t_apart = time.perf_counter() - t0
     t0 = time.perf_counter()
     together = {s.name: engine.evaluate_lesions(model, s, conditions[s.name], batches, masks_per_pass=masks_per_pass,
-                                           read=read) for s in sites}
+                                                read=read) for s in sites}
     t_together = time.perf_counter() - t0
     same = all(np.array_equal(h[t]["correct"], b[t]["correct"]) and np.array_equal(h[t]["loss"], b[t]["loss"])
                and np.array_equal(f[t]["correct"], b[t]["read"])
@@ -120,18 +99,54 @@ def main():
     print(f"fixed readouts: heads and readouts in one pass {t_together:.2f} s, the readouts in a pass of their own "
           f"after the heads' {t_apart:.2f} s; results equal: {same}")
     print(f"fixed readouts in the heads' pass: speedup {t_apart / t_together:.2f}")
+    return same
+
+
+def unavoidable_macs(model, sites, conditions: dict, image_size: int, device) -> tuple:
+    """(the naive sweep's multiply-adds, those the suffix-only sweep cannot avoid), from the layer shapes."""
+    counts = multiply_adds(model, image_size, device)
+    naive_macs = sum(len(c) for c in conditions.values()) * sum(counts.values())
+    unavoidable = 0
+    for site in sites:
+        prefix, suffix = split_macs(model, site, counts)
+        unavoidable += prefix + len(conditions[site.name]) * suffix
+    return naive_macs, unavoidable
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--run_dir", default=str(ROOT / "runs" / "bench_lesion_vgg16"))
+    p.add_argument("--fractions", default="0.1,0.2,0.3,0.5")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args()
+    model, config = trained_model(args)
+    device = torch.device(args.device)
+    datasets = dualtask.load_datasets(config)
+    images = {t: trainer.TaskImages(d, device) for t, d in datasets.items()}
+    batches = engine.image_batches(images, "test")
+    n_images = sum(len(y) for _, _, y in batches)
+    sites = sites_mod.lesion_sites(model)
+    conditions = lesion_conditions(model, sites, images, [float(f) for f in args.fractions.split(",")])
+    n_conditions = sum(len(c) for c in conditions.values())
+    print(f"{len(sites)} sites, {n_conditions} lesions, {n_images} test images, device {device}")
+
+    caches = engine.cache_bytes(model, sites, batches[0][1].shape[1:], max(len(x) for _, x, _ in batches))
+    masks_per_pass = engine.default_masks_per_pass(device, max(caches.values()))
+    t0 = time.perf_counter()
+    fast_results = {site.name: engine.evaluate_lesions(model, site, conditions[site.name], batches,
+                                                       masks_per_pass=masks_per_pass) for site in sites}
+    t_fast = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    naive_results = {site.name: engine.evaluate_lesions_naive(model, site, conditions[site.name], batches)
+                     for site in sites}
+    t_naive = time.perf_counter() - t0
+    same = time_fixed_readouts(model, sites, conditions, batches, config["seed"], masks_per_pass)
 
     pairs = [(a[t], b[t]) for s in sites for a, b in zip(fast_results[s.name], naive_results[s.name]) for t in a]
     equal = all(np.array_equal(a["correct"], b["correct"]) and np.array_equal(a["loss"], b["loss"]) for a, b in pairs)
     agree = np.mean(np.concatenate([a["correct"] == b["correct"] for a, b in pairs]))
     worst = max(float(np.abs(a["loss"] - b["loss"]).max()) for a, b in pairs)
-    counts = multiply_adds(model, config["image_size"], device)
-    full = sum(counts.values())
-    naive_macs = n_conditions * full
-    unavoidable = 0
-    for site in sites:
-        prefix, suffix = split_macs(model, site, counts)
-        unavoidable += prefix + len(conditions[site.name]) * suffix
+    naive_macs, unavoidable = unavoidable_macs(model, sites, conditions, config["image_size"], device)
     cache_mb = max(caches.values()) / 2**20
     print(f"results equal: {equal} (correct counts and losses of every lesion, every image); predictions agree "
           f"on {agree:.4%} of image-lesion pairs, largest loss difference {worst:.2e}")
@@ -139,7 +154,8 @@ def main():
           f"{masks_per_pass} lesion(s) per pass")
     print(f"ideal: {naive_macs / unavoidable:.2f}")
     print(f"speedup: {t_naive / t_fast:.2f}")
-    if not same or (not equal and device.type == "cpu"):  # float32 on the CPU must match exactly; bf16 on a GPU to rounding
+    # float32 on the CPU must match exactly; bf16 on a GPU to rounding
+    if not same or (not equal and device.type == "cpu"):
         sys.exit(1)
 
 

@@ -12,16 +12,15 @@ ranking one suffix pass per filter and image (slow on a CPU: pass --sites to lim
 import argparse
 import ast
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
 from dualtask.experiment import pipeline as dualtask
-from dualtask.lesion import engine, rankings as rankings_mod
-from dualtask.model import sites as sites_mod  # noqa: E402
-from dualtask.training import trainer  # noqa: E402
+from dualtask.lesion import engine
+from dualtask.lesion import rankings as rankings_mod
+from dualtask.model import sites as sites_mod
+from dualtask.training import trainer
 
 
 def main(argv=None) -> int:

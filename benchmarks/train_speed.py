@@ -11,8 +11,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from dualtask.core.device import autocast  # noqa: E402
-from dualtask.data import transforms  # noqa: E402
+from dualtask.core.device import autocast
+from dualtask.data import transforms
 from dualtask.model.network import DualTaskNet
 
 
@@ -34,7 +34,8 @@ def time_steps(backbone, image_size, batch_size, steps, device, fast):
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device) if fast else torch.autocast(device.type, enabled=False):
             out = model(x)
-        loss = F.cross_entropy(out["face"][:half].float(), y_face) + F.cross_entropy(out["object"][half:].float(), y_obj)
+        loss = (F.cross_entropy(out["face"][:half].float(), y_face)
+                + F.cross_entropy(out["object"][half:].float(), y_obj))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

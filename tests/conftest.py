@@ -1,10 +1,14 @@
+import ast
+import importlib.util
 import os
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
 SHARED_DATA = ROOT.parent / "shared" / "data"
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
@@ -29,6 +33,50 @@ def run_script(script: str, *args, cwd=ROOT, timeout=600, env=None):
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     return subprocess.run([sys.executable, *command, *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=full_env)
+
+
+_LOADING = []  # the benchmarks whose siblings load_benchmark is loading
+
+
+def load_benchmark(name: str) -> types.ModuleType:
+    """benchmarks/<name>.py as the module `name`, as `python benchmarks/<name>.py` would find its siblings: the
+    benchmark modules it imports are loaded first, the same way, and each is in sys.modules under its own name
+    before it runs, so that its `from sibling import ...` finds them (and no folder is added to the import
+    path). Loaded once per test session."""
+    path = BENCHMARKS / f"{name}.py"
+    loaded = sys.modules.get(name)
+    if loaded is not None:
+        if Path(getattr(loaded, "__file__", "") or "").resolve() != path.resolve():
+            raise ImportError(f"a module named {name!r} is already imported from elsewhere: {loaded!r}")
+        return loaded
+    if name in _LOADING:
+        raise ImportError(f"benchmarks import each other in a circle: {' -> '.join(_LOADING + [name])}")
+    _LOADING.append(name)
+    try:
+        for sibling in _benchmark_imports(path):
+            load_benchmark(sibling)
+    finally:
+        _LOADING.remove(name)
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+def _benchmark_imports(path: Path) -> list:
+    """The names of the benchmarks/ modules that the file at `path` imports (absolute imports, anywhere in it)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+    return sorted(n for n in found if n != path.stem and (BENCHMARKS / f"{n}.py").is_file())
 
 
 # a deliberately undertrained network (a few steps: its batch-norm running statistics are far from settled, so

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import straight_and_resumed
 
 from dualtask.config import settings
 from dualtask.core.common import UsageError
@@ -151,8 +152,6 @@ def test_a_tasks_loss_ranking_after_the_branch_point_puts_its_own_copy_first():
 
 @pytest.mark.slow  # about 2 minutes on 2 cores: three trainings and a loss-ranked sweep of 6,144 filters
 def test_a_branched_run_resumes_to_the_same_weights_and_records_each_filters_copy(tmp_path, monkeypatch, capsys):
-    from test_pipeline import straight_and_resumed
-
     a, b = straight_and_resumed(branched_config, tmp_path, monkeypatch, capsys)
     assert any(".copies.1." in k for k in a) and all(torch.equal(a[k], b[k]) for k in a)
     # another branch point is another network: refused, naming the setting as it was trained

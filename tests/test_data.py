@@ -3,30 +3,12 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA, run_script, write_jpeg
+from conftest import SHARED_DATA, run_script
+from helpers import make_class_folders, make_vggface2_tree, write_cifar_root
 
 from dualtask.data import cifar10, demo, taskdata, transforms
 from dualtask.data.loading import load_task
 from dualtask.data.taskdata import DataError
-
-
-def make_vggface2_tree(root, identities=3, per_identity=6, with_boxes=True):
-    """VGGFace2's layout; each photo is grey with a coloured square (the 'face') where the box says."""
-    rows = ["NAME_ID,X,Y,W,H"]
-    for i in range(identities):
-        ident = f"n{i + 1:06d}"
-        colour = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0]][i % 4])
-        for j in range(per_identity):
-            img = np.full((120, 100, 3), 128, np.uint8)
-            x, y = 10 + 3 * j, 20 + 2 * j
-            img[y:y + 50, x:x + 50] = colour
-            write_jpeg(root / "train" / ident / f"{j + 1:04d}_01.jpg", img)
-            rows.append(f"{ident}/{j + 1:04d}_01,{x},{y},50,50")
-    (root / "test" / "n000999").mkdir(parents=True)
-    if with_boxes:
-        (root / "bb_landmark").mkdir()
-        (root / "bb_landmark" / "loose_bb_train.csv").write_text("\n".join(rows) + "\n")
-    return root
 
 
 def test_vggface2_crops_around_the_enlarged_box_and_splits_each_identity(tmp_path):
@@ -71,14 +53,6 @@ def test_vggface2_sample_tree_from_shared_data():
     assert len(data.classes) == 5 and data.classes[0] == "n000001" and data.counts()["test"] > 0
 
 
-def make_class_folders(root, classes=("cat", "dog", "fox"), per_class=10, size=20):
-    rng = np.random.default_rng(0)
-    for ci, c in enumerate(classes):
-        for j in range(per_class):
-            write_jpeg(root / c / f"{j}.jpg", np.clip(rng.normal(60 * ci + 40, 10, (size, size + 6, 3)), 0, 255))
-    return root
-
-
 def test_class_folders_get_a_deterministic_stratified_split(tmp_path):
     root = make_class_folders(tmp_path / "folders")
     a = load_task(str(root), "object", 16, seed=3)
@@ -120,24 +94,6 @@ def test_bad_folders_are_refused(tmp_path, layout, message):
         make_class_folders(root, classes=("only",))
     with pytest.raises(DataError, match=message):
         load_task(str(root), "face", 16)
-
-
-def write_cifar_root(root, per_batch=20):
-    """CIFAR-10's python batch format, as torchvision expects it under cifar-10-batches-py/."""
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    expected = {}
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        labels = [int(v) for v in np.arange(per_batch) % 10]
-        data = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
-        expected[name] = (data, labels)
-        with open(folder / name, "wb") as f:
-            pickle.dump({"batch_label": name, "labels": labels, "data": data,
-                         "filenames": [f"{k}.png" for k in range(per_batch)]}, f, protocol=2)
-    with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": list(cifar10.CIFAR_CLASSES), "num_cases_per_batch": per_batch}, f)
-    return expected
 
 
 def test_cifar_batches_are_read_exactly(tmp_path):

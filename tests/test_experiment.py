@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 from conftest import run_script
+from helpers import FAST
 
 from dualtask.config import settings
 from dualtask.core.common import read_csv
@@ -106,8 +107,8 @@ def test_accuracy_matching_gives_equal_intact_accuracies():
     assert np.array_equal(subsets["object"], np.arange(300))  # the weakest task keeps all its images
     for task in ("face", "scene"):
         sub = subsets[task]
-        assert len(set(sub)) == len(sub) and np.all(~correct[task][np.setdiff1d(np.arange(len(correct[task])), sub)]
-                                                    == False)  # noqa: E712 (only correct images are left out)
+        left_out = np.setdiff1d(np.arange(len(correct[task])), sub)
+        assert len(set(sub)) == len(sub) and np.all(correct[task][left_out])  # only correct images are left out
         assert abs(correct[task][sub].mean() - low) <= 1 / len(sub)
     assert not np.array_equal(dissociation.matched_subsets(correct, seed=2)["face"], subsets["face"])  # seeded sample
 
@@ -270,11 +271,6 @@ def test_planted_real_split_dissociates_and_a_pseudo_task_split_does_not():
 
 
 # -- whole experiments ----------------------------------------------------------------------------------
-
-FAST = ["--image_size=16", "--epochs=1", "--max_per_class=8", "--max_classes=3", "--batch_size=24", "--device=cpu",
-        "--health_check=warn", "--lesion_layers=[0, -1]", "--lesion_fractions=[0.0, 0.25]", "--random_repeats=2",
-        "--rank_images=8", "--stages=['train', 'lesion']"]
-
 
 def test_plan_names_every_run_with_its_role_seed_and_folder(tmp_path):
     import ResNet

@@ -7,8 +7,7 @@ import math
 import numpy as np
 import pytest
 from conftest import SHARED_DATA, write_jpeg
-from test_data import make_class_folders, make_vggface2_tree
-from test_loaders import make_lfw
+from helpers import make_class_folders, make_lfw, make_vggface2_tree
 
 import vggface2
 from dualtask.data import loading, taskdata

@@ -7,15 +7,14 @@ import pytest
 import torch
 import torch.nn as nn
 from conftest import torchrun_tiny
-from test_greedy import RandomNet, random_batches, top
-from test_pipeline import read_rows, tiny_config
-from test_planted import PlantedNet, planted_batches
+from helpers import PlantedNet, RandomNet, planted_batches, random_batches, read_rows, tiny_config, top
 
 from dualtask.core import device as device_mod
 from dualtask.core import device as device_policy
 from dualtask.data import loading as vggface2
 from dualtask.experiment import pipeline as dualtask
-from dualtask.lesion import engine, greedy, rankings as rankings_mod
+from dualtask.lesion import engine, greedy
+from dualtask.lesion import rankings as rankings_mod
 from dualtask.lesion import sweep as L
 from dualtask.model import network, sites
 from dualtask.training import trainer

@@ -1,20 +1,11 @@
 """benchmarks/gpu_check.py: its tiny CPU run goes through every section (the GPU's code paths at CPU sizes) and
 writes the table as JSON; one section alone, in-process."""
-import importlib.util
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import ROOT, load_benchmark
 
 
 def section_metrics(report: dict, name: str) -> dict:
@@ -30,7 +21,8 @@ def test_tiny_run_covers_every_section(tmp_path):
                           env=dict(os.environ, PYTHONUNBUFFERED="1"))
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     report = json.loads(out.read_text())
-    assert {s["section"]: s["status"] for s in report["sections"]} == {name: "ok" for name in load_script().SECTIONS}
+    sections = load_benchmark("gpu_check").SECTIONS
+    assert {s["section"]: s["status"] for s in report["sections"]} == {name: "ok" for name in sections}
     assert report["device"].startswith("cpu") and report["tiny"] is True and report["command"]
     sweep = section_metrics(report, "suffix_sweep")
     assert sweep["results equal (every image's correctness and loss)"] is True
@@ -45,7 +37,7 @@ def test_tiny_run_covers_every_section(tmp_path):
 def test_one_section_in_process_and_errors_recorded(tmp_path, capsys):
     """The suffix sweep alone (on a fresh network, prepare not run); a section that fails records its error and
     traceback, the others still run, and the exit status says so."""
-    gpu_check = load_script()
+    gpu_check = load_benchmark("gpu_check")
     out = tmp_path / "one.json"
     assert gpu_check.main(["--device=cpu", "--tiny", f"--out={out}", "--sections=data,suffix_sweep"]) == 0
     report = json.loads(out.read_text())

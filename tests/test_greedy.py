@@ -7,9 +7,8 @@ import os
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 from conftest import TINY, TINY_LESION, run_script
-from test_planted import PlantedNet, planted_batches
+from helpers import PlantedNet, RandomNet, planted_batches, random_batches, top
 
 import vgg16
 from dualtask.core import common, names
@@ -36,34 +35,6 @@ def exhaustive_reference(model, site, batches, task, step_fraction=0.016, stop_f
     return np.array(chosen + rest), np.array(scores + [last[c] if last else 0.0 for c in rest])
 
 
-class RandomNet(nn.Module):
-    """A tiny random conv net with two heads (sites trunk.1: 8 filters, trunk.3: 48 filters)."""
-
-    def __init__(self, seed=0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.trunk = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 48, 3, padding=1),
-                                   nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(1))
-        self.tasks = ["a", "b"]
-        self.heads = nn.ModuleDict({t: nn.Linear(192, 5) for t in self.tasks})
-        with torch.no_grad():  # logits large enough that single filters move the loss
-            for h in self.heads.values():
-                h.weight.mul_(8)
-
-    def forward(self, x):
-        f = self.trunk(x)
-        return {t: h(f) for t, h in self.heads.items()}
-
-
-def random_batches(n_per_task=192, seed=0, batch=80):
-    g = torch.Generator().manual_seed(seed)
-    batches = []
-    for task in ("a", "b"):
-        x, y = torch.randn(n_per_task, 3, 8, 8, generator=g), torch.randint(0, 5, (n_per_task,), generator=g)
-        batches += [(task, x[s:s + batch], y[s:s + batch]) for s in range(0, n_per_task, batch)]
-    return batches
-
-
 @pytest.fixture(scope="module")
 def random_net():
     model = RandomNet().eval()
@@ -74,10 +45,6 @@ def planted_cases():
     for head in ("split", "joint"):
         model = PlantedNet(head).eval()
         yield model, sites_mod.lesion_sites(model), planted_batches(40, seed=0)
-
-
-def top(order, n_filters, stop=0.2):
-    return set(np.asarray(order)[:greedy.greedy_chosen(n_filters, stop)].tolist())
 
 
 def test_exhaustive_greedy_is_as_before_bit_for_bit(random_net):
@@ -180,10 +147,12 @@ def test_ranking_precision():
 
 
 def test_greedy_stop_counts_and_marking():
-    assert greedy.greedy_chosen(64) == 13 and greedy.greedy_chosen(512) == 104 and greedy.greedy_chosen(2048, 0.1) == 231
-    assert greedy.greedy_chosen(8, 1.0) == 8
-    assert greedy.beyond_greedy_stop("greedy", 0.2, 512, 0.2) == 0 and greedy.beyond_greedy_stop("greedy", 0.3, 512, 0.2) == 1
-    assert greedy.beyond_greedy_stop("loss", 0.5, 512, 0.2) == 0 and greedy.beyond_greedy_stop("greedy", 0.0, 512, 0.2) == 0
+    assert greedy.greedy_chosen(64) == 13 and greedy.greedy_chosen(512) == 104
+    assert greedy.greedy_chosen(2048, 0.1) == 231 and greedy.greedy_chosen(8, 1.0) == 8
+    assert greedy.beyond_greedy_stop("greedy", 0.2, 512, 0.2) == 0
+    assert greedy.beyond_greedy_stop("greedy", 0.3, 512, 0.2) == 1
+    assert greedy.beyond_greedy_stop("loss", 0.5, 512, 0.2) == 0
+    assert greedy.beyond_greedy_stop("greedy", 0.0, 512, 0.2) == 0
     model = PlantedNet("split").eval()
     site = sites_mod.lesion_sites(model)[1]
     order, _ = greedy.greedy_order(model, site, planted_batches(40, seed=0), "face", stop_fraction=0.5)

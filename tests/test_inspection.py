@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from conftest import ROOT
+from conftest import run_script
+from helpers import make_run
 
 from dualtask.analysis import inspection
 from dualtask.model import sites as sites_mod
@@ -137,8 +138,6 @@ def test_gradcam_overlap_computes_a_shared_image_set_once(tmp_path):
 
 
 def test_report_reads_the_overlap_test_and_runs_written_before_it(tmp_path):
-    from test_report import make_run
-
     from dualtask.core.common import write_csv
     from dualtask.report import build as report
 
@@ -280,8 +279,9 @@ def test_the_linear_probe_chooses_its_penalty_on_the_training_folds_only():
 
 
 def test_not_a_run_folder_exits_2(tmp_path):
-    for script, args in (("dualtask.report", [str(tmp_path)]), ("dualtask.report.compare", [str(tmp_path), "--out_dir=" + str(tmp_path / "c")])):
-        p = subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True)
+    for module, args in (("dualtask.report", [str(tmp_path)]),
+                         ("dualtask.report.compare", [str(tmp_path), "--out_dir=" + str(tmp_path / "c")])):
+        p = run_script(module, *args)
         assert p.returncode == 2 and "not a run folder" in p.stderr and "Traceback" not in p.stderr
 
 

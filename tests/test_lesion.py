@@ -72,7 +72,8 @@ def test_forward_chain_reproduces_the_trunk():
 
 def test_chance_corrected_drop():
     assert dissociation.corrected_drop(0.9, 0.5, 0.1) == pytest.approx(0.5)
-    assert dissociation.corrected_drop(0.9, 0.9, 0.1) == 0 and dissociation.corrected_drop(0.6, 0.1, 0.1) == pytest.approx(1.0)
+    assert dissociation.corrected_drop(0.9, 0.9, 0.1) == 0
+    assert dissociation.corrected_drop(0.6, 0.1, 0.1) == pytest.approx(1.0)
     assert np.isnan(dissociation.corrected_drop(0.1, 0.1, 0.1))
 
 
@@ -92,7 +93,8 @@ def test_dissociation_is_undefined_for_a_head_at_chance():
     assert float(row["index"]) > 1.5 and float(row["ci_low"]) > 1.0 and float(row["ci_high"]) < 2.5
     at_chance = result(0.25, 0.95)
     at_chance["face"]["correct"] = np.arange(200) % 4 == 0  # exactly a quarter right, as chance predicts
-    (row,) = dissociation.dissociation_rows(site, conditions, results, at_chance, chance, ["face", "object"], n_boot=200)
+    (row,) = dissociation.dissociation_rows(site, conditions, results, at_chance, chance, ["face", "object"],
+                                            n_boot=200)
     assert np.isnan(float(row["index"])) and np.isnan(float(row["ci_low"])) and np.isnan(float(row["ci_high"]))
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import SHARED_DATA, write_jpeg
+from helpers import KDEF_PEOPLE, make_kdef, make_lfw, tiny_config
 
 from dualtask.data import demo, fer2013, folders, kdef, taskdata, voxceleb
 from dualtask.data import loading as vggface2
@@ -154,7 +155,7 @@ def test_shared_fer2013_folder_split(monkeypatch):
     def listed_only(paths, size, boxes=None, what="images"):  # the rule is in the names: skip 10k decodes
         return np.zeros((len(paths), size, size, 3), np.uint8), np.ones(len(paths), bool), 48
 
-    monkeypatch.setattr(folders, "read_many", listed_only)
+    monkeypatch.setattr(folders, "read_many", listed_only)  # folders.load_folder reads the class folders
     data = load_task(str(root), "expression", 8)
     assert len(data.classes) == 7 and data.label_kind == "expression"
     assert data.counts() == {"train": 3436, "val": n_public, "test": n_private}
@@ -163,23 +164,6 @@ def test_shared_fer2013_folder_split(monkeypatch):
 
 # ----------------------------------------------------------------------------------------------------------
 # KDEF
-
-
-KDEF_PEOPLE = ("F01", "F02", "M01", "M02")
-
-
-def make_kdef(root, people=KDEF_PEOPLE, expressions=("AF", "AN", "HA", "NE"), views=("S", "HL"), sessions="AB"):
-    """The release's layout (one folder per session and person); each photograph's colour encodes its person
-    (red), expression (green) and view (blue), so labels can be checked against pixels."""
-    codes = list(kdef.KDEF_EXPRESSIONS)
-    for session in sessions:
-        for pi, person in enumerate(people):
-            for expr in expressions:
-                for view in views:
-                    colour = (40 + 40 * pi, 30 + 30 * codes.index(expr), 60 + 120 * (view != "S"))
-                    write_jpeg(root / f"{session}{person}" / f"{session}{person}{expr}{view}.JPG",
-                               np.tile(np.array(colour, np.uint8), (12, 10, 1)))
-    return root
 
 
 def test_kdef_labels_both_identity_and_expression_from_the_names(tmp_path):
@@ -313,18 +297,6 @@ def test_voxceleb_detection_leaves_class_folders_alone(tmp_path):
 # LFW: cropped to the face
 
 
-def make_lfw(root, people=("Ann_Lee", "Bo_Ray"), per=10, names=None, size=250):
-    """LFW's layout: 250 x 250 frames, blue, with a red square (90..160) in the middle where LFW's face is."""
-    frame = np.zeros((250, 250, 3), np.uint8)
-    frame[..., 2] = 255
-    frame[90:160, 90:160] = (255, 0, 0)
-    frame = frame[:size, :size]
-    for person in people:
-        for i in range(per):
-            write_jpeg(root / person / (names or "{p}_{i:04d}.jpg").format(p=person, i=i + 1), frame)
-    return root
-
-
 def red_fraction(images):
     x = images.astype(int)
     return float(((x[..., 0] > 128) & (x[..., 2] < 128)).mean())
@@ -354,8 +326,6 @@ def test_other_class_folders_are_not_cropped(tmp_path):
 
 
 def test_face_crop_is_part_of_a_run_on_lfw_and_of_no_other(tmp_path):
-    from test_pipeline import tiny_config
-
     from dualtask.core import common
     from dualtask.experiment import pipeline as dualtask
 

@@ -9,36 +9,22 @@ import sys
 import pytest
 import torch
 from conftest import ROOT, SHARED_DATA, TINY, TINY_LESION, run_script
+from helpers import interrupted_at_call, make_vggface2_tree, read_rows, straight_and_resumed, tiny_config
 
-import vgg16
 from dualtask.config import settings
 from dualtask.core import common
 from dualtask.data import demo
 from dualtask.experiment import pipeline as dualtask
 from dualtask.model import network
 from dualtask.training import trainer
-from dualtask.training import trainer as training
 
 LESION_COLUMNS = ["layer", "depth", "n_filters", "target", "method", "fraction", "n_lesioned", "repeat",
                   "eval_task", "accuracy", "loss", "intact_accuracy", "chance"]
 
 
-def read_rows(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-# the VGG16 variant takes about 90 s on 2 cores, so it runs with -m slow; ResNet covers the same outputs
-@pytest.mark.parametrize("script", [pytest.param("vgg16.py", marks=pytest.mark.slow), "ResNet.py"])
-def test_demo_end_to_end_writes_every_output(tmp_path, script):
-    out = tmp_path / "run"
-    narrow = ["--fc_width=64"] if script.startswith("vgg") else []
-    p = run_script(script, *TINY, *TINY_LESION, *narrow, "--refit_readout=True", "--readout_images=40",
-                   f"--out_dir={out}")
-    assert p.returncode == 0, p.stderr[-3000:]
-    config = json.loads((out / "config.json").read_text())
+def check_config_and_log(config: dict, p, script: str) -> None:
+    """config.json's settings and provenance (what made the run), and the progress lines of the log."""
     assert config["image_size"] == 32 and config["tasks"]["face"]["classes"] == 10
-    # provenance: what made the run
     assert config["versions"]["torch"] == torch.__version__ and config["versions"]["scikit-learn"]
     assert set(config["versions"]) == {"python", "torch", "torchvision", "numpy", "scikit-learn", "scipy", "pandas",
                                        "opencv", "pillow"}
@@ -51,6 +37,11 @@ def test_demo_end_to_end_writes_every_output(tmp_path, script):
     for part in ("Grad-CAM", "preferred stimuli", "layer-wise decoding"):
         assert part in p.stdout
     assert config["tasks"]["object"]["chance"] == pytest.approx(0.1)
+
+
+def check_training_and_lesions(out, script: str) -> tuple:
+    """train_log.csv, the checkpoint, lesion_results.csv, dissociation.csv, rankings.json and the figures;
+    (lesion_results.csv's rows, dissociation.csv's rows)."""
     log = read_rows(out / "train_log.csv")
     assert {(r["task"], r["split"]) for r in log} == {("face", "train"), ("face", "val"), ("object", "train"),
                                                       ("object", "val")}
@@ -78,22 +69,42 @@ def test_demo_end_to_end_writes_every_output(tmp_path, script):
     assert len(rankings[sites[0]]["random"]) == 3 and set(rankings[sites[0]]["loss"]) == {"face", "object"}
     for name in ("lesion_effects.png", "dissociation_by_depth.png", "training_curves.png"):
         assert (out / "figures" / name).stat().st_size > 10_000
-    # the same lesions through refitted readouts: the same rows, their own accuracies, read by the report
+    return rows, dissociation
+
+
+def check_readouts(out, p, rows: list, dissociation: list) -> None:
+    """The same lesions through refitted and through fixed readouts: the same rows, their own accuracies, read by
+    the report."""
+    def keys(table):
+        return [(r["layer"], r["method"], r["target"], r["fraction"], r["eval_task"]) for r in table]
+
     assert "refitted readouts, site 2/2 " in p.stdout
     refit = read_rows(out / "refit_readout" / "lesion_results.csv")
-    assert [(r["layer"], r["method"], r["target"], r["fraction"], r["eval_task"]) for r in refit] == \
-        [(r["layer"], r["method"], r["target"], r["fraction"], r["eval_task"]) for r in rows]
+    assert keys(refit) == keys(rows)
     assert all(0 <= float(r["accuracy"]) <= 1 for r in refit)
     assert len(read_rows(out / "refit_readout" / "dissociation.csv")) == len(dissociation)
-    # and through fixed readouts (on by default): the same rows, and the verdict's table says what both found
+    # fixed readouts are on by default: the same rows, and the verdict's table says what both found
     assert "fixed readouts, site 2/2 " in p.stdout
     fixed = read_rows(out / "fixed_readout" / "lesion_results.csv")
-    assert [(r["layer"], r["method"], r["target"], r["fraction"], r["eval_task"]) for r in fixed] == \
-        [(r["layer"], r["method"], r["target"], r["fraction"], r["eval_task"]) for r in rows]
+    assert keys(fixed) == keys(rows)
     assert len(read_rows(out / "fixed_readout" / "dissociation.csv")) == len(dissociation)
     page = (out / "report.html").read_text()
     assert "Through readouts refitted to the lesioned features" in page and "Refitted readouts</h2>" in page
     assert "Fixed readouts</h2>" in page and "through fixed readouts" in page
+
+
+# the VGG16 variant takes about 90 s on 2 cores, so it runs with -m slow; ResNet covers the same outputs
+@pytest.mark.parametrize("script", [pytest.param("vgg16.py", marks=pytest.mark.slow), "ResNet.py"])
+def test_demo_end_to_end_writes_every_output(tmp_path, script):
+    out = tmp_path / "run"
+    narrow = ["--fc_width=64"] if script.startswith("vgg") else []
+    p = run_script(script, *TINY, *TINY_LESION, *narrow, "--refit_readout=True", "--readout_images=40",
+                   f"--out_dir={out}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    config = json.loads((out / "config.json").read_text())
+    check_config_and_log(config, p, script)
+    rows, dissociation = check_training_and_lesions(out, script)
+    check_readouts(out, p, rows, dissociation)
 
     # a finished run skips training on rerun, and the lesion sweep skips finished sites
     again = run_script(script, *TINY, *TINY_LESION, *narrow, "--refit_readout=True", "--readout_images=40",
@@ -104,44 +115,6 @@ def test_demo_end_to_end_writes_every_output(tmp_path, script):
     assert cfg["backbone"] == config["backbone"] and not model.training
     with torch.no_grad():
         assert model(torch.zeros(1, 3, 32, 32))["object"].shape == (1, 10)
-
-
-def interrupted_at_call(n, function):
-    """`function`, except that its n-th call raises KeyboardInterrupt (a run killed at that moment)."""
-    calls = []
-
-    def wrapped(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == n:
-            raise KeyboardInterrupt
-        return function(*args, **kwargs)
-
-    return wrapped
-
-
-def tiny_config(out_dir, **changes):
-    config = settings.hyperparameters(vars(vgg16))
-    config.update(face_data="demo", object_data="demo", image_size=32, epochs=2, max_per_class=12, fc_width=32,
-                  device="cpu", batch_size=16, out_dir=str(out_dir), stages=["train"], health_check="warn")
-    config.update(changes)
-    return config
-
-
-def straight_and_resumed(make_config, tmp_path, monkeypatch, capsys) -> tuple:
-    """Train a 2-epoch run straight through, and again killed in its second epoch then resumed: the two
-    checkpoints' weights (the resumed run's output checked to say it resumed)."""
-    dualtask.run(make_config(tmp_path / "straight"))
-    real_evaluate = training.evaluate
-    monkeypatch.setattr(training, "evaluate", interrupted_at_call(2, real_evaluate))  # in epoch 2
-    with pytest.raises(KeyboardInterrupt):
-        dualtask.run(make_config(tmp_path / "resumed"))
-    assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["epoch"] == 1
-    monkeypatch.setattr(training, "evaluate", real_evaluate)
-    capsys.readouterr()
-    dualtask.run(make_config(tmp_path / "resumed"))
-    assert "resuming from epoch 1" in capsys.readouterr().out
-    return tuple(torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)["model"]
-                 for name in ("straight", "resumed"))
 
 
 @pytest.mark.slow  # about a minute; the kill -9 table (test_bad_input.py) resumes training in the default run
@@ -171,8 +144,6 @@ def test_changed_settings_do_not_overwrite_a_run(tmp_path):
     (lambda d: ["--stages=['lesion']"], "no checkpoint.pt"),
 ])
 def test_bad_input_exits_2_and_keeps_earlier_files(tmp_path, make_bad, culprit):
-    from test_data import make_vggface2_tree
-
     make_vggface2_tree(tmp_path / "vgf2", with_boxes=False)
     out = tmp_path / "run"
     out.mkdir()

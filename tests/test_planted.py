@@ -1,75 +1,10 @@
 """Ground truth for the lesion engine: a network whose chosen channels carry one task's information only."""
 import numpy as np
 import pytest
-import torch
-import torch.nn as nn
+from helpers import N_CLASSES, PlantedNet, planted_batches
 
 from dualtask.lesion import dissociation, engine, rankings
-from dualtask.model import network
 from dualtask.model import sites as sites_mod
-
-N_CLASSES = 4  # per task; a class is which of four positions lights up
-
-
-class PlantedNet(nn.Module):
-    """Faces light one pixel of the left column, objects one of the right column (one input channel).
-
-    trunk.1 (8 channels): every channel is a copy of the image, so every channel carries both tasks and
-    losing a few copies changes nothing (no planted structure).
-    trunk.3 (16 channels): channels 0-3 detect the face positions only, 4-7 the object positions only,
-    8-15 are constant (they carry nothing). Detectors have a threshold, so noise alone rarely lights one. The face head reads 0-3, the object head reads 4-7.
-    """
-
-    def __init__(self, head="split"):
-        super().__init__()
-        self.head = head
-        copies = nn.Conv2d(1, 8, 1)
-        detect = nn.Conv2d(8, 16, (4, 2))
-        with torch.no_grad():
-            copies.weight.fill_(1.0)
-            copies.bias.zero_()
-            detect.weight.zero_()
-            detect.bias.zero_()
-            for k in range(N_CLASSES):
-                detect.weight[k, :, k, 0] = 1.0 / 8  # face position k (left column), summed over the copies
-                detect.weight[4 + k, :, k, 1] = 1.0 / 8  # object position k (right column)
-            detect.bias[:8] = -0.4  # a threshold: noise alone rarely lights a detector
-            detect.bias[8:] = 0.5
-        self.trunk = nn.Sequential(copies, nn.ReLU(), detect, nn.ReLU(), nn.Flatten(1))
-        self.tasks = ["face", "object"]
-        if head == "split":
-            self.heads = nn.ModuleDict({"face": nn.Linear(16, N_CLASSES), "object": nn.Linear(16, N_CLASSES)})
-            layers = ((self.heads["face"], 0, 0), (self.heads["object"], 4, 0))
-        else:  # one softmax over all 8 classes, as dualtask's head="joint": face classes 0-3, object classes 4-7
-            self.joint = nn.Linear(16, 2 * N_CLASSES)
-            self.register_buffer("joint_order", network.joint_order([N_CLASSES, N_CLASSES]), persistent=False)
-            layers = ((self.joint, 0, 0), (self.joint, 4, N_CLASSES))
-        with torch.no_grad():
-            for layer, first, row in layers:
-                layer.weight[row:row + N_CLASSES].zero_()
-                layer.bias[row:row + N_CLASSES].zero_()
-                for k in range(N_CLASSES):
-                    layer.weight[row + k, first + k] = 8.0
-
-    def head_outputs(self, features):
-        if self.head == "split":
-            return {t: h(features) for t, h in self.heads.items()}
-        logits = self.joint(features)
-        return {t: logits.index_select(1, self.joint_order[i]) for i, t in enumerate(self.tasks)}
-
-    def forward(self, x):
-        return self.head_outputs(self.trunk(x))
-
-
-def planted_batches(n_per_class, seed, noise=0.3):
-    rng = np.random.default_rng(seed)
-    batches = []
-    for task, column in (("face", 0), ("object", 1)):
-        labels = np.repeat(np.arange(N_CLASSES), n_per_class)
-        x = rng.normal(0, noise, (len(labels), 1, 4, 2)).astype(np.float32)
-        x[np.arange(len(labels)), 0, labels, column] += 1.0
-        batches.append((task, torch.from_numpy(x), torch.from_numpy(labels)))
-    return batches
 
 
 @pytest.fixture(scope="module", params=["split", "joint"])
@@ -107,7 +42,8 @@ def test_planted_lesion_dissociates_only_where_planted(planted):
     assert intact["face"]["correct"].mean() > 0.8 and intact["object"]["correct"].mean() > 0.8
     index = {}
     for site in sites:
-        ranking = rankings.rank_site(model, site, train, ["face", "object"], ["loss", "random"], random_repeats=6, seed=0)
+        ranking = rankings.rank_site(model, site, train, ["face", "object"], ["loss", "random"], random_repeats=6,
+                                     seed=0)
         conditions = dissociation.lesion_conditions(site, ranking, [0.25])
         results = engine.evaluate_lesions(model, site, [c for *_, c in conditions], test)
         by = {(m, t, r): res for (m, t, r, _, _), res in zip(conditions, results)}
@@ -141,9 +77,9 @@ def test_planted_rankings_are_reproducible_across_halves_and_random_scores_are_n
             assert rel[method][task]["top20"] >= 2 / 3, (method, task, rel[method][task])
     assert rankings.top_overlap([0, 1, 2, 3, 4], [4, 3, 2, 1, 0], 0.4) == 0.0
     assert rankings.top_overlap(list(range(10)), [1, 0] + list(range(2, 10)), 0.2) == 1.0
-    assert rankings.split_half_reliability(({"x": {"t": rankings.ranking_entry(np.arange(10), -np.arange(10.0))}},
-                                     {"x": {"t": rankings.ranking_entry(np.arange(10)[::-1], np.arange(10.0))}}))["x"]["t"][
-        "spearman"] == pytest.approx(-1.0)
+    halves = ({"x": {"t": rankings.ranking_entry(np.arange(10), -np.arange(10.0))}},
+              {"x": {"t": rankings.ranking_entry(np.arange(10)[::-1], np.arange(10.0))}})
+    assert rankings.split_half_reliability(halves)["x"]["t"]["spearman"] == pytest.approx(-1.0)
 
 
 def test_the_localiser_selects_exactly_the_planted_channels_and_the_mask_opens_only_them(planted):
@@ -186,7 +122,8 @@ def test_the_localisers_selective_set_is_lesioned_exactly_beside_random_sets_of_
     ranking = rankings.rank_site(model, sites[1], train, ["face", "object"], ["localiser", "random"], random_repeats=3)
     conditions = dissociation.lesion_conditions(sites[1], ranking, [0.0, 0.5])  # 8 of 16: not the selective sets' size
     extra = [(m, t, r, f, sorted(c.tolist())) for m, t, r, f, c in conditions if f == 4 / 16]
-    assert [(m, t) for m, t, *_ in extra] == [("localiser", "face"), ("localiser", "object")] + [("random", "random")] * 3
+    assert [(m, t) for m, t, *_ in extra] == ([("localiser", "face"), ("localiser", "object")]
+                                              + [("random", "random")] * 3)
     assert extra[0][4] == [0, 1, 2, 3] and extra[1][4] == [4, 5, 6, 7]
     assert all(len(c) == 4 for *_, c in extra)
     # a fraction asked that gives the same number of filters already lesions them: nothing is added

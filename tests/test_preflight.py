@@ -179,7 +179,8 @@ def test_a_submission_the_cluster_refuses_is_one_line_not_a_traceback(tmp_path, 
 
 # -- a finished run asked again with a bad probe_data: config.json and everything else unchanged --------------
 @pytest.mark.parametrize("make, culprit", [(_empty, "an empty folder"), (_one_class, "1 class folder"),
-                                           (_file, "a file, not a folder")], ids=["empty folder", "one class", "a file"])
+                                           (_file, "a file, not a folder")],
+                         ids=["empty folder", "one class", "a file"])
 def test_a_finished_run_asked_with_bad_probe_data_is_left_as_it_was(tmp_path, capsys, probed_run, make, culprit):
     run = shutil.copytree(probed_run, tmp_path / "run")
     before = tree_digest(run)
@@ -312,8 +313,8 @@ def test_only_this_tools_own_temporaries_are_removed(tmp_path):
                               text=True).stdout)
     ours = tmp_path / common.temporary_name("config.json", dead)
     running = tmp_path / common.temporary_name("config.json", 1)  # pid 1 runs: its write may be under way
-    theirs = [".thesis.tex.tmp4000000", f".config.json.tmp{dead}", ".dualtask-partial.x.part", "dualtask-partial.1.a.part",
-              f".dualtask-partial.{dead}.notes", "notes.txt"]
+    theirs = [".thesis.tex.tmp4000000", f".config.json.tmp{dead}", ".dualtask-partial.x.part",
+              "dualtask-partial.1.a.part", f".dualtask-partial.{dead}.notes", "notes.txt"]
     for path in [ours, running, *(tmp_path / n for n in theirs)]:
         path.write_text("x")
     assert common.remove_stale_temporaries(tmp_path) == [ours.name]
@@ -334,7 +335,8 @@ def test_a_users_files_in_a_run_folder_survive_every_command(tmp_path, probed_ru
         (run / name).write_bytes(data)
     commands = [["ResNet.py", *FAST, *PROBED[1:], "--stages=['train', 'lesion', 'figures']", "--stimulus_steps=5",
                  "--retrain=True", f"--out_dir={run}"],
-                ["dualtask.report", str(run)], ["dualtask.report.figures", str(run)], ["dualtask.report.compare", str(run), f"--out_dir={run}"]]
+                ["dualtask.report", str(run)], ["dualtask.report.figures", str(run)],
+                ["dualtask.report.compare", str(run), f"--out_dir={run}"]]
     for command in commands:
         p = run_script(*command)
         assert p.returncode == 0, (command[0], p.stderr[-2000:])

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from test_planted import N_CLASSES, PlantedNet, planted_batches
+from helpers import N_CLASSES, PlantedNet, planted_batches
 
 from dualtask.analysis import probes
 from dualtask.lesion import rankings
@@ -28,7 +28,8 @@ def orientation_blind():
 
 
 def rankings_of(model, sites, train):
-    return {s.name: rankings.rank_site(model, s, train, ["face", "object"], ["loss", "random"], random_repeats=20, seed=0)
+    return {s.name: rankings.rank_site(model, s, train, ["face", "object"], ["loss", "random"], random_repeats=20,
+                                       seed=0)
             for s in sites}
 
 

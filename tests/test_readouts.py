@@ -202,7 +202,8 @@ def test_the_fixed_readouts_stage_writes_what_the_heads_sweep_scored_and_equals_
     assert printed.count("scored in the lesion sweep's own pass") == 3  # every site of the second run
     for f in files:
         for folder in ("", "fixed_readout"):
-            assert (tmp_path / "apart" / folder / f).read_bytes() == (tmp_path / "together" / folder / f).read_bytes(), f
+            apart, together = tmp_path / "apart" / folder / f, tmp_path / "together" / folder / f
+            assert apart.read_bytes() == together.read_bytes(), f
     # a fixed stage with nothing handed on (a sweep finished earlier) computes its sites itself, the same
     (tmp_path / "together" / "fixed_readout" / "lesion_progress.json").unlink()
     L.readout_stage(model, images, config, tmp_path / "together", "fixed")

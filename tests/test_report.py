@@ -8,48 +8,12 @@ import sys
 import numpy as np
 import pytest
 from conftest import ROOT, reproducible_rankings
+from helpers import make_run
 
 from dualtask.core import common
 from dualtask.core.common import write_csv
 from dualtask.lesion import dissociation as dissociation_mod
 from dualtask.report import build as report
-
-
-def random_rows(drops: dict, fraction="0.2000") -> list:
-    """lesion_results.csv's rows of random lesions: drops {site: (face drops, object drops), one per order}."""
-    return [{"layer": site, "method": "random", "target": "random", "repeat": r, "fraction": fraction,
-             "eval_task": task, "corrected_drop": f"{d:.4f}", "intact_accuracy": 0.8, "n_images": 200,
-             "chance": 0.1}
-            for site, per_task in drops.items() for task, ds in zip(("face", "object"), per_task)
-            for r, d in enumerate(ds)]
-
-
-def make_run(path, dissociation, intact=(("face", 0.8, 0.1), ("object", 0.7, 0.1)), repeats=5, rankings=None,
-             random_drops=None):
-    """A run folder with the files the report reads: config.json, lesion_results.csv, dissociation.csv;
-    random_drops: the random lesions' drops by site (`random_rows`), without which the report has no joint null
-    and corrects by Holm."""
-    path.mkdir()
-    tasks = {t: {"classes": 10, "chance": c, "source": "demo", "counts": {"train": 80, "val": 20, "test": 200}}
-             for t, _, c in intact}
-    config = {"backbone": "vgg16", "seed": 0, "lesion_methods": ["activation", "loss", "random"],
-              "random_repeats": repeats, "tasks": tasks}
-    (path / "config.json").write_text(json.dumps(config))
-    write_csv(path / "lesion_results.csv", dissociation_mod.LESION_COLUMNS,
-              [{"eval_task": t, "intact_accuracy": a, "n_images": 200, "chance": c} for t, a, c in intact] +
-              random_rows(random_drops or {}))
-    rows = []
-    for layer, depth, method, index, low, high, p in dissociation:
-        rows.append({"layer": layer, "depth": depth, "method": method, "fraction": "0.2000", "task_a": "face",
-                     "task_b": "object", "index": index, "ci_low": low, "ci_high": high, "p_index": p,
-                     # each task's own filters cost it index/2, the other's nothing: the drops make the index
-                     "drop_a_by_a": f"{index / 2:.4f}", "drop_a_by_b": 0.0, "drop_b_by_b": f"{index / 2:.4f}",
-                     "drop_b_by_a": 0.0,
-                     "p_a_by_a": p, "p_b_by_b": p, "n_random": repeats, "null_low": -0.1, "null_high": 0.1})
-    write_csv(path / "dissociation.csv", dissociation_mod.DISSOCIATION_COLUMNS, rows)
-    if rankings:
-        (path / "rankings.json").write_text(json.dumps(rankings))
-    return path
 
 
 def first_screen(path):

@@ -41,14 +41,16 @@ def either(inner, outer):
 def integer(low, optional=False):
     inner = st.integers(low, low + 40)
     outer = st.one_of(st.integers(low - 5, low - 1), st.just(True), st.just(low + 0.5), st.just(str(low)))
-    return either(st.one_of(inner, st.none()) if optional else inner, outer if optional else st.one_of(outer, st.none()))
+    return either(st.one_of(inner, st.none()) if optional else inner,
+                  outer if optional else st.one_of(outer, st.none()))
 
 
 def number(low, strict, optional=False):
     inner = st.floats(low, low + 10, exclude_min=strict, allow_nan=False)
     outer = st.one_of(st.floats(low - 5, low, exclude_max=not strict, allow_nan=False), st.just(math.nan),
                       st.just(math.inf), st.just("1"), st.just(False))
-    return either(st.one_of(inner, st.none()) if optional else inner, outer if optional else st.one_of(outer, st.none()))
+    return either(st.one_of(inner, st.none()) if optional else inner,
+                  outer if optional else st.one_of(outer, st.none()))
 
 
 def choice(options):
@@ -69,7 +71,8 @@ def names(options, non_empty=True):
     return either(inner, st.one_of(outer, st.just([])) if non_empty else outer)
 
 
-FRACTIONS = either(st.lists(st.floats(0, 1), min_size=1, max_size=4, unique=True).filter(lambda v: any(f > 0 for f in v)),
+FRACTIONS = either(st.lists(st.floats(0, 1), min_size=1, max_size=4, unique=True)
+                   .filter(lambda v: any(f > 0 for f in v)),
                    st.one_of(st.just([]), st.just([0.0]), st.just([0.2, 1.5]), st.just([-0.1, 0.2]),
                              st.just([0.2, 0.2]), st.just(0.2), st.just([0.0, math.nan])))
 SITE_NAMES = ["trunk.relu", "trunk.layer1.0", "trunk.layer3.0", "trunk.features.2", "trunk.features.42",
@@ -120,7 +123,8 @@ RULES = {
     "lesion_epochs": either(st.one_of(st.none(), st.lists(st.integers(1, 6), max_size=3, unique=True)),
                             st.sampled_from([[0], [1, 1], "1", [True], [1.5]])),
     "verdict_rankings": either(st.one_of(st.none(), st.lists(st.sampled_from([m for m in names_mod.METHODS
-                                                                            if m != "random"]), min_size=1, unique=True)),
+                                                                            if m != "random"]),
+                                                             min_size=1, unique=True)),
                                st.sampled_from([[], ["random"], ["loss", "loss"], "loss", ["nonsense"]])),
     "role": choice(settings.ROLES), "kdef_views": names(list(kdef.KDEF_VIEWS)),
     "face_crop": choice(taskdata.FACE_CROPS), "lfw_crop": FLAG,

@@ -3,7 +3,6 @@ installs Debian's slurm-wlm, munge, slurmdbd and mariadb-server when missing). T
 skipped, saying why, where the cluster cannot be installed or started. A cluster already running is reused and
 left running; one the tests started is stopped at the end, by its process ids. One quick test reads a failed
 job's reason from what submitit hands back, without a cluster."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,25 +10,18 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, run_script
-from test_experiment import FAST  # the same tiny runs as the submitit_local test: seconds per job
+from conftest import ROOT, load_benchmark, run_script
+from helpers import FAST  # the same tiny runs as the submitit_local test: seconds per job
 
 HELPER = ROOT / "benchmarks" / "slurm_localhost.py"
 SLURM = [*FAST, "--launcher=slurm", "--slurm={'cpus_per_task': 1, 'timeout_min': 60}"]
-
-
-def _helper():
-    spec = importlib.util.spec_from_file_location("slurm_localhost", HELPER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def cluster():
     """{'env': the variables that point SLURM's commands at the cluster}; skips when there is none."""
     pytest.importorskip("submitit")
-    helper = _helper()
+    helper = load_benchmark("slurm_localhost")
     if sys.platform != "linux" or os.geteuid() != 0:
         pytest.skip("a local SLURM needs root on Linux (benchmarks/slurm_localhost.py installs packages and runs "
                     "slurmctld, slurmd and munged as root)")

@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from test_pipeline import read_rows, tiny_config
+from helpers import read_rows, tiny_config
 
 from dualtask.core.common import UsageError
 from dualtask.experiment import pipeline as dualtask

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 from conftest import run_script
+from helpers import make_kdef
 
 from dualtask.config import settings
 from dualtask.core.common import UsageError
@@ -108,8 +109,6 @@ def test_identity_and_expression_on_the_same_demo_faces_end_to_end(tmp_path):
 
 
 def test_a_kdef_folder_trains_identity_and_expression_from_the_same_photographs(tmp_path):
-    from test_loaders import make_kdef
-
     root = make_kdef(tmp_path / "KDEF", expressions=("AF", "AN", "DI", "HA", "NE", "SA", "SU"), views=("S",))
     out = tmp_path / "run"
     p = run_script("ResNet.py", f"--tasks={{'identity': '{root}', 'expression': '{root}'}}", "--image_size=32",

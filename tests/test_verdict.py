@@ -57,7 +57,8 @@ def test_a_selectivity_only_split_is_description_and_never_a_yes():
                          ("trunk.layer4.2", "loss"): V.Counts.NO}
     caveats = [c.text for c in first_screen.rule_caveats(j, "")]
     assert any(c.startswith("Selectivity is description, not the test: the activation ranking dissociates at "
-                            "trunk.layer4.2; there the loss ranking, which decides, finds no split that counts") for c in caveats)
+                            "trunk.layer4.2; there the loss ranking, which decides, finds no split that counts")
+               for c in caveats)
     # a run of selectivity rankings alone says it has nothing to decide with
     alone = judge(everywhere("trunk.layer4.2", "activation", PASS), config={"lesion_methods": ["activation"]})
     assert alone.answer is V.Answer.NOT_SHOWN and "no ranking here measures what a task needs" in \
@@ -117,7 +118,8 @@ def test_an_early_split_is_image_statistics_unless_a_resolution_matched_control_
                            "object filters dissociate only at trunk.relu (early site, no resolution-matched "
                            "control)") and len(said.split()) <= first_screen.MAX_WORDS
     (caveat,) = [c for c in first_screen.rule_caveats(j, "X decides") if c.text.startswith("Split by image")]
-    assert "trunk.relu: its receptive field spans 22% of the image's side; early: under 50%" in caveat.text and "X decides" in caveat.text
+    assert "trunk.relu: its receptive field spans 22% of the image's side; early: under 50%" in caveat.text
+    assert "X decides" in caveat.text
     # a resolution-matched network whose index at the site stays below the real interval: the split is the task's
     weak = [row("trunk.relu", "loss", (0.1, -0.05, 0.25, 0.6)), row("trunk.layer4.2", "loss", FAIL)]
     j = judge(rows, control=weak)

@@ -1,5 +1,5 @@
-"""benchmarks/verdict_calibration.py: the statistics-layer simulation in-process (seconds), and the --quick mode as
-a user runs it (three tiny networks, about 20 s)."""
+"""benchmarks/verdict_calibration.py: the statistics-layer simulation (verdict_simulation.py) in-process
+(seconds), and the --quick mode as a user runs it (three tiny networks, about 20 s)."""
 import html
 import os
 import re
@@ -8,13 +8,12 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, reproducible_rankings
+from conftest import ROOT, load_benchmark, reproducible_rankings
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import verdict_calibration as V  # noqa: E402
+from dualtask.report import build as report
+from dualtask.stats import multiple_testing
 
-from dualtask.report import build as report  # noqa: E402
-from dualtask.stats import multiple_testing  # noqa: E402
+V = load_benchmark("verdict_simulation")  # run_verdict, simulate_network, simulate, rates
 
 
 def test_simulation_returns_rates_in_range_with_wilson_intervals():
@@ -95,7 +94,8 @@ def test_a_site_counts_only_where_it_dissociates_through_the_heads_and_the_fixed
 
 
 def test_main_prints_the_headline_lines_last(capsys):
-    assert V.main(["--sim_only", "--draws=6", "--sim_sites=2", "--sim_images=40"]) == 0
+    calibration = load_benchmark("verdict_calibration")
+    assert calibration.main(["--sim_only", "--draws=6", "--sim_sites=2", "--sim_images=40"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-2].startswith("false_positive_rate: ") and lines[-1].startswith("false_positive_rate_uncorrected: ")
     value = re.match(r"false_positive_rate: ([0-9.]+) \[([0-9.]+), ([0-9.]+)\]", lines[-2])
@@ -108,7 +108,7 @@ def test_fmt_rate_and_site_power():
     rows = [{"layer": "branch:x", "depth": 14, "verdict": V.YES}, {"layer": "branch:y", "depth": 16,
                                                                    "verdict": "no dissociation (interval includes 0)"},
             {"layer": "z", "depth": 4, "verdict": V.YES}]
-    assert V.site_power([{"rows": rows}], {14, 16}) == (1, 2)
+    assert load_benchmark("verdict_trained").site_power([{"rows": rows}], {14, 16}) == (1, 2)
 
 
 @pytest.mark.slow  # about 20 s alone, minutes on a busy machine: three tiny trainings and sweeps
