@@ -183,7 +183,7 @@ def parse(argv=None):
                              "\"['fixed']\"; [] for none")
     parser.add_argument("--readout_images", type=int, default=500, help="training images per task of each readout")
     parser.add_argument("--seed", type=int, default=0, help="seed of the simulation")
-    parser.add_argument("--record", action="store_true", help="write benchmarks/results/verdict_calibration.json "
+    parser.add_argument("--record", action="store_true", help="write dualtask/report/verdict_calibration.json "
                         "even with --out_root (a full run with the default folders always writes it)")
     parser.add_argument("--out_root", default=None, help="folder of the trained runs (default: "
                         ".bench/verdict_calibration/<hash of the training settings>)")
@@ -310,7 +310,7 @@ def main(argv=None) -> int:
 
 
 def record(args, sim: dict, nulls: list, power: tuple, seconds: float) -> Path:
-    """benchmarks/results/verdict_calibration.json: what the report's calibration note quotes
+    """dualtask/report/verdict_calibration.json (package data): what the report's calibration note quotes
     (first_screen.calibration_note), with the date, machine and command that measured it."""
     import platform
 
@@ -326,7 +326,7 @@ def record(args, sim: dict, nulls: list, power: tuple, seconds: float) -> Path:
                        f"{args.branch_at}, the {args.ranking} ranking",
            "false_positive_rate_trained": entry(sum(v["yes"] for v in nulls), len(nulls)),
            "power": entry(*power), "false_positive_rate": entry(sim["yes"], sim["draws"])}
-    path = Path(__file__).resolve().parent / "results" / "verdict_calibration.json"
+    path = Path(__file__).resolve().parents[1] / "dualtask" / "report" / "verdict_calibration.json"
     write_text(path, json.dumps(out, indent=1))
     print(f"wrote {path}")
     return path
