@@ -208,7 +208,7 @@ def test_report_tools_name_the_damaged_file(tmp_path, finished_run, script, dama
     damage(run)
     before = tree_digest(run)
     args = [str(run), f"--out_dir={tmp_path / 'cmp'}"] if script == "dualtask.report.compare" else [str(run)]
-    p = subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True)
+    p = run_script(script, *args)
     assert p.returncode == 2 and culprit in p.stderr and "Traceback" not in p.stderr, p.stderr
     assert tree_digest(run) == before
 
