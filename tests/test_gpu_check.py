@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT, load_benchmark
 
 
@@ -13,6 +14,7 @@ def section_metrics(report: dict, name: str) -> dict:
     return {m["metric"]: m["value"] for m in record["metrics"]}
 
 
+@pytest.mark.slow  # about a minute on 2 cores: the benchmark's own smoke run; the sections' parts are tested below
 def test_tiny_run_covers_every_section(tmp_path):
     """About 30 s on 2 cores."""
     out = tmp_path / "gpu_check.json"
