@@ -11,7 +11,7 @@ counts. It checks that both give nearly the same images (mean absolute pixel dif
 (PIL's time over OpenCV's).
 
 Then face_crop="detect": the largest face OpenCV's frontal-face cascade finds in each photograph
-(`taskdata.detect_face`), printing `detected: k/n` and saving a grid of detect crops (`--grid`) to look at.
+(`image_io.detect_face`), printing `detected: k/n` and saving a grid of detect crops (`--grid`) to look at.
 Prints `skipped: ...` and exits 0 when the data is absent (../shared/data is not part of the project).
 """
 import argparse
@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dualtask.data import images as image_io
 from dualtask.data import taskdata
 from dualtask.data.folders import LFW_FACE_BOX
 from dualtask.data.images import DETECT, FractionBox
@@ -34,8 +35,8 @@ def pil_read(path: Path, size: int, box):
     from PIL import Image
 
     with Image.open(path) as im:
-        img = taskdata.to_rgb(im)
-        rect = taskdata.crop_box(box, img.width, img.height)
+        img = image_io.to_rgb(im)
+        rect = image_io.crop_box(box, img.width, img.height)
         if rect is not None:
             img = img.crop(rect)
         w, h = img.size
@@ -47,7 +48,7 @@ def pil_read(path: Path, size: int, box):
 
 
 def opencv_read(path: Path, size: int, box):
-    return taskdata.read_image(path, size, box)[0]
+    return image_io.read_image(path, size, box)[0]
 
 
 def timed(read, paths, size, box, repeats: int):
@@ -110,13 +111,13 @@ def main() -> int:
     print(f"speedup: {pil_s / cv_s:.2f}")
 
     start = time.perf_counter()
-    found = [taskdata.detect_face(taskdata.decode_image(p)) is not None for p in paths]
+    found = [image_io.detect_face(image_io.decode_image(p)) is not None for p in paths]
     detect_s = time.perf_counter() - start
     print(f"detect: {detect_s:.1f} s ({detect_s / len(paths) * 1000:.1f} ms per image, one thread)")
     print(f"detected: {sum(found)}/{len(paths)} ({sum(found) / len(paths):.1%})")
     if args.grid:
         picks = np.linspace(0, len(paths) - 1, min(36, len(paths))).round().astype(int)
-        crops = np.stack([taskdata.read_image(paths[k], size, DETECT)[0] for k in picks])
+        crops = np.stack([image_io.read_image(paths[k], size, DETECT)[0] for k in picks])
         Image.fromarray(grid(crops, [found[k] for k in picks])).save(args.grid)
         print(f"wrote {args.grid}: {len(picks)} detect crops, evenly spaced over the images (no face: red frame)")
     return 0

@@ -31,6 +31,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dualtask.data import cifar10, taskdata
+from dualtask.data import images as image_io
 from dualtask.data.loading import load_task
 
 # the unreadable-image warning also goes to stderr, where the cases read it
@@ -117,7 +118,7 @@ def check_bad_boxes(data, err, tmp):
     got = {k: data.images[first][k] for k in range(6)}  # images stay in file order within an identity
 
     def read(name, box=None):
-        return taskdata.read_image(folder / name, SIZE, box)[0]
+        return image_io.read_image(folder / name, SIZE, box)[0]
     for k in range(4):  # unusable boxes: the whole image, uncropped
         assert np.array_equal(got[k], read(f"{k + 1:04d}_01.jpg")), k
     assert np.array_equal(got[4], read("0005_01.jpg", (22, 28, 50, 50)))  # the first of the duplicated rows
@@ -131,7 +132,7 @@ def check_bad_boxes(data, err, tmp):
 def check_bom(data, err, tmp):
     assert "no row" not in err and data.classes == ["n000001", "n000002"]
     img = tmp / "vgf2" / "train" / "n000001" / "0002_01.jpg"
-    assert np.array_equal(data.images[1], taskdata.read_image(img, SIZE, (13, 22, 50, 50))[0])
+    assert np.array_equal(data.images[1], image_io.read_image(img, SIZE, (13, 22, 50, 50))[0])
 
 
 def folders(classes, broken=()):

@@ -11,6 +11,7 @@ from helpers import FAST
 
 from dualtask.config import settings
 from dualtask.core.common import read_csv
+from dualtask.data import images as image_io
 from dualtask.data import loading as vggface2
 from dualtask.data import taskdata
 from dualtask.data.taskdata import TaskData
@@ -92,7 +93,7 @@ def test_resolution_matched_images_carry_no_detail_above_the_target():
         assert d.images.shape == sharp.images.shape and d.native_size == 32
         assert _high_frequency_share(d.images, 32) < 0.05
         # nothing is left for a second pass through 32 px to remove: the images are (up to rounding) what 32 px holds
-        again = taskdata.resize_images(taskdata.resize_images(d.images, 32), 64).astype(float)
+        again = image_io.resize_images(image_io.resize_images(d.images, 32), 64).astype(float)
         assert np.abs(again - d.images).mean() < 0.25 * np.abs(sharp.images.astype(float) - d.images).mean()
     unchanged, _ = vggface2.match_resolution({"face": _task("face", 3, 4, 32, 0, native=64),
                                               "object": _task("object", 3, 4, 32, 1, native=64)})

@@ -10,6 +10,7 @@ from conftest import SHARED_DATA, write_jpeg
 from helpers import make_class_folders, make_lfw, make_vggface2_tree
 
 import vggface2
+from dualtask.data import images as image_io
 from dualtask.data import loading, taskdata
 from dualtask.data.loading import load_task
 from dualtask.data.taskdata import DataError
@@ -25,7 +26,7 @@ POSES = [(0, 1.0, (20, 30)), (25, 2.2, (90, 10)), (-30, 0.8, (60, 70)), (12, 3.0
 def posed_points(angle, scale, shift):
     a = math.radians(angle)
     rotation = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
-    return taskdata.ARCFACE_TEMPLATE @ rotation.T * scale + np.asarray(shift, float)
+    return image_io.ARCFACE_TEMPLATE @ rotation.T * scale + np.asarray(shift, float)
 
 
 def draw_face(points, radius, shape=(420, 420)):
@@ -68,7 +69,7 @@ def test_align_puts_the_five_points_on_the_template(tmp_path, capsys):
     root = make_landmark_tree(tmp_path / "vgf2", lacking=("n000002/0004_01",))
     data = load_task(str(root), "face", SIZE, face_crop="align")
     assert data.face_crop == "align" and data.images.shape == (8, SIZE, SIZE, 3)
-    template = taskdata.face_template(SIZE)
+    template = image_io.face_template(SIZE)
     for k, img in enumerate(data.images):
         if k == 7:  # no landmark row: cropped to its box instead, so the points are not on the template
             continue
@@ -98,8 +99,8 @@ def test_align_refuses_a_source_without_landmarks(tmp_path):
 
 def test_align_falls_back_when_no_similarity_fits():
     img = draw_face(posed_points(*POSES[0]), radius=4)
-    assert taskdata.align_face(img, [float("nan")] * 10, SIZE) is None
-    assert taskdata.align_face(img, [50.0, 50.0] * 5, SIZE) is None  # five points on one spot
+    assert image_io.align_face(img, [float("nan")] * 10, SIZE) is None
+    assert image_io.align_face(img, [50.0, 50.0] * 5, SIZE) is None  # five points on one spot
 
 
 def test_none_and_detect_need_no_box_file(tmp_path, capsys):
@@ -127,7 +128,7 @@ def test_detect_finds_the_faces_of_real_photographs():
     root = SHARED_DATA / "lfw_min20"
     people = sorted(d for d in root.iterdir() if d.is_dir())[:6]
     paths = [p for d in people for p in sorted(d.glob("*.jpg"))[:2]]
-    boxes = [taskdata.detect_face(taskdata.decode_image(p)) for p in paths]
+    boxes = [image_io.detect_face(image_io.decode_image(p)) for p in paths]
     assert sum(b is not None for b in boxes) >= len(paths) - 1
     for x, y, w, h in (b for b in boxes if b is not None):  # LFW's frames: a face of about 110 px in the middle
         assert 70 < w < 170 and abs(x + w / 2 - 125) < 35 and abs(y + h / 2 - 125) < 40

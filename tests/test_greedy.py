@@ -13,7 +13,7 @@ from helpers import PlantedNet, RandomNet, planted_batches, random_batches, top
 import vgg16
 from dualtask.core import common, names
 from dualtask.experiment import experiment
-from dualtask.lesion import dissociation, engine, greedy, rankings
+from dualtask.lesion import dissociation, engine, greedy, rankings, resume
 from dualtask.lesion import sweep as L
 from dualtask.model import sites as sites_mod
 
@@ -171,8 +171,8 @@ def test_sweep_settings_name_the_greedy_settings_and_read_earlier_sweeps_sensibl
                                               greedy_margin=1.0))
     assert exhaustive["greedy"] == {"racing": False, "candidates": None, "stop": 0.2}  # the margin plays no part
     older = {k: v for k, v in exhaustive.items() if k != "greedy"}  # written before the greedy settings existed
-    assert L.as_now(older) == exhaustive and L.as_now(older) != greedy
-    assert L.as_now(plain) == plain
+    assert resume.as_now(older) == exhaustive and resume.as_now(older) != greedy
+    assert resume.as_now(plain) == plain
 
 
 def test_an_earlier_greedy_sweep_without_the_new_column_resumes(tmp_path):

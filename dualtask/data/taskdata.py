@@ -17,17 +17,6 @@ import numpy as np
 
 from dualtask.data.errors import DataError, warn_data
 
-# the image functions tests and benchmarks call as taskdata.<name>, from before they moved to images.py
-from dualtask.data.images import ARCFACE_TEMPLATE as ARCFACE_TEMPLATE
-from dualtask.data.images import align_face as align_face
-from dualtask.data.images import crop_box as crop_box
-from dualtask.data.images import decode_image as decode_image
-from dualtask.data.images import detect_face as detect_face
-from dualtask.data.images import face_template as face_template
-from dualtask.data.images import read_image as read_image
-from dualtask.data.images import resize_images as resize_images
-from dualtask.data.images import to_rgb as to_rgb
-
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 VAL_FRACTION = 0.1  # of each class's images, for sources that come without a validation split

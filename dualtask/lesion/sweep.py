@@ -67,11 +67,7 @@ from dualtask.lesion.readouts import (
     penalty_range,
     refit_lesions,
 )
-
-# as_now and mask_settings, unused here, stay importable from here as before (tests call L.as_now)
-from dualtask.lesion.resume import as_now as as_now
 from dualtask.lesion.resume import earlier_sweep, no_earlier_sweep, sweep_settings
-from dualtask.lesion.resume import mask_settings as mask_settings
 from dualtask.model import branches
 from dualtask.model.sites import receptive_fields, select_sites
 from dualtask.stats import multiple_testing

@@ -163,8 +163,9 @@ def table_rows(j: Judgement, experiment: bool = False) -> tuple:
 def rule_caveats(j: Judgement, control_hint: str) -> list:
     """What each rule took out of the answer, and what would decide it. control_hint: how to run a
     resolution-matched control (a run: an experiment's; an experiment: its controls setting)."""
-    found = [_image_statistics(j, control_hint), _unreproducible(j), _unmeasured(j), _one_fraction(j),
-             _description(j), _heads_only(j), _lost(j), _widened(j)]
+    found = [_image_statistics(j, control_hint)]
+    found += [caveat(j, j.where(counts)) for counts, caveat in RULE_CAVEATS if j.where(counts)]
+    found += [_lost(j), _widened(j)]
     if j.answer is Answer.YES and not j.neighbours:
         found.append(Caveat("Only one lesion fraction was swept: whether the split holds at other lesion sizes is "
                             "untested (add 0.1 and 0.3 to lesion_fractions).", True, 72))
@@ -194,10 +195,7 @@ def _image_statistics(j: Judgement, control_hint: str) -> Caveat | None:
                   f"colour, size) rather than the tasks; {control_hint}.", True, 45)
 
 
-def _unreproducible(j: Judgement) -> Caveat | None:
-    shaky = j.where(Counts.NOT_REPRODUCIBLE)
-    if not shaky:
-        return None
+def _unreproducible(j: Judgement, shaky: list) -> Caveat:
     f_text = f"{j.fraction:.0%}"
     listed = "; ".join(f"{f.site} ({f.ranking}, {f.reliable:.0%})" for f in shaky[:4])
     return Caveat(f"Not reproducible: ranked on two halves of the ranking images, the top-{f_text} sets share less "
@@ -205,27 +203,18 @@ def _unreproducible(j: Judgement) -> Caveat | None:
                   f"rank_images.", True, 50)
 
 
-def _unmeasured(j: Judgement) -> Caveat | None:
-    unmeasured = j.where(Counts.UNMEASURED)
-    if not unmeasured:
-        return None
+def _unmeasured(j: Judgement, unmeasured: list) -> Caveat:
     return Caveat(f"Reproducibility not measured (ranking_reliability=False): {names(_sites(unmeasured))} pass the "
                   f"test but cannot count until ranking_reliability=True shows their rankings reproduce.", True, 52)
 
 
-def _one_fraction(j: Judgement) -> Caveat | None:
-    unstable = j.where(Counts.ONE_FRACTION)
-    if not unstable:
-        return None
+def _one_fraction(j: Judgement, unstable: list) -> Caveat:
     listed = "; ".join(f"{f.ranking} {f.site} ({_holds(f, j.neighbours)})" for f in unstable[:4])
     return Caveat(f"One lesion size only: these pass at {j.fraction:.0%} but their interval does not stay above 0 "
                   f"at the neighbouring fraction: {listed}. They do not count.", True, 55)
 
 
-def _description(j: Judgement) -> Caveat | None:
-    described = j.where(Counts.DESCRIPTION)
-    if not described:
-        return None
+def _description(j: Judgement, described: list) -> Caveat:
     deciding, one = j.deciding_run, len(j.deciding_run) == 1
     split_there = any(f.counts is Counts.SPLIT and f.site in _sites(described) for f in j.findings)
     if deciding:
@@ -239,13 +228,18 @@ def _description(j: Judgement) -> Caveat | None:
                   f"({', '.join(IMPORTANCE)}); verdict_rankings widens the family on purpose.", True, 60)
 
 
-def _heads_only(j: Judgement) -> Caveat | None:
-    heads_only = j.where(Counts.HEADS_ONLY)
-    if not heads_only:
-        return None
+def _heads_only(j: Judgement, heads_only: list) -> Caveat:
     return Caveat(f"Through the heads only at {names(_sites(heads_only))}: there each head reads its own filters, "
                   f"but readouts fitted to the intact features do not lose the two tasks apart, as two heads of one "
                   f"task also do. These do not count.", True, 65)
+
+
+
+# the caveat of each rule that took findings out of the answer, in the order the page lists them: each is given
+# the findings the rule took out
+RULE_CAVEATS = ((Counts.NOT_REPRODUCIBLE, _unreproducible), (Counts.UNMEASURED, _unmeasured),
+                (Counts.ONE_FRACTION, _one_fraction), (Counts.DESCRIPTION, _description),
+                (Counts.HEADS_ONLY, _heads_only))
 
 
 def _lost(j: Judgement) -> Caveat | None:

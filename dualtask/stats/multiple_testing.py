@@ -49,15 +49,11 @@ RING = "ring"  # dissociation.csv's index_null: p_index, null_low and null_high 
 TIE = 1e-9  # values within TIE x max(1, |value|) of each other count as equal: the one tie rule of every p-value
 
 
-def count_at_least(null, value: float) -> int:
-    """How many `null` draws are at least `value`, a draw within the tie tolerance counting as equal: the count
-    behind every empirical p-value here (dissociation, corrected and filter-set p), so that one rule decides ties."""
-    return int(np.sum(np.asarray(null, dtype=float) >= value - TIE * max(1.0, abs(float(value)))))
-
-
 def empirical_p(null, value: float) -> float:
-    """(1 + draws at least `value`) / (draws + 1): the permutation p-value, never 0."""
-    return (1 + count_at_least(null, value)) / (len(null) + 1)
+    """(1 + draws at least `value`) / (draws + 1): the permutation p-value, never 0, a draw within the tie tolerance
+    counting as equal; every empirical p here (dissociation, corrected and filter-set p) is this one rule."""
+    at_least = int(np.sum(np.asarray(null, dtype=float) >= value - TIE * max(1.0, abs(float(value)))))
+    return (1 + at_least) / (len(null) + 1)
 
 
 def holm(p_values) -> np.ndarray:
