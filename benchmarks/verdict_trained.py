@@ -155,7 +155,7 @@ def site_line(r: dict) -> str:
     rel = r.get("reliability")
     return (f"    {r['layer']:<24} {r['method']:<10} index {float(r['index']):7.3f} "
             f"[{float(r['ci_low']):7.3f}, {float(r['ci_high']):7.3f}]  p {float(r['p_index']):.3f}  "
-            f"p_corr {float(r['p_corrected']):.3f}" + (f"  split-half {rel:.2f}" if rel is not None else "") +
+            f"p_corr {float(r['p_corrected']):.3f}" + (f"  split-half {rel.text()}" if rel is not None else "") +
             f"  {r['verdict']}")
 
 

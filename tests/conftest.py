@@ -111,12 +111,12 @@ def tree_digest(folder: Path) -> dict:
 
 
 def reproducible_rankings(sites, methods=("loss", "activation"), tasks=("face", "object"), overlap=1.0, share=1.0,
-                          fractions=(0.1, 0.2, 0.3)) -> dict:
+                          fractions=(0.1, 0.2, 0.3), filters=512) -> dict:
     """rankings.json's per-site entries the verdict reads beside the dissociation rows: every ranking's split-half
-    overlap (`overlap` at every top set) and the site's receptive field (`share` of the image's side, or {site:
-    share}); `sites`: names, or {name: share}."""
+    overlap (`overlap` at every top set, of `filters` filters) and the site's receptive field (`share` of the image's
+    side, or {site: share}); `sites`: names, or {name: share}."""
     shares = sites if isinstance(sites, dict) else {s: share for s in sites}
-    return {s: {"reliability": {m: {t: {f"top{round(f * 100):g}": overlap for f in fractions} for t in tasks}
-                                for m in methods},
+    return {s: {"reliability": {m: {t: {**{f"top{round(f * 100):g}": overlap for f in fractions}, "filters": filters}
+                                    for t in tasks} for m in methods},
                 "receptive_field": {"pixels": round(32 * sh), "image_size": 32, "share": sh}}
             for s, sh in shares.items()}

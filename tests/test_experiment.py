@@ -19,6 +19,7 @@ from dualtask.experiment import aggregate, experiment
 from dualtask.lesion import dissociation, engine, rankings
 from dualtask.model import sites
 from dualtask.report import figures
+from dualtask.stats.verdict import Agreement
 
 
 def _task(name, n_classes, per_class, size, seed, native=None):
@@ -258,7 +259,7 @@ def test_planted_real_split_dissociates_and_a_pseudo_task_split_does_not():
     assert float(real_row["p_vs_pseudo_task"]) < 0.01
     assert abs(float(rows["same_task"]["index"])) < 0.2 and float(real_row["p_vs_same_task"]) < 0.01
     assert float(real_row["p_random"]) < 0.01  # three seeds at 1/21 each, combined (Fisher)
-    late = {(real_row["layer"], real_row["method"]): 0.9}, {real_row["layer"]: 1.0}  # reproducible, a late site
+    late = {(real_row["layer"], real_row["method"]): Agreement(0.9, 1e-9, 0.2)}, {real_row["layer"]: 1.0}  # late
     answer, licence, caveats, passing = aggregate.verdict(list(rows.values()), {"real", "pseudo_task", "same_task"},
                                                           3, 19, reliability=late[0], rf=late[1])
     assert answer.startswith("Task-specialised filters: yes") and len(passing) == 1

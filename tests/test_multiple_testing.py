@@ -11,6 +11,7 @@ from dualtask.lesion import dissociation
 from dualtask.lesion import sweep as L
 from dualtask.report import build as report
 from dualtask.stats import multiple_testing as M
+from dualtask.stats.verdict import Agreement
 
 
 def diss_row(layer, method, index, p_index, ci_low=0.1, n_random=20, fraction="0.2000"):
@@ -235,7 +236,7 @@ def test_experiment_verdict_and_summary_control_the_family_wise_error():
 
     rows = [row("s0", "0.001", "0.002"), row("s1", "0.01", "0.02"), row("s2", "0.3", "0.5")]
     # Holm: 0.001 x6, 0.002 x5, 0.01 x4, 0.02 x3 = 0.006, 0.01, 0.04, 0.06: s0 passes both, s1 not the second
-    late = {(f"s{k}", "loss"): 0.8 for k in range(3)}, {f"s{k}": 1.0 for k in range(3)}  # reproducible, late
+    late = {(f"s{k}", "loss"): Agreement(0.8, 1e-9, 0.2) for k in range(3)}, {f"s{k}": 1.0 for k in range(3)}
     answer, _, caveats, passing = aggregate.verdict(rows, {"real", "pseudo_task"}, 3, 99, reliability=late[0],
                                                     rf=late[1])
     assert [r["layer"] for r in passing] == ["s0"]

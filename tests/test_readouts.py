@@ -238,7 +238,7 @@ def test_each_accuracy_names_what_read_it_and_the_sweep_records_what_the_verdict
     first, last = rankings["trunk.features.2"], rankings["trunk.features.42"]
     assert first["receptive_field"] == {"pixels": 3, "image_size": 32, "share": round(3 / 32, 4)}
     assert last["receptive_field"]["share"] == 1.0  # VGG16's last conv sees the whole 32-px image
-    assert set(first["reliability"]["activation"]["face"]) == {"top10", "top20", "top25", "top30", "top50",
+    assert set(first["reliability"]["activation"]["face"]) == {"top10", "top20", "top25", "top30", "top50", "filters",
                                                                 "spearman"}
 
 

@@ -116,10 +116,13 @@ def test_random_pair_null_has_one_draw_per_order_and_one_more():
 
 
 def test_report_names_the_rankings_that_are_not_reproducible():
-    rankings = {"trunk.layer1.0": {"reliability": {"loss": {"face": {"top10": 0.2, "top20": 0.3, "spearman": 0.1},
-                                                            "object": {"top10": 0.9, "top20": 0.8, "spearman": 0.9}}}},
-                "trunk.layer2.0": {"reliability": {"loss": {"face": {"top10": 1.0, "top20": 1.0, "spearman": 1.0}}}}}
-    assert report.unreproducible(rankings, 0.2) == ["trunk.layer1.0 loss face 30%"]
+    rankings = {"trunk.layer1.0": {"reliability": {"loss": {
+        "face": {"top10": 0.2, "top20": 0.3, "spearman": 0.1, "filters": 100},
+        "object": {"top10": 0.9, "top20": 0.8, "spearman": 0.9, "filters": 100}}}},
+        "trunk.layer2.0": {"reliability": {"loss": {"face": {"top10": 1.0, "top20": 1.0, "spearman": 1.0,
+                                                            "filters": 100}}}}}
+    # 6 of 20 shared where random sets share 4 on average: p 0.17, no more than chance
+    assert report.unreproducible(rankings, 0.2) == ["trunk.layer1.0 loss face: 30% shared (chance 20%), p 0.17"]
     assert len(report.unreproducible(rankings, 0.1)) == 1 and report.unreproducible(rankings, 0.3) == []
     assert report.unreproducible({"s": {"loss": {}}}, 0.2) == []
 

@@ -71,21 +71,53 @@ def test_a_selectivity_only_split_is_description_and_never_a_yes():
 
 def test_an_unreproducible_ranking_does_not_count():
     rows = everywhere("trunk.layer4.2", "loss", PASS)
-    shaky = reproducible_rankings(SITES, overlap=0.3)
+    shaky = reproducible_rankings(SITES, overlap=0.22)  # top 20% of 512 filters: random sets share 20%
     j = judge(rows, shaky)
     assert j.answer is V.Answer.NOT_SHOWN and counts(j)[("trunk.layer4.2", "loss")] is V.Counts.NOT_REPRODUCIBLE
     (caveat,) = [c for c in first_screen.rule_caveats(j, "") if c.text.startswith("Not reproducible")]
-    assert "trunk.layer4.2 (loss, 30%)" in caveat.text and "raise rank_images" in caveat.text and caveat.decisive
-    # one task's ranking reproducing is not enough: the smaller overlap of the two decides
+    assert "trunk.layer4.2 (loss, 22% shared (chance 20%), p 0.37)" in caveat.text and "raise rank_images" in \
+        caveat.text and caveat.decisive
+    # the bar is a test against random sets: a third of a wide site's top set (a branched network's 2,048-filter
+    # copy ranked on 8 images) is far beyond chance and counts; the same share of a 20-filter site does not
+    wide = reproducible_rankings(SITES, overlap=0.32, filters=2048)
+    assert judge(rows, wide).answer is V.Answer.YES and judge(rows, wide).findings[0].reliable.p < 1e-6
+    assert counts(judge(rows, reproducible_rankings(SITES, overlap=0.32, filters=20)))[
+        ("trunk.layer4.2", "loss")] is V.Counts.NOT_REPRODUCIBLE
+    # one task's ranking reproducing is not enough: both tasks must beat random sets
     half = reproducible_rankings(SITES)
-    half["trunk.layer4.2"]["reliability"]["loss"]["object"]["top20"] = 0.45
+    half["trunk.layer4.2"]["reliability"]["loss"]["object"]["top20"] = 0.2
     assert counts(judge(rows, half))[("trunk.layer4.2", "loss")] is V.Counts.NOT_REPRODUCIBLE
-    half["trunk.layer4.2"]["reliability"]["loss"]["object"]["top20"] = 0.5  # the bar itself passes
+    half["trunk.layer4.2"]["reliability"]["loss"]["object"]["top20"] = 0.3  # 31 of 102 shared: p 0.003
     assert judge(rows, half).answer is V.Answer.YES
+    # no filter count recorded (an older sweep): the order's length gives it
+    old = reproducible_rankings(SITES, overlap=0.3)
+    for e in old.values():
+        for m, per in e["reliability"].items():
+            for t, rel in per.items():
+                del rel["filters"]
+                e.setdefault(m, {})[t] = {"order": list(range(512))}
+    assert judge(rows, old).answer is V.Answer.YES
     # not measured (ranking_reliability=False): it cannot count either
     unmeasured = {s: {"receptive_field": e["receptive_field"]} for s, e in reproducible_rankings(SITES).items()}
     j = judge(rows, unmeasured)
     assert j.answer is V.Answer.NOT_SHOWN and counts(j)[("trunk.layer4.2", "loss")] is V.Counts.UNMEASURED
+
+
+def test_the_reproducibility_p_is_the_chance_that_random_top_sets_overlap_as_much():
+    import numpy as np
+
+    from dualtask.lesion.rankings import top_overlap
+
+    n, fraction = 40, 0.2
+    rng = np.random.default_rng(0)
+    null = np.array([top_overlap(rng.permutation(n), rng.permutation(n), fraction) for _ in range(20000)])
+    assert null.mean() == pytest.approx(V.overlap_p(0.0, n, fraction)[1], abs=0.01)  # chance: k / n
+    for overlap in (0.125, 0.25, 0.375, 0.5):  # 1 to 4 of the 8 filters shared
+        p, _ = V.overlap_p(overlap, n, fraction)
+        assert p == pytest.approx((null >= overlap - 1e-9).mean(), abs=0.01)
+    # pooled over an experiment's runs: each at chance stays at chance; each beyond it is further beyond
+    at_chance = V.Agreement(0.2, 0.5, 0.2)
+    assert V.pooled([at_chance] * 3).p > 0.5 and V.pooled([V.Agreement(0.3, 0.01, 0.2)] * 3).p < 0.001
 
 
 def test_a_split_at_one_fraction_only_does_not_count():
@@ -177,7 +209,7 @@ def test_the_report_opens_on_the_sentence_then_a_table_then_three_caveats(tmp_pa
                "read_by": "heads"} for t, a in (("face", 0.88), ("object", 0.57))]
     write_csv(run / "lesion_results.csv", LESION_COLUMNS, intact)
     shaky = reproducible_rankings(SITES)
-    shaky["trunk.layer3.0"]["reliability"]["loss"]["object"]["top20"] = 0.38
+    shaky["trunk.layer3.0"]["reliability"]["loss"]["object"]["top20"] = 0.22
     (run / "rankings.json").write_text(json.dumps(shaky))
     rows = (everywhere("trunk.relu", "loss", PASS) + everywhere("trunk.layer3.0", "loss", PASS) +
             everywhere("trunk.layer3.0", "activation", PASS) + everywhere("trunk.layer4.2", "loss", FAIL) +
@@ -218,7 +250,7 @@ def test_the_experiment_verdict_follows_the_same_rules():
                 "p_vs_resolution_matched": p_res}
 
     roles = {"real", "pseudo_task", "same_task", "resolution_matched"}
-    reliable = {(s, m): 0.8 for s in SITES for m in ("loss", "activation")}
+    reliable = {(s, m): V.Agreement(0.8, 1e-9, 0.2) for s in SITES for m in ("loss", "activation")}
     rows = [summary(s, m, f) for s in ("trunk.relu", "trunk.layer4.2") for m in ("loss", "activation")
             for f in ("0.1000", "0.2000", "0.3000")]
     j, _ = aggregate.judge(rows, roles, 40, reliability=reliable, rf=SITES)

@@ -7,8 +7,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import numpy as np
-
 from dualtask.core import names
 from dualtask.core.common import number, read_json
 from dualtask.report import build as report
@@ -61,7 +59,8 @@ def judge(rows: list, roles_run: set, repeats: int, void_resolution: bool = Fals
     below ALPHA after Holm's correction over its family (`holm_family`: every site x ranking x comparison of the
     deciding rankings at the fraction; the description rankings apart). The resolution-matched control, where it
     ran, decides whether a split is the tasks' or their images' (verdict.py, rule 5). reliability: {(site,
-    ranking): the real runs' mean split-half overlap}; rf: {site: receptive field share} (None: not recorded)."""
+    ranking): the real runs' split-half agreement, verdict.Agreement (reliability_across)}; rf: {site: receptive
+    field share} (None: not recorded)."""
     real = [r for r in rows if r["role"] == "real"]
     tests = [("random lesions", "p_random")] + [(name, f"p_vs_{c}") for c, (name, _) in COMPARED.items()
                                                  if c in roles_run]
@@ -182,8 +181,9 @@ def run_rankings(out: Path, runs: list) -> list:
 
 
 def reliability_across(rankings: list, rows: list) -> dict:
-    """{(site, ranking): the mean over the real runs of each run's split-half overlap (the smaller of the two
-    tasks') at the headline fraction}; a pair any run did not measure is left out (not measured)."""
+    """{(site, ranking): verdict.Agreement over the real runs}: per task the runs' split-half agreements at the
+    headline fraction pooled (mean overlap, Fisher-combined p), then both tasks as one; a pair any run did not
+    measure is left out (not measured)."""
     real = [r for r in rows if r["role"] == "real"]
     if not real or not rankings:
         return {}
@@ -191,10 +191,9 @@ def reliability_across(rankings: list, rows: list) -> dict:
     out = {}
     for r in real:
         key = (r["layer"], r["method"])
-        values = [V.reliability(per, r["layer"], r["method"], f, (r["task_a"], r["task_b"])) for per in rankings]
-        if values and all(v is not None for v in values):
-            out[key] = float(np.mean(values))
-    return out
+        out[key] = V.both_tasks([V.pooled([V.task_agreement(per, r["layer"], r["method"], f, t) for per in rankings])
+                                 for t in (r["task_a"], r["task_b"])])
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def receptive_across(rankings: list) -> dict | None:
@@ -221,5 +220,6 @@ def unreproducible_runs(out: Path, runs: list) -> list:
         return []
     return [first_screen.Caveat(
         f"Rankings not reproducible in {len(shaky)} run(s) ({', '.join(shaky[:6])}{', ...' if len(shaky) > 6 else ''}"
-        f"): ranked on two halves of the ranking images, some sites share less than {report.UNRELIABLE:.0%} of their "
-        f"top-20% filters (each run's rankings.json and report name them); raise rank_images.", False, 82)]
+        f"): ranked on two halves of the ranking images, some sites' top-20% filters overlap no more than random "
+        f"sets would (one-sided p not below {V.RELIABILITY_ALPHA:g}; each run's rankings.json and report name them); "
+        f"raise rank_images.", False, 82)]

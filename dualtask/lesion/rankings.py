@@ -168,7 +168,8 @@ def top_overlap(order_a, order_b, fraction: float) -> float:
 def split_half_reliability(halves: tuple, fractions=RELIABILITY_FRACTIONS) -> dict:
     """How reproducible a ranking is: the same method on two disjoint halves of the ranking images. Per method
     and task: the overlap of the top sets at each of `fractions` ('top10', 'top20', ...: `reliability_key`), and
-    Spearman's correlation of the scores by channel."""
+    Spearman's correlation of the scores by channel; 'filters', how many filters the order holds (the verdict's
+    test of the overlap against random sets reads it, verdict.overlap_p)."""
     first, second = halves
     out = {}
     for method, per_task in first.items():
@@ -180,6 +181,7 @@ def split_half_reliability(halves: tuple, fractions=RELIABILITY_FRACTIONS) -> di
             row = {reliability_key(f): round(top_overlap(entry["order"], other["order"], f), 4)
                    for f in sorted(set(fractions))}
             row["spearman"] = round(rank_correlation(entry["by_channel"], other["by_channel"]), 4)
+            row["filters"] = len(entry["order"])
             out[method][t] = row
     return out
 

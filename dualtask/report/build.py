@@ -15,7 +15,7 @@ from pathlib import Path
 
 from dualtask.core.common import exit_on_damaged_files, read_csv, read_json, write_text
 from dualtask.core.common import number as _num
-from dualtask.core.names import READOUT_DIRS, reliability_key
+from dualtask.core.names import READOUT_DIRS
 from dualtask.report import filter_sets, first_screen, pages, probes_report, sections, train_health
 from dualtask.report.sections import correction_text
 from dualtask.stats import multiple_testing
@@ -239,16 +239,18 @@ def _run_caveats(config: dict, status: dict, results: list, j, checkup: dict | N
     return caveats
 
 
-UNRELIABLE = V.RELIABILITY_BAR  # a ranking whose two halves share less of their top sets is not reproducible
-
-
 def unreproducible(rankings: dict, fraction: float) -> list:
-    """['site method task overlap'] of the rankings whose top-`fraction` sets, ranked on two halves of the ranking
-    images, share less than UNRELIABLE."""
-    key = reliability_key(fraction)
-    return [f"{site} {method} {task} {rel[key]:.0%}" for site, per in rankings.items()
-            for method, tasks in per.get("reliability", {}).items() for task, rel in tasks.items()
-            if key in rel and rel[key] < UNRELIABLE]
+    """['site method task: overlap (chance c), p'] of the rankings whose top-`fraction` sets, ranked on two halves of
+    the ranking images, share no more than random sets would (verdict.task_agreement: one-sided p not below
+    verdict.RELIABILITY_ALPHA)."""
+    out = []
+    for site, per in rankings.items():
+        for method, tasks in (per.get("reliability") or {}).items():
+            for task in tasks:
+                a = V.task_agreement(rankings, site, method, fraction, task)
+                if a is not None and not a.reproduces:
+                    out.append(f"{site} {method} {task}: {a.text()}")
+    return out
 
 
 def build_report(run_dir) -> Path:

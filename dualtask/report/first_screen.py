@@ -19,7 +19,7 @@ from dualtask.stats.verdict import (
     ALPHA,
     EARLY_RF_SHARE,
     IMPORTANCE,
-    RELIABILITY_BAR,
+    RELIABILITY_ALPHA,
     SELECTIVITY,
     Answer,
     Counts,
@@ -147,7 +147,7 @@ def table_rows(j: Judgement, experiment: bool = False) -> tuple:
     for f in shown:
         row = {"site": f"{f.site} (depth {f.depth})", "ranking": f.ranking + ("" if f.decides else " (description)"),
                "index [95% CI]": ci_text(f.row), "p corrected": p_text(f.row.get("p_corrected")),
-               "reliability": "not measured" if f.reliable is None else f"{f.reliable:.0%}",
+               "reliability": "not measured" if f.reliable is None else f.reliable.text(),
                columns[5]: SHORT[f.heads], f"at {near}": _holds(f, j.neighbours), "counts as": f.counts.value}
         if not experiment:
             row["through fixed readouts"] = "not run" if f.readouts is None else SHORT[f.readouts] + (
@@ -197,10 +197,10 @@ def _image_statistics(j: Judgement, control_hint: str) -> Caveat | None:
 
 def _unreproducible(j: Judgement, shaky: list) -> Caveat:
     f_text = f"{j.fraction:.0%}"
-    listed = "; ".join(f"{f.site} ({f.ranking}, {f.reliable:.0%})" for f in shaky[:4])
-    return Caveat(f"Not reproducible: ranked on two halves of the ranking images, the top-{f_text} sets share less "
-                  f"than {RELIABILITY_BAR:.0%} (random sets: {f_text}) at {listed}. These passes do not count; raise "
-                  f"rank_images.", True, 50)
+    listed = "; ".join(f"{f.site} ({f.ranking}, {f.reliable.text()})" for f in shaky[:4])
+    return Caveat(f"Not reproducible: ranked on two halves of the ranking images, the top-{f_text} sets share no more "
+                  f"than random sets would (one-sided p not below {RELIABILITY_ALPHA:g} for a task) at {listed}. "
+                  f"These passes do not count; raise rank_images.", True, 50)
 
 
 def _unmeasured(j: Judgement, unmeasured: list) -> Caveat:
@@ -352,7 +352,8 @@ def method_notes(j: Judgement | None, correction: str, experiment: bool = False)
     return [
         f"A site counts as a split by task at {f_text} lesions when {test}; its ranking decides (importance: "
         f"{', '.join(j.decides)}; selectivity rankings are description); each task's top-{f_text} set, ranked on "
-        f"two halves of the ranking images, overlaps by at least {RELIABILITY_BAR:.0%}; the interval stays above 0 "
+        f"two halves of the ranking images, overlaps by more than random sets would (one-sided hypergeometric p < "
+        f"{RELIABILITY_ALPHA:g}); the interval stays above 0 "
         f"at the neighbouring fractions swept ({', '.join(f'{g:.0%}' for g in j.neighbours) or 'none here'}); and "
         f"it is not image statistics: not an early site (receptive field under {EARLY_RF_SHARE:.0%} of the image's "
         f"side) unless a resolution-matched control ran, and not where such a control dissociates as much.",

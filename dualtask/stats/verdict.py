@@ -11,7 +11,11 @@ these hold (docs/method.md, "The verdict", gives the reasons and the calibration
    site x ranking of the family at the fraction (`multiple_testing`), through the heads and, where they ran,
    through the fixed readouts too (an experiment: beyond random lesions and each control, Holm-corrected).
 3. The ranking reproduces. Ranked on two disjoint halves of the ranking images, each task's top set at the headline
-   fraction (the filters the verdict lesions) overlaps by at least RELIABILITY_BAR (random sets: the fraction).
+   fraction (the filters the verdict lesions) overlaps by more than two random sets would: the one-sided
+   hypergeometric p of the overlap (`Agreement`) is below RELIABILITY_ALPHA for both tasks. Random sets of k of n
+   filters share k/n on average (the fraction itself). A test rather than a fixed share: a wide site ranked on few
+   images (a branched ResNet50's 2,048-filter copies on 8 images) shares 32-48% of its top 20%, far beyond chance and
+   short of any fixed bar near one half (docs/method.md gives the calibration).
 4. It holds at the neighbouring fractions swept (the nearest below and above the headline): the index's interval
    lies above 0 there too, through the heads and the readouts.
 5. It is not image statistics. Where a resolution-matched control (both tasks' images at one native resolution)
@@ -28,6 +32,8 @@ import math
 from dataclasses import dataclass, field
 from enum import Enum
 
+from scipy import stats
+
 from dualtask.core.common import number
 from dualtask.core.names import reliability_key
 from dualtask.stats import multiple_testing
@@ -35,7 +41,7 @@ from dualtask.stats import multiple_testing
 ALPHA = multiple_testing.ALPHA
 IMPORTANCE, SELECTIVITY = multiple_testing.IMPORTANCE, multiple_testing.SELECTIVITY
 deciding = multiple_testing.deciding  # the rankings that decide: verdict_rankings, or IMPORTANCE
-RELIABILITY_BAR = 0.5  # the least split-half overlap of a task's top set (random sets share the fraction itself)
+RELIABILITY_ALPHA = 0.05  # a top set's split-half overlap must beat random sets' at this one-sided level
 EARLY_RF_SHARE = 0.5  # a site whose receptive field spans less of the image's side than this is early
 HEADLINE = 0.2  # the reference study's headline lesion fraction
 
@@ -94,12 +100,72 @@ def above_zero(row: dict | None) -> bool:
     return row is not None and number(row.get("ci_low")) > 0
 
 
-def reliability(rankings: dict, site: str, method: str, fraction: float, tasks) -> float | None:
-    """The smaller of the tasks' split-half overlaps of the ranking's top set at `fraction` (rankings.json's
-    'reliability'), None where it was not measured."""
-    per = (rankings.get(site) or {}).get("reliability", {}).get(method, {})
-    values = [number((per.get(t) or {}).get(reliability_key(fraction))) for t in tasks]
-    return min(values) if values and all(math.isfinite(v) for v in values) else None
+@dataclass(frozen=True)
+class Agreement:
+    """How well a ranking's top set at a fraction reproduces on two halves of the ranking images, both tasks
+    together: the smaller of their overlaps, the larger of their p-values."""
+    overlap: float  # the share of one half's top set also in the other's (the smaller of the tasks')
+    p: float  # one-sided: random top sets of the same size overlap at least as much (the larger of the tasks')
+    chance: float  # the overlap two random top sets have on average (k / n)
+
+    @property
+    def reproduces(self) -> bool:
+        return self.p < RELIABILITY_ALPHA
+
+    def text(self) -> str:
+        return f"{self.overlap:.0%} shared (chance {self.chance:.0%}), p {self.p:.2g}"
+
+
+def overlap_p(overlap: float, n: int, fraction: float) -> tuple:
+    """(p, chance) of a split-half overlap of top sets of k = round(fraction * n) of n filters (as
+    rankings.top_overlap counts them): p = P(X >= the overlap's count) for X hypergeometric (two random k-subsets of
+    n), chance = k / n, its mean share."""
+    k = max(1, int(round(fraction * n)))
+    x = int(round(overlap * k))
+    return float(stats.hypergeom.sf(x - 1, n, k, k)), k / n
+
+
+def filters_of(rankings: dict, site: str, method: str, task: str) -> int | None:
+    """How many filters a site's ranking orders: its split-half row's 'filters', else the length of its order."""
+    entry = rankings.get(site) or {}
+    n = number(((entry.get("reliability") or {}).get(method, {}).get(task) or {}).get("filters"))
+    if math.isfinite(n):
+        return int(n)
+    order = ((entry.get(method) or {}).get(task) or {}).get("order")
+    return len(order) if isinstance(order, list) and order else None
+
+
+def task_agreement(rankings: dict, site: str, method: str, fraction: float, task: str) -> Agreement | None:
+    """One task's split-half agreement at `fraction` (rankings.json's 'reliability'), None where it was not
+    measured or the site's filter count is unknown."""
+    row = ((rankings.get(site) or {}).get("reliability") or {}).get(method, {}).get(task) or {}
+    overlap, n = number(row.get(reliability_key(fraction))), filters_of(rankings, site, method, task)
+    if not math.isfinite(overlap) or not n:
+        return None
+    return Agreement(overlap, *overlap_p(overlap, n, fraction))
+
+
+def both_tasks(per_task: list) -> Agreement | None:
+    """The tasks' agreements as one: the smaller overlap and the larger p (each task must reproduce)."""
+    if not per_task or any(a is None for a in per_task):
+        return None
+    return Agreement(min(a.overlap for a in per_task), max(a.p for a in per_task),
+                     max(a.chance for a in per_task))
+
+
+def pooled(per_run: list) -> Agreement | None:
+    """One task's agreements in several networks (an experiment's seeds) as one: the mean overlap and chance, and
+    Fisher's combination of their p-values (scipy.stats.combine_pvalues)."""
+    if not per_run or any(a is None for a in per_run):
+        return None
+    p = float(stats.combine_pvalues([max(a.p, 1e-300) for a in per_run], method="fisher").pvalue)
+    return Agreement(sum(a.overlap for a in per_run) / len(per_run), p, sum(a.chance for a in per_run) / len(per_run))
+
+
+def reliability(rankings: dict, site: str, method: str, fraction: float, tasks) -> Agreement | None:
+    """Both tasks' split-half agreement of the ranking's top set at `fraction` (`Agreement`), None where it was not
+    measured."""
+    return both_tasks([task_agreement(rankings, site, method, fraction, t) for t in tasks])
 
 
 def receptive_share(rankings: dict, site: str) -> float | None:
@@ -116,11 +182,11 @@ def neighbours(fraction: float, swept) -> list:
     return ([max(below)] if below else []) + ([min(above)] if above else [])
 
 
-def classify(heads: Test, readouts: Test | None, decides: bool, reliable: float | None, holds: dict,
+def classify(heads: Test, readouts: Test | None, decides: bool, reliable: Agreement | None, holds: dict,
              early: bool, control_matches: bool | None) -> Counts:
     """The rules in order (the module's docstring): heads: the test through the heads (an experiment: beyond random
     lesions and every control but the resolution-matched one); readouts: through the fixed readouts (None: not run);
-    decides: the ranking is in the verdict's family; reliable: its split-half overlap (None: not measured); holds:
+    decides: the ranking is in the verdict's family; reliable: its split-half agreement (None: not measured); holds:
     {neighbouring fraction: whether the index holds there}; early: an early site; control_matches: a
     resolution-matched control dissociates as much there (None: none ran)."""
     if heads is not Test.DISSOCIATES:
@@ -131,7 +197,7 @@ def classify(heads: Test, readouts: Test | None, decides: bool, reliable: float 
         return Counts.DESCRIPTION
     if reliable is None:
         return Counts.UNMEASURED
-    if reliable < RELIABILITY_BAR:
+    if not reliable.reproduces:
         return Counts.NOT_REPRODUCIBLE
     if not all(holds.values()):
         return Counts.ONE_FRACTION
@@ -151,7 +217,7 @@ class Finding:
     readouts: Test | None
     readout_row: dict | None
     decides: bool
-    reliable: float | None
+    reliable: Agreement | None
     holds: dict  # {neighbouring fraction: the index holds there}
     rf_share: float | None
     early: bool
