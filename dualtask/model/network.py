@@ -181,26 +181,27 @@ def _imagenet_state_dict(arch: str) -> tuple:
     return state, f"torchvision's ImageNet weights ({weights})"
 
 
-def _init_file_state_dict(path: str) -> dict:
-    """The tensors of a local weights file, as a state dict; anything else is a UsageError naming the file."""
+def read_state_dict(path: str, setting: str = "init", form: str = INIT_FORM) -> dict:
+    """The tensors of a local weights file, as a state dict (loaded with weights_only=True; a checkpoint's nested
+    'model' or 'state_dict' taken out); anything else is a UsageError naming the setting, the file and `form`."""
     import pickle
 
     p = Path(path).expanduser()
     if not p.exists():
-        raise UsageError(f"init={path!r}: no such file; expected {INIT_FORM}")
+        raise UsageError(f"{setting}={path!r}: no such file; expected {form}")
     if not p.is_file():
-        raise UsageError(f"init={path!r}: not a file; expected {INIT_FORM}")
+        raise UsageError(f"{setting}={path!r}: not a file; expected {form}")
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "Unsupported global" in str(e):  # torch.load's refusal to unpickle code (else a damaged file)
-            raise UsageError(f"init={path!r}: refused: it holds Python objects other than tensors and plain "
-                             f"values; expected {INIT_FORM}") from None
-        raise UsageError(f"init={path!r}: cannot be read (damaged, or not written by torch.save: "
-                         f"{str(e).splitlines()[0] if str(e) else 'UnpicklingError'}); expected {INIT_FORM}") from None
+            raise UsageError(f"{setting}={path!r}: refused: it holds Python objects other than tensors and plain "
+                             f"values; expected {form}") from None
+        raise UsageError(f"{setting}={path!r}: cannot be read (damaged, or not written by torch.save: "
+                         f"{str(e).splitlines()[0] if str(e) else 'UnpicklingError'}); expected {form}") from None
     except Exception as e:  # a damaged zip or pickle, an unreadable file: all mean "not a weights file"
-        raise UsageError(f"init={path!r}: cannot be read ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''}); expected {INIT_FORM}") from None
+        raise UsageError(f"{setting}={path!r}: cannot be read ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); expected {form}") from None
     for key in ("model", "state_dict"):  # a checkpoint of this tool, or of another that nests its weights
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -208,8 +209,8 @@ def _init_file_state_dict(path: str) -> dict:
     tensors = ({k: v for k, v in state.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
                if isinstance(state, dict) else {})
     if not tensors:
-        raise UsageError(f"init={path!r}: not a state dict (it holds a {type(state).__name__} without named "
-                         f"tensors); expected {INIT_FORM}")
+        raise UsageError(f"{setting}={path!r}: not a state dict (it holds a {type(state).__name__} without named "
+                         f"tensors); expected {form}")
     return tensors
 
 
@@ -229,7 +230,7 @@ def load_trunk_weights(model: DualTaskNet, init: str) -> int:
     if init == "imagenet":
         source, where = _imagenet_state_dict(model.arch)
     else:
-        source, where = _init_file_state_dict(init), init
+        source, where = read_state_dict(init), init
     if source and all(k.startswith("module.") for k in source):  # saved from a DistributedDataParallel wrapper
         source = {k[len("module."):]: v for k, v in source.items()}
     own = any(k.startswith("trunk.") for k in source)  # this tool's layout: the trunk's tensors are trunk.<name>
