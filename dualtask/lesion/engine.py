@@ -19,6 +19,7 @@ from dualtask.core.common import UsageError
 from dualtask.core.device import autocast
 from dualtask.core.names import RANKING_PRECISIONS
 from dualtask.data import transforms
+from dualtask.model.graph import GraphTrunk
 from dualtask.model.sites import Site, forward_chain, lesion_sites
 
 
@@ -76,9 +77,13 @@ class SiteRunner:
     suffix for each lesion, several lesions per pass (their masks stacked along the batch)."""
 
     def __init__(self, model: nn.Module, site: Site):
+        self.model, self.site = model, site
+        trunk = getattr(model, "trunk", None)
+        self.graph = trunk.runner(site.module) if isinstance(trunk, GraphTrunk) else None  # a traced network
+        if self.graph is not None:
+            return
         steps = forward_chain(model)
         names = [n for n, _ in steps]
-        self.model, self.site = model, site
         if site.path in names:  # the site is a step's output: cache that output
             j = names.index(site.path) + 1
             self.inner = False
@@ -88,6 +93,8 @@ class SiteRunner:
         self.prefix_steps, self.suffix_steps = steps[:j], steps[j:]
 
     def prefix(self, x: torch.Tensor) -> torch.Tensor:
+        if self.graph is not None:
+            return self.graph.packed_prefix(x)
         for _, step in self.prefix_steps:
             x = step(x)
         return x
@@ -128,6 +135,8 @@ class SiteRunner:
 
     def features_with(self, cached: torch.Tensor, transform) -> torch.Tensor:
         """The trunk's features (B, width), the heads' input, with `transform` applied to the site's output."""
+        if self.graph is not None:
+            return self.graph.packed_suffix(cached, transform)
         handle = None
         if self.inner:  # the site lies inside the first suffix step: transform its output there
             x = cached

@@ -198,7 +198,8 @@ def find_sites(model: nn.Module, image_size: int = 64, traced: Traced | None = N
         outs = _outputs_of(traced, path)
         if len(outs) == 1 and len(traced.shape.get(outs[0].name, ())) == 4:
             same = [p for p, _ in traced.stack[outs[0].name] if p.startswith(path) and p in merging_paths and
-                    not isinstance(modules[p], CONTAINERS) and traced.calls.get(p) == 1 and [n.name for n in _outputs_of(traced, p)] == [outs[0].name]]
+                    not isinstance(modules[p], CONTAINERS) and traced.calls.get(p) == 1 and
+                    [n.name for n in _outputs_of(traced, p)] == [outs[0].name]]
             chosen[outs[0].name] = ("block", same[-1] if same else path)  # a one-block stage: named by its block
     in_block = {n.name for n in traced.nodes for path in blocks if traced.in_scope(n, path)}
     for n in traced.nodes:
@@ -305,3 +306,109 @@ def classifier_input(traced: Traced) -> str:
     while arg.op == "call_module" and isinstance(modules.get(str(arg.target)), (nn.Dropout, nn.Identity)):
         (arg,) = arg.all_input_nodes  # the same values in evaluation
     return traced.qualname[arg.name]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# a traced network as a trunk the lesion engine runs
+
+
+TAPS = "lesion_taps"  # the submodule holding one nn.Identity per site, called on the site's value
+
+
+class GraphTrunk(nn.Module):
+    """A network traced and cut at its readout layer (default: its classifier's input), returning that layer's
+    values flattened (B, width); after each lesion site an nn.Identity tap (`lesion_taps.<k>`) is called on the
+    site's value, so every site is a module called once (forward hooks, `ablate`, activations work as on the
+    four backbones). `sites()` lists them; `runner(site)` is the suffix-only runner around one, built from this
+    graph, its prefix values packed into one tensor (B, n) where a skip connection carries more than the site's."""
+
+    def __init__(self, model: nn.Module, image_size: int = 64, readout: str | None = None):
+        super().__init__()
+        traced = Traced(model, image_size)
+        found = find_sites(model, traced=traced)
+        readout = readout or classifier_input(traced)
+        by_qualname = {traced.qualname[n.name]: n for n in traced.nodes}
+        if readout not in by_qualname:
+            _unknown(readout, by_qualname)
+        end = traced.index[by_qualname[readout].name]
+        found = [s for s in found if traced.index[s.node] < end]
+        if not found:
+            raise UsageError(f"readout={readout!r}: no lesion site comes before it")
+        gm = traced.gm
+        taps = nn.Module()
+        for k in range(len(found)):
+            taps.add_module(str(k), nn.Identity())
+        gm.add_submodule(TAPS, taps)
+        graph, env = fx.Graph(), {}
+        site_of = {s.node: k for k, s in enumerate(found)}
+        for n in traced.nodes[:end + 1]:
+            env[n.name] = graph.node_copy(n, lambda a: env[a.name])
+            if n.name in site_of:
+                env[n.name] = graph.call_module(f"{TAPS}.{site_of[n.name]}", (env[n.name],))
+        graph.output(graph.call_function(torch.flatten, (env[by_qualname[readout].name], 1)))
+        self.net = fx.GraphModule(gm, graph, type(model).__name__)
+        self.net.graph.eliminate_dead_code()  # what only the classifier after the readout layer needed
+        self.net.recompile()
+        self.readout = readout
+        self.site_names = [s.name for s in found]
+        self.image_size = image_size
+        self._traced = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    @property
+    def width(self) -> int:
+        return int(self.traced.shape[self.traced.nodes[-2].name][1])
+
+    @property
+    def traced(self) -> Traced:
+        if self._traced is None:  # the tapped network traced again: its taps are the sites' nodes
+            self._traced = Traced(self.net, self.image_size)
+        return self._traced
+
+    def sites(self) -> list:
+        """[(site name, tap module, filters)] in depth order."""
+        shapes = self.traced.shape
+        taps = {str(n.target): n.name for n in self.traced.nodes if n.op == "call_module"
+                and str(n.target).startswith(TAPS + ".")}
+        return [(name, self.net.get_submodule(f"{TAPS}.{k}"), int(shapes[taps[f"{TAPS}.{k}"]][1]))
+                for k, name in enumerate(self.site_names)]
+
+    def runner(self, tap: nn.Module) -> PackedRunner:
+        path = next(p for p, m in self.net.named_modules() if m is tap)
+        node = next(n for n in self.traced.nodes if n.op == "call_module" and str(n.target) == path)
+        site = GraphSite(name=path, node=node.name, n_filters=int(self.traced.shape[node.name][1]), depth=0,
+                         kind="tap", module=path)
+        return PackedRunner(self.traced, site)
+
+
+class PackedRunner(GraphRunner):
+    """A GraphRunner whose prefix values travel as one tensor (the engine caches one per image batch): the site's
+    value itself where the rest of the network reads nothing else from before the cut, else every value flattened
+    and concatenated (B, n), unpacked before the suffix runs."""
+
+    def __init__(self, traced: Traced, site: GraphSite):
+        super().__init__(traced, site)
+        if not self.stacks:
+            raise UsageError(f"the network reads a value that is not a tensor (e.g. the batch size) across the "
+                             f"lesion site {site.name!r}: it cannot be cut there")
+        self.shapes = [traced.shape[n.name][1:] for n in self.frontier]
+        self.alone = self.frontier_names == [site.node]
+
+    def pack(self, values: tuple) -> torch.Tensor:
+        return values[0] if self.alone else torch.cat([v.flatten(1) for v in values], 1)
+
+    def unpack(self, packed: torch.Tensor) -> tuple:
+        if self.alone:
+            return (packed,)
+        sizes = [int(torch.Size(s).numel()) for s in self.shapes]
+        return tuple(p.reshape(p.shape[0], *s) for p, s in zip(packed.split(sizes, 1), self.shapes))
+
+    def packed_prefix(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pack(self.prefix(x))
+
+    def packed_suffix(self, packed: torch.Tensor, transform) -> torch.Tensor:
+        """The readout layer's values (B, width) with `transform` applied to the site's value (its batch already
+        holds every lesion's copy)."""
+        return self.suffix(self.unpack(packed), transform, 1)

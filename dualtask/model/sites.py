@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from dualtask.core.common import UsageError
-from dualtask.model import branches
+from dualtask.model import branches, graph
 
 
 @dataclass
@@ -31,9 +31,15 @@ def lesion_sites(model: nn.Module, inner: bool = False) -> list:
 
     In a branched network (branches.py) a site after the branch point is the BranchPair of the copies of that
     layer, named `branch:<module path>`, its filters numbered across the copies, the first task's copy first.
-    Such a pair offers no inner sites."""
+    Such a pair offers no inner sites.
+
+    A network traced from its graph (graph.GraphTrunk, a network this tool did not train) has the sites its graph
+    gives (graph.py), named `trunk.<name>`, each an nn.Identity tap on the site's value; no inner sites."""
     from torchvision.models.resnet import Bottleneck
 
+    trunk = getattr(model, "trunk", None)
+    if isinstance(trunk, graph.GraphTrunk):
+        return [Site(f"trunk.{name}", tap, n, i) for i, (name, tap, n) in enumerate(trunk.sites())]
     modules = dict(model.named_modules())
     residual = any(isinstance(m, Bottleneck) for m in modules.values())
     sites = []
