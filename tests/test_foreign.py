@@ -43,3 +43,62 @@ def test_receptive_fields_of_a_foreign_network_grow_with_depth():
     shares = [rf[s.name]["share"] for s in sites]
     assert shares == sorted(shares) and shares[0] < 0.2 and shares[-1] == 1.0
     assert model.readout == "flatten" and model.trunk.width == 512
+
+
+# ----------------------------------------------------------------------------------------------------------
+# own_network.py: a saved network, analysed without training
+
+
+SMALL = ["--image_size=32", "--device=cpu", "--demo_per_class=20", "--lesion_layers=[0, 4, 8]",
+         "--lesion_fractions=[0.0, 0.1, 0.2, 0.3]", "--lesion_methods=['activation', 'loss', 'random']",
+         "--random_repeats=3", "--rank_images=8", "--stages=['train', 'lesion']"]
+
+
+def test_own_network_analyses_a_saved_state_dict_and_its_report_says_how_it_was_read(tmp_path):
+    import json
+
+    import torchvision
+    from conftest import run_script
+
+    from dualtask import load_run
+
+    torch.manual_seed(0)
+    saved = tmp_path / "resnet18.pt"
+    torch.save(torchvision.models.resnet18().state_dict(), saved)
+    out = tmp_path / "run"
+    done = run_script("own_network.py", "--network=resnet18", f"--weights={saved}", f"--out_dir={out}", *SMALL)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "readout heads fitted to resnet18's features at flatten" in done.stdout
+    config = json.loads((out / "config.json").read_text())
+    assert config["backbone"] == "resnet18" and config["readout_layer_used"] == "flatten"
+    sites = {r.split(",")[0] for r in (out / "lesion_results.csv").read_text().splitlines()[1:]}
+    assert sites == {"trunk.relu", "trunk.layer2.1", "trunk.layer4.1"}
+    assert (out / "fixed_readout" / "dissociation.csv").exists()
+    # the network analysed is the file's: its weights are in the run's checkpoint, and load_run reads it back
+    model, _ = load_run(out)
+    assert torch.equal(model.trunk.net.conv1.weight, torch.load(saved, weights_only=True)["conv1.weight"])
+    page = run_script("dualtask.report", str(out))
+    assert page.returncode == 0, page.stderr
+    assert "A network trained elsewhere (resnet18, weights" in (out / "report.html").read_text()
+    # run again: the heads are not fitted again, the finished sites not lesioned again
+    again = run_script("own_network.py", "--network=resnet18", f"--weights={saved}", f"--out_dir={out}", *SMALL)
+    assert again.returncode == 0 and "readout heads fitted earlier" in again.stdout
+
+
+def test_own_network_refuses_a_wrong_file_or_name_before_writing_anything(tmp_path):
+    import torchvision
+    from conftest import run_script
+
+    saved = tmp_path / "resnet18.pt"
+    torch.save(torchvision.models.resnet18().state_dict(), saved)
+    out = tmp_path / "run"
+    wrong = run_script("own_network.py", "--network=resnet50", f"--weights={saved}", f"--out_dir={out}", *SMALL)
+    assert wrong.returncode == 2 and "Traceback" not in wrong.stderr
+    assert "does not fit torchvision's resnet50: key 'layer1.0.conv1.weight' has shape (64, 64, 3, 3) in the file" \
+        in wrong.stderr and not out.exists()
+    unknown = run_script("own_network.py", "--network=resnet51", f"--out_dir={out}", *SMALL)
+    assert unknown.returncode == 2 and "torchvision has no model 'resnet51'" in unknown.stderr and not out.exists()
+    missing = run_script("own_network.py", "--network=resnet18", f"--weights={tmp_path / 'nope.pt'}",
+                         f"--out_dir={out}", *SMALL)
+    assert missing.returncode == 2 and "weights=" in missing.stderr and "no such file" in missing.stderr
+    assert not out.exists()

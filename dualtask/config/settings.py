@@ -24,7 +24,8 @@ TRAIN_LOG_COLUMNS = ("epoch", "task", "split", "loss", "accuracy", "images_per_s
 # settings that make a checkpoint belong to a run: changing one needs --retrain=True or another out_dir
 RUN_IDENTITY = ("backbone", "batch_norm", "fc_width", "image_size", "max_per_class", "max_classes", "seed",
                 "batch_size", "epochs", "optimizer", "lr", "weight_decay", "grad_clip", "demo_per_class", "role",
-                "single_task", "tasks", "kdef_views", "face_crop", "head", "init", "branch_at")
+                "single_task", "tasks", "kdef_views", "face_crop", "head", "init", "branch_at", "network", "weights",
+                "readout_layer")
 # what a run trains on, set by an experiment (experiment.py) for each of its runs; a plain run is "real":
 # real: the tasks as given; pseudo_task: the union of their classes split at random into two halves, each half a
 # task (Dobs et al. 2022); single_task: the task named by the `single_task` setting alone; resolution_matched:
@@ -170,6 +171,19 @@ def _site_name(s) -> bool:
 
 
 _FLAG = (lambda v: isinstance(v, bool)), "True or False"
+# a network this tool did not train (own_network.py; dualtask.model.zoo)
+NETWORK_FORM = ("a torchvision classification model's name (e.g. 'resnet50', 'convnext_tiny', or "
+                "'torchvision:resnet50'), or 'timm:<name>' for a timm model")
+WEIGHTS_FORM = ("'random', 'pretrained' (the library's published weights, downloaded the first time: needs network "
+                "access) or a path to a file written by torch.save holding the network's state dict")
+READOUT_FORM = ("None (the input of the network's last linear layer) or a node of its traced graph, e.g. 'flatten' "
+                "or 'layer4.1'")
+
+
+def _text(v) -> bool:
+    return isinstance(v, str) and v.strip() != ""
+
+
 # every setting's rule and its expected form, checked before anything is read or written
 SETTINGS = {
     "backbone": _choice(BACKBONES),
@@ -239,6 +253,9 @@ SETTINGS = {
     "role": _choice(ROLES),
     "kdef_views": _list_of(lambda v: v in kdef.KDEF_VIEWS, f"KDEF views from {list(kdef.KDEF_VIEWS)}"),
     "face_crop": _choice(taskdata.FACE_CROPS),
+    "network": ((lambda v: v is None or _text(v)), "None or " + NETWORK_FORM),
+    "weights": (_text, WEIGHTS_FORM),
+    "readout_layer": ((lambda v: v is None or _text(v)), READOUT_FORM),
     "lfw_crop": _FLAG,  # face_crop's forerunner: read from the config of a run written before face_crop existed
 }
 # list settings whose items must be distinct (lesion_layers: by the site they name, preflight.resolve_sites)
@@ -259,6 +276,14 @@ def face_crop_of(config: dict, spec: str) -> str:
     return "boxes" if not lfw or config.get("lfw_crop", False) else "none"
 
 
+def network_run(config: dict) -> dict:
+    """A run of a network this tool did not train (the `network` setting): its backbone is the network's name and
+    it trains nothing (epochs 0: the train stage fits its readout heads). Other runs as they are."""
+    if not config.get("network"):
+        return config
+    return dict(config, backbone=str(config["network"]), epochs=0)
+
+
 def check_config(config: dict) -> None:
     """Values that parse but make no sense get a clear error before anything is read or written."""
     _check_tasks(config.get("tasks"))
@@ -266,6 +291,8 @@ def check_config(config: dict) -> None:
         if is_task_data(name) and not isinstance(config.get("tasks"), dict):
             if not isinstance(value, str) or not value.strip():
                 raise UsageError(f"{name}={value!r}; expected 'demo' or a data folder path")
+        elif name == "backbone" and config.get("network"):
+            continue  # a network run's backbone is its network's name (network_run)
         elif name in SETTINGS and not SETTINGS[name][0](value):
             raise UsageError(f"{name}={value!r}; expected {SETTINGS[name][1]}")
     for name in DISTINCT:  # a list that names one thing twice would run it twice, or once without saying so

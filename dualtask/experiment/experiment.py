@@ -413,7 +413,7 @@ def main(script_globals: dict, argv: list | None = None) -> None:
         return
     try:
         with report_bugs(DataError):
-            config = settings.parse_overrides(defaults, argv)
+            config = settings.network_run(settings.parse_overrides(defaults, argv))
             if is_experiment(config):
                 run_experiment(config)
             else:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from dualtask.analysis import inspection, probes
-from dualtask.config.settings import RECIPE, RUN_IDENTITY, face_crop_of, is_task_data, task_specs
+from dualtask.config.settings import RECIPE, RUN_IDENTITY, face_crop_of, is_task_data, network_run, task_specs
 from dualtask.core import names
 from dualtask.core.common import StageFailed, UsageError, format_seconds, remove_stale_temporaries, write_text
 from dualtask.core.device import load_checkpoint
@@ -37,9 +37,11 @@ from dualtask.data.taskdata import DataError
 from dualtask.experiment import preflight
 from dualtask.lesion import sweep as lesion_utils
 from dualtask.model import sites
+from dualtask.model.foreign import ReadoutNet
 from dualtask.model.network import DualTaskNet, build_model
 from dualtask.report import build as report
 from dualtask.report import figures
+from dualtask.training.readout_heads import fit_heads
 from dualtask.training.trainer import (
     Dist,
     TaskImages,
@@ -188,6 +190,7 @@ def load_probe_task(spec: str, name: str, config: dict):
 
 def run(config: dict) -> None:
     """The whole pipeline: data, training, lesion sweep, figures (the stages named in config['stages'])."""
+    config = network_run(config)
     preflight.check_run(config)
     dist = Dist(config.get("device", "auto"))
     try:
@@ -258,8 +261,9 @@ def _resolved(config: dict, datasets: dict, model: DualTaskNet, dist: Dist) -> d
                                    "counts": d.counts(), "face_crop": d.face_crop}
                                for t, d in datasets.items()},
                 resolved_device=str(dist.device), world_size=dist.world,
-                lr_per_step=peak_lr(config, dist.world), optimizer_used=optimizer_name(config),
-                weight_decay_used=weight_decay(config),
+                **({"readout_layer_used": model.readout} if isinstance(model, ReadoutNet) else dict(
+                    lr_per_step=peak_lr(config, dist.world), optimizer_used=optimizer_name(config),
+                    weight_decay_used=weight_decay(config))),
                 shared_images=[g for g in vggface2.shared_groups(datasets) if len(g) > 1],
                 n_lesion_sites=len(sites.lesion_sites(model, config.get("lesion_inner", False))),
                 **provenance(dist.device))
@@ -286,15 +290,25 @@ def _start_run_folder(out_dir: Path, resolved: dict, datasets: dict, dist: Dist)
 
 def _train_stage(model: DualTaskNet, images: dict, config: dict, out_dir: Path, dist: Dist) -> None:
     """Train (or resume); a training that starts or goes on removes the lesion and probe results of an older
-    model first."""
+    model first. A network this tool did not train gets its readout heads fitted instead (readout_heads)."""
+    if isinstance(model, ReadoutNet):
+        if dist.main and (config.get("retrain") or not (out_dir / "checkpoint.pt").exists()):
+            _forget_results(out_dir)
+        fit_heads(model, images, config, out_dir, dist)
+        return
     if dist.main and config["epochs"] > 0 and (config.get("retrain") or not _finished(out_dir, config)):
-        for stale in names.SWEEP_FILES.values():  # results of an older model no longer hold
-            (out_dir / stale).unlink(missing_ok=True)
-            for folder in names.READOUT_DIRS.values():
-                (out_dir / folder / stale).unlink(missing_ok=True)
-        for stale in ("probes.csv", "probes.json"):
-            (out_dir / stale).unlink(missing_ok=True)
+        _forget_results(out_dir)
     train(model, images, config, out_dir, dist)
+
+
+def _forget_results(out_dir: Path) -> None:
+    """Remove the lesion and probe results of an older model: they no longer hold."""
+    for stale in names.SWEEP_FILES.values():
+        (out_dir / stale).unlink(missing_ok=True)
+        for folder in names.READOUT_DIRS.values():
+            (out_dir / folder / stale).unlink(missing_ok=True)
+    for stale in ("probes.csv", "probes.json"):
+        (out_dir / stale).unlink(missing_ok=True)
 
 
 def _lesion_stages(model: DualTaskNet, images: dict, config: dict, out_dir: Path, dist: Dist, probe) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dualtask.config.settings import INIT_FORM, check_config, task_specs
+from dualtask.config.settings import INIT_FORM, WEIGHTS_FORM, check_config, task_specs
 from dualtask.core.common import UsageError
 from dualtask.data import loading as vggface2
 from dualtask.lesion import readouts, subgroups
@@ -98,9 +98,30 @@ def resolve_sites(wanted: list, names: tuple, setting: str) -> list:
     return list(chosen)
 
 
+@functools.lru_cache(maxsize=16)
+def _network_site_names(network: str, image_size: int, readout) -> tuple:
+    """The lesion sites' names of a network this tool did not train (its graph's, random weights)."""
+    from dualtask.model.network import build_model
+
+    model = build_model({"network": network, "image_size": image_size, "readout_layer": readout}, {"a": 2, "b": 2},
+                        load_init=False)
+    return tuple(s.name for s in sites_mod.lesion_sites(model))
+
+
 def _check_sites(config: dict) -> list:
     """The branch point, the swept sites and the Grad-CAM site against the network the settings build."""
     backbone, bn, branch_at = config["backbone"], config.get("batch_norm", True), config.get("branch_at")
+    if config.get("network"):
+        if branch_at is not None:
+            raise UsageError(f"branch_at={branch_at!r} with network={config['network']!r}: a network trained "
+                             f"elsewhere is analysed as it is; expected branch_at=None")
+        names = _network_site_names(config["network"], config.get("image_size", 224), config.get("readout_layer"))
+        if config.get("lesion_layers") is not None and "lesion" in config["stages"]:
+            names = tuple(resolve_sites(config["lesion_layers"], names, "lesion_layers"))
+        if config.get("gradcam_site") and "figures" in config["stages"] and config["gradcam_site"] not in names:
+            raise UsageError(f"gradcam_site={config['gradcam_site']!r}: not a site of this network; expected None or "
+                             f"one of: {', '.join(names)}")
+        return list(names)
     if branch_at is not None:
         if config.get("head", "split") != "split":
             raise UsageError(f"branch_at={branch_at!r} with head={config['head']!r}: a branched network gives each "
@@ -179,6 +200,12 @@ def _check_paths(config: dict) -> None:
     for task, spec in specs.items():
         setting = f"tasks: {task}" if by_tasks else f"{task}_data"
         check_data_path(spec, setting, DATA_FORM, bool(config.get("download", False)))
+    weights = config.get("weights", "random")
+    if config.get("network") and weights not in ("random", "pretrained"):
+        p = Path(weights).expanduser()
+        if not p.is_file() or not os.access(p, os.R_OK):
+            what = "no such file" if not p.exists() else "not a readable file"
+            raise UsageError(f"weights={weights!r}: {what}; expected {WEIGHTS_FORM}")
     init = config.get("init", "random")
     if "train" in stages and init not in ("random", "imagenet"):
         p = Path(init).expanduser()

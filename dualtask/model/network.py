@@ -138,9 +138,18 @@ def _he_init(trunk: nn.Module) -> None:
                 nn.init.zeros_(m.bias)
 
 
-def build_model(config: dict, num_classes: dict, load_init: bool = True) -> DualTaskNet:
+def build_model(config: dict, num_classes: dict, load_init: bool = True) -> nn.Module:
     """The run's network. With `load_init`, its trunk then starts from the weights the `init` setting names
-    (`load_trunk_weights`); a network whose weights a checkpoint replaces anyway can pass False."""
+    (`load_trunk_weights`); a network whose weights a checkpoint replaces anyway can pass False.
+
+    A network this tool did not train (the `network` setting): foreign.ReadoutNet, the network `weights` names
+    (random ones without `load_init`) read by one linear head per task at `readout_layer`."""
+    if config.get("network"):
+        from dualtask.model import foreign, zoo
+
+        net = zoo.build_network(config["network"], config.get("weights", "random") if load_init else "random")
+        return foreign.ReadoutNet(net, config["network"], num_classes, config.get("image_size", 224),
+                                  config.get("readout_layer"))
     model = DualTaskNet(config["backbone"], num_classes, config.get("batch_norm", True), config.get("fc_width", 4096),
                         config.get("image_size", 224), config.get("recipe", RECIPE), config.get("head", "split"))
     if load_init:

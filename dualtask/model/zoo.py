@@ -19,14 +19,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from dualtask.config.settings import NETWORK_FORM, WEIGHTS_FORM
 from dualtask.core.common import UsageError
 from dualtask.model.network import read_state_dict
 
 SOURCES = ("torchvision", "timm")
-NAME_FORM = ("a torchvision classification model's name (e.g. 'resnet50', 'convnext_tiny', or "
-             "'torchvision:resnet50'), or 'timm:<name>' for a timm model")
-WEIGHTS_FORM = ("'random', 'pretrained' (the library's published weights, downloaded the first time: needs network "
-                "access) or a path to a file written by torch.save holding the network's state dict")
+NAME_FORM = NETWORK_FORM
 
 
 def parse_name(name: str) -> tuple:

@@ -226,7 +226,15 @@ def _run_caveats(config: dict, status: dict, results: list, j, checkup: dict | N
     failed = [f"{part} ({entry.get('error')})" for part, entry in status.items() if not entry.get("ok", True)]
     if failed:
         caveats.append(Caveat(f"Not written, because they failed: {'; '.join(failed)}.", False, 95))
-    if config.get("role"):  # one run of an experiment (experiment.py)
+    if config.get("network"):  # a network this tool did not train (own_network.py)
+        caveats.append(Caveat(
+            f"A network trained elsewhere ({config['network']}, weights {config.get('weights', 'random')}), read "
+            f"through linear readouts: its heads were fitted here to its frozen features at "
+            f"{config.get('readout_layer_used') or config.get('readout_layer') or 'its classifier input'} on the "
+            f"training images (and the fixed readouts, cross-fitted on the test images, read the same features). A "
+            f"split says which filters the information each readout reads depends on, not which filters the network "
+            f"itself used for either task; no seeds or controls of this network ran.", True, 60))
+    elif config.get("role"):  # one run of an experiment (experiment.py)
         caveats.append(Caveat(f"One network of an experiment ({config['role']}, seed {config.get('seed')}): the "
                               f"experiment's report.html (in the experiment's folder) weighs it against the other "
                               f"seeds and the controls.", False, 97))
