@@ -13,8 +13,14 @@ evaluation in `dualtask.lesion.engine`, the rankings in `dualtask.lesion.ranking
     sites = L.lesion_sites(model)
     batches = L.image_batches(images, "test")
     results = L.evaluate_lesions(model, sites[12], [{"channels": [0, 5, 9]}], batches)
+
+A network trained elsewhere, in one call (as `python own_network.py` from the shell; dualtask.experiment.analyse):
+
+    tables = L.analyse(torchvision.models.resnet18(), "runs/mine", image_size=32, device="cpu")
+    tables = L.load_results("runs/mine")    # any run folder's tables as pandas DataFrames
 """
 from dualtask.core.names import METHODS, SWEEP_FILES
+from dualtask.experiment.analyse import analyse, load_results
 from dualtask.lesion.dissociation import (
                                           DISSOCIATION_COLUMNS,
                                           LESION_COLUMNS,
@@ -52,9 +58,10 @@ from dualtask.model.sites import (
                                           select_sites,
 )
 
-__all__ = ["DISSOCIATION_COLUMNS", "GREEDY_DEFAULTS", "LESION_COLUMNS", "METHODS", "SWEEP_FILES", "RankingImages",
-           "Site", "SiteRunner", "Sweep", "ablate", "corrected_drop", "dissociation_rows", "evaluate_lesions",
-           "evaluate_lesions_naive", "fixed_lesions", "fixed_readouts", "forward_chain", "get_site", "greedy_order",
-           "image_batches", "lesion_mask", "lesion_sites", "lesion_stage", "loss_scores", "rank_by_activation",
-           "rank_site", "read_per_image", "receptive_fields", "refit_lesions", "select_sites", "selectivity",
-           "site_activations", "split_half_reliability", "taylor_scores", "top_overlap"]
+__all__ = ["DISSOCIATION_COLUMNS", "GREEDY_DEFAULTS", "LESION_COLUMNS", "METHODS", "RankingImages", "SWEEP_FILES",
+           "Site", "SiteRunner", "Sweep", "ablate", "analyse", "corrected_drop", "dissociation_rows",
+           "evaluate_lesions", "evaluate_lesions_naive", "fixed_lesions", "fixed_readouts", "forward_chain",
+           "get_site", "greedy_order", "image_batches", "lesion_mask", "lesion_sites", "lesion_stage",
+           "load_results", "loss_scores", "rank_by_activation", "rank_site", "read_per_image", "receptive_fields",
+           "refit_lesions", "select_sites", "selectivity", "site_activations", "split_half_reliability",
+           "taylor_scores", "top_overlap"]

@@ -102,3 +102,35 @@ def test_own_network_refuses_a_wrong_file_or_name_before_writing_anything(tmp_pa
                          f"--out_dir={out}", *SMALL)
     assert missing.returncode == 2 and "weights=" in missing.stderr and "no such file" in missing.stderr
     assert not out.exists()
+
+
+def test_the_python_call_returns_the_same_numbers_as_the_command(tmp_path):
+    import ast
+
+    import torchvision
+    from conftest import run_script
+
+    import lesion_utils as L
+    from dualtask.core.common import UsageError
+
+    torch.manual_seed(1)
+    net = torchvision.models.resnet18()
+    saved = tmp_path / "resnet18.pt"
+    torch.save(net.state_dict(), saved)
+    settings = {a[2:].split("=", 1)[0]: a.split("=", 1)[1] for a in SMALL}
+    settings = {k: ast.literal_eval(v) if k not in ("device",) else v for k, v in settings.items()}
+    tables = L.analyse(net, tmp_path / "python", **settings)
+    shell = run_script("own_network.py", "--network=resnet18", f"--weights={saved}",
+                       f"--out_dir={tmp_path / 'shell'}", *SMALL)
+    assert shell.returncode == 0, shell.stderr[-2000:]
+    again = L.load_results(tmp_path / "shell")
+    assert set(tables) == set(again) >= {"lesion_results", "dissociation", "train_log",
+                                         "fixed_readout/lesion_results", "fixed_readout/dissociation"}
+    for name in ("dissociation", "fixed_readout/dissociation", "lesion_results"):
+        numbers = tables[name].select_dtypes("number").columns
+        assert len(tables[name]) > 0
+        assert tables[name][numbers].equals(again[name][numbers]), name
+    with pytest.raises(UsageError, match=r"unknown setting\(s\) \['epochs'\]"):
+        L.analyse(net, tmp_path / "x", epochs=3)
+    with pytest.raises(UsageError, match="not a run folder"):
+        L.load_results(tmp_path / "x")

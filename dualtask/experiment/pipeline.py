@@ -67,6 +67,10 @@ def load_run(run_dir: str | os.PathLike, device: str = "cpu"):
         raise UsageError(f"{run_dir}: no checkpoint.pt; expected a run folder written by a backbone script")
     state = load_checkpoint(run_dir / "checkpoint.pt", device)
     config = dict(state["config"])
+    if str(config.get("network", "")).startswith("python:"):
+        raise UsageError(f"{run_dir}: its network ({config['network'][len('python:'):]}) was handed in from Python "
+                         f"and cannot be rebuilt from its name; build it again and pass it with the run's "
+                         f"checkpoint.pt (foreign.ReadoutNet(network, ...).load_state_dict(state['model']))")
     config.setdefault("recipe", 1)  # trained before the recipe was recorded
     model = build_model(config, {t: len(c) for t, c in state["classes"].items()}, load_init=False)
     model.load_state_dict(state["model"])
@@ -188,10 +192,12 @@ def load_probe_task(spec: str, name: str, config: dict):
                               kdef_views=tuple(config.get("kdef_views", ["S"])), face_crop=face_crop_of(config, spec))
 
 
-def run(config: dict) -> None:
-    """The whole pipeline: data, training, lesion sweep, figures (the stages named in config['stages'])."""
+def run(config: dict, network: torch.nn.Module | None = None) -> None:
+    """The whole pipeline: data, training, lesion sweep, figures (the stages named in config['stages']).
+    network: a network handed in from Python (config['network'] names it), analysed as own_network.py analyses a
+    named one (analyse.analyse)."""
     config = network_run(config)
-    preflight.check_run(config)
+    preflight.check_run(config, network)
     dist = Dist(config.get("device", "auto"))
     try:
         torch.manual_seed(config["seed"])
@@ -204,7 +210,10 @@ def run(config: dict) -> None:
             probe = None  # only process 0 probes; a large set is read again then rather than held through training
         # the init weights only matter to a training that starts afresh: a checkpoint replaces them otherwise
         fresh = "train" in config["stages"] and (config.get("retrain") or not (out_dir / "checkpoint.pt").exists())
-        model = build_model(config, {t: len(d.classes) for t, d in datasets.items()}, load_init=fresh).to(dist.device)
+        classes = {t: len(d.classes) for t, d in datasets.items()}
+        model = (build_model(config, classes, load_init=fresh) if network is None else
+                 ReadoutNet(network, config["network"], classes, config["image_size"], config.get("readout_layer")))
+        model = model.to(dist.device)
         _check_stages(model, config, out_dir)
         resolved = _resolved(config, datasets, model, dist)
         if dist.main:

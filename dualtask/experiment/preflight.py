@@ -19,20 +19,21 @@ from dualtask.data import loading as vggface2
 from dualtask.lesion import readouts, subgroups
 from dualtask.lesion import sweep as lesion_utils
 from dualtask.model import sites as sites_mod
-from dualtask.model.network import DualTaskNet, branch_site
+from dualtask.model.foreign import ReadoutNet
+from dualtask.model.network import DualTaskNet, branch_site, build_model
 
 DATA_FORM = ("'demo', a VGGFace2 root, a CIFAR-10 root, a cache folder made by vggface2.py, FER2013's fer2013.csv, "
              "a KDEF root, VoxCeleb frames or a folder with one subfolder per class")
 PROBE_FORM = "the held-out task's data: a class-folder tree, a CIFAR-10 root, a cache folder or 'demo:objects'"
 
 
-def check_run(config: dict) -> list:
+def check_run(config: dict, network=None) -> list:
     """Everything of one run's settings that is known before an image is read: every setting's rule
     (settings.check_config), no setting naming one thing twice, the sites and branch point this backbone has,
     the combinations that cannot run, and every path setting (exists, of the right kind, readable). Returns the
-    names of the sites the run lesions."""
+    names of the sites the run lesions. network: a network handed in from Python (pipeline.run)."""
     check_config(config)
-    sites = _check_sites(config)
+    sites = _check_sites(config, network)
     _check_combinations(config)
     _check_paths(config)
     return sites
@@ -101,21 +102,22 @@ def resolve_sites(wanted: list, names: tuple, setting: str) -> list:
 @functools.lru_cache(maxsize=16)
 def _network_site_names(network: str, image_size: int, readout) -> tuple:
     """The lesion sites' names of a network this tool did not train (its graph's, random weights)."""
-    from dualtask.model.network import build_model
-
     model = build_model({"network": network, "image_size": image_size, "readout_layer": readout}, {"a": 2, "b": 2},
                         load_init=False)
     return tuple(s.name for s in sites_mod.lesion_sites(model))
 
 
-def _check_sites(config: dict) -> list:
+def _check_sites(config: dict, network=None) -> list:
     """The branch point, the swept sites and the Grad-CAM site against the network the settings build."""
     backbone, bn, branch_at = config["backbone"], config.get("batch_norm", True), config.get("branch_at")
     if config.get("network"):
         if branch_at is not None:
             raise UsageError(f"branch_at={branch_at!r} with network={config['network']!r}: a network trained "
                              f"elsewhere is analysed as it is; expected branch_at=None")
-        names = _network_site_names(config["network"], config.get("image_size", 224), config.get("readout_layer"))
+        names = _network_site_names(config["network"], config.get("image_size", 224), config.get("readout_layer")) \
+            if network is None else tuple(s.name for s in sites_mod.lesion_sites(ReadoutNet(
+                network, config["network"], {"a": 2, "b": 2}, config.get("image_size", 224),
+                config.get("readout_layer"))))
         if config.get("lesion_layers") is not None and "lesion" in config["stages"]:
             names = tuple(resolve_sites(config["lesion_layers"], names, "lesion_layers"))
         if config.get("gradcam_site") and "figures" in config["stages"] and config["gradcam_site"] not in names:

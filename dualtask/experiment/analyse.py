@@ -1,0 +1,68 @@
+"""A network trained elsewhere, analysed from Python in one call, as `python own_network.py` analyses one from the
+shell: the same settings (own_network.py's, with the keywords given replacing them), the same run folder, and its
+tables back as pandas DataFrames.
+
+    import torchvision, lesion_utils as L
+    net = torchvision.models.resnet18()      # any nn.Module, or a name: "resnet50", "timm:convnext_tiny"
+    tables = L.analyse(net, "runs/mine", face_data="demo", object_data="demo", image_size=32, device="cpu")
+    tables["dissociation"]                   # == L.load_results("runs/mine")["dissociation"]
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch.nn as nn
+
+from dualtask.config import settings
+from dualtask.core import names
+from dualtask.core.common import UsageError
+from dualtask.experiment import pipeline
+
+SCRIPT = Path(__file__).resolve().parents[2] / "own_network.py"
+TABLES = {"lesion_results": names.SWEEP_FILES["results"], "dissociation": names.SWEEP_FILES["dissociation"],
+          "train_log": "train_log.csv", "probes": "probes.csv"}
+
+
+def defaults() -> dict:
+    """own_network.py's settings, as its command line starts from them."""
+    return settings.hyperparameters(vars(settings.load_script(SCRIPT)))
+
+
+def analyse(network, out_dir: str | os.PathLike, **overrides) -> dict:
+    """Analyse `network` (an nn.Module, or a name own_network.py takes: its `network` setting) into out_dir with
+    own_network.py's settings and `overrides` (any of its settings, e.g. weights, face_data, lesion_methods);
+    returns `load_results(out_dir)`. A setting own_network.py does not have is a UsageError naming it."""
+    base = defaults()
+    unknown = sorted(set(overrides) - set(base))
+    if unknown:
+        raise UsageError(f"unknown setting(s) {unknown}; expected settings of own_network.py: {', '.join(base)}")
+    config = dict(base, **overrides, out_dir=str(out_dir))
+    module = None
+    if isinstance(network, nn.Module):
+        module, config["network"] = network, f"python:{type(network).__name__}"
+    else:
+        config["network"] = network
+    pipeline.run(config, network=module)
+    return load_results(out_dir)
+
+
+def load_results(run_dir: str | os.PathLike) -> dict:
+    """{table: pandas DataFrame} of a run folder's tables (any run: trained here or elsewhere): lesion_results,
+    dissociation, train_log, probes, and fixed_readout/... and refit_readout/... where they were written; a table
+    the run has not written is left out."""
+    import pandas as pd
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise UsageError(f"{run_dir}: not a run folder (no config.json); expected a folder written by a script")
+    out = {}
+    for name, file in TABLES.items():
+        if (run_dir / file).is_file():
+            out[name] = pd.read_csv(run_dir / file)
+    for folder in names.READOUT_DIRS.values():
+        for name in ("lesion_results", "dissociation"):
+            path = run_dir / folder / TABLES[name]
+            if path.is_file():
+                out[f"{folder}/{name}"] = pd.read_csv(path)
+    return out
