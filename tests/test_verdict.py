@@ -128,12 +128,20 @@ def test_a_split_at_one_fraction_only_does_not_count():
     assert j.findings[0].holds == {0.1: False, 0.3: True}
     (caveat,) = [c for c in first_screen.rule_caveats(j, "") if c.text.startswith("One lesion size only")]
     assert "loss trunk.layer4.2 (fails at 10%)" in caveat.text
-    # through the fixed readouts too: a neighbour whose readouts' interval reaches 0 fails it
+    # through the fixed readouts too: a neighbour where the readouts' index falls below 0 fails it
     fixed = everywhere("trunk.layer4.2", "loss", PASS)
-    fixed[2] = row("trunk.layer4.2", "loss", FAIL, 0.3)
+    fixed[2] = row("trunk.layer4.2", "loss", (-0.05, -0.2, 0.1, 0.7), 0.3)
     j = judge(everywhere("trunk.layer4.2", "loss", PASS), fixed=fixed)
     assert counts(j)[("trunk.layer4.2", "loss")] is V.Counts.ONE_FRACTION and j.findings[0].holds == {
         0.1: True, 0.3: False}
+    # one reading's interval above 0 is enough where the other's index stays above 0 (its interval reaching 0)
+    fixed[2] = row("trunk.layer4.2", "loss", FAIL, 0.3)
+    j = judge(everywhere("trunk.layer4.2", "loss", PASS), fixed=fixed)
+    assert j.answer is V.Answer.YES and j.findings[0].holds == {0.1: True, 0.3: True}
+    # ... but not where no reading's interval is above 0 there
+    j = judge([row("trunk.layer4.2", "loss", PASS, f) for f in (0.1, 0.2)] + [row("trunk.layer4.2", "loss", FAIL, 0.3)],
+              fixed=fixed)
+    assert counts(j)[("trunk.layer4.2", "loss")] is V.Counts.ONE_FRACTION
     # one fraction swept: nothing to hold at, and a yes says that was not tested
     j = judge([row("trunk.layer4.2", "loss", PASS)], config={"lesion_fractions": [0.0, 0.2]})
     assert j.answer is V.Answer.YES and j.neighbours == []

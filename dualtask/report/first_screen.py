@@ -210,8 +210,9 @@ def _unmeasured(j: Judgement, unmeasured: list) -> Caveat:
 
 def _one_fraction(j: Judgement, unstable: list) -> Caveat:
     listed = "; ".join(f"{f.ranking} {f.site} ({_holds(f, j.neighbours)})" for f in unstable[:4])
-    return Caveat(f"One lesion size only: these pass at {j.fraction:.0%} but their interval does not stay above 0 "
-                  f"at the neighbouring fraction: {listed}. They do not count.", True, 55)
+    return Caveat(f"One lesion size only: these pass at {j.fraction:.0%} but do not hold at the neighbouring "
+                  f"fraction (the index above 0 through every reading, its interval through at least one): {listed}. "
+                  f"They do not count.", True, 55)
 
 
 def _description(j: Judgement, described: list) -> Caveat:
@@ -300,6 +301,9 @@ def calibration_note() -> str:
             f"two heads learn one task (95% interval {null['low']:.2f} to {null['high']:.2f}); "
             f"{power['hits']} of {power['n']} post-branch sites of branched networks found (power "
             f"{power['rate']:.2f}, {power['low']:.2f} to {power['high']:.2f})")
+    if got.get("rules_chosen_on_these_networks"):
+        text += (" (the reproducibility and neighbouring-fraction rules were set after seeing these sites, so this "
+                 "power is optimistic until fresh networks confirm it)")
     if sim:
         text += f"; a simulated network without a split says 'yes' in {sim['rate']:.1%} of draws per test"
     return text + ". A task whose readout is near chance gives wide intervals: read 'not shown' there with care."
@@ -353,8 +357,10 @@ def method_notes(j: Judgement | None, correction: str, experiment: bool = False)
         f"A site counts as a split by task at {f_text} lesions when {test}; its ranking decides (importance: "
         f"{', '.join(j.decides)}; selectivity rankings are description); each task's top-{f_text} set, ranked on "
         f"two halves of the ranking images, overlaps by more than random sets would (one-sided hypergeometric p < "
-        f"{RELIABILITY_ALPHA:g}); the interval stays above 0 "
-        f"at the neighbouring fractions swept ({', '.join(f'{g:.0%}' for g in j.neighbours) or 'none here'}); and "
+        f"{RELIABILITY_ALPHA:g}); at the neighbouring fractions swept "
+        f"({', '.join(f'{g:.0%}' for g in j.neighbours) or 'none here'}) the index stays above 0"
+        + (" through both readings, its interval above 0 through at least one" if j.readouts else
+           ", its interval above 0") + "; and "
         f"it is not image statistics: not an early site (receptive field under {EARLY_RF_SHARE:.0%} of the image's "
         f"side) unless a resolution-matched control ran, and not where such a control dissociates as much.",
         calibration_note(),

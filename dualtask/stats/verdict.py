@@ -16,8 +16,10 @@ these hold (docs/method.md, "The verdict", gives the reasons and the calibration
    filters share k/n on average (the fraction itself). A test rather than a fixed share: a wide site ranked on few
    images (a branched ResNet50's 2,048-filter copies on 8 images) shares 32-48% of its top 20%, far beyond chance and
    short of any fixed bar near one half (docs/method.md gives the calibration).
-4. It holds at the neighbouring fractions swept (the nearest below and above the headline): the index's interval
-   lies above 0 there too, through the heads and the readouts.
+4. It holds at the neighbouring fractions swept (the nearest below and above the headline): at each, the index is
+   above 0 through the heads and through the readouts (where they ran), and its 95% interval lies above 0 through
+   at least one of them (`holds_at`). Requiring the interval through both at both neighbours (the rule before
+   2026-12-07) cost the branched positives half their power (4 of 9 post-branch sites, BENCHMARKS.md).
 5. It is not image statistics. Where a resolution-matched control (both tasks' images at one native resolution)
    dissociates as much at the site, the split is the images', at any depth; where no such control ran, a split at
    an early site is too. Early: the site's receptive field (the image region one unit at the centre of its map
@@ -98,6 +100,12 @@ def test(row: dict) -> Test:
 
 def above_zero(row: dict | None) -> bool:
     return row is not None and number(row.get("ci_low")) > 0
+
+
+def holds_at(rows: list) -> bool:
+    """Rule 4 at one neighbouring fraction, given that reading's rows (the heads', and the fixed readouts' where
+    they ran; None: that row is missing): every index above 0, and at least one interval above 0."""
+    return all(r is not None and number(r.get("index")) > 0 for r in rows) and any(above_zero(r) for r in rows)
 
 
 @dataclass(frozen=True)
@@ -305,7 +313,7 @@ def judge_run(diss: list, results: list, rankings: dict, config: dict, fixed: li
         holds = {}
         for g in near:
             if key in heads_at[g]:
-                holds[g] = above_zero(heads_at[g][key]) and (fixed_at is None or above_zero(fixed_at[g].get(key)))
+                holds[g] = holds_at([heads_at[g][key]] + ([] if fixed_at is None else [fixed_at[g].get(key)]))
         share = receptive_share(rankings, site)
         rf_known &= share is not None
         early = share < EARLY_RF_SHARE if share is not None else int(number(r["depth"])) == first == 0
