@@ -20,43 +20,58 @@ A network trained elsewhere, in one call (as `python own_network.py` from the sh
     tables = L.load_results("runs/mine")    # any run folder's tables as pandas DataFrames
 """
 from dualtask.core.names import METHODS, SWEEP_FILES
-from dualtask.experiment.analyse import analyse, load_results
 from dualtask.lesion.dissociation import (
-                                          DISSOCIATION_COLUMNS,
-                                          LESION_COLUMNS,
-                                          corrected_drop,
-                                          dissociation_rows,
-                                          read_per_image,
+    DISSOCIATION_COLUMNS,
+    LESION_COLUMNS,
+    corrected_drop,
+    dissociation_rows,
+    read_per_image,
 )
 from dualtask.lesion.engine import (
-                                          SiteRunner,
-                                          ablate,
-                                          evaluate_lesions,
-                                          evaluate_lesions_naive,
-                                          image_batches,
-                                          lesion_mask,
-                                          site_activations,
+    SiteRunner,
+    ablate,
+    evaluate_lesions,
+    evaluate_lesions_naive,
+    image_batches,
+    lesion_mask,
+    site_activations,
 )
 from dualtask.lesion.greedy import GREEDY_DEFAULTS, RankingImages, greedy_order
 from dualtask.lesion.rankings import (
-                                          loss_scores,
-                                          rank_by_activation,
-                                          rank_site,
-                                          selectivity,
-                                          split_half_reliability,
-                                          taylor_scores,
-                                          top_overlap,
+    loss_scores,
+    rank_by_activation,
+    rank_site,
+    selectivity,
+    split_half_reliability,
+    taylor_scores,
+    top_overlap,
 )
 from dualtask.lesion.readouts import fixed_lesions, fixed_readouts, refit_lesions
 from dualtask.lesion.sweep import Sweep, lesion_stage
 from dualtask.model.sites import (
-                                          Site,
-                                          forward_chain,
-                                          get_site,
-                                          lesion_sites,
-                                          receptive_fields,
-                                          select_sites,
+    Site,
+    forward_chain,
+    get_site,
+    lesion_sites,
+    receptive_fields,
+    select_sites,
 )
+
+
+def analyse(network, out_dir, **settings) -> dict:
+    """A network trained elsewhere (an nn.Module or a name) analysed as own_network.py does; its tables as pandas
+    DataFrames (dualtask.experiment.analyse.analyse)."""
+    from dualtask.experiment.analyse import analyse as run
+
+    return run(network, out_dir, **settings)
+
+
+def load_results(run_dir) -> dict:
+    """{table: pandas DataFrame} of any run folder (dualtask.experiment.analyse.load_results)."""
+    from dualtask.experiment.analyse import load_results as read
+
+    return read(run_dir)
+
 
 __all__ = ["DISSOCIATION_COLUMNS", "GREEDY_DEFAULTS", "LESION_COLUMNS", "METHODS", "RankingImages", "SWEEP_FILES",
            "Site", "SiteRunner", "Sweep", "ablate", "analyse", "corrected_drop", "dissociation_rows",

@@ -36,13 +36,15 @@ def test_the_suffix_only_sweep_equals_the_whole_network_per_lesion_on_a_foreign_
     assert acts[sites[0].name]["face"].shape == (6, sites[0].n_filters)
 
 
-def test_receptive_fields_of_a_foreign_network_grow_with_depth():
-    model = ReadoutNet(build_network("resnet18"), "resnet18", {"face": 2, "object": 2}, image_size=64).eval()
+@pytest.mark.parametrize("name, first", [("resnet18", 7 / 64), ("convnext_tiny", 28 / 64)])
+def test_receptive_fields_of_a_foreign_network_grow_with_depth(name, first):
+    model = ReadoutNet(build_network(name), name, {"face": 2, "object": 2}, image_size=64).eval()
     sites = sites_mod.lesion_sites(model)
-    rf = sites_mod.receptive_fields(model, sites, 64)
+    rf = sites_mod.receptive_fields(model, sites, 64)  # ConvNeXt: layer norms and linear layers in float64 too
     shares = [rf[s.name]["share"] for s in sites]
-    assert shares == sorted(shares) and shares[0] < 0.2 and shares[-1] == 1.0
-    assert model.readout == "flatten" and model.trunk.width == 512
+    # the stem's 7 px (resnet18); ConvNeXt's first block: a 4-px patch, then a 7 x 7 depthwise conv at stride 4
+    assert shares == sorted(shares) and shares[0] == pytest.approx(first, abs=1e-4) and shares[-1] == 1.0
+    assert model.trunk.width == {"resnet18": 512, "convnext_tiny": 768}[name]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -83,6 +85,12 @@ def test_own_network_analyses_a_saved_state_dict_and_its_report_says_how_it_was_
     # run again: the heads are not fitted again, the finished sites not lesioned again
     again = run_script("own_network.py", "--network=resnet18", f"--weights={saved}", f"--out_dir={out}", *SMALL)
     assert again.returncode == 0 and "readout heads fitted earlier" in again.stdout
+    # the file saved again with other weights is another network: refused, the run folder untouched
+    torch.save(torchvision.models.resnet18().state_dict(), saved)
+    before = (out / "checkpoint.pt").read_bytes()
+    other = run_script("own_network.py", "--network=resnet18", f"--weights={saved}", f"--out_dir={out}", *SMALL)
+    assert other.returncode == 2 and "network_digest" in other.stderr and "Traceback" not in other.stderr
+    assert (out / "checkpoint.pt").read_bytes() == before
 
 
 def test_own_network_refuses_a_wrong_file_or_name_before_writing_anything(tmp_path):
@@ -130,6 +138,9 @@ def test_the_python_call_returns_the_same_numbers_as_the_command(tmp_path):
         numbers = tables[name].select_dtypes("number").columns
         assert len(tables[name]) > 0
         assert tables[name][numbers].equals(again[name][numbers]), name
+    assert torch.equal(net.conv1.weight, torch.load(saved, weights_only=True)["conv1.weight"])  # the user's intact
+    with pytest.raises(UsageError, match="network_digest"):  # another network of the same class, same folder
+        L.analyse(torchvision.models.resnet18(), tmp_path / "python", **settings)
     with pytest.raises(UsageError, match=r"unknown setting\(s\) \['epochs'\]"):
         L.analyse(net, tmp_path / "x", epochs=3)
     with pytest.raises(UsageError, match="not a run folder"):

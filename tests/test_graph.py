@@ -154,7 +154,7 @@ def test_the_runner_returns_the_features_a_readout_reads_and_refuses_nodes_befor
         assert torch.allclose(model.fc(features), model(x), atol=1e-5)
     with pytest.raises(UsageError, match="come before the lesion site"):
         G.GraphRunner(traced, sites["layer3.0"], outputs=["layer1.0.conv1"])
-    with pytest.raises(UsageError, match="unknown node 'nope'"):
+    with pytest.raises(UsageError, match="outputs='nope': not a node of the traced network"):
         G.GraphRunner(traced, sites["layer3.0"], outputs=["nope"])
 
 
@@ -206,3 +206,34 @@ def test_a_timm_model_runs_when_timm_is_installed():
     runner = G.GraphRunner(traced, sites[len(sites) // 2])
     with torch.no_grad():
         assert torch.allclose(runner.suffix(runner.prefix(x)), model(x), atol=1e-5)
+
+
+class Odd(nn.Module):
+    """Three things a site must not be or hide: an in-place method whose result nothing reads (it changes x all the
+    same), a channels-last map (N, H, W, C: its last dimension is not filters), and a value without a batch
+    dimension carried past a site."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.gain = nn.Parameter(torch.ones(4))
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        scale = self.gain.view(1, -1, 1, 1) * 2  # no batch dimension, read after the first site
+        x = torch.relu(self.conv1(x))
+        x.mul_(2)  # in place: its result is not read, its effect is
+        last = torch.nn.functional.gelu(x.permute(0, 2, 3, 1))  # a channels-last map
+        x = torch.relu(self.conv2(last.permute(0, 3, 1, 2)) * scale)
+        return self.fc(x.mean((2, 3)))
+
+
+def test_sites_leave_out_channels_last_maps_and_cuts_that_carry_values_without_a_batch_and_keep_in_place_ops():
+    model = Odd().eval()
+    traced = G.Traced(model, 16)
+    sites = G.find_sites(model, traced=traced)
+    assert [s.name for s in sites] == ["relu_1"]  # relu: scale crosses its cut; gelu: channels last
+    trunk = G.GraphTrunk(model, 16, readout="mean")
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(model.fc(trunk(x)), model(x), atol=1e-6)  # the in-place product is still there

@@ -115,9 +115,15 @@ def test_the_reproducibility_p_is_the_chance_that_random_top_sets_overlap_as_muc
     for overlap in (0.125, 0.25, 0.375, 0.5):  # 1 to 4 of the 8 filters shared
         p, _ = V.overlap_p(overlap, n, fraction)
         assert p == pytest.approx((null >= overlap - 1e-9).mean(), abs=0.01)
-    # pooled over an experiment's runs: each at chance stays at chance; each beyond it is further beyond
-    at_chance = V.Agreement(0.2, 0.5, 0.2)
-    assert V.pooled([at_chance] * 3).p > 0.5 and V.pooled([V.Agreement(0.3, 0.01, 0.2)] * 3).p < 0.001
+    # pooled over an experiment's runs by their shared counts: runs at chance stay at chance, runs beyond it are
+    # further beyond, and one run far beyond chance does not carry four at chance (a mean of 21% against 20%)
+    def run(overlap, n=512):
+        return V.task_agreement({"s": {"reliability": {"loss": {"face": {"top20": overlap, "filters": n}}}}}, "s",
+                                "loss", 0.2, "face")
+
+    assert V.pooled([run(0.2)] * 3).p > 0.3 and V.pooled([run(0.3)] * 3).p < 1e-5 < run(0.3).p
+    mixed = V.pooled([run(0.35)] + [run(0.18)] * 4)
+    assert run(0.35).p < 1e-3 and mixed.p > 0.1 and mixed.overlap == pytest.approx(0.214)
 
 
 def test_a_split_at_one_fraction_only_does_not_count():

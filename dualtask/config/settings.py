@@ -25,7 +25,7 @@ TRAIN_LOG_COLUMNS = ("epoch", "task", "split", "loss", "accuracy", "images_per_s
 RUN_IDENTITY = ("backbone", "batch_norm", "fc_width", "image_size", "max_per_class", "max_classes", "seed",
                 "batch_size", "epochs", "optimizer", "lr", "weight_decay", "grad_clip", "demo_per_class", "role",
                 "single_task", "tasks", "kdef_views", "face_crop", "head", "init", "branch_at", "network", "weights",
-                "readout_layer")
+                "readout_layer", "network_digest")
 # what a run trains on, set by an experiment (experiment.py) for each of its runs; a plain run is "real":
 # real: the tasks as given; pseudo_task: the union of their classes split at random into two halves, each half a
 # task (Dobs et al. 2022); single_task: the task named by the `single_task` setting alone; resolution_matched:
@@ -277,11 +277,29 @@ def face_crop_of(config: dict, spec: str) -> str:
 
 
 def network_run(config: dict) -> dict:
-    """A run of a network this tool did not train (the `network` setting): its backbone is the network's name and
-    it trains nothing (epochs 0: the train stage fits its readout heads). Other runs as they are."""
+    """A run of a network this tool did not train (the `network` setting): its backbone is the network's name, it
+    trains nothing (epochs 0: the train stage fits its readout heads), and a weights file is identified by its
+    content (`network_digest`, one of RUN_IDENTITY: a file saved again under the same name is another network).
+    Other runs as they are."""
     if not config.get("network"):
         return config
-    return dict(config, backbone=str(config["network"]), epochs=0)
+    out = dict(config, backbone=str(config["network"]), epochs=0)
+    weights = config.get("weights", "random")
+    if weights not in ("random", "pretrained") and "network_digest" not in config:
+        path = Path(str(weights)).expanduser()
+        if path.is_file():
+            out["network_digest"] = "sha256:" + file_digest(path)
+    return out
+
+
+def file_digest(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def check_config(config: dict) -> None:

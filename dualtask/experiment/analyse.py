@@ -9,9 +9,11 @@ tables back as pandas DataFrames.
 """
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
+import torch
 import torch.nn as nn
 
 from dualtask.config import settings
@@ -33,18 +35,35 @@ def analyse(network, out_dir: str | os.PathLike, **overrides) -> dict:
     """Analyse `network` (an nn.Module, or a name own_network.py takes: its `network` setting) into out_dir with
     own_network.py's settings and `overrides` (any of its settings, e.g. weights, face_data, lesion_methods);
     returns `load_results(out_dir)`. A setting own_network.py does not have is a UsageError naming it."""
+    if not SCRIPT.is_file():
+        raise UsageError(f"{SCRIPT}: not found; analyse reads own_network.py's settings from the repository (run "
+                         f"it from a clone of the repository, installed with pip install -e .)")
     base = defaults()
-    unknown = sorted(set(overrides) - set(base))
+    unknown = sorted(set(overrides) - set(base) | ({"network"} & set(overrides)))
     if unknown:
-        raise UsageError(f"unknown setting(s) {unknown}; expected settings of own_network.py: {', '.join(base)}")
+        raise UsageError(f"unknown setting(s) {unknown}; expected settings of own_network.py other than network "
+                         f"(the first argument): {', '.join(k for k in base if k != 'network')}")
     config = dict(base, **overrides, out_dir=str(out_dir))
     module = None
-    if isinstance(network, nn.Module):
-        module, config["network"] = network, f"python:{type(network).__name__}"
+    if isinstance(network, nn.Module):  # a copy: the run moves and evaluates it, and the user's stays as it was
+        module = copy.deepcopy(network)
+        config.update(network=f"python:{type(network).__name__}", network_digest="sha256:" + state_digest(module))
     else:
         config["network"] = network
     pipeline.run(config, network=module)
     return load_results(out_dir)
+
+
+def state_digest(module: nn.Module) -> str:
+    """sha256 of a module's state dict (names, shapes, dtypes and values): a run folder belongs to these weights."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+                      if tensor.numel() else b"")
+    return digest.hexdigest()
 
 
 def load_results(run_dir: str | os.PathLike) -> dict:

@@ -182,8 +182,8 @@ def run_rankings(out: Path, runs: list) -> list:
 
 def reliability_across(rankings: list, rows: list) -> dict:
     """{(site, ranking): verdict.Agreement over the real runs}: per task the runs' split-half agreements at the
-    headline fraction pooled (mean overlap, Fisher-combined p), then both tasks as one; a pair any run did not
-    measure is left out (not measured)."""
+    headline fraction pooled (mean overlap, the exact p of the summed shared counts), then both tasks as one; a
+    pair any run did not measure is left out (not measured)."""
     real = [r for r in rows if r["role"] == "real"]
     if not real or not rankings:
         return {}

@@ -82,7 +82,7 @@ class Traced:
     it lies in, each module's call count, each node's output shape for an example image batch."""
 
     def __init__(self, model: nn.Module, image_size: int = 64, channels: int = 3):
-        from torch.fx.passes.shape_prop import ShapeProp
+        from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
         self.model = model
         was_training = model.training
@@ -100,24 +100,58 @@ class Traced:
             self.stack = {n.name: tracer.node_stack.get(n, ()) for n in graph.nodes}
             self.calls = dict(tracer.calls)
             p = next(iter(model.parameters()), None)
-            x = torch.zeros(2, channels, image_size, image_size, device=p.device if p is not None else "cpu",
-                            dtype=p.dtype if p is not None and p.is_floating_point() else torch.float32)
-            with torch.no_grad():
-                ShapeProp(self.gm).propagate(x)
+            device = p.device if p is not None else "cpu"
+            dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
+            # two example batches (2 images of image_size, 3 of image_size + 32): a value whose first dimension
+            # follows the batch carries one entry per image, and a feature map's channels stay while its sides grow
+            shapes = []
+            for batch, side in ((2, image_size), (3, image_size + 32)):
+                try:
+                    with torch.no_grad():
+                        ShapeProp(self.gm).propagate(torch.zeros(batch, channels, side, side, device=device,
+                                                                 dtype=dtype))
+                except Exception as exc:
+                    if shapes:  # the larger probe only refines the checks
+                        break
+                    raise UsageError(f"image_size={image_size}: {type(model).__name__} does not run on images of "
+                                     f"{image_size} px ({type(exc).__name__}: "
+                                     f"{str(exc).splitlines()[0] if str(exc) else ''}); expected a size it "
+                                     f"accepts") from None
+                shapes.append({n.name: tuple(n.meta["tensor_meta"].shape) for n in graph.nodes
+                               if isinstance(n.meta.get("tensor_meta"), TensorMetadata)})
         finally:
             model.train(was_training)
         self.nodes = list(self.gm.graph.nodes)
         self.index = {n.name: i for i, n in enumerate(self.nodes)}
-        self.shape = {n.name: tuple(n.meta["tensor_meta"].shape) for n in self.nodes
-                      if isinstance(n.meta.get("tensor_meta"), torch.fx.passes.shape_prop.TensorMetadata)}
+        self.shape = shapes[0]
+        self.other = shapes[1] if len(shapes) > 1 else None
+
+    def batched(self, name: str) -> bool:
+        """Whether a node's value is a tensor with one entry per image along its first dimension."""
+        shape = self.shape.get(name)
+        if not shape:
+            return False
+        other = self.other.get(name) if self.other is not None else None
+        return shape[0] == 2 and (other is None or other[0] == 3)
+
+    def feature_map(self, name: str) -> bool:
+        """Whether a node's value is a feature map (N, C, H, W): batched, 4-D, its channels the same at both
+        example sizes and its sides not (a channels-last map, (N, H, W, C), is not)."""
+        shape = self.shape.get(name, ())
+        if len(shape) != 4 or not self.batched(name):
+            return False
+        other = self.other.get(name) if self.other is not None else None
+        return other is None or (other[1] == shape[1] and other[2:] != shape[2:])
 
     def in_scope(self, node: fx.Node, path: str, call: int | None = None) -> bool:
         """Whether the node lies in a call of the module at `path` (any call, or call number `call`)."""
         return any(p == path and (call is None or k == call) for p, k in self.stack[node.name])
 
 
-def _is_merge(node: fx.Node) -> bool:
-    tensors = [a for a in node.all_input_nodes if a.op != "get_attr"]
+def _is_merge(node: fx.Node, traced: Traced) -> bool:
+    """A node that merges paths: a concatenation, or an add or product of two or more tensors (not a tensor scaled
+    by a number or a parameter)."""
+    tensors = [a for a in node.all_input_nodes if a.op != "get_attr" and a.name in traced.shape]
     if node.op == "call_function" and node.target in (torch.cat, torch.concat):
         return True
     if node.op == "call_function" and node.target in MERGES:
@@ -138,7 +172,7 @@ def _blocks(traced: Traced) -> tuple:
     merges paths)."""
     modules = dict(traced.model.named_modules())
     merging = {path for path in modules if path and any(
-        _is_merge(n) and traced.in_scope(n, path) for n in traced.nodes)}
+        _is_merge(n, traced) and traced.in_scope(n, path) for n in traced.nodes)}
 
     def merging_units(path: str, module: nn.Module) -> int:
         """How many of the module's parts merge paths, looking through containers (a stage's Sequential)."""
@@ -184,6 +218,17 @@ def _owner(traced: Traced, node: fx.Node, modules: dict) -> str | None:
     return composite[-1] if composite else (owners[-1] if owners else None)
 
 
+def clean_cut(traced: Traced, node: fx.Node) -> bool:
+    """Whether the network can be cut after `node`: every value the rest reads from before the cut holds one entry
+    per image (a number, such as the batch size, or a tensor without a batch dimension cannot be stacked per
+    lesion). A site whose cut is not clean is left out."""
+    i = traced.index[node.name]
+    after = {n.name for n in traced.nodes[i + 1:]}
+    carried = [n for n in traced.nodes[:i + 1] if n.op not in ("get_attr", "output") and
+               any(u.name in after for u in n.users)]
+    return all(traced.batched(n.name) for n in carried)
+
+
 def find_sites(model: nn.Module, image_size: int = 64, traced: Traced | None = None) -> list:
     """The network's lesion sites (the module's docstring) in the order the forward pass computes them."""
     traced = traced or Traced(model, image_size)
@@ -196,14 +241,15 @@ def find_sites(model: nn.Module, image_size: int = 64, traced: Traced | None = N
                              f"times in one forward pass: a lesion there would silence every call at once; lesion "
                              f"sites need modules called once (wrap each call in its own module)")
         outs = _outputs_of(traced, path)
-        if len(outs) == 1 and len(traced.shape.get(outs[0].name, ())) == 4:
+        if len(outs) == 1 and traced.feature_map(outs[0].name) and clean_cut(traced, outs[0]):
             same = [p for p, _ in traced.stack[outs[0].name] if p.startswith(path) and p in merging_paths and
                     not isinstance(modules[p], CONTAINERS) and traced.calls.get(p) == 1 and
                     [n.name for n in _outputs_of(traced, p)] == [outs[0].name]]
             chosen[outs[0].name] = ("block", same[-1] if same else path)  # a one-block stage: named by its block
     in_block = {n.name for n in traced.nodes for path in blocks if traced.in_scope(n, path)}
     for n in traced.nodes:
-        if n.name in in_block or not _is_nonlinear(n, modules) or len(traced.shape.get(n.name, ())) != 4:
+        if n.name in in_block or not _is_nonlinear(n, modules) or not traced.feature_map(n.name) or not n.users \
+                or not clean_cut(traced, n):
             continue
         chosen[n.name] = ("nonlinearity", _owner(traced, n, modules))
     sites = []
@@ -230,8 +276,8 @@ class GraphRunner:
     the rest on M lesions at once: each value repeated M times along the batch, `transform` applied to the site's.
 
     outputs: the nodes whose values the suffix returns ({qualified name: value}); default the network's output.
-    A suffix that reads the batch size as a number (a value computed before the site that is not a tensor) runs one
-    lesion per pass (`stacks` is False)."""
+    `stacks` is False where the rest reads a value from before the cut that is not a tensor with one entry per
+    image (find_sites leaves such sites out: see clean_cut); then only m=1 is exact."""
 
     def __init__(self, traced: Traced, site: GraphSite, outputs: list | None = None):
         self.traced, self.site = traced, site
@@ -288,8 +334,8 @@ class GraphRunner:
         return dict(zip(self.output_names, out)) if self.output_names else out
 
 
-def _unknown(name: str, known: dict):
-    raise UsageError(f"unknown node {name!r}; expected one of the traced network's nodes, e.g. "
+def _unknown(name: str, known: dict, setting: str = "outputs"):
+    raise UsageError(f"{setting}={name!r}: not a node of the traced network; expected one of its nodes, e.g. "
                      f"{', '.join(list(known)[-6:])}")
 
 
@@ -300,8 +346,8 @@ def classifier_input(traced: Traced) -> str:
     linear = [n for n in traced.nodes if (n.op == "call_module" and isinstance(modules.get(str(n.target)), nn.Linear))
               or (n.op == "call_function" and n.target is F.linear)]
     if not linear:
-        raise UsageError(f"{type(traced.model).__name__} has no linear layer: name the layer whose features the "
-                         f"readouts read")
+        raise UsageError(f"readout_layer=None: {type(traced.model).__name__} has no linear layer whose input could be "
+                         f"read; expected readout_layer to name a node of its traced graph")
     arg = linear[-1].args[0]
     while arg.op == "call_module" and isinstance(modules.get(str(arg.target)), (nn.Dropout, nn.Identity)):
         (arg,) = arg.all_input_nodes  # the same values in evaluation
@@ -329,11 +375,18 @@ class GraphTrunk(nn.Module):
         readout = readout or classifier_input(traced)
         by_qualname = {traced.qualname[n.name]: n for n in traced.nodes}
         if readout not in by_qualname:
-            _unknown(readout, by_qualname)
+            _unknown(readout, by_qualname, "readout_layer")
+        if not traced.batched(by_qualname[readout].name):
+            raise UsageError(f"readout_layer={readout!r}: its value is not a tensor with one entry per image; "
+                             f"expected a layer of the network's features")
         end = traced.index[by_qualname[readout].name]
+        if not found:
+            raise UsageError(f"{type(model).__name__} has no lesion site: no block output or non-linearity whose "
+                             f"value is a feature map (N, C, H, W) with one entry per image (a vision transformer's "
+                             f"tokens are not filters)")
         found = [s for s in found if traced.index[s.node] < end]
         if not found:
-            raise UsageError(f"readout={readout!r}: no lesion site comes before it")
+            raise UsageError(f"readout_layer={readout!r}: no lesion site comes before it; expected a later layer")
         gm = traced.gm
         taps = nn.Module()
         for k in range(len(found)):
@@ -346,9 +399,9 @@ class GraphTrunk(nn.Module):
             if n.name in site_of:
                 env[n.name] = graph.call_module(f"{TAPS}.{site_of[n.name]}", (env[n.name],))
         graph.output(graph.call_function(torch.flatten, (env[by_qualname[readout].name], 1)))
+        # no dead-code elimination: torch.fx counts in-place tensor methods as pure, and removing one whose result
+        # is not read would change what the network computes
         self.net = fx.GraphModule(gm, graph, type(model).__name__)
-        self.net.graph.eliminate_dead_code()  # what only the classifier after the readout layer needed
-        self.net.recompile()
         self.readout = readout
         self.site_names = [s.name for s in found]
         self.image_size = image_size
@@ -356,6 +409,9 @@ class GraphTrunk(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+    def __getstate__(self):  # a copy traces itself again when asked (a traced graph is deep to copy)
+        return dict(super().__getstate__(), _traced=None)
 
     @property
     def width(self) -> int:

@@ -105,6 +105,15 @@ def _constant(module: nn.Module, key: str, value: float) -> None:
             table[key] = torch.full(table[key].shape, value, dtype=torch.float64)
 
 
+def _positive(module: nn.Module, seed: int) -> None:
+    """Replace a layer's weight by float64 positive weights, unequal across its inputs and outputs (equal ones would
+    cancel after a layer norm over channels); any positive weights give one support, so one receptive field."""
+    shape = module._parameters["weight"].shape
+    fan_in = int(torch.Size(shape[1:]).numel())
+    g = torch.Generator().manual_seed(seed)
+    module._parameters["weight"] = (0.5 + torch.rand(shape, generator=g, dtype=torch.float64)) / fan_in
+
+
 class _Reached(Exception):
     """Raised by receptive_fields' hook once every site's output is in hand: nothing after them is run."""
 
@@ -145,7 +154,7 @@ def receptive_fields(model: nn.Module, sites: list, image_size: int) -> dict:
 
 
 def _probe(model: nn.Module) -> nn.Module:
-    """A copy of the network for receptive fields: every conv weight positive (each unit the mean of its inputs),
+    """A copy of the network for receptive fields: every conv weight positive (each unit a weighted mean of its inputs),
     in float64, BN the identity, max pools turned into average pools of the same geometry (a max pool passes on
     one input's gradient only). It shares the network's tensors, none changed (its modules get new ones)."""
     import copy
@@ -153,8 +162,11 @@ def _probe(model: nn.Module) -> nn.Module:
     memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
     probe = copy.deepcopy(model, memo=memo).eval()
     for name, module in list(probe.named_modules()):
-        if isinstance(module, nn.Conv2d):
-            _constant(module, "weight", 1.0 / module.weight[0].numel())
+        if isinstance(module, (nn.Conv2d, nn.Linear)):  # a Linear: channel mixing at one position, or a head
+            _positive(module, len(name))
+            _constant(module, "bias", 0.0)
+        elif isinstance(module, (nn.LayerNorm, nn.GroupNorm)):  # float64 like the rest; the map's extent is unchanged
+            _constant(module, "weight", 1.0)
             _constant(module, "bias", 0.0)
         elif isinstance(module, nn.modules.batchnorm._BatchNorm):
             for key, value in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0), ("running_var", 1.0)):
@@ -165,6 +177,11 @@ def _probe(model: nn.Module) -> nn.Module:
             parent, _, attr = name.rpartition(".")
             setattr(probe.get_submodule(parent) if parent else probe, attr,
                     nn.AvgPool2d(module.kernel_size, module.stride, module.padding, ceil_mode=module.ceil_mode))
+    for module in probe.modules():  # every other tensor in float64 too (a traced network reads some directly)
+        for table in (module._parameters, module._buffers):
+            for key, value in table.items():
+                if value is not None and value.is_floating_point() and value.dtype != torch.float64:
+                    table[key] = value.detach().double()
     return probe
 
 

@@ -70,8 +70,8 @@ def _construct(source: str, arch: str, pretrained: bool = False, num_classes: in
     import torchvision.models as tvm
 
     if not pretrained:
-        if arch in ("googlenet", "inception_v3"):  # their auxiliary heads only run in training
-            kw.update(aux_logits=False, init_weights=True)
+        if arch in ("googlenet", "inception_v3"):  # as built with torchvision's weights, whatever the weights:
+            kw.update(aux_logits=False, init_weights=True, transform_input=True)  # a rebuild computes the same
         return tvm.get_model(arch, weights=None, **kw)
     weights = tvm.get_model_weights(arch).DEFAULT
     try:

@@ -233,7 +233,9 @@ def _run_caveats(config: dict, status: dict, results: list, j, checkup: dict | N
             f"{config.get('readout_layer_used') or config.get('readout_layer') or 'its classifier input'} on the "
             f"training images (and the fixed readouts, cross-fitted on the test images, read the same features). A "
             f"split says which filters the information each readout reads depends on, not which filters the network "
-            f"itself used for either task; no seeds or controls of this network ran.", True, 60))
+            f"itself used for either task; no seeds or controls of this network ran. Its inputs were normalised as "
+            f"this tool's are (each channel (x - 0.5) / 0.5), not with the statistics it may have been trained with "
+            f"(ImageNet's), which can lower what its features carry.", True, 60))
     elif config.get("role"):  # one run of an experiment (experiment.py)
         caveats.append(Caveat(f"One network of an experiment ({config['role']}, seed {config.get('seed')}): the "
                               f"experiment's report.html (in the experiment's folder) weighs it against the other "

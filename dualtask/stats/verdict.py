@@ -34,6 +34,7 @@ import math
 from dataclasses import dataclass, field
 from enum import Enum
 
+import numpy as np
 from scipy import stats
 
 from dualtask.core.common import number
@@ -115,6 +116,7 @@ class Agreement:
     overlap: float  # the share of one half's top set also in the other's (the smaller of the tasks')
     p: float  # one-sided: random top sets of the same size overlap at least as much (the larger of the tasks')
     chance: float  # the overlap two random top sets have on average (k / n)
+    counts: tuple = ()  # ((shared, n, k), ...): the counts behind it, one per network (`pooled` adds them)
 
     @property
     def reproduces(self) -> bool:
@@ -150,7 +152,8 @@ def task_agreement(rankings: dict, site: str, method: str, fraction: float, task
     overlap, n = number(row.get(reliability_key(fraction))), filters_of(rankings, site, method, task)
     if not math.isfinite(overlap) or not n:
         return None
-    return Agreement(overlap, *overlap_p(overlap, n, fraction))
+    k = max(1, int(round(fraction * n)))
+    return Agreement(overlap, *overlap_p(overlap, n, fraction), counts=((int(round(overlap * k)), n, k),))
 
 
 def both_tasks(per_task: list) -> Agreement | None:
@@ -163,11 +166,20 @@ def both_tasks(per_task: list) -> Agreement | None:
 
 def pooled(per_run: list) -> Agreement | None:
     """One task's agreements in several networks (an experiment's seeds) as one: the mean overlap and chance, and
-    Fisher's combination of their p-values (scipy.stats.combine_pvalues)."""
+    the exact p of the shared counts added over the networks (the sum of independent hypergeometric counts: does
+    the total overlap beat random top sets', the question the mean overlap answers)."""
     if not per_run or any(a is None for a in per_run):
         return None
-    p = float(stats.combine_pvalues([max(a.p, 1e-300) for a in per_run], method="fisher").pvalue)
-    return Agreement(sum(a.overlap for a in per_run) / len(per_run), p, sum(a.chance for a in per_run) / len(per_run))
+    counts = [c for a in per_run for c in a.counts]
+    if len(counts) != len(per_run):  # counts not known: every network must reproduce on its own
+        p = max(a.p for a in per_run)
+    else:
+        dist = [1.0]
+        for _, n, k in counts:
+            dist = np.convolve(dist, stats.hypergeom.pmf(np.arange(k + 1), n, k, k))
+        p = float(min(1.0, dist[sum(x for x, _, _ in counts):].sum()))
+    return Agreement(sum(a.overlap for a in per_run) / len(per_run), p, sum(a.chance for a in per_run) / len(per_run),
+                     tuple(counts))
 
 
 def reliability(rankings: dict, site: str, method: str, fraction: float, tasks) -> Agreement | None:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from dualtask.config.settings import TRAIN_LOG_COLUMNS
-from dualtask.core.common import write_csv
+from dualtask.core.common import UsageError, write_csv
 from dualtask.core.device import load_checkpoint, save_checkpoint
 from dualtask.data import transforms
 from dualtask.model.foreign import ReadoutNet
@@ -45,16 +45,21 @@ def fit_linear(x: np.ndarray, y: np.ndarray, n_classes: int, seed: int = 0) -> t
     from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
     from sklearn.preprocessing import StandardScaler
 
+    present, counts = np.unique(y, return_counts=True)
+    if len(present) < 2:
+        raise UsageError(f"a task's training images hold {len(present)} class(es) (labels {present.tolist()}); a "
+                         f"readout head needs at least two")
     scaler = StandardScaler().fit(x)
     z = scaler.transform(x)
-    warnings.filterwarnings("ignore", category=FutureWarning, module="sklearn")  # defaults announced to change
-    folds = int(min(5, np.bincount(y).min())) if len(np.unique(y)) > 1 else 0
-    if folds >= 2:
-        fit = LogisticRegressionCV(Cs=list(PENALTIES), cv=folds, max_iter=2000, random_state=seed).fit(z, y)
-        c = float(np.atleast_1d(fit.C_)[0])
-    else:  # too few images of a class to cross-validate: the middle penalty
-        c = PENALTIES[len(PENALTIES) // 2]
-        fit = LogisticRegression(C=c, max_iter=2000).fit(z, y)
+    folds = int(min(5, counts.min()))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, module="sklearn")  # defaults announced to change
+        if folds >= 2:
+            fit = LogisticRegressionCV(Cs=list(PENALTIES), cv=folds, max_iter=2000, random_state=seed).fit(z, y)
+            c = float(np.atleast_1d(fit.C_)[0])
+        else:  # a class with one training image: too few to cross-validate, the middle penalty
+            c = PENALTIES[len(PENALTIES) // 2]
+            fit = LogisticRegression(C=c, max_iter=2000).fit(z, y)
     coef, intercept = fit.coef_, fit.intercept_
     if coef.shape[0] == 1:  # two classes: one logit, the second class's against the first
         coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.concatenate([[0.0], intercept])
