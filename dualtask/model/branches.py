@@ -35,7 +35,8 @@ class BranchPair(nn.Module):
                 module.inplace = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        parts = [x] * len(self.copies) if self.fork else x.chunk(len(self.copies), dim=1)
+        n = len(self.copies)  # the parts as narrow views (x.chunk's), written so that torch.fx can trace it
+        parts = [x] * n if self.fork else [x.narrow(1, k * (x.shape[1] // n), x.shape[1] // n) for k in range(n)]
         return torch.cat([c(p) for c, p in zip(self.copies, parts)], dim=1)
 
 

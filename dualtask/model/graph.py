@@ -6,9 +6,10 @@ A site is a value the forward pass computes once, so a lesion silences one place
 
 - a *block's output*: a block is a submodule whose forward pass merges paths (a residual add, a concatenation, a
   gating product: ResNet's bottlenecks, ConvNeXt's blocks, MobileNet's and EfficientNet's inverted residuals,
-  DenseNet's dense layers, GoogLeNet's inception modules) and that is not itself a sequence of such modules (a
-  `nn.Sequential` / `ModuleList` / `ModuleDict`, or a module two or more of whose children merge paths, such as a
-  whole ResNet); its output is the one value of its call that the rest of the network reads;
+  DenseNet's dense layers, GoogLeNet's inception modules, a pair of task branches concatenated) and that is not
+  itself a sequence of such modules (a `nn.Sequential` / `ModuleList` / `ModuleDict`, or a module that strings two
+  or more merging parts together without merging their outputs itself, such as a whole ResNet); its output is the
+  one value of its call that the rest of the network reads;
 - outside blocks, the output of each *non-linearity* (ReLU, GELU, SiLU, Hardswish, ...: a module or a function)
   whose value is a feature map (N, C, H, W): VGG's and AlexNet's ReLUs, a stem's activation.
 
@@ -185,8 +186,13 @@ def _blocks(traced: Traced) -> tuple:
                 count += sub_path in merging
         return count
 
+    own = {traced.stack[n.name][-1][0] for n in traced.nodes if traced.stack[n.name] and _is_merge(n, traced)}
+
     def is_sequence(path: str, module: nn.Module) -> bool:
-        return isinstance(module, CONTAINERS) or merging_units(path, module) >= 2
+        """A container, or a module that strings two or more merging parts together without merging their outputs
+        itself (a ResNet, a stage); one that merges its parts' outputs (an inception module, a pair of branches
+        concatenated) is a block."""
+        return isinstance(module, CONTAINERS) or (merging_units(path, module) >= 2 and path not in own)
 
     found = []
 

@@ -1,0 +1,94 @@
+"""Networks with a known answer, analysed as networks trained elsewhere: through readouts alone, no heads used.
+
+    python benchmarks/readout_known_answers.py --root=.bench/verdict_calibration/<tag>
+
+`--root` is a folder of benchmarks/verdict_calibration.py's trained networks (branched_seed<N>, null_seed<N> and
+their data/). Each network's trunk is handed to `lesion_utils.analyse` as a plain nn.Module (its own heads left
+out), read at its features (`readout_layer="flatten"`) by readout heads fitted to the frozen trunk on each task's
+training images and by fixed readouts, and swept with the calibration's lesion settings (the loss ranking on 8
+ranking images per task, 20 random orders, fractions 0.1, 0.2 and 0.3, sites at depths 0, 12, 13, 15, 16). The
+report's verdict rules judge each run (verdict.judge_run, as the report does).
+
+- A branched network (trunk shared to depth 12, then one copy per task): its post-branch sites (13, 15, 16; the
+  graph names them by the pair of copies, e.g. layer3.5) are true splits. The known answer: "yes" naming them.
+- A null network (two heads trained on two halves of one face task): read by two readouts of that same task (its
+  two halves' images), any "yes" is a false positive.
+
+It prints one line per network and, last, the branched networks' post-branch sites found and the nulls' "yes"
+count, each with its Wilson 95% interval. Runs go to `<root>/readouts/<network>` and are reused on rerun.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+from verdict_simulation import fmt_rate  # noqa: E402
+
+SETTINGS = dict(image_size=32, device="cpu", batch_size=32, demo_per_class=200, max_per_class=None, max_classes=5,
+                readout_layer="flatten", lesion_methods=["loss", "random"], lesion_layers=[0, 12, 13, 15, 16],
+                random_repeats=20, rank_images=8, lesion_fractions=[0.0, 0.1, 0.2, 0.3], ranking_reliability=True,
+                fixed_readout=True, stages=["train", "lesion"])
+POST_BRANCH = (13, 15, 16)
+
+
+def analysed(run: Path, out: Path) -> dict:
+    """The run's trunk analysed through readouts into `out`; its verdict (verdict.judge_run on out's files)."""
+    import lesion_utils as L
+    from dualtask import load_run
+    from dualtask.core.common import read_csv, read_json
+    from dualtask.report import build as report
+    from dualtask.stats import verdict as V
+
+    model, config = load_run(run)
+    tasks = {"face_data": "demo", "object_data": "demo"}
+    if run.name.startswith("null"):
+        data = run.parent / "data"
+        tasks = {"tasks": {t: str(data / f"halves_seed{config['seed']}_{t}") for t in ("face_a", "face_b")}}
+    L.analyse(model.trunk, out, seed=config["seed"], **SETTINGS, **tasks)
+    diss, results = read_csv(out / "dissociation.csv"), read_csv(out / "lesion_results.csv")
+    own = read_json(out / "config.json")
+    fixed = report.read_readout(out, "fixed", V.deciding(own))
+    j = V.judge_run(diss, results, read_json(out / "rankings.json"), own, fixed and fixed["dissociation"],
+                    fixed and fixed["results"])
+    return {"answer": j.answer.value, "split": {f.depth: f.site for f in j.findings if f.counts is V.Counts.SPLIT},
+            "counts": {f.site: f.counts.value for f in j.findings}}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", required=True, help="verdict_calibration.py's folder of trained networks")
+    parser.add_argument("--kinds", default="branched,null", help="which networks: branched, null")
+    args = parser.parse_args(argv)
+    root = Path(args.root)
+    start = time.perf_counter()
+    found, sites, yes, nulls = 0, 0, 0, 0
+    for kind in args.kinds.split(","):
+        for run in sorted(root.glob(f"{kind}_seed*")):
+            t = time.perf_counter()
+            v = analysed(run, root / "readouts" / run.name)
+            line = f"{run.name}: {v['answer']} ({time.perf_counter() - t:.0f} s); " + ", ".join(
+                f"{s}: {c}" for s, c in v["counts"].items())
+            print(line, flush=True)
+            if kind == "branched":
+                found += sum(d in v["split"] for d in POST_BRANCH)
+                sites += len(POST_BRANCH)
+            else:
+                yes += v["answer"] == "yes"
+                nulls += 1
+    print(f"\nwall time {time.perf_counter() - start:.0f} s")
+    if sites:
+        print(f"power_through_readouts: {fmt_rate(found, sites)} (post-branch sites of branched networks read as "
+              f"networks trained elsewhere)")
+    if nulls:
+        print(f"false_positive_rate_through_readouts: {fmt_rate(yes, nulls)} (null networks read by two readouts of "
+              f"one task)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
