@@ -56,6 +56,7 @@ SMALL = ["--image_size=32", "--device=cpu", "--demo_per_class=20", "--lesion_lay
          "--random_repeats=3", "--rank_images=8", "--stages=['train', 'lesion']"]
 
 
+@pytest.mark.slow
 def test_own_network_analyses_a_saved_state_dict_and_its_report_says_how_it_was_read(tmp_path):
     import json
 
@@ -112,6 +113,7 @@ def test_own_network_refuses_a_wrong_file_or_name_before_writing_anything(tmp_pa
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_the_python_call_returns_the_same_numbers_as_the_command(tmp_path):
     import ast
 
