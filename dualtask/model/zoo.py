@@ -57,6 +57,8 @@ def known(source: str) -> list:
 
 def _refuse_unknown(name: str, source: str, arch: str) -> None:
     names = known(source)
+    if source == "timm" and arch.split(".")[0] in names:  # a pretrained tag, e.g. resnet50.a1_in1k
+        return
     if arch not in names:
         close = difflib.get_close_matches(arch, names, n=4, cutoff=0.6)
         hint = f"did you mean {', '.join(close)}? " if close else ""
