@@ -11,6 +11,7 @@ from conftest import ROOT
 # import names whose distribution on PyPI is called otherwise
 DISTRIBUTIONS = {"sklearn": "scikit-learn", "PIL": "pillow", "cv2": "opencv-python-headless", "yaml": "pyyaml",
                  "skimage": "scikit-image", "submitit": "submitit", "scipy": "scipy"}
+OPTIONAL = {"timm"}  # imported only when asked for, named by an extra of pyproject.toml (pip install .[timm])
 SKIPPED_FOLDERS = {"runs", "venv", "__pycache__"}  # run outputs and environments, not the project's code
 
 
@@ -60,7 +61,15 @@ def missing(root: Path, requirements_text: str) -> list:
     have = required(requirements_text)
     return [f"{DISTRIBUTIONS.get(name, name)} (imported in {where})"
             for name, where in sorted(third_party_imports(root).items())
-            if _normal(DISTRIBUTIONS.get(name, name)) not in have]
+            if _normal(DISTRIBUTIONS.get(name, name)) not in have and name not in OPTIONAL]
+
+
+def test_optional_imports_are_extras_of_pyproject():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11 on
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    named = {_normal(m.group(1)) for k, lines in extras.items() if k != "test" for line in lines
+             for m in [re.match(r"([A-Za-z0-9][A-Za-z0-9._-]*)", line)] if m}
+    assert {_normal(DISTRIBUTIONS.get(n, n)) for n in OPTIONAL} <= named
 
 
 def test_requirements_name_every_third_party_import():
