@@ -14,7 +14,8 @@ evaluation in `dualtask.lesion.engine`, the rankings in `dualtask.lesion.ranking
     batches = L.image_batches(images, "test")
     results = L.evaluate_lesions(model, sites[12], [{"channels": [0, 5, 9]}], batches)
 
-A network trained elsewhere, in one call (as `python own_network.py` from the shell; dualtask.experiment.analyse):
+A network trained elsewhere, from the shell (`python lesion_utils.py --network=resnet18 ...`, `--help` lists the
+settings) or in one call (dualtask.experiment.analyse):
 
     tables = L.analyse(torchvision.models.resnet18(), "runs/mine", image_size=32, device="cpu")
     tables = L.load_results("runs/mine")    # any run folder's tables as pandas DataFrames
@@ -59,8 +60,8 @@ from dualtask.model.sites import (
 
 
 def analyse(network, out_dir, **settings) -> dict:
-    """A network trained elsewhere (an nn.Module or a name) analysed as own_network.py does; its tables as pandas
-    DataFrames (dualtask.experiment.analyse.analyse)."""
+    """A network trained elsewhere (an nn.Module or a name) analysed as `python lesion_utils.py` does; its tables as
+    pandas DataFrames (dualtask.experiment.analyse.analyse)."""
     from dualtask.experiment.analyse import analyse as run
 
     return run(network, out_dir, **settings)
@@ -80,3 +81,9 @@ __all__ = ["DISSOCIATION_COLUMNS", "GREEDY_DEFAULTS", "LESION_COLUMNS", "METHODS
            "load_results", "loss_scores", "rank_by_activation", "rank_site", "read_per_image", "receptive_fields",
            "refit_lesions", "select_sites", "selectivity", "site_activations", "split_half_reliability",
            "taylor_scores", "top_overlap"]
+
+
+if __name__ == "__main__":  # a network trained elsewhere, from the shell
+    from dualtask.experiment.analyse import main
+
+    main()

@@ -48,7 +48,7 @@ def test_receptive_fields_of_a_foreign_network_grow_with_depth(name, first):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# own_network.py: a saved network, analysed without training
+# python lesion_utils.py: a saved network, analysed without training
 
 
 SMALL = ["--image_size=32", "--device=cpu", "--demo_per_class=20", "--lesion_layers=[0, 4, 8]",
@@ -69,7 +69,7 @@ def test_own_network_analyses_a_saved_state_dict_and_its_report_says_how_it_was_
     saved = tmp_path / "resnet18.pt"
     torch.save(torchvision.models.resnet18().state_dict(), saved)
     out = tmp_path / "run"
-    done = run_script("own_network.py", "--network=resnet18", f"--weights={saved}", f"--out_dir={out}", *SMALL)
+    done = run_script("lesion_utils.py", "--network=resnet18", f"--weights={saved}", f"--out_dir={out}", *SMALL)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "readout heads fitted to resnet18's features at flatten" in done.stdout
     config = json.loads((out / "config.json").read_text())
@@ -84,12 +84,12 @@ def test_own_network_analyses_a_saved_state_dict_and_its_report_says_how_it_was_
     assert page.returncode == 0, page.stderr
     assert "A network trained elsewhere (resnet18, weights" in (out / "report.html").read_text()
     # run again: the heads are not fitted again, the finished sites not lesioned again
-    again = run_script("own_network.py", "--network=resnet18", f"--weights={saved}", f"--out_dir={out}", *SMALL)
+    again = run_script("lesion_utils.py", "--network=resnet18", f"--weights={saved}", f"--out_dir={out}", *SMALL)
     assert again.returncode == 0 and "readout heads fitted earlier" in again.stdout
     # the file saved again with other weights is another network: refused, the run folder untouched
     torch.save(torchvision.models.resnet18().state_dict(), saved)
     before = (out / "checkpoint.pt").read_bytes()
-    other = run_script("own_network.py", "--network=resnet18", f"--weights={saved}", f"--out_dir={out}", *SMALL)
+    other = run_script("lesion_utils.py", "--network=resnet18", f"--weights={saved}", f"--out_dir={out}", *SMALL)
     assert other.returncode == 2 and "network_digest" in other.stderr and "Traceback" not in other.stderr
     assert (out / "checkpoint.pt").read_bytes() == before
 
@@ -101,13 +101,13 @@ def test_own_network_refuses_a_wrong_file_or_name_before_writing_anything(tmp_pa
     saved = tmp_path / "resnet18.pt"
     torch.save(torchvision.models.resnet18().state_dict(), saved)
     out = tmp_path / "run"
-    wrong = run_script("own_network.py", "--network=resnet50", f"--weights={saved}", f"--out_dir={out}", *SMALL)
+    wrong = run_script("lesion_utils.py", "--network=resnet50", f"--weights={saved}", f"--out_dir={out}", *SMALL)
     assert wrong.returncode == 2 and "Traceback" not in wrong.stderr
     assert "does not fit torchvision's resnet50: key 'layer1.0.conv1.weight' has shape (64, 64, 3, 3) in the file" \
         in wrong.stderr and not out.exists()
-    unknown = run_script("own_network.py", "--network=resnet51", f"--out_dir={out}", *SMALL)
+    unknown = run_script("lesion_utils.py", "--network=resnet51", f"--out_dir={out}", *SMALL)
     assert unknown.returncode == 2 and "torchvision has no model 'resnet51'" in unknown.stderr and not out.exists()
-    missing = run_script("own_network.py", "--network=resnet18", f"--weights={tmp_path / 'nope.pt'}",
+    missing = run_script("lesion_utils.py", "--network=resnet18", f"--weights={tmp_path / 'nope.pt'}",
                          f"--out_dir={out}", *SMALL)
     assert missing.returncode == 2 and "weights=" in missing.stderr and "no such file" in missing.stderr
     assert not out.exists()
@@ -130,7 +130,7 @@ def test_the_python_call_returns_the_same_numbers_as_the_command(tmp_path):
     settings = {a[2:].split("=", 1)[0]: a.split("=", 1)[1] for a in SMALL}
     settings = {k: ast.literal_eval(v) if k not in ("device",) else v for k, v in settings.items()}
     tables = L.analyse(net, tmp_path / "python", **settings)
-    shell = run_script("own_network.py", "--network=resnet18", f"--weights={saved}",
+    shell = run_script("lesion_utils.py", "--network=resnet18", f"--weights={saved}",
                        f"--out_dir={tmp_path / 'shell'}", *SMALL)
     assert shell.returncode == 0, shell.stderr[-2000:]
     again = L.load_results(tmp_path / "shell")

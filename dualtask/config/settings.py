@@ -171,7 +171,24 @@ def _site_name(s) -> bool:
 
 
 _FLAG = (lambda v: isinstance(v, bool)), "True or False"
-# a network this tool did not train (own_network.py; dualtask.model.zoo)
+# a network this tool did not train (`python lesion_utils.py`, dualtask.experiment.analyse; dualtask.model.zoo): its
+# settings are ResNet.py's less those of training and experiments (NOT_FOR_NETWORKS), with NETWORK_SETTINGS first
+NOT_FOR_NETWORKS = ("backbone", "head", "branch_at", "init", "epochs", "optimizer", "lr", "grad_clip",
+                    "weight_decay", "health_check", "compile", "lesion_epochs", "lesion_inner", "seeds", "controls",
+                    "branch_points", "launcher", "slurm")
+NETWORK_SETTINGS = {  # name: (default, what it does: what --help and docs/settings.md print)
+    "network": ("resnet18", "a torchvision classification model's name (resnet50, convnext_tiny, mobilenet_v2, "
+                "densenet121, googlenet, ... or \"torchvision:<name>\"), or \"timm:<name>\" (pip install timm)"),
+    "weights": ("random", "\"random\", \"pretrained\" (the library's published weights, downloaded only when asked) "
+                "or a path to a state-dict file of that network"),
+    "readout_layer": (None, "where the readouts read the network: None = the input of its last linear layer (e.g. "
+                      "\"flatten\"), or a node name of its traced graph"),
+    "image_size": (64, "both tasks are resized to image_size x image_size pixels (ImageNet networks were trained "
+                   "at 224)"),
+    "retrain": (False, "fit the readout heads again even when out_dir holds them"),
+    "out_dir": ("runs/own_network", "where config.json, checkpoint.pt (the fitted heads), lesion_results.csv, "
+                "report.html and figures/ go"),
+}
 NETWORK_FORM = ("a torchvision classification model's name (e.g. 'resnet50', 'convnext_tiny', or "
                 "'torchvision:resnet50'), or 'timm:<name>' for a timm model")
 WEIGHTS_FORM = ("'random', 'pretrained' (the library's published weights, downloaded the first time: needs network "

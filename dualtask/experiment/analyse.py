@@ -1,6 +1,7 @@
-"""A network trained elsewhere, analysed from Python in one call, as `python own_network.py` analyses one from the
-shell: the same settings (own_network.py's, with the keywords given replacing them), the same run folder, and its
-tables back as pandas DataFrames.
+"""A network trained elsewhere, analysed from the shell (`python lesion_utils.py --network=...`, `main`) or from
+Python in one call (`analyse`): the same settings (`defaults`: ResNet.py's lesion and data settings with the
+network's own, settings.NETWORK_SETTINGS; the keywords or `--name=value` given replacing them), the same run folder,
+and its tables back as pandas DataFrames.
 
     import torchvision, lesion_utils as L
     net = torchvision.models.resnet18()      # any nn.Module, or a name: "resnet50", "timm:convnext_tiny"
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -19,29 +21,44 @@ import torch.nn as nn
 from dualtask.config import settings
 from dualtask.core import names
 from dualtask.core.common import UsageError
-from dualtask.experiment import pipeline
+from dualtask.experiment import experiment, pipeline
 
-SCRIPT = Path(__file__).resolve().parents[2] / "own_network.py"
+BASE_SCRIPT = Path(__file__).resolve().parents[2] / "ResNet.py"  # whose lesion and data settings a network run shares
 TABLES = {"lesion_results": names.SWEEP_FILES["results"], "dissociation": names.SWEEP_FILES["dissociation"],
           "train_log": "train_log.csv", "probes": "probes.csv"}
 
 
 def defaults() -> dict:
-    """own_network.py's settings, as its command line starts from them."""
-    return settings.hyperparameters(vars(settings.load_script(SCRIPT)))
+    """A network run's settings: settings.NETWORK_SETTINGS, then ResNet.py's less NOT_FOR_NETWORKS."""
+    if not BASE_SCRIPT.is_file():
+        raise UsageError(f"{BASE_SCRIPT}: not found; a network run takes its lesion settings from the repository's "
+                         f"ResNet.py (run it from a clone of the repository, installed with pip install -e .)")
+    base = settings.hyperparameters(vars(settings.load_script(BASE_SCRIPT)))
+    own = {k: v for k, (v, _) in settings.NETWORK_SETTINGS.items()}
+    return {**own, **{k: v for k, v in base.items() if k not in settings.NOT_FOR_NETWORKS and k not in own}}
+
+
+def main(argv: list | None = None) -> None:
+    """`python lesion_utils.py [--name=value ...]`: one network run (experiment.main's checks and exits)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        comments = dict(settings._script_comments(str(BASE_SCRIPT)),
+                        **{k: c for k, (_, c) in settings.NETWORK_SETTINGS.items()})
+        print("usage: python lesion_utils.py [--name=value ...]  (a network trained elsewhere)\n\nsettings:")
+        for k, v in defaults().items():
+            print(f"  --{k}={v!r}".ljust(44) + f"  {comments.get(k, '')}")
+        return
+    experiment.main(defaults(), argv)
 
 
 def analyse(network, out_dir: str | os.PathLike, **overrides) -> dict:
-    """Analyse `network` (an nn.Module, or a name own_network.py takes: its `network` setting) into out_dir with
-    own_network.py's settings and `overrides` (any of its settings, e.g. weights, face_data, lesion_methods);
-    returns `load_results(out_dir)`. A setting own_network.py does not have is a UsageError naming it."""
-    if not SCRIPT.is_file():
-        raise UsageError(f"{SCRIPT}: not found; analyse reads own_network.py's settings from the repository (run "
-                         f"it from a clone of the repository, installed with pip install -e .)")
+    """Analyse `network` (an nn.Module, or a name: the `network` setting) into out_dir with `defaults()` and
+    `overrides` (any of its settings, e.g. weights, face_data, lesion_methods); returns `load_results(out_dir)`. A
+    setting a network run does not have is a UsageError naming it."""
     base = defaults()
     unknown = sorted(set(overrides) - set(base) | ({"network"} & set(overrides)))
     if unknown:
-        raise UsageError(f"unknown setting(s) {unknown}; expected settings of own_network.py other than network "
+        raise UsageError(f"unknown setting(s) {unknown}; expected settings of a network run other than network "
                          f"(the first argument): {', '.join(k for k in base if k != 'network')}")
     config = dict(base, **overrides, out_dir=str(out_dir))
     module = None

@@ -194,8 +194,8 @@ def load_probe_task(spec: str, name: str, config: dict):
 
 def run(config: dict, network: torch.nn.Module | None = None) -> None:
     """The whole pipeline: data, training, lesion sweep, figures (the stages named in config['stages']).
-    network: a network handed in from Python (config['network'] names it), analysed as own_network.py analyses a
-    named one (analyse.analyse)."""
+    network: a network handed in from Python (config['network'] names it), analysed as `python lesion_utils.py`
+    analyses a named one (analyse.analyse)."""
     config = network_run(config)
     preflight.check_run(config, network)
     dist = Dist(config.get("device", "auto"))

@@ -226,7 +226,7 @@ def _run_caveats(config: dict, status: dict, results: list, j, checkup: dict | N
     failed = [f"{part} ({entry.get('error')})" for part, entry in status.items() if not entry.get("ok", True)]
     if failed:
         caveats.append(Caveat(f"Not written, because they failed: {'; '.join(failed)}.", False, 95))
-    if config.get("network"):  # a network this tool did not train (own_network.py)
+    if config.get("network"):  # a network this tool did not train (python lesion_utils.py)
         caveats.append(Caveat(
             f"A network trained elsewhere ({config['network']}, weights {config.get('weights', 'random')}), read "
             f"through linear readouts: its heads were fitted here to its frozen features at "
