@@ -411,13 +411,13 @@ class GraphTrunk(nn.Module):
         self.readout = readout
         self.site_names = [s.name for s in found]
         self.image_size = image_size
-        self._traced = None
+        self._traced, self._runners = None, {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
     def __getstate__(self):  # a copy traces itself again when asked (a traced graph is deep to copy)
-        return dict(super().__getstate__(), _traced=None)
+        return dict(super().__getstate__(), _traced=None, _runners={})
 
     @property
     def width(self) -> int:
@@ -438,7 +438,14 @@ class GraphTrunk(nn.Module):
                 for k, name in enumerate(self.site_names)]
 
     def runner(self, tap: nn.Module) -> PackedRunner:
+        """The suffix-only runner around a site (its tap), built once per site: the sweep, the rankings and the
+        readouts each ask for it."""
         path = next(p for p, m in self.net.named_modules() if m is tap)
+        if path not in self._runners:
+            self._runners[path] = self._runner(path)
+        return self._runners[path]
+
+    def _runner(self, path: str) -> PackedRunner:
         node = next(n for n in self.traced.nodes if n.op == "call_module" and str(n.target) == path)
         site = GraphSite(name=path, node=node.name, n_filters=int(self.traced.shape[node.name][1]), depth=0,
                          kind="tap", module=path)
