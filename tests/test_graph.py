@@ -194,6 +194,23 @@ def test_networks_by_name_and_weights_files_that_fit_or_are_refused_naming_the_k
         zoo.build_network("resnet18", str(tmp_path / "nope.pt"))
 
 
+def test_published_weights_without_a_network_are_refused_saying_how_to_pass_a_file(monkeypatch):
+    import urllib.error
+
+    import torchvision
+
+    from dualtask.core.common import UsageError
+    from dualtask.model import zoo
+
+    def offline(self, *args, **kwargs):  # never a download here: torchvision's fetch replaced by a failing one
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", offline)
+    with pytest.raises(UsageError, match=r"weights='pretrained': cannot get torchvision's weights of resnet18 "
+                                         r"\(https://.*URLError.*network access.*--weights=<path to it>"):
+        zoo.build_network("resnet18", "pretrained")
+
+
 def test_a_timm_model_runs_when_timm_is_installed():
     pytest.importorskip("timm")
     from dualtask.model import zoo

@@ -182,12 +182,18 @@ def _imagenet_state_dict(arch: str) -> tuple:
         state = weights.get_state_dict(progress=int(os.environ.get("RANK", 0)) == 0, map_location="cpu",
                                        weights_only=True)
     except Exception as e:  # no network (URLError), a refused or damaged download: all mean "cannot get them"
-        raise UsageError(f"init='imagenet': cannot get torchvision's ImageNet weights of {arch} ({weights.url}: "
-                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); they are downloaded "
-                         f"the first time, which needs network access (then kept in "
-                         f"{Path(torch.hub.get_dir()) / 'checkpoints'}). Without a network, download that file "
-                         f"elsewhere and pass --init=<path to it>") from None
+        raise download_failed("init='imagenet'", f"ImageNet weights of {arch}", weights.url, e, "init") from None
     return state, f"torchvision's ImageNet weights ({weights})"
+
+
+def download_failed(setting: str, what: str, url: str, error: Exception, path_setting: str) -> UsageError:
+    """The error of published weights that could not be downloaded: which, from where, why, and the way round it
+    (the file fetched elsewhere, passed as `path_setting`)."""
+    first = str(error).splitlines()[0] if str(error) else ""
+    return UsageError(f"{setting}: cannot get torchvision's {what} ({url}: {type(error).__name__}: {first}); they "
+                      f"are downloaded the first time, which needs network access (then kept in "
+                      f"{Path(torch.hub.get_dir()) / 'checkpoints'}). Without a network, download that file "
+                      f"elsewhere and pass --{path_setting}=<path to it>")
 
 
 def read_state_dict(path: str, setting: str = "init", form: str = INIT_FORM) -> dict:

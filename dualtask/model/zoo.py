@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import difflib
 import os
-from pathlib import Path
 
-import torch
 import torch.nn as nn
 
 from dualtask.config.settings import NETWORK_FORM, WEIGHTS_FORM
 from dualtask.core.common import UsageError
-from dualtask.model.network import read_state_dict
+from dualtask.model.network import download_failed, read_state_dict
 
 SOURCES = ("torchvision", "timm")
 NAME_FORM = NETWORK_FORM
@@ -79,11 +77,7 @@ def _construct(source: str, arch: str, pretrained: bool = False, num_classes: in
     try:
         return tvm.get_model(arch, weights=weights, progress=int(os.environ.get("RANK", 0)) == 0)
     except Exception as e:  # no network, a refused or damaged download
-        raise UsageError(f"weights='pretrained': cannot get torchvision's weights of {arch} ({weights.url}: "
-                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); they are downloaded "
-                         f"the first time, which needs network access (then kept in "
-                         f"{Path(torch.hub.get_dir()) / 'checkpoints'}). Without a network, download that file "
-                         f"elsewhere and pass weights=<path to it>") from None
+        raise download_failed("weights='pretrained'", f"weights of {arch}", weights.url, e, "weights") from None
 
 
 def misfit(model_state: dict, file_state: dict) -> str | None:
