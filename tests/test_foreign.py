@@ -147,3 +147,35 @@ def test_the_python_call_returns_the_same_numbers_as_the_command(tmp_path):
         L.analyse(net, tmp_path / "x", epochs=3)
     with pytest.raises(UsageError, match="not a run folder"):
         L.load_results(tmp_path / "x")
+
+
+def test_a_readout_fitted_in_its_training_rows_span_equals_the_readout_fitted_on_every_feature():
+    import warnings
+
+    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.preprocessing import StandardScaler
+
+    from dualtask.core.common import UsageError
+    from dualtask.training.readout_heads import PENALTIES, fit_linear, row_space
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 20)
+    centres = np.zeros((3, 400))
+    centres[:, :5] = rng.normal(size=(3, 5)) * 2  # five informative features of 400: a penalty inside the range
+    x = rng.normal(size=(60, 400)) + centres[y]  # wider than it is tall
+    z, basis = row_space(x)
+    assert z.shape == (60, 60) and np.allclose(basis @ basis.T, np.eye(60)) and np.allclose(z @ basis, x)
+    weight, bias, c = fit_linear(x, y, n_classes=4)
+    scaler = StandardScaler().fit(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = LogisticRegressionCV(Cs=list(PENALTIES), cv=5, max_iter=5000, tol=1e-8).fit(scaler.transform(x), y)
+    assert c == float(plain.C_[0]) == 0.01
+    probe = rng.normal(size=(30, 400)) + centres[np.arange(30) % 3]
+    ours = probe @ weight[:3].T + bias[:3]
+    theirs = plain.decision_function(scaler.transform(probe))
+    assert np.abs(ours - theirs).max() < 1e-2 * np.abs(theirs).max()
+    assert (ours.argmax(1) == theirs.argmax(1)).all()
+    assert bias[3] < -1e3 and not weight[3].any()  # a class absent from the training images is never predicted
+    with pytest.raises(UsageError, match="1 class"):
+        fit_linear(x, np.zeros(60, int), n_classes=2)

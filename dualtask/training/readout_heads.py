@@ -37,9 +37,24 @@ def features(model: ReadoutNet, task_images, split: str, batch_size: int = 256) 
     return np.concatenate(out).astype(np.float64), np.concatenate(labels)
 
 
+def row_space(z: np.ndarray) -> tuple:
+    """(z in coordinates of its rows' span (N, r), that span's orthonormal basis (r, width)). An L2-penalised
+    readout's weights lie in the span of its training rows (its optimality condition), and so do those of each
+    cross-validation fold (a subset of the rows): fitted to these coordinates, the readout and every fold's score
+    are the same as on the whole width, for r <= N columns instead of width (a 4,096-feature layer read from a
+    few hundred images: several times faster)."""
+    if z.shape[1] <= z.shape[0]:
+        return z, np.eye(z.shape[1])
+    _, s, vt = np.linalg.svd(z, full_matrices=False)
+    keep = s > s[0] * max(z.shape) * np.finfo(z.dtype).eps if len(s) and s[0] > 0 else np.zeros(len(s), bool)
+    basis = vt[keep] if keep.any() else vt[:1]
+    return z @ basis.T, basis
+
+
 def fit_linear(x: np.ndarray, y: np.ndarray, n_classes: int, seed: int = 0) -> tuple:
     """(weight (n_classes, width), bias (n_classes,), C): a logistic readout of standardised features, its C chosen
-    by 5-fold cross-validation over PENALTIES, folded into one linear layer of the raw features."""
+    by 5-fold cross-validation over PENALTIES (fitted in the training rows' span, `row_space`), folded into one
+    linear layer of the raw features."""
     import warnings
 
     from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
@@ -50,7 +65,7 @@ def fit_linear(x: np.ndarray, y: np.ndarray, n_classes: int, seed: int = 0) -> t
         raise UsageError(f"a task's training images hold {len(present)} class(es) (labels {present.tolist()}); a "
                          f"readout head needs at least two")
     scaler = StandardScaler().fit(x)
-    z = scaler.transform(x)
+    z, basis = row_space(scaler.transform(x))
     folds = int(min(5, counts.min()))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning, module="sklearn")  # defaults announced to change
@@ -60,7 +75,7 @@ def fit_linear(x: np.ndarray, y: np.ndarray, n_classes: int, seed: int = 0) -> t
         else:  # a class with one training image: too few to cross-validate, the middle penalty
             c = PENALTIES[len(PENALTIES) // 2]
             fit = LogisticRegression(C=c, max_iter=2000).fit(z, y)
-    coef, intercept = fit.coef_, fit.intercept_
+    coef, intercept = fit.coef_ @ basis, fit.intercept_
     if coef.shape[0] == 1:  # two classes: one logit, the second class's against the first
         coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.concatenate([[0.0], intercept])
     weight = np.zeros((n_classes, x.shape[1]))
