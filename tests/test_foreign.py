@@ -179,3 +179,17 @@ def test_a_readout_fitted_in_its_training_rows_span_equals_the_readout_fitted_on
     assert bias[3] < -1e3 and not weight[3].any()  # a class absent from the training images is never predicted
     with pytest.raises(UsageError, match="1 class"):
         fit_linear(x, np.zeros(60, int), n_classes=2)
+
+
+def test_a_foreign_networks_stages_for_preferred_stimuli_are_its_feature_map_sizes():
+    import torchvision
+
+    from dualtask.analysis.inspection import conv_stages, stimuli_sites
+
+    model = ReadoutNet(torchvision.models.resnet18(), "resnet18", {"face": 3, "object": 3}, image_size=32)
+    stages = conv_stages(model)
+    assert [n for n, _ in stages] == ["16x16", "8x8", "4x4", "2x2", "1x1"]
+    assert [s.name for _, st in stages for s in st] == [s.name for s in sites_mod.lesion_sites(model)]
+    ranked = {"trunk.layer1.0": {"loss": {}}}  # the deepest ranked site of its stage stands for the stage
+    assert [s.name for _, s in stimuli_sites(model, ranked)] == ["trunk.relu", "trunk.layer1.0", "trunk.layer2.1",
+                                                                  "trunk.layer3.1", "trunk.layer4.1"]

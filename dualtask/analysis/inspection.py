@@ -19,6 +19,7 @@ from dualtask.lesion import engine
 from dualtask.lesion.readouts import ALPHAS
 from dualtask.model import branches
 from dualtask.model import sites as sites_mod
+from dualtask.model.graph import GraphTrunk
 from dualtask.report import figures
 
 # ----------------------------------------------------------------------------------------------------------
@@ -188,11 +189,28 @@ def _ranked_filters(out_dir: Path, site: sites_mod.Site, tasks: list, n: int, ra
     return method, {t: ranking[method][t]["order"][:n] for t in tasks if t in ranking[method]}
 
 
+def resolution_stages(model: nn.Module) -> list:
+    """[(stage name, [sites])] of a network traced from its graph: runs of consecutive sites whose feature maps
+    have one size, named by it ("16x16")."""
+    sizes = dict(model.trunk.site_sizes())
+    stages = []
+    for site in sites_mod.lesion_sites(model):
+        name = "x".join(str(d) for d in sizes[site.name[len("trunk."):]])
+        if stages and stages[-1][0] == name:
+            stages[-1][1].append(site)
+        else:
+            stages.append((name, [site]))
+    seen = [n for n, _ in stages]
+    return [(n if seen.count(n) == 1 else f"{n} ({k + 1})", st) for k, (n, st) in enumerate(stages)]
+
+
 def conv_stages(model: nn.Module) -> list:
     """[(stage name, [lesion sites of the stage in depth order])]. A stage ends at a max-pool (VGG: block1 ..
     block5) or where the sites' parent module changes (ResNet/ResNeXt: the stem, then layer1 .. layer4)."""
     from torchvision.models.resnet import Bottleneck
 
+    if isinstance(getattr(model, "trunk", None), GraphTrunk):  # a network trained elsewhere: its resolution stages
+        return resolution_stages(model)
     sites = {s.path: s for s in sites_mod.lesion_sites(model)}  # by module path: a branched site is its pair of copies
     residual = any(isinstance(m, Bottleneck) for m in model.modules())
     stages, current, pooled, parent = [], [], False, None

@@ -437,6 +437,13 @@ class GraphTrunk(nn.Module):
         return [(name, self.net.get_submodule(f"{TAPS}.{k}"), int(shapes[taps[f"{TAPS}.{k}"]][1]))
                 for k, name in enumerate(self.site_names)]
 
+    def site_sizes(self) -> list:
+        """[(site name, (height, width) of its feature map at image_size)] in depth order."""
+        shapes = self.traced.shape
+        taps = {str(n.target): n.name for n in self.traced.nodes if n.op == "call_module"
+                and str(n.target).startswith(TAPS + ".")}
+        return [(name, tuple(shapes[taps[f"{TAPS}.{k}"]][2:])) for k, name in enumerate(self.site_names)]
+
     def runner(self, tap: nn.Module) -> PackedRunner:
         """The suffix-only runner around a site (its tap), built once per site: the sweep, the rankings and the
         readouts each ask for it."""
