@@ -6,16 +6,18 @@
 their data/). Each network's trunk is handed to `lesion_utils.analyse` as a plain nn.Module (its own heads left
 out), read at its features (`readout_layer="flatten"`) by readout heads fitted to the frozen trunk on each task's
 training images and by fixed readouts, and swept with the calibration's lesion settings (the loss ranking on 8
-ranking images per task, 20 random orders, fractions 0.1, 0.2 and 0.3, sites at depths 0, 12, 13, 15, 16). The
-report's verdict rules judge each run (verdict.judge_run, as the report does).
+ranking images per task, 20 random orders, fractions 0.1, 0.2 and 0.3, the sites the network was swept at there:
+0, 12, 13, 15, 16 by default). The report's verdict rules judge each run (verdict.judge_run, as the report does).
 
-- A branched network (trunk shared to depth 12, then one copy per task): its post-branch sites (13, 15, 16; the
-  graph names them by the pair of copies, e.g. layer3.5) are true splits. The known answer: "yes" naming them.
+- A branched network (trunk shared to its branch depth, 12 by default, then one copy per task): its post-branch
+  sites (deeper than the branch point; the graph names them by the pair of copies, e.g. layer3.5) are true splits.
+  The known answer: "yes" naming them.
 - A null network (two heads trained on two halves of one face task): read by two readouts of that same task (its
   two halves' images), any "yes" is a false positive.
 
-It prints one line per network and, last, the branched networks' post-branch sites found and the nulls' "yes"
-count, each with its Wilson 95% interval. Runs go to `<root>/readouts/<network>` and are reused on rerun.
+It prints one line per network (for a branched one, also how well a readout of each copy alone decodes each task)
+and, last, the branched networks' post-branch sites found and the nulls' "yes" count, each with its Wilson 95%
+interval. Runs go to `<root>/readouts/<network>` and are reused on rerun.
 """
 from __future__ import annotations
 
@@ -30,10 +32,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 from verdict_simulation import fmt_rate  # noqa: E402
 
 SETTINGS = dict(image_size=32, device="cpu", batch_size=32, demo_per_class=200, max_per_class=None, max_classes=5,
-                readout_layer="flatten", lesion_methods=["loss", "random"], lesion_layers=[0, 12, 13, 15, 16],
+                readout_layer="flatten", lesion_methods=["loss", "random"],
                 random_repeats=20, rank_images=8, lesion_fractions=[0.0, 0.1, 0.2, 0.3], ranking_reliability=True,
                 fixed_readout=True, stages=["train", "lesion"])
-POST_BRANCH = (13, 15, 16)
 
 
 def analysed(run: Path, out: Path) -> dict:
@@ -49,34 +50,72 @@ def analysed(run: Path, out: Path) -> dict:
     if run.name.startswith("null"):
         data = run.parent / "data"
         tasks = {"tasks": {t: str(data / f"halves_seed{config['seed']}_{t}") for t in ("face_a", "face_b")}}
-    L.analyse(model.trunk, out, seed=config["seed"], **SETTINGS, **tasks)
+    L.analyse(model.trunk, out, seed=config["seed"], lesion_layers=config["lesion_layers"], **SETTINGS, **tasks)
     diss, results = read_csv(out / "dissociation.csv"), read_csv(out / "lesion_results.csv")
     own = read_json(out / "config.json")
     fixed = report.read_readout(out, "fixed", V.deciding(own))
     j = V.judge_run(diss, results, read_json(out / "rankings.json"), own, fixed and fixed["dissociation"],
                     fixed and fixed["results"])
     return {"answer": j.answer.value, "split": {f.depth: f.site for f in j.findings if f.counts is V.Counts.SPLIT},
-            "counts": {f.site: f.counts.value for f in j.findings}}
+            "counts": {f.site: f.counts.value for f in j.findings}, "depths": config["lesion_layers"],
+            "branch_at": config["branch_at"]}
+
+
+def copies_decoded(run: Path, out: Path) -> dict:
+    """{task: {copy: test accuracy}} of readouts fitted (readout_heads.fit_linear, on the training images) to one
+    copy's half of a branched trunk's features alone: how much of each task each copy carries, whichever task it
+    was trained for (the copies are concatenated along the channels, copy k the k-th half)."""
+    import torch
+
+    from dualtask import load_run
+    from dualtask.core.common import read_json
+    from dualtask.experiment.pipeline import TaskImages, load_datasets
+    from dualtask.model.foreign import ReadoutNet
+    from dualtask.training.readout_heads import features, fit_linear
+
+    model, config = load_run(run)
+    own = {k: v for k, v in read_json(out / "config.json").items() if k != "tasks"}  # the data settings as given
+    data = load_datasets(own)
+    net = ReadoutNet(model.trunk, run.name, {t: len(d.classes) for t, d in data.items()}, own["image_size"],
+                     own.get("readout_layer"))
+    decoded = {}
+    for task, d in data.items():
+        images = TaskImages(d, torch.device("cpu"))
+        (x, y), (xt, yt) = features(net, images, "train"), features(net, images, "test")
+        half = x.shape[1] // 2
+        decoded[task] = {}
+        for k, copy_of in enumerate(model.tasks):  # the branched copies, in the order of its tasks
+            part = slice(k * half, (k + 1) * half)
+            weight, bias, _ = fit_linear(x[:, part], y, len(d.classes), config["seed"])
+            decoded[task][f"{copy_of} copy"] = float(((xt[:, part] @ weight.T + bias).argmax(1) == yt).mean())
+    return decoded
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", required=True, help="verdict_calibration.py's folder of trained networks")
     parser.add_argument("--kinds", default="branched,null", help="which networks: branched, null")
+    parser.add_argument("--seeds", default=None, help="which seeds, e.g. 0,1,2 (default: every one in --root)")
     args = parser.parse_args(argv)
     root = Path(args.root)
     start = time.perf_counter()
     found, sites, yes, nulls = 0, 0, 0, 0
     for kind in args.kinds.split(","):
-        for run in sorted(root.glob(f"{kind}_seed*")):
+        runs = sorted(root.glob(f"{kind}_seed*"), key=lambda r: int(r.name.rsplit("seed", 1)[1]))
+        for run in [r for r in runs if args.seeds is None or r.name.rsplit("seed", 1)[1] in args.seeds.split(",")]:
             t = time.perf_counter()
             v = analysed(run, root / "readouts" / run.name)
             line = f"{run.name}: {v['answer']} ({time.perf_counter() - t:.0f} s); " + ", ".join(
                 f"{s}: {c}" for s, c in v["counts"].items())
             print(line, flush=True)
             if kind == "branched":
-                found += sum(d in v["split"] for d in POST_BRANCH)
-                sites += len(POST_BRANCH)
+                decoded = copies_decoded(run, root / "readouts" / run.name)
+                print("  each copy alone, test accuracy: " + "; ".join(
+                    f"{task} from the " + ", ".join(f"{c} {a:.3f}" for c, a in by.items())
+                    for task, by in decoded.items()), flush=True)
+                post = [d for d in v["depths"] if d > v["branch_at"]]
+                found += sum(d in v["split"] for d in post)
+                sites += len(post)
             else:
                 yes += v["answer"] == "yes"
                 nulls += 1
