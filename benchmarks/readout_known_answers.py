@@ -61,32 +61,40 @@ def analysed(run: Path, out: Path) -> dict:
             "branch_at": config["branch_at"]}
 
 
-def copies_decoded(run: Path, out: Path) -> dict:
-    """{task: {copy: test accuracy}} of readouts fitted (readout_heads.fit_linear, on the training images) to one
-    copy's half of a branched trunk's features alone: how much of each task each copy carries, whichever task it
-    was trained for (the copies are concatenated along the channels, copy k the k-th half)."""
+def readout_features(run: Path, out: Path) -> tuple:
+    """(model, {task: ((train features, labels), (test features, labels))}): a trained run's trunk read at the
+    features its analysis `out` read (readout_layer, its data settings)."""
     import torch
 
     from dualtask import load_run
     from dualtask.core.common import read_json
     from dualtask.experiment.pipeline import TaskImages, load_datasets
     from dualtask.model.foreign import ReadoutNet
-    from dualtask.training.readout_heads import features, fit_linear
+    from dualtask.training.readout_heads import features
 
-    model, config = load_run(run)
+    model, _ = load_run(run)
     own = {k: v for k, v in read_json(out / "config.json").items() if k != "tasks"}  # the data settings as given
     data = load_datasets(own)
     net = ReadoutNet(model.trunk, run.name, {t: len(d.classes) for t, d in data.items()}, own["image_size"],
                      own.get("readout_layer"))
+    images = {t: TaskImages(d, torch.device("cpu")) for t, d in data.items()}
+    return model, {t: (features(net, images[t], "train"), features(net, images[t], "test")) for t in data}
+
+
+def copies_decoded(run: Path, out: Path) -> dict:
+    """{task: {copy: test accuracy}} of readouts fitted (readout_heads.fit_linear, on the training images) to one
+    copy's half of a branched trunk's features alone: how much of each task each copy carries, whichever task it
+    was trained for (the copies are concatenated along the channels, copy k the k-th half)."""
+    from dualtask.training.readout_heads import fit_linear
+
+    model, by_task = readout_features(run, out)
     decoded = {}
-    for task, d in data.items():
-        images = TaskImages(d, torch.device("cpu"))
-        (x, y), (xt, yt) = features(net, images, "train"), features(net, images, "test")
+    for task, ((x, y), (xt, yt)) in by_task.items():
         half = x.shape[1] // 2
         decoded[task] = {}
         for k, copy_of in enumerate(model.tasks):  # the branched copies, in the order of its tasks
             part = slice(k * half, (k + 1) * half)
-            weight, bias, _ = fit_linear(x[:, part], y, len(d.classes), config["seed"])
+            weight, bias, _ = fit_linear(x[:, part], y, int(y.max()) + 1)
             decoded[task][f"{copy_of} copy"] = float(((xt[:, part] @ weight.T + bias).argmax(1) == yt).mean())
     return decoded
 
