@@ -52,7 +52,9 @@ def main(argv=None) -> int:
         from readout_known_answers import readout_features
 
         run = Path(args.run)
-        (x, y), (held, _) = readout_features(run, run.parent / "readouts" / run.name)[1][args.task]
+        from dualtask import load_run
+
+        (x, y), (held, _) = readout_features(load_run(run)[0], run.parent / "readouts" / run.name)[args.task]
         args.images, args.width, args.classes = x.shape[0], x.shape[1], int(y.max()) + 1
     else:
         x, y = features(args.images, args.width, args.classes, 0)

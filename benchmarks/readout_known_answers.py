@@ -37,15 +37,14 @@ SETTINGS = dict(image_size=32, device="cpu", batch_size=32, demo_per_class=200, 
                 fixed_readout=True, stages=["train", "lesion"])
 
 
-def analysed(run: Path, out: Path) -> dict:
-    """The run's trunk analysed through readouts into `out`; its verdict (verdict.judge_run on out's files)."""
+def analysed(model, config: dict, run: Path, out: Path) -> dict:
+    """The run's trunk (`model`, `config`: dualtask.load_run's) analysed through readouts into `out`; its verdict
+    (verdict.judge_run on out's files)."""
     import lesion_utils as L
-    from dualtask import load_run
     from dualtask.core.common import read_csv, read_json
     from dualtask.report import build as report
     from dualtask.stats import verdict as V
 
-    model, config = load_run(run)
     tasks = {"face_data": "demo", "object_data": "demo"}
     if run.name.startswith("null"):
         data = run.parent / "data"
@@ -61,35 +60,32 @@ def analysed(run: Path, out: Path) -> dict:
             "branch_at": config["branch_at"]}
 
 
-def readout_features(run: Path, out: Path) -> tuple:
-    """(model, {task: ((train features, labels), (test features, labels))}): a trained run's trunk read at the
+def readout_features(model, out: Path) -> dict:
+    """{task: ((train features, labels), (test features, labels))}: a trained run's trunk (`model`) read at the
     features its analysis `out` read (readout_layer, its data settings)."""
     import torch
 
-    from dualtask import load_run
     from dualtask.core.common import read_json
     from dualtask.experiment.pipeline import TaskImages, load_datasets
     from dualtask.model.foreign import ReadoutNet
     from dualtask.training.readout_heads import features
 
-    model, _ = load_run(run)
     own = {k: v for k, v in read_json(out / "config.json").items() if k != "tasks"}  # the data settings as given
     data = load_datasets(own)
-    net = ReadoutNet(model.trunk, run.name, {t: len(d.classes) for t, d in data.items()}, own["image_size"],
+    net = ReadoutNet(model.trunk, out.name, {t: len(d.classes) for t, d in data.items()}, own["image_size"],
                      own.get("readout_layer"))
     images = {t: TaskImages(d, torch.device("cpu")) for t, d in data.items()}
-    return model, {t: (features(net, images[t], "train"), features(net, images[t], "test")) for t in data}
+    return {t: (features(net, images[t], "train"), features(net, images[t], "test")) for t in data}
 
 
-def copies_decoded(run: Path, out: Path) -> dict:
+def copies_decoded(model, out: Path) -> dict:
     """{task: {copy: test accuracy}} of readouts fitted (readout_heads.fit_linear, on the training images) to one
     copy's half of a branched trunk's features alone: how much of each task each copy carries, whichever task it
     was trained for (the copies are concatenated along the channels, copy k the k-th half)."""
     from dualtask.training.readout_heads import fit_linear
 
-    model, by_task = readout_features(run, out)
     decoded = {}
-    for task, ((x, y), (xt, yt)) in by_task.items():
+    for task, ((x, y), (xt, yt)) in readout_features(model, out).items():
         half = x.shape[1] // 2
         decoded[task] = {}
         for k, copy_of in enumerate(model.tasks):  # the branched copies, in the order of its tasks
@@ -105,6 +101,8 @@ def main(argv=None) -> int:
     parser.add_argument("--kinds", default="branched,null", help="which networks: branched, null")
     parser.add_argument("--seeds", default=None, help="which seeds, e.g. 0,1,2 (default: every one in --root)")
     args = parser.parse_args(argv)
+    from dualtask import load_run
+
     root = Path(args.root)
     start = time.perf_counter()
     found, sites, yes, nulls = 0, 0, 0, 0
@@ -112,12 +110,13 @@ def main(argv=None) -> int:
         runs = sorted(root.glob(f"{kind}_seed*"), key=lambda r: int(r.name.rsplit("seed", 1)[1]))
         for run in [r for r in runs if args.seeds is None or r.name.rsplit("seed", 1)[1] in args.seeds.split(",")]:
             t = time.perf_counter()
-            v = analysed(run, root / "readouts" / run.name)
+            model, config = load_run(run)
+            v = analysed(model, config, run, root / "readouts" / run.name)
             line = f"{run.name}: {v['answer']} ({time.perf_counter() - t:.0f} s); " + ", ".join(
                 f"{s}: {c}" for s, c in v["counts"].items())
             print(line, flush=True)
             if kind == "branched":
-                decoded = copies_decoded(run, root / "readouts" / run.name)
+                decoded = copies_decoded(model, root / "readouts" / run.name)
                 print("  each copy alone, test accuracy: " + "; ".join(
                     f"{task} from the " + ", ".join(f"{c} {a:.3f}" for c, a in by.items())
                     for task, by in decoded.items()), flush=True)

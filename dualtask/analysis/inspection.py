@@ -192,10 +192,9 @@ def _ranked_filters(out_dir: Path, site: sites_mod.Site, tasks: list, n: int, ra
 def resolution_stages(model: nn.Module) -> list:
     """[(stage name, [sites])] of a network traced from its graph: runs of consecutive sites whose feature maps
     have one size, named by it ("16x16")."""
-    sizes = dict(model.trunk.site_sizes())
     stages = []
-    for site in sites_mod.lesion_sites(model):
-        name = "x".join(str(d) for d in sizes[site.name[len("trunk."):]])
+    for site, (_, size) in zip(sites_mod.lesion_sites(model), model.trunk.site_sizes()):  # both in depth order
+        name = "x".join(str(d) for d in size)
         if stages and stages[-1][0] == name:
             stages[-1][1].append(site)
         else:

@@ -429,20 +429,19 @@ class GraphTrunk(nn.Module):
             self._traced = Traced(self.net, self.image_size)
         return self._traced
 
+    def _site_shapes(self) -> list:
+        """[(site name, tap path, shape of its value (N, C, H, W) at image_size)] in depth order."""
+        node_of = {str(n.target): n.name for n in self.traced.nodes if n.op == "call_module"}
+        return [(name, f"{TAPS}.{k}", self.traced.shape[node_of[f"{TAPS}.{k}"]])
+                for k, name in enumerate(self.site_names)]
+
     def sites(self) -> list:
         """[(site name, tap module, filters)] in depth order."""
-        shapes = self.traced.shape
-        taps = {str(n.target): n.name for n in self.traced.nodes if n.op == "call_module"
-                and str(n.target).startswith(TAPS + ".")}
-        return [(name, self.net.get_submodule(f"{TAPS}.{k}"), int(shapes[taps[f"{TAPS}.{k}"]][1]))
-                for k, name in enumerate(self.site_names)]
+        return [(name, self.net.get_submodule(tap), int(shape[1])) for name, tap, shape in self._site_shapes()]
 
     def site_sizes(self) -> list:
         """[(site name, (height, width) of its feature map at image_size)] in depth order."""
-        shapes = self.traced.shape
-        taps = {str(n.target): n.name for n in self.traced.nodes if n.op == "call_module"
-                and str(n.target).startswith(TAPS + ".")}
-        return [(name, tuple(shapes[taps[f"{TAPS}.{k}"]][2:])) for k, name in enumerate(self.site_names)]
+        return [(name, tuple(shape[2:])) for name, _, shape in self._site_shapes()]
 
     def runner(self, tap: nn.Module) -> PackedRunner:
         """The suffix-only runner around a site (its tap), built once per site: the sweep, the rankings and the

@@ -46,8 +46,8 @@ def row_space(z: np.ndarray) -> tuple:
     if z.shape[1] <= z.shape[0]:
         return z, np.eye(z.shape[1])
     _, s, vt = np.linalg.svd(z, full_matrices=False)
-    keep = s > s[0] * max(z.shape) * np.finfo(z.dtype).eps if len(s) and s[0] > 0 else np.zeros(len(s), bool)
-    basis = vt[keep] if keep.any() else vt[:1]
+    keep = s > s[0] * max(z.shape) * np.finfo(z.dtype).eps  # the numerical rank (numpy's matrix_rank tolerance)
+    basis = vt[keep] if keep.any() else vt[:1]  # all-zero features: one direction, a readout of constants
     return z @ basis.T, basis
 
 
