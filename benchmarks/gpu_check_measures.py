@@ -145,6 +145,7 @@ class Check:
         self.gpu = self.device.type == "cuda"
         self.t0 = time.perf_counter()
         self.images, self.trainer, self.model, self.peak, self._flops = None, None, None, None, {}
+        self.conv_rate = None
 
     def judged(self, ok: bool):
         """A GPU target is judged on the GPU only."""

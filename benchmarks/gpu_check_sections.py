@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from gpu_check_measures import Check, ResNet, Trainer, metric, sync, vgg16
+from hardware_peak import conv_reference, matmul_peak
 
 from dualtask.core import names
 from dualtask.experiment import pipeline as dualtask
@@ -27,21 +28,15 @@ AGREE_TARGET_GPU = 0.999  # bf16 suffix passes round differently from whole-netw
 
 
 def section_peak(ck: Check) -> list:
-    """The matrix-product peak: bf16 on CUDA (what autocast computes in), fp32 on the CPU."""
+    """The matrix-product peak, bf16 on CUDA (what autocast computes in) and fp32 on the CPU, and a 3x3
+    convolution of a VGG middle layer (hardware_peak.py, shared with lesion_speed.py)."""
     n, reps = ck.S["matmul"], ck.S["matmul_reps"]
-    dtype = torch.bfloat16 if ck.gpu else torch.float32
-    a = torch.randn(n, n, device=ck.device, dtype=dtype)
-    b = torch.randn(n, n, device=ck.device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    sync(ck.device)
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync(ck.device)
-    ck.peak = reps * 2 * n ** 3 / (time.perf_counter() - start)
+    ck.peak = matmul_peak(ck.device, n, reps)
+    batch = 8 if ck.args.tiny else 64
+    ck.conv_rate = conv_reference(ck.device, batch=batch, reps=reps)
     name = "bf16" if ck.gpu else "fp32"
-    return [metric(f"matmul peak ({name}, {n}^3)", ck.peak / 1e12, "TFLOP/s")]
+    return [metric(f"matmul peak ({name}, {n}^3)", ck.peak / 1e12, "TFLOP/s"),
+            metric(f"3x3 conv ({name}, 256 channels, 16x16, batch {batch})", ck.conv_rate / 1e12, "TFLOP/s")]
 
 
 def upsample(images: np.ndarray, size: int, device: torch.device, chunk: int = 512) -> np.ndarray:
@@ -195,6 +190,7 @@ def section_suffix_sweep(ck: Check) -> list:
         metric("suffix sweep achieved", rate / 1e12, "TFLOP/s", flops=work),
         metric("suffix sweep % of matmul peak", None if share is None else 100 * share, "%",
                f">= {100 * SUFFIX_TARGET_PEAK:.0f}%", ck.judged(share is not None and share >= SUFFIX_TARGET_PEAK)),
+        metric("suffix sweep % of the 3x3 conv's rate", 100 * rate / ck.conv_rate if ck.conv_rate else None, "%"),
     ]
 
 
@@ -268,7 +264,8 @@ def section_greedy(ck: Check) -> list:
     """Racing greedy for greedy_steps steps at each of greedy_sites (the first task), then the projection. Before
     each site its cost is predicted (the probe's rate, the share of evaluations racing kept at the site before,
     all of them at the first, and one first-order pass forward and back per image and step); a site predicted to
-    end past greedy_s runs fewer steps, or is left out."""
+    end past greedy_s runs fewer steps, or is left out (except the first, which runs at least one step, so that a
+    slow or loaded machine still gives a projection)."""
     S, start = ck.S, time.perf_counter()
     deadline = min(start + S["greedy_s"], ck.t0 + ck.args.limit_s)
     model, note = ck.lesion_model()
@@ -288,7 +285,10 @@ def section_greedy(ck: Check) -> list:
         mpp = engine.default_masks_per_pass(ck.device, caches[site.name])
         per_eval = probe_seconds(model, site, batches, task, precision, mpp)
         k = min(S["greedy_steps"], len(remaining))
-        while k > 0 and time.perf_counter() + per_eval * n_images * (kept * sum(remaining[:k]) + 3 * k) > deadline:
+        # the first site runs one step whatever the clock says (the projection needs one measurement); the
+        # rest fit the time left
+        floor = 0 if factors else 1
+        while k > floor and time.perf_counter() + per_eval * n_images * (kept * sum(remaining[:k]) + 3 * k) > deadline:
             k -= 1
         if k == 0:
             rows.append(metric(f"{site.name} ({site.n_filters})", "left out", "predicted past the time budget",

@@ -192,6 +192,8 @@ def test_keep_only_and_per_class_outputs(tmp_path):
     assert counted == int(rows[0]["n_images"])
 
 
+@pytest.mark.slow  # about two minutes on 2 cores; the shared greedy (test_greedy: two gloo processes) keeps the
+# distributed code in the default run
 def test_torchrun_two_cpu_processes(tmp_path):
     """Training and the lesion sweep under torchrun with 2 CPU processes: the sites are shared out, the greedy
     ranking's candidates at each step too, and the sweep's files are those of one process sweeping the same

@@ -248,14 +248,23 @@ def cache_bytes(model: nn.Module, sites: list, image_shape, batch_size: int) -> 
     return {s.name: SiteRunner(model, s).prefix(x).numel() * 4 * batch_size for s in sites}
 
 
+# On the CPU, lesions are stacked along the batch until the stacked cached batch reaches about this many bytes:
+# small batches (a deep site's few positions, a ranking's 16 images) leave the cores' vector units idle between
+# kernel launches, while larger ones fall out of the cache (benchmarks/lesion_speed.py, BENCHMARKS.md)
+CPU_STACK_BYTES = 12 * 2 ** 20
+
+
 def default_masks_per_pass(device: torch.device, batch_bytes: int = 0) -> int:
-    """Lesions evaluated per pass. On a GPU, as many stacked copies of a cached batch as fit a quarter of the
-    free memory (common.free_memory; the part after the site needs a few times its input), at most 32; on the
-    CPU one, which is as fast there and bit-for-bit reproducible."""
-    free = device_mod.free_memory(device)
-    if free is None:
+    """Lesions evaluated per pass of a cached batch of `batch_bytes`. On a GPU, as many stacked copies as fit a
+    quarter of the free memory (common.free_memory; the part after the site needs a few times its input); on the
+    CPU, as many as keep the stacked batch within CPU_STACK_BYTES. At most 32, at least 1. A stacked batch has
+    other shapes than one lesion's, for which the kernels may round otherwise: equal to one lesion per pass
+    within float32 rounding (bit for bit on the 2-core development machine for the sizes its tests use)."""
+    if batch_bytes <= 0:
         return 1
-    return int(max(1, min(32, 0.25 * free // max(1, 4 * batch_bytes))))
+    free = device_mod.free_memory(device)
+    room = CPU_STACK_BYTES if free is None else 0.25 * free / 4
+    return int(max(1, min(32, room // batch_bytes)))
 
 
 @torch.inference_mode()

@@ -236,12 +236,7 @@ class Sweep:
                 for t in tasks))
         say(f"intact test accuracy through the {self.read_by}: " + ", ".join(
             f"{t} {self.summary[t]['accuracy']:.3f} (chance {self.chance[t]:.3f})" for t in tasks))
-        batch = max(len(x) for _, x, _ in test)
-        caches = cache_bytes(model, self.todo, test[0][1].shape[1:], batch)
-        self.masks_per_pass = default_masks_per_pass(self.device, max(caches.values()))
-        say(f"activation cache: at most {max(caches.values()) / 2**20:.1f} MiB per image batch ({batch} images), "
-            f"{self.masks_per_pass} lesion(s) per pass"
-            + (f"; sites shared out across {self.world} processes" if self.world > 1 else ""))
+        self._lesions_per_pass()
         if not self.readout:
             self.receptive = receptive_fields(model, self.todo, int(test[0][1].shape[-1]))
         self.labels = {t: torch.cat([y for tb, _, y in test if tb == t]).cpu().numpy() for t in tasks}
@@ -249,6 +244,22 @@ class Sweep:
         self.n_test = sum(len(y) for _, _, y in test)
         self.groups = subgroups.read_groups(config["subgroups"], {t: len(y) for t, y in self.labels.items()}) \
             if self.settings.get("subgroups") else None
+
+    def _lesions_per_pass(self) -> None:
+        """Lesions per pass, each site's own: its test batch's cached output for the sweep, its ranking batch's for
+        the rankings (a ranking batch is smaller: more lesions fit beside it)."""
+        test, shape = self.test, self.test[0][1].shape[1:]
+        batch = max(len(x) for _, x, _ in test)
+        caches = cache_bytes(self.model, self.sites, shape, batch)
+        self.per_pass = {name: default_masks_per_pass(self.device, b) for name, b in caches.items()}
+        rank_batch = max([len(x) for _, x, _ in self.train_sample] or [1])
+        self.rank_per_pass = {name: default_masks_per_pass(self.device, b) for name, b in cache_bytes(
+            self.model, self.sites, shape, rank_batch).items()} if self.train_sample else self.per_pass
+        counts = sorted(set(self.per_pass.values()))
+        self.say(f"activation cache: at most {max(caches.values()) / 2**20:.1f} MiB per image batch ({batch} images), "
+                 f"{counts[0] if len(counts) == 1 else f'{counts[0]} to {counts[-1]}'} lesion(s) per pass"
+                 + (" by site" if len(counts) > 1 else "")
+                 + (f"; sites shared out across {self.world} processes" if self.world > 1 else ""))
 
     def _ranking_plan(self) -> None:
         """How the sites' rankings are computed: the greedy settings, shared greedy under torchrun, precision."""
@@ -269,7 +280,8 @@ class Sweep:
     def _ranked(self, site, methods, how: str, reliability: bool, share=None) -> dict:
         tops = sorted(set(RELIABILITY_FRACTIONS) | {f for f in self.settings["fractions"] if f > 0})
         return rank_site(self.model, site, self.train_sample, self.tasks, methods, self.settings["random_repeats"],
-                         self.config["seed"], self.masks_per_pass, reliability=reliability, greedy=self.greedy,
+                         self.config["seed"], self.rank_per_pass[site.name], reliability=reliability,
+                         greedy=self.greedy,
                          precision=how, localiser_fdr=self.settings.get("localiser_fdr", LOCALISER_FDR),
                          mask=self.settings.get("mask"), reliability_fractions=tops,
                          **({"share": share} if share else {}))
@@ -327,7 +339,7 @@ class Sweep:
     def _scored(self, site, lesions: list, means) -> tuple:
         """(per lesion {task: {'correct', 'loss'}}, whether the heads' sweep had already scored them) of the site's
         lesions, through the heads or the readouts this sweep reads."""
-        mode, per_pass = self.settings["mode"], self.masks_per_pass
+        mode, per_pass = self.settings["mode"], self.per_pass[site.name]
         if self.readout == "refit":
             return refit_lesions(self.model, site, lesions, self.fit, self.test, self.alphas, mode, means,
                                  per_pass)[0], False
