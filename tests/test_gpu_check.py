@@ -55,3 +55,24 @@ def test_one_section_in_process_and_errors_recorded(tmp_path, capsys):
     assert "Traceback" in status["suffix_sweep"]["traceback"]
     assert status["peak"]["status"] == "ok"
     assert "failed: suffix_sweep" in capsys.readouterr().out
+
+
+def test_tiny_sizes_keep_no_clock_and_greedy_measures_a_site_past_its_deadline(tmp_path):
+    """--tiny checks code paths, so nothing in it depends on how fast or loaded the machine is: no section budget
+    and no greedy limit unless asked; and even with the greedy limit already past (--limit_s=0, as on a machine
+    far slower than planned) the greedy section measures one step at its first site and projects from it, leaving
+    the other site out."""
+    gpu_check = load_benchmark("gpu_check")
+    args = gpu_check.parse(["--device=cpu", "--tiny"])
+    assert args.budget_s == float("inf") and args.limit_s == float("inf")
+    full = gpu_check.parse(["--device=cpu"])
+    assert (full.budget_s, full.limit_s) == (420.0, 450.0)
+    out = tmp_path / "late.json"
+    assert gpu_check.main(["--device=cpu", "--tiny", f"--out={out}", "--sections=data,greedy", "--limit_s=0"]) == 0
+    report = json.loads(out.read_text())
+    greedy = next(s for s in report["sections"] if s["section"] == "greedy")
+    assert greedy["status"] == "ok", greedy["error"]
+    names = [m["metric"] for m in greedy["metrics"]]
+    assert sum(n.endswith("s per greedy step") for n in names) == 1
+    assert any(m["value"] == "left out" for m in greedy["metrics"])
+    assert any(n.startswith("projected whole greedy ranking") for n in names)
