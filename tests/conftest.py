@@ -10,11 +10,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
 SHARED_DATA = ROOT.parent / "shared" / "data"
-# threads per test process (and the processes it starts): the cores shared out among pytest-xdist's workers
-# (`-n 2`, as the README's command runs), at most 2, which is all these tiny tensors use; OMP_NUM_THREADS set
-# by the caller wins
-_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-os.environ.setdefault("OMP_NUM_THREADS", str(max(1, min(2, (os.cpu_count() or 2) // _WORKERS))))
+os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
 def pytest_configure(config):

@@ -294,6 +294,7 @@ def test_plan_names_every_run_with_its_role_seed_and_folder(tmp_path):
     assert [(r["role"], r["folder"]) for r in single] == [("real", "seed_7"), ("pseudo_task", "pseudo_task/seed_7")]
 
 
+@pytest.mark.slow  # two seeds' runs through submitit's local executor, about 25 s
 def test_two_seed_experiment_through_submitit_then_a_rerun_trains_nothing(tmp_path, capsys):
     """The SLURM path with submitit's local executor: each run a job in its own process."""
     pytest.importorskip("submitit")
@@ -347,6 +348,7 @@ def test_experiment_with_every_control(tmp_path):
     assert again.returncode == 0 and "12 finished earlier, 0 to run" in again.stdout
 
 
+@pytest.mark.slow  # about 20 s
 def test_lesion_epochs_keep_and_sweep_earlier_weights(tmp_path, capsys):
     import ResNet
     from dualtask.core.device import load_checkpoint

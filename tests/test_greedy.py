@@ -202,6 +202,7 @@ def test_an_earlier_greedy_sweep_without_the_new_column_resumes(tmp_path):
     assert L.earlier_sweep(raced, tmp_path)["restart"].startswith("lesion settings differ")
 
 
+@pytest.mark.slow  # a whole run with the greedy ranking, about 25 s; greedy's choices are tested above in-process
 def test_greedy_stop_is_marked_in_lesion_results(tmp_path):
     out = tmp_path / "run"
     p = run_script("ResNet.py", *TINY, *TINY_LESION, "--lesion_methods=['greedy', 'random']",

@@ -171,6 +171,7 @@ def test_a_file_of_another_architecture_exits_2_naming_it(tmp_path):
     assert str(resnet) in p.stderr and "Traceback" not in p.stderr
 
 
+@pytest.mark.slow  # about 20 s; test_planted sweeps a joint head in the default run
 def test_joint_head_runs_end_to_end(tmp_path):
     out = tmp_path / "run"
     # the lesion engine reads the joint layer through SiteRunner (every lesion) and rank_site (its tasks); the

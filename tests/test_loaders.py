@@ -325,6 +325,7 @@ def test_other_class_folders_are_not_cropped(tmp_path):
     assert load_task(str(aligned), "identity", 16).source.startswith("folder:")
 
 
+@pytest.mark.slow  # a training run on the LFW photographs, about 30 s; the crop functions themselves are tested above
 def test_face_crop_is_part_of_a_run_on_lfw_and_of_no_other(tmp_path):
     from dualtask.core import common
     from dualtask.experiment import pipeline as dualtask

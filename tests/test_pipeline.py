@@ -258,6 +258,7 @@ def test_real_photographs_both_heads_beat_chance(tmp_path):
         assert test[task]["accuracy"] > data.chance + 0.1, (task, test[task], state["epoch"])
 
 
+@pytest.mark.slow  # two tiny runs, about 25 s
 def test_run_of_an_older_recipe_is_rebuilt_as_trained(tmp_path):
     """A checkpoint trained before recipe 2 (VGG's 7 x 7 classifier pool at any size) still lesions and
     reports; training it further is refused with the reason, and nothing in it changes."""

@@ -39,6 +39,7 @@ def test_a_subgroups_file_is_read_and_bad_ones_are_named(tmp_path):
         subgroups.read_groups(tmp_path / "cols.csv", {"face": 4})
 
 
+@pytest.mark.slow  # a training run and a sweep, about 40 s; reading the groups is tested above
 def test_every_lesions_accuracy_per_subgroup_adds_up_to_the_totals(tmp_path):
     out = tmp_path / "run"
     config = tiny_config(out, stages=["train"])
