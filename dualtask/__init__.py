@@ -9,7 +9,7 @@ looked up on first use, so that `import dualtask.report` stays free of torch.
 OpenMP threads that wait: PyTorch's CPU kernels run on OpenMP (GNU libgomp in the pip wheels), whose threads spin
 for a long while at the end of every parallel region before they sleep. Beside another CPU-bound job, a thread
 that spins keeps the core from the thread it waits for, and a run slowed down 3.7x where the share of cores
-explains 2x (BENCHMARKS.md, "Threads beside other jobs"). Unless the environment says otherwise, the spinning is
+explains 2x (BENCHMARKS.md, "The CPU against its own peak"). Unless the environment says otherwise, the spinning is
 cut short here, before anything imports torch (GOMP_SPINCOUNT=3000: 6% slower alone, in proportion beside other
 jobs); a program that imports torch before dualtask keeps its own setting.
 """
