@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from hardware_peak import sync
 from torch.utils.flop_counter import FlopCounterMode
 
 from dualtask.config import settings
@@ -43,11 +44,6 @@ SIZES = {
 
 # ----------------------------------------------------------------------------------------------------------
 # measuring
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _physical_gpu(index: int) -> str:

@@ -248,15 +248,15 @@ class Sweep:
     def _lesions_per_pass(self) -> None:
         """Lesions per pass, each site's own: its test batch's cached output for the sweep, its ranking batch's for
         the rankings (a ranking batch is smaller: more lesions fit beside it)."""
-        test, shape = self.test, self.test[0][1].shape[1:]
-        batch = max(len(x) for _, x, _ in test)
-        caches = cache_bytes(self.model, self.sites, shape, batch)
-        self.per_pass = {name: default_masks_per_pass(self.device, b) for name, b in caches.items()}
-        rank_batch = max([len(x) for _, x, _ in self.train_sample] or [1])
-        self.rank_per_pass = {name: default_masks_per_pass(self.device, b) for name, b in cache_bytes(
-            self.model, self.sites, shape, rank_batch).items()} if self.train_sample else self.per_pass
+        per_image = cache_bytes(self.model, self.sites, self.test[0][1].shape[1:], 1)
+        batch = max(len(x) for _, x, _ in self.test)
+        rank_batch = max((len(x) for _, x, _ in self.train_sample), default=batch)
+        self.per_pass = {name: default_masks_per_pass(self.device, b * batch) for name, b in per_image.items()}
+        self.rank_per_pass = {name: default_masks_per_pass(self.device, b * rank_batch)
+                              for name, b in per_image.items()}
         counts = sorted(set(self.per_pass.values()))
-        self.say(f"activation cache: at most {max(caches.values()) / 2**20:.1f} MiB per image batch ({batch} images), "
+        self.say(f"activation cache: at most {max(per_image.values()) * batch / 2**20:.1f} MiB per image batch "
+                 f"({batch} images), "
                  f"{counts[0] if len(counts) == 1 else f'{counts[0]} to {counts[-1]}'} lesion(s) per pass"
                  + (" by site" if len(counts) > 1 else "")
                  + (f"; sites shared out across {self.world} processes" if self.world > 1 else ""))
