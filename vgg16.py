@@ -47,7 +47,7 @@ fixed_readout = True  # also score every lesion by linear readouts fitted once t
 localiser_fdr = 0.05  # the localiser ranking: Welch's t of each filter, a task's images against the others', selective where Benjamini-Yekutieli FDR passes at this rate; its selective set is also lesioned exactly, beside random sets of its size
 mask_steps = 100  # the mask ranking: Adam steps of a sigmoid gate per filter learned on frozen weights (the task's ranking images)
 mask_l1 = 1.0  # the mask ranking: weight of the L1 pull toward closing gates (x the mean gate, beside the task's cross-entropy)
-ranking_reliability = True  # also rank on each half of the ranking images and report how well the halves agree (costs as much again as ranking)
+ranking_reliability = True  # also rank on each half of the ranking images and report how well the halves agree (the loss ranking's halves come free from its per-image losses; the others cost as much again)
 verdict_rankings = None  # the rankings that decide the verdict; None = the importance rankings run (loss, greedy, taylor, mask); naming activation or localiser widens the family on purpose (the report says so)
 lesion_layers = None  # sites to lesion, as depths or module paths; None = every site
 lesion_mode = "zero"  # "zero" silences filters; "mean" holds them at their mean activation

@@ -90,14 +90,30 @@ def task_loss(results: list, task: str) -> np.ndarray:
     return np.array([r[task]["loss"].mean() for r in results])
 
 
+def loss_per_image(model, site: Site, batches: list, task: str, masks_per_pass: int = 1,
+                   precision: str = "fp32") -> tuple:
+    """(intact, lesioned): `task`'s cross-entropy of each of its images (batches: training images, in batch order)
+    intact, shape (images,), and with each filter alone silenced, shape (filters, images)."""
+    own = [b for b in batches if b[0] == task]
+    intact = evaluate_lesions(model, site, [[]], own, precision=precision)[0][task]["loss"]
+    singles = [[c] for c in range(site.n_filters)]
+    lesioned = evaluate_lesions(model, site, singles, own, masks_per_pass=masks_per_pass, precision=precision)
+    return intact, np.stack([r[task]["loss"] for r in lesioned])
+
+
+def loss_increase(per_image: tuple, images=None) -> np.ndarray:
+    """Each filter's increase of the mean cross-entropy (`loss_per_image`'s), over all images or the positions
+    `images` among them."""
+    intact, lesioned = per_image
+    if images is not None:
+        intact, lesioned = intact[images], lesioned[:, images]
+    return np.array([row.mean() for row in lesioned]) - intact.mean()
+
+
 def loss_scores(model, site: Site, batches: list, task: str, masks_per_pass: int = 1,
                 precision: str = "fp32") -> np.ndarray:
     """Increase of `task`'s mean cross-entropy when each filter alone is silenced (batches: training images)."""
-    own = [b for b in batches if b[0] == task]
-    intact = task_loss(evaluate_lesions(model, site, [[]], own, precision=precision), task)[0]
-    singles = [[c] for c in range(site.n_filters)]
-    return task_loss(evaluate_lesions(model, site, singles, own, masks_per_pass=masks_per_pass,
-                                       precision=precision), task) - intact
+    return loss_increase(loss_per_image(model, site, batches, task, masks_per_pass, precision))
 
 
 def taylor_scores(model, site: Site, batches: list, task: str) -> np.ndarray:
@@ -158,6 +174,13 @@ def split_halves(batches: list) -> tuple:
     return tuple([(t, x[k::2], y[k::2]) for t, x, y in batches if len(x[k::2])] for k in (0, 1))
 
 
+def half_positions(batches: list, task: str, half: int) -> np.ndarray:
+    """Where `split_halves`' half (0 or 1) of `task`'s images sits among the task's images in batch order."""
+    sizes = [len(y) for t, _, y in batches if t == task]
+    starts = np.cumsum([0] + sizes[:-1])
+    return np.concatenate([start + np.arange(n)[half::2] for start, n in zip(starts, sizes)] or [np.zeros(0, int)])
+
+
 def top_overlap(order_a, order_b, fraction: float) -> float:
     """Share of the top-`fraction` filters of one order that are also in the other's (random orders share about
     `fraction` of them)."""
@@ -193,7 +216,8 @@ def rank_site(model, site: Site, rank_batches: list, tasks: list, methods, rando
     """{method: {target: {'order': [...], 'scores': [...]}}} for one site; 'random' holds repeat_0..R-1, and
     'agreement' the rank correlation of taylor with loss per task when both were computed. With `reliability`,
     'reliability' holds each ranking's split-half reliability (`split_half_reliability`): every ranking is
-    computed again on each half of the ranking images, which costs as much again as the rankings.
+    computed on each half of the ranking images: the loss ranking's halves from the same per-image losses (no
+    second pass), the others again, which costs as much again as they do.
     greedy: the greedy ranking's settings (`greedy_settings`; None = the defaults, GREEDY_DEFAULTS);
     precision: how the loss and greedy rankings score lesions (`ranking_precision`);
     share: (rank, world, all_gather) shares each greedy step's candidates out across processes (`greedy_order`),
@@ -209,10 +233,12 @@ def rank_site(model, site: Site, rank_batches: list, tasks: list, methods, rando
         out["activation"] = {t: ranking_entry(order_of(scores[t]), scores[t]) for t in tasks}
     if "localiser" in methods:
         out["localiser"] = {t: localiser_entry(acts, t, localiser_fdr) for t in tasks}
+    per_image = {}
     if "loss" in methods:
         out["loss"] = {}
         for t in tasks:
-            scores = loss_scores(model, site, rank_batches, t, masks_per_pass, precision)
+            per_image[t] = loss_per_image(model, site, rank_batches, t, masks_per_pass, precision)
+            scores = loss_increase(per_image[t])
             out["loss"][t] = ranking_entry(order_of(scores), scores)
     if "greedy" in methods:
         g = dict(GREEDY_DEFAULTS, **(greedy or {}))
@@ -240,10 +266,20 @@ def rank_site(model, site: Site, rank_batches: list, tasks: list, methods, rando
     if reliability and ranked:
         halves = split_halves(rank_batches)
         if all(any(t == task for t, _, _ in half) for half in halves for task in tasks):
-            out["reliability"] = split_half_reliability(tuple(
-                rank_site(model, site, half, tasks, ranked, masks_per_pass=masks_per_pass, greedy=greedy,
-                          precision=precision, share=share, localiser_fdr=localiser_fdr, mask=mask)
-                for half in halves), reliability_fractions)
+            # the loss ranking's halves are its per-image losses' halves (no second pass); the others rank again
+            others = [m for m in ranked if m != "loss"]
+            per_half = []
+            for k, half in enumerate(halves):
+                entry = rank_site(model, site, half, tasks, others, masks_per_pass=masks_per_pass, greedy=greedy,
+                                  precision=precision, share=share, localiser_fdr=localiser_fdr,
+                                  mask=mask) if others else {}
+                if per_image:
+                    entry["loss"] = {}
+                    for t in tasks:
+                        scores = loss_increase(per_image[t], half_positions(rank_batches, t, k))
+                        entry["loss"][t] = ranking_entry(order_of(scores), scores)
+                per_half.append(entry)
+            out["reliability"] = split_half_reliability(tuple(per_half), reliability_fractions)
     return out
 
 
