@@ -80,3 +80,32 @@ def test_site_names_are_module_paths():
     assert all(n in modules for n in names)
     vgg = [s.name for s in lesion_sites(DualTaskNet("vgg19", {"a": 2, "b": 2}, fc_width=16))]
     assert vgg[0] == "trunk.features.2" and all(n.startswith("trunk.features.") for n in vgg)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_the_fused_optimizer_takes_the_plain_ones_steps(optimizer):
+    """The project's optimizer uses PyTorch's fused kernel on the CPU and its step moves every weight as the
+    per-parameter one's does (to float rounding; over several steps Adam's scaling of gradients near 0 makes such
+    rounding visible, in either kernel), weight decay on weights only."""
+    from dualtask.training.trainer import make_optimizer
+
+    config = {"optimizer": optimizer, "weight_decay": None}
+    nets = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        net = DualTaskNet("vgg16", {"face": 3, "object": 4}, fc_width=16)
+        opt = make_optimizer(net, config, lr=1e-2, fused=fused)
+        assert bool(opt.param_groups[0]["fused"]) is fused
+        assert [g["weight_decay"] > 0 for g in opt.param_groups] == [True, False]
+        x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+        out = net(x)
+        loss = F.cross_entropy(out["face"], torch.tensor([0, 1, 2, 0])) + out["object"].square().mean()
+        loss.backward()
+        opt.step()
+        nets.append(net)
+    for a, b in zip(*(n.parameters() for n in nets)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    torch.manual_seed(0)
+    start = DualTaskNet("vgg16", {"face": 3, "object": 4}, fc_width=16)
+    moved = sum(not torch.equal(a, b) for a, b in zip(start.parameters(), nets[0].parameters()))
+    assert moved == len(list(start.parameters()))
