@@ -5,9 +5,11 @@
 `--root` is a folder of benchmarks/verdict_calibration.py's trained networks (branched_seed<N>, null_seed<N> and
 their data/). Each network's trunk is handed to `lesion_utils.analyse` as a plain nn.Module (its own heads left
 out), read at its features (`readout_layer="flatten"`) by readout heads fitted to the frozen trunk on each task's
-training images and by fixed readouts, and swept with the calibration's lesion settings (the loss ranking on 8
-ranking images per task, 20 random orders, fractions 0.1, 0.2 and 0.3, the sites the network was swept at there:
-0, 12, 13, 15, 16 by default). The report's verdict rules judge each run (verdict.judge_run, as the report does).
+training images and by fixed readouts, and swept with the calibration's lesion settings but for the ranking images
+(the loss ranking on 32 ranking images per task, `--rank_images`, 20 random orders, fractions 0.1, 0.2 and 0.3, the
+sites the network was swept at there: 0, 12, 13, 15, 16 by default; 8 ranking images, the calibration's, leave 4
+per half: too few for the split-half rule, which found no ranking reproducible in an early-branched network).
+The report's verdict rules judge each run (verdict.judge_run, as the report does).
 
 - A branched network (trunk shared to its branch depth, 12 by default, then one copy per task): its post-branch
   sites (deeper than the branch point; the graph names them by the pair of copies, e.g. layer3.5) are true splits.
@@ -17,7 +19,7 @@ ranking images per task, 20 random orders, fractions 0.1, 0.2 and 0.3, the sites
 
 It prints one line per network (for a branched one, also how well a readout of each copy alone decodes each task)
 and, last, the branched networks' post-branch sites found and the nulls' "yes" count, each with its Wilson 95%
-interval. Runs go to `<root>/readouts/<network>` and are reused on rerun.
+interval. Runs go to `<root>/readouts_rank<N>/<network>` and are reused on rerun.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from verdict_simulation import fmt_rate  # noqa: E402
 
 SETTINGS = dict(image_size=32, device="cpu", batch_size=32, demo_per_class=200, max_per_class=None, max_classes=5,
                 readout_layer="flatten", lesion_methods=["loss", "random"],
-                random_repeats=20, rank_images=8, lesion_fractions=[0.0, 0.1, 0.2, 0.3], ranking_reliability=True,
+                random_repeats=20, rank_images=32, lesion_fractions=[0.0, 0.1, 0.2, 0.3], ranking_reliability=True,
                 fixed_readout=True, stages=["train", "lesion"])
 
 
@@ -100,10 +102,13 @@ def main(argv=None) -> int:
     parser.add_argument("--root", required=True, help="verdict_calibration.py's folder of trained networks")
     parser.add_argument("--kinds", default="branched,null", help="which networks: branched, null")
     parser.add_argument("--seeds", default=None, help="which seeds, e.g. 0,1,2 (default: every one in --root)")
+    parser.add_argument("--rank_images", type=int, default=SETTINGS["rank_images"],
+                        help="ranking images per task (their two halves give the split-half reproducibility)")
     args = parser.parse_args(argv)
     from dualtask import load_run
 
     root = Path(args.root)
+    SETTINGS["rank_images"] = args.rank_images
     start = time.perf_counter()
     found, sites, yes, nulls = 0, 0, 0, 0
     for kind in args.kinds.split(","):
@@ -111,12 +116,12 @@ def main(argv=None) -> int:
         for run in [r for r in runs if args.seeds is None or r.name.rsplit("seed", 1)[1] in args.seeds.split(",")]:
             t = time.perf_counter()
             model, config = load_run(run)
-            v = analysed(model, config, run, root / "readouts" / run.name)
+            v = analysed(model, config, run, root / f"readouts_rank{args.rank_images}" / run.name)
             line = f"{run.name}: {v['answer']} ({time.perf_counter() - t:.0f} s); " + ", ".join(
                 f"{s}: {c}" for s, c in v["counts"].items())
             print(line, flush=True)
             if kind == "branched":
-                decoded = copies_decoded(model, root / "readouts" / run.name)
+                decoded = copies_decoded(model, root / f"readouts_rank{args.rank_images}" / run.name)
                 print("  each copy alone, test accuracy: " + "; ".join(
                     f"{task} from the " + ", ".join(f"{c} {a:.3f}" for c, a in by.items())
                     for task, by in decoded.items()), flush=True)
