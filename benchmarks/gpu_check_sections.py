@@ -119,9 +119,15 @@ def chosen_sites(model, depths) -> list:
     return [sites[d] for d in depths if -len(sites) <= d < len(sites)]
 
 
-def masks_per_pass(ck: Check, model, sites, batches) -> int:
+def masks_per_pass(ck: Check, model, sites, batches) -> dict:
+    """{site name: lesions per pass}, chosen per site from its cached batch's size as the sweep chooses them."""
     caches = engine.cache_bytes(model, sites, batches[0][1].shape[1:], max(len(x) for _, x, _ in batches))
-    return engine.default_masks_per_pass(ck.device, max(caches.values()))
+    return {s.name: engine.default_masks_per_pass(ck.device, caches[s.name]) for s in sites}
+
+
+def per_pass_text(mpp: dict) -> str:
+    low, high = min(mpp.values()), max(mpp.values())
+    return f"{low} lesion(s) per pass" if low == high else f"{low} to {high} lesions per pass by site"
 
 
 def random_lesions(site, count: int, rng) -> list:
@@ -160,10 +166,10 @@ def section_suffix_sweep(ck: Check) -> list:
     mpp = masks_per_pass(ck, model, sites, batches)
     warm = [batches[0], batches[-1]]  # first calls (kernel choice, allocations) out of the timing
     for s in sites:
-        engine.evaluate_lesions(model, s, lesions[s.name][:mpp], warm, masks_per_pass=mpp)
+        engine.evaluate_lesions(model, s, lesions[s.name][:mpp[s.name]], warm, masks_per_pass=mpp[s.name])
         engine.evaluate_lesions_naive(model, s, lesions[s.name][:1], warm)
-    fast, t_fast = timed(ck, lambda: [engine.evaluate_lesions(model, s, lesions[s.name], batches, masks_per_pass=mpp)
-                                      for s in sites])
+    fast, t_fast = timed(ck, lambda: [engine.evaluate_lesions(model, s, lesions[s.name], batches,
+                                                              masks_per_pass=mpp[s.name]) for s in sites])
     naive, t_naive = timed(ck, lambda: [engine.evaluate_lesions_naive(model, s, lesions[s.name], batches)
                                         for s in sites])
     cmp = compare_results(fast, naive)
@@ -175,7 +181,7 @@ def section_suffix_sweep(ck: Check) -> list:
     agree_ok = cmp["equal"] if not ck.gpu else cmp["agree"] >= AGREE_TARGET_GPU
     n_lesions = sum(len(v) for v in lesions.values())
     return [
-        metric("lesions x images", f"{n_lesions} x {n_images}", f"({len(sites)} sites, {mpp} lesion(s) per pass)",
+        metric("lesions x images", f"{n_lesions} x {n_images}", f"({len(sites)} sites, {per_pass_text(mpp)})",
                model=note, sites=[s.name for s in sites]),
         metric("naive sweep", t_naive, "s"),
         metric("suffix sweep", t_fast, "s"),
@@ -210,7 +216,7 @@ def section_ranking_precision(ck: Check) -> list:
         seconds = {}
         for how in names.RANKING_PRECISIONS:
             rank[how], seconds[how] = timed(ck, lambda how=how: rankings.rank_site(
-                model, site, batches, tasks, ["loss"], masks_per_pass=mpp, precision=how))
+                model, site, batches, tasks, ["loss"], masks_per_pass=mpp[site.name], precision=how))
         a, b = rank["fp32"]["loss"], rank["bf16"]["loss"]
         spearman = {t: rankings.rank_correlation(a[t]["by_channel"], b[t]["by_channel"]) for t in tasks}
         overlap = {t: rankings.top_overlap(a[t]["order"], b[t]["order"], 0.2) for t in tasks}
