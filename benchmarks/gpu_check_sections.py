@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from gpu_check_measures import Check, ResNet, Trainer, metric, sync, vgg16
-from hardware_peak import conv_reference, matmul_peak
+from hardware_peak import conv_reference, conv_text, matmul_peak
 
 from dualtask.core import names
 from dualtask.experiment import pipeline as dualtask
@@ -36,7 +36,7 @@ def section_peak(ck: Check) -> list:
     ck.conv_rate = conv_reference(ck.device, batch=batch, reps=reps)
     name = "bf16" if ck.gpu else "fp32"
     return [metric(f"matmul peak ({name}, {n}^3)", ck.peak / 1e12, "TFLOP/s"),
-            metric(f"3x3 conv ({name}, 256 channels, 16x16, batch {batch})", ck.conv_rate / 1e12, "TFLOP/s")]
+            metric(f"{conv_text(batch)} ({name})", ck.conv_rate / 1e12, "TFLOP/s")]
 
 
 def upsample(images: np.ndarray, size: int, device: torch.device, chunk: int = 512) -> np.ndarray:

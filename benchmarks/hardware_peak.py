@@ -47,8 +47,18 @@ def matmul_peak(device: torch.device, n: int | None = None, reps: int | None = N
     return _best_rate(lambda: a @ b, 2.0 * n ** 3, device, reps)
 
 
+CONV_REFERENCE = dict(batch=64, channels=256, size=16)  # conv_reference's layer
+
+
+def conv_text(batch: int = CONV_REFERENCE["batch"]) -> str:
+    """How conv_reference's layer reads in a report line."""
+    c = CONV_REFERENCE
+    return f"3x3 conv, {c['channels']} channels, {c['size']}x{c['size']}, batch {batch}"
+
+
 @torch.inference_mode()
-def conv_reference(device: torch.device, batch: int = 64, channels: int = 256, size: int = 16,
+def conv_reference(device: torch.device, batch: int = CONV_REFERENCE["batch"],
+                   channels: int = CONV_REFERENCE["channels"], size: int = CONV_REFERENCE["size"],
                    reps: int | None = None) -> float:
     """FLOP/s of a 3x3 convolution, channels -> channels on size x size maps, padding 1 (a VGG middle layer):
     the rate a conv-heavy network could reach on this machine, below the matmul peak."""

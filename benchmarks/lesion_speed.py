@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-from hardware_peak import conv_reference, matmul_peak
+from hardware_peak import conv_reference, conv_text, matmul_peak
 
 from dualtask.config import settings
 from dualtask.experiment import pipeline as dualtask
@@ -162,8 +162,8 @@ def main():
     achieved = 2 * unavoidable * n_images / t_fast
     print(f"suffix-only sweep: {achieved / 1e9:.1f} GFLOP/s ({2 * unavoidable * n_images / 1e12:.2f} TFLOP of conv "
           f"and linear layers in {t_fast:.2f} s, {torch.get_num_threads()} thread(s)); this machine's "
-          f"{'bf16' if device.type == 'cuda' else 'fp32'} matmul peak {peak / 1e9:.1f} GFLOP/s, a 3x3 conv "
-          f"(256 channels, 16x16, batch 64) {conv / 1e9:.1f} GFLOP/s; share of the conv's rate {achieved / conv:.2f}")
+          f"{'bf16' if device.type == 'cuda' else 'fp32'} matmul peak {peak / 1e9:.1f} GFLOP/s, a "
+          f"{conv_text()} {conv / 1e9:.1f} GFLOP/s; share of the conv's rate {achieved / conv:.2f}")
     print(f"speedup: {t_naive / t_fast:.2f}")
     print(f"ideal: {naive_macs / unavoidable:.2f}")
     print(f"share_of_peak: {achieved / peak:.2f}")
