@@ -39,7 +39,7 @@ greedy_racing = True  # race each greedy step: drop filters confidently below th
 greedy_margin = 4.0  # racing's confidence: a filter is dropped when its paired loss difference to the cut is below 0 by this many standard errors
 greedy_candidates = None  # score only this many filters per greedy step, those with the highest first-order (Taylor) score given the chosen ones; None = all
 ranking_precision = "fp32"  # loss and greedy rankings on a GPU: "fp32" (TF32 allowed), or "bf16" where a check at the first site shows the same top-20% sets (else fp32); the CPU is fp32
-random_repeats = 10  # independent random filter orders (the control lesions)
+random_repeats = None  # independent random filter orders (the control lesions); None = as many as let the rankings that decide the verdict reach a corrected p below 0.05 (K rankings: K/(R+2) < 0.05), at least 20; fewer is allowed, and the run says first what it cannot show
 rank_images = 256  # training images per task used to rank filters (never the test images)
 refit_readout = False  # also score every lesion by linear readouts refitted to the lesioned features (into refit_readout/; about as long again as the sweep's lesions): what the filters carry for each task, where two heads of one task cannot differ, not only what each head reads
 readout_images = 500  # training images per task the refitted readouts are fitted on

@@ -221,6 +221,9 @@ def test_figures_stage_writes_the_report_and_report_py_rebuilds_it(tmp_path):
     out = tmp_path / "run"
     p = run_script("ResNet.py", *TINY, *TINY_LESION, f"--out_dir={out}")
     assert p.returncode == 0, p.stderr[-3000:]
+    # 3 random orders cannot let the loss ranking's corrected p below 0.05: said before anything runs
+    assert p.stdout.index("note: random_repeats=3 with 1 ranking(s) deciding the verdict (loss)") < \
+        p.stdout.index("epoch 1/")
     page = (out / "report.html").read_text()
     for heading in ("Settings", "Training", "Intact accuracy", "Lesions by depth", "Dissociation by depth",
                     "Grad-CAM", "Preferred stimuli", "Layer-wise decoding"):

@@ -7,8 +7,9 @@ import pytest
 from conftest import reproducible_rankings
 
 from dualtask.experiment import aggregate
-from dualtask.lesion import dissociation
+from dualtask.lesion import dissociation, resume
 from dualtask.lesion import sweep as L
+from dualtask.model.network import DualTaskNet
 from dualtask.report import build as report
 from dualtask.stats import multiple_testing as M
 from dualtask.stats.verdict import Agreement
@@ -267,6 +268,26 @@ def test_summary_csv_keeps_the_uncorrected_p_and_adds_the_corrected_one():
     assert real["s1"]["p_random"] == "0.0300" and float(real["s1"]["p_corrected"]) == pytest.approx(3 / 51, abs=1e-4)
     pseudo = [r for r in rows if r["role"] == "pseudo_task"]
     assert [float(r["p_corrected"]) for r in pseudo] == pytest.approx([1.0, 1.0])
+
+
+def test_random_repeats_by_default_let_the_deciding_rankings_reach_alpha_and_fewer_are_said_first():
+    run = {"lesion_methods": ["activation", "loss", "random"], "random_repeats": None}
+    assert M.random_repeats(run) == 20 and M.smallest_corrected_p(20, 1) < 0.05  # one deciding ranking
+    assert M.random_repeats(dict(run, lesion_methods=["loss", "greedy", "taylor", "mask", "random"])) == 79
+    assert M.smallest_corrected_p(79, 4) < 0.05 <= M.smallest_corrected_p(78, 4)
+    assert M.random_repeats(dict(run, lesion_methods=["activation", "random"])) == 20  # none decides: the least
+    assert M.random_repeats(dict(run, verdict_rankings=["activation", "loss"])) == 39  # a family widened on purpose
+    assert M.random_repeats(dict(run, random_repeats=7)) == 7  # a number is kept
+    assert M.repeats_note(dict(run, random_repeats=20)) is None
+    note = M.repeats_note(dict(run, random_repeats=10))
+    assert "random_repeats=10" in note and "1/(10+2) = 0.083" in note and "random_repeats=19 or more" in note
+    assert M.repeats_note(dict(run, random_repeats=10, lesion_methods=["activation", "random"])) is None
+    assert M.repeats_note(dict(run, random_repeats=10, lesion_methods=["loss"])) is None  # no random orders
+    # the sweep's settings (what its files are reused under) hold the number, whichever way it was given
+    sweep = {"lesion_fractions": [0.2], "seed": 0, "lesion_layers": [0]}
+    model = DualTaskNet("vgg16", {"face": 2, "object": 2}, fc_width=8)
+    assert resume.sweep_settings(model, dict(sweep, **run))["random_repeats"] == 20
+    assert resume.sweep_settings(model, dict(sweep, **dict(run, random_repeats=5)))["random_repeats"] == 5
 
 
 def test_the_lesion_stage_writes_the_corrected_p(tmp_path, monkeypatch):

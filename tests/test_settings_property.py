@@ -107,7 +107,7 @@ RULES = {
     "weight_decay": number(0, strict=False, optional=True), "optimizer": choice(settings.OPTIMIZERS),
     "seed": integer(0), "compile": FLAG, "retrain": FLAG,
     "lesion_fractions": FRACTIONS, "lesion_methods": names(list(names_mod.METHODS)),
-    "random_repeats": integer(1), "rank_images": integer(1), "refit_readout": FLAG, "fixed_readout": FLAG,
+    "random_repeats": integer(1, optional=True), "rank_images": integer(1), "refit_readout": FLAG, "fixed_readout": FLAG,
     "localiser_fdr": either(st.floats(0, 1, exclude_min=True, exclude_max=True),
                             st.sampled_from([0, 1, 1.5, -0.1, "0.05", None])),
     "mask_steps": integer(1), "probes": names(["inversion", "transfer"], non_empty=False),

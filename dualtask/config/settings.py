@@ -228,7 +228,7 @@ SETTINGS = {
     "lesion_fractions": ((lambda v: isinstance(v, list) and all(_fraction(f) for f in v) and any(f > 0 for f in v)),
                          "a list of fractions in [0, 1] with at least one above 0, e.g. [0.0, 0.2]"),
     "lesion_methods": _list_of(lambda m: m in names_mod.METHODS, f"names from {list(names_mod.METHODS)}"),
-    "random_repeats": _integer(1),
+    "random_repeats": _optional(_integer(1)),
     "rank_images": _integer(1),
     "refit_readout": _FLAG,
     "fixed_readout": _FLAG,

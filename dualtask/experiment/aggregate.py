@@ -310,7 +310,7 @@ def build_report(out: Path, runs: list, rows: list, accuracy: list, decoding: li
     roles_run = {r["role"] for r in runs}
     seeds = sorted({r["seed"] for r in runs})
     n_real = max((int(r["n_seeds"]) for r in rows if r["role"] == "real"), default=0)  # seeds with a sweep
-    repeats = min((int(r["config"].get("random_repeats", 0)) for r in runs if r["role"] != "single_task"
+    repeats = min((multiple_testing.random_repeats(r["config"]) for r in runs if r["role"] != "single_task"
                    and "random" in r["config"].get("lesion_methods", [])), default=0)
     void = "resolution_matched" in roles_run and not any(
         "matched to" in str(v.get("source", "")) for r in runs if r["role"] == "resolution_matched"

@@ -26,6 +26,7 @@ from dualtask.data import loading as vggface2
 from dualtask.data.taskdata import DataError
 from dualtask.experiment import aggregate, branching, preflight
 from dualtask.experiment import pipeline as dualtask
+from dualtask.stats import multiple_testing
 
 EXPERIMENT_FILE = "experiment.json"
 DONE_FILE = "run_done.json"  # written into a run's folder when the run finished every stage it was asked for
@@ -151,6 +152,7 @@ def plan(config: dict) -> list:
     out = Path(config["out_dir"])
     seeds = config["seeds"] if config.get("seeds") is not None else [config["seed"]]
     base = {k: v for k, v in config.items() if k not in EXPERIMENT_KEYS}
+    base["random_repeats"] = multiple_testing.random_repeats(base)  # every run the same number, as its files say
     runs = []
 
     def add(role, seed, folder, **extra):

@@ -41,6 +41,7 @@ from dualtask.model.foreign import ReadoutNet
 from dualtask.model.network import DualTaskNet, build_model
 from dualtask.report import build as report
 from dualtask.report import figures
+from dualtask.stats import multiple_testing
 from dualtask.training.readout_heads import fit_heads
 from dualtask.training.trainer import (
     Dist,
@@ -198,6 +199,10 @@ def run(config: dict, network: torch.nn.Module | None = None) -> None:
     analyses a named one (analyse.analyse)."""
     config = network_run(config)
     preflight.check_run(config, network)
+    config = dict(config, random_repeats=multiple_testing.random_repeats(config))  # config.json holds the number
+    note = multiple_testing.repeats_note(config)
+    if note:
+        print(note, flush=True)
     dist = Dist(config.get("device", "auto"))
     try:
         torch.manual_seed(config["seed"])

@@ -14,13 +14,14 @@ from dualtask.lesion.dissociation import ADDED_LESION_COLUMNS, LESION_COLUMNS, P
 from dualtask.lesion.greedy import GREEDY_BEFORE, GREEDY_DEFAULTS, beyond_greedy_stop, greedy_settings
 from dualtask.lesion.rankings import LOCALISER_FDR, MASK_DEFAULTS
 from dualtask.model.sites import select_sites
+from dualtask.stats import multiple_testing
 
 
 def sweep_settings(model: nn.Module, config: dict) -> dict:
     """What a sweep's results depend on: a sweep under other settings starts over."""
     settings = {"fractions": sorted({float(f) for f in config["lesion_fractions"]} | {0.0}),
             "methods": list(config.get("lesion_methods", ["activation", "random"])),
-            "random_repeats": int(config.get("random_repeats", 1)),
+            "random_repeats": multiple_testing.random_repeats(config) if "random_repeats" in config else 1,
             "keep_only": bool(config.get("lesion_keep_only", False)), "mode": config.get("lesion_mode", "zero"),
             "rank_images": config.get("rank_images"), "sites": [s.name for s in select_sites(model, config)],
             "seed": config["seed"], "per_class": bool(config.get("lesion_per_class", False))}

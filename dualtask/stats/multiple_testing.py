@@ -162,6 +162,38 @@ def repeats_needed(n_rankings: int = 1, alpha: float = ALPHA, n_tests: int | Non
     return r
 
 
+# the fewest random orders a run takes when random_repeats is None (19 let one ranking's corrected p reach 1/21)
+MIN_REPEATS = 20
+
+
+def deciding_run(config: dict) -> list:
+    """The rankings a run lesions by that decide its verdict (`deciding`), in lesion_methods' order."""
+    return [m for m in config.get("lesion_methods") or [] if m in deciding(config)]
+
+
+def random_repeats(config: dict) -> int:
+    """The run's random orders: its random_repeats setting, or when that is None as many as let its deciding
+    rankings' corrected p go below ALPHA (`repeats_needed`: K/(R+2) < ALPHA for K rankings), at least
+    MIN_REPEATS."""
+    if config.get("random_repeats") is not None:
+        return int(config["random_repeats"])
+    return max(MIN_REPEATS, repeats_needed(max(1, len(deciding_run(config)))))
+
+
+def repeats_note(config: dict) -> str | None:
+    """What a run's random_repeats (a number) cannot show, said before it starts: None when its deciding rankings'
+    corrected p can go below ALPHA, or when it lesions no random orders or no deciding ranking."""
+    k, repeats = len(deciding_run(config)), int(config.get("random_repeats") or 0)
+    if not k or "random" not in (config.get("lesion_methods") or []) or \
+            smallest_corrected_p(repeats, k) < ALPHA:
+        return None
+    return (f"note: random_repeats={repeats} with {k} ranking(s) deciding the verdict "
+            f"({', '.join(deciding_run(config))}): the smallest corrected p is {k}/({repeats}+2) = "
+            f"{smallest_corrected_p(repeats, k):.3f}, so no site can pass p < {ALPHA} and the verdict cannot say "
+            f"yes; random_repeats={repeats_needed(k)} or more can (random_repeats=None chooses "
+            f"{max(MIN_REPEATS, repeats_needed(k))})")
+
+
 def _same(a, b) -> bool:
     return abs(_num(a) - _num(b)) < 1e-6
 
