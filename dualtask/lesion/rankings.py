@@ -233,13 +233,10 @@ def rank_site(model, site: Site, rank_batches: list, tasks: list, methods, rando
         out["activation"] = {t: ranking_entry(order_of(scores[t]), scores[t]) for t in tasks}
     if "localiser" in methods:
         out["localiser"] = {t: localiser_entry(acts, t, localiser_fdr) for t in tasks}
-    per_image = {}
-    if "loss" in methods:
-        out["loss"] = {}
-        for t in tasks:
-            per_image[t] = loss_per_image(model, site, rank_batches, t, masks_per_pass, precision)
-            scores = loss_increase(per_image[t])
-            out["loss"][t] = ranking_entry(order_of(scores), scores)
+    per_image = {t: loss_per_image(model, site, rank_batches, t, masks_per_pass, precision)
+                 for t in tasks} if "loss" in methods else {}
+    if per_image:
+        out["loss"] = {t: ranking_entry(order_of(s), s) for t in tasks for s in [loss_increase(per_image[t])]}
     if "greedy" in methods:
         g = dict(GREEDY_DEFAULTS, **(greedy or {}))
         out["greedy"] = {t: ranking_entry(*greedy_order(
@@ -266,21 +263,31 @@ def rank_site(model, site: Site, rank_batches: list, tasks: list, methods, rando
     if reliability and ranked:
         halves = split_halves(rank_batches)
         if all(any(t == task for t, _, _ in half) for half in halves for task in tasks):
-            # the loss ranking's halves are its per-image losses' halves (no second pass); the others rank again
-            others = [m for m in ranked if m != "loss"]
-            per_half = []
-            for k, half in enumerate(halves):
-                entry = rank_site(model, site, half, tasks, others, masks_per_pass=masks_per_pass, greedy=greedy,
-                                  precision=precision, share=share, localiser_fdr=localiser_fdr,
-                                  mask=mask) if others else {}
-                if per_image:
-                    entry["loss"] = {}
-                    for t in tasks:
-                        scores = loss_increase(per_image[t], half_positions(rank_batches, t, k))
-                        entry["loss"][t] = ranking_entry(order_of(scores), scores)
-                per_half.append(entry)
-            out["reliability"] = split_half_reliability(tuple(per_half), reliability_fractions)
+            out["reliability"] = split_half_reliability(halves_ranked(
+                model, site, rank_batches, halves, tasks, ranked, per_image, masks_per_pass=masks_per_pass,
+                greedy=greedy, precision=precision, share=share, localiser_fdr=localiser_fdr, mask=mask),
+                reliability_fractions)
     return out
+
+
+def halves_ranked(model, site: Site, rank_batches: list, halves: tuple, tasks: list, ranked: list, per_image: dict,
+                  **settings) -> tuple:
+    """`rank_site` of each of `halves` (split_halves of rank_batches) by the `ranked` methods: the loss ranking
+    from its per-image losses on all the images (`per_image`: {task: loss_per_image}; no second pass), the others
+    ranked again with `settings` (rank_site's)."""
+    others = [m for m in ranked if m != "loss"]
+    per_half = tuple(rank_site(model, site, half, tasks, others, **settings) if others else {} for half in halves)
+    for k, entry in enumerate(per_half):
+        if per_image:
+            entry["loss"] = {t: loss_half(per_image[t], rank_batches, t, k) for t in tasks}
+    return per_half
+
+
+def loss_half(per_image: tuple, rank_batches: list, task: str, half: int) -> dict:
+    """The loss ranking (`ranking_entry`) on one of `split_halves`' halves of the ranking images, from the
+    per-image losses on all of them (`loss_per_image`)."""
+    scores = loss_increase(per_image, half_positions(rank_batches, task, half))
+    return ranking_entry(order_of(scores), scores)
 
 
 def _check_methods_and_tasks(model, methods, tasks) -> None:
