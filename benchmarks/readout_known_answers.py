@@ -3,13 +3,15 @@
     python benchmarks/readout_known_answers.py --root=.bench/verdict_calibration/<tag>
 
 `--root` is a folder of benchmarks/verdict_calibration.py's trained networks (branched_seed<N>, null_seed<N> and
-their data/). Each network's trunk is handed to `lesion_utils.analyse` as a plain nn.Module (its own heads left
-out), read at its features (`readout_layer="flatten"`) by readout heads fitted to the frozen trunk on each task's
-training images and by fixed readouts, and swept with the calibration's lesion settings but for the ranking images
-(the loss ranking on 32 ranking images per task, `--rank_images`, 20 random orders, fractions 0.1, 0.2 and 0.3, the
-sites the network was swept at there: 0, 12, 13, 15, 16 by default; 8 ranking images, the calibration's, leave 4
-per half: too few for the split-half rule, which found no ranking reproducible in an early-branched network).
-The report's verdict rules judge each run (verdict.judge_run, as the report does).
+their data/). Each network's trunk is exported as a state dict (`<network>_trunk.pt` beside its analysis), loaded
+with weights_only=True into a fresh module of its architecture and handed to `lesion_utils.analyse` as a plain
+nn.Module (its own heads left out), read at its features (`readout_layer="flatten"`) by readout heads fitted to
+the frozen trunk on each task's training images and by fixed readouts, and swept with the calibration's lesion
+settings but for the ranking images (the loss ranking on 32 ranking images per task, `--rank_images`, 20 random
+orders, fractions 0.1, 0.2 and 0.3, the sites the network was swept at there: 0, 12, 13, 15, 16 by default; 8
+ranking images, the calibration's, leave 4 per half: too few for the split-half rule, which found no ranking
+reproducible in an early-branched network). The report's verdict rules judge each run (verdict.judge_run, as the
+report does).
 
 - A branched network (trunk shared to its branch depth, 12 by default, then one copy per task): its post-branch
   sites (deeper than the branch point; the graph names them by the pair of copies, e.g. layer3.5) are true splits.
@@ -39,9 +41,25 @@ SETTINGS = dict(image_size=32, device="cpu", batch_size=32, demo_per_class=200, 
                 fixed_readout=True, stages=["train", "lesion"])
 
 
+def exported(model, config: dict, out: Path):
+    """The run's trunk as a user hands over a network of their own: its state dict saved to a file
+    (`<out>_trunk.pt`), loaded with weights_only=True into a fresh module of the same architecture, no heads."""
+    import torch
+
+    from dualtask.model.network import build_model
+
+    path = out.parent / f"{out.name}_trunk.pt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.trunk.state_dict(), path)
+    classes = {t: head.out_features for t, head in model.heads.items()} if hasattr(model, "heads") else {}
+    trunk = build_model(dict(config, init="random"), classes, load_init=False).trunk
+    trunk.load_state_dict(torch.load(path, weights_only=True))
+    return trunk
+
+
 def analysed(model, config: dict, run: Path, out: Path) -> dict:
-    """The run's trunk (`model`, `config`: dualtask.load_run's) analysed through readouts into `out`; its verdict
-    (verdict.judge_run on out's files)."""
+    """The run's trunk (`model`, `config`: dualtask.load_run's), exported and loaded as a user's own network
+    (`exported`), analysed through readouts into `out`; its verdict (verdict.judge_run on out's files)."""
     import lesion_utils as L
     from dualtask.core.common import read_csv, read_json
     from dualtask.report import build as report
@@ -51,7 +69,8 @@ def analysed(model, config: dict, run: Path, out: Path) -> dict:
     if run.name.startswith("null"):
         data = run.parent / "data"
         tasks = {"tasks": {t: str(data / f"halves_seed{config['seed']}_{t}") for t in ("face_a", "face_b")}}
-    L.analyse(model.trunk, out, seed=config["seed"], lesion_layers=config["lesion_layers"], **SETTINGS, **tasks)
+    L.analyse(exported(model, config, out), out, seed=config["seed"], lesion_layers=config["lesion_layers"],
+              **SETTINGS, **tasks)
     diss, results = read_csv(out / "dissociation.csv"), read_csv(out / "lesion_results.csv")
     own = read_json(out / "config.json")
     fixed = report.read_readout(out, "fixed", V.deciding(own))
@@ -104,6 +123,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", default=None, help="which seeds, e.g. 0,1,2 (default: every one in --root)")
     parser.add_argument("--rank_images", type=int, default=SETTINGS["rank_images"],
                         help="ranking images per task (their two halves give the split-half reproducibility)")
+    parser.add_argument("--copies", action=argparse.BooleanOptionalAction, default=True,
+                        help="for a branched network, also how well each copy alone decodes each task (a few minutes)")
     args = parser.parse_args(argv)
     from dualtask import load_run
 
@@ -120,11 +141,12 @@ def main(argv=None) -> int:
             line = f"{run.name}: {v['answer']} ({time.perf_counter() - t:.0f} s); " + ", ".join(
                 f"{s}: {c}" for s, c in v["counts"].items())
             print(line, flush=True)
-            if kind == "branched":
+            if kind == "branched" and args.copies:
                 decoded = copies_decoded(model, root / f"readouts_rank{args.rank_images}" / run.name)
                 print("  each copy alone, test accuracy: " + "; ".join(
                     f"{task} from the " + ", ".join(f"{c} {a:.3f}" for c, a in by.items())
                     for task, by in decoded.items()), flush=True)
+            if kind == "branched":
                 post = [d for d in v["depths"] if d > v["branch_at"]]
                 found += sum(d in v["split"] for d in post)
                 sites += len(post)
