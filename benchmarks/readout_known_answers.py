@@ -51,13 +51,13 @@ def exported(model, config: dict, out: Path):
     path = out.parent / f"{out.name}_trunk.pt"
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.trunk.state_dict(), path)
-    classes = {t: head.out_features for t, head in model.heads.items()} if hasattr(model, "heads") else {}
+    classes = {t: head.out_features for t, head in model.heads.items()}
     trunk = build_model(dict(config, init="random"), classes, load_init=False).trunk
     trunk.load_state_dict(torch.load(path, weights_only=True))
     return trunk
 
 
-def analysed(model, config: dict, run: Path, out: Path) -> dict:
+def analysed(model, config: dict, run: Path, out: Path, rank_images: int = SETTINGS["rank_images"]) -> dict:
     """The run's trunk (`model`, `config`: dualtask.load_run's), exported and loaded as a user's own network
     (`exported`), analysed through readouts into `out`; its verdict (verdict.judge_run on out's files)."""
     import lesion_utils as L
@@ -70,7 +70,7 @@ def analysed(model, config: dict, run: Path, out: Path) -> dict:
         data = run.parent / "data"
         tasks = {"tasks": {t: str(data / f"halves_seed{config['seed']}_{t}") for t in ("face_a", "face_b")}}
     L.analyse(exported(model, config, out), out, seed=config["seed"], lesion_layers=config["lesion_layers"],
-              **SETTINGS, **tasks)
+              **dict(SETTINGS, rank_images=rank_images), **tasks)
     diss, results = read_csv(out / "dissociation.csv"), read_csv(out / "lesion_results.csv")
     own = read_json(out / "config.json")
     fixed = report.read_readout(out, "fixed", V.deciding(own))
@@ -129,7 +129,6 @@ def main(argv=None) -> int:
     from dualtask import load_run
 
     root = Path(args.root)
-    SETTINGS["rank_images"] = args.rank_images
     start = time.perf_counter()
     found, sites, yes, nulls = 0, 0, 0, 0
     for kind in args.kinds.split(","):
@@ -137,12 +136,13 @@ def main(argv=None) -> int:
         for run in [r for r in runs if args.seeds is None or r.name.rsplit("seed", 1)[1] in args.seeds.split(",")]:
             t = time.perf_counter()
             model, config = load_run(run)
-            v = analysed(model, config, run, root / f"readouts_rank{args.rank_images}" / run.name)
+            out = root / f"readouts_rank{args.rank_images}" / run.name
+            v = analysed(model, config, run, out, args.rank_images)
             line = f"{run.name}: {v['answer']} ({time.perf_counter() - t:.0f} s); " + ", ".join(
                 f"{s}: {c}" for s, c in v["counts"].items())
             print(line, flush=True)
             if kind == "branched" and args.copies:
-                decoded = copies_decoded(model, root / f"readouts_rank{args.rank_images}" / run.name)
+                decoded = copies_decoded(model, out)
                 print("  each copy alone, test accuracy: " + "; ".join(
                     f"{task} from the " + ", ".join(f"{c} {a:.3f}" for c, a in by.items())
                     for task, by in decoded.items()), flush=True)

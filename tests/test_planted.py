@@ -87,16 +87,16 @@ def test_the_loss_rankings_halves_come_from_its_per_image_losses_as_if_each_half
     # uneven batches (7, 7, 6 images per task) so the halves' positions cross batch boundaries
     batches = [(t, x[a:b], y[a:b]) for t, x, y in train for a, b in ((0, 7), (7, 14), (14, 20))]
     ranking = rankings.rank_site(model, sites[1], batches, ["face", "object"], ["loss"], reliability=True)
+    per_image = {t: rankings.loss_per_image(model, sites[1], batches, t) for t in ("face", "object")}
     for k, half in enumerate(rankings.split_halves(batches)):
         alone = rankings.rank_site(model, sites[1], half, ["face", "object"], ["loss"])["loss"]
         for task in ("face", "object"):
             positions = rankings.half_positions(batches, task, k)
             assert len(positions) == sum(len(y) for t, _, y in half if t == task)
-            shared = rankings.loss_increase(rankings.loss_per_image(model, sites[1], batches, task), positions)
+            shared = rankings.loss_increase(per_image[task], positions)
             np.testing.assert_allclose(shared, alone[task]["by_channel"], rtol=1e-5, atol=1e-6)
     def half(k, task):
-        scores = rankings.loss_increase(rankings.loss_per_image(model, sites[1], batches, task),
-                                        rankings.half_positions(batches, task, k))
+        scores = rankings.loss_increase(per_image[task], rankings.half_positions(batches, task, k))
         return rankings.ranking_entry(rankings.order_of(scores), scores)
 
     assert ranking["reliability"] == rankings.split_half_reliability(

@@ -277,8 +277,8 @@ def halves_ranked(model, site: Site, rank_batches: list, halves: tuple, tasks: l
     ranked again with `settings` (rank_site's)."""
     others = [m for m in ranked if m != "loss"]
     per_half = tuple(rank_site(model, site, half, tasks, others, **settings) if others else {} for half in halves)
-    for k, entry in enumerate(per_half):
-        if per_image:
+    if per_image:
+        for k, entry in enumerate(per_half):
             entry["loss"] = {t: loss_half(per_image[t], rank_batches, t, k) for t in tasks}
     return per_half
 

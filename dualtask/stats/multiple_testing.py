@@ -183,15 +183,15 @@ def random_repeats(config: dict) -> int:
 def repeats_note(config: dict) -> str | None:
     """What a run's random_repeats (a number) cannot show, said before it starts: None when its deciding rankings'
     corrected p can go below ALPHA, or when it lesions no random orders or no deciding ranking."""
-    k, repeats = len(deciding_run(config)), int(config.get("random_repeats") or 0)
-    if not k or "random" not in (config.get("lesion_methods") or []) or \
-            smallest_corrected_p(repeats, k) < ALPHA:
+    decide, repeats = deciding_run(config), int(config.get("random_repeats") or 0)
+    k = len(decide)
+    floor = smallest_corrected_p(repeats, k) if k else 0.0
+    if floor < ALPHA or "random" not in (config.get("lesion_methods") or []):
         return None
-    return (f"note: random_repeats={repeats} with {k} ranking(s) deciding the verdict "
-            f"({', '.join(deciding_run(config))}): the smallest corrected p is {k}/({repeats}+2) = "
-            f"{smallest_corrected_p(repeats, k):.3f}, so no site can pass p < {ALPHA} and the verdict cannot say "
-            f"yes; random_repeats={repeats_needed(k)} or more can (random_repeats=None chooses "
-            f"{max(MIN_REPEATS, repeats_needed(k))})")
+    return (f"note: random_repeats={repeats} with {k} ranking(s) deciding the verdict ({', '.join(decide)}): the "
+            f"smallest corrected p is {k}/({repeats}+2) = {floor:.3f}, so no site can pass p < {ALPHA} and the "
+            f"verdict cannot say yes; random_repeats={repeats_needed(k)} or more can (random_repeats=None chooses "
+            f"{random_repeats(dict(config, random_repeats=None))})")
 
 
 def _same(a, b) -> bool:

@@ -84,11 +84,11 @@ def make_optimizer(model: nn.Module, config: dict, lr: float, fused: bool = True
     # the fused kernel updates each weight in one pass instead of one per operation: on the 2-core CPU ResNet50's
     # AdamW step took 30 ms instead of 131 (training 20% faster at 32 px; BENCHMARKS.md); the same arithmetic,
     # rounded in another order. Where PyTorch has no fused kernel for the device, the plain one.
-    try:
-        if fused:
+    if fused:
+        try:
             return make(groups, lr=lr, fused=True, **kwargs)
-    except RuntimeError:
-        pass
+        except RuntimeError:  # no fused kernel for these parameters' device
+            pass
     return make(groups, lr=lr, **kwargs)
 
 
