@@ -11,8 +11,8 @@ evaluation in `dualtask.lesion.engine`, the rankings in `dualtask.lesion.ranking
 
     import lesion_utils as L
     sites = L.lesion_sites(model)
-    batches = L.image_batches(images, "test")
-    results = L.evaluate_lesions(model, sites[12], [{"channels": [0, 5, 9]}], batches)
+    batches = L.image_batches(images, "test")   # compact=True: uint8 on the device, a quarter of the memory
+    results = L.evaluate_lesions(model, sites[12], [[0, 5, 9]], batches)   # one lesion: channels 0, 5 and 9
 
 A network trained elsewhere, from the shell (`python lesion_utils.py --network=resnet18 ...`, `--help` lists the
 settings) or in one call (dualtask.experiment.analyse):
@@ -35,6 +35,7 @@ from dualtask.lesion.engine import (
     evaluate_lesions_naive,
     image_batches,
     lesion_mask,
+    model_input,
     site_activations,
 )
 from dualtask.lesion.greedy import GREEDY_DEFAULTS, RankingImages, greedy_order
@@ -78,9 +79,9 @@ __all__ = ["DISSOCIATION_COLUMNS", "GREEDY_DEFAULTS", "LESION_COLUMNS", "METHODS
            "Site", "SiteRunner", "Sweep", "ablate", "analyse", "corrected_drop", "dissociation_rows",
            "evaluate_lesions", "evaluate_lesions_naive", "fixed_lesions", "fixed_readouts", "forward_chain",
            "get_site", "greedy_order", "image_batches", "lesion_mask", "lesion_sites", "lesion_stage",
-           "load_results", "loss_scores", "rank_by_activation", "rank_site", "read_per_image", "receptive_fields",
-           "refit_lesions", "select_sites", "selectivity", "site_activations", "split_half_reliability",
-           "taylor_scores", "top_overlap"]
+           "load_results", "loss_scores", "model_input", "rank_by_activation", "rank_site", "read_per_image",
+           "receptive_fields", "refit_lesions", "select_sites", "selectivity", "site_activations",
+           "split_half_reliability", "taylor_scores", "top_overlap"]
 
 
 if __name__ == "__main__":  # a network trained elsewhere, from the shell

@@ -119,12 +119,6 @@ def chosen_sites(model, depths) -> list:
     return [sites[d] for d in depths if -len(sites) <= d < len(sites)]
 
 
-def masks_per_pass(ck: Check, model, sites, batches) -> dict:
-    """{site name: lesions per pass}, chosen per site from its cached batch's size as the sweep chooses them."""
-    caches = engine.cache_bytes(model, sites, batches[0][1].shape[1:], max(len(x) for _, x, _ in batches))
-    return {s.name: engine.default_masks_per_pass(ck.device, caches[s.name]) for s in sites}
-
-
 def per_pass_text(mpp: dict) -> str:
     low, high = min(mpp.values()), max(mpp.values())
     return f"{low} lesion(s) per pass" if low == high else f"{low} to {high} lesions per pass by site"
@@ -159,11 +153,11 @@ def section_suffix_sweep(ck: Check) -> list:
     S = ck.S
     model, note = ck.lesion_model()
     sites = chosen_sites(model, S["sweep_sites"])
-    batches = engine.image_batches(ck.need_images(), "test", n_per_task=S["sweep_images"], seed=0)
+    batches = engine.image_batches(ck.need_images(), "test", n_per_task=S["sweep_images"], seed=0, compact=True)
     n_images = sum(len(y) for _, _, y in batches)
     rng = np.random.default_rng(0)
     lesions = {s.name: random_lesions(s, S["sweep_lesions"], rng) for s in sites}
-    mpp = masks_per_pass(ck, model, sites, batches)
+    mpp = engine.masks_per_pass_by_site(model, sites, batches)
     warm = [batches[0], batches[-1]]  # first calls (kernel choice, allocations) out of the timing
     for s in sites:
         engine.evaluate_lesions(model, s, lesions[s.name][:mpp[s.name]], warm, masks_per_pass=mpp[s.name])
@@ -205,9 +199,9 @@ def section_ranking_precision(ck: Check) -> list:
     S = ck.S
     model, note = ck.lesion_model()
     sites = chosen_sites(model, S["rank_sites"])
-    batches = engine.image_batches(ck.need_images(), "train", n_per_task=S["rank_images"], seed=0)
+    batches = engine.image_batches(ck.need_images(), "train", n_per_task=S["rank_images"], seed=0, compact=True)
     tasks = list(ck.images)
-    mpp = masks_per_pass(ck, model, sites, batches)
+    mpp = engine.masks_per_pass_by_site(model, sites, batches)
     rows = []
     for site in sites:
         for how in names.RANKING_PRECISIONS:  # first calls out of the timing
@@ -280,15 +274,15 @@ def section_greedy(ck: Check) -> list:
     precision = ck.args.greedy_precision or config.get("ranking_precision", "fp32")
     all_sites = sites_mod.lesion_sites(model)
     sites = chosen_sites(model, S["greedy_sites"])
-    batches = engine.image_batches(ck.need_images(), "train", n_per_task=S["greedy_images"], seed=0)
+    batches = engine.image_batches(ck.need_images(), "train", n_per_task=S["greedy_images"], seed=0, compact=True)
     task = list(ck.images)[0]
     n_images = sum(len(y) for t, _, y in batches if t == task)
     flops = ck.flops(model, all_sites)
-    caches = engine.cache_bytes(model, sites, batches[0][1].shape[1:], max(len(x) for _, x, _ in batches))
+    per_pass = engine.masks_per_pass_by_site(model, sites, batches)
     factors, rows, kept = {}, [], 1.0
     for site in sites:
         remaining, step = greedy_steps_of(site, g["stop"]), max(1, int(round(greedy.GREEDY_STEP * site.n_filters)))
-        mpp = engine.default_masks_per_pass(ck.device, caches[site.name])
+        mpp = per_pass[site.name]
         per_eval = probe_seconds(model, site, batches, task, precision, mpp)
         k = min(S["greedy_steps"], len(remaining))
         # the first site runs one step whatever the clock says (the projection needs one measurement); the

@@ -198,8 +198,7 @@ def main(argv=None):
     wanted = args.sites or ("all" if args.project else "10,11,12")
     sites = all_sites if wanted == "all" else [all_sites[int(d)] for d in wanted.split(",")]
     counts = multiply_adds(model, config["image_size"], device)
-    caches = engine.cache_bytes(model, sites, batches[0][1].shape[1:], max(len(x) for _, x, _ in batches))
-    masks = {s.name: engine.default_masks_per_pass(device, caches[s.name]) for s in sites}
+    masks = engine.masks_per_pass_by_site(model, sites, batches)
     n_images = {t: sum(len(y) for tb, _, y in batches if tb == t) for t in tasks}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(f"VGG16-BN at {config['image_size']} px on {name}; ranking images per task: "

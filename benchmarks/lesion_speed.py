@@ -129,21 +129,23 @@ def main():
     device = torch.device(args.device)
     datasets = dualtask.load_datasets(config)
     images = {t: trainer.TaskImages(d, device) for t, d in datasets.items()}
-    batches = engine.image_batches(images, "test")
+    batches = engine.image_batches(images, "test", compact=True)  # uint8 on the device, as the sweep keeps them
+    plain = engine.image_batches(images, "test")  # the naive reference's: normalised float32
     n_images = sum(len(y) for _, _, y in batches)
     sites = sites_mod.lesion_sites(model)
     conditions = lesion_conditions(model, sites, images, [float(f) for f in args.fractions.split(",")])
     n_conditions = sum(len(c) for c in conditions.values())
-    print(f"{len(sites)} sites, {n_conditions} lesions, {n_images} test images, device {device}")
+    stored = sum({id(x): x.nbytes for _, x, _ in batches}.values()) / 2**20
+    print(f"{len(sites)} sites, {n_conditions} lesions, {n_images} test images, device {device}; the images held "
+          f"as uint8: {stored:.1f} MiB (as float32 {sum({id(x): x.nbytes for _, x, _ in plain}.values()) / 2**20:.1f})")
 
-    caches = engine.cache_bytes(model, sites, batches[0][1].shape[1:], max(len(x) for _, x, _ in batches))
-    per_pass = {s.name: engine.default_masks_per_pass(device, caches[s.name]) for s in sites}  # as the sweep does
+    per_pass = engine.masks_per_pass_by_site(model, sites, batches)  # as the sweep chooses them
     t0 = time.perf_counter()
     fast_results = {site.name: engine.evaluate_lesions(model, site, conditions[site.name], batches,
                                                        masks_per_pass=per_pass[site.name]) for site in sites}
     t_fast = time.perf_counter() - t0
     t0 = time.perf_counter()
-    naive_results = {site.name: engine.evaluate_lesions_naive(model, site, conditions[site.name], batches)
+    naive_results = {site.name: engine.evaluate_lesions_naive(model, site, conditions[site.name], plain)
                      for site in sites}
     t_naive = time.perf_counter() - t0
     same = time_fixed_readouts(model, sites, conditions, batches, config["seed"], per_pass)
@@ -153,7 +155,8 @@ def main():
     agree = np.mean(np.concatenate([a["correct"] == b["correct"] for a, b in pairs]))
     worst = max(float(np.abs(a["loss"] - b["loss"]).max()) for a, b in pairs)
     naive_macs, unavoidable = unavoidable_macs(model, sites, conditions, config["image_size"], device)
-    cache_mb = max(caches.values()) / 2**20
+    largest = max(len(y) for _, _, y in batches)
+    cache_mb = max(engine.cache_bytes(model, sites, engine.input_shape(batches), largest).values()) / 2**20
     print(f"results equal: {equal} (correct counts and losses of every lesion, every image); predictions agree "
           f"on {agree:.4%} of image-lesion pairs, largest loss difference {worst:.2e}")
     print(f"naive sweep {t_naive:.2f} s, suffix-only sweep {t_fast:.2f} s; largest cached batch {cache_mb:.1f} MiB, "

@@ -4,6 +4,7 @@
     python benchmarks/verdict_calibration.py --quick    # a smoke test of every part
     python benchmarks/verdict_calibration.py --seeds="[0, 1, 2, 3, 4]" --epochs=6 --draws=5000
     python benchmarks/verdict_calibration.py --sim_only # the statistics layer alone (about 2 minutes)
+    python benchmarks/verdict_calibration.py --pool="['runs_a', 'runs_b']"  # every finished network, pooled
 
 Everything is measured with the code the report itself runs: `lesion_utils.dissociation_rows` (index, bootstrap
 interval, p against random-lesion pairs), `multiple_testing.corrected_rows` (the family-wise correction over every
@@ -154,6 +155,10 @@ def parse(argv=None):
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--draws", type=int, default=None, help="simulated networks per scenario (2000)")
     parser.add_argument("--sim_only", action="store_true", help="the statistics layer alone")
+    parser.add_argument("--pool", type=literal, default=None,
+                        help="folders of earlier runs, e.g. \"['/data/cal_resnet50', '/data/cal_vgg16']\": judge every "
+                             "finished network in them (nothing trained) and print the rates per configuration "
+                             "(backbone, size, epochs, kind, branch depth), then pooled")
     parser.add_argument("--sim_sites", type=int, default=None, help="sites per simulated network (as lesioned)")
     parser.add_argument("--sim_rankings", type=int, default=1, help="targeted rankings per simulated network")
     parser.add_argument("--sim_images", type=int, default=None, help="test images per task (as trained)")
@@ -282,8 +287,27 @@ def print_trained_rates(args, runs: dict) -> tuple:
     return post, power, power_shared
 
 
+def main_pooled(roots: list) -> int:
+    """--pool: the table of every configuration's finished networks, the pooled rates last."""
+    missing = [r for r in roots if not Path(r).is_dir()]
+    if missing:
+        print(f"error: --pool: no such folder {missing[0]} (expected folders of verdict_calibration runs)",
+              file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    groups = networks.pooled_runs(roots)
+    print(f"verdict calibration pooled over {sum(map(len, groups.values()))} finished networks in {', '.join(roots)} "
+          f"({time.perf_counter() - start:.0f} s); the verdict as the report reaches it (heads and fixed readouts)")
+    (yes, nulls), (hits, sites) = networks.print_pooled(groups, fmt_rate)
+    print(f"false_positive_rate_trained: {fmt_rate(yes, nulls)} (every trained null network above, one verdict each)")
+    print(f"power: {fmt_rate(hits, sites)} (every branched network's post-branch sites above)")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse(argv)
+    if args.pool is not None:
+        return main_pooled([str(r) for r in args.pool])
     start = time.perf_counter()
     print(f"verdict calibration: {'quick' if args.quick else 'full'} run; settings {vars(args)}", flush=True)
     sims = simulations(args)

@@ -253,3 +253,67 @@ def site_power(runs: list, depths: set, key: str = "verdict", passing=(YES,)) ->
         hits += sum(by_site.values())
         n += len(by_site)
     return hits, n
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the calibration pooled over configurations: every finished run under several folders
+
+
+def group_name(config: dict, kind: str) -> tuple:
+    """A run's configuration as the pooled table's row names it: (backbone, px, epochs, kind, branch depth)."""
+    backbone = config["backbone"] + ("" if config.get("batch_norm", True) else " (plain)")
+    branch = config.get("branch_at") if kind == "branched" else None
+    return backbone, config["image_size"], config["epochs"], kind, branch
+
+
+def pooled_runs(roots: list) -> dict:
+    """{group_name: [read_run's verdict, with 'post' (its post-branch depths) and 'full_rule' (judged through the
+    heads and the fixed readouts, as the report judges)]} of every finished null, branched and shared run (a
+    folder <kind>_seed<N> holding dissociation.csv) under the roots."""
+    import re
+
+    from dualtask.core.common import read_json
+
+    groups = {}
+    for root in roots:
+        named = [(m.group(1), int(m.group(2)), p) for p in Path(root).iterdir()
+                 if (m := re.fullmatch(r"(null|branched|shared)_seed(\d+)", p.name)) and p.is_dir()]
+        for kind, seed, out_dir in sorted(named):
+            if not (out_dir / "dissociation.csv").exists():
+                continue
+            config = read_json(out_dir / "config.json")
+            v = read_run(out_dir)
+            branch = config.get("branch_at")
+            post = {d for d in config["lesion_layers"] if isinstance(d, int) and branch is not None and d > branch}
+            v.update(seed=seed, kind=kind, out_dir=str(out_dir), post=post,
+                     full_rule="fixed" in v)
+            groups.setdefault(group_name(config, kind), []).append(v)
+    return groups
+
+
+def print_pooled(groups: dict, fmt_rate) -> tuple:
+    """The table of every configuration (false positives of the nulls, power of the branched networks'
+    post-branch sites), and the pooled lines last; ((false positives, nulls), (hits, sites)) under the full rule."""
+    print(f"{'backbone':<18} {'px':>3} {'epochs':>6} {'kind':<9} {'branch':>6} {'networks':>8}  rate [95% interval]")
+    fp, power = [0, 0], [0, 0]
+    for (backbone, px, epochs, kind, branch), runs in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        full = [v for v in runs if v["full_rule"]]
+        note = "" if len(full) == len(runs) else (f"; {len(runs) - len(full)} swept without the fixed readouts, "
+                                                   f"left out")
+        if kind == "null":
+            yes = sum(v["yes"] for v in full)
+            fp[0] += yes
+            fp[1] += len(full)
+            what = f"false positives {fmt_rate(yes, len(full))}"
+        elif kind == "branched":
+            hits = [site_power([v], v["post"]) for v in full]
+            h, n = sum(a for a, _ in hits), sum(b for _, b in hits)
+            power[0] += h
+            power[1] += n
+            what = (f"power {fmt_rate(h, n)} over post-branch sites {sorted(set().union(*[v['post'] for v in full]))}"
+                    f"; networks saying yes {sum(v['yes'] for v in full)}/{len(full)}")
+        else:
+            what = f"verdict yes {sum(v['yes'] for v in full)}/{len(full)} (the real question, not a rate of errors)"
+        print(f"{backbone:<18} {px:>3} {epochs:>6} {kind:<9} {'-' if branch is None else branch:>6} {len(full):>8}  "
+              f"{what}{note}")
+    return tuple(fp), tuple(power)

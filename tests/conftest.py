@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+import dualtask  # noqa: F401  (before any test module imports torch: OpenMP's spin-wait cut short, see its docstring)
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
 SHARED_DATA = ROOT.parent / "shared" / "data"

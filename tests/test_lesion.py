@@ -114,3 +114,42 @@ def test_rank_correlation_is_spearmans_with_ties_averaged():
     other = {"order": [4, 3, 1, 0, 2], "by_channel": small[1]}
     rel = rankings.split_half_reliability(({"loss": {"face": entry}}, {"loss": {"face": other}}))
     assert rel["loss"]["face"]["spearman"] == round(stats.spearmanr(*small).statistic, 4)
+
+
+def _same_results(a: list, b: list) -> bool:
+    return all(x.keys() == y.keys() and all(np.array_equal(x[t][k], y[t][k], equal_nan=True) for t in x for k in x[t])
+               for x, y in zip(a, b, strict=True))
+
+
+def test_compact_batches_hold_a_quarter_of_the_memory_and_give_the_same_numbers(demo_images):
+    """image_batches(compact=True) keeps uint8 (B, H, W, 3) on the device and the engine normalises batch by batch:
+    lesion results, rankings and fixed readouts equal those of the normalised float32 batches, bit for bit."""
+    from dualtask.lesion import readouts
+
+    torch.manual_seed(1)
+    model = DualTaskNet("resnet50", {"face": 10, "object": 10}, fc_width=32, recipe=1).eval()
+    plain = engine.image_batches(demo_images, batch_size=16)
+    compact = engine.image_batches(demo_images, batch_size=16, compact=True)
+    assert len(plain) == len(compact) > 1
+    for (tp, p, yp), (tc, c, yc) in zip(plain, compact):
+        assert tp == tc and torch.equal(yp, yc)
+        assert c.dtype == torch.uint8 and c.shape == (len(yc), 32, 32, 3) and 4 * c.nbytes == p.nbytes
+        assert torch.equal(engine.model_input(c), p) and engine.model_input(p) is p
+    assert engine.input_shape(compact) == engine.input_shape(plain) == (3, 32, 32)
+    site = sites_mod.lesion_sites(model)[0]  # the stem: its prefix reads the images themselves
+    lesions = [[0, 1, 2], list(range(0, site.n_filters, 3)), []]
+    for per_pass in (1, 2):
+        assert _same_results(engine.evaluate_lesions(model, site, lesions, compact, masks_per_pass=per_pass),
+                             engine.evaluate_lesions(model, site, lesions, plain, masks_per_pass=per_pass))
+    assert _same_results(engine.evaluate_lesions_naive(model, site, lesions[:2], compact),
+                         engine.evaluate_lesions_naive(model, site, lesions[:2], plain))
+    methods = ["activation", "taylor"]  # through model(); the loss ranking scores its lesions by evaluate_lesions
+    ranked = [rankings.rank_site(model, site, b, ["face", "object"], methods, random_repeats=2)
+              for b in (compact, plain)]
+    for method in methods:
+        for task in ("face", "object"):
+            assert np.array_equal(ranked[0][method][task]["order"], ranked[1][method][task]["order"]), method
+    fixed = [readouts.fixed_readouts(model, site, b, seed=0) for b in (compact, plain)]
+    assert _same_results(readouts.fixed_lesions(model, site, lesions, fixed[0], compact),
+                         readouts.fixed_lesions(model, site, lesions, fixed[1], plain))
+    assert engine.masks_per_pass_by_site(model, [site], compact) == engine.masks_per_pass_by_site(model, [site], plain)

@@ -111,6 +111,48 @@ def test_fmt_rate_and_site_power():
     assert load_benchmark("verdict_trained").site_power([{"rows": rows}], {14, 16}) == (1, 2)
 
 
+def test_pool_tabulates_every_finished_network_by_configuration_and_pools_last(tmp_path, monkeypatch, capsys):
+    """--pool: every finished <kind>_seed<N> folder under the roots, one table row per configuration (backbone,
+    size, epochs, kind, branch depth), runs without the fixed readouts left out and said so, the pooled
+    false-positive rate and power as the last two lines; a missing folder is a usage error (exit 2)."""
+    import json
+
+    trained, calibration = load_benchmark("verdict_trained"), load_benchmark("verdict_calibration")
+    assert calibration.networks is trained
+    yes_row = {"layer": "trunk.layer4.2", "depth": 16, "verdict": V.YES}
+    no_row = {"layer": "trunk.layer4.1", "depth": 15, "verdict": "no dissociation (interval includes 0)"}
+    made = {  # folder: (config, what read_run gives)
+        "a/null_seed0": ({"backbone": "resnet50", "image_size": 32, "epochs": 4, "lesion_layers": [15, 16]},
+                         {"yes": False, "rows": [no_row], "fixed": {}}),
+        "a/null_seed1": ({"backbone": "resnet50", "image_size": 32, "epochs": 4, "lesion_layers": [15, 16]},
+                         {"yes": True, "rows": [yes_row], "fixed": {}}),
+        "a/null_seed2": ({"backbone": "resnet50", "image_size": 32, "epochs": 4, "lesion_layers": [15, 16]},
+                         {"yes": False, "rows": [no_row]}),  # no fixed readouts: left out
+        "a/branched_seed0": ({"backbone": "resnet50", "image_size": 32, "epochs": 4, "lesion_layers": [0, 15, 16],
+                              "branch_at": 12}, {"yes": True, "rows": [yes_row, no_row], "fixed": {}}),
+        "b/branched_seed3": ({"backbone": "vgg16", "batch_norm": False, "image_size": 32, "epochs": 6,
+                              "lesion_layers": [4, 10, 12], "branch_at": 9},
+                             {"yes": True, "rows": [dict(yes_row, depth=10), dict(no_row, depth=4)], "fixed": {}}),
+    }
+    for folder, (config, _) in made.items():
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "config.json").write_text(json.dumps(config))
+        (tmp_path / folder / "dissociation.csv").write_text("layer\n")
+    (tmp_path / "a" / "null_seed9").mkdir()  # unfinished: no dissociation.csv
+    (tmp_path / "a" / "null_seed5.log").write_text("")  # not a run folder
+    monkeypatch.setattr(trained, "read_run", lambda out_dir: dict(made[f"{out_dir.parent.name}/{out_dir.name}"][1]))
+    assert calibration.main([f"--pool={[str(tmp_path / 'a'), str(tmp_path / 'b')]}"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-2].startswith("false_positive_rate_trained: 0.5000 [") and "(1/2)" in lines[-2]
+    assert lines[-1].startswith("power: 0.6667 [") and "(2/3)" in lines[-1]
+    rows = {tuple(line.split()[:6]): line for line in lines if line.split()[0] in ("resnet50", "vgg16")}
+    assert "1 swept without the fixed readouts, left out" in rows["resnet50", "32", "4", "null", "-", "2"]
+    assert "(1/2) over post-branch sites [15, 16]" in rows["resnet50", "32", "4", "branched", "12", "1"]
+    assert "(1/1) over post-branch sites [10, 12]" in rows["vgg16", "(plain)", "32", "6", "branched", "9"]
+    assert calibration.main([f"--pool={[str(tmp_path / 'nowhere')]}"]) == 2
+    assert "nowhere" in capsys.readouterr().err
+
+
 @pytest.mark.slow  # about 20 s alone, minutes on a busy machine: three tiny trainings and sweeps
 def test_quick_mode_runs_end_to_end(tmp_path):
     """The smoke test as a user runs it (three networks of 2 training steps each, two sites): about 20 s with one

@@ -93,6 +93,7 @@ class SiteRunner:
         self.prefix_steps, self.suffix_steps = steps[:j], steps[j:]
 
     def prefix(self, x: torch.Tensor) -> torch.Tensor:
+        x = model_input(x)
         if self.graph is not None:
             return self.graph.packed_prefix(x)
         for _, step in self.prefix_steps:
@@ -152,9 +153,14 @@ class SiteRunner:
         return x
 
 
-def image_batches(images: dict, split: str = "test", batch_size: int = 200, n_per_task=None, seed: int = 0) -> list:
+def image_batches(images: dict, split: str = "test", batch_size: int = 200, n_per_task=None, seed: int = 0,
+                  compact: bool = False) -> list:
     """[(task, normalised images, labels)] of every task's split (or a seeded sample of n_per_task of it), cut
-    into batches, on the images' device. Loaded once and reused for every lesion."""
+    into batches, on the images' device. Loaded once and reused for every lesion.
+
+    compact=True keeps the images as stored, uint8 (B, H, W, 3): a quarter of the float32 batch's memory on the
+    device (more ranking images, larger lesion stacks), normalised batch by batch as the network takes them
+    (`model_input`; the engine's functions take either form and give the same numbers)."""
     batches = []
     rng = np.random.default_rng(seed)
     loaded = {}  # tasks sharing their images (one array) get the very same tensor for the same images
@@ -165,11 +171,30 @@ def image_batches(images: dict, split: str = "test", batch_size: int = 200, n_pe
         for start in range(0, len(idx), batch_size):
             chunk = idx[start:start + batch_size]
             key = (id(ti.data.images), chunk.tobytes())
-            x, y = ti.batch(chunk)
+            x, y = ti.raw(chunk) if compact else ti.batch(chunk)
             if key not in loaded:
-                loaded[key] = transforms.normalize(x)
+                loaded[key] = x if compact else transforms.normalize(x)
             batches.append((task, loaded[key], y))
     return batches
+
+
+def model_input(x: torch.Tensor) -> torch.Tensor:
+    """A batch as the network takes it: stored uint8 images (B, H, W, 3) (image_batches(compact=True)) become
+    normalised float (B, 3, H, W), the very numbers image_batches gives without compact; float batches pass."""
+    return transforms.normalize(transforms.to_float(x)) if x.dtype == torch.uint8 else x
+
+
+def input_shape(batches: list) -> tuple:
+    """(3, H, W): the shape of one image of the batches as the network takes it, whichever form they hold."""
+    return tuple(model_input(batches[0][1][:1]).shape[1:])
+
+
+def masks_per_pass_by_site(model: nn.Module, sites: list, batches: list) -> dict:
+    """{site name: lesions per pass}: each site's own, from the size of its cached output for the batches' largest
+    batch (`cache_bytes`, `default_masks_per_pass`), as the sweep chooses them."""
+    device = next(model.parameters()).device
+    caches = cache_bytes(model, sites, input_shape(batches), max(len(y) for _, _, y in batches))
+    return {s.name: default_masks_per_pass(device, caches[s.name]) for s in sites}
 
 
 @torch.inference_mode()
@@ -232,7 +257,7 @@ def evaluate_lesions_naive(model: nn.Module, site: Site, lesions: list, batches:
         with ablate(model, {site.name: channels}, mode, {site.name: means} if means is not None else None):
             for task, x, y in batches:
                 with autocast(x.device):
-                    logits = model(x)[task].float()
+                    logits = model(model_input(x))[task].float()
                 entry = result.setdefault(task, {"correct": [], "loss": []})
                 entry["correct"].append((logits.argmax(1) == y).cpu())
                 entry["loss"].append(nn.functional.cross_entropy(logits, y, reduction="none").cpu())
@@ -278,7 +303,7 @@ def site_activations(model: nn.Module, sites: list, batches: list) -> dict:
     try:
         for task, x, _ in batches:
             with autocast(x.device):
-                model(x)
+                model(model_input(x))
             for s in sites:
                 acts[s.name].setdefault(task, []).append(current[s.name])
     finally:

@@ -12,7 +12,7 @@ import torch.nn as nn
 from dualtask.core.common import UsageError
 from dualtask.core.device import autocast
 from dualtask.core.names import METHODS, reliability_key
-from dualtask.lesion.engine import SiteRunner, evaluate_lesions, order_of, site_activations
+from dualtask.lesion.engine import SiteRunner, evaluate_lesions, model_input, order_of, site_activations
 from dualtask.lesion.greedy import GREEDY_DEFAULTS, greedy_order
 from dualtask.model.sites import Site
 
@@ -130,7 +130,7 @@ def taylor_scores(model, site: Site, batches: list, task: str) -> np.ndarray:
             lambda m, i, out: out * mask.view(*mask.shape, *([1] * (out.ndim - 2))).to(out.dtype))
         try:
             with torch.enable_grad(), autocast(x.device):
-                loss = nn.functional.cross_entropy(model(x)[task].float(), y, reduction="sum")
+                loss = nn.functional.cross_entropy(model(model_input(x))[task].float(), y, reduction="sum")
                 (grad,) = torch.autograd.grad(loss, mask)
         finally:
             handle.remove()

@@ -43,6 +43,7 @@ from dualtask.lesion.engine import (
     default_masks_per_pass,
     evaluate_lesions,
     image_batches,
+    input_shape,
     site_activations,
 )
 from dualtask.lesion.greedy import (
@@ -196,11 +197,13 @@ class Sweep:
         model, images, tasks, config, say = self.model, self.images, self.tasks, self.config, self.say
         model.eval()
         self.device = next(model.parameters()).device
-        self.test = test = image_batches(images, "test")
+        # the images stay uint8 on the device (a quarter of float32's memory), normalised batch by batch
+        self.test = test = image_batches(images, "test", compact=True)
         self.train_sample = image_batches(images, "train", n_per_task=config.get("rank_images", 256),
-                                          seed=config["seed"])
+                                          seed=config["seed"], compact=True)
         if self.readout == "refit":
-            self.fit = image_batches(images, "train", n_per_task=self.settings["readout_images"], seed=config["seed"])
+            self.fit = image_batches(images, "train", n_per_task=self.settings["readout_images"], seed=config["seed"],
+                                     compact=True)
             intact, self.alphas = refit_lesions(model, self.sites[0], [[]], self.fit, test)
             intact = intact[0]
             say("refitted readouts (ridge on standardised features, " + ", ".join(
@@ -238,7 +241,7 @@ class Sweep:
             f"{t} {self.summary[t]['accuracy']:.3f} (chance {self.chance[t]:.3f})" for t in tasks))
         self._lesions_per_pass()
         if not self.readout:
-            self.receptive = receptive_fields(model, self.todo, int(test[0][1].shape[-1]))
+            self.receptive = receptive_fields(model, self.todo, int(input_shape(test)[-1]))
         self.labels = {t: torch.cat([y for tb, _, y in test if tb == t]).cpu().numpy() for t in tasks}
         self.classes = {t: list(images[t].data.classes) for t in tasks}
         self.n_test = sum(len(y) for _, _, y in test)
@@ -248,7 +251,7 @@ class Sweep:
     def _lesions_per_pass(self) -> None:
         """Lesions per pass, each site's own: its test batch's cached output for the sweep, its ranking batch's for
         the rankings (a ranking batch is smaller: more lesions fit beside it)."""
-        per_image = cache_bytes(self.model, self.sites, self.test[0][1].shape[1:], 1)
+        per_image = cache_bytes(self.model, self.sites, input_shape(self.test), 1)
         batch = max(len(x) for _, x, _ in self.test)
         rank_batch = max((len(x) for _, x, _ in self.train_sample), default=batch)
         self.per_pass = {name: default_masks_per_pass(self.device, b * batch) for name, b in per_image.items()}

@@ -161,16 +161,18 @@ class TaskImages:
 
     def batch(self, idx: np.ndarray, channels_last: bool = False):
         """Images as normalised-ready float (B, 3, H, W) in [0, 1] and their labels, on the device."""
+        raw, labels = self.raw(idx)
+        return transforms.to_float(raw, channels_last), labels
+
+    def raw(self, idx: np.ndarray):
+        """The images as stored, uint8 (B, H, W, 3), and their labels, on the device."""
+        i = torch.from_numpy(idx).to(self.device)
         if self.on_device is not None:
-            i = torch.from_numpy(idx).to(self.device)
-            raw = self.on_device[i]
-        else:
-            order = np.argsort(idx)  # sorted reads are kinder to a memory-mapped cache
-            raw = np.empty((len(idx),) + self.data.images.shape[1:], np.uint8)
-            raw[order] = self.data.images[idx[order]]
-            raw = device_mod.host_to_device(torch.from_numpy(raw), self.device)  # pinned, non-blocking on a GPU
-            i = torch.from_numpy(idx).to(self.device)
-        return transforms.to_float(raw, channels_last), self.labels[i]
+            return self.on_device[i], self.labels[i]
+        order = np.argsort(idx)  # sorted reads are kinder to a memory-mapped cache
+        raw = np.empty((len(idx),) + self.data.images.shape[1:], np.uint8)
+        raw[order] = self.data.images[idx[order]]
+        return device_mod.host_to_device(torch.from_numpy(raw), self.device), self.labels[i]  # pinned, non-blocking
 
 
 @torch.inference_mode()
