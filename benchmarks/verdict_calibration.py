@@ -189,7 +189,8 @@ def parse(argv=None):
     parser.add_argument("--readout_images", type=int, default=500, help="training images per task of each readout")
     parser.add_argument("--seed", type=int, default=0, help="seed of the simulation")
     parser.add_argument("--record", action="store_true", help="write dualtask/report/verdict_calibration.json "
-                        "even with --out_root (a full run with the default folders always writes it)")
+                        "even with --out_root (a full run with the default folders always writes it); with --pool, "
+                        "the pooled rates (the simulated rate kept from before)")
     parser.add_argument("--out_root", default=None, help="folder of the trained runs (default: "
                         ".bench/verdict_calibration/<hash of the training settings>)")
     args = parser.parse_args(argv)
@@ -287,8 +288,9 @@ def print_trained_rates(args, runs: dict) -> tuple:
     return post, power, power_shared
 
 
-def main_pooled(roots: list) -> int:
-    """--pool: the table of every configuration's finished networks, the pooled rates last."""
+def main_pooled(roots: list, record_it: bool = False) -> int:
+    """--pool: the table of every configuration's finished networks, the pooled rates last; record_it (--record)
+    writes them to dualtask/report/verdict_calibration.json, the simulated rate kept from before."""
     missing = [r for r in roots if not Path(r).is_dir()]
     if missing:
         print(f"error: --pool: no such folder {missing[0]} (expected folders of verdict_calibration runs)",
@@ -301,13 +303,20 @@ def main_pooled(roots: list) -> int:
     (yes, nulls), (hits, sites) = networks.print_pooled(groups, fmt_rate)
     print(f"false_positive_rate_trained: {fmt_rate(yes, nulls)} (every trained null network above, one verdict each)")
     print(f"power: {fmt_rate(hits, sites)} (every branched network's post-branch sites above)")
+    if record_it:
+        configs = sorted({(b, px) for b, px, _, _, _ in groups})
+        depths = sorted({d for (_, _, _, kind, d) in groups if kind == "branched"})
+        text = (f"{nulls} null and {sum(len(v) for k, v in groups.items() if k[3] == 'branched')} branched networks, "
+                f"{', '.join(f'{b} at {px} px' for b, px in configs)}, branched at depths "
+                f"{', '.join(map(str, depths))}")
+        record(None, (yes, nulls), (hits, sites), time.perf_counter() - start, text)
     return 0
 
 
 def main(argv=None) -> int:
     args = parse(argv)
     if args.pool is not None:
-        return main_pooled([str(r) for r in args.pool])
+        return main_pooled([str(r) for r in args.pool], args.record)
     start = time.perf_counter()
     print(f"verdict calibration: {'quick' if args.quick else 'full'} run; settings {vars(args)}", flush=True)
     sims = simulations(args)
@@ -329,28 +338,42 @@ def main(argv=None) -> int:
               f"{sorted(post)} x {len(args.seeds)} seed(s), corrected verdict)")
         print(f"power_shared: {fmt_rate(hits_s, n_s)} (the same sites of the fully shared networks)")
         if not args.quick and args.out_root is None or args.record:
-            record(args, sim, runs["null"], (hits, n), time.perf_counter() - start)
+            text = (f"{args.backbone} at {args.image_size} px, {len(args.seeds)} seeds per kind, branched at depth "
+                    f"{args.branch_at}, the {args.ranking} ranking")
+            record(sim, (sum(v["yes"] for v in runs["null"]), len(runs["null"])), (hits, n),
+                   time.perf_counter() - start, text)
     return 0
 
 
-def record(args, sim: dict, nulls: list, power: tuple, seconds: float) -> Path:
+RECORD = Path(__file__).resolve().parents[1] / "dualtask" / "report" / "verdict_calibration.json"
+
+
+def entry(hits: int, n: int) -> dict:
+    p, low, high = rate(hits, n)
+    return {"hits": hits, "n": n, "rate": p, "low": low, "high": high}
+
+
+def record(sim: dict | None, nulls: tuple, power: tuple, seconds: float, networks_text: str) -> Path:
     """dualtask/report/verdict_calibration.json (package data): what the report's calibration note quotes
-    (first_screen.calibration_note), with the date, machine and command that measured it."""
+    (first_screen.calibration_note), with the date, machine and command that measured it. nulls: (false
+    positives, null networks); sim None (--pool, which simulates nothing) keeps the simulated rate recorded
+    before."""
     import platform
 
     from dualtask.core.common import write_text
 
-    def entry(hits, n):
-        p, low, high = rate(hits, n)
-        return {"hits": hits, "n": n, "rate": p, "low": low, "high": high}
-
+    path = RECORD
     out = {"date": time.strftime("%Y-%m-%d"), "command": "python " + " ".join(sys.argv),
            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "seconds": round(seconds),
-           "networks": f"{args.backbone} at {args.image_size} px, {len(args.seeds)} seeds per kind, branched at depth "
-                       f"{args.branch_at}, the {args.ranking} ranking",
-           "false_positive_rate_trained": entry(sum(v["yes"] for v in nulls), len(nulls)),
-           "power": entry(*power), "false_positive_rate": entry(sim["yes"], sim["draws"])}
-    path = Path(__file__).resolve().parents[1] / "dualtask" / "report" / "verdict_calibration.json"
+           "networks": networks_text, "false_positive_rate_trained": entry(*nulls), "power": entry(*power)}
+    if sim is not None:
+        out["false_positive_rate"] = entry(sim["yes"], sim["draws"])
+    elif path.exists():
+        try:
+            before = json.loads(path.read_text())
+            out["false_positive_rate"] = before["false_positive_rate"]
+        except (ValueError, KeyError):
+            pass
     write_text(path, json.dumps(out, indent=1))
     print(f"wrote {path}")
     return path

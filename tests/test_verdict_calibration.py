@@ -149,6 +149,16 @@ def test_pool_tabulates_every_finished_network_by_configuration_and_pools_last(t
     assert "1 swept without the fixed readouts, left out" in rows["resnet50", "32", "4", "null", "-", "2"]
     assert "(1/2) over post-branch sites [15, 16]" in rows["resnet50", "32", "4", "branched", "12", "1"]
     assert "(1/1) over post-branch sites [10, 12]" in rows["vgg16", "(plain)", "32", "6", "branched", "9"]
+    recorded = tmp_path / "calibration.json"  # --record: the pooled rates, the simulated rate kept from before
+    recorded.write_text(json.dumps({"false_positive_rate": {"hits": 9, "n": 200}, "power": {"hits": 0, "n": 1}}))
+    monkeypatch.setattr(calibration, "RECORD", recorded)
+    assert calibration.main([f"--pool={[str(tmp_path / 'a'), str(tmp_path / 'b')]}", "--record"]) == 0
+    got = json.loads(recorded.read_text())
+    assert got["false_positive_rate"] == {"hits": 9, "n": 200}
+    assert (got["false_positive_rate_trained"]["hits"], got["false_positive_rate_trained"]["n"]) == (1, 2)
+    assert (got["power"]["hits"], got["power"]["n"]) == (2, 3) and got["power"]["low"] < 2 / 3 < got["power"]["high"]
+    assert "2 null and 2 branched networks" in got["networks"] and "depths 9, 12" in got["networks"]
+    capsys.readouterr()
     assert calibration.main([f"--pool={[str(tmp_path / 'nowhere')]}"]) == 2
     assert "nowhere" in capsys.readouterr().err
 
