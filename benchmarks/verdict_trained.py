@@ -298,8 +298,8 @@ def print_pooled(groups: dict, fmt_rate) -> tuple:
     fp, power = [0, 0], [0, 0]
     for (backbone, px, epochs, kind, branch), runs in sorted(groups.items(), key=lambda kv: str(kv[0])):
         full = [v for v in runs if v["full_rule"]]
-        note = "" if len(full) == len(runs) else (f"; {len(runs) - len(full)} swept without the fixed readouts, "
-                                                   f"left out")
+        note = "" if len(full) == len(runs) else (f"; {len(runs) - len(full)} without a finished sweep through "
+                                                   f"the fixed readouts, left out")
         if kind == "null":
             yes = sum(v["yes"] for v in full)
             fp[0] += yes

@@ -146,7 +146,8 @@ def test_pool_tabulates_every_finished_network_by_configuration_and_pools_last(t
     assert lines[-2].startswith("false_positive_rate_trained: 0.5000 [") and "(1/2)" in lines[-2]
     assert lines[-1].startswith("power: 0.6667 [") and "(2/3)" in lines[-1]
     rows = {tuple(line.split()[:6]): line for line in lines if line.split()[0] in ("resnet50", "vgg16")}
-    assert "1 swept without the fixed readouts, left out" in rows["resnet50", "32", "4", "null", "-", "2"]
+    left_out = "1 without a finished sweep through the fixed readouts, left out"
+    assert left_out in rows["resnet50", "32", "4", "null", "-", "2"]
     assert "(1/2) over post-branch sites [15, 16]" in rows["resnet50", "32", "4", "branched", "12", "1"]
     assert "(1/1) over post-branch sites [10, 12]" in rows["vgg16", "(plain)", "32", "6", "branched", "9"]
     recorded = tmp_path / "calibration.json"  # --record: the pooled rates, the simulated rate kept from before
