@@ -135,9 +135,11 @@ def main():
     sites = sites_mod.lesion_sites(model)
     conditions = lesion_conditions(model, sites, images, [float(f) for f in args.fractions.split(",")])
     n_conditions = sum(len(c) for c in conditions.values())
-    stored = sum({id(x): x.nbytes for _, x, _ in batches}.values()) / 2**20
+    def held(b):  # MiB of the distinct image tensors (tasks sharing their images hold one)
+        return sum({id(x): x.nbytes for _, x, _ in b}.values()) / 2**20
+
     print(f"{len(sites)} sites, {n_conditions} lesions, {n_images} test images, device {device}; the images held "
-          f"as uint8: {stored:.1f} MiB (as float32 {sum({id(x): x.nbytes for _, x, _ in plain}.values()) / 2**20:.1f})")
+          f"as uint8: {held(batches):.1f} MiB (as float32 {held(plain):.1f})")
 
     per_pass = engine.masks_per_pass_by_site(model, sites, batches)  # as the sweep chooses them
     t0 = time.perf_counter()

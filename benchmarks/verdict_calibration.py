@@ -300,7 +300,7 @@ def main_pooled(roots: list, record_it: bool = False) -> int:
     groups = networks.pooled_runs(roots)
     print(f"verdict calibration pooled over {sum(map(len, groups.values()))} finished networks in {', '.join(roots)} "
           f"({time.perf_counter() - start:.0f} s); the verdict as the report reaches it (heads and fixed readouts)")
-    (yes, nulls), (hits, sites) = networks.print_pooled(groups, fmt_rate)
+    (yes, nulls), (hits, sites) = networks.print_pooled(groups)
     print(f"false_positive_rate_trained: {fmt_rate(yes, nulls)} (every trained null network above, one verdict each)")
     print(f"power: {fmt_rate(hits, sites)} (every branched network's post-branch sites above)")
     if record_it:
@@ -362,21 +362,20 @@ def record(sim: dict | None, nulls: tuple, power: tuple, seconds: float, network
 
     from dualtask.core.common import write_text
 
-    path = RECORD
     out = {"date": time.strftime("%Y-%m-%d"), "command": "python " + " ".join(sys.argv),
            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "seconds": round(seconds),
            "networks": networks_text, "false_positive_rate_trained": entry(*nulls), "power": entry(*power)}
     if sim is not None:
         out["false_positive_rate"] = entry(sim["yes"], sim["draws"])
-    elif path.exists():
+    elif RECORD.exists():
         try:
-            before = json.loads(path.read_text())
+            before = json.loads(RECORD.read_text())
             out["false_positive_rate"] = before["false_positive_rate"]
         except (ValueError, KeyError):
             pass
-    write_text(path, json.dumps(out, indent=1))
-    print(f"wrote {path}")
-    return path
+    write_text(RECORD, json.dumps(out, indent=1))
+    print(f"wrote {RECORD}")
+    return RECORD
 
 
 if __name__ == "__main__":

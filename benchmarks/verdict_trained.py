@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from verdict_simulation import YES, run_verdict
+from verdict_simulation import YES, fmt_rate, run_verdict
 
 from dualtask.report import build as report
 from dualtask.stats import multiple_testing as M
@@ -291,7 +291,7 @@ def pooled_runs(roots: list) -> dict:
     return groups
 
 
-def print_pooled(groups: dict, fmt_rate) -> tuple:
+def print_pooled(groups: dict) -> tuple:
     """The table of every configuration (false positives of the nulls, power of the branched networks'
     post-branch sites), and the pooled lines last; ((false positives, nulls), (hits, sites)) under the full rule."""
     print(f"{'backbone':<18} {'px':>3} {'epochs':>6} {'kind':<9} {'branch':>6} {'networks':>8}  rate [95% interval]")

@@ -171,9 +171,11 @@ def image_batches(images: dict, split: str = "test", batch_size: int = 200, n_pe
         for start in range(0, len(idx), batch_size):
             chunk = idx[start:start + batch_size]
             key = (id(ti.data.images), chunk.tobytes())
-            x, y = ti.raw(chunk) if compact else ti.batch(chunk)
-            if key not in loaded:
+            if key not in loaded:  # the images once, each task's labels its own
+                x, y = ti.raw(chunk) if compact else ti.batch(chunk)
                 loaded[key] = x if compact else transforms.normalize(x)
+            else:
+                y = ti.labels[torch.from_numpy(chunk).to(ti.labels.device)]
             batches.append((task, loaded[key], y))
     return batches
 
